@@ -1,0 +1,157 @@
+//! Live deliveries: one `chat.deliver.<user>` subscription per connected user
+//! on this edge, shared by all of that user's devices here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use chat_shared::ids::{Cursor, UserId};
+use chat_shared::subjects;
+use futures::StreamExt;
+use tokio::sync::{mpsc, OnceCell};
+
+/// One frame for the user's devices, already serialized. Inbox items carry
+/// their cursor so a session can drop what its backlog already sent.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub cursor: Option<Cursor>,
+    pub frame: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("subscribing to live deliveries: {0}")]
+pub struct HubError(String);
+
+type Sessions = Mutex<Vec<(u64, mpsc::Sender<Delivery>)>>;
+
+struct UserFeed {
+    sessions: Sessions,
+    /// Set once the subscription is confirmed by the server; holds the pump.
+    subscribed: OnceCell<tokio::task::AbortHandle>,
+}
+
+pub struct Hub {
+    client: async_nats::Client,
+    users: Mutex<HashMap<UserId, Arc<UserFeed>>>,
+    next_session: std::sync::atomic::AtomicU64,
+    /// Live frames a session may have waiting before it counts as too slow.
+    queue: usize,
+}
+
+/// A session's place in the hub; dropping it leaves.
+pub struct Registration {
+    hub: Arc<Hub>,
+    user: UserId,
+    session: u64,
+    pub live: mpsc::Receiver<Delivery>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent (each
+    // critical section is a single push/retain), so poisoning is ignored.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    pub fn new(client: async_nats::Client, queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            users: Mutex::new(HashMap::new()),
+            next_session: Default::default(),
+            queue,
+        })
+    }
+
+    /// Joins the user's feed. When this returns, every delivery published
+    /// from now on reaches the returned receiver: the subscription has been
+    /// confirmed by the server (flush), which is what makes backlog + live
+    /// gapless.
+    pub async fn register(self: &Arc<Self>, user: &UserId) -> Result<Registration, HubError> {
+        let (tx, live) = mpsc::channel(self.queue);
+        let session = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let feed = {
+            let mut users = lock(&self.users);
+            let feed = users
+                .entry(user.clone())
+                .or_insert_with(|| {
+                    Arc::new(UserFeed {
+                        sessions: Mutex::new(Vec::new()),
+                        subscribed: OnceCell::new(),
+                    })
+                })
+                .clone();
+            lock(&feed.sessions).push((session, tx));
+            feed
+        };
+        let registration = Registration {
+            hub: self.clone(),
+            user: user.clone(),
+            session,
+            live,
+        };
+        feed.subscribed
+            .get_or_try_init(|| async {
+                let subscriber = self
+                    .client
+                    .subscribe(subjects::deliver(user))
+                    .await
+                    .map_err(|e| HubError(e.to_string()))?;
+                self.client.flush().await.map_err(|e| HubError(e.to_string()))?;
+                let task = tokio::spawn(pump(subscriber, Arc::downgrade(&feed)));
+                Ok::<_, HubError>(task.abort_handle())
+            })
+            .await?;
+        Ok(registration)
+    }
+
+    fn leave(&self, user: &UserId, session: u64) {
+        let mut users = lock(&self.users);
+        let Some(feed) = users.get(user) else { return };
+        let now_empty = {
+            let mut sessions = lock(&feed.sessions);
+            sessions.retain(|(id, _)| *id != session);
+            sessions.is_empty()
+        };
+        if now_empty {
+            if let Some(feed) = users.remove(user) {
+                if let Some(task) = feed.subscribed.get() {
+                    task.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.leave(&self.user, self.session);
+    }
+}
+
+/// Copies each delivery to every session of the user. A session whose queue
+/// is full is cut loose (its receiver closes and it disconnects; the client
+/// resumes from its cursor) so one slow device never holds up the others.
+async fn pump(mut subscriber: async_nats::Subscriber, feed: std::sync::Weak<UserFeed>) {
+    while let Some(message) = subscriber.next().await {
+        let Some(feed) = feed.upgrade() else { break };
+        let cursor = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::CURSOR_HEADER))
+            .and_then(|v| Cursor::parse(v.as_str()).ok());
+        let delivery = Delivery {
+            cursor,
+            frame: message.payload,
+        };
+        lock(&feed.sessions).retain(|(_, tx)| match tx.try_send(delivery.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("session too slow for live deliveries; disconnecting it");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+}

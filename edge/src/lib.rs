@@ -1,0 +1,131 @@
+//! The edge: the WebSocket gateway clients connect to.
+//!
+//! It authenticates connections, speaks PROTOCOL.md, publishes accepted
+//! messages to JetStream and forwards live deliveries. It talks to NATS only:
+//! **the edge never touches PostgreSQL**; history, groups and the like are
+//! asked of the persister over NATS request/reply.
+
+mod error;
+mod hub;
+mod membership;
+mod requests;
+mod send;
+mod session;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, kv};
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use chat_shared::auth::Verifier;
+use chat_shared::idgen::IdGenerator;
+use chat_shared::ids::EdgeId;
+use chat_shared::lease::NodeLease;
+use chat_shared::shutdown::{self, Shutdown};
+use chat_shared::{streams, subjects, Config};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::EdgeError;
+
+/// The largest frame or message a client may send (PROTOCOL.md: 1 MiB).
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Per-socket read buffer. tungstenite's default is 128 KiB, which would cost
+/// 128 KiB of memory per idle connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes written to the socket in one go.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+/// Beyond this much unsent data the socket counts as stuck and writes fail
+/// instead of buffering without bound (tungstenite's default is unbounded).
+const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_FRAME_BYTES;
+/// Live frames waiting for one session before it counts as too slow.
+const LIVE_QUEUE: usize = 4096;
+
+/// Everything a connection needs, shared by all of them.
+pub(crate) struct Edge {
+    pub config: Config,
+    pub id: EdgeId,
+    pub verifier: Verifier,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub cursors: kv::Store,
+    pub claims: kv::Store,
+    pub ids: IdGenerator,
+    pub hub: Arc<hub::Hub>,
+    pub groups: membership::GroupCache,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs an edge on `listener` until `shutdown` completes.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), EdgeError> {
+    let verifier = Verifier::from_config(&config)?;
+    let id = match &config.edge_id {
+        Some(id) => EdgeId::parse(id.clone())?,
+        None => EdgeId::parse(format!("edge-{:08x}", rand::random::<u32>()))?,
+    };
+    let nats = chat_shared::nats::connect(&config, &format!("edge {id}")).await?;
+    let js = chat_shared::nats::jetstream(nats.clone(), &config);
+    streams::apply(&js, &config).await?;
+    let bucket = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_key_value(name)
+                .await
+                .map_err(|e| EdgeError::JetStream(format!("bucket {name}: {e}")))
+        }
+    };
+    let cursors = bucket(subjects::CURSORS_BUCKET).await?;
+    let claims = bucket(subjects::SENT_BUCKET).await?;
+    let lease = NodeLease::new(bucket(subjects::NODES_BUCKET).await?, id.to_string(), config.node_lease_ttl);
+    let (node, revision) = lease.acquire().await?;
+    let ids = IdGenerator::new(lease.slot());
+    let stop = shutdown::fan_out(shutdown);
+    let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
+    let groups = membership::GroupCache::start(nats.clone()).await?;
+
+    let edge = Arc::new(Edge {
+        hub: hub::Hub::new(nats.clone(), LIVE_QUEUE),
+        config,
+        id,
+        verifier,
+        nats,
+        js,
+        cursors,
+        claims,
+        ids,
+        groups,
+        stop: stop.clone(),
+    });
+    let app = Router::new()
+        .route("/v1/ws", get(upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(edge.clone());
+    tracing::info!(edge = %edge.id, addr = ?listener.local_addr().ok(), "edge listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown::wait(stop))
+        .await?;
+    let _ = lease_task.await;
+    tracing::info!(edge = %edge.id, "edge stopped");
+    Ok(())
+}
+
+async fn upgrade(State(edge): State<Arc<Edge>>, ws: WebSocketUpgrade) -> Response {
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| session::serve(socket, edge))
+}
+
+/// Ready while NATS is connected: without it the edge can accept nothing.
+async fn ready(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
+    match edge.nats.connection_state() {
+        async_nats::connection::State::Connected => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "nats disconnected"),
+    }
+}

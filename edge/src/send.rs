@@ -1,0 +1,177 @@
+//! `send`: check, claim the client's id, publish to MESSAGES, answer `sent`
+//! only after JetStream's PubAck (the message is durable).
+//!
+//! Idempotency has two layers. JetStream drops a second publish with the same
+//! `Nats-Msg-Id` within its duplicate window. Beyond the window, the claim in
+//! the `chat_sent` KV bucket (key sender + client_msg_id, created before the
+//! first publish) remembers the id for days: a retry reuses it, and PostgreSQL's
+//! unique (sender, client_msg_id) is the last net for history.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use async_nats::HeaderMap;
+use chat_shared::idgen::timestamp_ms;
+use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::subjects;
+use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
+use tokio::sync::mpsc;
+
+use crate::session::Outbox;
+use crate::Edge;
+
+/// Sends of one connection waiting their turn. They are handled one at a time
+/// so one sender's messages reach MESSAGES in the order they were sent.
+pub const SEND_QUEUE: usize = 64;
+/// The longest text, in Unicode characters.
+pub const MAX_TEXT_CHARS: usize = 100_000;
+
+pub async fn send_worker(edge: Arc<Edge>, user: UserId, out: Outbox, mut requests: mpsc::Receiver<SendRequest>) {
+    while let Some(request) = requests.recv().await {
+        let reference = request.reference.clone();
+        let reply = match accept(&edge, &user, request).await {
+            Ok(sent) => sent,
+            Err((code, message)) => ServerFrame::error(reference.as_deref(), code, message),
+        };
+        if !out.frame(&reply).await {
+            break;
+        }
+    }
+}
+
+type Refusal = (ErrorCode, String);
+
+fn unavailable() -> Refusal {
+    (ErrorCode::Unavailable, "message store unavailable, retry later; nothing was accepted".into())
+}
+
+async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<ServerFrame, Refusal> {
+    let conversation = match (request.to, request.conversation) {
+        (Some(to), None) => ConversationId::dm(user.clone(), to)
+            .map_err(|_| (ErrorCode::BadRequest, "you cannot send a direct message to yourself".to_string()))?,
+        (None, Some(conversation)) => conversation,
+        _ => {
+            return Err((
+                ErrorCode::BadRequest,
+                "give exactly one of `to` and `conversation`".into(),
+            ))
+        }
+    };
+    let chars = request.text.chars().count();
+    if chars == 0 {
+        return Err((ErrorCode::BadRequest, "text must not be empty".into()));
+    }
+    if chars > MAX_TEXT_CHARS {
+        return Err((ErrorCode::TooLarge, format!("text is longer than {MAX_TEXT_CHARS} characters")));
+    }
+    check_may_write(edge, user, &conversation).await?;
+    if edge.nats.connection_state() != async_nats::connection::State::Connected {
+        return Err(unavailable());
+    }
+    let event = MessageEvent {
+        id: MessageId(0),
+        conversation,
+        from: user.clone(),
+        text: request.text,
+        ts: 0,
+        client_msg_id: request.client_msg_id,
+    };
+    match tokio::time::timeout(edge.config.request_timeout, publish(edge, event)).await {
+        Ok(Ok((event, duplicate))) => Ok(ServerFrame::Sent {
+            reference: request.reference,
+            id: event.id,
+            conversation: event.conversation,
+            ts: event.ts,
+            duplicate,
+        }),
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => Err(unavailable()),
+    }
+}
+
+async fn check_may_write(edge: &Edge, user: &UserId, conversation: &ConversationId) -> Result<(), Refusal> {
+    match conversation {
+        ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(()),
+        ConversationId::Dm { .. } => Err((ErrorCode::Forbidden, "you are not part of this conversation".into())),
+        ConversationId::Group(group) => {
+            let members = edge
+                .groups
+                .members(group)
+                .await
+                .map_err(|e| (e.code, e.message))?;
+            if members.contains(user) {
+                Ok(())
+            } else {
+                Err((ErrorCode::Forbidden, "you are not a member of this group".into()))
+            }
+        }
+    }
+}
+
+/// Claims the client id, then publishes. Returns the stored event and
+/// whether it was stored before.
+async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, bool), Refusal> {
+    let claim_key = subjects::sent_key(&event.from, &event.client_msg_id);
+    let fresh = edge.ids.next_id().map_err(|e| {
+        tracing::error!(error = %e, "cannot assign a message id");
+        unavailable()
+    })?;
+    let claimed = match edge.claims.create(&claim_key, fresh.to_string().into()).await {
+        Ok(_) => None,
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            let entry = edge.claims.get(&claim_key).await.map_err(|_| unavailable())?;
+            entry
+                .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| MessageId::parse(s).ok()))
+                .or(Some(fresh))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "claim failed");
+            return Err(unavailable());
+        }
+    };
+    event.id = claimed.unwrap_or(fresh);
+    // The timestamp is the id's: a retry that reuses the id reproduces it.
+    event.ts = timestamp_ms(event.id);
+    if claimed.is_some() {
+        let age_ms = timestamp_ms(fresh).saturating_sub(event.ts);
+        // Past JetStream's window a republish would be stored twice; the
+        // original was published right after its claim, long ago.
+        if age_ms > edge.config.dedup_window.as_millis() as u64 * 9 / 10 {
+            return Ok((event, true));
+        }
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        subjects::MSG_ID_HEADER,
+        subjects::send_dedup_id(&event.from, &event.client_msg_id).as_str(),
+    );
+    let body = serde_json::to_vec(&event).map_err(|_| unavailable())?;
+    let ack = edge
+        .js
+        .publish_with_headers(subjects::message(&event.conversation), headers, body.into())
+        .await
+        .map_err(|_| unavailable())?
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "publish not acknowledged");
+            unavailable()
+        })?;
+    if ack.duplicate {
+        // JetStream kept an earlier copy; answer with its id, which differs
+        // from ours only if the claim was lost.
+        if claimed.is_none() {
+            let stream = edge
+                .js
+                .get_stream_no_info(subjects::MESSAGES_STREAM)
+                .await
+                .map_err(|_| unavailable())?;
+            let original = stream.direct_get(ack.sequence).await.map_err(|_| unavailable())?;
+            let original: MessageEvent = serde_json::from_slice(&original.payload).map_err(|_| unavailable())?;
+            return Ok((original, true));
+        }
+        return Ok((event, true));
+    }
+    // Stored now for the first time (also when an earlier attempt claimed
+    // the id but never got to publish).
+    Ok((event, false))
+}

@@ -1,0 +1,461 @@
+//! One WebSocket connection: handshake, resume, then requests and live frames.
+//!
+//! One task owns the socket's writer; everything else reaches it through a
+//! bounded channel, so a client that does not read cannot grow our memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chat_shared::auth::AuthError;
+use chat_shared::ids::{Cursor, DeviceId, UserId};
+use chat_shared::subjects;
+use chat_shared::wire::{close, with_cursor, ClientFrame, ErrorCode, RefOnly, ServerFrame};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use crate::hub::{Delivery, Registration};
+use crate::Edge;
+
+/// Frames queued for the writer. Replies wait for room; live frames go
+/// through the hub's own bounded queue first.
+const OUTBOUND_QUEUE: usize = 256;
+/// Acked cursors are written to KV at most this often per device.
+const CURSOR_FLUSH: Duration = Duration::from_secs(2);
+/// Backlog items read from the inbox per batch.
+const REPLAY_BATCH: usize = 1000;
+
+pub enum Outbound {
+    Frame(Utf8Bytes),
+    Close(u16, &'static str),
+}
+
+/// Sends frames to the writer task.
+#[derive(Clone)]
+pub struct Outbox(mpsc::Sender<Outbound>);
+
+impl Outbox {
+    pub async fn frame(&self, frame: &ServerFrame) -> bool {
+        self.0.send(Outbound::Frame(frame.to_json().into())).await.is_ok()
+    }
+
+    pub async fn raw(&self, frame: Utf8Bytes) -> bool {
+        self.0.send(Outbound::Frame(frame)).await.is_ok()
+    }
+
+    pub async fn error(&self, reference: Option<&str>, code: ErrorCode, message: impl Into<String>) -> bool {
+        self.frame(&ServerFrame::error(reference, code, message)).await
+    }
+
+    pub async fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.0.send(Outbound::Close(code, reason)).await;
+    }
+}
+
+pub async fn serve(socket: WebSocket, edge: Arc<Edge>) {
+    let (sink, stream) = socket.split();
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let writer = tokio::spawn(write_loop(sink, rx));
+    run_session(stream, Outbox(tx), edge).await;
+    // The outbox is dropped here; the writer sends what is queued, then ends.
+    let _ = writer.await;
+}
+
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outbound>)
+where
+    S: Sink<Message> + Unpin,
+{
+    while let Some(item) = rx.recv().await {
+        match item {
+            Outbound::Frame(text) => {
+                if sink.send(Message::Text(text)).await.is_err() {
+                    return;
+                }
+            }
+            Outbound::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                break;
+            }
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// What one read from the socket means for the session.
+enum Inbound {
+    Frame(ClientFrame),
+    /// Answered already (bad frame, control frame); keep going.
+    Handled,
+    /// The socket is finished.
+    Closed,
+}
+
+/// Reads one message and turns it into a frame, answering protocol errors.
+async fn read_one<S, E>(stream: &mut S, out: &Outbox) -> Inbound
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    match stream.next().await {
+        None => Inbound::Closed,
+        Some(Err(e)) => {
+            let text = e.to_string();
+            // tungstenite reports an oversized frame or message as a capacity
+            // error; PROTOCOL.md answers it with 1009.
+            if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
+                out.close(close::TOO_BIG, "frame too big").await;
+            }
+            tracing::debug!(error = %text, "socket read failed");
+            Inbound::Closed
+        }
+        Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+            Ok(frame) => Inbound::Frame(frame),
+            Err(e) => {
+                let reference = serde_json::from_str::<RefOnly>(&text)
+                    .ok()
+                    .and_then(|r| r.reference)
+                    .and_then(|r| r.as_str().map(str::to_string));
+                out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string()).await;
+                Inbound::Handled
+            }
+        },
+        Some(Ok(Message::Binary(_))) => {
+            out.error(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames")
+                .await;
+            Inbound::Handled
+        }
+        Some(Ok(Message::Close(_))) => Inbound::Closed,
+        // Pings are answered by the WebSocket layer; they still count as life.
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Handled,
+    }
+}
+
+struct Hello {
+    user: UserId,
+    device: DeviceId,
+    cursor: Option<Cursor>,
+}
+
+/// Waits for `hello` and checks its token.
+async fn handshake<S, E>(stream: &mut S, out: &Outbox, edge: &Edge) -> Option<Hello>
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let deadline = Instant::now() + edge.config.hello_timeout;
+    loop {
+        let Ok(inbound) = timeout_at(deadline, read_one(stream, out)).await else {
+            out.close(close::NO_HELLO, "no hello in time").await;
+            return None;
+        };
+        match inbound {
+            Inbound::Closed => return None,
+            Inbound::Handled => continue,
+            Inbound::Frame(ClientFrame::Hello { token, device, cursor }) => {
+                return match edge.verifier.verify(&token) {
+                    Ok(identity) => Some(Hello {
+                        user: identity.user,
+                        device,
+                        cursor,
+                    }),
+                    Err(AuthError::Expired) => {
+                        out.error(None, ErrorCode::TokenExpired, "token expired").await;
+                        out.close(close::UNAUTHORIZED, "token expired").await;
+                        None
+                    }
+                    Err(AuthError::Invalid(reason)) => {
+                        tracing::debug!(%reason, "token refused");
+                        out.error(None, ErrorCode::Unauthorized, "invalid token").await;
+                        out.close(close::UNAUTHORIZED, "unauthorized").await;
+                        None
+                    }
+                };
+            }
+            Inbound::Frame(other) => {
+                out.error(other.reference(), ErrorCode::BadRequest, "the first frame must be hello")
+                    .await;
+            }
+        }
+    }
+}
+
+async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>)
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let Some(hello) = handshake(&mut stream, &out, &edge).await else { return };
+    let span = tracing::info_span!("session", user = %hello.user, device = %hello.device);
+    let _entered = span.enter();
+    // Subscribe first, so nothing published from here on can be missed.
+    let mut registration = match edge.hub.register(&hello.user).await {
+        Ok(registration) => registration,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe");
+            out.error(None, ErrorCode::Unavailable, "service unavailable, retry later").await;
+            out.close(close::GOING_AWAY, "unavailable").await;
+            return;
+        }
+    };
+    let mut session = Session {
+        edge: edge.clone(),
+        out: out.clone(),
+        user: hello.user,
+        device: hello.device,
+        sent_up_to: Cursor(0),
+        acked: None,
+        acked_flushed: None,
+    };
+    let (start, resumed) = match session.start_cursor(hello.cursor).await {
+        Ok(start) => start,
+        Err(message) => {
+            out.error(None, ErrorCode::Unavailable, message).await;
+            out.close(close::GOING_AWAY, "unavailable").await;
+            return;
+        }
+    };
+    let welcome = ServerFrame::Welcome {
+        user: session.user.clone(),
+        device: session.device.clone(),
+        edge: edge.id.to_string(),
+        heartbeat: edge.config.heartbeat.as_secs(),
+        resumed,
+    };
+    if !out.frame(&welcome).await {
+        return;
+    }
+    session.sent_up_to = start;
+    if let Err(message) = session.replay_backlog().await {
+        out.error(None, ErrorCode::Unavailable, message).await;
+        out.close(close::GOING_AWAY, "unavailable").await;
+        return;
+    }
+    if !out.frame(&ServerFrame::Synced { cursor: session.sent_up_to }).await {
+        return;
+    }
+    session.main_loop(&mut stream, &mut registration).await;
+    session.flush_ack().await;
+}
+
+struct Session {
+    edge: Arc<Edge>,
+    out: Outbox,
+    user: UserId,
+    device: DeviceId,
+    /// The highest inbox cursor sent on this connection.
+    sent_up_to: Cursor,
+    /// The highest cursor the client acked, and the last one written to KV.
+    acked: Option<Cursor>,
+    acked_flushed: Option<Cursor>,
+}
+
+impl Session {
+    /// Where the backlog starts, and whether everything after it still exists.
+    async fn start_cursor(&mut self, given: Option<Cursor>) -> Result<(Cursor, bool), &'static str> {
+        const UNAVAILABLE: &str = "inbox unavailable, retry later";
+        let key = subjects::device_cursor_key(&self.user, &self.device);
+        let cursor = match given {
+            Some(cursor) => Some(cursor),
+            None => match self.edge.cursors.get(&key).await {
+                Ok(Some(value)) => std::str::from_utf8(&value).ok().and_then(|v| Cursor::parse(v).ok()),
+                Ok(None) => None,
+                Err(_) => return Err(UNAVAILABLE),
+            },
+        };
+        match cursor {
+            Some(cursor) => {
+                let inbox = self
+                    .edge
+                    .js
+                    .get_stream(subjects::INBOX_STREAM)
+                    .await
+                    .map_err(|_| UNAVAILABLE)?;
+                let info = inbox.cached_info();
+                // Items after `cursor` up to first_seq - 1 have expired: some may
+                // have been this user's.
+                let resumed = cursor.0.saturating_add(1) >= info.state.first_sequence;
+                self.acked_flushed = given.is_none().then_some(cursor);
+                Ok((cursor, resumed))
+            }
+            None => {
+                let inbox = self
+                    .edge
+                    .js
+                    .get_stream_no_info(subjects::INBOX_STREAM)
+                    .await
+                    .map_err(|_| UNAVAILABLE)?;
+                // A new device starts at the head: after the user's last item.
+                let head = match inbox.direct_get_last_for_subject(subjects::inbox(&self.user)).await {
+                    Ok(message) => message.sequence,
+                    Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => 0,
+                    Err(_) => return Err(UNAVAILABLE),
+                };
+                Ok((Cursor(head), true))
+            }
+        }
+    }
+
+    /// Sends every inbox item after `sent_up_to`, oldest first.
+    async fn replay_backlog(&mut self) -> Result<(), &'static str> {
+        const UNAVAILABLE: &str = "inbox unavailable, retry later";
+        let inbox = self
+            .edge
+            .js
+            .get_stream_no_info(subjects::INBOX_STREAM)
+            .await
+            .map_err(|_| UNAVAILABLE)?;
+        let consumer = inbox
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.sent_up_to.0 + 1,
+                },
+                filter_subject: subjects::inbox(&self.user),
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| UNAVAILABLE)?;
+        let name = consumer.cached_info().name.clone();
+        let result = async {
+            loop {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(REPLAY_BATCH)
+                    .messages()
+                    .await
+                    .map_err(|_| UNAVAILABLE)?;
+                let mut count = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|_| UNAVAILABLE)?;
+                    count += 1;
+                    let sequence = message.info().map_err(|_| UNAVAILABLE)?.stream_sequence;
+                    self.forward(Delivery {
+                        cursor: Some(Cursor(sequence)),
+                        frame: with_cursor(&message.payload, Cursor(sequence)).into(),
+                    })
+                    .await;
+                }
+                if count < REPLAY_BATCH {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let _ = inbox.delete_consumer(&name).await;
+        result
+    }
+
+    /// Sends one delivery unless this connection already sent it.
+    async fn forward(&mut self, delivery: Delivery) -> bool {
+        if let Some(cursor) = delivery.cursor {
+            if cursor <= self.sent_up_to {
+                return true;
+            }
+            self.sent_up_to = cursor;
+        }
+        match Utf8Bytes::try_from(delivery.frame) {
+            Ok(text) => self.out.raw(text).await,
+            Err(_) => {
+                tracing::error!("dropping a delivery that is not UTF-8");
+                true
+            }
+        }
+    }
+
+    async fn main_loop<S, E>(&mut self, stream: &mut S, registration: &mut Registration)
+    where
+        S: Stream<Item = Result<Message, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let idle = self.edge.config.idle_timeout();
+        let mut deadline = Instant::now() + idle;
+        let mut flush = tokio::time::interval(CURSOR_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stopped = chat_shared::shutdown::wait(self.edge.stop.clone());
+        tokio::pin!(stopped);
+        let (send_tx, send_rx) = mpsc::channel(crate::send::SEND_QUEUE);
+        let sender = tokio::spawn(crate::send::send_worker(
+            self.edge.clone(),
+            self.user.clone(),
+            self.out.clone(),
+            send_rx,
+        ));
+        let requests = crate::requests::Requests::new(self.edge.clone(), self.user.clone(), self.out.clone());
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => {
+                    self.out.close(close::GOING_AWAY, "server shutting down").await;
+                    break;
+                }
+                _ = sleep_until(deadline) => {
+                    self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
+                    break;
+                }
+                inbound = read_one(stream, &self.out) => {
+                    deadline = Instant::now() + idle;
+                    match inbound {
+                        Inbound::Closed => break,
+                        Inbound::Handled => {}
+                        Inbound::Frame(frame) => match frame {
+                            ClientFrame::Ping { reference } => {
+                                self.out.frame(&ServerFrame::Pong { reference }).await;
+                            }
+                            ClientFrame::Ack { cursor } => {
+                                if self.acked.is_none_or(|a| cursor > a) {
+                                    self.acked = Some(cursor);
+                                }
+                            }
+                            ClientFrame::Hello { .. } => {
+                                self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
+                            }
+                            ClientFrame::Send(request) => {
+                                if send_tx.send(request).await.is_err() {
+                                    break;
+                                }
+                            }
+                            other => requests.handle(other).await,
+                        },
+                    }
+                }
+                delivery = registration.live.recv() => match delivery {
+                    Some(delivery) => {
+                        if !self.forward(delivery).await {
+                            break;
+                        }
+                    }
+                    None => {
+                        // The hub cut us loose: we fell too far behind.
+                        self.out.close(close::TRY_AGAIN_LATER, "too slow; resume from your cursor").await;
+                        break;
+                    }
+                },
+                _ = flush.tick() => self.flush_ack().await,
+            }
+        }
+        drop(send_tx);
+        let _ = sender.await;
+    }
+
+    /// Writes the acked cursor to KV if it moved (coalesced per device).
+    async fn flush_ack(&mut self) {
+        let Some(acked) = self.acked else { return };
+        if self.acked_flushed.is_some_and(|f| f >= acked) {
+            return;
+        }
+        let key = subjects::device_cursor_key(&self.user, &self.device);
+        match self.edge.cursors.put(&key, acked.to_string().into()).await {
+            Ok(_) => self.acked_flushed = Some(acked),
+            Err(e) => tracing::warn!(error = %e, "cannot store the acked cursor"),
+        }
+    }
+}

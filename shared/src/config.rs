@@ -1,0 +1,281 @@
+//! Configuration from environment variables.
+//!
+//! One struct for every service: each reads the fields it needs. The defaults
+//! make `./scripts/dev` work with no settings; tests build a `Config` in code
+//! (`Config { nats_url, ..Config::default() }`) instead of touching the
+//! process environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `CHAT_NATS_URL`
+    pub nats_url: String,
+    /// `CHAT_NATS_USER` / `CHAT_NATS_PASSWORD`: this service's NATS identity.
+    pub nats_user: Option<String>,
+    pub nats_password: Option<String>,
+    /// `CHAT_DATABASE_URL` (persister, pushd)
+    pub database_url: String,
+    /// `CHAT_DATABASE_POOL` connections
+    pub database_pool_size: usize,
+    /// `CHAT_EDGE_ADDR`: where the edge listens.
+    pub edge_addr: SocketAddr,
+    /// `CHAT_EDGE_PUBLIC_URL`: the WebSocket URL clients use to reach this edge.
+    pub edge_public_url: Option<String>,
+    /// `CHAT_EDGE_ID`: defaults to a random id per process.
+    pub edge_id: Option<String>,
+    /// `CHAT_JWT_SECRET`: HS256 secret (local/dev).
+    pub jwt_secret: Option<String>,
+    /// `CHAT_JWT_SECRET_FILE`: file holding the HS256 secret, used when
+    /// `CHAT_JWT_SECRET` is unset (`./scripts/dev` writes `.chat/jwt_secret`).
+    pub jwt_secret_file: PathBuf,
+    /// `CHAT_JWT_JWKS_FILE`: a JWK set of public keys (RS256, ES256, EdDSA)
+    /// selected by `kid`, for production issuers.
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// `CHAT_JWT_ISSUER` / `CHAT_JWT_AUDIENCE`: checked when set.
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// `CHAT_JWT_LEEWAY_SECS`: clock skew allowed on `exp`/`nbf`.
+    pub jwt_leeway: Duration,
+    /// `CHAT_HEARTBEAT_SECS`: the `heartbeat` announced in `welcome`.
+    pub heartbeat: Duration,
+    /// `CHAT_HEARTBEAT_GRACE_SECS`: a connection silent for
+    /// 2 x heartbeat + grace is closed (PROTOCOL.md: grace = 5 s).
+    pub heartbeat_grace: Duration,
+    /// `CHAT_HELLO_TIMEOUT_SECS`: the first frame must arrive within this.
+    pub hello_timeout: Duration,
+    /// `CHAT_MAX_GROUP_MEMBERS`, owner included.
+    pub max_group_members: usize,
+    /// `CHAT_STREAM_REPLICAS`: 1 on one node, 3 on the cluster.
+    pub stream_replicas: usize,
+    /// `CHAT_INBOX_MAX_AGE_SECS`: how long inbox items stay resumable.
+    pub inbox_max_age: Duration,
+    /// `CHAT_MESSAGES_MAX_AGE_SECS`: how long MESSAGES stays replayable (0 = forever).
+    pub messages_max_age: Duration,
+    /// `CHAT_DEDUP_WINDOW_SECS`: JetStream's `Nats-Msg-Id` window.
+    pub dedup_window: Duration,
+    /// `CHAT_SEND_CLAIM_MAX_AGE_SECS`: how long a `client_msg_id` is remembered
+    /// for idempotent retries beyond the JetStream window.
+    pub send_claim_max_age: Duration,
+    /// `CHAT_NODE_LEASE_SECS`: TTL of a message-id node lease.
+    pub node_lease_ttl: Duration,
+    /// `CHAT_REQUEST_TIMEOUT_MS`: NATS request/PubAck timeout; past it a
+    /// client gets `unavailable`.
+    pub request_timeout: Duration,
+    /// `CHAT_LOG_FORMAT`: `text` (default) or `json`.
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
+            database_url: "postgres://chat@127.0.0.1:5433/chat".into(),
+            database_pool_size: 8,
+            edge_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            edge_public_url: None,
+            edge_id: None,
+            jwt_secret: None,
+            jwt_secret_file: PathBuf::from(".chat/jwt_secret"),
+            jwt_jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(25),
+            heartbeat_grace: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
+            max_group_members: 100,
+            stream_replicas: 1,
+            inbox_max_age: Duration::from_secs(7 * 24 * 3600),
+            messages_max_age: Duration::from_secs(30 * 24 * 3600),
+            dedup_window: Duration::from_secs(15 * 60),
+            send_claim_max_age: Duration::from_secs(7 * 24 * 3600),
+            node_lease_ttl: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(2),
+            log_json: false,
+        }
+    }
+}
+
+/// Every problem found in the environment, reported at once.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads settings through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        let mut reader = Reader {
+            lookup: &lookup,
+            problems: Vec::new(),
+        };
+        reader.string("CHAT_NATS_URL", &mut config.nats_url);
+        config.nats_user = reader.optional("CHAT_NATS_USER");
+        config.nats_password = reader.optional("CHAT_NATS_PASSWORD");
+        reader.string("CHAT_DATABASE_URL", &mut config.database_url);
+        reader.parse("CHAT_DATABASE_POOL", &mut config.database_pool_size);
+        reader.parse("CHAT_EDGE_ADDR", &mut config.edge_addr);
+        config.edge_public_url = reader.optional("CHAT_EDGE_PUBLIC_URL");
+        config.edge_id = reader.optional("CHAT_EDGE_ID");
+        config.jwt_secret = reader.optional("CHAT_JWT_SECRET");
+        if let Some(path) = reader.optional("CHAT_JWT_SECRET_FILE") {
+            config.jwt_secret_file = PathBuf::from(path);
+        }
+        config.jwt_jwks_file = reader.optional("CHAT_JWT_JWKS_FILE").map(PathBuf::from);
+        config.jwt_issuer = reader.optional("CHAT_JWT_ISSUER");
+        config.jwt_audience = reader.optional("CHAT_JWT_AUDIENCE");
+        reader.seconds("CHAT_JWT_LEEWAY_SECS", &mut config.jwt_leeway);
+        reader.seconds("CHAT_HEARTBEAT_SECS", &mut config.heartbeat);
+        reader.seconds("CHAT_HEARTBEAT_GRACE_SECS", &mut config.heartbeat_grace);
+        reader.seconds("CHAT_HELLO_TIMEOUT_SECS", &mut config.hello_timeout);
+        reader.parse("CHAT_MAX_GROUP_MEMBERS", &mut config.max_group_members);
+        reader.parse("CHAT_STREAM_REPLICAS", &mut config.stream_replicas);
+        reader.seconds("CHAT_INBOX_MAX_AGE_SECS", &mut config.inbox_max_age);
+        reader.seconds("CHAT_MESSAGES_MAX_AGE_SECS", &mut config.messages_max_age);
+        reader.seconds("CHAT_DEDUP_WINDOW_SECS", &mut config.dedup_window);
+        reader.seconds("CHAT_SEND_CLAIM_MAX_AGE_SECS", &mut config.send_claim_max_age);
+        reader.seconds("CHAT_NODE_LEASE_SECS", &mut config.node_lease_ttl);
+        let mut timeout_ms = config.request_timeout.as_millis() as u64;
+        reader.parse("CHAT_REQUEST_TIMEOUT_MS", &mut timeout_ms);
+        config.request_timeout = Duration::from_millis(timeout_ms);
+        if let Some(format) = reader.optional("CHAT_LOG_FORMAT") {
+            match format.as_str() {
+                "json" => config.log_json = true,
+                "text" => config.log_json = false,
+                other => reader
+                    .problems
+                    .push(format!("CHAT_LOG_FORMAT: expected text or json, got {other:?}")),
+            }
+        }
+        let mut problems = reader.problems;
+        problems.extend(config.check());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Cross-field rules.
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(2..=10_000).contains(&self.max_group_members) {
+            problems.push("CHAT_MAX_GROUP_MEMBERS: must be between 2 and 10000".into());
+        }
+        if ![1, 3, 5].contains(&self.stream_replicas) {
+            problems.push("CHAT_STREAM_REPLICAS: must be 1, 3 or 5".into());
+        }
+        if self.dedup_window < Duration::from_secs(60) {
+            problems.push("CHAT_DEDUP_WINDOW_SECS: must be at least 60".into());
+        }
+        if self.heartbeat.is_zero() {
+            problems.push("CHAT_HEARTBEAT_SECS: must be positive".into());
+        }
+        if self.node_lease_ttl < Duration::from_secs(3) {
+            problems.push("CHAT_NODE_LEASE_SECS: must be at least 3".into());
+        }
+        if self.database_pool_size == 0 {
+            problems.push("CHAT_DATABASE_POOL: must be positive".into());
+        }
+        problems
+    }
+
+    /// The silence after which a connection is closed with 4003.
+    pub fn idle_timeout(&self) -> Duration {
+        self.heartbeat * 2 + self.heartbeat_grace
+    }
+}
+
+struct Reader<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn optional(&mut self, key: &str) -> Option<String> {
+        (self.lookup)(key).filter(|v| !v.is_empty())
+    }
+
+    fn string(&mut self, key: &str, into: &mut String) {
+        if let Some(value) = self.optional(key) {
+            *into = value;
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&mut self, key: &str, into: &mut T)
+    where
+        T::Err: std::fmt::Display,
+    {
+        if let Some(value) = self.optional(key) {
+            match value.parse() {
+                Ok(parsed) => *into = parsed,
+                Err(e) => self.problems.push(format!("{key}: {value:?}: {e}")),
+            }
+        }
+    }
+
+    fn seconds(&mut self, key: &str, into: &mut Duration) {
+        let mut secs = into.as_secs();
+        self.parse(key, &mut secs);
+        *into = Duration::from_secs(secs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_settings() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.edge_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.idle_timeout(), Duration::from_secs(55));
+        assert!(config.dedup_window >= Duration::from_secs(600));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = from(&[
+            ("CHAT_EDGE_ADDR", "nope"),
+            ("CHAT_HEARTBEAT_SECS", "-1"),
+            ("CHAT_STREAM_REPLICAS", "2"),
+            ("CHAT_LOG_FORMAT", "xml"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn settings_override_defaults() {
+        let config = from(&[
+            ("CHAT_NATS_URL", "nats://10.0.0.1:4222"),
+            ("CHAT_HEARTBEAT_SECS", "5"),
+            ("CHAT_REQUEST_TIMEOUT_MS", "700"),
+        ])
+        .unwrap();
+        assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(config.heartbeat, Duration::from_secs(5));
+        assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+}

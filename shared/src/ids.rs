@@ -1,0 +1,433 @@
+//! Validated identifiers.
+//!
+//! Every id that can reach a NATS subject, a KV key or an SQL query is one of
+//! these newtypes, and `parse` (or serde, which calls it) is the only way to
+//! build one. The character set `[A-Za-z0-9_-]` contains neither `.` (the NATS
+//! token separator) nor `*`/`>` (wildcards) nor whitespace, so a validated id
+//! can never change the shape of a subject.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why an id was refused. The message is safe to show to a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind}: {reason}")]
+pub struct InvalidId {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
+const MAX_NAME_LEN: usize = 64;
+const NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+fn check_name(kind: &'static str, value: &str) -> Result<(), InvalidId> {
+    if value.is_empty() {
+        return Err(InvalidId { kind, reason: "must not be empty" });
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(InvalidId { kind, reason: "longer than 64 characters" });
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(InvalidId {
+            kind,
+            reason: "only A-Z, a-z, 0-9, '_' and '-' are allowed",
+        });
+    }
+    Ok(())
+}
+
+/// Defines a `[A-Za-z0-9_-]{1,64}` id newtype with parsing, serde and schema.
+macro_rules! name_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: impl Into<String>) -> Result<Self, InvalidId> {
+                let value = value.into();
+                check_name($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = String::deserialize(d)?;
+                Self::parse(raw).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!({ "type": "string", "pattern": NAME_PATTERN })
+            }
+        }
+    };
+}
+
+name_id!(
+    /// A user id; it is the JWT `sub`.
+    UserId,
+    "user id"
+);
+name_id!(
+    /// A device id chosen by the client (`phone-1`).
+    DeviceId,
+    "device id"
+);
+name_id!(
+    /// The id part of a `group:<id>` conversation.
+    GroupId,
+    "group id"
+);
+name_id!(
+    /// An edge node's id, as it appears in `welcome` and in discovery.
+    EdgeId,
+    "edge id"
+);
+
+/// A conversation: a direct chat between two users or a group.
+///
+/// A DM always stores its two users in byte order, so `dm:alice:bob` and the
+/// pair (bob, alice) are the same value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ConversationId {
+    Dm { low: UserId, high: UserId },
+    Group(GroupId),
+}
+
+impl ConversationId {
+    /// The DM between two different users.
+    pub fn dm(a: UserId, b: UserId) -> Result<Self, InvalidId> {
+        match a.cmp(&b) {
+            std::cmp::Ordering::Less => Ok(Self::Dm { low: a, high: b }),
+            std::cmp::Ordering::Greater => Ok(Self::Dm { low: b, high: a }),
+            std::cmp::Ordering::Equal => Err(InvalidId {
+                kind: "conversation id",
+                reason: "a direct conversation needs two different users",
+            }),
+        }
+    }
+
+    pub fn group(group: GroupId) -> Self {
+        Self::Group(group)
+    }
+
+    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+        const KIND: &str = "conversation id";
+        if let Some(rest) = value.strip_prefix("dm:") {
+            let Some((a, b)) = rest.split_once(':') else {
+                return Err(InvalidId { kind: KIND, reason: "expected dm:<a>:<b>" });
+            };
+            let low = UserId::parse(a)?;
+            let high = UserId::parse(b)?;
+            if low >= high {
+                return Err(InvalidId {
+                    kind: KIND,
+                    reason: "dm:<a>:<b> needs a < b in byte order",
+                });
+            }
+            Ok(Self::Dm { low, high })
+        } else if let Some(rest) = value.strip_prefix("group:") {
+            Ok(Self::Group(GroupId::parse(rest)?))
+        } else {
+            Err(InvalidId {
+                kind: KIND,
+                reason: "expected dm:<a>:<b> or group:<id>",
+            })
+        }
+    }
+
+    /// Whether `user` is one of the two sides of a DM (always false for groups).
+    pub fn is_dm_party(&self, user: &UserId) -> bool {
+        matches!(self, Self::Dm { low, high } if low == user || high == user)
+    }
+
+    /// For a DM, the side that is not `user`.
+    pub fn dm_peer(&self, user: &UserId) -> Option<&UserId> {
+        match self {
+            Self::Dm { low, high } if low == user => Some(high),
+            Self::Dm { low, high } if high == user => Some(low),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dm { low, high } => write!(f, "dm:{low}:{high}"),
+            Self::Group(group) => write!(f, "group:{group}"),
+        }
+    }
+}
+
+impl Serialize for ConversationId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConversationId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Cow::<str>::deserialize(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for ConversationId {
+    fn schema_name() -> Cow<'static, str> {
+        "ConversationId".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^(dm:[A-Za-z0-9_-]{1,64}:[A-Za-z0-9_-]{1,64}|group:[A-Za-z0-9_-]{1,64})$"
+        })
+    }
+}
+
+/// Defines a u64 newtype that travels as a decimal JSON string.
+macro_rules! decimal_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            pub fn parse(value: &str) -> Result<Self, InvalidId> {
+                // `u64::from_str` accepts a leading '+', which is not a decimal string.
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(InvalidId { kind: $kind, reason: "expected a decimal string" });
+                }
+                value
+                    .parse()
+                    .map(Self)
+                    .map_err(|_| InvalidId { kind: $kind, reason: "does not fit in 64 bits" })
+            }
+
+            pub fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = Cow::<str>::deserialize(d)?;
+                Self::parse(&raw).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!({ "type": "string", "pattern": "^[0-9]{1,20}$" })
+            }
+        }
+    };
+}
+
+decimal_id!(
+    /// A message id: unique, and larger for later messages of a conversation.
+    MessageId,
+    "message id"
+);
+decimal_id!(
+    /// A position in one user's inbox. It is the INBOX stream sequence of the
+    /// item, so it only grows; clients treat it as opaque.
+    Cursor,
+    "cursor"
+);
+
+/// The client's idempotency key for `send`: 1-64 characters, no control
+/// characters (it travels inside the `Nats-Msg-Id` header).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientMsgId(String);
+
+impl ClientMsgId {
+    pub fn parse(value: impl Into<String>) -> Result<Self, InvalidId> {
+        const KIND: &str = "client_msg_id";
+        let value = value.into();
+        let chars = value.chars().count();
+        if chars == 0 {
+            return Err(InvalidId { kind: KIND, reason: "must not be empty" });
+        }
+        if chars > MAX_NAME_LEN {
+            return Err(InvalidId { kind: KIND, reason: "longer than 64 characters" });
+        }
+        if value.chars().any(char::is_control) {
+            return Err(InvalidId { kind: KIND, reason: "control characters are not allowed" });
+        }
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A form of the id made only of `[0-9a-f]`, fit for a KV key.
+    pub fn hex(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(self.0.len() * 2);
+        for byte in self.0.bytes() {
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{byte:02x}");
+        }
+        out
+    }
+}
+
+impl fmt::Display for ClientMsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ClientMsgId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientMsgId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for ClientMsgId {
+    fn schema_name() -> Cow<'static, str> {
+        "ClientMsgId".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "type": "string", "minLength": 1, "maxLength": 64 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names_accept_the_documented_alphabet() {
+        assert!(UserId::parse("alice").is_ok());
+        assert!(UserId::parse("A-z_09").is_ok());
+        assert!(UserId::parse("x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn names_refuse_subject_and_sql_metacharacters() {
+        for bad in [
+            "", "a.b", "a*", ">", "a b", "a\tb", "a'b", "a;b", "al\u{e9}", "a:b", "a/b", "a\nb",
+        ] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(UserId::parse("x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn dm_conversations_are_ordered_pairs() {
+        let alice = UserId::parse("alice").unwrap();
+        let bob = UserId::parse("bob").unwrap();
+        let conv = ConversationId::dm(bob.clone(), alice.clone()).unwrap();
+        assert_eq!(conv.to_string(), "dm:alice:bob");
+        assert_eq!(ConversationId::parse("dm:alice:bob").unwrap(), conv);
+        assert!(ConversationId::parse("dm:bob:alice").is_err());
+        assert!(ConversationId::parse("dm:alice:alice").is_err());
+        assert!(ConversationId::dm(alice.clone(), alice.clone()).is_err());
+        assert_eq!(conv.dm_peer(&alice), Some(&bob));
+        assert!(conv.is_dm_party(&bob));
+    }
+
+    #[test]
+    fn conversation_ids_refuse_malformed_input() {
+        for bad in ["", "dm:", "dm:a", "dm:a:b:c", "group:", "group:a.b", "chan:x", "dm:a:>"] {
+            assert!(ConversationId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let group = ConversationId::parse("group:team-1").unwrap();
+        assert_eq!(group.to_string(), "group:team-1");
+    }
+
+    #[test]
+    fn decimal_ids_travel_as_strings() {
+        let id: MessageId = serde_json::from_str("\"18446744073709551615\"").unwrap();
+        assert_eq!(id.get(), u64::MAX);
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"18446744073709551615\"");
+        for bad in ["\"\"", "\"+1\"", "\"-1\"", "\"1.0\"", "\"18446744073709551616\"", "12"] {
+            assert!(serde_json::from_str::<MessageId>(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn client_msg_ids_allow_unicode_but_not_control_characters() {
+        assert!(ClientMsgId::parse("✓".repeat(64)).is_ok());
+        assert!(ClientMsgId::parse("✓".repeat(65)).is_err());
+        assert!(ClientMsgId::parse("a\r\nb").is_err());
+        assert_eq!(ClientMsgId::parse("a.b").unwrap().hex(), "612e62");
+    }
+
+    proptest! {
+        #[test]
+        fn parsed_names_never_contain_subject_metacharacters(s in "\\PC{0,80}") {
+            if let Ok(id) = UserId::parse(s) {
+                prop_assert!(!id.as_str().contains(['.', '*', '>', ' ']));
+            }
+        }
+
+        #[test]
+        fn conversation_ids_roundtrip(a in "[A-Za-z0-9_-]{1,64}", b in "[A-Za-z0-9_-]{1,64}") {
+            let (a, b) = (UserId::parse(a).unwrap(), UserId::parse(b).unwrap());
+            if a != b {
+                let conv = ConversationId::dm(a, b).unwrap();
+                prop_assert_eq!(ConversationId::parse(&conv.to_string()).unwrap(), conv);
+            }
+        }
+    }
+}

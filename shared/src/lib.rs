@@ -1,0 +1,19 @@
+//! The single source of truth shared by every chat service: validated ids,
+//! the message-id generator, NATS subjects, stream definitions, wire types,
+//! configuration, JWT verification and the shutdown signal.
+
+pub mod auth;
+pub mod config;
+pub mod idgen;
+pub mod ids;
+pub mod lease;
+pub mod nats;
+pub mod rpc;
+pub mod schema;
+pub mod shutdown;
+pub mod streams;
+pub mod subjects;
+pub mod telemetry;
+pub mod wire;
+
+pub use config::Config;

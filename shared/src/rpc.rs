@@ -1,0 +1,152 @@
+//! The persister's request/reply service: what edges and the router ask of
+//! PostgreSQL without touching it. One subject per method
+//! (`chat.rpc.<method>`, queue group `persister`); JSON bodies; the reply is
+//! `{"ok":…}` or `{"err":{"code","message"}}` with a PROTOCOL.md error code.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, GroupId, MessageId, UserId};
+use crate::subjects;
+use crate::wire::{ConversationSummary, ErrorCode, GroupView, MessageEvent};
+
+/// A method: its subject name and its request and response types.
+pub trait Method {
+    const NAME: &'static str;
+    type Request: Serialize + DeserializeOwned + Send;
+    type Response: Serialize + DeserializeOwned + Send;
+}
+
+macro_rules! method {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $req:ty => $resp:ty) => {
+        $(#[$doc])*
+        pub struct $ty;
+        impl Method for $ty {
+            const NAME: &'static str = $name;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub before: Option<MessageId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// Newest first.
+    pub messages: Vec<MessageEvent>,
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRequest {
+    pub user: UserId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupCreateRequest {
+    pub user: UserId,
+    pub name: String,
+    pub members: Vec<UserId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupChangeRequest {
+    pub user: UserId,
+    pub group: GroupId,
+    pub users: Vec<UserId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRequest {
+    pub user: UserId,
+    pub group: GroupId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembersRequest {
+    pub group: GroupId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub up_to: MessageId,
+}
+
+method!(History, "history", HistoryRequest => HistoryPage);
+method!(Conversations, "conversations", UserRequest => Vec<ConversationSummary>);
+method!(GroupCreate, "group_create", GroupCreateRequest => GroupView);
+method!(GroupAdd, "group_add", GroupChangeRequest => GroupView);
+method!(GroupRemove, "group_remove", GroupChangeRequest => GroupView);
+method!(GroupLeave, "group_leave", GroupRequest => ());
+method!(GroupInfo, "group_info", GroupRequest => GroupView);
+method!(
+    /// Current members of a group, for the router's fan-out and the edge's
+    /// send check. `not_found` for an unknown group.
+    Members, "members", MembersRequest => Vec<UserId>
+);
+method!(Read, "read", ReadRequest => ());
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct RpcError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply<T> {
+    Ok(T),
+    Err(RpcError),
+}
+
+/// Calls `M` and waits for its reply (bounded by the client's request
+/// timeout). Transport failures are `unavailable`.
+pub async fn call<M: Method>(
+    client: &async_nats::Client,
+    request: &M::Request,
+) -> Result<M::Response, RpcError> {
+    let body = serde_json::to_vec(request)
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+    let reply = client
+        .request(subjects::rpc(M::NAME), body.into())
+        .await
+        .map_err(|e| {
+            tracing::warn!(method = M::NAME, error = %e, "rpc failed");
+            RpcError::new(ErrorCode::Unavailable, "history service unavailable, retry later")
+        })?;
+    match serde_json::from_slice::<Reply<M::Response>>(&reply.payload) {
+        Ok(Reply::Ok(response)) => Ok(response),
+        Ok(Reply::Err(error)) => Err(error),
+        Err(e) => Err(RpcError::new(ErrorCode::Internal, format!("bad rpc reply: {e}"))),
+    }
+}
+
+/// Encodes a handler's result as a reply body.
+pub fn encode_reply<T: Serialize>(result: Result<T, RpcError>) -> Vec<u8> {
+    let reply = match result {
+        Ok(value) => Reply::Ok(value),
+        Err(error) => Reply::Err(error),
+    };
+    serde_json::to_vec(&reply).unwrap_or_else(|_| {
+        br#"{"err":{"code":"internal","message":"could not encode the reply"}}"#.to_vec()
+    })
+}

@@ -1,0 +1,48 @@
+//! JSON Schemas of every wire type, written to `docs/schemas/`.
+//!
+//! `cargo test` fails when the committed files are stale; regenerate them
+//! with `cargo run -p chatctl -- schemas docs/schemas`.
+
+use schemars::schema_for;
+
+use crate::wire;
+
+/// (file name, pretty JSON) for every published schema.
+pub fn all() -> Vec<(&'static str, String)> {
+    let render = |schema: schemars::Schema| {
+        let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+        text.push('\n');
+        text
+    };
+    vec![
+        ("client-frame.json", render(schema_for!(wire::ClientFrame))),
+        ("server-frame.json", render(schema_for!(wire::ServerFrame))),
+        ("message-event.json", render(schema_for!(wire::MessageEvent))),
+        ("presence-event.json", render(schema_for!(wire::PresenceEvent))),
+        ("group-event.json", render(schema_for!(wire::GroupEvent))),
+    ]
+}
+
+/// Writes every schema into `dir`.
+pub fn write_all(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, text) in all() {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_schemas_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas");
+        for (name, text) in super::all() {
+            let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            assert!(
+                committed == text,
+                "docs/schemas/{name} is stale: run `cargo run -p chatctl -- schemas docs/schemas`"
+            );
+        }
+    }
+}

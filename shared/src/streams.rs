@@ -1,0 +1,224 @@
+//! JetStream streams, KV buckets and durable consumers, defined once and
+//! applied idempotently by every service at start and by `chatctl streams apply`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::config::Config;
+use crate::subjects;
+
+/// The largest event; a 100,000-character text is at most 400 KB of UTF-8.
+const MAX_EVENT_BYTES: i32 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("KV bucket {name}: {source}")]
+    Bucket {
+        name: &'static str,
+        source: jetstream::context::CreateKeyValueError,
+    },
+}
+
+fn base(name: &str, subjects: &[&str], config: &Config) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        num_replicas: config.stream_replicas,
+        duplicate_window: config.dedup_window,
+        max_message_size: MAX_EVENT_BYTES,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// The log of record: one event per accepted message.
+pub fn messages(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("one event per accepted message (PROTOCOL.md)".into()),
+        max_age: config.messages_max_age,
+        ..base(subjects::MESSAGES_STREAM, &subjects::MESSAGES_SUBJECTS, config)
+    }
+}
+
+/// Per-user inboxes; the stream sequence is the cursor.
+pub fn inbox(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("per-user inbox items; the sequence is the cursor".into()),
+        max_age: config.inbox_max_age,
+        ..base(subjects::INBOX_STREAM, &subjects::INBOX_SUBJECTS, config)
+    }
+}
+
+/// Push jobs, each consumed once.
+pub fn push(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("push notification jobs for offline users".into()),
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_age: Duration::from_secs(24 * 3600),
+        ..base(subjects::PUSH_STREAM, &subjects::PUSH_SUBJECTS, config)
+    }
+}
+
+/// Membership changes, fanned into inboxes by the router.
+pub fn events(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("group membership changes".into()),
+        max_age: config.messages_max_age,
+        ..base(subjects::EVENTS_STREAM, &subjects::EVENTS_SUBJECTS, config)
+    }
+}
+
+fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> kv::Config {
+    kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: config.stream_replicas,
+        ..Default::default()
+    }
+}
+
+pub fn buckets(config: &Config) -> Vec<kv::Config> {
+    vec![
+        bucket(
+            subjects::NODES_BUCKET,
+            "message-id node leases",
+            config.node_lease_ttl,
+            config,
+        ),
+        bucket(
+            subjects::CURSORS_BUCKET,
+            "last acked cursor per device",
+            // A cursor older than the inbox is useless; keep it a little longer
+            // so the device learns `resumed:false` rather than starting at the head.
+            config.inbox_max_age * 2,
+            config,
+        ),
+        bucket(
+            subjects::SENT_BUCKET,
+            "client_msg_id claims for idempotent sends",
+            config.send_claim_max_age,
+            config,
+        ),
+        bucket(
+            subjects::PRESENCE_BUCKET,
+            "status and last_active per user",
+            Duration::ZERO,
+            config,
+        ),
+        bucket(
+            subjects::EDGES_BUCKET,
+            "live edges for discovery",
+            Duration::from_secs(15),
+            config,
+        ),
+    ]
+}
+
+/// Creates or updates every stream and bucket. Safe to run concurrently from
+/// many processes: the server treats an identical create as a no-op.
+pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<(), ProvisionError> {
+    let streams = [
+        (subjects::MESSAGES_STREAM, messages(config)),
+        (subjects::INBOX_STREAM, inbox(config)),
+        (subjects::PUSH_STREAM, push(config)),
+        (subjects::EVENTS_STREAM, events(config)),
+    ];
+    for (name, definition) in streams {
+        js.create_or_update_stream(definition)
+            .await
+            .map_err(|source| ProvisionError::Stream { name, source })?;
+    }
+    for definition in buckets(config) {
+        let name = static_bucket_name(&definition.bucket);
+        js.create_or_update_key_value(definition)
+            .await
+            .map_err(|source| ProvisionError::Bucket { name, source })?;
+    }
+    Ok(())
+}
+
+fn static_bucket_name(bucket: &str) -> &'static str {
+    [
+        subjects::NODES_BUCKET,
+        subjects::CURSORS_BUCKET,
+        subjects::SENT_BUCKET,
+        subjects::PRESENCE_BUCKET,
+        subjects::EDGES_BUCKET,
+    ]
+    .into_iter()
+    .find(|b| *b == bucket)
+    .unwrap_or("unknown")
+}
+
+/// The router's consumer on MESSAGES. One client is pinned at a time (a
+/// priority group), so several router processes never reorder a
+/// conversation; the others wait as hot standbys.
+pub fn router_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::ROUTER_CONSUMER.into()),
+        description: Some("fan-out into inboxes".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 10_000,
+        max_deliver: -1,
+        priority_policy: consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![subjects::ROUTER_PRIORITY_GROUP.into()],
+        priority_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+/// The router's consumer on EVENTS (membership changes), pinned likewise.
+pub fn router_events_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::ROUTER_EVENTS_CONSUMER.into()),
+        name: None,
+        ..router_consumer()
+    }
+}
+
+/// The persister's consumer on MESSAGES.
+pub fn persister_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::PERSISTER_CONSUMER.into()),
+        description: Some("history writer".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        max_deliver: -1,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_window_is_at_least_ten_minutes_by_default() {
+        let config = Config::default();
+        for definition in [messages(&config), inbox(&config), events(&config)] {
+            assert!(definition.duplicate_window >= Duration::from_secs(600), "{}", definition.name);
+            assert!(definition.allow_direct);
+        }
+        assert_eq!(push(&config).retention, stream::RetentionPolicy::WorkQueue);
+    }
+
+    #[test]
+    fn every_bucket_name_is_known() {
+        for definition in buckets(&Config::default()) {
+            assert_ne!(static_bucket_name(&definition.bucket), "unknown");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Every NATS subject, stream, consumer, queue group, KV bucket and header
+//! name the system uses. Nothing outside this module spells `chat.`.
+//!
+//! Each family has its own second token (`msg`, `inbox`, `deliver`, …), so a
+//! user and a conversation or an edge with the same id can never collide.
+
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, UserId};
+
+pub const MESSAGES_STREAM: &str = "MESSAGES";
+pub const INBOX_STREAM: &str = "INBOX";
+pub const PUSH_STREAM: &str = "PUSH";
+pub const EVENTS_STREAM: &str = "EVENTS";
+
+/// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
+pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
+pub const INBOX_SUBJECTS: [&str; 1] = ["chat.inbox.*"];
+pub const PUSH_SUBJECTS: [&str; 1] = ["chat.push.*"];
+pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
+/// Every live delivery, for tools that watch all traffic.
+pub const ALL_DELIVERIES: &str = "chat.deliver.*";
+
+pub const ROUTER_CONSUMER: &str = "router";
+pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
+pub const PERSISTER_CONSUMER: &str = "persister";
+/// The priority group whose pinned client is the one active router.
+pub const ROUTER_PRIORITY_GROUP: &str = "router";
+
+/// Queue group of the persister's request/reply service.
+pub const PERSISTER_QUEUE: &str = "persister";
+
+pub const NODES_BUCKET: &str = "chat_nodes";
+pub const CURSORS_BUCKET: &str = "chat_cursors";
+pub const SENT_BUCKET: &str = "chat_sent";
+pub const PRESENCE_BUCKET: &str = "chat_presence";
+pub const EDGES_BUCKET: &str = "chat_edges";
+
+/// JetStream's de-duplication header; every event carries it.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// The inbox cursor of a live delivery, so edges can order it against a backlog
+/// without parsing the frame.
+pub const CURSOR_HEADER: &str = "Chat-Cursor";
+
+/// `chat.msg.dm.<a>.<b>` or `chat.msg.group.<group>`.
+pub fn message(conversation: &ConversationId) -> String {
+    match conversation {
+        ConversationId::Dm { low, high } => format!("chat.msg.dm.{low}.{high}"),
+        ConversationId::Group(group) => format!("chat.msg.group.{group}"),
+    }
+}
+
+/// The conversation of a MESSAGES subject, if it is one.
+pub fn parse_message(subject: &str) -> Option<ConversationId> {
+    let rest = subject.strip_prefix("chat.msg.")?;
+    if let Some(pair) = rest.strip_prefix("dm.") {
+        let (a, b) = pair.split_once('.')?;
+        ConversationId::parse(&format!("dm:{a}:{b}")).ok()
+    } else {
+        let group = rest.strip_prefix("group.")?;
+        GroupId::parse(group).ok().map(ConversationId::Group)
+    }
+}
+
+/// One user's durable inbox (stream INBOX); the sequence is the cursor.
+pub fn inbox(user: &UserId) -> String {
+    format!("chat.inbox.{user}")
+}
+
+/// Live deliveries for every connection of one user (core NATS).
+pub fn deliver(user: &UserId) -> String {
+    format!("chat.deliver.{user}")
+}
+
+/// Push jobs for one user (stream PUSH).
+pub fn push(user: &UserId) -> String {
+    format!("chat.push.{user}")
+}
+
+/// Public presence changes of one user (core NATS).
+pub fn presence(user: &UserId) -> String {
+    format!("chat.presence.{user}")
+}
+
+/// Membership changes of one group (stream EVENTS).
+pub fn group_event(group: &GroupId) -> String {
+    format!("chat.event.group.{group}")
+}
+
+/// The persister's request/reply service for one method.
+pub fn rpc(method: &str) -> String {
+    format!("chat.rpc.{method}")
+}
+
+/// Every method of the persister's service.
+pub const ALL_RPC: &str = "chat.rpc.*";
+
+/// An edge's periodic list of its live connections.
+pub fn edge_heartbeat(edge: &EdgeId) -> String {
+    format!("chat.edge.heartbeat.{edge}")
+}
+
+/// Device connects and disconnects, from every edge.
+pub const EDGE_CONNECTIONS: &str = "chat.edge.conn";
+
+/// The `Nats-Msg-Id` of a client's send: retries of one `client_msg_id` collide.
+pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
+    format!("{sender}:{client_msg_id}")
+}
+
+/// The `Nats-Msg-Id` of one inbox item, so a redelivered event is appended once.
+pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
+    format!("{event_id}:{user}")
+}
+
+/// Key of a device's acked cursor in [`CURSORS_BUCKET`].
+pub fn device_cursor_key(user: &UserId, device: &DeviceId) -> String {
+    format!("{user}.{device}")
+}
+
+/// Key of a send claim in [`SENT_BUCKET`]; the client id is hex-encoded since
+/// it may hold any printable character.
+pub fn sent_key(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
+    format!("{sender}.{}", client_msg_id.hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn rendered_subjects_are_pinned() {
+        let alice = user("alice");
+        let dm = ConversationId::dm(user("bob"), alice.clone()).unwrap();
+        let group = ConversationId::Group(GroupId::parse("team").unwrap());
+        assert_eq!(message(&dm), "chat.msg.dm.alice.bob");
+        assert_eq!(message(&group), "chat.msg.group.team");
+        assert_eq!(inbox(&alice), "chat.inbox.alice");
+        assert_eq!(deliver(&alice), "chat.deliver.alice");
+        assert_eq!(push(&alice), "chat.push.alice");
+        assert_eq!(presence(&alice), "chat.presence.alice");
+        assert_eq!(group_event(&GroupId::parse("team").unwrap()), "chat.event.group.team");
+        assert_eq!(rpc("history"), "chat.rpc.history");
+        assert_eq!(edge_heartbeat(&EdgeId::parse("e1").unwrap()), "chat.edge.heartbeat.e1");
+        let cmid = ClientMsgId::parse("m.1").unwrap();
+        assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
+        assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
+        assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
+        assert_eq!(device_cursor_key(&alice, &DeviceId::parse("phone").unwrap()), "alice.phone");
+    }
+
+    #[test]
+    fn message_subjects_parse_back() {
+        let dm = ConversationId::parse("dm:alice:bob").unwrap();
+        assert_eq!(parse_message(&message(&dm)), Some(dm));
+        let group = ConversationId::parse("group:g1").unwrap();
+        assert_eq!(parse_message(&message(&group)), Some(group));
+        for bad in ["chat.msg.dm.bob.alice", "chat.msg.dm.a", "chat.inbox.a", "chat.msg.group.", "x"] {
+            assert_eq!(parse_message(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_subjects_cover_the_builders() {
+        // Each builder's output must match its stream's wildcard, token for token.
+        fn matches(pattern: &str, subject: &str) -> bool {
+            let (p, s): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), subject.split('.').collect());
+            p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| *p == "*" || p == s)
+        }
+        let dm = ConversationId::parse("dm:a:b").unwrap();
+        let group = ConversationId::parse("group:g").unwrap();
+        assert!(MESSAGES_SUBJECTS.iter().any(|p| matches(p, &message(&dm))));
+        assert!(MESSAGES_SUBJECTS.iter().any(|p| matches(p, &message(&group))));
+        assert!(matches(INBOX_SUBJECTS[0], &inbox(&user("a"))));
+        assert!(matches(PUSH_SUBJECTS[0], &push(&user("a"))));
+        assert!(matches(EVENTS_SUBJECTS[0], &group_event(&GroupId::parse("g").unwrap())));
+        assert!(matches(ALL_DELIVERIES, &deliver(&user("a"))));
+        assert!(matches(ALL_RPC, &rpc("history")));
+    }
+}

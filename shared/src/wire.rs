@@ -1,0 +1,559 @@
+//! Wire types: the frames of PROTOCOL.md v1 and the events on NATS.
+//!
+//! These are the serialization boundary. Internal state never derives
+//! `Serialize`; it is converted into one of these types at the edge of a
+//! process. JSON Schemas for all of them are generated into `docs/schemas/`
+//! (see [`crate::schema`]).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::ids::{ClientMsgId, ConversationId, Cursor, DeviceId, GroupId, MessageId, UserId};
+
+/// Frames a client sends. Unknown fields are ignored; an unknown `type` or a
+/// missing field is a `bad_request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type")]
+pub enum ClientFrame {
+    #[serde(rename = "hello")]
+    Hello {
+        token: String,
+        device: DeviceId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
+    },
+    #[serde(rename = "ping")]
+    Ping {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    #[serde(rename = "ack")]
+    Ack { cursor: Cursor },
+    #[serde(rename = "send")]
+    Send(SendRequest),
+    #[serde(rename = "read")]
+    Read {
+        conversation: ConversationId,
+        up_to: MessageId,
+    },
+    #[serde(rename = "typing")]
+    Typing {
+        conversation: ConversationId,
+        active: bool,
+    },
+    #[serde(rename = "history")]
+    History {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<MessageId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    #[serde(rename = "conversations")]
+    Conversations {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    #[serde(rename = "group.create")]
+    GroupCreate {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        name: String,
+        members: Vec<UserId>,
+    },
+    #[serde(rename = "group.add")]
+    GroupAdd {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(deserialize_with = "group_ref")]
+        group: GroupId,
+        users: Vec<UserId>,
+    },
+    #[serde(rename = "group.remove")]
+    GroupRemove {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(deserialize_with = "group_ref")]
+        group: GroupId,
+        users: Vec<UserId>,
+    },
+    #[serde(rename = "group.leave")]
+    GroupLeave {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(deserialize_with = "group_ref")]
+        group: GroupId,
+    },
+    #[serde(rename = "group.info")]
+    GroupInfo {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(deserialize_with = "group_ref")]
+        group: GroupId,
+    },
+    #[serde(rename = "friend.request")]
+    FriendRequest {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "friend.accept")]
+    FriendAccept {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "friend.remove")]
+    FriendRemove {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "friends")]
+    Friends {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    #[serde(rename = "push.register")]
+    PushRegister {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        platform: PushPlatform,
+        token: String,
+    },
+    #[serde(rename = "push.unregister")]
+    PushUnregister {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        platform: PushPlatform,
+        token: String,
+    },
+    #[serde(rename = "refresh")]
+    Refresh {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        token: String,
+    },
+}
+
+/// A `group` field: the bare group id, or the `group:<id>` conversation form.
+fn group_ref<'de, D: Deserializer<'de>>(d: D) -> Result<GroupId, D::Error> {
+    let raw = String::deserialize(d)?;
+    let bare = raw.strip_prefix("group:").unwrap_or(&raw);
+    GroupId::parse(bare).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SendRequest {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The recipient of a DM; exactly one of `to` and `conversation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<UserId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationId>,
+    pub text: String,
+    pub client_msg_id: ClientMsgId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PushPlatform {
+    Fcm,
+    Apns,
+    Webhook,
+}
+
+/// Only the `ref` of a frame, read when the frame itself did not parse so the
+/// error can still be matched to its request.
+#[derive(Debug, Deserialize)]
+pub struct RefOnly {
+    #[serde(rename = "ref", default)]
+    pub reference: Option<serde_json::Value>,
+}
+
+impl ClientFrame {
+    /// The request's `ref`, echoed in its reply.
+    pub fn reference(&self) -> Option<&str> {
+        let reference = match self {
+            Self::Hello { .. } | Self::Ack { .. } | Self::Read { .. } | Self::Typing { .. } => {
+                return None
+            }
+            Self::Send(send) => &send.reference,
+            Self::Ping { reference }
+            | Self::History { reference, .. }
+            | Self::Conversations { reference }
+            | Self::GroupCreate { reference, .. }
+            | Self::GroupAdd { reference, .. }
+            | Self::GroupRemove { reference, .. }
+            | Self::GroupLeave { reference, .. }
+            | Self::GroupInfo { reference, .. }
+            | Self::FriendRequest { reference, .. }
+            | Self::FriendAccept { reference, .. }
+            | Self::FriendRemove { reference, .. }
+            | Self::Friends { reference }
+            | Self::PushRegister { reference, .. }
+            | Self::PushUnregister { reference, .. }
+            | Self::Refresh { reference, .. } => reference,
+        };
+        reference.as_deref()
+    }
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type")]
+pub enum ServerFrame {
+    #[serde(rename = "welcome")]
+    Welcome {
+        user: UserId,
+        device: DeviceId,
+        edge: String,
+        heartbeat: u64,
+        resumed: bool,
+    },
+    #[serde(rename = "synced")]
+    Synced { cursor: Cursor },
+    #[serde(rename = "pong")]
+    Pong {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    #[serde(rename = "sent")]
+    Sent {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        id: MessageId,
+        conversation: ConversationId,
+        ts: u64,
+        duplicate: bool,
+    },
+    #[serde(rename = "message")]
+    Message {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
+        #[serde(flatten)]
+        message: MessageEvent,
+    },
+    #[serde(rename = "membership")]
+    Membership {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
+        conversation: ConversationId,
+        event: MembershipChange,
+        users: Vec<UserId>,
+        by: UserId,
+    },
+    #[serde(rename = "receipt")]
+    Receipt {
+        conversation: ConversationId,
+        user: UserId,
+        kind: ReceiptKind,
+        up_to: MessageId,
+    },
+    #[serde(rename = "presence")]
+    Presence(PresenceEvent),
+    #[serde(rename = "typing")]
+    Typing {
+        conversation: ConversationId,
+        user: UserId,
+        active: bool,
+    },
+    #[serde(rename = "reconnect")]
+    Reconnect { reason: String, edges: Vec<String> },
+    #[serde(rename = "error")]
+    Error(ErrorFrame),
+    #[serde(rename = "history")]
+    History {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        /// Newest first.
+        messages: Vec<MessageEvent>,
+        more: bool,
+    },
+    #[serde(rename = "conversations")]
+    Conversations {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<ConversationSummary>,
+    },
+    #[serde(rename = "group")]
+    Group {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        group: GroupView,
+    },
+    #[serde(rename = "ok")]
+    Ok {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    #[serde(rename = "friends")]
+    Friends {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<FriendView>,
+    },
+}
+
+impl ServerFrame {
+    /// Serializes the frame; our frames only hold strings, numbers and
+    /// validated ids, so this cannot fail in practice, and if it ever did the
+    /// client gets an `internal` error rather than a panic.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"could not encode a frame"}"#.into()
+        })
+    }
+
+    pub fn error(reference: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error(ErrorFrame {
+            reference: reference.map(str::to_string),
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorFrame {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    TokenExpired,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipChange {
+    Created,
+    Added,
+    Removed,
+    Left,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiptKind {
+    Delivered,
+    Read,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FriendState {
+    Friends,
+    Requested,
+    Pending,
+}
+
+/// One accepted message: the MESSAGES stream event, a `history` item and the
+/// body of a `message` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageEvent {
+    pub id: MessageId,
+    pub conversation: ConversationId,
+    pub from: UserId,
+    pub text: String,
+    /// ms since the Unix epoch.
+    pub ts: u64,
+    pub client_msg_id: ClientMsgId,
+}
+
+/// `chat.presence.<user>` and the `presence` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PresenceEvent {
+    pub user: UserId,
+    pub status: PresenceStatus,
+    /// ms since the Unix epoch.
+    pub last_active: u64,
+}
+
+/// A membership change of a group (stream EVENTS, `chat.event.group.<id>`),
+/// published by the persister after the change is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GroupEvent {
+    /// Unique per change; the inbox de-duplication key.
+    pub id: String,
+    pub group: GroupId,
+    pub event: MembershipChange,
+    /// The users the change is about.
+    pub users: Vec<UserId>,
+    pub by: UserId,
+    /// Every member after the change.
+    pub members: Vec<UserId>,
+    pub ts: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConversationSummary {
+    pub conversation: ConversationId,
+    pub last: Option<MessageEvent>,
+    pub unread: u64,
+    pub read_up_to: Option<MessageId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GroupView {
+    pub id: GroupId,
+    pub name: String,
+    pub owner: UserId,
+    pub members: Vec<UserId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FriendView {
+    pub user: UserId,
+    pub state: FriendState,
+    pub status: PresenceStatus,
+    pub last_active: Option<u64>,
+}
+
+pub mod close {
+    //! WebSocket close codes of PROTOCOL.md.
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const NO_HELLO: u16 = 4002;
+    pub const HEARTBEAT_MISSED: u16 = 4003;
+    pub const ABUSE: u16 = 4008;
+    /// Added to PROTOCOL.md v1: the client fell too far behind on live
+    /// frames; it reconnects and resumes from its cursor.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Adds `"cursor":"<n>"` to a serialized frame that has none.
+///
+/// Inbox items are stored without their cursor (it is the INBOX sequence,
+/// known only after the append), and both the router (live) and the edge
+/// (backlog) add it here, without parsing the frame again.
+pub fn with_cursor(frame: &[u8], cursor: Cursor) -> Vec<u8> {
+    let body = frame.strip_prefix(b"{").unwrap_or(frame);
+    let mut out = Vec::with_capacity(frame.len() + 32);
+    out.extend_from_slice(b"{\"cursor\":\"");
+    out.extend_from_slice(cursor.to_string().as_bytes());
+    out.push(b'"');
+    if body.first().is_some_and(|b| *b != b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn client_frames_parse_per_protocol() {
+        let hello: ClientFrame =
+            serde_json::from_value(json!({"type":"hello","token":"t","device":"phone-1","cursor":"123"}))
+                .unwrap();
+        assert_eq!(
+            hello,
+            ClientFrame::Hello {
+                token: "t".into(),
+                device: DeviceId::parse("phone-1").unwrap(),
+                cursor: Some(Cursor(123)),
+            }
+        );
+        let send: ClientFrame = serde_json::from_value(
+            json!({"type":"send","ref":"r1","to":"bob","text":"hi","client_msg_id":"c1","extra":1}),
+        )
+        .unwrap();
+        assert_eq!(send.reference(), Some("r1"));
+        let add: ClientFrame = serde_json::from_value(
+            json!({"type":"group.add","ref":"r","group":"group:g1","users":["a"]}),
+        )
+        .unwrap();
+        assert!(matches!(add, ClientFrame::GroupAdd { group, .. } if group.as_str() == "g1"));
+    }
+
+    #[test]
+    fn bad_client_frames_are_refused() {
+        for bad in [
+            json!({"type":"nope"}),
+            json!({"type":"hello","device":"d"}),
+            json!({"type":"hello","token":"t","device":"a.b"}),
+            json!({"type":"send","to":"bob","client_msg_id":"c"}),
+            json!({"type":"history","conversation":"dm:b:a"}),
+            json!({"token":"t"}),
+        ] {
+            assert!(serde_json::from_value::<ClientFrame>(bad.clone()).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn server_frames_render_per_protocol() {
+        let sent = ServerFrame::Sent {
+            reference: Some("r".into()),
+            id: MessageId(7),
+            conversation: ConversationId::parse("dm:a:b").unwrap(),
+            ts: 5,
+            duplicate: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&sent).unwrap(),
+            json!({"type":"sent","ref":"r","id":"7","conversation":"dm:a:b","ts":5,"duplicate":false})
+        );
+        let message = ServerFrame::Message {
+            cursor: Some(Cursor(9)),
+            message: MessageEvent {
+                id: MessageId(7),
+                conversation: ConversationId::parse("dm:a:b").unwrap(),
+                from: UserId::parse("a").unwrap(),
+                text: "hi".into(),
+                ts: 5,
+                client_msg_id: ClientMsgId::parse("c").unwrap(),
+            },
+        };
+        let value = serde_json::to_value(&message).unwrap();
+        assert_eq!(
+            value,
+            json!({"type":"message","cursor":"9","id":"7","conversation":"dm:a:b","from":"a","text":"hi","ts":5,"client_msg_id":"c"})
+        );
+        assert_eq!(serde_json::from_value::<ServerFrame>(value).unwrap(), message);
+        let error = ServerFrame::error(None, ErrorCode::BadRequest, "x");
+        assert_eq!(
+            serde_json::to_value(&error).unwrap(),
+            json!({"type":"error","code":"bad_request","message":"x"})
+        );
+    }
+
+    #[test]
+    fn cursors_are_spliced_into_stored_frames() {
+        let stored = br#"{"type":"message","id":"1"}"#;
+        let live = with_cursor(stored, Cursor(42));
+        let value: serde_json::Value = serde_json::from_slice(&live).unwrap();
+        assert_eq!(value, json!({"cursor":"42","type":"message","id":"1"}));
+        assert_eq!(with_cursor(b"{}", Cursor(1)), br#"{"cursor":"1"}"#.to_vec());
+    }
+}
