@@ -1,15 +1,12 @@
-use chat_shared::{shutdown, telemetry, Config};
+use chat_shared::{bin, shutdown};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match Config::from_env() {
+    let config = match bin::start() {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            return std::process::ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
-    telemetry::init(config.log_json);
+    // Bind before running, so a taken port fails fast and tests can bind port 0.
     let listener = match tokio::net::TcpListener::bind(config.edge_addr).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -17,11 +14,5 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match chat_edge::run(config, listener, shutdown::signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "edge failed");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    bin::finish("edge", chat_edge::run(config, listener, shutdown::signal()).await)
 }

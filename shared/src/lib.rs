@@ -3,6 +3,7 @@
 //! configuration, JWT verification and the shutdown signal.
 
 pub mod auth;
+pub mod bin;
 pub mod config;
 pub mod idgen;
 pub mod ids;

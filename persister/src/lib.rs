@@ -1,0 +1,60 @@
+//! The persister: the only process that touches PostgreSQL.
+//!
+//! It writes every MESSAGES event into `messages` in batches (one multi-row
+//! `INSERT … ON CONFLICT DO NOTHING` per batch, acked after COMMIT, so a
+//! redelivery or a restart writes nothing twice), and answers the
+//! request/reply service `chat.rpc.*` (queue group `persister`) for history,
+//! conversations, groups and read state.
+
+mod error;
+mod migrations;
+mod service;
+mod writer;
+
+use std::time::Duration;
+
+use chat_shared::shutdown::{self, Shutdown};
+use chat_shared::{streams, subjects, Config};
+
+pub use error::PersisterError;
+
+/// Runs the persister until `shutdown` completes.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
+    let pool = connect_pool(&config)?;
+    migrations::run(&pool).await?;
+    let nats = chat_shared::nats::connect(&config, "persister").await?;
+    let js = chat_shared::nats::jetstream(nats.clone(), &config);
+    streams::apply(&js, &config).await?;
+    let consumer = js
+        .get_stream(subjects::MESSAGES_STREAM)
+        .await
+        .map_err(|e| PersisterError::JetStream(e.to_string()))?
+        .get_or_create_consumer(subjects::PERSISTER_CONSUMER, streams::persister_consumer())
+        .await
+        .map_err(|e| PersisterError::JetStream(e.to_string()))?;
+    let stop = shutdown::fan_out(shutdown);
+    let service = service::Service::new(pool.clone(), nats.clone(), js.clone(), config.max_group_members);
+    service.publish_outbox().await;
+    tracing::info!("persister running");
+    let rpc = tokio::spawn(service::serve(service, stop.clone()));
+    let written = writer::write_messages(pool, consumer, stop).await;
+    let _ = rpc.await;
+    tracing::info!("persister stopped");
+    written
+}
+
+fn connect_pool(config: &Config) -> Result<deadpool_postgres::Pool, PersisterError> {
+    let mut pg = deadpool_postgres::Config::new();
+    pg.url = Some(config.database_url.clone());
+    pg.pool = Some(deadpool_postgres::PoolConfig {
+        max_size: config.database_pool_size,
+        timeouts: deadpool_postgres::Timeouts {
+            wait: Some(Duration::from_secs(5)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        },
+        ..Default::default()
+    });
+    pg.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+        .map_err(|e| PersisterError::Database(e.to_string()))
+}

@@ -1,0 +1,10 @@
+use chat_shared::{bin, shutdown};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = match bin::start() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    bin::finish("persister", chat_persister::run(config, shutdown::signal()).await)
+}

@@ -1,0 +1,281 @@
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chat_shared::ids::{ConversationId, Cursor, UserId};
+use chat_shared::shutdown;
+use chat_shared::subjects;
+use chat_shared::wire::{with_cursor, ErrorCode, GroupEvent, MessageEvent, ServerFrame};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::members::Members;
+
+/// Lanes per router: conversations hash onto them; each lane is sequential.
+const LANES: usize = 16;
+const LANE_QUEUE: usize = 256;
+const PULL_BATCH: usize = 512;
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Nats(#[from] chat_shared::nats::ConnectError),
+    #[error(transparent)]
+    Provision(#[from] chat_shared::streams::ProvisionError),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+/// Why one event could not be routed.
+#[derive(Debug)]
+enum RouteError {
+    /// It can never succeed (malformed event, unknown group): dropped with a log.
+    Poison(String),
+    /// NATS or the persister failed; retried in place so order holds.
+    Transient(String),
+}
+
+pub struct Fanout {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    members: Arc<Members>,
+}
+
+impl Fanout {
+    pub fn new(nats: async_nats::Client, js: jetstream::Context, members: Arc<Members>) -> Self {
+        Self { nats, js, members }
+    }
+
+    async fn route_message(&self, message: &jetstream::Message) -> Result<(), RouteError> {
+        let conversation = subjects::parse_message(&message.subject)
+            .ok_or_else(|| RouteError::Poison(format!("unexpected subject {}", message.subject)))?;
+        let event: MessageEvent = serde_json::from_slice(&message.payload)
+            .map_err(|e| RouteError::Poison(format!("malformed message event: {e}")))?;
+        if event.conversation != conversation {
+            return Err(RouteError::Poison("event conversation does not match its subject".into()));
+        }
+        let recipients: Vec<UserId> = match &conversation {
+            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
+            ConversationId::Group(group) => match self.members.of(group).await {
+                Ok(members) => members.as_ref().clone(),
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    return Err(RouteError::Poison(format!("unknown group {group}")))
+                }
+                Err(e) => return Err(RouteError::Transient(e.to_string())),
+            },
+        };
+        let event_id = event.id.to_string();
+        let frame = ServerFrame::Message {
+            cursor: None,
+            message: event,
+        };
+        self.append(&recipients, &event_id, frame.to_json().into()).await
+    }
+
+    async fn route_group_event(&self, message: &jetstream::Message) -> Result<(), RouteError> {
+        let event: GroupEvent = serde_json::from_slice(&message.payload)
+            .map_err(|e| RouteError::Poison(format!("malformed group event: {e}")))?;
+        self.members.set(event.group.clone(), event.members.clone());
+        let mut recipients = event.members.clone();
+        for user in &event.users {
+            if !recipients.contains(user) {
+                recipients.push(user.clone());
+            }
+        }
+        let frame = ServerFrame::Membership {
+            cursor: None,
+            conversation: ConversationId::Group(event.group.clone()),
+            event: event.event,
+            users: event.users.clone(),
+            by: event.by.clone(),
+        };
+        self.append(&recipients, &event.id, frame.to_json().into()).await
+    }
+
+    /// Appends `frame` to every recipient's inbox, then delivers each item
+    /// live with its cursor. The appends are pipelined (all published, then
+    /// all acks awaited), bounded by the recipient count.
+    async fn append(&self, recipients: &[UserId], event_id: &str, frame: Bytes) -> Result<(), RouteError> {
+        let transient = |e: &dyn std::fmt::Display| RouteError::Transient(e.to_string());
+        let mut pending = Vec::with_capacity(recipients.len());
+        for user in recipients {
+            let mut headers = HeaderMap::new();
+            headers.insert(subjects::MSG_ID_HEADER, subjects::inbox_dedup_id(event_id, user).as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subjects::inbox(user), headers, frame.clone())
+                .await
+                .map_err(|e| transient(&e))?;
+            pending.push((user, ack));
+        }
+        for (user, ack) in pending {
+            // A duplicate ack carries the original sequence: delivering it again
+            // is harmless (connections drop cursors they already sent) and
+            // covers a crash between the append and the delivery.
+            let ack = ack.await.map_err(|e| transient(&e))?;
+            let cursor = Cursor(ack.sequence);
+            let mut headers = HeaderMap::new();
+            headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
+            self.nats
+                .publish_with_headers(subjects::deliver(user), headers, with_cursor(&frame, cursor).into())
+                .await
+                .map_err(|e| transient(&e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Handles one event until it is routed or found to be poison, then acks it.
+async fn settle<F, Fut>(message: jetstream::Message, route: F)
+where
+    F: Fn(jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = (jetstream::Message, Result<(), RouteError>)>,
+{
+    let mut delay = RETRY_MIN;
+    let mut message = message;
+    loop {
+        let (back, result) = route(message).await;
+        message = back;
+        match result {
+            Ok(()) => break,
+            Err(RouteError::Poison(reason)) => {
+                tracing::error!(subject = %message.subject, %reason, "dropping an event that cannot be routed");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(RouteError::Transient(reason)) => {
+                tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
+                // Keep the event ours while we retry, instead of letting it be
+                // redelivered behind later events of its conversation.
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    if let Err(e) = message.ack().await {
+        tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
+    }
+}
+
+fn lane_of(subject: &str) -> usize {
+    let mut hasher = DefaultHasher::new();
+    subject.hash(&mut hasher);
+    (hasher.finish() % LANES as u64) as usize
+}
+
+/// Pulls MESSAGES (as the pinned client of the router priority group) and
+/// spreads events over the lanes by conversation.
+pub async fn consume_messages(
+    router: Arc<Fanout>,
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+) -> Result<(), RouterError> {
+    let lanes: Vec<mpsc::Sender<jetstream::Message>> = (0..LANES)
+        .map(|_| {
+            let (tx, mut rx) = mpsc::channel::<jetstream::Message>(LANE_QUEUE);
+            let router = router.clone();
+            tokio::spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    let router = router.clone();
+                    settle(message, move |m| {
+                        let router = router.clone();
+                        async move {
+                            let result = router.route_message(&m).await;
+                            (m, result)
+                        }
+                    })
+                    .await;
+                }
+            });
+            tx
+        })
+        .collect();
+    pull(consumer, stop, |message| {
+        let lane = &lanes[lane_of(&message.subject)];
+        async move { lane.send(message).await.is_ok() }
+    })
+    .await
+}
+
+/// Pulls EVENTS in one lane: membership changes are few and must stay ordered.
+pub async fn consume_events(
+    router: Arc<Fanout>,
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+) -> Result<(), RouterError> {
+    pull(consumer, stop, |message| {
+        let router = router.clone();
+        async move {
+            settle(message, move |m| {
+                let router = router.clone();
+                async move {
+                    let result = router.route_group_event(&m).await;
+                    (m, result)
+                }
+            })
+            .await;
+            true
+        }
+    })
+    .await
+}
+
+/// The pull loop shared by both consumers: reconnects the message stream
+/// after errors and stops on shutdown.
+async fn pull<F, Fut>(consumer: PullConsumer, stop: watch::Receiver<bool>, mut handle: F) -> Result<(), RouterError>
+where
+    F: FnMut(jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let stopped = shutdown::wait(stop);
+    tokio::pin!(stopped);
+    let mut delay = RETRY_MIN;
+    loop {
+        let stream = consumer
+            .stream()
+            .group(subjects::ROUTER_PRIORITY_GROUP)
+            .max_messages_per_batch(PULL_BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull; retrying");
+                tokio::select! {
+                    _ = &mut stopped => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        delay = RETRY_MIN;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return Ok(()),
+                next = stream.next() => match next {
+                    Some(Ok(message)) => {
+                        if !handle(message).await {
+                            return Ok(());
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "pull stream error");
+                        // Heartbeat or pin errors end this stream; open another.
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}

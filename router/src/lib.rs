@@ -1,0 +1,60 @@
+//! The router: turns accepted messages and membership changes into inbox
+//! items, one per member, and live deliveries.
+//!
+//! For each MESSAGES event it resolves the members (a DM's two users, a
+//! group's members), appends one item to each member's inbox
+//! (`chat.inbox.<user>`, de-duplicated by `<event id>:<user>` so a redelivery
+//! appends nothing twice), and after each PubAck publishes the item with its
+//! cursor on `chat.deliver.<user>`. The MESSAGES event is acked last.
+//!
+//! Order: one router process is active at a time (the consumer's pinned
+//! client); inside it, events are spread over lanes by conversation and each
+//! lane handles its events one after another, so a conversation's messages
+//! enter every inbox in stream order.
+
+mod fanout;
+mod members;
+
+use std::sync::Arc;
+
+use chat_shared::shutdown::{self, Shutdown};
+use chat_shared::{streams, subjects, Config};
+
+pub use fanout::RouterError;
+
+/// Runs the router until `shutdown` completes.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RouterError> {
+    let nats = chat_shared::nats::connect(&config, "router").await?;
+    let js = chat_shared::nats::jetstream(nats.clone(), &config);
+    streams::apply(&js, &config).await?;
+    let messages = js
+        .get_stream(subjects::MESSAGES_STREAM)
+        .await
+        .map_err(|e| RouterError::JetStream(e.to_string()))?
+        .get_or_create_consumer(subjects::ROUTER_CONSUMER, streams::router_consumer())
+        .await
+        .map_err(|e| RouterError::JetStream(e.to_string()))?;
+    let events = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| RouterError::JetStream(e.to_string()))?
+        .get_or_create_consumer(subjects::ROUTER_EVENTS_CONSUMER, streams::router_events_consumer())
+        .await
+        .map_err(|e| RouterError::JetStream(e.to_string()))?;
+    let members = Arc::new(members::Members::new(nats.clone()));
+    let router = Arc::new(fanout::Fanout::new(nats, js, members));
+    let stop = shutdown::fan_out(shutdown);
+    tracing::info!("router running");
+    let message_loop = tokio::spawn(fanout::consume_messages(router.clone(), messages, stop.clone()));
+    let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
+    let (a, b) = tokio::join!(message_loop, event_loop);
+    for result in [a, b] {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(RouterError::JetStream(format!("router task failed: {e}"))),
+        }
+    }
+    tracing::info!("router stopped");
+    Ok(())
+}

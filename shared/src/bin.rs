@@ -1,0 +1,31 @@
+//! The start and end of every service binary, so each `main.rs` stays thin.
+
+use std::process::ExitCode;
+
+use crate::{telemetry, Config};
+
+/// Reads the configuration and sets up logging. Bad configuration prints
+/// every problem and exits 64 (EX_USAGE).
+pub fn start() -> Result<Config, ExitCode> {
+    match Config::from_env() {
+        Ok(config) => {
+            telemetry::init(config.log_json);
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::from(64))
+        }
+    }
+}
+
+/// The exit code for a service's result.
+pub fn finish<E: std::fmt::Display>(service: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{service} failed");
+            ExitCode::FAILURE
+        }
+    }
+}
