@@ -46,7 +46,11 @@ enum Command {
         #[arg(long)]
         conversation: Option<String>,
         text: String,
-        #[arg(long, env = "CHAT_EDGE_URL", default_value = "ws://127.0.0.1:8080/v1/ws")]
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
         edge: String,
     },
     /// Connect as USER and print every frame as a JSON line.
@@ -58,7 +62,11 @@ enum Command {
         /// Resume after this cursor.
         #[arg(long)]
         cursor: Option<u64>,
-        #[arg(long, env = "CHAT_EDGE_URL", default_value = "ws://127.0.0.1:8080/v1/ws")]
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
         edge: String,
     },
 }
@@ -120,12 +128,16 @@ async fn main() -> anyhow::Result<()> {
             let request = SendRequest {
                 reference: Some("1".into()),
                 to: to.map(UserId::parse).transpose()?,
-                conversation: conversation.map(|c| ConversationId::parse(&c)).transpose()?,
+                conversation: conversation
+                    .map(|c| ConversationId::parse(&c))
+                    .transpose()?,
                 text,
                 client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", rand_u64()))?,
             };
             socket
-                .send(Message::Text(serde_json::to_string(&ClientFrame::Send(request))?.into()))
+                .send(Message::Text(
+                    serde_json::to_string(&ClientFrame::Send(request))?.into(),
+                ))
                 .await?;
             while let Some(message) = socket.next().await {
                 if let Message::Text(text) = message? {
@@ -135,7 +147,9 @@ async fn main() -> anyhow::Result<()> {
                             println!("{text}");
                             return Ok(());
                         }
-                        ServerFrame::Error(error) => bail!("{}: {}", serde_json::to_string(&error.code)?, error.message),
+                        ServerFrame::Error(error) => {
+                            bail!("{}: {}", serde_json::to_string(&error.code)?, error.message)
+                        }
                         _ => {}
                     }
                 }
@@ -194,8 +208,13 @@ fn token(config: &Config, user: &str, ttl: Duration) -> anyhow::Result<String> {
 }
 
 fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let number: u64 = number.parse().with_context(|| format!("bad ttl {text:?}"))?;
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("bad ttl {text:?}"))?;
     let seconds = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -206,10 +225,17 @@ fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(number * seconds))
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects, says hello, and waits for `synced`.
-async fn connect(config: &Config, edge: &str, user: &str, device: &str, cursor: Option<Cursor>) -> anyhow::Result<Socket> {
+async fn connect(
+    config: &Config,
+    edge: &str,
+    user: &str,
+    device: &str,
+    cursor: Option<Cursor>,
+) -> anyhow::Result<Socket> {
     let token = token(config, user, Duration::from_secs(3600))?;
     let (mut socket, _) = tokio_tungstenite::connect_async(edge)
         .await
@@ -219,11 +245,15 @@ async fn connect(config: &Config, edge: &str, user: &str, device: &str, cursor: 
         device: DeviceId::parse(device)?,
         cursor,
     };
-    socket.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+    socket
+        .send(Message::Text(serde_json::to_string(&hello)?.into()))
+        .await?;
     while let Some(message) = socket.next().await {
         if let Message::Text(text) = message? {
             eprintln!("{text}");
-            if serde_json::from_str::<ServerFrame>(&text).is_ok_and(|f| matches!(f, ServerFrame::Synced { .. })) {
+            if serde_json::from_str::<ServerFrame>(&text)
+                .is_ok_and(|f| matches!(f, ServerFrame::Synced { .. }))
+            {
                 return Ok(socket);
             }
         }

@@ -1,12 +1,10 @@
-use chat_shared::{auth, lease, nats, streams};
+use chat_shared::{auth, lease, nats};
 
 /// Why the edge could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     #[error(transparent)]
     Nats(#[from] nats::ConnectError),
-    #[error(transparent)]
-    Provision(#[from] streams::ProvisionError),
     #[error(transparent)]
     Keys(#[from] auth::KeyError),
     #[error(transparent)]

@@ -49,7 +49,9 @@ pub struct Registration {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks cannot leave them inconsistent (each
     // critical section is a single push/retain), so poisoning is ignored.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {
@@ -98,7 +100,10 @@ impl Hub {
                     .subscribe(subjects::deliver(user))
                     .await
                     .map_err(|e| HubError(e.to_string()))?;
-                self.client.flush().await.map_err(|e| HubError(e.to_string()))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(|e| HubError(e.to_string()))?;
                 let task = tokio::spawn(pump(subscriber, Arc::downgrade(&feed)));
                 Ok::<_, HubError>(task.abort_handle())
             })

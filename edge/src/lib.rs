@@ -60,7 +60,11 @@ pub(crate) struct Edge {
 }
 
 /// Runs an edge on `listener` until `shutdown` completes.
-pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), EdgeError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), EdgeError> {
     let verifier = Verifier::from_config(&config)?;
     let id = match &config.edge_id {
         Some(id) => EdgeId::parse(id.clone())?,
@@ -68,7 +72,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     };
     let nats = chat_shared::nats::connect(&config, &format!("edge {id}")).await?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
-    streams::apply(&js, &config).await?;
+    // The edge's NATS user may not create streams; the router and persister do.
+    streams::wait_until_provisioned(&js).await;
     let bucket = |name: &'static str| {
         let js = js.clone();
         async move {
@@ -79,7 +84,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     };
     let cursors = bucket(subjects::CURSORS_BUCKET).await?;
     let claims = bucket(subjects::SENT_BUCKET).await?;
-    let lease = NodeLease::new(bucket(subjects::NODES_BUCKET).await?, id.to_string(), config.node_lease_ttl);
+    let lease = NodeLease::new(
+        bucket(subjects::NODES_BUCKET).await?,
+        id.to_string(),
+        config.node_lease_ttl,
+    );
     let (node, revision) = lease.acquire().await?;
     let ids = IdGenerator::new(lease.slot());
     let stop = shutdown::fan_out(shutdown);

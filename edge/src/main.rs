@@ -14,5 +14,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    bin::finish("edge", chat_edge::run(config, listener, shutdown::signal()).await)
+    bin::finish(
+        "edge",
+        chat_edge::run(config, listener, shutdown::signal()).await,
+    )
 }

@@ -35,7 +35,9 @@ impl GroupCache {
         let entries = Arc::downgrade(&cache.entries);
         tokio::spawn(async move {
             while let Some(message) = changes.next().await {
-                let Some(entries) = entries.upgrade() else { break };
+                let Some(entries) = entries.upgrade() else {
+                    break;
+                };
                 let group = message
                     .subject
                     .rsplit('.')
@@ -61,10 +63,15 @@ impl GroupCache {
             }
         }
         let members: Arc<HashSet<UserId>> = Arc::new(
-            rpc::call::<rpc::Members>(&self.nats, &rpc::MembersRequest { group: group.clone() })
-                .await?
-                .into_iter()
-                .collect(),
+            rpc::call::<rpc::Members>(
+                &self.nats,
+                &rpc::MembersRequest {
+                    group: group.clone(),
+                },
+            )
+            .await?
+            .into_iter()
+            .collect(),
         );
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(group.clone(), (members.clone(), Instant::now()));

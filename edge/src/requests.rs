@@ -35,7 +35,9 @@ impl Requests {
 
     /// Starts answering `frame`; waits only for a free slot.
     pub async fn handle(&self, frame: ClientFrame) {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
         let (edge, user, out) = (self.edge.clone(), self.user.clone(), self.out.clone());
         tokio::spawn(async move {
             let reference = frame.reference().map(str::to_string);
@@ -51,7 +53,11 @@ impl Requests {
 }
 
 /// The reply to one request, `None` for requests that have none.
-async fn answer(edge: &Edge, user: UserId, frame: ClientFrame) -> Result<Option<ServerFrame>, RpcError> {
+async fn answer(
+    edge: &Edge,
+    user: UserId,
+    frame: ClientFrame,
+) -> Result<Option<ServerFrame>, RpcError> {
     let nats = &edge.nats;
     let reply = match frame {
         ClientFrame::History {
@@ -62,7 +68,10 @@ async fn answer(edge: &Edge, user: UserId, frame: ClientFrame) -> Result<Option<
         } => {
             let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
             if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
-                return Err(RpcError::new(ErrorCode::BadRequest, "limit must be 1..=200"));
+                return Err(RpcError::new(
+                    ErrorCode::BadRequest,
+                    "limit must be 1..=200",
+                ));
             }
             let page = rpc::call::<rpc::History>(
                 nats,
@@ -90,16 +99,28 @@ async fn answer(edge: &Edge, user: UserId, frame: ClientFrame) -> Result<Option<
             name,
             members,
         } => {
-            let request = rpc::GroupCreateRequest { user, name, members };
+            let request = rpc::GroupCreateRequest {
+                user,
+                name,
+                members,
+            };
             let group = rpc::call::<rpc::GroupCreate>(nats, &request).await?;
             ServerFrame::Group { reference, group }
         }
-        ClientFrame::GroupAdd { reference, group, users } => {
+        ClientFrame::GroupAdd {
+            reference,
+            group,
+            users,
+        } => {
             let request = rpc::GroupChangeRequest { user, group, users };
             let group = rpc::call::<rpc::GroupAdd>(nats, &request).await?;
             ServerFrame::Group { reference, group }
         }
-        ClientFrame::GroupRemove { reference, group, users } => {
+        ClientFrame::GroupRemove {
+            reference,
+            group,
+            users,
+        } => {
             let request = rpc::GroupChangeRequest { user, group, users };
             let group = rpc::call::<rpc::GroupRemove>(nats, &request).await?;
             ServerFrame::Group { reference, group }
@@ -109,11 +130,23 @@ async fn answer(edge: &Edge, user: UserId, frame: ClientFrame) -> Result<Option<
             ServerFrame::Ok { reference }
         }
         ClientFrame::GroupInfo { reference, group } => {
-            let group = rpc::call::<rpc::GroupInfo>(nats, &rpc::GroupRequest { user, group }).await?;
+            let group =
+                rpc::call::<rpc::GroupInfo>(nats, &rpc::GroupRequest { user, group }).await?;
             ServerFrame::Group { reference, group }
         }
-        ClientFrame::Read { conversation, up_to } => {
-            rpc::call::<rpc::Read>(nats, &rpc::ReadRequest { user, conversation, up_to }).await?;
+        ClientFrame::Read {
+            conversation,
+            up_to,
+        } => {
+            rpc::call::<rpc::Read>(
+                nats,
+                &rpc::ReadRequest {
+                    user,
+                    conversation,
+                    up_to,
+                },
+            )
+            .await?;
             return Ok(None);
         }
         ClientFrame::Typing { .. } => return Ok(None),
@@ -124,12 +157,16 @@ async fn answer(edge: &Edge, user: UserId, frame: ClientFrame) -> Result<Option<
         | ClientFrame::PushRegister { .. }
         | ClientFrame::PushUnregister { .. }
         | ClientFrame::Refresh { .. } => {
-            return Err(RpcError::new(ErrorCode::Internal, "this request is not supported by this server yet"));
+            return Err(RpcError::new(
+                ErrorCode::Internal,
+                "this request is not supported by this server yet",
+            ));
         }
         // Handled by the session itself.
-        ClientFrame::Hello { .. } | ClientFrame::Ping { .. } | ClientFrame::Ack { .. } | ClientFrame::Send(_) => {
-            return Ok(None)
-        }
+        ClientFrame::Hello { .. }
+        | ClientFrame::Ping { .. }
+        | ClientFrame::Ack { .. }
+        | ClientFrame::Send(_) => return Ok(None),
     };
     Ok(Some(reply))
 }

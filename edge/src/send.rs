@@ -26,7 +26,12 @@ pub const SEND_QUEUE: usize = 64;
 /// The longest text, in Unicode characters.
 pub const MAX_TEXT_CHARS: usize = 100_000;
 
-pub async fn send_worker(edge: Arc<Edge>, user: UserId, out: Outbox, mut requests: mpsc::Receiver<SendRequest>) {
+pub async fn send_worker(
+    edge: Arc<Edge>,
+    user: UserId,
+    out: Outbox,
+    mut requests: mpsc::Receiver<SendRequest>,
+) {
     while let Some(request) = requests.recv().await {
         let reference = request.reference.clone();
         let reply = match accept(&edge, &user, request).await {
@@ -42,13 +47,20 @@ pub async fn send_worker(edge: Arc<Edge>, user: UserId, out: Outbox, mut request
 type Refusal = (ErrorCode, String);
 
 fn unavailable() -> Refusal {
-    (ErrorCode::Unavailable, "message store unavailable, retry later; nothing was accepted".into())
+    (
+        ErrorCode::Unavailable,
+        "message store unavailable, retry later; nothing was accepted".into(),
+    )
 }
 
 async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<ServerFrame, Refusal> {
     let conversation = match (request.to, request.conversation) {
-        (Some(to), None) => ConversationId::dm(user.clone(), to)
-            .map_err(|_| (ErrorCode::BadRequest, "you cannot send a direct message to yourself".to_string()))?,
+        (Some(to), None) => ConversationId::dm(user.clone(), to).map_err(|_| {
+            (
+                ErrorCode::BadRequest,
+                "you cannot send a direct message to yourself".to_string(),
+            )
+        })?,
         (None, Some(conversation)) => conversation,
         _ => {
             return Err((
@@ -62,7 +74,10 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
         return Err((ErrorCode::BadRequest, "text must not be empty".into()));
     }
     if chars > MAX_TEXT_CHARS {
-        return Err((ErrorCode::TooLarge, format!("text is longer than {MAX_TEXT_CHARS} characters")));
+        return Err((
+            ErrorCode::TooLarge,
+            format!("text is longer than {MAX_TEXT_CHARS} characters"),
+        ));
     }
     check_may_write(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
@@ -89,10 +104,17 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
     }
 }
 
-async fn check_may_write(edge: &Edge, user: &UserId, conversation: &ConversationId) -> Result<(), Refusal> {
+async fn check_may_write(
+    edge: &Edge,
+    user: &UserId,
+    conversation: &ConversationId,
+) -> Result<(), Refusal> {
     match conversation {
         ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(()),
-        ConversationId::Dm { .. } => Err((ErrorCode::Forbidden, "you are not part of this conversation".into())),
+        ConversationId::Dm { .. } => Err((
+            ErrorCode::Forbidden,
+            "you are not part of this conversation".into(),
+        )),
         ConversationId::Group(group) => {
             let members = edge
                 .groups
@@ -102,7 +124,10 @@ async fn check_may_write(edge: &Edge, user: &UserId, conversation: &Conversation
             if members.contains(user) {
                 Ok(())
             } else {
-                Err((ErrorCode::Forbidden, "you are not a member of this group".into()))
+                Err((
+                    ErrorCode::Forbidden,
+                    "you are not a member of this group".into(),
+                ))
             }
         }
     }
@@ -116,12 +141,24 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
         tracing::error!(error = %e, "cannot assign a message id");
         unavailable()
     })?;
-    let claimed = match edge.claims.create(&claim_key, fresh.to_string().into()).await {
+    let claimed = match edge
+        .claims
+        .create(&claim_key, fresh.to_string().into())
+        .await
+    {
         Ok(_) => None,
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            let entry = edge.claims.get(&claim_key).await.map_err(|_| unavailable())?;
+            let entry = edge
+                .claims
+                .get(&claim_key)
+                .await
+                .map_err(|_| unavailable())?;
             entry
-                .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| MessageId::parse(s).ok()))
+                .and_then(|v| {
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| MessageId::parse(s).ok())
+                })
                 .or(Some(fresh))
         }
         Err(e) => {
@@ -165,8 +202,12 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
                 .get_stream_no_info(subjects::MESSAGES_STREAM)
                 .await
                 .map_err(|_| unavailable())?;
-            let original = stream.direct_get(ack.sequence).await.map_err(|_| unavailable())?;
-            let original: MessageEvent = serde_json::from_slice(&original.payload).map_err(|_| unavailable())?;
+            let original = stream
+                .direct_get(ack.sequence)
+                .await
+                .map_err(|_| unavailable())?;
+            let original: MessageEvent =
+                serde_json::from_slice(&original.payload).map_err(|_| unavailable())?;
             return Ok((original, true));
         }
         return Ok((event, true));

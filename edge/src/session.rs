@@ -38,15 +38,24 @@ pub struct Outbox(mpsc::Sender<Outbound>);
 
 impl Outbox {
     pub async fn frame(&self, frame: &ServerFrame) -> bool {
-        self.0.send(Outbound::Frame(frame.to_json().into())).await.is_ok()
+        self.0
+            .send(Outbound::Frame(frame.to_json().into()))
+            .await
+            .is_ok()
     }
 
     pub async fn raw(&self, frame: Utf8Bytes) -> bool {
         self.0.send(Outbound::Frame(frame)).await.is_ok()
     }
 
-    pub async fn error(&self, reference: Option<&str>, code: ErrorCode, message: impl Into<String>) -> bool {
-        self.frame(&ServerFrame::error(reference, code, message)).await
+    pub async fn error(
+        &self,
+        reference: Option<&str>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> bool {
+        self.frame(&ServerFrame::error(reference, code, message))
+            .await
     }
 
     pub async fn close(&self, code: u16, reason: &'static str) {
@@ -108,7 +117,10 @@ where
             let text = e.to_string();
             // tungstenite reports an oversized frame or message as a capacity
             // error; PROTOCOL.md answers it with 1009.
-            if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
+            if text.contains("Space limit exceeded")
+                || text.contains("too long")
+                || text.contains("Capacity")
+            {
                 out.close(close::TOO_BIG, "frame too big").await;
             }
             tracing::debug!(error = %text, "socket read failed");
@@ -121,13 +133,18 @@ where
                     .ok()
                     .and_then(|r| r.reference)
                     .and_then(|r| r.as_str().map(str::to_string));
-                out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string()).await;
+                out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string())
+                    .await;
                 Inbound::Handled
             }
         },
         Some(Ok(Message::Binary(_))) => {
-            out.error(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames")
-                .await;
+            out.error(
+                None,
+                ErrorCode::BadRequest,
+                "binary frames are not supported; send JSON text frames",
+            )
+            .await;
             Inbound::Handled
         }
         Some(Ok(Message::Close(_))) => Inbound::Closed,
@@ -157,7 +174,11 @@ where
         match inbound {
             Inbound::Closed => return None,
             Inbound::Handled => continue,
-            Inbound::Frame(ClientFrame::Hello { token, device, cursor }) => {
+            Inbound::Frame(ClientFrame::Hello {
+                token,
+                device,
+                cursor,
+            }) => {
                 return match edge.verifier.verify(&token) {
                     Ok(identity) => Some(Hello {
                         user: identity.user,
@@ -165,21 +186,27 @@ where
                         cursor,
                     }),
                     Err(AuthError::Expired) => {
-                        out.error(None, ErrorCode::TokenExpired, "token expired").await;
+                        out.error(None, ErrorCode::TokenExpired, "token expired")
+                            .await;
                         out.close(close::UNAUTHORIZED, "token expired").await;
                         None
                     }
                     Err(AuthError::Invalid(reason)) => {
                         tracing::debug!(%reason, "token refused");
-                        out.error(None, ErrorCode::Unauthorized, "invalid token").await;
+                        out.error(None, ErrorCode::Unauthorized, "invalid token")
+                            .await;
                         out.close(close::UNAUTHORIZED, "unauthorized").await;
                         None
                     }
                 };
             }
             Inbound::Frame(other) => {
-                out.error(other.reference(), ErrorCode::BadRequest, "the first frame must be hello")
-                    .await;
+                out.error(
+                    other.reference(),
+                    ErrorCode::BadRequest,
+                    "the first frame must be hello",
+                )
+                .await;
             }
         }
     }
@@ -190,7 +217,9 @@ where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let Some(hello) = handshake(&mut stream, &out, &edge).await else { return };
+    let Some(hello) = handshake(&mut stream, &out, &edge).await else {
+        return;
+    };
     let span = tracing::info_span!("session", user = %hello.user, device = %hello.device);
     let _entered = span.enter();
     // Subscribe first, so nothing published from here on can be missed.
@@ -198,7 +227,12 @@ where
         Ok(registration) => registration,
         Err(e) => {
             tracing::warn!(error = %e, "cannot subscribe");
-            out.error(None, ErrorCode::Unavailable, "service unavailable, retry later").await;
+            out.error(
+                None,
+                ErrorCode::Unavailable,
+                "service unavailable, retry later",
+            )
+            .await;
             out.close(close::GOING_AWAY, "unavailable").await;
             return;
         }
@@ -236,7 +270,12 @@ where
         out.close(close::GOING_AWAY, "unavailable").await;
         return;
     }
-    if !out.frame(&ServerFrame::Synced { cursor: session.sent_up_to }).await {
+    if !out
+        .frame(&ServerFrame::Synced {
+            cursor: session.sent_up_to,
+        })
+        .await
+    {
         return;
     }
     session.main_loop(&mut stream, &mut registration).await;
@@ -257,13 +296,18 @@ struct Session {
 
 impl Session {
     /// Where the backlog starts, and whether everything after it still exists.
-    async fn start_cursor(&mut self, given: Option<Cursor>) -> Result<(Cursor, bool), &'static str> {
+    async fn start_cursor(
+        &mut self,
+        given: Option<Cursor>,
+    ) -> Result<(Cursor, bool), &'static str> {
         const UNAVAILABLE: &str = "inbox unavailable, retry later";
         let key = subjects::device_cursor_key(&self.user, &self.device);
         let cursor = match given {
             Some(cursor) => Some(cursor),
             None => match self.edge.cursors.get(&key).await {
-                Ok(Some(value)) => std::str::from_utf8(&value).ok().and_then(|v| Cursor::parse(v).ok()),
+                Ok(Some(value)) => std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|v| Cursor::parse(v).ok()),
                 Ok(None) => None,
                 Err(_) => return Err(UNAVAILABLE),
             },
@@ -291,9 +335,17 @@ impl Session {
                     .await
                     .map_err(|_| UNAVAILABLE)?;
                 // A new device starts at the head: after the user's last item.
-                let head = match inbox.direct_get_last_for_subject(subjects::inbox(&self.user)).await {
+                let head = match inbox
+                    .direct_get_last_for_subject(subjects::inbox(&self.user))
+                    .await
+                {
                     Ok(message) => message.sequence,
-                    Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => 0,
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+                    {
+                        0
+                    }
                     Err(_) => return Err(UNAVAILABLE),
                 };
                 Ok((Cursor(head), true))
@@ -389,7 +441,8 @@ impl Session {
             self.out.clone(),
             send_rx,
         ));
-        let requests = crate::requests::Requests::new(self.edge.clone(), self.user.clone(), self.out.clone());
+        let requests =
+            crate::requests::Requests::new(self.edge.clone(), self.user.clone(), self.out.clone());
         loop {
             tokio::select! {
                 biased;

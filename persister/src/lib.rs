@@ -33,7 +33,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterErro
         .await
         .map_err(|e| PersisterError::JetStream(e.to_string()))?;
     let stop = shutdown::fan_out(shutdown);
-    let service = service::Service::new(pool.clone(), nats.clone(), js.clone(), config.max_group_members);
+    let service = service::Service::new(
+        pool.clone(),
+        nats.clone(),
+        js.clone(),
+        config.max_group_members,
+    );
     service.publish_outbox().await;
     tracing::info!("persister running");
     let rpc = tokio::spawn(service::serve(service, stop.clone()));
@@ -55,6 +60,9 @@ fn connect_pool(config: &Config) -> Result<deadpool_postgres::Pool, PersisterErr
         },
         ..Default::default()
     });
-    pg.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
-        .map_err(|e| PersisterError::Database(e.to_string()))
+    pg.create_pool(
+        Some(deadpool_postgres::Runtime::Tokio1),
+        tokio_postgres::NoTls,
+    )
+    .map_err(|e| PersisterError::Database(e.to_string()))
 }

@@ -6,5 +6,8 @@ async fn main() -> std::process::ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    bin::finish("persister", chat_persister::run(config, shutdown::signal()).await)
+    bin::finish(
+        "persister",
+        chat_persister::run(config, shutdown::signal()).await,
+    )
 }

@@ -24,15 +24,21 @@ pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
         .map_err(|e| db(&e))?;
     for (version, sql) in MIGRATIONS {
         let applied = tx
-            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
             .await
             .map_err(|e| db(&e))?
             .is_some();
         if !applied {
             tx.batch_execute(sql).await.map_err(|e| db(&e))?;
-            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
-                .await
-                .map_err(|e| db(&e))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(|e| db(&e))?;
             tracing::info!(version, "migration applied");
         }
     }

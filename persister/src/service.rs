@@ -11,7 +11,8 @@ use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::wire::{
-    ConversationSummary, ErrorCode, GroupEvent, GroupView, MembershipChange, MessageEvent, ReceiptKind, ServerFrame,
+    ConversationSummary, ErrorCode, GroupEvent, GroupView, MembershipChange, MessageEvent,
+    ReceiptKind, ServerFrame,
 };
 use deadpool_postgres::{GenericClient, Pool};
 use futures::StreamExt;
@@ -45,7 +46,10 @@ fn activity_of(ms: i64) -> i64 {
 
 fn unavailable(e: impl std::fmt::Display) -> RpcError {
     tracing::warn!(error = %e, "database error");
-    RpcError::new(ErrorCode::Unavailable, "history store unavailable, retry later")
+    RpcError::new(
+        ErrorCode::Unavailable,
+        "history store unavailable, retry later",
+    )
 }
 
 fn corrupt(what: &str) -> RpcError {
@@ -53,7 +57,11 @@ fn corrupt(what: &str) -> RpcError {
 }
 
 pub async fn serve(service: Service, stop: watch::Receiver<bool>) {
-    let mut requests = match service.nats.queue_subscribe(subjects::ALL_RPC, subjects::PERSISTER_QUEUE.into()).await {
+    let mut requests = match service
+        .nats
+        .queue_subscribe(subjects::ALL_RPC, subjects::PERSISTER_QUEUE.into())
+        .await
+    {
         Ok(subscriber) => subscriber,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve requests");
@@ -68,11 +76,20 @@ pub async fn serve(service: Service, stop: watch::Receiver<bool>) {
             _ = &mut stopped => break,
             request = requests.next() => match request { Some(r) => r, None => break },
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let service = service.clone();
         tokio::spawn(async move {
-            let Some(reply_to) = request.reply.clone() else { return };
-            let method = request.subject.rsplit('.').next().unwrap_or_default().to_string();
+            let Some(reply_to) = request.reply.clone() else {
+                return;
+            };
+            let method = request
+                .subject
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             let body = service.dispatch(&method, &request.payload).await;
             if let Err(e) = service.nats.publish(reply_to, body.into()).await {
                 tracing::warn!(error = %e, "cannot reply");
@@ -87,7 +104,12 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RpcError> {
 }
 
 impl Service {
-    pub fn new(pool: Pool, nats: async_nats::Client, js: jetstream::Context, max_group_members: usize) -> Self {
+    pub fn new(
+        pool: Pool,
+        nats: async_nats::Client,
+        js: jetstream::Context,
+        max_group_members: usize,
+    ) -> Self {
         Self {
             pool,
             nats,
@@ -126,10 +148,17 @@ impl Service {
     }
 
     /// Members only: a DM's two users, a group's current members.
-    async fn check_access(&self, db: &impl GenericClient, user: &UserId, conversation: &ConversationId) -> Result<(), RpcError> {
+    async fn check_access(
+        &self,
+        db: &impl GenericClient,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) -> Result<(), RpcError> {
         match conversation {
             ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(()),
-            ConversationId::Dm { .. } => Err(RpcError::new(ErrorCode::Forbidden, "not your conversation")),
+            ConversationId::Dm { .. } => {
+                Err(RpcError::new(ErrorCode::Forbidden, "not your conversation"))
+            }
             ConversationId::Group(group) => {
                 let member = db
                     .query_opt(
@@ -140,7 +169,10 @@ impl Service {
                     .map_err(unavailable)?;
                 match member {
                     Some(_) => Ok(()),
-                    None => Err(RpcError::new(ErrorCode::Forbidden, "not a member of this group")),
+                    None => Err(RpcError::new(
+                        ErrorCode::Forbidden,
+                        "not a member of this group",
+                    )),
                 }
             }
         }
@@ -148,7 +180,8 @@ impl Service {
 
     async fn history(&self, request: rpc::HistoryRequest) -> Result<rpc::HistoryPage, RpcError> {
         let db = self.client().await?;
-        self.check_access(&db, &request.user, &request.conversation).await?;
+        self.check_access(&db, &request.user, &request.conversation)
+            .await?;
         let before = request.before.map(|b| b.get().min(i64::MAX as u64) as i64);
         let limit = i64::from(request.limit.clamp(1, 200));
         let rows = db
@@ -164,12 +197,24 @@ impl Service {
         let messages = rows
             .iter()
             .take(limit as usize)
-            .map(|row| message_from_row(request.conversation.clone(), row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
+            .map(|row| {
+                message_from_row(
+                    request.conversation.clone(),
+                    row.get(0),
+                    row.get(1),
+                    row.get(2),
+                    row.get(3),
+                    row.get(4),
+                )
+            })
             .collect::<Result<_, _>>()?;
         Ok(rpc::HistoryPage { messages, more })
     }
 
-    async fn conversations(&self, request: rpc::UserRequest) -> Result<Vec<ConversationSummary>, RpcError> {
+    async fn conversations(
+        &self,
+        request: rpc::UserRequest,
+    ) -> Result<Vec<ConversationSummary>, RpcError> {
         let db = self.client().await?;
         let rows = db
             .query(
@@ -194,12 +239,20 @@ impl Service {
             .map_err(unavailable)?;
         rows.iter()
             .map(|row| {
-                let conversation = ConversationId::parse(row.get::<_, &str>(0)).map_err(|_| corrupt("conversation"))?;
+                let conversation = ConversationId::parse(row.get::<_, &str>(0))
+                    .map_err(|_| corrupt("conversation"))?;
                 let read_up_to: Option<i64> = row.get(1);
                 let unread: i64 = row.get(2);
                 let last_id: Option<i64> = row.get(3);
                 let last = match last_id {
-                    Some(id) => Some(message_from_row(conversation.clone(), id, row.get(4), row.get(5), row.get(6), row.get(7))?),
+                    Some(id) => Some(message_from_row(
+                        conversation.clone(),
+                        id,
+                        row.get(4),
+                        row.get(5),
+                        row.get(6),
+                        row.get(7),
+                    )?),
                     None => None,
                 };
                 Ok(ConversationSummary {
@@ -214,7 +267,8 @@ impl Service {
 
     async fn read(&self, request: rpc::ReadRequest) -> Result<(), RpcError> {
         let mut db = self.client().await?;
-        self.check_access(&db, &request.user, &request.conversation).await?;
+        self.check_access(&db, &request.user, &request.conversation)
+            .await?;
         let up_to = request.up_to.get().min(i64::MAX as u64) as i64;
         let tx = db.transaction().await.map_err(unavailable)?;
         let moved = tx
@@ -222,11 +276,17 @@ impl Service {
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
                  ON CONFLICT (user_id, conversation) DO UPDATE SET read_up_to = EXCLUDED.read_up_to
                  WHERE read_state.read_up_to < EXCLUDED.read_up_to",
-                &[&request.user.as_str(), &request.conversation.to_string(), &up_to],
+                &[
+                    &request.user.as_str(),
+                    &request.conversation.to_string(),
+                    &up_to,
+                ],
             )
             .await
             .map_err(unavailable)?;
-        let members = self.conversation_members(&tx, &request.conversation).await?;
+        let members = self
+            .conversation_members(&tx, &request.conversation)
+            .await?;
         tx.commit().await.map_err(unavailable)?;
         if moved == 0 {
             // Read state only moves forward; an older `read` says nothing new.
@@ -240,19 +300,30 @@ impl Service {
         }
         .to_json();
         for member in members {
-            let _ = self.nats.publish(subjects::deliver(&member), receipt.clone().into()).await;
+            let _ = self
+                .nats
+                .publish(subjects::deliver(&member), receipt.clone().into())
+                .await;
         }
         Ok(())
     }
 
-    async fn conversation_members(&self, db: &impl GenericClient, conversation: &ConversationId) -> Result<Vec<UserId>, RpcError> {
+    async fn conversation_members(
+        &self,
+        db: &impl GenericClient,
+        conversation: &ConversationId,
+    ) -> Result<Vec<UserId>, RpcError> {
         match conversation {
             ConversationId::Dm { low, high } => Ok(vec![low.clone(), high.clone()]),
             ConversationId::Group(group) => self.group_members(db, group).await,
         }
     }
 
-    async fn group_members(&self, db: &impl GenericClient, group: &GroupId) -> Result<Vec<UserId>, RpcError> {
+    async fn group_members(
+        &self,
+        db: &impl GenericClient,
+        group: &GroupId,
+    ) -> Result<Vec<UserId>, RpcError> {
         let rows = db
             .query(
                 "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY joined_at, user_id",
@@ -266,7 +337,12 @@ impl Service {
     }
 
     /// The group's row, or `not_found`.
-    async fn group_row(&self, db: &impl GenericClient, group: &GroupId, lock: bool) -> Result<(String, UserId), RpcError> {
+    async fn group_row(
+        &self,
+        db: &impl GenericClient,
+        group: &GroupId,
+        lock: bool,
+    ) -> Result<(String, UserId), RpcError> {
         let sql = if lock {
             "SELECT name, owner FROM groups WHERE id = $1 FOR UPDATE"
         } else {
@@ -292,7 +368,10 @@ impl Service {
         let (name, owner) = self.group_row(&db, &request.group, false).await?;
         let members = self.group_members(&db, &request.group).await?;
         if !members.contains(&request.user) {
-            return Err(RpcError::new(ErrorCode::Forbidden, "not a member of this group"));
+            return Err(RpcError::new(
+                ErrorCode::Forbidden,
+                "not a member of this group",
+            ));
         }
         Ok(GroupView {
             id: request.group,
@@ -305,7 +384,10 @@ impl Service {
     async fn group_create(&self, request: rpc::GroupCreateRequest) -> Result<GroupView, RpcError> {
         let name = request.name.trim().to_string();
         if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS {
-            return Err(RpcError::new(ErrorCode::BadRequest, "a group name has 1 to 200 characters"));
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "a group name has 1 to 200 characters",
+            ));
         }
         let mut members = vec![request.user.clone()];
         for user in request.members {
@@ -319,7 +401,8 @@ impl Service {
                 format!("a group holds at most {} members", self.max_group_members),
             ));
         }
-        let group = GroupId::parse(format!("g{:016x}", rand::random::<u64>())).map_err(|_| corrupt("group id"))?;
+        let group = GroupId::parse(format!("g{:016x}", rand::random::<u64>()))
+            .map_err(|_| corrupt("group id"))?;
         let now = now_ms();
         let mut db = self.client().await?;
         let tx = db.transaction().await.map_err(unavailable)?;
@@ -338,12 +421,22 @@ impl Service {
         .map_err(unavailable)?;
         tx.execute(
             "INSERT INTO conversations (conversation, last_id, activity) VALUES ($1, NULL, $2)",
-            &[&ConversationId::Group(group.clone()).to_string(), &activity_of(now)],
+            &[
+                &ConversationId::Group(group.clone()).to_string(),
+                &activity_of(now),
+            ],
         )
         .await
         .map_err(unavailable)?;
         let event = self
-            .record_event(&tx, &group, MembershipChange::Created, members.clone(), &request.user, members.clone())
+            .record_event(
+                &tx,
+                &group,
+                MembershipChange::Created,
+                members.clone(),
+                &request.user,
+                members.clone(),
+            )
             .await?;
         tx.commit().await.map_err(unavailable)?;
         self.publish_event(&event).await;
@@ -360,23 +453,37 @@ impl Service {
     }
 
     async fn group_remove(&self, request: rpc::GroupChangeRequest) -> Result<GroupView, RpcError> {
-        self.change_members(request, MembershipChange::Removed).await
+        self.change_members(request, MembershipChange::Removed)
+            .await
     }
 
     /// Owner-only add/remove.
-    async fn change_members(&self, request: rpc::GroupChangeRequest, change: MembershipChange) -> Result<GroupView, RpcError> {
+    async fn change_members(
+        &self,
+        request: rpc::GroupChangeRequest,
+        change: MembershipChange,
+    ) -> Result<GroupView, RpcError> {
         if request.users.is_empty() {
-            return Err(RpcError::new(ErrorCode::BadRequest, "users must not be empty"));
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "users must not be empty",
+            ));
         }
         let mut db = self.client().await?;
         let tx = db.transaction().await.map_err(unavailable)?;
         let (name, owner) = self.group_row(&tx, &request.group, true).await?;
         let before = self.group_members(&tx, &request.group).await?;
         if !before.contains(&request.user) {
-            return Err(RpcError::new(ErrorCode::Forbidden, "not a member of this group"));
+            return Err(RpcError::new(
+                ErrorCode::Forbidden,
+                "not a member of this group",
+            ));
         }
         if owner != request.user {
-            return Err(RpcError::new(ErrorCode::Forbidden, "only the owner changes members"));
+            return Err(RpcError::new(
+                ErrorCode::Forbidden,
+                "only the owner changes members",
+            ));
         }
         let affected: Vec<UserId> = match change {
             MembershipChange::Added => {
@@ -404,9 +511,17 @@ impl Service {
             }
             _ => {
                 if request.users.contains(&owner) {
-                    return Err(RpcError::new(ErrorCode::BadRequest, "the owner leaves with group.leave"));
+                    return Err(RpcError::new(
+                        ErrorCode::BadRequest,
+                        "the owner leaves with group.leave",
+                    ));
                 }
-                let gone: Vec<UserId> = request.users.iter().filter(|u| before.contains(u)).cloned().collect();
+                let gone: Vec<UserId> = request
+                    .users
+                    .iter()
+                    .filter(|u| before.contains(u))
+                    .cloned()
+                    .collect();
                 let ids: Vec<&str> = gone.iter().map(UserId::as_str).collect();
                 tx.execute(
                     "DELETE FROM group_members WHERE group_id = $1 AND user_id = ANY($2::text[])",
@@ -421,7 +536,17 @@ impl Service {
         let event = if affected.is_empty() {
             None
         } else {
-            Some(self.record_event(&tx, &request.group, change, affected, &request.user, after.clone()).await?)
+            Some(
+                self.record_event(
+                    &tx,
+                    &request.group,
+                    change,
+                    affected,
+                    &request.user,
+                    after.clone(),
+                )
+                .await?,
+            )
         };
         tx.commit().await.map_err(unavailable)?;
         if let Some(event) = event {
@@ -447,19 +572,32 @@ impl Service {
             .await
             .map_err(unavailable)?;
         if removed == 0 {
-            return Err(RpcError::new(ErrorCode::Forbidden, "not a member of this group"));
+            return Err(RpcError::new(
+                ErrorCode::Forbidden,
+                "not a member of this group",
+            ));
         }
         let after = self.group_members(&tx, &request.group).await?;
         if owner == request.user {
             // Ownership passes to the longest-standing member.
             if let Some(heir) = after.first() {
-                tx.execute("UPDATE groups SET owner = $2 WHERE id = $1", &[&request.group.as_str(), &heir.as_str()])
-                    .await
-                    .map_err(unavailable)?;
+                tx.execute(
+                    "UPDATE groups SET owner = $2 WHERE id = $1",
+                    &[&request.group.as_str(), &heir.as_str()],
+                )
+                .await
+                .map_err(unavailable)?;
             }
         }
         let event = self
-            .record_event(&tx, &request.group, MembershipChange::Left, vec![request.user.clone()], &request.user, after)
+            .record_event(
+                &tx,
+                &request.group,
+                MembershipChange::Left,
+                vec![request.user.clone()],
+                &request.user,
+                after,
+            )
             .await?;
         tx.commit().await.map_err(unavailable)?;
         self.publish_event(&event).await;
@@ -477,7 +615,10 @@ impl Service {
         members: Vec<UserId>,
     ) -> Result<GroupEvent, RpcError> {
         let version: i64 = tx
-            .query_one("UPDATE groups SET version = version + 1 WHERE id = $1 RETURNING version", &[&group.as_str()])
+            .query_one(
+                "UPDATE groups SET version = version + 1 WHERE id = $1 RETURNING version",
+                &[&group.as_str()],
+            )
             .await
             .map_err(unavailable)?
             .get(0);
@@ -491,19 +632,26 @@ impl Service {
             ts: now_ms() as u64,
         };
         let body = serde_json::to_vec(&event).map_err(|_| corrupt("event"))?;
-        tx.execute("INSERT INTO group_event_outbox (id, body) VALUES ($1, $2)", &[&event.id, &body])
-            .await
-            .map_err(unavailable)?;
+        tx.execute(
+            "INSERT INTO group_event_outbox (id, body) VALUES ($1, $2)",
+            &[&event.id, &body],
+        )
+        .await
+        .map_err(unavailable)?;
         Ok(event)
     }
 
     /// Publishes a committed event to EVENTS and clears it from the outbox.
     /// On failure it stays there and is published at the next start.
     async fn publish_event(&self, event: &GroupEvent) {
-        let Ok(body) = serde_json::to_vec(event) else { return };
+        let Ok(body) = serde_json::to_vec(event) else {
+            return;
+        };
         if self.publish_raw(&event.id, &event.group, body).await {
             if let Ok(db) = self.client().await {
-                let _ = db.execute("DELETE FROM group_event_outbox WHERE id = $1", &[&event.id]).await;
+                let _ = db
+                    .execute("DELETE FROM group_event_outbox WHERE id = $1", &[&event.id])
+                    .await;
             }
         }
     }
@@ -511,7 +659,11 @@ impl Service {
     async fn publish_raw(&self, id: &str, group: &GroupId, body: Vec<u8>) -> bool {
         let mut headers = HeaderMap::new();
         headers.insert(subjects::MSG_ID_HEADER, id);
-        match self.js.publish_with_headers(subjects::group_event(group), headers, body.into()).await {
+        match self
+            .js
+            .publish_with_headers(subjects::group_event(group), headers, body.into())
+            .await
+        {
             Ok(ack) => match ack.await {
                 Ok(_) => true,
                 Err(e) => {
@@ -530,12 +682,21 @@ impl Service {
     /// finish (a crash in between). Safe to repeat: the id de-duplicates.
     pub async fn publish_outbox(&self) {
         let Ok(db) = self.client().await else { return };
-        let Ok(rows) = db.query("SELECT id, body FROM group_event_outbox ORDER BY id", &[]).await else { return };
+        let Ok(rows) = db
+            .query("SELECT id, body FROM group_event_outbox ORDER BY id", &[])
+            .await
+        else {
+            return;
+        };
         for row in rows {
             let (id, body): (String, Vec<u8>) = (row.get(0), row.get(1));
-            let Ok(event) = serde_json::from_slice::<GroupEvent>(&body) else { continue };
+            let Ok(event) = serde_json::from_slice::<GroupEvent>(&body) else {
+                continue;
+            };
             if self.publish_raw(&id, &event.group, body).await {
-                let _ = db.execute("DELETE FROM group_event_outbox WHERE id = $1", &[&id]).await;
+                let _ = db
+                    .execute("DELETE FROM group_event_outbox WHERE id = $1", &[&id])
+                    .await;
             }
         }
     }

@@ -19,7 +19,11 @@ const MAX_BATCH: usize = 1000;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-pub async fn write_messages(pool: Pool, consumer: PullConsumer, stop: watch::Receiver<bool>) -> Result<(), PersisterError> {
+pub async fn write_messages(
+    pool: Pool,
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+) -> Result<(), PersisterError> {
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
     loop {
@@ -79,7 +83,8 @@ struct Row {
 
 fn decode(message: &jetstream::Message) -> Result<Row, String> {
     let conversation = subjects::parse_message(&message.subject).ok_or("unexpected subject")?;
-    let event: MessageEvent = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+    let event: MessageEvent =
+        serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
     if event.conversation != conversation {
         return Err("event conversation does not match its subject".into());
     }

@@ -6,5 +6,8 @@ async fn main() -> std::process::ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    bin::finish("presence", chat_presence::run(config, shutdown::signal()).await)
+    bin::finish(
+        "presence",
+        chat_presence::run(config, shutdown::signal()).await,
+    )
 }

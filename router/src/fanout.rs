@@ -58,7 +58,9 @@ impl Fanout {
         let event: MessageEvent = serde_json::from_slice(&message.payload)
             .map_err(|e| RouteError::Poison(format!("malformed message event: {e}")))?;
         if event.conversation != conversation {
-            return Err(RouteError::Poison("event conversation does not match its subject".into()));
+            return Err(RouteError::Poison(
+                "event conversation does not match its subject".into(),
+            ));
         }
         let recipients: Vec<UserId> = match &conversation {
             ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
@@ -75,7 +77,8 @@ impl Fanout {
             cursor: None,
             message: event,
         };
-        self.append(&recipients, &event_id, frame.to_json().into()).await
+        self.append(&recipients, &event_id, frame.to_json().into())
+            .await
     }
 
     async fn route_group_event(&self, message: &jetstream::Message) -> Result<(), RouteError> {
@@ -95,18 +98,27 @@ impl Fanout {
             users: event.users.clone(),
             by: event.by.clone(),
         };
-        self.append(&recipients, &event.id, frame.to_json().into()).await
+        self.append(&recipients, &event.id, frame.to_json().into())
+            .await
     }
 
     /// Appends `frame` to every recipient's inbox, then delivers each item
     /// live with its cursor. The appends are pipelined (all published, then
     /// all acks awaited), bounded by the recipient count.
-    async fn append(&self, recipients: &[UserId], event_id: &str, frame: Bytes) -> Result<(), RouteError> {
+    async fn append(
+        &self,
+        recipients: &[UserId],
+        event_id: &str,
+        frame: Bytes,
+    ) -> Result<(), RouteError> {
         let transient = |e: &dyn std::fmt::Display| RouteError::Transient(e.to_string());
         let mut pending = Vec::with_capacity(recipients.len());
         for user in recipients {
             let mut headers = HeaderMap::new();
-            headers.insert(subjects::MSG_ID_HEADER, subjects::inbox_dedup_id(event_id, user).as_str());
+            headers.insert(
+                subjects::MSG_ID_HEADER,
+                subjects::inbox_dedup_id(event_id, user).as_str(),
+            );
             let ack = self
                 .js
                 .publish_with_headers(subjects::inbox(user), headers, frame.clone())
@@ -123,7 +135,11 @@ impl Fanout {
             let mut headers = HeaderMap::new();
             headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
             self.nats
-                .publish_with_headers(subjects::deliver(user), headers, with_cursor(&frame, cursor).into())
+                .publish_with_headers(
+                    subjects::deliver(user),
+                    headers,
+                    with_cursor(&frame, cursor).into(),
+                )
                 .await
                 .map_err(|e| transient(&e))?;
         }
@@ -229,7 +245,11 @@ pub async fn consume_events(
 
 /// The pull loop shared by both consumers: reconnects the message stream
 /// after errors and stops on shutdown.
-async fn pull<F, Fut>(consumer: PullConsumer, stop: watch::Receiver<bool>, mut handle: F) -> Result<(), RouterError>
+async fn pull<F, Fut>(
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+    mut handle: F,
+) -> Result<(), RouterError>
 where
     F: FnMut(jetstream::Message) -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -38,14 +38,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RouterError> 
         .get_stream(subjects::EVENTS_STREAM)
         .await
         .map_err(|e| RouterError::JetStream(e.to_string()))?
-        .get_or_create_consumer(subjects::ROUTER_EVENTS_CONSUMER, streams::router_events_consumer())
+        .get_or_create_consumer(
+            subjects::ROUTER_EVENTS_CONSUMER,
+            streams::router_events_consumer(),
+        )
         .await
         .map_err(|e| RouterError::JetStream(e.to_string()))?;
     let members = Arc::new(members::Members::new(nats.clone()));
     let router = Arc::new(fanout::Fanout::new(nats, js, members));
     let stop = shutdown::fan_out(shutdown);
     tracing::info!("router running");
-    let message_loop = tokio::spawn(fanout::consume_messages(router.clone(), messages, stop.clone()));
+    let message_loop = tokio::spawn(fanout::consume_messages(
+        router.clone(),
+        messages,
+        stop.clone(),
+    ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let (a, b) = tokio::join!(message_loop, event_loop);
     for result in [a, b] {

@@ -24,9 +24,19 @@ impl Members {
         if let Some(members) = self.groups.lock().ok().and_then(|g| g.get(group).cloned()) {
             return Ok(members);
         }
-        let members = Arc::new(rpc::call::<rpc::Members>(&self.nats, &rpc::MembersRequest { group: group.clone() }).await?);
+        let members = Arc::new(
+            rpc::call::<rpc::Members>(
+                &self.nats,
+                &rpc::MembersRequest {
+                    group: group.clone(),
+                },
+            )
+            .await?,
+        );
         if let Ok(mut groups) = self.groups.lock() {
-            groups.entry(group.clone()).or_insert_with(|| members.clone());
+            groups
+                .entry(group.clone())
+                .or_insert_with(|| members.clone());
         }
         Ok(members)
     }

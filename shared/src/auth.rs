@@ -27,7 +27,9 @@ pub enum AuthError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("no JWT key configured: set CHAT_JWT_SECRET, CHAT_JWT_SECRET_FILE or CHAT_JWT_JWKS_FILE")]
+    #[error(
+        "no JWT key configured: set CHAT_JWT_SECRET, CHAT_JWT_SECRET_FILE or CHAT_JWT_JWKS_FILE"
+    )]
     NoKeys,
     #[error("reading {path}: {source}")]
     Read {
@@ -97,13 +99,20 @@ impl Verifier {
                     path: display.clone(),
                     reason: reason.to_string(),
                 };
-                let kid = jwk.common.key_id.clone().ok_or_else(|| bad("a key has no kid"))?;
+                let kid = jwk
+                    .common
+                    .key_id
+                    .clone()
+                    .ok_or_else(|| bad("a key has no kid"))?;
                 let algorithm = jwk
                     .common
                     .key_algorithm
                     .and_then(|a| Algorithm::try_from(a).ok())
                     .ok_or_else(|| bad("every key needs an alg (RS256, ES256 or EdDSA)"))?;
-                if !matches!(algorithm, Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA) {
+                if !matches!(
+                    algorithm,
+                    Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+                ) {
                     return Err(bad("only RS256, ES256 and EdDSA keys are accepted"));
                 }
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(&e.to_string()))?;
@@ -163,14 +172,15 @@ impl Verifier {
             }
             None => validation.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            }
-        })?;
-        let user = UserId::parse(data.claims.sub)
-            .map_err(|e| AuthError::Invalid(format!("sub: {e}")))?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid(e.to_string()),
+                }
+            })?;
+        let user =
+            UserId::parse(data.claims.sub).map_err(|e| AuthError::Invalid(format!("sub: {e}")))?;
         Ok(Identity {
             user,
             expires_at: data.claims.exp,
@@ -215,11 +225,19 @@ pub fn mint_hs256(secret: &str, user: &UserId, ttl: Duration) -> Result<String, 
         iss: None,
         aud: None,
     };
-    sign(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+    sign(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
 }
 
 /// Signs arbitrary claims (tests of the verifier use this for bad tokens).
-pub fn sign<T: Serialize>(header: &Header, claims: &T, key: &EncodingKey) -> Result<String, AuthError> {
+pub fn sign<T: Serialize>(
+    header: &Header,
+    claims: &T,
+    key: &EncodingKey,
+) -> Result<String, AuthError> {
     jsonwebtoken::encode(header, claims, key).map_err(|e| AuthError::Invalid(e.to_string()))
 }
 
@@ -250,7 +268,12 @@ mod tests {
     }
 
     fn hs(claims: &Claims) -> String {
-        sign(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+        sign(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -262,7 +285,10 @@ mod tests {
 
     #[test]
     fn expired_tokens_say_so() {
-        assert_eq!(verifier().verify(&hs(&claims("alice", -10))), Err(AuthError::Expired));
+        assert_eq!(
+            verifier().verify(&hs(&claims("alice", -10))),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]
@@ -292,8 +318,12 @@ mod tests {
         };
         let mut with_kid = Header::new(Algorithm::HS256);
         with_kid.kid = Some("unknown".into());
-        let unknown_kid =
-            sign(&with_kid, &claims("alice", 600), &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        let unknown_kid = sign(
+            &with_kid,
+            &claims("alice", 600),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
         for (what, token) in [
             ("future nbf", hs(&future)),
             ("bad sub", hs(&claims("al.ice", 600))),
@@ -303,7 +333,10 @@ mod tests {
             ("unknown kid", unknown_kid),
             ("garbage", "not.a.jwt".to_string()),
         ] {
-            assert!(matches!(v.verify(&token), Err(AuthError::Invalid(_))), "{what} accepted");
+            assert!(
+                matches!(v.verify(&token), Err(AuthError::Invalid(_))),
+                "{what} accepted"
+            );
         }
     }
 

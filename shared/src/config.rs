@@ -145,7 +145,10 @@ impl Config {
         reader.seconds("CHAT_INBOX_MAX_AGE_SECS", &mut config.inbox_max_age);
         reader.seconds("CHAT_MESSAGES_MAX_AGE_SECS", &mut config.messages_max_age);
         reader.seconds("CHAT_DEDUP_WINDOW_SECS", &mut config.dedup_window);
-        reader.seconds("CHAT_SEND_CLAIM_MAX_AGE_SECS", &mut config.send_claim_max_age);
+        reader.seconds(
+            "CHAT_SEND_CLAIM_MAX_AGE_SECS",
+            &mut config.send_claim_max_age,
+        );
         reader.seconds("CHAT_NODE_LEASE_SECS", &mut config.node_lease_ttl);
         let mut timeout_ms = config.request_timeout.as_millis() as u64;
         reader.parse("CHAT_REQUEST_TIMEOUT_MS", &mut timeout_ms);
@@ -154,9 +157,9 @@ impl Config {
             match format.as_str() {
                 "json" => config.log_json = true,
                 "text" => config.log_json = false,
-                other => reader
-                    .problems
-                    .push(format!("CHAT_LOG_FORMAT: expected text or json, got {other:?}")),
+                other => reader.problems.push(format!(
+                    "CHAT_LOG_FORMAT: expected text or json, got {other:?}"
+                )),
             }
         }
         let mut problems = reader.problems;

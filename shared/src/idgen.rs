@@ -64,14 +64,16 @@ impl NodeSlot {
     /// A slot that holds `node` forever (tests, tools).
     pub fn fixed(node: u16) -> Arc<Self> {
         let slot = Self::empty();
-        slot.node.store(u64::from(node & MAX_NODE_ID), Ordering::SeqCst);
+        slot.node
+            .store(u64::from(node & MAX_NODE_ID), Ordering::SeqCst);
         slot.valid_until.store(u64::MAX, Ordering::SeqCst);
         slot
     }
 
     /// Records that `node` is ours until `until`.
     pub fn grant(&self, node: u16, until: Instant) {
-        self.node.store(u64::from(node & MAX_NODE_ID), Ordering::SeqCst);
+        self.node
+            .store(u64::from(node & MAX_NODE_ID), Ordering::SeqCst);
         let nanos = until.saturating_duration_since(self.base).as_nanos();
         self.valid_until
             .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::SeqCst);

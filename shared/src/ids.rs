@@ -25,10 +25,16 @@ const NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
 fn check_name(kind: &'static str, value: &str) -> Result<(), InvalidId> {
     if value.is_empty() {
-        return Err(InvalidId { kind, reason: "must not be empty" });
+        return Err(InvalidId {
+            kind,
+            reason: "must not be empty",
+        });
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(InvalidId { kind, reason: "longer than 64 characters" });
+        return Err(InvalidId {
+            kind,
+            reason: "longer than 64 characters",
+        });
     }
     if !value
         .bytes()
@@ -149,7 +155,10 @@ impl ConversationId {
         const KIND: &str = "conversation id";
         if let Some(rest) = value.strip_prefix("dm:") {
             let Some((a, b)) = rest.split_once(':') else {
-                return Err(InvalidId { kind: KIND, reason: "expected dm:<a>:<b>" });
+                return Err(InvalidId {
+                    kind: KIND,
+                    reason: "expected dm:<a>:<b>",
+                });
             };
             let low = UserId::parse(a)?;
             let high = UserId::parse(b)?;
@@ -296,13 +305,22 @@ impl ClientMsgId {
         let value = value.into();
         let chars = value.chars().count();
         if chars == 0 {
-            return Err(InvalidId { kind: KIND, reason: "must not be empty" });
+            return Err(InvalidId {
+                kind: KIND,
+                reason: "must not be empty",
+            });
         }
         if chars > MAX_NAME_LEN {
-            return Err(InvalidId { kind: KIND, reason: "longer than 64 characters" });
+            return Err(InvalidId {
+                kind: KIND,
+                reason: "longer than 64 characters",
+            });
         }
         if value.chars().any(char::is_control) {
-            return Err(InvalidId { kind: KIND, reason: "control characters are not allowed" });
+            return Err(InvalidId {
+                kind: KIND,
+                reason: "control characters are not allowed",
+            });
         }
         Ok(Self(value))
     }
@@ -388,7 +406,16 @@ mod tests {
 
     #[test]
     fn conversation_ids_refuse_malformed_input() {
-        for bad in ["", "dm:", "dm:a", "dm:a:b:c", "group:", "group:a.b", "chan:x", "dm:a:>"] {
+        for bad in [
+            "",
+            "dm:",
+            "dm:a",
+            "dm:a:b:c",
+            "group:",
+            "group:a.b",
+            "chan:x",
+            "dm:a:>",
+        ] {
             assert!(ConversationId::parse(bad).is_err(), "{bad:?} accepted");
         }
         let group = ConversationId::parse("group:team-1").unwrap();
@@ -399,9 +426,22 @@ mod tests {
     fn decimal_ids_travel_as_strings() {
         let id: MessageId = serde_json::from_str("\"18446744073709551615\"").unwrap();
         assert_eq!(id.get(), u64::MAX);
-        assert_eq!(serde_json::to_string(&id).unwrap(), "\"18446744073709551615\"");
-        for bad in ["\"\"", "\"+1\"", "\"-1\"", "\"1.0\"", "\"18446744073709551616\"", "12"] {
-            assert!(serde_json::from_str::<MessageId>(bad).is_err(), "{bad} accepted");
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"18446744073709551615\""
+        );
+        for bad in [
+            "\"\"",
+            "\"+1\"",
+            "\"-1\"",
+            "\"1.0\"",
+            "\"18446744073709551616\"",
+            "12",
+        ] {
+            assert!(
+                serde_json::from_str::<MessageId>(bad).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 

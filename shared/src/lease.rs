@@ -56,7 +56,11 @@ impl NodeLease {
         for offset in 0..count {
             let node = ((start + offset) % count) as u16;
             let sent_at = Instant::now();
-            match self.store.create(node.to_string(), self.holder.clone().into()).await {
+            match self
+                .store
+                .create(node.to_string(), self.holder.clone().into())
+                .await
+            {
                 Ok(revision) => {
                     self.slot.grant(node, sent_at + self.validity());
                     tracing::info!(node, holder = %self.holder, "node id leased");
@@ -71,7 +75,12 @@ impl NodeLease {
 
     /// Keeps the lease alive until `stop` completes, then releases it.
     /// Acquires a new node id when the old one was lost.
-    pub async fn keep(self, node: u16, revision: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn keep(
+        self,
+        node: u16,
+        revision: u64,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut held = Some((node, revision));
         let mut tick = tokio::time::interval(self.ttl / 5);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

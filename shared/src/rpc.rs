@@ -131,12 +131,18 @@ pub async fn call<M: Method>(
         .await
         .map_err(|e| {
             tracing::warn!(method = M::NAME, error = %e, "rpc failed");
-            RpcError::new(ErrorCode::Unavailable, "history service unavailable, retry later")
+            RpcError::new(
+                ErrorCode::Unavailable,
+                "history service unavailable, retry later",
+            )
         })?;
     match serde_json::from_slice::<Reply<M::Response>>(&reply.payload) {
         Ok(Reply::Ok(response)) => Ok(response),
         Ok(Reply::Err(error)) => Err(error),
-        Err(e) => Err(RpcError::new(ErrorCode::Internal, format!("bad rpc reply: {e}"))),
+        Err(e) => Err(RpcError::new(
+            ErrorCode::Internal,
+            format!("bad rpc reply: {e}"),
+        )),
     }
 }
 

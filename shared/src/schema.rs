@@ -17,8 +17,14 @@ pub fn all() -> Vec<(&'static str, String)> {
     vec![
         ("client-frame.json", render(schema_for!(wire::ClientFrame))),
         ("server-frame.json", render(schema_for!(wire::ServerFrame))),
-        ("message-event.json", render(schema_for!(wire::MessageEvent))),
-        ("presence-event.json", render(schema_for!(wire::PresenceEvent))),
+        (
+            "message-event.json",
+            render(schema_for!(wire::MessageEvent)),
+        ),
+        (
+            "presence-event.json",
+            render(schema_for!(wire::PresenceEvent)),
+        ),
         ("group-event.json", render(schema_for!(wire::GroupEvent))),
     ]
 }

@@ -44,7 +44,11 @@ pub fn messages(config: &Config) -> stream::Config {
     stream::Config {
         description: Some("one event per accepted message (PROTOCOL.md)".into()),
         max_age: config.messages_max_age,
-        ..base(subjects::MESSAGES_STREAM, &subjects::MESSAGES_SUBJECTS, config)
+        ..base(
+            subjects::MESSAGES_STREAM,
+            &subjects::MESSAGES_SUBJECTS,
+            config,
+        )
     }
 }
 
@@ -148,6 +152,38 @@ pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<(), Provi
     Ok(())
 }
 
+/// Waits until every stream and bucket exists, for services whose NATS user
+/// may not create them (the edge): the router and persister provision them.
+pub async fn wait_until_provisioned(js: &jetstream::Context) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut missing = None;
+        for name in [
+            subjects::MESSAGES_STREAM,
+            subjects::INBOX_STREAM,
+            subjects::PUSH_STREAM,
+            subjects::EVENTS_STREAM,
+        ] {
+            if js.get_stream(name).await.is_err() {
+                missing = Some(name.to_string());
+                break;
+            }
+        }
+        if missing.is_none() {
+            for bucket in buckets(&Config::default()) {
+                if js.get_key_value(&bucket.bucket).await.is_err() {
+                    missing = Some(bucket.bucket);
+                    break;
+                }
+            }
+        }
+        let Some(missing) = missing else { return };
+        tracing::info!(%missing, "waiting for the streams to be provisioned");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
 fn static_bucket_name(bucket: &str) -> &'static str {
     [
         subjects::NODES_BUCKET,
@@ -209,7 +245,11 @@ mod tests {
     fn dedup_window_is_at_least_ten_minutes_by_default() {
         let config = Config::default();
         for definition in [messages(&config), inbox(&config), events(&config)] {
-            assert!(definition.duplicate_window >= Duration::from_secs(600), "{}", definition.name);
+            assert!(
+                definition.duplicate_window >= Duration::from_secs(600),
+                "{}",
+                definition.name
+            );
             assert!(definition.allow_direct);
         }
         assert_eq!(push(&config).retention, stream::RetentionPolicy::WorkQueue);

@@ -141,14 +141,23 @@ mod tests {
         assert_eq!(deliver(&alice), "chat.deliver.alice");
         assert_eq!(push(&alice), "chat.push.alice");
         assert_eq!(presence(&alice), "chat.presence.alice");
-        assert_eq!(group_event(&GroupId::parse("team").unwrap()), "chat.event.group.team");
+        assert_eq!(
+            group_event(&GroupId::parse("team").unwrap()),
+            "chat.event.group.team"
+        );
         assert_eq!(rpc("history"), "chat.rpc.history");
-        assert_eq!(edge_heartbeat(&EdgeId::parse("e1").unwrap()), "chat.edge.heartbeat.e1");
+        assert_eq!(
+            edge_heartbeat(&EdgeId::parse("e1").unwrap()),
+            "chat.edge.heartbeat.e1"
+        );
         let cmid = ClientMsgId::parse("m.1").unwrap();
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
-        assert_eq!(device_cursor_key(&alice, &DeviceId::parse("phone").unwrap()), "alice.phone");
+        assert_eq!(
+            device_cursor_key(&alice, &DeviceId::parse("phone").unwrap()),
+            "alice.phone"
+        );
     }
 
     #[test]
@@ -157,7 +166,13 @@ mod tests {
         assert_eq!(parse_message(&message(&dm)), Some(dm));
         let group = ConversationId::parse("group:g1").unwrap();
         assert_eq!(parse_message(&message(&group)), Some(group));
-        for bad in ["chat.msg.dm.bob.alice", "chat.msg.dm.a", "chat.inbox.a", "chat.msg.group.", "x"] {
+        for bad in [
+            "chat.msg.dm.bob.alice",
+            "chat.msg.dm.a",
+            "chat.inbox.a",
+            "chat.msg.group.",
+            "x",
+        ] {
             assert_eq!(parse_message(bad), None, "{bad}");
         }
     }
@@ -166,16 +181,22 @@ mod tests {
     fn stream_subjects_cover_the_builders() {
         // Each builder's output must match its stream's wildcard, token for token.
         fn matches(pattern: &str, subject: &str) -> bool {
-            let (p, s): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), subject.split('.').collect());
+            let (p, s): (Vec<_>, Vec<_>) =
+                (pattern.split('.').collect(), subject.split('.').collect());
             p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| *p == "*" || p == s)
         }
         let dm = ConversationId::parse("dm:a:b").unwrap();
         let group = ConversationId::parse("group:g").unwrap();
         assert!(MESSAGES_SUBJECTS.iter().any(|p| matches(p, &message(&dm))));
-        assert!(MESSAGES_SUBJECTS.iter().any(|p| matches(p, &message(&group))));
+        assert!(MESSAGES_SUBJECTS
+            .iter()
+            .any(|p| matches(p, &message(&group))));
         assert!(matches(INBOX_SUBJECTS[0], &inbox(&user("a"))));
         assert!(matches(PUSH_SUBJECTS[0], &push(&user("a"))));
-        assert!(matches(EVENTS_SUBJECTS[0], &group_event(&GroupId::parse("g").unwrap())));
+        assert!(matches(
+            EVENTS_SUBJECTS[0],
+            &group_event(&GroupId::parse("g").unwrap())
+        ));
         assert!(matches(ALL_DELIVERIES, &deliver(&user("a"))));
         assert!(matches(ALL_RPC, &rpc("history")));
     }

@@ -474,9 +474,10 @@ mod tests {
 
     #[test]
     fn client_frames_parse_per_protocol() {
-        let hello: ClientFrame =
-            serde_json::from_value(json!({"type":"hello","token":"t","device":"phone-1","cursor":"123"}))
-                .unwrap();
+        let hello: ClientFrame = serde_json::from_value(
+            json!({"type":"hello","token":"t","device":"phone-1","cursor":"123"}),
+        )
+        .unwrap();
         assert_eq!(
             hello,
             ClientFrame::Hello {
@@ -507,7 +508,10 @@ mod tests {
             json!({"type":"history","conversation":"dm:b:a"}),
             json!({"token":"t"}),
         ] {
-            assert!(serde_json::from_value::<ClientFrame>(bad.clone()).is_err(), "{bad} accepted");
+            assert!(
+                serde_json::from_value::<ClientFrame>(bad.clone()).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 
@@ -540,7 +544,10 @@ mod tests {
             value,
             json!({"type":"message","cursor":"9","id":"7","conversation":"dm:a:b","from":"a","text":"hi","ts":5,"client_msg_id":"c"})
         );
-        assert_eq!(serde_json::from_value::<ServerFrame>(value).unwrap(), message);
+        assert_eq!(
+            serde_json::from_value::<ServerFrame>(value).unwrap(),
+            message
+        );
         let error = ServerFrame::error(None, ErrorCode::BadRequest, "x");
         assert_eq!(
             serde_json::to_value(&error).unwrap(),

@@ -1,0 +1,368 @@
+//! End-to-end harness: a real nats-server and PostgreSQL, every service run
+//! in-process on the test's runtime, and real WebSocket clients.
+
+pub mod servers;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use chat_shared::auth;
+use chat_shared::ids::UserId;
+use chat_shared::Config;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use servers::{fresh_database, nats_password, NatsServer};
+
+pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret";
+/// How long a test waits for any one expected frame.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A whole system: servers plus every service, stopped on drop.
+pub struct System {
+    pub nats: NatsServer,
+    pub config: Config,
+    pub edge_addr: SocketAddr,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+fn shutdown_on(rx: oneshot::Receiver<()>) -> chat_shared::shutdown::Shutdown {
+    Box::pin(async move {
+        let _ = rx.await;
+    })
+}
+
+impl System {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts everything; `adjust` changes the configuration first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        init_logs();
+        let nats = NatsServer::start().await?;
+        let database_url = fresh_database().await?;
+        let mut config = Config {
+            nats_url: nats.url(),
+            database_url,
+            jwt_secret: Some(JWT_SECRET.into()),
+            database_pool_size: 4,
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let mut system = Self {
+            nats,
+            config,
+            edge_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stops: Vec::new(),
+        };
+        let persister = system.start_persister();
+        system.stops.push(persister);
+        system.start_router();
+        system.edge_addr = system.start_edge().await?;
+        system.wait_ready().await?;
+        Ok(system)
+    }
+
+    /// This service's configuration: its own NATS user.
+    pub fn config_for(&self, user: &str) -> Config {
+        Config {
+            nats_user: Some(user.into()),
+            nats_password: Some(nats_password(user).into()),
+            ..self.config.clone()
+        }
+    }
+
+    fn stop_handle(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.stops.push(tx);
+        rx
+    }
+
+    /// Starts a persister; dropping or firing the returned sender stops it.
+    pub fn start_persister(&mut self) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        let config = self.config_for("persister");
+        tokio::spawn(async move {
+            if let Err(e) = chat_persister::run(config, shutdown_on(rx)).await {
+                eprintln!("persister: {e}");
+            }
+        });
+        tx
+    }
+
+    pub fn start_router(&mut self) {
+        let rx = self.stop_handle();
+        let config = self.config_for("router");
+        tokio::spawn(async move {
+            if let Err(e) = chat_router::run(config, shutdown_on(rx)).await {
+                eprintln!("router: {e}");
+            }
+        });
+    }
+
+    /// Starts another edge and returns its address.
+    pub async fn start_edge(&mut self) -> Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let rx = self.stop_handle();
+        let config = self.config_for("edge");
+        tokio::spawn(async move {
+            if let Err(e) = chat_edge::run(config, listener, shutdown_on(rx)).await {
+                eprintln!("edge: {e}");
+            }
+        });
+        Ok(addr)
+    }
+
+    /// Waits until the edge says it is ready.
+    pub async fn wait_ready(&self) -> Result<()> {
+        wait_until(|| async {
+            http_get(self.edge_addr, "/readyz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        })
+        .await
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.edge_addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let user = UserId::parse(user).expect("test user ids are valid");
+        auth::mint_hs256(JWT_SECRET, &user, Duration::from_secs(3600)).expect("signing works")
+    }
+
+    /// Connects `user`/`device` and reads up to `synced`.
+    pub async fn connect(&self, user: &str, device: &str) -> Result<Client> {
+        self.connect_from(user, device, None).await
+    }
+
+    pub async fn connect_from(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Option<&str>,
+    ) -> Result<Client> {
+        let mut client = Client::open(&self.ws_url()).await?;
+        let mut hello = json!({"type":"hello","token":self.token(user),"device":device});
+        if let Some(cursor) = cursor {
+            hello["cursor"] = json!(cursor);
+        }
+        client.send(hello).await?;
+        let welcome = client.recv().await?;
+        if welcome["type"] != "welcome" {
+            bail!("expected welcome, got {welcome}");
+        }
+        client.welcome = welcome;
+        loop {
+            let frame = client.recv().await?;
+            if frame["type"] == "synced" {
+                client.synced = frame;
+                return Ok(client);
+            }
+            client.backlog.push(frame);
+        }
+    }
+
+    /// A direct PostgreSQL connection to this system's database.
+    pub async fn database(&self) -> Result<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// A NATS connection with the admin user.
+    pub async fn admin(&self) -> Result<async_nats::Client> {
+        Ok(chat_shared::nats::connect(&self.config_for("admin"), "test-admin").await?)
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A WebSocket client speaking JSON frames.
+pub struct Client {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    pub welcome: Value,
+    pub synced: Value,
+    /// Frames between `welcome` and `synced`.
+    pub backlog: Vec<Value>,
+}
+
+/// What the server did to a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    Closed(u16),
+    Dropped,
+}
+
+impl Client {
+    pub async fn open(url: &str) -> Result<Self> {
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .context("websocket connect")?;
+        Ok(Self {
+            socket,
+            welcome: Value::Null,
+            synced: Value::Null,
+            backlog: Vec::new(),
+        })
+    }
+
+    pub async fn send(&mut self, frame: Value) -> Result<()> {
+        self.send_raw(Message::Text(frame.to_string().into())).await
+    }
+
+    pub async fn send_raw(&mut self, message: Message) -> Result<()> {
+        self.socket.send(message).await.context("websocket send")
+    }
+
+    /// The next JSON frame (control frames skipped).
+    pub async fn recv(&mut self) -> Result<Value> {
+        self.recv_within(WAIT).await
+    }
+
+    pub async fn recv_within(&mut self, wait: Duration) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {wait:?}"))?;
+            match next {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
+                Some(Ok(Message::Close(frame))) => bail!("closed: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("socket error: {e}"),
+                None => bail!("socket ended"),
+            }
+        }
+    }
+
+    /// Reads until a frame of `kind` arrives, returning it (others are kept in `skipped`).
+    pub async fn recv_type(&mut self, kind: &str) -> Result<Value> {
+        loop {
+            let frame = self.recv().await?;
+            if frame["type"] == kind {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// Waits until the server closes the connection; returns its close code.
+    pub async fn ending(&mut self) -> Result<Ending> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .map_err(|_| anyhow!("connection still open"))?;
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Ok(Ending::Closed(u16::from(frame.code)))
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Ok(Ending::Closed(u16::from(CloseCode::Status)))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ok(Ending::Dropped),
+            }
+        }
+    }
+
+    /// Sends a request with a fresh `ref` and waits for the reply with that `ref`.
+    pub async fn request(&mut self, mut frame: Value) -> Result<Value> {
+        let reference = format!("r{}", rand_ref());
+        frame["ref"] = json!(reference);
+        self.send(frame).await?;
+        loop {
+            let reply = self.recv().await?;
+            if reply["ref"] == json!(reference) {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Sends a DM or group message and waits for its `sent` (or error).
+    pub async fn send_message(
+        &mut self,
+        target: Value,
+        text: &str,
+        client_msg_id: &str,
+    ) -> Result<Value> {
+        let mut frame = json!({"type":"send","text":text,"client_msg_id":client_msg_id});
+        if let Some(object) = frame.as_object_mut() {
+            if let Some(fields) = target.as_object() {
+                for (k, v) in fields {
+                    object.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        self.request(frame).await
+    }
+}
+
+fn rand_ref() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Polls `condition` every 50 ms until it holds, failing after [`WAIT`].
+pub async fn wait_until<F, Fut>(mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("condition not met within {WAIT:?}")
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP response"))?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Ok((status, body))
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

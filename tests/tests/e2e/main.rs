@@ -1,0 +1,4 @@
+//! One end-to-end test binary (compiled once), against real servers.
+
+mod handshake;
+mod messaging;

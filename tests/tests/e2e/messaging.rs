@@ -1,0 +1,487 @@
+//! The message path: send, fan-out, resume, groups, history, receipts.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chat_tests::{wait_until, Client, System};
+use serde_json::{json, Value};
+
+/// Reads `count` message frames, skipping other frames.
+async fn messages(client: &mut Client, count: usize) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let frame = client.recv().await?;
+        if frame["type"] == "message" {
+            out.push(frame);
+        }
+    }
+    Ok(out)
+}
+
+/// Asserts nothing more of `kind` arrives for a moment.
+async fn quiet(client: &mut Client, kind: &str) -> anyhow::Result<()> {
+    while let Ok(frame) = client.recv_within(Duration::from_millis(500)).await {
+        anyhow::ensure!(frame["type"] != kind, "unexpected {frame}");
+    }
+    Ok(())
+}
+
+fn cursor(frame: &Value) -> u64 {
+    frame["cursor"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_dm_reaches_every_device_of_both_users_once_in_order() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice_phone = system.connect("alice", "phone").await?;
+    let mut alice_laptop = system.connect("alice", "laptop").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    let mut sent_ids = Vec::new();
+    for i in 0..20 {
+        let sent = alice_phone
+            .send_message(json!({"to":"bob"}), &format!("hello {i}"), &format!("c{i}"))
+            .await?;
+        assert_eq!(sent["type"], "sent", "{sent}");
+        assert_eq!(sent["conversation"], "dm:alice:bob");
+        assert_eq!(sent["duplicate"], false);
+        sent_ids.push(sent["id"].as_str().unwrap().to_string());
+    }
+    for client in [&mut alice_phone, &mut alice_laptop, &mut bob] {
+        let got = messages(client, 20).await?;
+        let ids: Vec<_> = got
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, sent_ids);
+        assert!(got.windows(2).all(|w| cursor(&w[0]) < cursor(&w[1])));
+        assert_eq!(got[3]["text"], "hello 3");
+        assert_eq!(got[3]["from"], "alice");
+        assert_eq!(got[3]["client_msg_id"], "c3");
+        quiet(client, "message").await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_send_is_one_message_with_one_id() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    let first = alice
+        .send_message(json!({"to":"bob"}), "once", "same-id")
+        .await?;
+    for _ in 0..2 {
+        let retry = alice
+            .send_message(json!({"to":"bob"}), "once", "same-id")
+            .await?;
+        assert_eq!(retry["id"], first["id"]);
+        assert_eq!(retry["ts"], first["ts"]);
+        assert_eq!(retry["duplicate"], true);
+    }
+    let got = messages(&mut bob, 1).await?;
+    assert_eq!(got[0]["id"], first["id"]);
+    quiet(&mut bob, "message").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn send_is_validated() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let too_long = "é".repeat(100_001);
+    assert_eq!(
+        alice
+            .send_message(json!({"to":"bob"}), &too_long, "big")
+            .await?["code"],
+        "too_large"
+    );
+    let just_fits = "é".repeat(100_000);
+    assert_eq!(
+        alice
+            .send_message(json!({"to":"bob"}), &just_fits, "fits")
+            .await?["type"],
+        "sent"
+    );
+    assert_eq!(
+        alice.send_message(json!({"to":"bob"}), "", "empty").await?["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        alice
+            .send_message(json!({"to":"alice"}), "me", "self")
+            .await?["code"],
+        "bad_request"
+    );
+    let both = json!({"to":"bob","conversation":"dm:alice:bob"});
+    assert_eq!(
+        alice.send_message(both, "x", "both").await?["code"],
+        "bad_request"
+    );
+    let other = json!({"conversation":"dm:bob:carol"});
+    assert_eq!(
+        alice.send_message(other, "x", "other").await?["code"],
+        "forbidden"
+    );
+    let unknown_group = json!({"conversation":"group:nope"});
+    assert_eq!(
+        alice.send_message(unknown_group, "x", "g").await?["code"],
+        "not_found"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_after_500_offline_while_500_arrive_live() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let bob = system.connect("bob", "phone").await?;
+    let start = bob.synced["cursor"].as_str().unwrap().to_string();
+    drop(bob);
+    for i in 0..500 {
+        let sent = alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("a{i}"))
+            .await?;
+        assert_eq!(sent["type"], "sent");
+    }
+    // Bob comes back with his cursor while alice keeps sending from another task.
+    let url_system = &system;
+    let sender = async {
+        let mut alice2 = url_system.connect("alice", "laptop").await?;
+        for i in 500..1000 {
+            let sent = alice2
+                .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("a{i}"))
+                .await?;
+            anyhow::ensure!(sent["type"] == "sent", "{sent}");
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let receiver = async {
+        let mut bob = url_system
+            .connect_from("bob", "phone", Some(&start))
+            .await?;
+        assert_eq!(bob.welcome["resumed"], true);
+        let mut texts: Vec<String> = bob
+            .backlog
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .map(|f| f["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let mut last = bob.backlog.iter().map(cursor).max().unwrap_or(0);
+        while texts.len() < 1000 {
+            let frame = bob.recv().await?;
+            if frame["type"] == "message" {
+                anyhow::ensure!(cursor(&frame) > last, "cursor went back");
+                last = cursor(&frame);
+                texts.push(frame["text"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        quiet(&mut bob, "message").await?;
+        Ok::<_, anyhow::Error>(texts)
+    };
+    let (sent, texts) = tokio::join!(sender, receiver);
+    sent?;
+    let texts = texts?;
+    let expected: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconnect_without_cursor_resumes_from_the_last_ack() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    for i in 0..3 {
+        alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+    }
+    let got = messages(&mut bob, 3).await?;
+    bob.send(json!({"type":"ack","cursor":got[1]["cursor"]}))
+        .await?;
+    // Closing flushes the acked cursor.
+    drop(bob);
+    for i in 3..5 {
+        alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+    }
+    // The acked cursor is written when the old connection closes; retry until
+    // the edge has done so.
+    let mut again = system.connect("bob", "phone").await?;
+    for _ in 0..50 {
+        if again.backlog.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = system.connect("bob", "phone").await?;
+    }
+    let texts: Vec<_> = again
+        .backlog
+        .iter()
+        .map(|f| f["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["m2", "m3", "m4"]);
+    // A brand-new device starts at the head.
+    let tablet = system.connect("bob", "tablet").await?;
+    assert!(tablet.backlog.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_cursor_is_not_resumed() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    for i in 0..3 {
+        alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+    }
+    // Expire the inbox: everything up to now is gone.
+    let admin = system.admin().await?;
+    let js = async_nats::jetstream::new(admin);
+    wait_until(|| {
+        let js = js.clone();
+        async move {
+            match js.get_stream("INBOX").await {
+                Ok(stream) => stream.cached_info().state.messages >= 6,
+                Err(_) => false,
+            }
+        }
+    })
+    .await?;
+    js.get_stream("INBOX").await?.purge().await?;
+    let bob = system.connect_from("bob", "phone", Some("1")).await?;
+    assert_eq!(bob.welcome["resumed"], false);
+    Ok(())
+}
+
+#[tokio::test]
+async fn groups_membership_and_limits() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut owner = system.connect("owner", "d").await?;
+    let mut member = system.connect("m1", "d").await?;
+    let mut outsider = system.connect("outsider", "d").await?;
+    let members: Vec<String> = (1..100).map(|i| format!("m{i}")).collect();
+    let created = owner
+        .request(json!({"type":"group.create","name":"team","members":members}))
+        .await?;
+    assert_eq!(created["type"], "group", "{created}");
+    let group = created["group"]["id"].as_str().unwrap().to_string();
+    assert_eq!(created["group"]["members"].as_array().unwrap().len(), 100);
+    assert_eq!(created["group"]["owner"], "owner");
+    let membership = member.recv_type("membership").await?;
+    assert_eq!(membership["event"], "created");
+    assert_eq!(membership["conversation"], format!("group:{group}"));
+
+    let conversation = json!({"conversation": format!("group:{group}")});
+    let too_many = owner
+        .request(json!({"type":"group.add","group":group,"users":["m100"]}))
+        .await?;
+    assert_eq!(too_many["code"], "too_large");
+    let refused = outsider
+        .send_message(conversation.clone(), "let me in", "o1")
+        .await?;
+    assert_eq!(refused["code"], "forbidden");
+    let info = outsider
+        .request(json!({"type":"group.info","group":group}))
+        .await?;
+    assert_eq!(info["code"], "forbidden");
+    let not_owner = member
+        .request(json!({"type":"group.remove","group":group,"users":["m2"]}))
+        .await?;
+    assert_eq!(not_owner["code"], "forbidden");
+
+    let sent = owner
+        .send_message(conversation.clone(), "hi team", "g1")
+        .await?;
+    assert_eq!(sent["type"], "sent");
+    assert_eq!(messages(&mut member, 1).await?[0]["text"], "hi team");
+
+    let removed = owner
+        .request(json!({"type":"group.remove","group":group,"users":["m1"]}))
+        .await?;
+    assert_eq!(removed["group"]["members"].as_array().unwrap().len(), 99);
+    let event = member.recv_type("membership").await?;
+    assert_eq!(
+        (event["event"].as_str(), event["users"][0].as_str()),
+        (Some("removed"), Some("m1"))
+    );
+    let after = member
+        .send_message(conversation.clone(), "still here?", "m1-1")
+        .await?;
+    assert_eq!(after["code"], "forbidden");
+    owner
+        .send_message(conversation.clone(), "after removal", "g2")
+        .await?;
+    quiet(&mut member, "message").await?;
+
+    let added = owner
+        .request(json!({"type":"group.add","group":group,"users":["outsider"]}))
+        .await?;
+    assert_eq!(added["group"]["members"].as_array().unwrap().len(), 100);
+    assert_eq!(outsider.recv_type("membership").await?["event"], "added");
+    let left = outsider
+        .request(json!({"type":"group.leave","group":group}))
+        .await?;
+    assert_eq!(left["type"], "ok");
+    assert_eq!(outsider.recv_type("membership").await?["event"], "left");
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_conversations_and_read_state() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "d").await?;
+    let mut bob = system.connect("bob", "d").await?;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let sent = alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+        ids.push(sent["id"].as_str().unwrap().to_string());
+    }
+    // The persister writes asynchronously; wait until it has all seven.
+    let db = system.database().await?;
+    wait_until(|| async {
+        db.query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 7)
+            .unwrap_or(false)
+    })
+    .await?;
+    let page = bob
+        .request(json!({"type":"history","conversation":"dm:alice:bob","limit":3}))
+        .await?;
+    let texts: Vec<_> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].clone())
+        .collect();
+    assert_eq!(texts, [json!("m6"), json!("m5"), json!("m4")]);
+    assert_eq!(page["more"], true);
+    let before = page["messages"][2]["id"].clone();
+    let rest = bob
+        .request(json!({"type":"history","conversation":"dm:alice:bob","before":before,"limit":10}))
+        .await?;
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(rest["more"], false);
+    let forbidden = system
+        .connect("carol", "d")
+        .await?
+        .request(json!({"type":"history","conversation":"dm:alice:bob"}))
+        .await?;
+    assert_eq!(forbidden["code"], "forbidden");
+    let bad_limit = bob
+        .request(json!({"type":"history","conversation":"dm:alice:bob","limit":201}))
+        .await?;
+    assert_eq!(bad_limit["code"], "bad_request");
+
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    let item = &list["items"][0];
+    assert_eq!(item["conversation"], "dm:alice:bob");
+    assert_eq!(item["unread"], 7);
+    assert_eq!(item["last"]["text"], "m6");
+    assert_eq!(item["read_up_to"], Value::Null);
+
+    bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":ids[4]}))
+        .await?;
+    let receipt = alice.recv_type("receipt").await?;
+    assert_eq!(
+        receipt,
+        json!({"type":"receipt","conversation":"dm:alice:bob","user":"bob","kind":"read","up_to":ids[4]})
+    );
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    assert_eq!(list["items"][0]["unread"], 2);
+    assert_eq!(list["items"][0]["read_up_to"], json!(ids[4]));
+    // Read state never goes back.
+    bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":ids[1]}))
+        .await?;
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    assert_eq!(list["items"][0]["read_up_to"], json!(ids[4]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    let mut alice = system.connect("alice", "d").await?;
+    let db = system.database().await?;
+    let mut persister = Some(system.start_persister());
+    for i in 0..300 {
+        if i == 100 {
+            // Stop one persister mid-stream and start another.
+            let _ = persister.take().map(|p| p.send(()));
+        }
+        if i == 200 {
+            persister = Some(system.start_persister());
+        }
+        let sent = alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+        assert_eq!(sent["type"], "sent");
+    }
+    wait_until(|| async {
+        db.query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 300)
+            .unwrap_or(false)
+    })
+    .await?;
+    let dupes = db
+        .query(
+            "SELECT sender, client_msg_id FROM messages GROUP BY 1, 2 HAVING count(*) > 1",
+            &[],
+        )
+        .await?;
+    assert!(dupes.is_empty());
+    let distinct: HashSet<String> = db
+        .query("SELECT body FROM messages", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(distinct.len(), 300);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nats_outage_answers_unavailable_fast_and_recovers() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    let mut alice = system.connect("alice", "d").await?;
+    assert_eq!(
+        alice
+            .send_message(json!({"to":"bob"}), "before", "c0")
+            .await?["type"],
+        "sent"
+    );
+    system.nats.kill().await?;
+    let started = std::time::Instant::now();
+    let reply = alice
+        .send_message(json!({"to":"bob"}), "during", "c1")
+        .await?;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert!(
+        started.elapsed() <= Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
+    system.nats.restart().await?;
+    let mut recovered = false;
+    for _ in 0..100 {
+        let reply = alice
+            .send_message(json!({"to":"bob"}), "after", "c2")
+            .await?;
+        if reply["type"] == "sent" {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "sends never recovered");
+    Ok(())
+}
