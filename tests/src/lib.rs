@@ -202,6 +202,9 @@ pub struct Client {
     pub synced: Value,
     /// Frames between `welcome` and `synced`.
     pub backlog: Vec<Value>,
+    /// Frames read while looking for another one (a reply), returned by
+    /// later reads so nothing is lost.
+    pending: std::collections::VecDeque<Value>,
 }
 
 /// What the server did to a connection.
@@ -221,6 +224,7 @@ impl Client {
             welcome: Value::Null,
             synced: Value::Null,
             backlog: Vec::new(),
+            pending: Default::default(),
         })
     }
 
@@ -238,6 +242,13 @@ impl Client {
     }
 
     pub async fn recv_within(&mut self, wait: Duration) -> Result<Value> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        self.read_socket(wait).await
+    }
+
+    async fn read_socket(&mut self, wait: Duration) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let next = tokio::time::timeout_at(deadline, self.socket.next())
@@ -253,13 +264,21 @@ impl Client {
         }
     }
 
-    /// Reads until a frame of `kind` arrives, returning it (others are kept in `skipped`).
+    /// The first frame of `kind`; frames before it stay queued for later reads.
     pub async fn recv_type(&mut self, kind: &str) -> Result<Value> {
+        self.recv_matching(|frame| frame["type"] == kind).await
+    }
+
+    async fn recv_matching(&mut self, wanted: impl Fn(&Value) -> bool) -> Result<Value> {
+        if let Some(index) = self.pending.iter().position(&wanted) {
+            return Ok(self.pending.remove(index).unwrap_or_default());
+        }
         loop {
-            let frame = self.recv().await?;
-            if frame["type"] == kind {
+            let frame = self.read_socket(WAIT).await?;
+            if wanted(&frame) {
                 return Ok(frame);
             }
+            self.pending.push_back(frame);
         }
     }
 
@@ -288,12 +307,8 @@ impl Client {
         let reference = format!("r{}", rand_ref());
         frame["ref"] = json!(reference);
         self.send(frame).await?;
-        loop {
-            let reply = self.recv().await?;
-            if reply["ref"] == json!(reference) {
-                return Ok(reply);
-            }
-        }
+        let reference = json!(reference);
+        self.recv_matching(|reply| reply["ref"] == reference).await
     }
 
     /// Sends a DM or group message and waits for its `sent` (or error).
