@@ -16,10 +16,20 @@ use crate::EdgeError;
 /// during a NATS reconnect.
 const TTL: Duration = Duration::from_secs(30);
 
+type Members = Arc<HashSet<UserId>>;
+
+#[derive(Default)]
+struct Entries {
+    groups: HashMap<GroupId, (Members, Instant)>,
+    /// Bumped by every invalidation, so an answer that raced with a change
+    /// is not cached.
+    generation: u64,
+}
+
 #[derive(Clone)]
 pub struct GroupCache {
     nats: async_nats::Client,
-    entries: Arc<Mutex<HashMap<GroupId, (Arc<HashSet<UserId>>, Instant)>>>,
+    entries: Arc<Mutex<Entries>>,
 }
 
 impl GroupCache {
@@ -45,7 +55,8 @@ impl GroupCache {
                     .and_then(|g| GroupId::parse(g).ok());
                 if let Some(group) = group {
                     if let Ok(mut entries) = entries.lock() {
-                        entries.remove(&group);
+                        entries.groups.remove(&group);
+                        entries.generation += 1;
                     }
                 }
             }
@@ -54,15 +65,17 @@ impl GroupCache {
     }
 
     /// The current members of `group` (`not_found` if there is no such group).
-    pub async fn members(&self, group: &GroupId) -> Result<Arc<HashSet<UserId>>, RpcError> {
+    pub async fn members(&self, group: &GroupId) -> Result<Members, RpcError> {
+        let mut generation = 0;
         if let Ok(entries) = self.entries.lock() {
-            if let Some((members, at)) = entries.get(group) {
+            if let Some((members, at)) = entries.groups.get(group) {
                 if at.elapsed() < TTL {
                     return Ok(members.clone());
                 }
             }
+            generation = entries.generation;
         }
-        let members: Arc<HashSet<UserId>> = Arc::new(
+        let members: Members = Arc::new(
             rpc::call::<rpc::Members>(
                 &self.nats,
                 &rpc::MembersRequest {
@@ -74,7 +87,11 @@ impl GroupCache {
             .collect(),
         );
         if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(group.clone(), (members.clone(), Instant::now()));
+            if entries.generation == generation {
+                entries
+                    .groups
+                    .insert(group.clone(), (members.clone(), Instant::now()));
+            }
         }
         Ok(members)
     }
