@@ -225,6 +225,27 @@ fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(number * seconds))
 }
 
+/// Accepts the edge as `ws://host:port/v1/ws` or as its HTTP base URL
+/// (`http://127.0.0.1:8080`, what `scripts/dev` prints).
+fn websocket_url(edge: &str) -> String {
+    let edge = if let Some(rest) = edge.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = edge.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        edge.to_string()
+    };
+    let after_scheme = edge
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(&edge);
+    if after_scheme.trim_end_matches('/').contains('/') {
+        edge
+    } else {
+        format!("{}/v1/ws", edge.trim_end_matches('/'))
+    }
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -237,7 +258,8 @@ async fn connect(
     cursor: Option<Cursor>,
 ) -> anyhow::Result<Socket> {
     let token = token(config, user, Duration::from_secs(3600))?;
-    let (mut socket, _) = tokio_tungstenite::connect_async(edge)
+    let edge = websocket_url(edge);
+    let (mut socket, _) = tokio_tungstenite::connect_async(&edge)
         .await
         .with_context(|| format!("connecting to {edge}"))?;
     let hello = ClientFrame::Hello {
@@ -264,6 +286,19 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edge_urls_become_websocket_urls() {
+        assert_eq!(
+            websocket_url("http://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/v1/ws"
+        );
+        assert_eq!(
+            websocket_url("https://chat.example/"),
+            "wss://chat.example/v1/ws"
+        );
+        assert_eq!(websocket_url("ws://h:1/v1/ws"), "ws://h:1/v1/ws");
+    }
 
     #[test]
     fn ttls_parse() {
