@@ -485,3 +485,33 @@ async fn a_nats_outage_answers_unavailable_fast_and_recovers() -> anyhow::Result
     assert!(recovered, "sends never recovered");
     Ok(())
 }
+
+#[tokio::test]
+async fn two_routers_never_reorder_a_conversation() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    system.start_router();
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    // Pipelined: all sends go out before any `sent` comes back.
+    for i in 0..300 {
+        alice
+            .send(json!({"type":"send","ref":format!("s{i}"),"to":"bob","text":format!("m{i}"),"client_msg_id":format!("c{i}")}))
+            .await?;
+    }
+    let got = messages(&mut bob, 300).await?;
+    let texts: Vec<_> = got
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let expected: Vec<_> = (0..300).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+    let ids: Vec<u64> = got
+        .iter()
+        .map(|m| m["id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0))
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids must grow within a conversation"
+    );
+    Ok(())
+}
