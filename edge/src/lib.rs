@@ -25,7 +25,7 @@ use chat_shared::idgen::IdGenerator;
 use chat_shared::ids::EdgeId;
 use chat_shared::lease::NodeLease;
 use chat_shared::shutdown::{self, Shutdown};
-use chat_shared::{streams, subjects, Config};
+use chat_shared::{streams, subjects, Config, StartError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -51,6 +51,9 @@ pub(crate) struct Edge {
     pub verifier: Verifier,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
+    /// Handles (no round trip to make) on the streams the edge reads.
+    pub inbox: jetstream::stream::Stream<()>,
+    pub messages: jetstream::stream::Stream<()>,
     pub cursors: kv::Store,
     pub claims: kv::Store,
     pub ids: IdGenerator,
@@ -70,7 +73,9 @@ pub async fn run(
         Some(id) => EdgeId::parse(id.clone())?,
         None => EdgeId::parse(format!("edge-{:08x}", rand::random::<u32>()))?,
     };
-    let nats = chat_shared::nats::connect(&config, &format!("edge {id}")).await?;
+    let nats = chat_shared::nats::connect(&config, &format!("edge {id}"))
+        .await
+        .map_err(StartError::from)?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
     // The edge's NATS user may not create streams; the router and persister do.
     streams::wait_until_provisioned(&js).await;
@@ -79,9 +84,19 @@ pub async fn run(
         async move {
             js.get_key_value(name)
                 .await
-                .map_err(|e| EdgeError::JetStream(format!("bucket {name}: {e}")))
+                .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))
         }
     };
+    let stream = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream_no_info(name)
+                .await
+                .map_err(|e| StartError::JetStream(format!("stream {name}: {e}")))
+        }
+    };
+    let inbox = stream(subjects::INBOX_STREAM).await?;
+    let messages = stream(subjects::MESSAGES_STREAM).await?;
     let cursors = bucket(subjects::CURSORS_BUCKET).await?;
     let claims = bucket(subjects::SENT_BUCKET).await?;
     let lease = NodeLease::new(
@@ -102,6 +117,8 @@ pub async fn run(
         verifier,
         nats,
         js,
+        inbox,
+        messages,
         cursors,
         claims,
         ids,

@@ -41,7 +41,11 @@ impl GroupCache {
         let mut changes = nats
             .subscribe(subjects::EVENTS_SUBJECTS[0])
             .await
-            .map_err(|e| EdgeError::JetStream(format!("subscribing to group events: {e}")))?;
+            .map_err(|e| {
+                EdgeError::from(chat_shared::StartError::JetStream(format!(
+                    "subscribing to group events: {e}"
+                )))
+            })?;
         let entries = Arc::downgrade(&cache.entries);
         tokio::spawn(async move {
             while let Some(message) = changes.next().await {

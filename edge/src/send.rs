@@ -197,12 +197,8 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
         // JetStream kept an earlier copy; answer with its id, which differs
         // from ours only if the claim was lost.
         if claimed.is_none() {
-            let stream = edge
-                .js
-                .get_stream_no_info(subjects::MESSAGES_STREAM)
-                .await
-                .map_err(|_| unavailable())?;
-            let original = stream
+            let original = edge
+                .messages
                 .direct_get(ack.sequence)
                 .await
                 .map_err(|_| unavailable())?;

@@ -314,28 +314,34 @@ impl Session {
         };
         match cursor {
             Some(cursor) => {
-                let inbox = self
+                let info = self
                     .edge
                     .js
                     .get_stream(subjects::INBOX_STREAM)
                     .await
-                    .map_err(|_| UNAVAILABLE)?;
-                let info = inbox.cached_info();
+                    .map_err(|_| UNAVAILABLE)?
+                    .cached_info()
+                    .state
+                    .clone();
                 // Items after `cursor` up to first_seq - 1 have expired: some may
-                // have been this user's.
-                let resumed = cursor.0.saturating_add(1) >= info.state.first_sequence;
-                self.acked_flushed = given.is_none().then_some(cursor);
-                Ok((cursor, resumed))
+                // have been this user's. A cursor beyond the end was never
+                // handed out; it would hide every later item, so it is not
+                // trusted either.
+                let in_range = cursor.0 <= info.last_sequence;
+                let resumed = in_range && cursor.0.saturating_add(1) >= info.first_sequence;
+                let start = if in_range {
+                    cursor
+                } else {
+                    Cursor(info.last_sequence)
+                };
+                self.acked_flushed = given.is_none().then_some(start);
+                Ok((start, resumed))
             }
             None => {
-                let inbox = self
-                    .edge
-                    .js
-                    .get_stream_no_info(subjects::INBOX_STREAM)
-                    .await
-                    .map_err(|_| UNAVAILABLE)?;
                 // A new device starts at the head: after the user's last item.
-                let head = match inbox
+                let head = match self
+                    .edge
+                    .inbox
                     .direct_get_last_for_subject(subjects::inbox(&self.user))
                     .await
                 {
@@ -356,16 +362,11 @@ impl Session {
     /// Sends every inbox item after `sent_up_to`, oldest first.
     async fn replay_backlog(&mut self) -> Result<(), &'static str> {
         const UNAVAILABLE: &str = "inbox unavailable, retry later";
-        let inbox = self
-            .edge
-            .js
-            .get_stream_no_info(subjects::INBOX_STREAM)
-            .await
-            .map_err(|_| UNAVAILABLE)?;
+        let inbox = self.edge.inbox.clone();
         let consumer = inbox
             .create_consumer(consumer::pull::Config {
                 deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: self.sent_up_to.0 + 1,
+                    start_sequence: self.sent_up_to.0.saturating_add(1),
                 },
                 filter_subject: subjects::inbox(&self.user),
                 ack_policy: consumer::AckPolicy::None,

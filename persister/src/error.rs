@@ -2,11 +2,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum PersisterError {
     #[error(transparent)]
-    Nats(#[from] chat_shared::nats::ConnectError),
-    #[error(transparent)]
-    Provision(#[from] chat_shared::streams::ProvisionError),
-    #[error("JetStream: {0}")]
-    JetStream(String),
+    Start(#[from] chat_shared::StartError),
     #[error("PostgreSQL: {0}")]
     Database(String),
 }

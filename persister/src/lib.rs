@@ -14,7 +14,7 @@ mod writer;
 use std::time::Duration;
 
 use chat_shared::shutdown::{self, Shutdown};
-use chat_shared::{streams, subjects, Config};
+use chat_shared::{consume, streams, subjects, Config};
 
 pub use error::PersisterError;
 
@@ -22,16 +22,13 @@ pub use error::PersisterError;
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
     let pool = connect_pool(&config)?;
     migrations::run(&pool).await?;
-    let nats = chat_shared::nats::connect(&config, "persister").await?;
-    let js = chat_shared::nats::jetstream(nats.clone(), &config);
-    streams::apply(&js, &config).await?;
-    let consumer = js
-        .get_stream(subjects::MESSAGES_STREAM)
-        .await
-        .map_err(|e| PersisterError::JetStream(e.to_string()))?
-        .get_or_create_consumer(subjects::PERSISTER_CONSUMER, streams::persister_consumer())
-        .await
-        .map_err(|e| PersisterError::JetStream(e.to_string()))?;
+    let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
+    let consumer = consume::durable(
+        &js,
+        subjects::MESSAGES_STREAM,
+        streams::persister_consumer(),
+    )
+    .await?;
     let stop = shutdown::fan_out(shutdown);
     let service = service::Service::new(
         pool.clone(),

@@ -29,6 +29,8 @@ pub struct Service {
     nats: async_nats::Client,
     js: jetstream::Context,
     max_group_members: usize,
+    /// One outbox drain at a time in this process.
+    outbox: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn now_ms() -> i64 {
@@ -115,6 +117,7 @@ impl Service {
             nats,
             js,
             max_group_members,
+            outbox: Arc::default(),
         }
     }
 
@@ -428,18 +431,17 @@ impl Service {
         )
         .await
         .map_err(unavailable)?;
-        let event = self
-            .record_event(
-                &tx,
-                &group,
-                MembershipChange::Created,
-                members.clone(),
-                &request.user,
-                members.clone(),
-            )
-            .await?;
+        self.record_event(
+            &tx,
+            &group,
+            MembershipChange::Created,
+            members.clone(),
+            &request.user,
+            members.clone(),
+        )
+        .await?;
         tx.commit().await.map_err(unavailable)?;
-        self.publish_event(&event).await;
+        self.publish_outbox().await;
         Ok(GroupView {
             id: group,
             name,
@@ -533,24 +535,21 @@ impl Service {
             }
         };
         let after = self.group_members(&tx, &request.group).await?;
-        let event = if affected.is_empty() {
-            None
-        } else {
-            Some(
-                self.record_event(
-                    &tx,
-                    &request.group,
-                    change,
-                    affected,
-                    &request.user,
-                    after.clone(),
-                )
-                .await?,
+        let changed = !affected.is_empty();
+        if changed {
+            self.record_event(
+                &tx,
+                &request.group,
+                change,
+                affected,
+                &request.user,
+                after.clone(),
             )
-        };
+            .await?;
+        }
         tx.commit().await.map_err(unavailable)?;
-        if let Some(event) = event {
-            self.publish_event(&event).await;
+        if changed {
+            self.publish_outbox().await;
         }
         Ok(GroupView {
             id: request.group,
@@ -589,22 +588,22 @@ impl Service {
                 .map_err(unavailable)?;
             }
         }
-        let event = self
-            .record_event(
-                &tx,
-                &request.group,
-                MembershipChange::Left,
-                vec![request.user.clone()],
-                &request.user,
-                after,
-            )
-            .await?;
+        self.record_event(
+            &tx,
+            &request.group,
+            MembershipChange::Left,
+            vec![request.user.clone()],
+            &request.user,
+            after,
+        )
+        .await?;
         tx.commit().await.map_err(unavailable)?;
-        self.publish_event(&event).await;
+        self.publish_outbox().await;
         Ok(())
     }
 
-    /// Writes a membership event into the outbox inside the change's transaction.
+    /// Writes a membership event into the outbox inside the change's
+    /// transaction; [`Service::publish_outbox`] publishes it after COMMIT.
     async fn record_event(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -613,7 +612,7 @@ impl Service {
         users: Vec<UserId>,
         by: &UserId,
         members: Vec<UserId>,
-    ) -> Result<GroupEvent, RpcError> {
+    ) -> Result<(), RpcError> {
         let version: i64 = tx
             .query_one(
                 "UPDATE groups SET version = version + 1 WHERE id = $1 RETURNING version",
@@ -638,22 +637,7 @@ impl Service {
         )
         .await
         .map_err(unavailable)?;
-        Ok(event)
-    }
-
-    /// Publishes a committed event to EVENTS and clears it from the outbox.
-    /// On failure it stays there and is published at the next start.
-    async fn publish_event(&self, event: &GroupEvent) {
-        let Ok(body) = serde_json::to_vec(event) else {
-            return;
-        };
-        if self.publish_raw(&event.id, &event.group, body).await {
-            if let Ok(db) = self.client().await {
-                let _ = db
-                    .execute("DELETE FROM group_event_outbox WHERE id = $1", &[&event.id])
-                    .await;
-            }
-        }
+        Ok(())
     }
 
     async fn publish_raw(&self, id: &str, group: &GroupId, body: Vec<u8>) -> bool {
@@ -678,26 +662,35 @@ impl Service {
         }
     }
 
-    /// Publishes events whose change committed but whose publish did not
-    /// finish (a crash in between). Safe to repeat: the id de-duplicates.
+    /// Publishes every committed event still in the outbox, oldest first,
+    /// removing each once JetStream has it; stops at the first failure so a
+    /// group's events never overtake each other. Runs after every change and
+    /// at start (for a crash between COMMIT and publish). Repeats are safe:
+    /// the event id is the `Nats-Msg-Id`.
     pub async fn publish_outbox(&self) {
+        let _one_at_a_time = self.outbox.lock().await;
         let Ok(db) = self.client().await else { return };
         let Ok(rows) = db
-            .query("SELECT id, body FROM group_event_outbox ORDER BY id", &[])
+            .query("SELECT id, body FROM group_event_outbox ORDER BY seq", &[])
             .await
         else {
             return;
         };
         for row in rows {
             let (id, body): (String, Vec<u8>) = (row.get(0), row.get(1));
-            let Ok(event) = serde_json::from_slice::<GroupEvent>(&body) else {
-                continue;
-            };
-            if self.publish_raw(&id, &event.group, body).await {
+            let Some(group) = id.split_once('/').and_then(|(g, _)| GroupId::parse(g).ok()) else {
+                tracing::error!(%id, "dropping an outbox event with a malformed id");
                 let _ = db
                     .execute("DELETE FROM group_event_outbox WHERE id = $1", &[&id])
                     .await;
+                continue;
+            };
+            if !self.publish_raw(&id, &group, body).await {
+                return;
             }
+            let _ = db
+                .execute("DELETE FROM group_event_outbox WHERE id = $1", &[&id])
+                .await;
         }
     }
 }

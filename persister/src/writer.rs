@@ -1,9 +1,9 @@
 //! MESSAGES -> `messages`, in batches, idempotently, acked after COMMIT.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::ConversationId;
 use chat_shared::shutdown;
 use chat_shared::subjects;
@@ -16,8 +16,6 @@ use crate::PersisterError;
 
 /// The most events written in one transaction.
 const MAX_BATCH: usize = 1000;
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub async fn write_messages(
     pool: Pool,
@@ -27,22 +25,9 @@ pub async fn write_messages(
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
     loop {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(MAX_BATCH)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot pull MESSAGES; retrying");
-                tokio::select! {
-                    _ = &mut stopped => return Ok(()),
-                    _ = tokio::time::sleep(RETRY_MAX) => continue,
-                }
-            }
+        let Some(mut stream) = consume::open_pull(&consumer, MAX_BATCH, None, &mut stopped).await
+        else {
+            return Ok(());
         };
         loop {
             let first = tokio::select! {
@@ -123,7 +108,7 @@ async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
     if rows.is_empty() {
         return;
     }
-    let mut delay = RETRY_MIN;
+    let mut backoff = Backoff::default();
     loop {
         match insert(pool, &rows).await {
             Ok(()) => break,
@@ -133,8 +118,7 @@ async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
                 for message in &good {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_MAX);
+                backoff.wait().await;
             }
         }
     }

@@ -2,21 +2,11 @@
 //! provisions the streams and buckets, and waits.
 
 use chat_shared::shutdown::Shutdown;
-use chat_shared::{streams, Config};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PresenceError {
-    #[error(transparent)]
-    Nats(#[from] chat_shared::nats::ConnectError),
-    #[error(transparent)]
-    Provision(#[from] streams::ProvisionError),
-}
+use chat_shared::{consume, Config, StartError};
 
 /// Runs the service until `shutdown` completes.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError> {
-    let nats = chat_shared::nats::connect(&config, "presence").await?;
-    let js = chat_shared::nats::jetstream(nats, &config);
-    streams::apply(&js, &config).await?;
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+    consume::connect_and_provision(&config, "presence").await?;
     tracing::info!("presence running");
     shutdown.await;
     tracing::info!("presence stopped");

@@ -1,15 +1,15 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{ConversationId, Cursor, UserId};
-use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::wire::{with_cursor, ErrorCode, GroupEvent, MessageEvent, ServerFrame};
+use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -19,18 +19,6 @@ use crate::members::Members;
 const LANES: usize = 16;
 const LANE_QUEUE: usize = 256;
 const PULL_BATCH: usize = 512;
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum RouterError {
-    #[error(transparent)]
-    Nats(#[from] chat_shared::nats::ConnectError),
-    #[error(transparent)]
-    Provision(#[from] chat_shared::streams::ProvisionError),
-    #[error("JetStream: {0}")]
-    JetStream(String),
-}
 
 /// Why one event could not be routed.
 #[derive(Debug)]
@@ -39,6 +27,13 @@ enum RouteError {
     Poison(String),
     /// NATS or the persister failed; retried in place so order holds.
     Transient(String),
+}
+
+/// Which stream an event came from.
+#[derive(Clone, Copy)]
+enum Source {
+    Messages,
+    Events,
 }
 
 pub struct Fanout {
@@ -50,6 +45,38 @@ pub struct Fanout {
 impl Fanout {
     pub fn new(nats: async_nats::Client, js: jetstream::Context, members: Arc<Members>) -> Self {
         Self { nats, js, members }
+    }
+
+    async fn route(&self, source: Source, message: &jetstream::Message) -> Result<(), RouteError> {
+        match source {
+            Source::Messages => self.route_message(message).await,
+            Source::Events => self.route_group_event(message).await,
+        }
+    }
+
+    /// Handles one event until it is routed or found to be poison, then acks it.
+    async fn settle(&self, source: Source, message: jetstream::Message) {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.route(source, &message).await {
+                Ok(()) => break,
+                Err(RouteError::Poison(reason)) => {
+                    tracing::error!(subject = %message.subject, %reason, "dropping an event that cannot be routed");
+                    let _ = message.ack_with(AckKind::Term).await;
+                    return;
+                }
+                Err(RouteError::Transient(reason)) => {
+                    tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
+                    // Keep the event ours while we retry, instead of letting it be
+                    // redelivered behind later events of its conversation.
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    backoff.wait().await;
+                }
+            }
+        }
+        if let Err(e) = message.ack().await {
+            tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
+        }
     }
 
     async fn route_message(&self, message: &jetstream::Message) -> Result<(), RouteError> {
@@ -147,39 +174,6 @@ impl Fanout {
     }
 }
 
-/// Handles one event until it is routed or found to be poison, then acks it.
-async fn settle<F, Fut>(message: jetstream::Message, route: F)
-where
-    F: Fn(jetstream::Message) -> Fut,
-    Fut: std::future::Future<Output = (jetstream::Message, Result<(), RouteError>)>,
-{
-    let mut delay = RETRY_MIN;
-    let mut message = message;
-    loop {
-        let (back, result) = route(message).await;
-        message = back;
-        match result {
-            Ok(()) => break,
-            Err(RouteError::Poison(reason)) => {
-                tracing::error!(subject = %message.subject, %reason, "dropping an event that cannot be routed");
-                let _ = message.ack_with(AckKind::Term).await;
-                return;
-            }
-            Err(RouteError::Transient(reason)) => {
-                tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
-                // Keep the event ours while we retry, instead of letting it be
-                // redelivered behind later events of its conversation.
-                let _ = message.ack_with(AckKind::Progress).await;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_MAX);
-            }
-        }
-    }
-    if let Err(e) = message.ack().await {
-        tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
-    }
-}
-
 fn lane_of(subject: &str) -> usize {
     let mut hasher = DefaultHasher::new();
     subject.hash(&mut hasher);
@@ -192,22 +186,14 @@ pub async fn consume_messages(
     router: Arc<Fanout>,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
-) -> Result<(), RouterError> {
+) -> Result<(), StartError> {
     let lanes: Vec<mpsc::Sender<jetstream::Message>> = (0..LANES)
         .map(|_| {
             let (tx, mut rx) = mpsc::channel::<jetstream::Message>(LANE_QUEUE);
             let router = router.clone();
             tokio::spawn(async move {
                 while let Some(message) = rx.recv().await {
-                    let router = router.clone();
-                    settle(message, move |m| {
-                        let router = router.clone();
-                        async move {
-                            let result = router.route_message(&m).await;
-                            (m, result)
-                        }
-                    })
-                    .await;
+                    router.settle(Source::Messages, message).await;
                 }
             });
             tx
@@ -225,18 +211,11 @@ pub async fn consume_events(
     router: Arc<Fanout>,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
-) -> Result<(), RouterError> {
+) -> Result<(), StartError> {
     pull(consumer, stop, |message| {
         let router = router.clone();
         async move {
-            settle(message, move |m| {
-                let router = router.clone();
-                async move {
-                    let result = router.route_group_event(&m).await;
-                    (m, result)
-                }
-            })
-            .await;
+            router.settle(Source::Events, message).await;
             true
         }
     })
@@ -249,36 +228,24 @@ async fn pull<F, Fut>(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
     mut handle: F,
-) -> Result<(), RouterError>
+) -> Result<(), StartError>
 where
     F: FnMut(jetstream::Message) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
-    let mut delay = RETRY_MIN;
     loop {
-        let stream = consumer
-            .stream()
-            .group(subjects::ROUTER_PRIORITY_GROUP)
-            .max_messages_per_batch(PULL_BATCH)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot pull; retrying");
-                tokio::select! {
-                    _ = &mut stopped => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(RETRY_MAX);
-                continue;
-            }
+        let Some(mut stream) = consume::open_pull(
+            &consumer,
+            PULL_BATCH,
+            Some(subjects::ROUTER_PRIORITY_GROUP),
+            &mut stopped,
+        )
+        .await
+        else {
+            return Ok(());
         };
-        delay = RETRY_MIN;
         loop {
             tokio::select! {
                 _ = &mut stopped => return Ok(()),

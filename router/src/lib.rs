@@ -18,32 +18,19 @@ mod members;
 use std::sync::Arc;
 
 use chat_shared::shutdown::{self, Shutdown};
-use chat_shared::{streams, subjects, Config};
-
-pub use fanout::RouterError;
+use chat_shared::{consume, streams, subjects, Config, StartError};
 
 /// Runs the router until `shutdown` completes.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RouterError> {
-    let nats = chat_shared::nats::connect(&config, "router").await?;
-    let js = chat_shared::nats::jetstream(nats.clone(), &config);
-    streams::apply(&js, &config).await?;
-    let messages = js
-        .get_stream(subjects::MESSAGES_STREAM)
-        .await
-        .map_err(|e| RouterError::JetStream(e.to_string()))?
-        .get_or_create_consumer(subjects::ROUTER_CONSUMER, streams::router_consumer())
-        .await
-        .map_err(|e| RouterError::JetStream(e.to_string()))?;
-    let events = js
-        .get_stream(subjects::EVENTS_STREAM)
-        .await
-        .map_err(|e| RouterError::JetStream(e.to_string()))?
-        .get_or_create_consumer(
-            subjects::ROUTER_EVENTS_CONSUMER,
-            streams::router_events_consumer(),
-        )
-        .await
-        .map_err(|e| RouterError::JetStream(e.to_string()))?;
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+    let (nats, js) = consume::connect_and_provision(&config, "router").await?;
+    let messages =
+        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await?;
+    let events = consume::durable(
+        &js,
+        subjects::EVENTS_STREAM,
+        streams::router_events_consumer(),
+    )
+    .await?;
     let members = Arc::new(members::Members::new(nats.clone()));
     let router = Arc::new(fanout::Fanout::new(nats, js, members));
     let stop = shutdown::fan_out(shutdown);
@@ -59,7 +46,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RouterError> 
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(RouterError::JetStream(format!("router task failed: {e}"))),
+            Err(e) => return Err(StartError::JetStream(format!("router task failed: {e}"))),
         }
     }
     tracing::info!("router stopped");

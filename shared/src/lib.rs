@@ -5,6 +5,8 @@
 pub mod auth;
 pub mod bin;
 pub mod config;
+pub mod consume;
+pub mod error;
 pub mod idgen;
 pub mod ids;
 pub mod lease;
@@ -18,3 +20,4 @@ pub mod telemetry;
 pub mod wire;
 
 pub use config::Config;
+pub use error::StartError;

@@ -26,6 +26,23 @@ async fn quiet(client: &mut Client, kind: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends "m<i>" (client id "c<i>") to bob for every i in `range`, each
+/// answered `sent`; returns the `sent` frames.
+async fn send_to_bob(
+    client: &mut Client,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut sent = Vec::with_capacity(range.len());
+    for i in range {
+        let reply = client
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+        anyhow::ensure!(reply["type"] == "sent", "{reply}");
+        sent.push(reply);
+    }
+    Ok(sent)
+}
+
 fn cursor(frame: &Value) -> u64 {
     frame["cursor"]
         .as_str()
@@ -40,11 +57,7 @@ async fn a_dm_reaches_every_device_of_both_users_once_in_order() -> anyhow::Resu
     let mut alice_laptop = system.connect("alice", "laptop").await?;
     let mut bob = system.connect("bob", "phone").await?;
     let mut sent_ids = Vec::new();
-    for i in 0..20 {
-        let sent = alice_phone
-            .send_message(json!({"to":"bob"}), &format!("hello {i}"), &format!("c{i}"))
-            .await?;
-        assert_eq!(sent["type"], "sent", "{sent}");
+    for sent in send_to_bob(&mut alice_phone, 0..20).await? {
         assert_eq!(sent["conversation"], "dm:alice:bob");
         assert_eq!(sent["duplicate"], false);
         sent_ids.push(sent["id"].as_str().unwrap().to_string());
@@ -57,7 +70,7 @@ async fn a_dm_reaches_every_device_of_both_users_once_in_order() -> anyhow::Resu
             .collect();
         assert_eq!(ids, sent_ids);
         assert!(got.windows(2).all(|w| cursor(&w[0]) < cursor(&w[1])));
-        assert_eq!(got[3]["text"], "hello 3");
+        assert_eq!(got[3]["text"], "m3");
         assert_eq!(got[3]["from"], "alice");
         assert_eq!(got[3]["client_msg_id"], "c3");
         quiet(client, "message").await?;
@@ -140,22 +153,12 @@ async fn resume_after_500_offline_while_500_arrive_live() -> anyhow::Result<()> 
     let bob = system.connect("bob", "phone").await?;
     let start = bob.synced["cursor"].as_str().unwrap().to_string();
     drop(bob);
-    for i in 0..500 {
-        let sent = alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("a{i}"))
-            .await?;
-        assert_eq!(sent["type"], "sent");
-    }
+    send_to_bob(&mut alice, 0..500).await?;
     // Bob comes back with his cursor while alice keeps sending from another task.
     let url_system = &system;
     let sender = async {
         let mut alice2 = url_system.connect("alice", "laptop").await?;
-        for i in 500..1000 {
-            let sent = alice2
-                .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("a{i}"))
-                .await?;
-            anyhow::ensure!(sent["type"] == "sent", "{sent}");
-        }
+        send_to_bob(&mut alice2, 500..1000).await?;
         Ok::<_, anyhow::Error>(())
     };
     let receiver = async {
@@ -194,21 +197,13 @@ async fn reconnect_without_cursor_resumes_from_the_last_ack() -> anyhow::Result<
     let system = System::start().await?;
     let mut alice = system.connect("alice", "phone").await?;
     let mut bob = system.connect("bob", "phone").await?;
-    for i in 0..3 {
-        alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
-            .await?;
-    }
+    send_to_bob(&mut alice, 0..3).await?;
     let got = messages(&mut bob, 3).await?;
     bob.send(json!({"type":"ack","cursor":got[1]["cursor"]}))
         .await?;
     // Closing flushes the acked cursor.
     drop(bob);
-    for i in 3..5 {
-        alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
-            .await?;
-    }
+    send_to_bob(&mut alice, 3..5).await?;
     // The acked cursor is written when the old connection closes; retry until
     // the edge has done so.
     let mut again = system.connect("bob", "phone").await?;
@@ -235,11 +230,7 @@ async fn reconnect_without_cursor_resumes_from_the_last_ack() -> anyhow::Result<
 async fn an_expired_cursor_is_not_resumed() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut alice = system.connect("alice", "phone").await?;
-    for i in 0..3 {
-        alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
-            .await?;
-    }
+    send_to_bob(&mut alice, 0..3).await?;
     // Expire the inbox: everything up to now is gone.
     let admin = system.admin().await?;
     let js = async_nats::jetstream::new(admin);
@@ -337,13 +328,11 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut alice = system.connect("alice", "d").await?;
     let mut bob = system.connect("bob", "d").await?;
-    let mut ids = Vec::new();
-    for i in 0..7 {
-        let sent = alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
-            .await?;
-        ids.push(sent["id"].as_str().unwrap().to_string());
-    }
+    let ids: Vec<String> = send_to_bob(&mut alice, 0..7)
+        .await?
+        .iter()
+        .map(|sent| sent["id"].as_str().unwrap().to_string())
+        .collect();
     // The persister writes asynchronously; wait until it has all seven.
     let db = system.database().await?;
     wait_until(|| async {
@@ -513,5 +502,20 @@ async fn two_routers_never_reorder_a_conversation() -> anyhow::Result<()> {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids must grow within a conversation"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cursor_from_the_future_is_not_trusted() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    send_to_bob(&mut alice, 0..2).await?;
+    // A cursor the server never handed out must not hide later items.
+    let mut bob = system
+        .connect_from("bob", "phone", Some("18446744073709551615"))
+        .await?;
+    assert_eq!(bob.welcome["resumed"], false);
+    send_to_bob(&mut alice, 2..3).await?;
+    assert_eq!(messages(&mut bob, 1).await?[0]["text"], "m2");
     Ok(())
 }
