@@ -3,16 +3,16 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
-use chat_shared::ids::{ConversationId, Cursor, UserId};
+use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::subjects;
-use chat_shared::wire::{with_cursor, ErrorCode, GroupEvent, MessageEvent, ServerFrame};
+use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::inbox::InboxWriter;
 use crate::members::Members;
 
 /// Lanes per router: conversations hash onto them; each lane is sequential.
@@ -37,14 +37,16 @@ enum Source {
 }
 
 pub struct Fanout {
-    nats: async_nats::Client,
-    js: jetstream::Context,
+    inbox: InboxWriter,
     members: Arc<Members>,
 }
 
 impl Fanout {
     pub fn new(nats: async_nats::Client, js: jetstream::Context, members: Arc<Members>) -> Self {
-        Self { nats, js, members }
+        Self {
+            inbox: InboxWriter::new(nats, js),
+            members,
+        }
     }
 
     async fn route(&self, source: Source, message: &jetstream::Message) -> Result<(), RouteError> {
@@ -128,49 +130,16 @@ impl Fanout {
         self.append(&recipients, &event.id, frame.to_json().into())
             .await
     }
-
-    /// Appends `frame` to every recipient's inbox, then delivers each item
-    /// live with its cursor. The appends are pipelined (all published, then
-    /// all acks awaited), bounded by the recipient count.
     async fn append(
         &self,
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
     ) -> Result<(), RouteError> {
-        let transient = |e: &dyn std::fmt::Display| RouteError::Transient(e.to_string());
-        let mut pending = Vec::with_capacity(recipients.len());
-        for user in recipients {
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                subjects::MSG_ID_HEADER,
-                subjects::inbox_dedup_id(event_id, user).as_str(),
-            );
-            let ack = self
-                .js
-                .publish_with_headers(subjects::inbox(user), headers, frame.clone())
-                .await
-                .map_err(|e| transient(&e))?;
-            pending.push((user, ack));
-        }
-        for (user, ack) in pending {
-            // A duplicate ack carries the original sequence: delivering it again
-            // is harmless (connections drop cursors they already sent) and
-            // covers a crash between the append and the delivery.
-            let ack = ack.await.map_err(|e| transient(&e))?;
-            let cursor = Cursor(ack.sequence);
-            let mut headers = HeaderMap::new();
-            headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
-            self.nats
-                .publish_with_headers(
-                    subjects::deliver(user),
-                    headers,
-                    with_cursor(&frame, cursor).into(),
-                )
-                .await
-                .map_err(|e| transient(&e))?;
-        }
-        Ok(())
+        self.inbox
+            .append(recipients, event_id, frame)
+            .await
+            .map_err(RouteError::Transient)
     }
 }
 

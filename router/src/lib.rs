@@ -13,6 +13,7 @@
 //! enter every inbox in stream order.
 
 mod fanout;
+mod inbox;
 mod members;
 
 use std::sync::Arc;

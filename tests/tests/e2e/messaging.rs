@@ -519,3 +519,33 @@ async fn a_cursor_from_the_future_is_not_trusted() -> anyhow::Result<()> {
     assert_eq!(messages(&mut bob, 1).await?[0]["text"], "m2");
     Ok(())
 }
+
+#[tokio::test]
+async fn many_conversations_into_one_inbox_arrive_live_in_cursor_order() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    let senders = 12;
+    let each = 40;
+    let mut clients = Vec::new();
+    for s in 0..senders {
+        clients.push(system.connect(&format!("sender{s}"), "d").await?);
+    }
+    // Pipelined sends from every sender at once: the router's lanes append
+    // to bob's inbox concurrently.
+    for i in 0..each {
+        for (s, client) in clients.iter_mut().enumerate() {
+            client
+                .send(json!({"type":"send","to":"bob","text":format!("{s}:{i}"),"client_msg_id":format!("c{i}")}))
+                .await?;
+        }
+    }
+    let got = messages(&mut bob, senders * each).await?;
+    assert!(
+        got.windows(2).all(|w| cursor(&w[0]) < cursor(&w[1])),
+        "live cursors must grow"
+    );
+    let distinct: HashSet<&str> = got.iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(distinct.len(), senders * each);
+    quiet(&mut bob, "message").await?;
+    Ok(())
+}
