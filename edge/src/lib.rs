@@ -7,7 +7,6 @@
 
 mod error;
 mod hub;
-mod membership;
 mod requests;
 mod send;
 mod session;
@@ -24,6 +23,7 @@ use chat_shared::auth::Verifier;
 use chat_shared::idgen::IdGenerator;
 use chat_shared::ids::EdgeId;
 use chat_shared::lease::NodeLease;
+use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{streams, subjects, Config, StartError};
 use tokio::net::TcpListener;
@@ -58,7 +58,7 @@ pub(crate) struct Edge {
     pub claims: kv::Store,
     pub ids: IdGenerator,
     pub hub: Arc<hub::Hub>,
-    pub groups: membership::GroupCache,
+    pub groups: GroupCache,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -108,7 +108,7 @@ pub async fn run(
     let ids = IdGenerator::new(lease.slot());
     let stop = shutdown::fan_out(shutdown);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
-    let groups = membership::GroupCache::start(nats.clone()).await?;
+    let groups = GroupCache::start(nats.clone()).await?;
 
     let edge = Arc::new(Edge {
         hub: hub::Hub::new(nats.clone(), LIVE_QUEUE),

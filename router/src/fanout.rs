@@ -6,6 +6,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::membership::GroupCache;
 use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
@@ -13,7 +14,6 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::inbox::InboxWriter;
-use crate::members::Members;
 
 /// Lanes per router: conversations hash onto them; each lane is sequential.
 const LANES: usize = 16;
@@ -38,14 +38,14 @@ enum Source {
 
 pub struct Fanout {
     inbox: InboxWriter,
-    members: Arc<Members>,
+    groups: GroupCache,
 }
 
 impl Fanout {
-    pub fn new(nats: async_nats::Client, js: jetstream::Context, members: Arc<Members>) -> Self {
+    pub fn new(nats: async_nats::Client, js: jetstream::Context, groups: GroupCache) -> Self {
         Self {
             inbox: InboxWriter::new(nats, js),
-            members,
+            groups,
         }
     }
 
@@ -93,8 +93,8 @@ impl Fanout {
         }
         let recipients: Vec<UserId> = match &conversation {
             ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
-            ConversationId::Group(group) => match self.members.of(group).await {
-                Ok(members) => members.as_ref().clone(),
+            ConversationId::Group(group) => match self.groups.members(group).await {
+                Ok(members) => members.iter().cloned().collect(),
                 Err(e) if e.code == ErrorCode::NotFound => {
                     return Err(RouteError::Poison(format!("unknown group {group}")))
                 }
@@ -113,7 +113,7 @@ impl Fanout {
     async fn route_group_event(&self, message: &jetstream::Message) -> Result<(), RouteError> {
         let event: GroupEvent = serde_json::from_slice(&message.payload)
             .map_err(|e| RouteError::Poison(format!("malformed group event: {e}")))?;
-        self.members.set(event.group.clone(), event.members.clone());
+        self.groups.invalidate(&event.group);
         let mut recipients = event.members.clone();
         for user in &event.users {
             if !recipients.contains(user) {

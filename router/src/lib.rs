@@ -14,10 +14,10 @@
 
 mod fanout;
 mod inbox;
-mod members;
 
 use std::sync::Arc;
 
+use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
 
@@ -32,7 +32,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
         streams::router_events_consumer(),
     )
     .await?;
-    let members = Arc::new(members::Members::new(nats.clone()));
+    let members = GroupCache::start(nats.clone()).await?;
     let router = Arc::new(fanout::Fanout::new(nats, js, members));
     let stop = shutdown::fan_out(shutdown);
     tracing::info!("router running");

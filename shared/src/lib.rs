@@ -10,6 +10,7 @@ pub mod error;
 pub mod idgen;
 pub mod ids;
 pub mod lease;
+pub mod membership;
 pub mod nats;
 pub mod rpc;
 pub mod schema;

@@ -85,6 +85,11 @@ pub fn group_event(group: &GroupId) -> String {
     format!("chat.event.group.{group}")
 }
 
+/// The group of an EVENTS subject, if it is one.
+pub fn parse_group_event(subject: &str) -> Option<GroupId> {
+    GroupId::parse(subject.strip_prefix("chat.event.group.")?).ok()
+}
+
 /// The persister's request/reply service for one method.
 pub fn rpc(method: &str) -> String {
     format!("chat.rpc.{method}")
@@ -175,6 +180,14 @@ mod tests {
         ] {
             assert_eq!(parse_message(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn group_event_subjects_parse_back() {
+        let group = GroupId::parse("g1").unwrap();
+        assert_eq!(parse_group_event(&group_event(&group)), Some(group));
+        assert_eq!(parse_group_event("chat.event.group.a.b"), None);
+        assert_eq!(parse_group_event("chat.msg.group.g1"), None);
     }
 
     #[test]

@@ -1,22 +1,23 @@
-//! Group membership as the edge sees it: asked of the persister, cached, and
-//! dropped from the cache as soon as a membership change is published.
+//! Group membership as the edge and the router see it: asked of the
+//! persister, cached, and dropped from the cache as soon as a membership
+//! change is published (every process subscribes to the change subject on
+//! core NATS, whichever router consumes the EVENTS stream).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat_shared::ids::{GroupId, UserId};
-use chat_shared::rpc::{self, RpcError};
-use chat_shared::subjects;
+use crate::error::StartError;
+use crate::ids::{GroupId, UserId};
+use crate::rpc::{self, RpcError};
+use crate::subjects;
 use futures::StreamExt;
-
-use crate::EdgeError;
 
 /// A safety net: entries also expire, in case an invalidation was missed
 /// during a NATS reconnect.
 const TTL: Duration = Duration::from_secs(30);
 
-type Members = Arc<HashSet<UserId>>;
+pub type Members = Arc<HashSet<UserId>>;
 
 #[derive(Default)]
 struct Entries {
@@ -26,6 +27,13 @@ struct Entries {
     generation: u64,
 }
 
+fn forget(entries: &Mutex<Entries>, group: &GroupId) {
+    if let Ok(mut entries) = entries.lock() {
+        entries.groups.remove(group);
+        entries.generation += 1;
+    }
+}
+
 #[derive(Clone)]
 pub struct GroupCache {
     nats: async_nats::Client,
@@ -33,7 +41,7 @@ pub struct GroupCache {
 }
 
 impl GroupCache {
-    pub async fn start(nats: async_nats::Client) -> Result<Self, EdgeError> {
+    pub async fn start(nats: async_nats::Client) -> Result<Self, StartError> {
         let cache = Self {
             nats: nats.clone(),
             entries: Arc::default(),
@@ -41,31 +49,24 @@ impl GroupCache {
         let mut changes = nats
             .subscribe(subjects::EVENTS_SUBJECTS[0])
             .await
-            .map_err(|e| {
-                EdgeError::from(chat_shared::StartError::JetStream(format!(
-                    "subscribing to group events: {e}"
-                )))
-            })?;
+            .map_err(|e| StartError::JetStream(format!("subscribing to group events: {e}")))?;
         let entries = Arc::downgrade(&cache.entries);
         tokio::spawn(async move {
             while let Some(message) = changes.next().await {
                 let Some(entries) = entries.upgrade() else {
                     break;
                 };
-                let group = message
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|g| GroupId::parse(g).ok());
-                if let Some(group) = group {
-                    if let Ok(mut entries) = entries.lock() {
-                        entries.groups.remove(&group);
-                        entries.generation += 1;
-                    }
+                if let Some(group) = subjects::parse_group_event(&message.subject) {
+                    forget(&entries, &group);
                 }
             }
         });
         Ok(cache)
+    }
+
+    /// Forgets `group` now (a process that has just seen its change).
+    pub fn invalidate(&self, group: &GroupId) {
+        forget(&self.entries, group);
     }
 
     /// The current members of `group` (`not_found` if there is no such group).
