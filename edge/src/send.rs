@@ -79,6 +79,13 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
             format!("text is longer than {MAX_TEXT_CHARS} characters"),
         ));
     }
+    if request.text.contains('\0') {
+        // PostgreSQL's text type cannot hold NUL.
+        return Err((
+            ErrorCode::BadRequest,
+            "text must not contain NUL characters".into(),
+        ));
+    }
     check_may_write(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
         return Err(unavailable());

@@ -386,10 +386,10 @@ impl Service {
 
     async fn group_create(&self, request: rpc::GroupCreateRequest) -> Result<GroupView, RpcError> {
         let name = request.name.trim().to_string();
-        if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS {
+        if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS || name.contains('\0') {
             return Err(RpcError::new(
                 ErrorCode::BadRequest,
-                "a group name has 1 to 200 characters",
+                "a group name has 1 to 200 characters and no NUL",
             ));
         }
         let mut members = vec![request.user.clone()];

@@ -55,101 +55,170 @@ pub async fn write_messages(
     }
 }
 
-/// A decoded event ready for the database.
-struct Row {
-    conversation: String,
-    id: i64,
-    sender: String,
-    body: String,
-    ts: i64,
-    client_msg_id: String,
-    dm_parties: Option<[String; 2]>,
+/// Events as the columns of one multi-row insert, built once per batch.
+#[derive(Default)]
+struct Batch {
+    conversations: Vec<String>,
+    ids: Vec<i64>,
+    senders: Vec<String>,
+    bodies: Vec<String>,
+    stamps: Vec<i64>,
+    client_ids: Vec<String>,
+    /// One (user, conversation) pair per DM party, for `dm_members`.
+    dm_users: Vec<String>,
+    dm_conversations: Vec<String>,
 }
 
-fn decode(message: &jetstream::Message) -> Result<Row, String> {
+impl Batch {
+    fn push(
+        &mut self,
+        conversation: &ConversationId,
+        event: MessageEvent,
+    ) -> Result<(), &'static str> {
+        let id = i64::try_from(event.id.get()).map_err(|_| "id out of range")?;
+        let ts = i64::try_from(event.ts).map_err(|_| "ts out of range")?;
+        let name = conversation.to_string();
+        if let ConversationId::Dm { low, high } = conversation {
+            for party in [low, high] {
+                self.dm_users.push(party.to_string());
+                self.dm_conversations.push(name.clone());
+            }
+        }
+        self.conversations.push(name);
+        self.ids.push(id);
+        self.senders.push(event.from.to_string());
+        self.bodies.push(event.text);
+        self.stamps.push(ts);
+        self.client_ids
+            .push(event.client_msg_id.as_str().to_string());
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessageEvent), String> {
     let conversation = subjects::parse_message(&message.subject).ok_or("unexpected subject")?;
     let event: MessageEvent =
         serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
     if event.conversation != conversation {
         return Err("event conversation does not match its subject".into());
     }
-    let dm_parties = match &conversation {
-        ConversationId::Dm { low, high } => Some([low.to_string(), high.to_string()]),
-        ConversationId::Group(_) => None,
-    };
-    Ok(Row {
-        conversation: conversation.to_string(),
-        id: i64::try_from(event.id.get()).map_err(|_| "id out of range")?,
-        sender: event.from.to_string(),
-        body: event.text,
-        ts: i64::try_from(event.ts).map_err(|_| "ts out of range")?,
-        client_msg_id: event.client_msg_id.as_str().to_string(),
-        dm_parties,
-    })
+    Ok((conversation, event))
 }
 
-/// Writes a batch until it sticks, then acks it. Malformed events are
-/// terminated (they would never succeed) and logged.
+/// Why an insert failed: a database that is away (retry), or rows it will
+/// never take (PostgreSQL error classes 22 "data exception" and 23
+/// "integrity constraint violation").
+enum InsertError {
+    Transient(String),
+    Permanent(String),
+}
+
+impl From<tokio_postgres::Error> for InsertError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.code().map(|c| c.code()) {
+            Some(code) if code.starts_with("22") || code.starts_with("23") => {
+                Self::Permanent(e.to_string())
+            }
+            _ => Self::Transient(e.to_string()),
+        }
+    }
+}
+
+/// Writes a batch until it sticks, then acks it. An event the database will
+/// never take (malformed, or refused as data) is terminated and logged, so
+/// it cannot stall every event behind it.
 async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
-    let mut rows = Vec::with_capacity(batch.len());
+    let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
-        match decode(&message) {
-            Ok(row) => {
-                rows.push(row);
-                good.push(message);
-            }
-            Err(reason) => {
-                tracing::error!(subject = %message.subject, %reason, "dropping a malformed MESSAGES event");
-                let _ = message.ack_with(AckKind::Term).await;
+        let pushed = decode(&message).and_then(|(conversation, event)| {
+            rows.push(&conversation, event).map_err(str::to_string)
+        });
+        match pushed {
+            Ok(()) => good.push(message),
+            Err(reason) => terminate(&message, &reason).await,
+        }
+    }
+    if good.is_empty() {
+        return;
+    }
+    match insert_until_settled(pool, &rows, &good).await {
+        Ok(()) => ack_all(good).await,
+        Err(reason) if good.len() == 1 => terminate(&good[0], &reason).await,
+        Err(_) => {
+            // Find the bad event: write the batch one event at a time.
+            for message in good {
+                let Ok((conversation, event)) = decode(&message) else {
+                    continue;
+                };
+                let mut single = Batch::default();
+                if single.push(&conversation, event).is_err() {
+                    continue;
+                }
+                match insert_until_settled(pool, &single, std::slice::from_ref(&message)).await {
+                    Ok(()) => ack_all(vec![message]).await,
+                    Err(reason) => terminate(&message, &reason).await,
+                }
             }
         }
     }
-    if rows.is_empty() {
-        return;
-    }
+}
+
+/// Retries transient failures (keeping the events ours meanwhile); returns
+/// a permanent failure.
+async fn insert_until_settled(
+    pool: &Pool,
+    rows: &Batch,
+    messages: &[jetstream::Message],
+) -> Result<(), String> {
     let mut backoff = Backoff::default();
     loop {
-        match insert(pool, &rows).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, rows = rows.len(), "batch insert failed; retrying");
-                // Keep the batch ours while the database is away.
-                for message in &good {
+        match insert(pool, rows).await {
+            Ok(()) => return Ok(()),
+            Err(InsertError::Permanent(reason)) => return Err(reason),
+            Err(InsertError::Transient(reason)) => {
+                tracing::warn!(error = %reason, rows = rows.len(), "insert failed; retrying");
+                for message in messages {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
                 backoff.wait().await;
             }
         }
     }
-    for message in good {
+}
+
+async fn terminate(message: &jetstream::Message, reason: &str) {
+    tracing::error!(subject = %message.subject, %reason, "dropping a MESSAGES event the database will never take");
+    let _ = message.ack_with(AckKind::Term).await;
+}
+
+async fn ack_all(messages: Vec<jetstream::Message>) {
+    for message in messages {
         if let Err(e) = message.ack().await {
             tracing::warn!(error = %e, "ack failed; the event will be redelivered and skipped");
         }
     }
 }
 
-async fn insert(pool: &Pool, rows: &[Row]) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    let mut client = pool.get().await.map_err(|e| err(&e))?;
-    let tx = client.transaction().await.map_err(|e| err(&e))?;
-    let column = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<_>>();
-    let conversations = column(|r| r.conversation.clone());
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let senders = column(|r| r.sender.clone());
-    let bodies = column(|r| r.body.clone());
-    let stamps: Vec<i64> = rows.iter().map(|r| r.ts).collect();
-    let client_ids = column(|r| r.client_msg_id.clone());
+async fn insert(pool: &Pool, rows: &Batch) -> Result<(), InsertError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| InsertError::Transient(e.to_string()))?;
+    let tx = client.transaction().await?;
     let inserted = tx
         .query(
             "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[])
              ON CONFLICT DO NOTHING
              RETURNING conversation, id",
-            &[&conversations, &ids, &senders, &bodies, &stamps, &client_ids],
+            &[&rows.conversations, &rows.ids, &rows.senders, &rows.bodies, &rows.stamps, &rows.client_ids],
         )
-        .await
-        .map_err(|e| err(&e))?;
+        .await?;
     if !inserted.is_empty() {
         let mut newest: HashMap<String, i64> = HashMap::new();
         for row in &inserted {
@@ -166,28 +235,17 @@ async fn insert(pool: &Pool, rows: &[Row]) -> Result<(), String> {
                    activity = GREATEST(conversations.activity, EXCLUDED.activity)",
             &[&names, &last],
         )
-        .await
-        .map_err(|e| err(&e))?;
-        let mut users = Vec::new();
-        let mut dms = Vec::new();
-        for row in rows.iter() {
-            if let Some(parties) = &row.dm_parties {
-                for party in parties {
-                    users.push(party.clone());
-                    dms.push(row.conversation.clone());
-                }
-            }
-        }
-        if !users.is_empty() {
+        .await?;
+        if !rows.dm_users.is_empty() {
             tx.execute(
                 "INSERT INTO dm_members (user_id, conversation)
                  SELECT DISTINCT u, c FROM UNNEST($1::text[], $2::text[]) AS t(u, c)
                  ON CONFLICT DO NOTHING",
-                &[&users, &dms],
+                &[&rows.dm_users, &rows.dm_conversations],
             )
-            .await
-            .map_err(|e| err(&e))?;
+            .await?;
         }
     }
-    tx.commit().await.map_err(|e| err(&e))
+    tx.commit().await?;
+    Ok(())
 }

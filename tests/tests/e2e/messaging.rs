@@ -549,3 +549,26 @@ async fn many_conversations_into_one_inbox_arrive_live_in_cursor_order() -> anyh
     quiet(&mut bob, "message").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    // Published behind the edge's back: PostgreSQL refuses NUL in text.
+    let admin = async_nats::jetstream::new(system.admin().await?);
+    let poison = json!({"id":"1","conversation":"dm:alice:bob","from":"alice","text":"a\u{0}b","ts":1,"client_msg_id":"poison"});
+    admin
+        .publish("chat.msg.dm.alice.bob", poison.to_string().into())
+        .await?
+        .await?;
+    let mut alice = system.connect("alice", "d").await?;
+    send_to_bob(&mut alice, 0..5).await?;
+    let db = system.database().await?;
+    wait_until(|| async {
+        db.query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 5)
+            .unwrap_or(false)
+    })
+    .await?;
+    Ok(())
+}
