@@ -4,17 +4,23 @@
 //! Idempotency has two layers. JetStream drops a second publish with the same
 //! `Nats-Msg-Id` within its duplicate window. Beyond the window, the claim in
 //! the `chat_sent` KV bucket (key sender + client_msg_id, created before the
-//! first publish) remembers the id for days: a retry reuses it, and PostgreSQL's
-//! unique (sender, client_msg_id) is the last net for history.
+//! first publish) remembers the id for days: a retry reuses it. A retry that
+//! comes after the window reads the conversation's MESSAGES around the claim's
+//! time: found, it is a duplicate; not found (the first attempt died between
+//! claim and PubAck), it is published now. PostgreSQL's unique (sender,
+//! client_msg_id) is the last net for history.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::session::Outbox;
@@ -25,6 +31,8 @@ use crate::Edge;
 pub const SEND_QUEUE: usize = 64;
 /// The longest text, in Unicode characters.
 pub const MAX_TEXT_CHARS: usize = 100_000;
+/// Events read per request while looking for a long-claimed message.
+const SCAN_BATCH: usize = 200;
 
 pub async fn send_worker(
     edge: Arc<Edge>,
@@ -160,13 +168,11 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
                 .get(&claim_key)
                 .await
                 .map_err(|_| unavailable())?;
-            entry
-                .and_then(|v| {
-                    std::str::from_utf8(&v)
-                        .ok()
-                        .and_then(|s| MessageId::parse(s).ok())
-                })
-                .or(Some(fresh))
+            entry.and_then(|v| {
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| MessageId::parse(s).ok())
+            })
         }
         Err(e) => {
             tracing::warn!(error = %e, "claim failed");
@@ -178,9 +184,12 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
     event.ts = timestamp_ms(event.id);
     if claimed.is_some() {
         let age_ms = timestamp_ms(fresh).saturating_sub(event.ts);
-        // Past JetStream's window a republish would be stored twice; the
-        // original was published right after its claim, long ago.
-        if age_ms > edge.config.dedup_window.as_millis() as u64 * 9 / 10 {
+        // Past JetStream's window a republish would be stored twice if the
+        // first attempt got through; look for it instead (rare: a retry
+        // minutes after the first try).
+        if age_ms > edge.config.dedup_window.as_millis() as u64 * 9 / 10
+            && was_published(edge, &event).await?
+        {
             return Ok((event, true));
         }
     }
@@ -218,4 +227,62 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
     // Stored now for the first time (also when an earlier attempt claimed
     // the id but never got to publish).
     Ok((event, false))
+}
+
+/// Whether MESSAGES holds `event.id`. A claimed message is published within
+/// the request timeout after its claim, so only that stretch of the
+/// conversation's subject is read.
+async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, Refusal> {
+    const SLACK_MS: u64 = 5_000;
+    let claimed_at_ns = i128::from(event.ts.saturating_sub(SLACK_MS)) * 1_000_000;
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(claimed_at_ns)
+        .map_err(|_| unavailable())?;
+    let window_end_ms = event.ts + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
+    let consumer = edge
+        .messages
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            filter_subject: subjects::message(&event.conversation),
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| unavailable())?;
+    let name = consumer.cached_info().name.clone();
+    let found = async {
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(SCAN_BATCH)
+                .messages()
+                .await
+                .map_err(|_| unavailable())?;
+            let mut seen = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|_| unavailable())?;
+                seen += 1;
+                if let Ok(stored) = serde_json::from_slice::<MessageEvent>(&message.payload) {
+                    if stored.id == event.id {
+                        return Ok(true);
+                    }
+                }
+                let published_ms = message
+                    .info()
+                    .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64)
+                    .unwrap_or(u64::MAX);
+                if published_ms > window_end_ms {
+                    return Ok(false);
+                }
+            }
+            if seen < SCAN_BATCH {
+                return Ok(false);
+            }
+        }
+    }
+    .await;
+    let _ = edge.messages.delete_consumer(&name).await;
+    found
 }

@@ -572,3 +572,43 @@ async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Resul
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_claim_older_than_the_dedup_window_that_was_never_published_is_published(
+) -> anyhow::Result<()> {
+    use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+    use chat_shared::ids::{ClientMsgId, UserId};
+    let system = System::start().await?;
+    // An edge claimed (alice, "old-1") 20 minutes ago and died before publishing.
+    let now_ms = chat_shared::auth::now_secs() * 1000;
+    let old_id = ((now_ms - 20 * 60 * 1000 - EPOCH_MS) << (NODE_BITS + SEQUENCE_BITS))
+        | (1 << SEQUENCE_BITS);
+    let key =
+        chat_shared::subjects::sent_key(&UserId::parse("alice")?, &ClientMsgId::parse("old-1")?);
+    let admin = async_nats::jetstream::new(system.admin().await?);
+    admin
+        .get_key_value("chat_sent")
+        .await?
+        .put(key, old_id.to_string().into())
+        .await?;
+
+    let mut alice = system.connect("alice", "d").await?;
+    let mut bob = system.connect("bob", "d").await?;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "late retry", "old-1")
+        .await?;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    assert_eq!(sent["id"], old_id.to_string());
+    assert_eq!(sent["duplicate"], false);
+    assert_eq!(messages(&mut bob, 1).await?[0]["id"], old_id.to_string());
+    // Retrying again finds it stored.
+    let again = alice
+        .send_message(json!({"to":"bob"}), "late retry", "old-1")
+        .await?;
+    assert_eq!(
+        (again["id"].as_str(), again["duplicate"].as_bool()),
+        (Some(old_id.to_string().as_str()), Some(true))
+    );
+    quiet(&mut bob, "message").await?;
+    Ok(())
+}
