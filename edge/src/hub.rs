@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
 use chat_shared::ids::{Cursor, UserId};
 use chat_shared::subjects;
 use futures::StreamExt;
@@ -15,7 +17,8 @@ use tokio::sync::{mpsc, OnceCell};
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub cursor: Option<Cursor>,
-    pub frame: Bytes,
+    /// Checked as UTF-8 once, whatever the number of sessions.
+    pub frame: Utf8Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub struct Hub {
     next_session: std::sync::atomic::AtomicU64,
     /// Live frames a session may have waiting before it counts as too slow.
     queue: usize,
+    /// How long a new subscription may take to be confirmed.
+    confirm_timeout: Duration,
 }
 
 /// A session's place in the hub; dropping it leaves.
@@ -55,12 +60,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(client: async_nats::Client, queue: usize) -> Arc<Self> {
+    pub fn new(client: async_nats::Client, queue: usize, confirm_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             client,
             users: Mutex::new(HashMap::new()),
             next_session: Default::default(),
             queue,
+            confirm_timeout,
         })
     }
 
@@ -100,11 +106,16 @@ impl Hub {
                     .subscribe(subjects::deliver(user))
                     .await
                     .map_err(|e| HubError(e.to_string()))?;
-                self.client
-                    .flush()
+                tokio::time::timeout(self.confirm_timeout, self.client.flush())
                     .await
+                    .map_err(|_| HubError("NATS did not confirm the subscription in time".into()))?
                     .map_err(|e| HubError(e.to_string()))?;
-                let task = tokio::spawn(pump(subscriber, Arc::downgrade(&feed)));
+                let task = tokio::spawn(pump(
+                    subscriber,
+                    Arc::downgrade(self),
+                    user.clone(),
+                    Arc::downgrade(&feed),
+                ));
                 Ok::<_, HubError>(task.abort_handle())
             })
             .await?;
@@ -138,18 +149,26 @@ impl Drop for Registration {
 /// Copies each delivery to every session of the user. A session whose queue
 /// is full is cut loose (its receiver closes and it disconnects; the client
 /// resumes from its cursor) so one slow device never holds up the others.
-async fn pump(mut subscriber: async_nats::Subscriber, feed: std::sync::Weak<UserFeed>) {
+/// If the subscription itself ends, every session of the user is cut loose
+/// the same way, and the next connection subscribes afresh.
+async fn pump(
+    mut subscriber: async_nats::Subscriber,
+    hub: std::sync::Weak<Hub>,
+    user: UserId,
+    feed: std::sync::Weak<UserFeed>,
+) {
     while let Some(message) = subscriber.next().await {
-        let Some(feed) = feed.upgrade() else { break };
+        let Some(feed) = feed.upgrade() else { return };
         let cursor = message
             .headers
             .as_ref()
             .and_then(|h| h.get(subjects::CURSOR_HEADER))
             .and_then(|v| Cursor::parse(v.as_str()).ok());
-        let delivery = Delivery {
-            cursor,
-            frame: message.payload,
+        let Ok(frame) = Utf8Bytes::try_from(message.payload) else {
+            tracing::error!("dropping a delivery that is not UTF-8");
+            continue;
         };
+        let delivery = Delivery { cursor, frame };
         lock(&feed.sessions).retain(|(_, tx)| match tx.try_send(delivery.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -159,4 +178,16 @@ async fn pump(mut subscriber: async_nats::Subscriber, feed: std::sync::Weak<User
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
     }
+    tracing::warn!(%user, "live delivery subscription ended; disconnecting the user's sessions");
+    let (Some(hub), Some(feed)) = (hub.upgrade(), feed.upgrade()) else {
+        return;
+    };
+    let mut users = lock(&hub.users);
+    if users
+        .get(&user)
+        .is_some_and(|current| Arc::ptr_eq(current, &feed))
+    {
+        users.remove(&user);
+    }
+    lock(&feed.sessions).clear();
 }

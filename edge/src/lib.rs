@@ -111,7 +111,7 @@ pub async fn run(
     let groups = GroupCache::start(nats.clone()).await?;
 
     let edge = Arc::new(Edge {
-        hub: hub::Hub::new(nats.clone(), LIVE_QUEUE),
+        hub: hub::Hub::new(nats.clone(), LIVE_QUEUE, config.request_timeout),
         config,
         id,
         verifier,

@@ -11,16 +11,15 @@
 //! client_msg_id) is the last net for history.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
+use chat_shared::consume::Scan;
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
-use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::session::Outbox;
@@ -31,8 +30,6 @@ use crate::Edge;
 pub const SEND_QUEUE: usize = 64;
 /// The longest text, in Unicode characters.
 pub const MAX_TEXT_CHARS: usize = 100_000;
-/// Events read per request while looking for a long-claimed message.
-const SCAN_BATCH: usize = 200;
 
 pub async fn send_worker(
     edge: Arc<Edge>,
@@ -238,51 +235,31 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, Refusa
     let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(claimed_at_ns)
         .map_err(|_| unavailable())?;
     let window_end_ms = event.ts + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
-    let consumer = edge
-        .messages
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: DeliverPolicy::ByStartTime { start_time },
-            filter_subject: subjects::message(&event.conversation),
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|_| unavailable())?;
-    let name = consumer.cached_info().name.clone();
+    let mut scan = Scan::open(
+        &edge.messages,
+        subjects::message(&event.conversation),
+        DeliverPolicy::ByStartTime { start_time },
+    )
+    .await
+    .map_err(|_| unavailable())?;
     let found = async {
-        loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(SCAN_BATCH)
-                .messages()
-                .await
-                .map_err(|_| unavailable())?;
-            let mut seen = 0;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|_| unavailable())?;
-                seen += 1;
-                if let Ok(stored) = serde_json::from_slice::<MessageEvent>(&message.payload) {
-                    if stored.id == event.id {
-                        return Ok(true);
-                    }
-                }
-                let published_ms = message
-                    .info()
-                    .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64)
-                    .unwrap_or(u64::MAX);
-                if published_ms > window_end_ms {
-                    return Ok(false);
-                }
+        while let Some(message) = scan.next().await.map_err(|_| unavailable())? {
+            if serde_json::from_slice::<MessageEvent>(&message.payload)
+                .is_ok_and(|stored| stored.id == event.id)
+            {
+                return Ok(true);
             }
-            if seen < SCAN_BATCH {
-                return Ok(false);
+            let published_ms = message
+                .info()
+                .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64)
+                .unwrap_or(u64::MAX);
+            if published_ms > window_end_ms {
+                break;
             }
         }
+        Ok(false)
     }
     .await;
-    let _ = edge.messages.delete_consumer(&name).await;
+    scan.close().await;
     found
 }

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chat_shared::auth::AuthError;
+use chat_shared::consume::Scan;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
 use chat_shared::subjects;
 use chat_shared::wire::{close, with_cursor, ClientFrame, ErrorCode, RefOnly, ServerFrame};
@@ -24,8 +25,6 @@ use crate::Edge;
 const OUTBOUND_QUEUE: usize = 256;
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
-/// Backlog items read from the inbox per batch.
-const REPLAY_BATCH: usize = 1000;
 
 pub enum Outbound {
     Frame(Utf8Bytes),
@@ -362,48 +361,34 @@ impl Session {
     /// Sends every inbox item after `sent_up_to`, oldest first.
     async fn replay_backlog(&mut self) -> Result<(), &'static str> {
         const UNAVAILABLE: &str = "inbox unavailable, retry later";
-        let inbox = self.edge.inbox.clone();
-        let consumer = inbox
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: self.sent_up_to.0.saturating_add(1),
-                },
-                filter_subject: subjects::inbox(&self.user),
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                num_replicas: 1,
-                ..Default::default()
-            })
+        let from = DeliverPolicy::ByStartSequence {
+            start_sequence: self.sent_up_to.0.saturating_add(1),
+        };
+        let mut scan = Scan::open(&self.edge.inbox, subjects::inbox(&self.user), from)
             .await
             .map_err(|_| UNAVAILABLE)?;
-        let name = consumer.cached_info().name.clone();
         let result = async {
-            loop {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(REPLAY_BATCH)
-                    .messages()
-                    .await
-                    .map_err(|_| UNAVAILABLE)?;
-                let mut count = 0;
-                while let Some(message) = batch.next().await {
-                    let message = message.map_err(|_| UNAVAILABLE)?;
-                    count += 1;
-                    let sequence = message.info().map_err(|_| UNAVAILABLE)?.stream_sequence;
-                    self.forward(Delivery {
-                        cursor: Some(Cursor(sequence)),
-                        frame: with_cursor(&message.payload, Cursor(sequence)).into(),
+            while let Some(message) = scan.next().await.map_err(|_| UNAVAILABLE)? {
+                let cursor = Cursor(message.info().map_err(|_| UNAVAILABLE)?.stream_sequence);
+                let Ok(frame) = Utf8Bytes::try_from(with_cursor(&message.payload, cursor)) else {
+                    tracing::error!("skipping an inbox item that is not UTF-8");
+                    continue;
+                };
+                if !self
+                    .forward(Delivery {
+                        cursor: Some(cursor),
+                        frame,
                     })
-                    .await;
-                }
-                if count < REPLAY_BATCH {
-                    return Ok(());
+                    .await
+                {
+                    // The client is gone.
+                    break;
                 }
             }
+            Ok(())
         }
         .await;
-        let _ = inbox.delete_consumer(&name).await;
+        scan.close().await;
         result
     }
 
@@ -415,13 +400,7 @@ impl Session {
             }
             self.sent_up_to = cursor;
         }
-        match Utf8Bytes::try_from(delivery.frame) {
-            Ok(text) => self.out.raw(text).await,
-            Err(_) => {
-                tracing::error!("dropping a delivery that is not UTF-8");
-                true
-            }
-        }
+        self.out.raw(delivery.frame).await
     }
 
     async fn main_loop<S, E>(&mut self, stream: &mut S, registration: &mut Registration)
@@ -465,6 +444,10 @@ impl Session {
                                 self.out.frame(&ServerFrame::Pong { reference }).await;
                             }
                             ClientFrame::Ack { cursor } => {
+                                // Nothing beyond what this connection sent can
+                                // have been received; a larger ack would make a
+                                // later resume skip items.
+                                let cursor = cursor.min(self.sent_up_to);
                                 if self.acked.is_none_or(|a| cursor > a) {
                                     self.acked = Some(cursor);
                                 }

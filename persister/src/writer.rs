@@ -31,7 +31,10 @@ pub async fn write_messages(
         };
         loop {
             let first = tokio::select! {
-                _ = &mut stopped => return Ok(()),
+                _ = &mut stopped => {
+                    consume::release_buffered(&mut stream).await;
+                    return Ok(());
+                }
                 next = stream.next() => next,
             };
             let first = match first {

@@ -217,7 +217,10 @@ where
         };
         loop {
             tokio::select! {
-                _ = &mut stopped => return Ok(()),
+                _ = &mut stopped => {
+                    consume::release_buffered(&mut stream).await;
+                    return Ok(());
+                }
                 next = stream.next() => match next {
                     Some(Ok(message)) => {
                         if !handle(message).await {

@@ -96,6 +96,104 @@ where
     }
 }
 
+/// Hands back what a pull stream has received but nobody handled (at
+/// shutdown), so another consumer gets it now instead of after the ack wait.
+pub async fn release_buffered(stream: &mut consumer::pull::Stream) {
+    use futures::{FutureExt, StreamExt};
+    while let Some(Some(Ok(message))) = stream.next().now_or_never() {
+        let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+    }
+}
+
+/// Reads one subject of a stream from a starting point, oldest first,
+/// through a short-lived in-memory consumer, until nothing is left. Used to
+/// replay an inbox and to look for a message; cheap to open, and bounded in
+/// messages and bytes per request.
+pub struct Scan {
+    stream: jetstream::stream::Stream<()>,
+    consumer: consumer::PullConsumer,
+    batch: Option<consumer::pull::Batch>,
+    /// Messages the current batch has yielded.
+    yielded: usize,
+    done: bool,
+}
+
+/// Messages and bytes asked for per request.
+const SCAN_BATCH: usize = 500;
+const SCAN_BYTES: usize = 4 * 1024 * 1024;
+
+impl Scan {
+    pub async fn open(
+        stream: &jetstream::stream::Stream<()>,
+        subject: String,
+        from: consumer::DeliverPolicy,
+    ) -> Result<Self, String> {
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: from,
+                filter_subject: subject,
+                ack_policy: consumer::AckPolicy::None,
+                // Only a safety net: `close` deletes it.
+                inactive_threshold: Duration::from_secs(120),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            stream: stream.clone(),
+            consumer,
+            batch: None,
+            yielded: 0,
+            done: false,
+        })
+    }
+
+    /// The next message, or `None` when the subject has nothing more.
+    pub async fn next(&mut self) -> Result<Option<jetstream::Message>, String> {
+        use futures::StreamExt;
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if let Some(batch) = &mut self.batch {
+                match batch.next().await {
+                    Some(Ok(message)) => {
+                        self.yielded += 1;
+                        let info = message.info().map_err(|e| e.to_string())?;
+                        self.done = info.pending == 0;
+                        return Ok(Some(message));
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => {
+                        // A request that brought nothing: the subject is drained.
+                        self.done = self.yielded == 0;
+                        self.batch = None;
+                        continue;
+                    }
+                }
+            }
+            self.yielded = 0;
+            let batch = self
+                .consumer
+                .fetch()
+                .max_messages(SCAN_BATCH)
+                .max_bytes(SCAN_BYTES)
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            self.batch = Some(batch);
+        }
+    }
+
+    /// Deletes the consumer.
+    pub async fn close(self) {
+        let name = self.consumer.cached_info().name.clone();
+        let _ = self.stream.delete_consumer(&name).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
