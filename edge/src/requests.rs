@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use chat_shared::ids::UserId;
 use chat_shared::rpc::{self, RpcError};
-use chat_shared::wire::{ClientFrame, ErrorCode, ServerFrame};
+use chat_shared::wire::{ClientFrame, ErrorCode, ErrorFrame, ServerFrame};
 use tokio::sync::Semaphore;
 
 use crate::session::Outbox;
 use crate::Edge;
 
 const MAX_IN_FLIGHT: usize = 16;
+/// What a refused request is told to wait.
+const RETRY_AFTER_MS: u64 = 200;
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const MAX_HISTORY_LIMIT: u32 = 200;
 
@@ -33,9 +35,18 @@ impl Requests {
         }
     }
 
-    /// Starts answering `frame`; waits only for a free slot.
+    /// Starts answering `frame` in its own task. With every slot taken the
+    /// request is refused at once (`rate_limited`), so the session never
+    /// stops reading and forwarding while the persister is slow.
     pub async fn handle(&self, frame: ClientFrame) {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let refusal = ServerFrame::Error(ErrorFrame {
+                reference: frame.reference().map(str::to_string),
+                code: ErrorCode::RateLimited,
+                message: format!("at most {MAX_IN_FLIGHT} requests at once per connection"),
+                retry_after_ms: Some(RETRY_AFTER_MS),
+            });
+            self.out.frame(&refusal).await;
             return;
         };
         let (edge, user, out) = (self.edge.clone(), self.user.clone(), self.out.clone());

@@ -112,7 +112,13 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
             duplicate,
         }),
         Ok(Err(refusal)) => Err(refusal),
-        Err(_) => Err(unavailable()),
+        // The PubAck may have been lost rather than the publish: say so, and
+        // let the client's retry (same client_msg_id) settle it.
+        Err(_) => Err((
+            ErrorCode::Unavailable,
+            "timed out; the message may or may not be stored: retry with the same client_msg_id"
+                .into(),
+        )),
     }
 }
 

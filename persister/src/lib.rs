@@ -36,7 +36,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterErro
         js.clone(),
         config.max_group_members,
     );
-    service.publish_outbox().await;
     tracing::info!("persister running");
     let rpc = tokio::spawn(service::serve(service, stop.clone()));
     let written = writer::write_messages(pool, consumer, stop).await;

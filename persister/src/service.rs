@@ -1,7 +1,8 @@
 //! The request/reply service on `chat.rpc.*` (queue group `persister`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -22,6 +23,11 @@ use tokio::sync::{watch, Semaphore};
 /// Requests handled at once by one persister.
 const MAX_IN_FLIGHT: usize = 64;
 const MAX_GROUP_NAME_CHARS: usize = 200;
+/// How long a group change's reply waits for its event to be published.
+const OUTBOX_WAIT: Duration = Duration::from_millis(500);
+/// How often the outbox is drained regardless: at start (a crash between
+/// COMMIT and publish) and then for events whose publish failed.
+const OUTBOX_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Service {
@@ -73,9 +79,15 @@ pub async fn serve(service: Service, stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
+    let mut outbox_retry = tokio::time::interval(OUTBOX_RETRY);
     loop {
         let request = tokio::select! {
             _ = &mut stopped => break,
+            _ = outbox_retry.tick() => {
+                let service = service.clone();
+                tokio::spawn(async move { service.publish_outbox().await });
+                continue;
+            }
             request = requests.next() => match request { Some(r) => r, None => break },
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -272,8 +284,21 @@ impl Service {
         let mut db = self.client().await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
-        let up_to = request.up_to.get().min(i64::MAX as u64) as i64;
         let tx = db.transaction().await.map_err(unavailable)?;
+        // Nobody reads past the newest message: a larger `up_to` would hide
+        // messages not sent yet.
+        let newest: Option<i64> = tx
+            .query_opt(
+                "SELECT last_id FROM conversations WHERE conversation = $1",
+                &[&request.conversation.to_string()],
+            )
+            .await
+            .map_err(unavailable)?
+            .and_then(|row| row.get(0));
+        let Some(newest) = newest else {
+            return Ok(());
+        };
+        let up_to = (request.up_to.get().min(i64::MAX as u64) as i64).min(newest);
         let moved = tx
             .execute(
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
@@ -299,7 +324,7 @@ impl Service {
             conversation: request.conversation,
             user: request.user,
             kind: ReceiptKind::Read,
-            up_to: request.up_to,
+            up_to: MessageId(up_to as u64),
         }
         .to_json();
         for member in members {
@@ -392,18 +417,11 @@ impl Service {
                 "a group name has 1 to 200 characters and no NUL",
             ));
         }
-        let mut members = vec![request.user.clone()];
-        for user in request.members {
-            if !members.contains(&user) {
-                members.push(user);
-            }
-        }
-        if members.len() > self.max_group_members {
-            return Err(RpcError::new(
-                ErrorCode::TooLarge,
-                format!("a group holds at most {} members", self.max_group_members),
-            ));
-        }
+        let members = self.distinct_members(
+            std::iter::once(request.user.clone()).chain(request.members),
+            &HashSet::new(),
+            self.max_group_members,
+        )?;
         let group = GroupId::parse(format!("g{:016x}", rand::random::<u64>()))
             .map_err(|_| corrupt("group id"))?;
         let now = now_ms();
@@ -441,13 +459,39 @@ impl Service {
         )
         .await?;
         tx.commit().await.map_err(unavailable)?;
-        self.publish_outbox().await;
+        self.publish_outbox_after_change().await;
         Ok(GroupView {
             id: group,
             name,
             owner: request.user,
             members,
         })
+    }
+
+    /// `users` without repeats and without those in `except`, refused as
+    /// `too_large` once more than `room` remain (checked as it goes, so a
+    /// huge list costs no more than `room` entries).
+    fn distinct_members(
+        &self,
+        users: impl IntoIterator<Item = UserId>,
+        except: &HashSet<&UserId>,
+        room: usize,
+    ) -> Result<Vec<UserId>, RpcError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for user in users {
+            if except.contains(&user) || !seen.insert(user.clone()) {
+                continue;
+            }
+            if out.len() == room {
+                return Err(RpcError::new(
+                    ErrorCode::TooLarge,
+                    format!("a group holds at most {} members", self.max_group_members),
+                ));
+            }
+            out.push(user);
+        }
+        Ok(out)
     }
 
     async fn group_add(&self, request: rpc::GroupChangeRequest) -> Result<GroupView, RpcError> {
@@ -475,7 +519,8 @@ impl Service {
         let tx = db.transaction().await.map_err(unavailable)?;
         let (name, owner) = self.group_row(&tx, &request.group, true).await?;
         let before = self.group_members(&tx, &request.group).await?;
-        if !before.contains(&request.user) {
+        let before_set: HashSet<&UserId> = before.iter().collect();
+        if !before_set.contains(&request.user) {
             return Err(RpcError::new(
                 ErrorCode::Forbidden,
                 "not a member of this group",
@@ -489,18 +534,9 @@ impl Service {
         }
         let affected: Vec<UserId> = match change {
             MembershipChange::Added => {
-                let mut new: Vec<UserId> = Vec::new();
-                for user in &request.users {
-                    if !before.contains(user) && !new.contains(user) {
-                        new.push(user.clone());
-                    }
-                }
-                if before.len() + new.len() > self.max_group_members {
-                    return Err(RpcError::new(
-                        ErrorCode::TooLarge,
-                        format!("a group holds at most {} members", self.max_group_members),
-                    ));
-                }
+                let room = self.max_group_members.saturating_sub(before.len());
+                let new =
+                    self.distinct_members(request.users.iter().cloned(), &before_set, room)?;
                 let ids: Vec<&str> = new.iter().map(UserId::as_str).collect();
                 tx.execute(
                     "INSERT INTO group_members (group_id, user_id, joined_at) SELECT $1, u, $2 FROM UNNEST($3::text[]) AS u
@@ -521,7 +557,7 @@ impl Service {
                 let gone: Vec<UserId> = request
                     .users
                     .iter()
-                    .filter(|u| before.contains(u))
+                    .filter(|u| before_set.contains(u))
                     .cloned()
                     .collect();
                 let ids: Vec<&str> = gone.iter().map(UserId::as_str).collect();
@@ -549,7 +585,7 @@ impl Service {
         }
         tx.commit().await.map_err(unavailable)?;
         if changed {
-            self.publish_outbox().await;
+            self.publish_outbox_after_change().await;
         }
         Ok(GroupView {
             id: request.group,
@@ -598,7 +634,7 @@ impl Service {
         )
         .await?;
         tx.commit().await.map_err(unavailable)?;
-        self.publish_outbox().await;
+        self.publish_outbox_after_change().await;
         Ok(())
     }
 
@@ -662,12 +698,22 @@ impl Service {
         }
     }
 
+    /// Publishes the outbox after a change, waiting a little so that caches
+    /// are usually invalidated before the requester hears back, but never
+    /// holding the reply hostage to a slow NATS: the drain goes on in the
+    /// background (and the periodic drain retries what fails).
+    async fn publish_outbox_after_change(&self) {
+        let service = self.clone();
+        let drain = tokio::spawn(async move { service.publish_outbox().await });
+        let _ = tokio::time::timeout(OUTBOX_WAIT, drain).await;
+    }
+
     /// Publishes every committed event still in the outbox, oldest first,
     /// removing each once JetStream has it; stops at the first failure so a
     /// group's events never overtake each other. Runs after every change and
     /// at start (for a crash between COMMIT and publish). Repeats are safe:
     /// the event id is the `Nats-Msg-Id`.
-    pub async fn publish_outbox(&self) {
+    async fn publish_outbox(&self) {
         let _one_at_a_time = self.outbox.lock().await;
         let Ok(db) = self.client().await else { return };
         let Ok(rows) = db

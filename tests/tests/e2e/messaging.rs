@@ -392,6 +392,12 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
         .await?;
     let list = bob.request(json!({"type":"conversations"})).await?;
     assert_eq!(list["items"][0]["read_up_to"], json!(ids[4]));
+    // Nobody reads past the newest message.
+    bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":"9223372036854775807"}))
+        .await?;
+    assert_eq!(alice.recv_type("receipt").await?["up_to"], json!(ids[6]));
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    assert_eq!(list["items"][0]["unread"], 0);
     Ok(())
 }
 
