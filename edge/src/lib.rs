@@ -60,6 +60,9 @@ pub(crate) struct Edge {
     pub hub: Arc<hub::Hub>,
     pub groups: GroupCache,
     pub stop: watch::Receiver<bool>,
+    /// The NATS connection's state: sessions refill from INBOX what live
+    /// delivery may have missed while it was down.
+    pub link: watch::Receiver<chat_shared::nats::Link>,
 }
 
 /// Runs an edge on `listener` until `shutdown` completes.
@@ -73,7 +76,7 @@ pub async fn run(
         Some(id) => EdgeId::parse(id.clone())?,
         None => EdgeId::parse(format!("edge-{:08x}", rand::random::<u32>()))?,
     };
-    let nats = chat_shared::nats::connect(&config, &format!("edge {id}"))
+    let (nats, link) = chat_shared::nats::connect_watched(&config, &format!("edge {id}"))
         .await
         .map_err(StartError::from)?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
@@ -124,6 +127,7 @@ pub async fn run(
         ids,
         groups,
         stop: stop.clone(),
+        link,
     });
     let app = Router::new()
         .route("/v1/ws", get(upgrade))

@@ -115,11 +115,8 @@ where
         Some(Err(e)) => {
             let text = e.to_string();
             // tungstenite reports an oversized frame or message as a capacity
-            // error; PROTOCOL.md answers it with 1009.
-            if text.contains("Space limit exceeded")
-                || text.contains("too long")
-                || text.contains("Capacity")
-            {
+            // error ("Space limit exceeded: …"); PROTOCOL.md answers it with 1009.
+            if text.starts_with("Space limit exceeded") {
                 out.close(close::TOO_BIG, "frame too big").await;
             }
             tracing::debug!(error = %text, "socket read failed");
@@ -232,7 +229,7 @@ where
                 "service unavailable, retry later",
             )
             .await;
-            out.close(close::GOING_AWAY, "unavailable").await;
+            out.close(close::TRY_AGAIN_LATER, "unavailable").await;
             return;
         }
     };
@@ -249,7 +246,7 @@ where
         Ok(start) => start,
         Err(message) => {
             out.error(None, ErrorCode::Unavailable, message).await;
-            out.close(close::GOING_AWAY, "unavailable").await;
+            out.close(close::TRY_AGAIN_LATER, "unavailable").await;
             return;
         }
     };
@@ -266,7 +263,7 @@ where
     session.sent_up_to = start;
     if let Err(message) = session.replay_backlog().await {
         out.error(None, ErrorCode::Unavailable, message).await;
-        out.close(close::GOING_AWAY, "unavailable").await;
+        out.close(close::TRY_AGAIN_LATER, "unavailable").await;
         return;
     }
     if !out
@@ -421,6 +418,12 @@ impl Session {
             self.out.clone(),
             send_rx,
         ));
+        let mut link = self.edge.link.clone();
+        let mut gaps_seen = link.borrow_and_update().gaps;
+        // While NATS is away live frames may be missing; until the inbox has
+        // been read again none is forwarded, so no later cursor is sent (and
+        // acked) ahead of a missing one.
+        let mut paused = false;
         let requests =
             crate::requests::Requests::new(self.edge.clone(), self.user.clone(), self.out.clone());
         loop {
@@ -464,9 +467,28 @@ impl Session {
                         },
                     }
                 }
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = *link.borrow_and_update();
+                    if !now.connected || now.gaps != gaps_seen {
+                        paused = true;
+                    }
+                    if now.connected && now.gaps != gaps_seen {
+                        gaps_seen = now.gaps;
+                        if let Err(message) = self.replay_backlog().await {
+                            self.out.error(None, ErrorCode::Unavailable, message).await;
+                            self.out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+                            break;
+                        }
+                        paused = false;
+                    }
+                }
                 delivery = registration.live.recv() => match delivery {
                     Some(delivery) => {
-                        if !self.forward(delivery).await {
+                        // Paused, the frame is in the inbox and comes with the refill.
+                        if !paused && !self.forward(delivery).await {
                             break;
                         }
                     }

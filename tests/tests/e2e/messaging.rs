@@ -448,6 +448,8 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
 async fn a_nats_outage_answers_unavailable_fast_and_recovers() -> anyhow::Result<()> {
     let mut system = System::start().await?;
     let mut alice = system.connect("alice", "d").await?;
+    // Bob stays connected to the same edge through the outage.
+    let mut bob = system.connect("bob", "d").await?;
     assert_eq!(
         alice
             .send_message(json!({"to":"bob"}), "before", "c0")
@@ -478,6 +480,15 @@ async fn a_nats_outage_answers_unavailable_fast_and_recovers() -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(recovered, "sends never recovered");
+    // Bob gets both accepted messages once each, in order, whether live or
+    // through the refill from his inbox after the reconnect.
+    let texts: Vec<_> = messages(&mut bob, 2)
+        .await?
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(texts, ["before", "after"]);
+    quiet(&mut bob, "message").await?;
     Ok(())
 }
 
