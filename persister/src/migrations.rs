@@ -15,16 +15,17 @@ const LOCK_KEY: i64 = 0x6368_6174;
 pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
     let db = |e: &dyn std::fmt::Display| PersisterError::Database(e.to_string());
     let mut client = pool.get().await.map_err(|e| db(&e))?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .await
-        .map_err(|e| db(&e))?;
     let tx = client.transaction().await.map_err(|e| db(&e))?;
+    // Everything, the bookkeeping table included, under the lock: two
+    // persisters starting together must not race on it.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await
         .map_err(|e| db(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(|e| db(&e))?;
     for (version, sql) in MIGRATIONS {
         let applied = tx
             .query_opt(

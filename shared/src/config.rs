@@ -22,8 +22,6 @@ pub struct Config {
     pub database_pool_size: usize,
     /// `CHAT_EDGE_ADDR`: where the edge listens.
     pub edge_addr: SocketAddr,
-    /// `CHAT_EDGE_PUBLIC_URL`: the WebSocket URL clients use to reach this edge.
-    pub edge_public_url: Option<String>,
     /// `CHAT_EDGE_ID`: defaults to a random id per process.
     pub edge_id: Option<String>,
     /// `CHAT_JWT_SECRET`: HS256 secret (local/dev).
@@ -77,7 +75,6 @@ impl Default for Config {
             database_url: "postgres://chat@127.0.0.1:5433/chat".into(),
             database_pool_size: 8,
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            edge_public_url: None,
             edge_id: None,
             jwt_secret: None,
             jwt_secret_file: PathBuf::from(".chat/jwt_secret"),
@@ -127,7 +124,6 @@ impl Config {
         reader.string("CHAT_DATABASE_URL", &mut config.database_url);
         reader.parse("CHAT_DATABASE_POOL", &mut config.database_pool_size);
         reader.parse("CHAT_EDGE_ADDR", &mut config.edge_addr);
-        config.edge_public_url = reader.optional("CHAT_EDGE_PUBLIC_URL");
         config.edge_id = reader.optional("CHAT_EDGE_ID");
         config.jwt_secret = reader.optional("CHAT_JWT_SECRET");
         if let Some(path) = reader.optional("CHAT_JWT_SECRET_FILE") {
@@ -188,6 +184,24 @@ impl Config {
         }
         if self.node_lease_ttl < Duration::from_secs(3) {
             problems.push("CHAT_NODE_LEASE_SECS: must be at least 3".into());
+        }
+        // Beyond ten years a duration only invites arithmetic overflow.
+        let longest = Duration::from_secs(10 * 365 * 24 * 3600);
+        for (name, value) in [
+            ("CHAT_JWT_LEEWAY_SECS", self.jwt_leeway),
+            ("CHAT_HEARTBEAT_SECS", self.heartbeat),
+            ("CHAT_HEARTBEAT_GRACE_SECS", self.heartbeat_grace),
+            ("CHAT_HELLO_TIMEOUT_SECS", self.hello_timeout),
+            ("CHAT_INBOX_MAX_AGE_SECS", self.inbox_max_age),
+            ("CHAT_MESSAGES_MAX_AGE_SECS", self.messages_max_age),
+            ("CHAT_DEDUP_WINDOW_SECS", self.dedup_window),
+            ("CHAT_SEND_CLAIM_MAX_AGE_SECS", self.send_claim_max_age),
+            ("CHAT_NODE_LEASE_SECS", self.node_lease_ttl),
+            ("CHAT_REQUEST_TIMEOUT_MS", self.request_timeout),
+        ] {
+            if value > longest {
+                problems.push(format!("{name}: at most ten years"));
+            }
         }
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
@@ -264,9 +278,10 @@ mod tests {
             ("CHAT_HEARTBEAT_SECS", "-1"),
             ("CHAT_STREAM_REPLICAS", "2"),
             ("CHAT_LOG_FORMAT", "xml"),
+            ("CHAT_INBOX_MAX_AGE_SECS", "18446744073709551615"),
         ])
         .unwrap_err();
-        assert_eq!(err.problems.len(), 4, "{err}");
+        assert_eq!(err.problems.len(), 5, "{err}");
     }
 
     #[test]

@@ -154,11 +154,6 @@ pub fn timestamp_ms(id: MessageId) -> u64 {
     (id.0 >> (NODE_BITS + SEQUENCE_BITS)) + EPOCH_MS
 }
 
-/// The node id encoded in an id.
-pub fn node_of(id: MessageId) -> u16 {
-    ((id.0 >> SEQUENCE_BITS) & u64::from(MAX_NODE_ID)) as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +161,11 @@ mod tests {
     use std::collections::HashSet;
     use std::sync::Mutex;
     use std::time::Duration;
+
+    /// The node id encoded in an id.
+    fn node_of(id: MessageId) -> u16 {
+        ((id.0 >> SEQUENCE_BITS) & u64::from(MAX_NODE_ID)) as u16
+    }
 
     fn scripted_clock(times: Vec<u64>) -> Clock {
         let times = Mutex::new(times.into_iter());

@@ -147,10 +147,6 @@ impl ConversationId {
         }
     }
 
-    pub fn group(group: GroupId) -> Self {
-        Self::Group(group)
-    }
-
     pub fn parse(value: &str) -> Result<Self, InvalidId> {
         const KIND: &str = "conversation id";
         if let Some(rest) = value.strip_prefix("dm:") {
@@ -182,15 +178,6 @@ impl ConversationId {
     /// Whether `user` is one of the two sides of a DM (always false for groups).
     pub fn is_dm_party(&self, user: &UserId) -> bool {
         matches!(self, Self::Dm { low, high } if low == user || high == user)
-    }
-
-    /// For a DM, the side that is not `user`.
-    pub fn dm_peer(&self, user: &UserId) -> Option<&UserId> {
-        match self {
-            Self::Dm { low, high } if low == user => Some(high),
-            Self::Dm { low, high } if high == user => Some(low),
-            _ => None,
-        }
     }
 }
 
@@ -400,7 +387,6 @@ mod tests {
         assert!(ConversationId::parse("dm:bob:alice").is_err());
         assert!(ConversationId::parse("dm:alice:alice").is_err());
         assert!(ConversationId::dm(alice.clone(), alice.clone()).is_err());
-        assert_eq!(conv.dm_peer(&alice), Some(&bob));
         assert!(conv.is_dm_party(&bob));
     }
 

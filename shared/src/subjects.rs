@@ -4,7 +4,7 @@
 //! Each family has its own second token (`msg`, `inbox`, `deliver`, …), so a
 //! user and a conversation or an edge with the same id can never collide.
 
-use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, UserId};
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, GroupId, UserId};
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
@@ -16,8 +16,6 @@ pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"]
 pub const INBOX_SUBJECTS: [&str; 1] = ["chat.inbox.*"];
 pub const PUSH_SUBJECTS: [&str; 1] = ["chat.push.*"];
 pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
-/// Every live delivery, for tools that watch all traffic.
-pub const ALL_DELIVERIES: &str = "chat.deliver.*";
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
@@ -98,14 +96,6 @@ pub fn rpc(method: &str) -> String {
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
-/// An edge's periodic list of its live connections.
-pub fn edge_heartbeat(edge: &EdgeId) -> String {
-    format!("chat.edge.heartbeat.{edge}")
-}
-
-/// Device connects and disconnects, from every edge.
-pub const EDGE_CONNECTIONS: &str = "chat.edge.conn";
-
 /// The `Nats-Msg-Id` of a client's send: retries of one `client_msg_id` collide.
 pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
     format!("{sender}:{client_msg_id}")
@@ -151,10 +141,6 @@ mod tests {
             "chat.event.group.team"
         );
         assert_eq!(rpc("history"), "chat.rpc.history");
-        assert_eq!(
-            edge_heartbeat(&EdgeId::parse("e1").unwrap()),
-            "chat.edge.heartbeat.e1"
-        );
         let cmid = ClientMsgId::parse("m.1").unwrap();
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
@@ -210,7 +196,6 @@ mod tests {
             EVENTS_SUBJECTS[0],
             &group_event(&GroupId::parse("g").unwrap())
         ));
-        assert!(matches(ALL_DELIVERIES, &deliver(&user("a"))));
         assert!(matches(ALL_RPC, &rpc("history")));
     }
 }
