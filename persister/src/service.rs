@@ -49,8 +49,11 @@ fn now_ms() -> i64 {
 /// A wall-clock time in message-id space, to order groups without messages
 /// among conversations by their newest message id.
 fn activity_of(ms: i64) -> i64 {
-    (ms - EPOCH_MS as i64).max(0) << (NODE_BITS + SEQUENCE_BITS)
+    (ms - EPOCH_MS as i64).max(0) << ID_TIME_SHIFT
 }
+
+/// Where the timestamp sits in a message id.
+const ID_TIME_SHIFT: u32 = NODE_BITS + SEQUENCE_BITS;
 
 fn unavailable(e: impl std::fmt::Display) -> RpcError {
     tracing::warn!(error = %e, "database error");
@@ -234,13 +237,16 @@ impl Service {
         let rows = db
             .query(
                 "WITH mine AS (
-                     SELECT conversation FROM dm_members WHERE user_id = $1
+                     SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
                      UNION ALL
-                     SELECT 'group:' || group_id FROM group_members WHERE user_id = $1)
+                     -- What was said before a member joined is not unread for them.
+                     SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
+                       FROM group_members WHERE user_id = $1)
                  SELECT c.conversation, r.read_up_to,
                         (SELECT count(*) FROM messages u
                           WHERE u.conversation = c.conversation
-                            AND u.id > COALESCE(r.read_up_to, 0) AND u.sender <> $1) AS unread,
+                            AND u.id > GREATEST(COALESCE(r.read_up_to, 0), mine.joined)
+                            AND u.sender <> $1) AS unread,
                         m.id, m.sender, m.body, m.ts, m.client_msg_id
                  FROM mine
                  JOIN conversations c ON c.conversation = mine.conversation
@@ -248,7 +254,11 @@ impl Service {
                  LEFT JOIN messages m ON m.conversation = c.conversation AND m.id = c.last_id
                  ORDER BY c.activity DESC
                  LIMIT 500",
-                &[&request.user.as_str()],
+                &[
+                    &request.user.as_str(),
+                    &(EPOCH_MS as i64),
+                    &(ID_TIME_SHIFT as i32),
+                ],
             )
             .await
             .map_err(unavailable)?;

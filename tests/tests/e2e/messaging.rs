@@ -315,6 +315,19 @@ async fn groups_membership_and_limits() -> anyhow::Result<()> {
         .await?;
     assert_eq!(added["group"]["members"].as_array().unwrap().len(), 100);
     assert_eq!(outsider.recv_type("membership").await?["event"], "added");
+    // What was said before joining is not unread for the newcomer.
+    let list = outsider.request(json!({"type":"conversations"})).await?;
+    let item = list["items"]
+        .as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .find(|i| i["conversation"] == format!("group:{group}"))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(item["unread"], 0, "{list}");
+    assert_eq!(item["last"]["text"], "after removal");
     let left = outsider
         .request(json!({"type":"group.leave","group":group}))
         .await?;
