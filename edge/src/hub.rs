@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use chat_shared::ids::{Cursor, UserId};
+use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use futures::StreamExt;
 use tokio::sync::{mpsc, OnceCell};
@@ -17,6 +18,8 @@ use tokio::sync::{mpsc, OnceCell};
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub cursor: Option<Cursor>,
+    /// For a message: what its delivered receipt needs.
+    pub meta: Option<MessageMeta>,
     /// Checked as UTF-8 once, whatever the number of sessions.
     pub frame: Utf8Bytes,
 }
@@ -159,16 +162,20 @@ async fn pump(
 ) {
     while let Some(message) = subscriber.next().await {
         let Some(feed) = feed.upgrade() else { return };
-        let cursor = message
-            .headers
-            .as_ref()
+        let headers = message.headers.as_ref();
+        let cursor = headers
             .and_then(|h| h.get(subjects::CURSOR_HEADER))
             .and_then(|v| Cursor::parse(v.as_str()).ok());
+        let meta = headers.and_then(MessageMeta::from_headers);
         let Ok(frame) = Utf8Bytes::try_from(message.payload) else {
             tracing::error!("dropping a delivery that is not UTF-8");
             continue;
         };
-        let delivery = Delivery { cursor, frame };
+        let delivery = Delivery {
+            cursor,
+            meta,
+            frame,
+        };
         lock(&feed.sessions).retain(|(_, tx)| match tx.try_send(delivery.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -7,6 +7,7 @@
 
 mod error;
 mod hub;
+mod receipts;
 mod requests;
 mod send;
 mod session;

@@ -11,6 +11,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chat_shared::auth::AuthError;
 use chat_shared::consume::Scan;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
+use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use chat_shared::wire::{close, with_cursor, ClientFrame, ErrorCode, RefOnly, ServerFrame};
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::hub::{Delivery, Registration};
+use crate::receipts::DeliveredTracker;
 use crate::Edge;
 
 /// Frames queued for the writer. Replies wait for room; live frames go
@@ -241,6 +243,7 @@ where
         sent_up_to: Cursor(0),
         acked: None,
         acked_flushed: None,
+        delivered: DeliveredTracker::default(),
     };
     let (start, resumed) = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
@@ -288,6 +291,8 @@ struct Session {
     /// The highest cursor the client acked, and the last one written to KV.
     acked: Option<Cursor>,
     acked_flushed: Option<Cursor>,
+    /// Messages sent and acked, for delivered receipts.
+    delivered: DeliveredTracker,
 }
 
 impl Session {
@@ -374,6 +379,7 @@ impl Session {
                 if !self
                     .forward(Delivery {
                         cursor: Some(cursor),
+                        meta: message.headers.as_ref().and_then(MessageMeta::from_headers),
                         frame,
                     })
                     .await
@@ -396,6 +402,9 @@ impl Session {
                 return true;
             }
             self.sent_up_to = cursor;
+            if let Some(meta) = delivery.meta {
+                self.delivered.sent(cursor, meta);
+            }
         }
         self.out.raw(delivery.frame).await
     }
@@ -453,6 +462,7 @@ impl Session {
                                 let cursor = cursor.min(self.sent_up_to);
                                 if self.acked.is_none_or(|a| cursor > a) {
                                     self.acked = Some(cursor);
+                                    self.delivered.acked(cursor, &self.user);
                                 }
                             }
                             ClientFrame::Hello { .. } => {
@@ -505,8 +515,24 @@ impl Session {
         let _ = sender.await;
     }
 
-    /// Writes the acked cursor to KV if it moved (coalesced per device).
+    /// Writes the acked cursor to KV if it moved (coalesced per device) and
+    /// reports the delivered receipts gathered since the last flush.
     async fn flush_ack(&mut self) {
+        for receipt in self.delivered.take(&self.user) {
+            match serde_json::to_vec(&receipt) {
+                Ok(body) => {
+                    if let Err(e) = self
+                        .edge
+                        .nats
+                        .publish(subjects::DELIVERED_RECEIPTS, body.into())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot report delivered receipts");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot encode a delivered receipt"),
+            }
+        }
         let Some(acked) = self.acked else { return };
         if self.acked_flushed.is_some_and(|f| f >= acked) {
             return;

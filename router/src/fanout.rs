@@ -7,6 +7,7 @@ use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
+use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
@@ -102,11 +103,16 @@ impl Fanout {
             },
         };
         let event_id = event.id.to_string();
+        let meta = MessageMeta {
+            conversation,
+            id: event.id,
+            from: event.from.clone(),
+        };
         let frame = ServerFrame::Message {
             cursor: None,
             message: event,
         };
-        self.append(&recipients, &event_id, frame.to_json().into())
+        self.append(&recipients, &event_id, frame.to_json().into(), Some(&meta))
             .await
     }
 
@@ -127,17 +133,19 @@ impl Fanout {
             users: event.users.clone(),
             by: event.by.clone(),
         };
-        self.append(&recipients, &event.id, frame.to_json().into())
+        self.append(&recipients, &event.id, frame.to_json().into(), None)
             .await
     }
+
     async fn append(
         &self,
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
+        meta: Option<&MessageMeta>,
     ) -> Result<(), RouteError> {
         self.inbox
-            .append(recipients, event_id, frame)
+            .append(recipients, event_id, frame, meta)
             .await
             .map_err(RouteError::Transient)
     }

@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::ids::{Cursor, UserId};
+use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use chat_shared::wire::with_cursor;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -24,6 +25,8 @@ const IN_FLIGHT: usize = 4096;
 struct Pending {
     user: UserId,
     frame: Bytes,
+    /// Headers every copy carries (a message's receipt metadata).
+    headers: HeaderMap,
     ack: PublishAckFuture,
     failed: Arc<AtomicBool>,
     /// Set on an event's last append: told whether the whole event went through.
@@ -54,17 +57,22 @@ impl InboxWriter {
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
+        meta: Option<&MessageMeta>,
     ) -> Result<(), String> {
         let Some(last) = recipients.len().checked_sub(1) else {
             return Ok(());
         };
+        let mut base = HeaderMap::new();
+        if let Some(meta) = meta {
+            meta.add_to(&mut base);
+        }
         let failed = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel();
         let mut done_tx = Some(done_tx);
         {
             let queue = self.queue.lock().await;
             for (index, user) in recipients.iter().enumerate() {
-                let mut headers = HeaderMap::new();
+                let mut headers = base.clone();
                 headers.insert(
                     subjects::MSG_ID_HEADER,
                     subjects::inbox_dedup_id(event_id, user).as_str(),
@@ -77,6 +85,7 @@ impl InboxWriter {
                 let pending = Pending {
                     user: user.clone(),
                     frame: frame.clone(),
+                    headers: base.clone(),
                     ack,
                     failed: failed.clone(),
                     done: if index == last { done_tx.take() } else { None },
@@ -103,7 +112,7 @@ async fn deliver_in_order(nats: async_nats::Client, mut queue: mpsc::Receiver<Pe
                 // again is harmless (connections drop cursors they already
                 // sent) and covers a crash between the append and the delivery.
                 let cursor = Cursor(ack.sequence);
-                let mut headers = HeaderMap::new();
+                let mut headers = pending.headers;
                 headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
                 let frame = with_cursor(&pending.frame, cursor);
                 if let Err(e) = nats

@@ -11,9 +11,13 @@
 //! client); inside it, events are spread over lanes by conversation and each
 //! lane handles its events one after another, so a conversation's messages
 //! enter every inbox in stream order.
+//!
+//! It also turns edges' delivered-receipt reports into `receipt` frames for
+//! the messages' senders (`receipts`).
 
 mod fanout;
 mod inbox;
+mod receipts;
 
 use std::sync::Arc;
 
@@ -32,8 +36,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
         streams::router_events_consumer(),
     )
     .await?;
-    let members = GroupCache::start(nats.clone()).await?;
-    let router = Arc::new(fanout::Fanout::new(nats, js, members));
+    let groups = GroupCache::start(nats.clone()).await?;
+    let router = Arc::new(fanout::Fanout::new(nats.clone(), js, groups.clone()));
     let stop = shutdown::fan_out(shutdown);
     tracing::info!("router running");
     let message_loop = tokio::spawn(fanout::consume_messages(
@@ -42,7 +46,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
         stop.clone(),
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
-    let (a, b) = tokio::join!(message_loop, event_loop);
+    let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
+    let (a, b, _) = tokio::join!(message_loop, event_loop, receipts);
     for result in [a, b] {
         match result {
             Ok(Ok(())) => {}

@@ -26,6 +26,10 @@ pub fn all() -> Vec<(&'static str, String)> {
             render(schema_for!(wire::PresenceEvent)),
         ),
         ("group-event.json", render(schema_for!(wire::GroupEvent))),
+        (
+            "delivered-event.json",
+            render(schema_for!(crate::receipts::DeliveredEvent)),
+        ),
     ]
 }
 

@@ -96,6 +96,11 @@ pub fn rpc(method: &str) -> String {
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
+/// Delivered receipts reported by edges, fanned out by the router.
+pub const DELIVERED_RECEIPTS: &str = "chat.receipt.delivered";
+/// The router's queue group for receipts.
+pub const ROUTER_QUEUE: &str = "router";
+
 /// The `Nats-Msg-Id` of a client's send: retries of one `client_msg_id` collide.
 pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
     format!("{sender}:{client_msg_id}")

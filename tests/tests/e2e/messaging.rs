@@ -642,3 +642,51 @@ async fn a_claim_older_than_the_dedup_window_that_was_never_published_is_publish
     quiet(&mut bob, "message").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn acks_become_delivered_receipts_for_the_senders() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "d").await?;
+    let mut bob = system.connect("bob", "d").await?;
+    let ids: Vec<String> = send_to_bob(&mut alice, 0..3)
+        .await?
+        .iter()
+        .map(|sent| sent["id"].as_str().unwrap().to_string())
+        .collect();
+    let got = messages(&mut bob, 3).await?;
+    bob.send(json!({"type":"ack","cursor":got[1]["cursor"]}))
+        .await?;
+    let receipt = alice.recv_type("receipt").await?;
+    assert_eq!(
+        receipt,
+        json!({"type":"receipt","conversation":"dm:alice:bob","user":"bob","kind":"delivered","up_to":ids[1]})
+    );
+    bob.send(json!({"type":"ack","cursor":got[2]["cursor"]}))
+        .await?;
+    assert_eq!(alice.recv_type("receipt").await?["up_to"], json!(ids[2]));
+
+    // In a group only the sender hears that a member received its message.
+    let created = alice
+        .request(json!({"type":"group.create","name":"trio","members":["bob","carol"]}))
+        .await?;
+    let group = created["group"]["id"].as_str().unwrap().to_string();
+    let mut carol = system.connect("carol", "d").await?;
+    let sent = alice
+        .send_message(
+            json!({"conversation": format!("group:{group}")}),
+            "hi",
+            "g1",
+        )
+        .await?;
+    let message = messages(&mut bob, 1).await?.remove(0);
+    bob.send(json!({"type":"ack","cursor":message["cursor"]}))
+        .await?;
+    let receipt = alice.recv_type("receipt").await?;
+    assert_eq!(
+        (receipt["user"].as_str(), receipt["up_to"].as_str()),
+        (Some("bob"), sent["id"].as_str())
+    );
+    assert_eq!(receipt["conversation"], format!("group:{group}"));
+    quiet(&mut carol, "receipt").await?;
+    Ok(())
+}

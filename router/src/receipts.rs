@@ -1,0 +1,79 @@
+//! Delivered receipts: edges report what users' devices acked
+//! (`chat.receipt.delivered`); the router tells the messages' senders.
+//! Edges may not publish to `chat.deliver.>` themselves, so a receipt can
+//! only ever become a `receipt` frame, and only between members of the
+//! conversation.
+
+use chat_shared::ids::ConversationId;
+use chat_shared::membership::GroupCache;
+use chat_shared::receipts::DeliveredEvent;
+use chat_shared::shutdown;
+use chat_shared::subjects;
+use chat_shared::wire::{ReceiptKind, ServerFrame};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+pub async fn forward_delivered(
+    nats: async_nats::Client,
+    groups: GroupCache,
+    stop: watch::Receiver<bool>,
+) {
+    let mut reports = match nats
+        .queue_subscribe(subjects::DELIVERED_RECEIPTS, subjects::ROUTER_QUEUE.into())
+        .await
+    {
+        Ok(subscriber) => subscriber,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot receive delivered receipts");
+            return;
+        }
+    };
+    let stopped = shutdown::wait(stop);
+    tokio::pin!(stopped);
+    loop {
+        let report = tokio::select! {
+            _ = &mut stopped => return,
+            report = reports.next() => match report {
+                Some(report) => report,
+                None => return,
+            },
+        };
+        let Ok(event) = serde_json::from_slice::<DeliveredEvent>(&report.payload) else {
+            tracing::warn!("dropping a malformed delivered receipt");
+            continue;
+        };
+        let members = match &event.conversation {
+            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
+            ConversationId::Group(group) => match groups.members(group).await {
+                Ok(members) => members.iter().cloned().collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check a delivered receipt's group");
+                    continue;
+                }
+            },
+        };
+        if !members.contains(&event.user) {
+            tracing::warn!(user = %event.user, "dropping a receipt from a non-member");
+            continue;
+        }
+        let frame = ServerFrame::Receipt {
+            conversation: event.conversation,
+            user: event.user.clone(),
+            kind: ReceiptKind::Delivered,
+            up_to: event.up_to,
+        }
+        .to_json();
+        for sender in event
+            .senders
+            .iter()
+            .filter(|s| **s != event.user && members.contains(s))
+        {
+            if let Err(e) = nats
+                .publish(subjects::deliver(sender), frame.clone().into())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot deliver a receipt");
+            }
+        }
+    }
+}
