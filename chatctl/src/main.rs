@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "chatctl", about = "Operate and try the chat backend", version)]
 struct Cli {
@@ -53,6 +55,11 @@ enum Command {
         )]
         edge: String,
     },
+    /// Load a running system and measure it.
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
     /// Connect as USER and print every frame as a JSON line.
     Tail {
         #[arg(long = "as")]
@@ -68,6 +75,30 @@ enum Command {
             default_value = "ws://127.0.0.1:8080/v1/ws"
         )]
         edge: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchScenario {
+    /// Pairs of users sending direct messages; rates and latencies.
+    Dm {
+        #[arg(long, default_value_t = 20)]
+        pairs: usize,
+        /// Messages per pair.
+        #[arg(long, default_value_t = 500)]
+        messages: usize,
+        /// Sends in flight per sender.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        edge: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -124,7 +155,11 @@ async fn main() -> anyhow::Result<()> {
             text,
             edge,
         } => {
-            let mut socket = connect(&config, &edge, &user, "chatctl-send", None).await?;
+            let (mut socket, handshake) =
+                connect(&config, &edge, &user, "chatctl-send", None).await?;
+            for frame in handshake {
+                eprintln!("{frame}");
+            }
             let request = SendRequest {
                 reference: Some("1".into()),
                 to: to.map(UserId::parse).transpose()?,
@@ -156,13 +191,40 @@ async fn main() -> anyhow::Result<()> {
             }
             bail!("connection closed before `sent`");
         }
+        Command::Bench {
+            scenario:
+                BenchScenario::Dm {
+                    pairs,
+                    messages,
+                    window,
+                    edge,
+                    json,
+                },
+        } => {
+            let options = bench::DmOptions {
+                edge,
+                pairs,
+                messages,
+                window,
+            };
+            let report = bench::dm(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                bench::print(&report);
+            }
+        }
         Command::Tail {
             user,
             device,
             cursor,
             edge,
         } => {
-            let mut socket = connect(&config, &edge, &user, &device, cursor.map(Cursor)).await?;
+            let (mut socket, handshake) =
+                connect(&config, &edge, &user, &device, cursor.map(Cursor)).await?;
+            for frame in handshake {
+                println!("{frame}");
+            }
             let mut ping = tokio::time::interval(Duration::from_secs(20));
             loop {
                 tokio::select! {
@@ -249,14 +311,15 @@ fn websocket_url(edge: &str) -> String {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Connects, says hello, and waits for `synced`.
+/// Connects, says hello, and waits for `synced`; returns the socket and the
+/// frames of the handshake (welcome, backlog, synced).
 async fn connect(
     config: &Config,
     edge: &str,
     user: &str,
     device: &str,
     cursor: Option<Cursor>,
-) -> anyhow::Result<Socket> {
+) -> anyhow::Result<(Socket, Vec<String>)> {
     let token = token(config, user, Duration::from_secs(3600))?;
     let edge = websocket_url(edge);
     let (mut socket, _) = tokio_tungstenite::connect_async(&edge)
@@ -270,13 +333,14 @@ async fn connect(
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))
         .await?;
+    let mut handshake = Vec::new();
     while let Some(message) = socket.next().await {
         if let Message::Text(text) = message? {
-            eprintln!("{text}");
-            if serde_json::from_str::<ServerFrame>(&text)
-                .is_ok_and(|f| matches!(f, ServerFrame::Synced { .. }))
-            {
-                return Ok(socket);
+            let synced = serde_json::from_str::<ServerFrame>(&text)
+                .is_ok_and(|f| matches!(f, ServerFrame::Synced { .. }));
+            handshake.push(text.to_string());
+            if synced {
+                return Ok((socket, handshake));
             }
         }
     }

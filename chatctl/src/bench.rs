@@ -1,0 +1,255 @@
+//! `chatctl bench dm`: pairs of users exchanging direct messages over real
+//! WebSockets against a running system; reports rates and latencies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chat_shared::Config;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::connect;
+
+pub struct DmOptions {
+    pub edge: String,
+    pub pairs: usize,
+    pub messages: usize,
+    /// Sends in flight per sender.
+    pub window: usize,
+}
+
+/// What one run measured.
+#[derive(Debug, serde::Serialize)]
+pub struct DmReport {
+    pub pairs: usize,
+    pub messages: usize,
+    pub seconds: f64,
+    pub sent_per_second: f64,
+    pub delivered_per_second: f64,
+    /// Milliseconds, send -> `sent`.
+    pub sent_latency: Percentiles,
+    /// Milliseconds, send -> the recipient's `message` frame.
+    pub delivered_latency: Percentiles,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(mut micros: Vec<u64>) -> Self {
+        micros.sort_unstable();
+        let at = |q: f64| {
+            let index =
+                ((micros.len() as f64 * q).ceil() as usize).clamp(1, micros.len().max(1)) - 1;
+            micros.get(index).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        Self {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: micros.last().copied().unwrap_or(0) as f64 / 1000.0,
+        }
+    }
+}
+
+pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport> {
+    if options.pairs == 0 || options.messages == 0 || options.window == 0 {
+        bail!("pairs, messages and window must be positive");
+    }
+    // Fresh user names per run, so earlier runs' inboxes do not interfere.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let start = Instant::now();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for pair in 0..options.pairs {
+        // Send instants (µs since `start`, + 1 so 0 means "not yet").
+        let sent_at: Arc<Vec<AtomicU64>> =
+            Arc::new((0..options.messages).map(|_| AtomicU64::new(0)).collect());
+        let from = format!("bench{run}s{pair}");
+        let to = format!("bench{run}r{pair}");
+        let (receiver, _) = connect(config, &options.edge, &to, "bench", None).await?;
+        let (sender, _) = connect(config, &options.edge, &from, "bench", None).await?;
+        receivers.push(tokio::spawn(receive(
+            receiver,
+            options.messages,
+            sent_at.clone(),
+            start,
+        )));
+        senders.push(tokio::spawn(send(
+            sender,
+            to,
+            options.messages,
+            options.window,
+            sent_at,
+            start,
+        )));
+    }
+    let began = Instant::now();
+    let mut sent_latency = Vec::with_capacity(options.pairs * options.messages);
+    for task in senders {
+        sent_latency.extend(task.await.context("sender task")??);
+    }
+    let sent_seconds = began.elapsed().as_secs_f64();
+    let mut delivered_latency = Vec::with_capacity(options.pairs * options.messages);
+    for task in receivers {
+        delivered_latency.extend(task.await.context("receiver task")??);
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    let total = options.pairs * options.messages;
+    Ok(DmReport {
+        pairs: options.pairs,
+        messages: total,
+        seconds,
+        sent_per_second: total as f64 / sent_seconds,
+        delivered_per_second: total as f64 / seconds,
+        sent_latency: Percentiles::of(sent_latency),
+        delivered_latency: Percentiles::of(delivered_latency),
+    })
+}
+
+fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// Sends `count` messages with at most `window` unanswered; returns each
+/// send -> `sent` latency in µs.
+async fn send(
+    socket: crate::Socket,
+    to: String,
+    count: usize,
+    window: usize,
+    sent_at: Arc<Vec<AtomicU64>>,
+    start: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let (mut write, mut read) = socket.split();
+    let window = Arc::new(Semaphore::new(window));
+    let reader_window = window.clone();
+    let reader_sent_at = sent_at.clone();
+    let reader = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(count);
+        while latencies.len() < count {
+            let Some(message) = read.next().await else {
+                bail!("sender connection closed");
+            };
+            let Message::Text(text) = message? else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(&text)?;
+            match frame["type"].as_str() {
+                Some("sent") => {
+                    let seq: usize = frame["ref"]
+                        .as_str()
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    let at = reader_sent_at
+                        .get(seq)
+                        .map(|a| a.load(Ordering::Relaxed))
+                        .unwrap_or(0);
+                    latencies.push(micros_since(start).saturating_sub(at.saturating_sub(1)));
+                    reader_window.add_permits(1);
+                }
+                Some("error") => bail!("send refused: {frame}"),
+                _ => {}
+            }
+        }
+        Ok(latencies)
+    });
+    for seq in 0..count {
+        window.acquire().await?.forget();
+        sent_at[seq].store(micros_since(start) + 1, Ordering::Relaxed);
+        let frame = json!({"type":"send","ref":seq.to_string(),"to":to,"text":format!("bench message {seq}"),"client_msg_id":format!("b{seq}")});
+        write.send(Message::Text(frame.to_string().into())).await?;
+    }
+    let latencies = reader.await??;
+    let _ = write.close().await;
+    Ok(latencies)
+}
+
+/// Reads `count` messages, acking as it goes; returns each send -> delivered
+/// latency in µs.
+async fn receive(
+    mut socket: crate::Socket,
+    count: usize,
+    sent_at: Arc<Vec<AtomicU64>>,
+    start: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let mut latencies = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while latencies.len() < count {
+        let Ok(Some(message)) = tokio::time::timeout_at(deadline, socket.next()).await else {
+            bail!("received {} of {count} messages", latencies.len());
+        };
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text)?;
+        if frame["type"] != "message" {
+            continue;
+        }
+        let seq: usize = frame["client_msg_id"]
+            .as_str()
+            .and_then(|c| c.strip_prefix('b'))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        let at = sent_at
+            .get(seq)
+            .map(|a| a.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        latencies.push(micros_since(start).saturating_sub(at.saturating_sub(1)));
+        if latencies.len() % 100 == 0 {
+            let ack = json!({"type":"ack","cursor":frame["cursor"]});
+            socket.send(Message::Text(ack.to_string().into())).await?;
+        }
+    }
+    let _ = socket.close(None).await;
+    Ok(latencies)
+}
+
+pub fn print(report: &DmReport) {
+    println!(
+        "dm: {} pairs, {} messages in {:.2} s: {:.0} sent/s, {:.0} delivered/s",
+        report.pairs,
+        report.messages,
+        report.seconds,
+        report.sent_per_second,
+        report.delivered_per_second
+    );
+    println!("latency (ms)        p50      p90      p99    p99.9      max");
+    for (name, p) in [
+        ("send -> sent", &report.sent_latency),
+        ("send -> delivered", &report.delivered_latency),
+    ] {
+        println!(
+            "{name:<17} {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}",
+            p.p50, p.p90, p.p99, p.p999, p.max
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let p = Percentiles::of((1..=1000).map(|ms| ms * 1000).collect());
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
+    }
+}
