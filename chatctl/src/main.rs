@@ -322,7 +322,7 @@ async fn connect(
 ) -> anyhow::Result<(Socket, Vec<String>)> {
     let token = token(config, user, Duration::from_secs(3600))?;
     let edge = websocket_url(edge);
-    let (mut socket, _) = tokio_tungstenite::connect_async(&edge)
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&edge, None, true)
         .await
         .with_context(|| format!("connecting to {edge}"))?;
     let hello = ClientFrame::Hello {

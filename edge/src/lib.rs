@@ -19,6 +19,7 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use chat_shared::auth::Verifier;
 use chat_shared::idgen::IdGenerator;
@@ -136,6 +137,13 @@ pub async fn run(
         .route("/readyz", get(ready))
         .with_state(edge.clone());
     tracing::info!(edge = %edge.id, addr = ?listener.local_addr().ok(), "edge listening");
+    // Frames are small and latency matters: no Nagle delay (it combines with
+    // the client's delayed ACK into 40 ms stalls).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown::wait(stop))
         .await?;

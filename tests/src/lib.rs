@@ -216,7 +216,7 @@ pub enum Ending {
 
 impl Client {
     pub async fn open(url: &str) -> Result<Self> {
-        let (socket, _) = tokio_tungstenite::connect_async(url)
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .context("websocket connect")?;
         Ok(Self {
