@@ -125,6 +125,15 @@ fn micros_since(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
+/// µs from the send of message `seq` until now.
+fn latency(sent_at: &[AtomicU64], seq: usize, start: Instant) -> u64 {
+    let at = sent_at
+        .get(seq)
+        .map(|a| a.load(Ordering::Relaxed))
+        .unwrap_or(0);
+    micros_since(start).saturating_sub(at.saturating_sub(1))
+}
+
 /// Sends `count` messages with at most `window` unanswered; returns each
 /// send -> `sent` latency in µs.
 async fn send(
