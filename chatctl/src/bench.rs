@@ -164,11 +164,7 @@ async fn send(
                         .as_str()
                         .and_then(|r| r.parse().ok())
                         .unwrap_or(usize::MAX);
-                    let at = reader_sent_at
-                        .get(seq)
-                        .map(|a| a.load(Ordering::Relaxed))
-                        .unwrap_or(0);
-                    latencies.push(micros_since(start).saturating_sub(at.saturating_sub(1)));
+                    latencies.push(latency(&reader_sent_at, seq, start));
                     reader_window.add_permits(1);
                 }
                 Some("error") => bail!("send refused: {frame}"),
@@ -214,11 +210,7 @@ async fn receive(
             .and_then(|c| c.strip_prefix('b'))
             .and_then(|s| s.parse().ok())
             .unwrap_or(usize::MAX);
-        let at = sent_at
-            .get(seq)
-            .map(|a| a.load(Ordering::Relaxed))
-            .unwrap_or(0);
-        latencies.push(micros_since(start).saturating_sub(at.saturating_sub(1)));
+        latencies.push(latency(&sent_at, seq, start));
         if latencies.len() % 100 == 0 {
             let ack = json!({"type":"ack","cursor":frame["cursor"]});
             socket.send(Message::Text(ack.to_string().into())).await?;
