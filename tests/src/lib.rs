@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use chat_shared::auth;
 use chat_shared::ids::UserId;
 use chat_shared::Config;
+use chat_shared::{auth, rpc};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -120,12 +120,31 @@ impl System {
     }
 
     /// Waits until the edge says it is ready.
+    /// Waits for the edge's `/readyz` and for the persister's RPC service:
+    /// the edge is ready without the persister (requests then get
+    /// `unavailable`, as they should), but tests expect a whole system.
     pub async fn wait_ready(&self) -> Result<()> {
         wait_until(|| async {
             http_get(self.edge_addr, "/readyz")
                 .await
                 .map(|(s, _)| s == 200)
                 .unwrap_or(false)
+        })
+        .await?;
+        self.wait_rpc_ready().await
+    }
+
+    /// Waits until a persister answers RPCs (its migrations are done and its
+    /// subscriptions are in place).
+    pub async fn wait_rpc_ready(&self) -> Result<()> {
+        let nats = self.admin().await?;
+        let probe = rpc::UserRequest {
+            user: UserId::parse("readiness-probe").expect("a valid user id"),
+        };
+        wait_until(|| {
+            let nats = nats.clone();
+            let probe = probe.clone();
+            async move { rpc::call::<rpc::Conversations>(&nats, &probe).await.is_ok() }
         })
         .await
     }
