@@ -64,6 +64,58 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `CHAT_LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
+    /// Push providers (pushd). Each is off until configured.
+    pub push: PushConfig,
+}
+
+/// pushd's providers and policy. Endpoint URLs are settings so a test (or a
+/// regional proxy) can stand in for Google's and Apple's servers.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// `CHAT_PUSH_FCM_URL`: FCM HTTP v1 base URL.
+    pub fcm_url: String,
+    /// `CHAT_PUSH_FCM_CREDENTIALS`: a Google service-account JSON key file
+    /// (`project_id`, `client_email`, `private_key`, `token_uri`); FCM is
+    /// off without it.
+    pub fcm_credentials: Option<PathBuf>,
+    /// `CHAT_PUSH_APNS_URL`: APNs base URL (HTTP/2).
+    pub apns_url: String,
+    /// `CHAT_PUSH_APNS_KEY_FILE`: the `.p8` ES256 signing key; APNs is off
+    /// without it. `CHAT_PUSH_APNS_KEY_ID`, `CHAT_PUSH_APNS_TEAM_ID` and
+    /// `CHAT_PUSH_APNS_TOPIC` (the app's bundle id) are then required.
+    pub apns_key_file: Option<PathBuf>,
+    pub apns_key_id: Option<String>,
+    pub apns_team_id: Option<String>,
+    pub apns_topic: Option<String>,
+    /// `CHAT_PUSH_WEBHOOK_URL`: where webhook notifications are POSTed;
+    /// webhooks are off without it. `CHAT_PUSH_WEBHOOK_SECRET` signs them
+    /// (HMAC-SHA256) and is then required.
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    /// `CHAT_PUSH_PREVIEW`: put the message text in notifications (`true`,
+    /// the default) or only "new message from alice" (`false`, for privacy).
+    pub preview: bool,
+    /// `CHAT_PUSH_COALESCE_MS`: jobs for one user within this window become
+    /// one notification ("3 new messages from alice").
+    pub coalesce: Duration,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            fcm_url: "https://fcm.googleapis.com".into(),
+            fcm_credentials: None,
+            apns_url: "https://api.push.apple.com".into(),
+            apns_key_file: None,
+            apns_key_id: None,
+            apns_team_id: None,
+            apns_topic: None,
+            webhook_url: None,
+            webhook_secret: None,
+            preview: true,
+            coalesce: Duration::from_secs(3),
+        }
+    }
 }
 
 impl Default for Config {
@@ -94,6 +146,7 @@ impl Default for Config {
             node_lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(2),
             log_json: false,
+            push: PushConfig::default(),
         }
     }
 }
@@ -158,6 +211,23 @@ impl Config {
                 )),
             }
         }
+        reader.string("CHAT_PUSH_FCM_URL", &mut config.push.fcm_url);
+        config.push.fcm_credentials = reader
+            .optional("CHAT_PUSH_FCM_CREDENTIALS")
+            .map(PathBuf::from);
+        reader.string("CHAT_PUSH_APNS_URL", &mut config.push.apns_url);
+        config.push.apns_key_file = reader
+            .optional("CHAT_PUSH_APNS_KEY_FILE")
+            .map(PathBuf::from);
+        config.push.apns_key_id = reader.optional("CHAT_PUSH_APNS_KEY_ID");
+        config.push.apns_team_id = reader.optional("CHAT_PUSH_APNS_TEAM_ID");
+        config.push.apns_topic = reader.optional("CHAT_PUSH_APNS_TOPIC");
+        config.push.webhook_url = reader.optional("CHAT_PUSH_WEBHOOK_URL");
+        config.push.webhook_secret = reader.optional("CHAT_PUSH_WEBHOOK_SECRET");
+        reader.parse("CHAT_PUSH_PREVIEW", &mut config.push.preview);
+        let mut coalesce_ms = config.push.coalesce.as_millis() as u64;
+        reader.parse("CHAT_PUSH_COALESCE_MS", &mut coalesce_ms);
+        config.push.coalesce = Duration::from_millis(coalesce_ms);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -202,6 +272,22 @@ impl Config {
             if value > longest {
                 problems.push(format!("{name}: at most ten years"));
             }
+        }
+        let push = &self.push;
+        if push.apns_key_file.is_some()
+            && (push.apns_key_id.is_none()
+                || push.apns_team_id.is_none()
+                || push.apns_topic.is_none())
+        {
+            problems.push(
+                "CHAT_PUSH_APNS_KEY_FILE: needs CHAT_PUSH_APNS_KEY_ID, CHAT_PUSH_APNS_TEAM_ID and CHAT_PUSH_APNS_TOPIC".into(),
+            );
+        }
+        if push.webhook_url.is_some() && push.webhook_secret.is_none() {
+            problems.push("CHAT_PUSH_WEBHOOK_URL: needs CHAT_PUSH_WEBHOOK_SECRET".into());
+        }
+        if push.coalesce > Duration::from_secs(60) {
+            problems.push("CHAT_PUSH_COALESCE_MS: at most 60000".into());
         }
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod lease;
 pub mod membership;
 pub mod nats;
+pub mod push;
 pub mod receipts;
 pub mod rpc;
 pub mod schema;

@@ -212,6 +212,21 @@ pub fn router_events_consumer() -> consumer::pull::Config {
     }
 }
 
+/// pushd's consumer on PUSH. A job is acked once every provider accepted it
+/// or failed for good; `ack_wait` covers one round of provider calls, and a
+/// job still retrying is kept alive with in-progress acks.
+pub fn pushd_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::PUSHD_CONSUMER.into()),
+        description: Some("push notification sender".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 10_000,
+        max_deliver: -1,
+        ..Default::default()
+    }
+}
+
 /// The persister's consumer on MESSAGES.
 pub fn persister_consumer() -> consumer::pull::Config {
     consumer::pull::Config {

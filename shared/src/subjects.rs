@@ -20,6 +20,7 @@ pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
 pub const PERSISTER_CONSUMER: &str = "persister";
+pub const PUSHD_CONSUMER: &str = "pushd";
 /// The priority group whose pinned client is the one active router.
 pub const ROUTER_PRIORITY_GROUP: &str = "router";
 
@@ -109,6 +110,11 @@ pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
 /// The `Nats-Msg-Id` of one inbox item, so a redelivered event is appended once.
 pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("{event_id}:{user}")
+}
+
+/// The `Nats-Msg-Id` of the push job for `user` about message `event_id`.
+pub fn push_dedup_id(event_id: &str, user: &UserId) -> String {
+    format!("push:{event_id}:{user}")
 }
 
 /// Key of a device's acked cursor in [`CURSORS_BUCKET`].
