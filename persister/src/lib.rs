@@ -11,8 +11,6 @@ mod migrations;
 mod service;
 mod writer;
 
-use std::time::Duration;
-
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config};
 
@@ -20,7 +18,8 @@ pub use error::PersisterError;
 
 /// Runs the persister until `shutdown` completes.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
-    let pool = connect_pool(&config)?;
+    let pool = chat_shared::db::connect_pool(&config)
+        .map_err(|e| PersisterError::Database(e.to_string()))?;
     migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let consumer = consume::durable(
@@ -42,23 +41,4 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterErro
     let _ = rpc.await;
     tracing::info!("persister stopped");
     written
-}
-
-fn connect_pool(config: &Config) -> Result<deadpool_postgres::Pool, PersisterError> {
-    let mut pg = deadpool_postgres::Config::new();
-    pg.url = Some(config.database_url.clone());
-    pg.pool = Some(deadpool_postgres::PoolConfig {
-        max_size: config.database_pool_size,
-        timeouts: deadpool_postgres::Timeouts {
-            wait: Some(Duration::from_secs(5)),
-            create: Some(Duration::from_secs(5)),
-            recycle: Some(Duration::from_secs(5)),
-        },
-        ..Default::default()
-    });
-    pg.create_pool(
-        Some(deadpool_postgres::Runtime::Tokio1),
-        tokio_postgres::NoTls,
-    )
-    .map_err(|e| PersisterError::Database(e.to_string()))
 }

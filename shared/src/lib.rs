@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bin;
 pub mod config;
 pub mod consume;
+pub mod db;
 pub mod error;
 pub mod idgen;
 pub mod ids;
