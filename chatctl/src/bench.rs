@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::connect;
+use crate::client::{connect, Socket};
 
 pub struct DmOptions {
     pub edge: String,
@@ -137,7 +137,7 @@ fn latency(sent_at: &[AtomicU64], seq: usize, start: Instant) -> u64 {
 /// Sends `count` messages with at most `window` unanswered; returns each
 /// send -> `sent` latency in µs.
 async fn send(
-    socket: crate::Socket,
+    socket: Socket,
     to: String,
     count: usize,
     window: usize,
@@ -187,7 +187,7 @@ async fn send(
 /// Reads `count` messages, acking as it goes; returns each send -> delivered
 /// latency in µs.
 async fn receive(
-    mut socket: crate::Socket,
+    mut socket: Socket,
     count: usize,
     sent_at: Arc<Vec<AtomicU64>>,
     start: Instant,

@@ -1,17 +1,19 @@
-//! `chatctl`: tokens, streams, schemas, and a tiny client to watch messages flow.
+//! `chatctl`: tokens, streams, replay, schemas, and a tiny client to watch
+//! messages flow. The operations live in the library (`src/lib.rs`).
 
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use chat_shared::auth;
-use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, DeviceId, UserId};
+use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, UserId};
 use chat_shared::wire::{ClientFrame, SendRequest, ServerFrame};
 use chat_shared::{schema, streams, Config};
-use clap::{Parser, Subcommand};
+use chatctl::client::{connect, parse_duration, token, unique_u64};
+use chatctl::replay::{self, Entry, Replay, ReplayName, ReplayOptions, Republisher, Start};
+use chatctl::{bench, status};
+use clap::{Args, Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-mod bench;
 
 #[derive(Parser)]
 #[command(name = "chatctl", about = "Operate and try the chat backend", version)]
@@ -29,11 +31,19 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
-    /// Manage JetStream streams and KV buckets.
+    /// Show the state of every stream and consumer (no action), or manage
+    /// JetStream streams and KV buckets.
+    #[command(args_conflicts_with_subcommands = true)]
     Streams {
         #[command(subcommand)]
-        action: StreamsAction,
+        action: Option<StreamsAction>,
+        #[command(flatten)]
+        status: StatusArgs,
     },
+    /// Print MESSAGES events (the log of record) as JSON lines, by sequence
+    /// or time range, for one conversation or all; optionally re-publish
+    /// them into the stream REPLAY_<name>.
+    Replay(ReplayArgs),
     /// Write the JSON Schemas of every wire type into DIR.
     Schemas { dir: std::path::PathBuf },
     /// Send one message as USER.
@@ -104,10 +114,44 @@ enum BenchScenario {
 
 #[derive(Subcommand)]
 enum StreamsAction {
+    /// Every stream (messages, bytes, first/last sequence and time) and
+    /// every consumer on it (delivered, ack floor, pending = lag, ...).
+    Status(StatusArgs),
     /// Create or update every stream and bucket.
     Apply,
     /// List streams with their message counts.
     Ls,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Only this conversation (dm:<a>:<b> or group:<id>); default all.
+    #[arg(long)]
+    conversation: Option<String>,
+    /// First stream sequence (inclusive).
+    #[arg(long, conflicts_with = "since")]
+    from_seq: Option<u64>,
+    /// Last stream sequence (inclusive); default the last one now.
+    #[arg(long)]
+    to_seq: Option<u64>,
+    /// Stored at or after: RFC 3339 or a time ago (90s, 10m, 2h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Stored at or before: RFC 3339 or a time ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// Also copy the events into the stream REPLAY_<NAME> (subjects
+    /// replay.<NAME>.<original subject>, Nats-Msg-Id kept), created if
+    /// missing, for a consumer to reprocess. Kept 7 days.
+    #[arg(long, value_name = "NAME")]
+    republish: Option<String>,
 }
 
 #[tokio::main]
@@ -116,12 +160,20 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     match cli.command {
         Command::Token { user, ttl } => {
-            println!("{}", token(&config, &user, parse_ttl(&ttl)?)?);
+            println!("{}", token(&config, &user, parse_duration(&ttl)?)?);
         }
-        Command::Streams { action } => {
+        Command::Streams { action, status } => {
             let client = chat_shared::nats::connect(&config, "chatctl").await?;
             let js = chat_shared::nats::jetstream(client, &config);
-            match action {
+            match action.unwrap_or(StreamsAction::Status(status)) {
+                StreamsAction::Status(StatusArgs { json }) => {
+                    let states = status::collect(&js).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&states)?);
+                    } else {
+                        print!("{}", status::render(&states));
+                    }
+                }
                 StreamsAction::Apply => {
                     streams::apply(&js, &config).await?;
                     println!("streams and buckets applied");
@@ -144,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Replay(args) => replay(&config, args).await?,
         Command::Schemas { dir } => {
             schema::write_all(&dir).with_context(|| format!("writing {}", dir.display()))?;
             println!("schemas written to {}", dir.display());
@@ -167,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
                     .map(|c| ConversationId::parse(&c))
                     .transpose()?,
                 text,
-                client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", rand_u64()))?,
+                client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", unique_u64()))?,
             };
             socket
                 .send(Message::Text(
@@ -255,121 +308,78 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rand_u64() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id()) << 32
-}
-
-fn token(config: &Config, user: &str, ttl: Duration) -> anyhow::Result<String> {
-    let user = UserId::parse(user)?;
-    let secret = auth::dev_secret(config)?;
-    Ok(auth::mint_hs256(&secret, &user, ttl)?)
-}
-
-fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let number: u64 = number
-        .parse()
-        .with_context(|| format!("bad ttl {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("bad ttl unit in {text:?}: use s, m, h or d"),
+/// Prints the range as JSON lines on stdout (and re-publishes it when
+/// asked); a summary and any stored message that is not an event go to stderr.
+async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    let instant = |text: Option<String>| {
+        text.map(|t| replay::parse_instant(&t, now))
+            .transpose()
+            .map_err(anyhow::Error::msg)
     };
-    Ok(Duration::from_secs(number * seconds))
-}
-
-/// Accepts the edge as `ws://host:port/v1/ws` or as its HTTP base URL
-/// (`http://127.0.0.1:8080`, what `scripts/dev` prints).
-fn websocket_url(edge: &str) -> String {
-    let edge = if let Some(rest) = edge.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else if let Some(rest) = edge.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else {
-        edge.to_string()
+    let start = match (args.from_seq, instant(args.since)?) {
+        (Some(seq), _) => Start::Sequence(seq),
+        (None, Some(since)) => Start::Time(since),
+        (None, None) => Start::Oldest,
     };
-    let after_scheme = edge
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or(&edge);
-    if after_scheme.trim_end_matches('/').contains('/') {
-        edge
-    } else {
-        format!("{}/v1/ws", edge.trim_end_matches('/'))
-    }
-}
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Connects, says hello, and waits for `synced`; returns the socket and the
-/// frames of the handshake (welcome, backlog, synced).
-async fn connect(
-    config: &Config,
-    edge: &str,
-    user: &str,
-    device: &str,
-    cursor: Option<Cursor>,
-) -> anyhow::Result<(Socket, Vec<String>)> {
-    let token = token(config, user, Duration::from_secs(3600))?;
-    let edge = websocket_url(edge);
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&edge, None, true)
-        .await
-        .with_context(|| format!("connecting to {edge}"))?;
-    let hello = ClientFrame::Hello {
-        token,
-        device: DeviceId::parse(device)?,
-        cursor,
+    let options = ReplayOptions {
+        conversation: args
+            .conversation
+            .map(|c| ConversationId::parse(&c))
+            .transpose()?,
+        start,
+        to_seq: args.to_seq,
+        until: instant(args.until)?,
     };
-    socket
-        .send(Message::Text(serde_json::to_string(&hello)?.into()))
-        .await?;
-    let mut handshake = Vec::new();
-    while let Some(message) = socket.next().await {
-        if let Message::Text(text) = message? {
-            let synced = serde_json::from_str::<ServerFrame>(&text)
-                .is_ok_and(|f| matches!(f, ServerFrame::Synced { .. }));
-            handshake.push(text.to_string());
-            if synced {
-                return Ok((socket, handshake));
+    let republish = args
+        .republish
+        .map(|name| ReplayName::parse(&name))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let client = chat_shared::nats::connect(config, "chatctl-replay").await?;
+    let js = chat_shared::nats::jetstream(client, config);
+    let mut republisher = match republish {
+        Some(name) => Some(Republisher::create(&js, name, config).await?),
+        None => None,
+    };
+    let mut replay = Replay::open(&js, &options).await?;
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut events, mut malformed) = (0u64, 0u64);
+    let outcome: anyhow::Result<()> = async {
+        while let Some(entry) = replay.next().await? {
+            match entry {
+                Entry::Event(item) => {
+                    serde_json::to_writer(&mut stdout, &item)?;
+                    stdout.write_all(b"\n")?;
+                    if let Some(republisher) = &mut republisher {
+                        republisher.publish(&item).await?;
+                    }
+                    events += 1;
+                }
+                Entry::Malformed {
+                    seq,
+                    subject,
+                    reason,
+                } => {
+                    eprintln!("seq {seq} ({subject}) is not a message event: {reason}");
+                    malformed += 1;
+                }
             }
         }
+        Ok(())
     }
-    bail!("connection closed during the handshake")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn edge_urls_become_websocket_urls() {
-        assert_eq!(
-            websocket_url("http://127.0.0.1:8080"),
-            "ws://127.0.0.1:8080/v1/ws"
+    .await;
+    replay.close().await;
+    stdout.flush()?;
+    outcome?;
+    eprintln!("replayed {events} events ({malformed} malformed)");
+    if let Some(republisher) = republisher {
+        let stream = republisher.stream();
+        let summary = republisher.finish().await?;
+        eprintln!(
+            "re-published {} events into {stream} ({} were already there)",
+            summary.stored, summary.duplicates
         );
-        assert_eq!(
-            websocket_url("https://chat.example/"),
-            "wss://chat.example/v1/ws"
-        );
-        assert_eq!(websocket_url("ws://h:1/v1/ws"), "ws://h:1/v1/ws");
     }
-
-    #[test]
-    fn ttls_parse() {
-        assert_eq!(parse_ttl("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(7 * 86_400));
-        assert!(parse_ttl("1w").is_err());
-        assert!(parse_ttl("h").is_err());
-    }
+    Ok(())
 }

@@ -1,0 +1,9 @@
+//! `chatctl`'s operations, as a library so the end-to-end tests run exactly
+//! what the operator runs: stream and consumer state ([`status`]), replaying
+//! the log of record ([`replay`]), load ([`bench`]) and a tiny WebSocket
+//! client ([`client`]). The command line is in `main.rs`.
+
+pub mod bench;
+pub mod client;
+pub mod replay;
+pub mod status;
