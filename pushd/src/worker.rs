@@ -1,0 +1,335 @@
+//! Consuming PUSH: one coalescing window per user, one notification per
+//! window and token, acks once every token is settled.
+//!
+//! The first job for a user opens a window of `config.push.coalesce`; jobs
+//! for that user arriving meanwhile join it. When it closes the window's
+//! jobs become one [`Notification`], sent to each of the user's tokens.
+//! Jobs arriving after the close open the next window. Until their window
+//! is settled the jobs are kept alive with in-progress acks, so the
+//! consumer's `ack_wait` only runs out for a pushd that is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chat_shared::consume::{self, Backoff};
+use chat_shared::ids::UserId;
+use chat_shared::push::PushJob;
+use chat_shared::{shutdown, streams, subjects};
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{interval_at, sleep_until, Instant, Interval};
+
+use crate::ledger::{self, Claim, JobKey, Ledger};
+use crate::metrics::PushMetrics;
+use crate::notification::Notification;
+use crate::providers::{Providers, Token};
+use crate::retry::Outcome;
+use crate::tokens;
+
+/// Jobs asked for per pull request.
+const PULL_BATCH: usize = 256;
+/// Users with an open or sending window at once. Past it pulling pauses
+/// (the consumer's `max_ack_pending` bounds what is outstanding anyway).
+const MAX_WINDOWS: usize = 1024;
+/// Jobs queued for one open window; a full queue opens a second window.
+const WINDOW_QUEUE: usize = 256;
+
+/// What every window needs.
+pub struct Shared {
+    pub pool: Pool,
+    pub providers: Providers,
+    pub metrics: PushMetrics,
+    pub preview: bool,
+    pub coalesce: Duration,
+    pub ledger: Ledger,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// A job and the message that carries it.
+struct Held {
+    message: jetstream::Message,
+    job: PushJob,
+    key: JobKey,
+}
+
+/// How often jobs that are not settled yet get an in-progress ack: three
+/// times per `ack_wait`, so one lost ack does not let a job expire.
+fn progress_every() -> Duration {
+    streams::pushd_consumer().ack_wait / 3
+}
+
+/// Pulls jobs until `shared.stop`, then lets the open windows settle.
+pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer) {
+    let stopped = shutdown::wait(shared.stop.clone());
+    tokio::pin!(stopped);
+    let mut dispatcher = Dispatcher {
+        shared: shared.clone(),
+        windows: HashMap::new(),
+        // Owned here: dropping `consume` (a crash, an aborted task) drops
+        // every window with it, and their jobs come back after `ack_wait`.
+        tasks: JoinSet::new(),
+        slots: Arc::new(Semaphore::new(MAX_WINDOWS)),
+    };
+    'pull: loop {
+        let Some(mut stream) = consume::open_pull(&consumer, PULL_BATCH, None, &mut stopped).await
+        else {
+            break;
+        };
+        loop {
+            let next = tokio::select! {
+                _ = &mut stopped => {
+                    consume::release_buffered(&mut stream).await;
+                    break 'pull;
+                }
+                Some(ended) = dispatcher.tasks.join_next(), if !dispatcher.tasks.is_empty() => {
+                    if let Err(e) = ended {
+                        tracing::error!(error = %e, "a push window failed");
+                    }
+                    continue;
+                }
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => dispatcher.dispatch(message).await,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull stream error");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+    // Open windows see the stop too: they close now and send what they hold.
+    dispatcher.windows.clear();
+    while let Some(ended) = dispatcher.tasks.join_next().await {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "a push window failed");
+        }
+    }
+}
+
+struct Dispatcher {
+    shared: Arc<Shared>,
+    windows: HashMap<UserId, mpsc::Sender<Held>>,
+    tasks: JoinSet<()>,
+    slots: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    async fn dispatch(&mut self, message: jetstream::Message) {
+        let job = match decode(&message) {
+            Ok(job) => job,
+            Err(reason) => {
+                tracing::error!(subject = %message.subject, %reason, "dropping a malformed push job");
+                ack(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        let key = ledger::key(&job);
+        match self.shared.ledger.claim(&key) {
+            Claim::New => {}
+            Claim::Done => {
+                tracing::debug!(%key, "push job already sent");
+                ack(&message, AckKind::Ack).await;
+                return;
+            }
+            Claim::InFlight => {
+                // The window holding the earlier delivery acks the job
+                // (acks name the stream sequence); this copy is dropped
+                // unacked after pushing its deadline back.
+                tracing::debug!(%key, "push job redelivered while in flight");
+                ack(&message, AckKind::Progress).await;
+                return;
+            }
+        }
+        let mut held = Held { message, job, key };
+        if let Some(window) = self.windows.get(&held.job.user) {
+            match window.try_send(held) {
+                Ok(()) => return,
+                // Closed (it is sending now) or full: open the next window.
+                Err(mpsc::error::TrySendError::Closed(back))
+                | Err(mpsc::error::TrySendError::Full(back)) => held = back,
+            }
+        }
+        let Some(slot) = self.slot(&held).await else {
+            // Stopping: hand the job back for another pushd.
+            ack(&held.message, AckKind::Nak(None)).await;
+            self.shared.ledger.release([held.key]);
+            return;
+        };
+        if self.windows.len() >= MAX_WINDOWS {
+            self.windows.retain(|_, window| !window.is_closed());
+        }
+        let (tx, rx) = mpsc::channel(WINDOW_QUEUE);
+        self.windows.insert(held.job.user.clone(), tx);
+        self.tasks
+            .spawn(window(self.shared.clone(), held, rx, slot));
+    }
+
+    /// A free window slot, keeping `held` alive while none is; `None` if
+    /// pushd stops meanwhile.
+    async fn slot(&self, held: &Held) -> Option<OwnedSemaphorePermit> {
+        let stopped = shutdown::wait(self.shared.stop.clone());
+        let acquire = self.slots.clone().acquire_owned();
+        tokio::pin!(stopped, acquire);
+        let mut tick = progress_interval();
+        loop {
+            tokio::select! {
+                slot = &mut acquire => return slot.ok(),
+                _ = &mut stopped => return None,
+                _ = tick.tick() => ack(&held.message, AckKind::Progress).await,
+            }
+        }
+    }
+}
+
+fn decode(message: &jetstream::Message) -> Result<PushJob, String> {
+    let job: PushJob = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+    if message.subject.as_str() != subjects::push(&job.user) {
+        return Err(format!("a job for {} on another user's subject", job.user));
+    }
+    Ok(job)
+}
+
+fn progress_interval() -> Interval {
+    let every = progress_every();
+    interval_at(Instant::now() + every, every)
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        // A lost ack is redelivery, which the ledger absorbs.
+        tracing::warn!(error = %e, ?kind, subject = %message.subject, "cannot ack a push job");
+    }
+}
+
+async fn progress(held: &[Held]) {
+    for job in held {
+        ack(&job.message, AckKind::Progress).await;
+    }
+}
+
+/// One user's window: collect, send, settle.
+async fn window(
+    shared: Arc<Shared>,
+    first: Held,
+    mut queue: mpsc::Receiver<Held>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let mut held = vec![first];
+    let mut tick = progress_interval();
+    let stopped = shutdown::wait(shared.stop.clone());
+    let closed = sleep_until(Instant::now() + shared.coalesce);
+    tokio::pin!(stopped, closed);
+    loop {
+        tokio::select! {
+            _ = &mut closed => break,
+            _ = &mut stopped => break,
+            next = queue.recv() => match next {
+                Some(job) => held.push(job),
+                None => break,
+            },
+            _ = tick.tick() => progress(&held).await,
+        }
+    }
+    // Whatever was queued before the close is in; later jobs open a new window.
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        held.push(job);
+    }
+    let jobs: Vec<PushJob> = held.iter().map(|h| h.job.clone()).collect();
+    let send = deliver(&shared, &jobs);
+    tokio::pin!(send);
+    let settled = loop {
+        tokio::select! {
+            settled = &mut send => break settled,
+            _ = tick.tick() => progress(&held).await,
+        }
+    };
+    let keys = held.iter().map(|h| h.key.clone()).collect::<Vec<_>>();
+    if settled {
+        for job in &held {
+            ack(&job.message, AckKind::Ack).await;
+        }
+        shared.ledger.finish(keys);
+    } else {
+        // Interrupted by a stop: back to the stream for the next pushd.
+        for job in &held {
+            ack(&job.message, AckKind::Nak(None)).await;
+        }
+        shared.ledger.release(keys);
+    }
+}
+
+/// Sends the notification for `jobs` to each of the user's tokens. `true`
+/// once every token is settled (sent, or failed for good); `false` if a
+/// stop interrupted it.
+async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
+    let Some(notification) = Notification::coalesce(jobs, shared.preview) else {
+        return true;
+    };
+    let Some(tokens) = user_tokens(shared, &notification.user).await else {
+        return false;
+    };
+    if tokens.is_empty() {
+        tracing::debug!(user = %notification.user, "no push tokens");
+        return true;
+    }
+    let notification = &notification;
+    let sends = tokens.iter().map(|token| async move {
+        let outcome = shared
+            .providers
+            .deliver(token, notification, shared.stop.clone())
+            .await;
+        (token, outcome)
+    });
+    let mut settled = true;
+    for (token, outcome) in futures::future::join_all(sends).await {
+        let provider = token.platform;
+        match outcome {
+            Outcome::Delivered => {}
+            Outcome::Interrupted => {
+                settled = false;
+                continue;
+            }
+            Outcome::Failed(reason) => {
+                tracing::warn!(user = %notification.user, %provider, %reason, "push failed");
+            }
+            Outcome::InvalidToken(reason) => {
+                tracing::info!(user = %notification.user, %provider, %reason, "removing an invalid push token");
+                match tokens::remove(&shared.pool, token).await {
+                    Ok(true) => shared.metrics.count_token_removed(provider),
+                    Ok(false) => {}
+                    // It stays; the next notification finds it invalid again.
+                    Err(e) => tracing::warn!(error = %e, "cannot remove a push token"),
+                }
+            }
+        }
+        let folded = notification.count().saturating_sub(1) as u64;
+        if folded > 0 {
+            shared.metrics.count_coalesced(provider, folded);
+        }
+    }
+    settled
+}
+
+/// The user's tokens, retrying while PostgreSQL is away; `None` on stop.
+async fn user_tokens(shared: &Shared, user: &UserId) -> Option<Vec<Token>> {
+    let mut backoff = Backoff::default();
+    let stopped = shutdown::wait(shared.stop.clone());
+    tokio::pin!(stopped);
+    loop {
+        match tokens::of_user(&shared.pool, user).await {
+            Ok(tokens) => return Some(tokens),
+            Err(e) => tracing::warn!(error = %e, %user, "cannot read push tokens; retrying"),
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = &mut stopped => return None,
+        }
+    }
+}
