@@ -334,8 +334,7 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
     let republish = args
         .republish
         .map(|name| ReplayName::parse(&name))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .transpose()?;
     let client = chat_shared::nats::connect(config, "chatctl-replay").await?;
     let js = chat_shared::nats::jetstream(client, config);
     let mut republisher = match republish {

@@ -21,7 +21,8 @@ use chat_shared::wire::MessageEvent;
 use chat_shared::{subjects, Config};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+/// The time type of [`Start::Time`] and [`ReplayOptions::until`].
+pub use time::OffsetDateTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -227,8 +228,12 @@ pub fn parse_instant(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayName(String);
 
+#[derive(Debug, thiserror::Error)]
+#[error("replay name {0:?}: expected 1-32 of A-Z a-z 0-9 _ -")]
+pub struct InvalidReplayName(String);
+
 impl ReplayName {
-    pub fn parse(value: &str) -> Result<Self, String> {
+    pub fn parse(value: &str) -> Result<Self, InvalidReplayName> {
         let valid = (1..=32).contains(&value.len())
             && value
                 .bytes()
@@ -236,9 +241,7 @@ impl ReplayName {
         if valid {
             Ok(Self(value.to_string()))
         } else {
-            Err(format!(
-                "replay name {value:?}: expected 1-32 of A-Z a-z 0-9 _ -"
-            ))
+            Err(InvalidReplayName(value.to_string()))
         }
     }
 

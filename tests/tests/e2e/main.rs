@@ -2,3 +2,4 @@
 
 mod handshake;
 mod messaging;
+mod operators;
