@@ -7,6 +7,7 @@
 
 mod error;
 mod hub;
+mod presence;
 mod receipts;
 mod requests;
 mod send;
@@ -61,6 +62,10 @@ pub(crate) struct Edge {
     pub ids: IdGenerator,
     pub hub: Arc<hub::Hub>,
     pub groups: GroupCache,
+    /// The presence bucket (snapshots, `friends`).
+    pub presence: kv::Store,
+    /// This edge's live devices, for presence heartbeats.
+    pub devices: Arc<presence::LiveDevices>,
     pub stop: watch::Receiver<bool>,
     /// The NATS connection's state: sessions refill from INBOX what live
     /// delivery may have missed while it was down.
@@ -114,6 +119,15 @@ pub async fn run(
     let stop = shutdown::fan_out(shutdown);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
     let groups = GroupCache::start(nats.clone()).await?;
+    let presence_store = bucket(subjects::PRESENCE_BUCKET).await?;
+    let devices = Arc::<presence::LiveDevices>::default();
+    let heartbeat_task = tokio::spawn(presence::heartbeats(
+        nats.clone(),
+        id.clone(),
+        devices.clone(),
+        config.presence_heartbeat,
+        stop.clone(),
+    ));
 
     let edge = Arc::new(Edge {
         hub: hub::Hub::new(nats.clone(), LIVE_QUEUE, config.request_timeout),
@@ -128,6 +142,8 @@ pub async fn run(
         claims,
         ids,
         groups,
+        presence: presence_store,
+        devices,
         stop: stop.clone(),
         link,
     });
@@ -148,6 +164,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown::wait(stop))
         .await?;
     let _ = lease_task.await;
+    let _ = heartbeat_task.await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }

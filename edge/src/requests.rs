@@ -6,7 +6,14 @@ use std::sync::Arc;
 
 use chat_shared::ids::UserId;
 use chat_shared::rpc::{self, RpcError};
-use chat_shared::wire::{ClientFrame, ErrorCode, ErrorFrame, ServerFrame};
+use std::collections::HashMap;
+
+use chat_shared::presence::TypingEvent;
+use chat_shared::subjects;
+use chat_shared::wire::{
+    ClientFrame, ErrorCode, ErrorFrame, FriendState, FriendView, PresenceEvent, PresenceStatus,
+    ServerFrame,
+};
 use tokio::sync::Semaphore;
 
 use crate::session::Outbox;
@@ -61,6 +68,41 @@ impl Requests {
             drop(permit);
         });
     }
+}
+
+/// `user`'s friends and open requests; presence for accepted friends only
+/// (PROTOCOL.md: presence is shared between friends only), so a request's
+/// other side shows as offline with no `last_active`.
+async fn friend_views(edge: &Edge, user: UserId) -> Result<Vec<FriendView>, RpcError> {
+    let entries = rpc::call::<rpc::FriendList>(&edge.nats, &rpc::UserRequest { user }).await?;
+    let friends = entries
+        .iter()
+        .filter(|entry| entry.state == FriendState::Friends)
+        .map(|entry| entry.user.clone())
+        .collect();
+    let mut presence: HashMap<UserId, PresenceEvent> =
+        crate::presence::read(&edge.presence, friends)
+            .await?
+            .into_iter()
+            .map(|event| (event.user.clone(), event))
+            .collect();
+    Ok(entries
+        .into_iter()
+        .map(|entry| match presence.remove(&entry.user) {
+            Some(event) if entry.state == FriendState::Friends => FriendView {
+                user: entry.user,
+                state: entry.state,
+                status: event.status,
+                last_active: Some(event.last_active),
+            },
+            _ => FriendView {
+                user: entry.user,
+                state: entry.state,
+                status: PresenceStatus::Offline,
+                last_active: None,
+            },
+        })
+        .collect())
 }
 
 /// The reply to one request, `None` for requests that have none.
@@ -160,12 +202,52 @@ async fn answer(
             .await?;
             return Ok(None);
         }
-        ClientFrame::Typing { .. } => return Ok(None),
-        ClientFrame::FriendRequest { .. }
-        | ClientFrame::FriendAccept { .. }
-        | ClientFrame::FriendRemove { .. }
-        | ClientFrame::Friends { .. }
-        | ClientFrame::PushRegister { .. }
+        ClientFrame::Typing {
+            conversation,
+            active,
+        } => {
+            crate::send::check_may_write(edge, &user, &conversation)
+                .await
+                .map_err(|(code, message)| RpcError::new(code, message))?;
+            let event = TypingEvent {
+                conversation,
+                active,
+            };
+            let body = serde_json::to_vec(&event)
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            // Typing is best effort: it is not stored, and a lost frame is
+            // refreshed by the client within seconds.
+            if let Err(e) = nats.publish(subjects::typing(&user), body.into()).await {
+                tracing::debug!(error = %e, "typing not forwarded");
+            }
+            return Ok(None);
+        }
+        ClientFrame::FriendRequest {
+            reference,
+            user: other,
+        } => {
+            rpc::call::<rpc::FriendAsk>(nats, &rpc::FriendRequest { user, other }).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::FriendAccept {
+            reference,
+            user: other,
+        } => {
+            rpc::call::<rpc::FriendAccept>(nats, &rpc::FriendRequest { user, other }).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::FriendRemove {
+            reference,
+            user: other,
+        } => {
+            rpc::call::<rpc::FriendRemove>(nats, &rpc::FriendRequest { user, other }).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Friends { reference } => ServerFrame::Friends {
+            reference,
+            items: friend_views(edge, user).await?,
+        },
+        ClientFrame::PushRegister { .. }
         | ClientFrame::PushUnregister { .. }
         | ClientFrame::Refresh { .. } => {
             return Err(RpcError::new(

@@ -122,7 +122,7 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
     }
 }
 
-async fn check_may_write(
+pub(crate) async fn check_may_write(
     edge: &Edge,
     user: &UserId,
     conversation: &ConversationId,

@@ -277,6 +277,14 @@ where
     {
         return;
     }
+    let _online = crate::presence::DevicePresence::connect(
+        edge.nats.clone(),
+        edge.devices.clone(),
+        edge.id.clone(),
+        session.user.clone(),
+        session.device.clone(),
+    );
+    session.send_presence_snapshot().await;
     session.main_loop(&mut stream, &mut registration).await;
     session.flush_ack().await;
 }
@@ -513,6 +521,24 @@ impl Session {
         }
         drop(send_tx);
         let _ = sender.await;
+    }
+
+    /// One `presence` frame per friend. Without it the client only learns
+    /// of changes; if it cannot be read now the session goes on without it
+    /// (the next change of each friend still arrives).
+    async fn send_presence_snapshot(&self) {
+        match crate::presence::of_friends(&self.edge.nats, &self.edge.presence, self.user.clone())
+            .await
+        {
+            Ok(friends) => {
+                for friend in friends {
+                    if !self.out.frame(&ServerFrame::Presence(friend)).await {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "no presence snapshot"),
+        }
     }
 
     /// Writes the acked cursor to KV if it moved (coalesced per device) and

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::inbox::InboxWriter;
+use crate::push::PushJobs;
 
 /// Lanes per router: conversations hash onto them; each lane is sequential.
 const LANES: usize = 16;
@@ -40,13 +41,20 @@ enum Source {
 pub struct Fanout {
     inbox: InboxWriter,
     groups: GroupCache,
+    push: PushJobs,
 }
 
 impl Fanout {
-    pub fn new(nats: async_nats::Client, js: jetstream::Context, groups: GroupCache) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        js: jetstream::Context,
+        groups: GroupCache,
+        push: PushJobs,
+    ) -> Self {
         Self {
             inbox: InboxWriter::new(nats, js),
             groups,
+            push,
         }
     }
 
@@ -110,10 +118,14 @@ impl Fanout {
         };
         let frame = ServerFrame::Message {
             cursor: None,
-            message: event,
+            message: event.clone(),
         };
         self.append(&recipients, &event_id, frame.to_json().into(), Some(&meta))
+            .await?;
+        self.push
+            .emit(&event, &recipients)
             .await
+            .map_err(RouteError::Transient)
     }
 
     async fn route_group_event(&self, message: &jetstream::Message) -> Result<(), RouteError> {

@@ -12,11 +12,15 @@
 //! lane handles its events one after another, so a conversation's messages
 //! enter every inbox in stream order.
 //!
+//! Members other than the sender who are offline (per the presence bucket)
+//! get a push job (`push`).
+//!
 //! It also turns edges' delivered-receipt reports into `receipt` frames for
 //! the messages' senders (`receipts`).
 
 mod fanout;
 mod inbox;
+mod push;
 mod receipts;
 
 use std::sync::Arc;
@@ -37,7 +41,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     )
     .await?;
     let groups = GroupCache::start(nats.clone()).await?;
-    let router = Arc::new(fanout::Fanout::new(nats.clone(), js, groups.clone()));
+    let presence = js
+        .get_key_value(subjects::PRESENCE_BUCKET)
+        .await
+        .map_err(|e| StartError::JetStream(format!("bucket presence: {e}")))?;
+    let push = push::PushJobs::new(js.clone(), presence);
+    let router = Arc::new(fanout::Fanout::new(nats.clone(), js, groups.clone(), push));
     let stop = shutdown::fan_out(shutdown);
     tracing::info!("router running");
     let message_loop = tokio::spawn(fanout::consume_messages(

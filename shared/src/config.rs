@@ -64,6 +64,15 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `CHAT_LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
+    /// `CHAT_PRESENCE_HEARTBEAT_MS`: how often each edge lists its live
+    /// devices to the presence service.
+    pub presence_heartbeat: Duration,
+    /// `CHAT_PRESENCE_TIMEOUT_MS`: an edge silent this long is dead, and its
+    /// devices are offline.
+    pub presence_timeout: Duration,
+    /// `CHAT_PRESENCE_DEBOUNCE_MS`: a user whose last device left is
+    /// announced offline only if none came back within this.
+    pub presence_debounce: Duration,
     /// Push providers (pushd). Each is off until configured.
     pub push: PushConfig,
 }
@@ -146,6 +155,9 @@ impl Default for Config {
             node_lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(2),
             log_json: false,
+            presence_heartbeat: Duration::from_secs(5),
+            presence_timeout: Duration::from_secs(16),
+            presence_debounce: Duration::from_secs(5),
             push: PushConfig::default(),
         }
     }
@@ -199,9 +211,7 @@ impl Config {
             &mut config.send_claim_max_age,
         );
         reader.seconds("CHAT_NODE_LEASE_SECS", &mut config.node_lease_ttl);
-        let mut timeout_ms = config.request_timeout.as_millis() as u64;
-        reader.parse("CHAT_REQUEST_TIMEOUT_MS", &mut timeout_ms);
-        config.request_timeout = Duration::from_millis(timeout_ms);
+        reader.millis("CHAT_REQUEST_TIMEOUT_MS", &mut config.request_timeout);
         if let Some(format) = reader.optional("CHAT_LOG_FORMAT") {
             match format.as_str() {
                 "json" => config.log_json = true,
@@ -211,6 +221,9 @@ impl Config {
                 )),
             }
         }
+        reader.millis("CHAT_PRESENCE_HEARTBEAT_MS", &mut config.presence_heartbeat);
+        reader.millis("CHAT_PRESENCE_TIMEOUT_MS", &mut config.presence_timeout);
+        reader.millis("CHAT_PRESENCE_DEBOUNCE_MS", &mut config.presence_debounce);
         reader.string("CHAT_PUSH_FCM_URL", &mut config.push.fcm_url);
         config.push.fcm_credentials = reader
             .optional("CHAT_PUSH_FCM_CREDENTIALS")
@@ -225,9 +238,7 @@ impl Config {
         config.push.webhook_url = reader.optional("CHAT_PUSH_WEBHOOK_URL");
         config.push.webhook_secret = reader.optional("CHAT_PUSH_WEBHOOK_SECRET");
         reader.parse("CHAT_PUSH_PREVIEW", &mut config.push.preview);
-        let mut coalesce_ms = config.push.coalesce.as_millis() as u64;
-        reader.parse("CHAT_PUSH_COALESCE_MS", &mut coalesce_ms);
-        config.push.coalesce = Duration::from_millis(coalesce_ms);
+        reader.millis("CHAT_PUSH_COALESCE_MS", &mut config.push.coalesce);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -268,6 +279,9 @@ impl Config {
             ("CHAT_SEND_CLAIM_MAX_AGE_SECS", self.send_claim_max_age),
             ("CHAT_NODE_LEASE_SECS", self.node_lease_ttl),
             ("CHAT_REQUEST_TIMEOUT_MS", self.request_timeout),
+            ("CHAT_PRESENCE_HEARTBEAT_MS", self.presence_heartbeat),
+            ("CHAT_PRESENCE_TIMEOUT_MS", self.presence_timeout),
+            ("CHAT_PRESENCE_DEBOUNCE_MS", self.presence_debounce),
         ] {
             if value > longest {
                 problems.push(format!("{name}: at most ten years"));
@@ -288,6 +302,15 @@ impl Config {
         }
         if push.coalesce > Duration::from_secs(60) {
             problems.push("CHAT_PUSH_COALESCE_MS: at most 60000".into());
+        }
+        if self.presence_heartbeat.is_zero() {
+            problems.push("CHAT_PRESENCE_HEARTBEAT_MS: must be positive".into());
+        }
+        if self.presence_timeout < self.presence_heartbeat * 2 {
+            problems.push(
+                "CHAT_PRESENCE_TIMEOUT_MS: must be at least twice CHAT_PRESENCE_HEARTBEAT_MS"
+                    .into(),
+            );
         }
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
@@ -327,6 +350,12 @@ impl Reader<'_> {
                 Err(e) => self.problems.push(format!("{key}: {value:?}: {e}")),
             }
         }
+    }
+
+    fn millis(&mut self, key: &str, into: &mut Duration) {
+        let mut ms = into.as_millis() as u64;
+        self.parse(key, &mut ms);
+        *into = Duration::from_millis(ms);
     }
 
     fn seconds(&mut self, key: &str, into: &mut Duration) {

@@ -123,3 +123,88 @@ impl NodeLease {
         }
     }
 }
+
+/// Leadership of a hot-standby service: every process keeps its state warm,
+/// and the holder of `key` in the leaders bucket is the one that speaks.
+/// The key expires with the bucket's `max_age` when its holder stops
+/// refreshing it, so a dead leader is replaced within about one TTL.
+pub struct Leadership {
+    store: kv::Store,
+    key: String,
+    holder: String,
+    ttl: Duration,
+}
+
+impl Leadership {
+    pub fn new(
+        store: kv::Store,
+        key: impl Into<String>,
+        holder: impl Into<String>,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            store,
+            key: key.into(),
+            holder: holder.into(),
+            ttl,
+        }
+    }
+
+    /// Campaigns and refreshes until `stop`, reporting whether this process
+    /// leads on `leading`. A refresh that fails for any reason steps down at
+    /// once: two leaders for a moment would double events, none for a moment
+    /// only delays them.
+    pub async fn run(
+        self,
+        leading: tokio::sync::watch::Sender<bool>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut revision: Option<u64> = None;
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            revision = match revision {
+                Some(held) => match self
+                    .store
+                    .update(&self.key, self.holder.clone().into(), held)
+                    .await
+                {
+                    Ok(next) => Some(next),
+                    Err(e) => {
+                        tracing::warn!(key = %self.key, error = %e, "leadership lost");
+                        None
+                    }
+                },
+                None => match self
+                    .store
+                    .create(&self.key, self.holder.clone().into())
+                    .await
+                {
+                    Ok(first) => {
+                        tracing::info!(key = %self.key, holder = %self.holder, "leading");
+                        Some(first)
+                    }
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+                    Err(e) => {
+                        tracing::warn!(key = %self.key, error = %e, "cannot campaign");
+                        None
+                    }
+                },
+            };
+            leading.send_if_modified(|now| {
+                let changed = *now != revision.is_some();
+                *now = revision.is_some();
+                changed
+            });
+        }
+        if revision.is_some() {
+            leading.send_replace(false);
+            // Hand over now rather than after the TTL.
+            let _ = self.store.delete(&self.key).await;
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod lease;
 pub mod membership;
 pub mod nats;
+pub mod presence;
 pub mod push;
 pub mod receipts;
 pub mod rpc;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, GroupId, MessageId, UserId};
 use crate::subjects;
-use crate::wire::{ConversationSummary, ErrorCode, GroupView, MessageEvent};
+use crate::wire::{ConversationSummary, ErrorCode, FriendState, GroupView, MessageEvent};
 
 /// A method: its subject name and its request and response types.
 pub trait Method {
@@ -94,6 +94,39 @@ method!(
     Members, "members", MembersRequest => Vec<UserId>
 );
 method!(Read, "read", ReadRequest => ());
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FriendRequest {
+    pub user: UserId,
+    pub other: UserId,
+}
+
+/// One entry of a user's friend list, as stored (presence is added by the
+/// edge, for accepted friends only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FriendEntry {
+    pub user: UserId,
+    pub state: FriendState,
+}
+
+method!(
+    /// Asks `other` to be friends; if `other` had asked `user` already they
+    /// become friends. Replies with `user`'s state towards `other`.
+    FriendAsk, "friend_request", FriendRequest => FriendState
+);
+method!(
+    /// Accepts `other`'s pending request; `not_found` without one.
+    FriendAccept, "friend_accept", FriendRequest => FriendState
+);
+method!(
+    /// Ends a friendship, withdraws a request or declines one.
+    FriendRemove, "friend_remove", FriendRequest => ()
+);
+method!(FriendList, "friends", UserRequest => Vec<FriendEntry>);
+method!(
+    /// The accepted friends only: whom presence changes go to.
+    FriendsOf, "friends_of", UserRequest => Vec<UserId>
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
 #[error("{code:?}: {message}")]

@@ -93,6 +93,9 @@ fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> 
     }
 }
 
+/// A leader that stops refreshing its lease loses it after this long.
+pub const LEADER_LEASE_TTL: Duration = Duration::from_secs(6);
+
 pub fn buckets(config: &Config) -> Vec<kv::Config> {
     vec![
         bucket(
@@ -119,6 +122,12 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             subjects::PRESENCE_BUCKET,
             "status and last_active per user",
             Duration::ZERO,
+            config,
+        ),
+        bucket(
+            subjects::LEADERS_BUCKET,
+            "leader leases of hot-standby services",
+            LEADER_LEASE_TTL,
             config,
         ),
         bucket(
@@ -213,14 +222,16 @@ pub fn router_events_consumer() -> consumer::pull::Config {
 }
 
 /// pushd's consumer on PUSH. A job is acked once every provider accepted it
-/// or failed for good; `ack_wait` covers one round of provider calls, and a
-/// job still retrying is kept alive with in-progress acks.
+/// or failed for good; meanwhile (coalescing, retrying) pushd sends an
+/// in-progress ack every `ack_wait / 3`. So `ack_wait` only runs out for a
+/// pushd that is gone, and is short so that its jobs go to the next pushd
+/// within seconds.
 pub fn pushd_consumer() -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(subjects::PUSHD_CONSUMER.into()),
         description: Some("push notification sender".into()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: Duration::from_secs(10),
         max_ack_pending: 10_000,
         max_deliver: -1,
         ..Default::default()

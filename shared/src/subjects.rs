@@ -32,6 +32,10 @@ pub const CURSORS_BUCKET: &str = "chat_cursors";
 pub const SENT_BUCKET: &str = "chat_sent";
 pub const PRESENCE_BUCKET: &str = "chat_presence";
 pub const EDGES_BUCKET: &str = "chat_edges";
+/// Leader leases of services that run hot standbys (presence).
+pub const LEADERS_BUCKET: &str = "chat_leaders";
+/// The presence leader's key in [`LEADERS_BUCKET`].
+pub const PRESENCE_LEADER_KEY: &str = "presence";
 
 /// JetStream's de-duplication header; every event carries it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -92,6 +96,32 @@ pub fn parse_group_event(subject: &str) -> Option<GroupId> {
 /// The persister's request/reply service for one method.
 pub fn rpc(method: &str) -> String {
     format!("chat.rpc.{method}")
+}
+
+/// An edge's device connects and disconnects (core NATS), for presence.
+pub const EDGE_DEVICES: &str = "chat.edge.device";
+/// Every edge's periodic list of its live devices (core NATS), for presence.
+pub const EDGE_HEARTBEATS: &str = "chat.edge.heartbeat";
+
+/// `typing` frames of one user, published by their edge (core NATS).
+pub fn typing(user: &UserId) -> String {
+    format!("chat.typing.{user}")
+}
+
+/// Every user's typing frames, for the presence service.
+pub const ALL_TYPING: &str = "chat.typing.*";
+
+/// The typing user of a [`typing`] subject, if it is one.
+pub fn parse_typing(subject: &str) -> Option<UserId> {
+    UserId::parse(subject.strip_prefix("chat.typing.")?).ok()
+}
+
+/// Friendship changes (core NATS), so presence drops its cached friend lists.
+pub const FRIEND_CHANGES: &str = "chat.event.friend";
+
+/// Key of a user's presence record in [`PRESENCE_BUCKET`].
+pub fn presence_key(user: &UserId) -> String {
+    format!("user.{user}")
 }
 
 /// Every method of the persister's service.

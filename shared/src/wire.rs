@@ -261,6 +261,10 @@ pub enum ServerFrame {
         user: UserId,
         active: bool,
     },
+    /// Added to PROTOCOL.md v1: your relation with `user` changed (a request
+    /// arrived or was sent from another device, an accept, a removal).
+    #[serde(rename = "friend")]
+    Friend { user: UserId, state: FriendState },
     #[serde(rename = "reconnect")]
     Reconnect { reason: String, edges: Vec<String> },
     #[serde(rename = "error")]
@@ -370,8 +374,12 @@ pub enum PresenceStatus {
 #[serde(rename_all = "lowercase")]
 pub enum FriendState {
     Friends,
+    /// You asked them; they have not accepted yet.
     Requested,
+    /// They asked you; `friend.accept` makes you friends.
     Pending,
+    /// No relation (any more): only in `friend` frames, after a removal.
+    None,
 }
 
 /// One accepted message: the MESSAGES stream event, a `history` item and the

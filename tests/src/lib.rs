@@ -1,6 +1,7 @@
 //! End-to-end harness: a real nats-server and PostgreSQL, every service run
 //! in-process on the test's runtime, and real WebSocket clients.
 
+pub mod providers;
 pub mod servers;
 
 use std::net::SocketAddr;
@@ -51,6 +52,10 @@ impl System {
             database_url,
             jwt_secret: Some(JWT_SECRET.into()),
             database_pool_size: 4,
+            // Presence on a test's time scale; the defaults are seconds.
+            presence_heartbeat: Duration::from_millis(300),
+            presence_timeout: Duration::from_millis(1500),
+            presence_debounce: Duration::from_millis(1500),
             ..Config::default()
         };
         adjust(&mut config);
@@ -63,6 +68,8 @@ impl System {
         let persister = system.start_persister();
         system.stops.push(persister);
         system.start_router();
+        let presence = system.start_presence();
+        system.stops.push(presence);
         system.edge_addr = system.start_edge().await?;
         system.wait_ready().await?;
         Ok(system)
@@ -106,6 +113,24 @@ impl System {
     }
 
     /// Starts another edge and returns its address.
+    pub fn start_presence(&mut self) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        let config = self.config_for("presence");
+        tokio::spawn(async move {
+            if let Err(e) = chat_presence::run(config, shutdown_on(rx)).await {
+                eprintln!("presence: {e}");
+            }
+        });
+        tx
+    }
+
+    /// Starts an edge as its own process, for tests that kill it: pass
+    /// `env!("CARGO_BIN_EXE_edge-under-test")` (see
+    /// `src/bin/edge-under-test.rs`; only integration tests know the path).
+    pub async fn spawn_edge_process(&self, binary: &str) -> Result<EdgeProcess> {
+        EdgeProcess::spawn(binary, &self.config_for("edge")).await
+    }
+
     pub async fn start_edge(&mut self) -> Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -119,7 +144,6 @@ impl System {
         Ok(addr)
     }
 
-    /// Waits until the edge says it is ready.
     /// Waits for the edge's `/readyz` and for the persister's RPC service:
     /// the edge is ready without the persister (requests then get
     /// `unavailable`, as they should), but tests expect a whole system.
@@ -131,7 +155,29 @@ impl System {
                 .unwrap_or(false)
         })
         .await?;
-        self.wait_rpc_ready().await
+        self.wait_rpc_ready().await?;
+        self.wait_presence_leader().await
+    }
+
+    /// Waits until a presence process leads (before that, connects are
+    /// tracked but not announced).
+    pub async fn wait_presence_leader(&self) -> Result<()> {
+        let js = async_nats::jetstream::new(self.admin().await?);
+        let leaders = js
+            .get_key_value(chat_shared::subjects::LEADERS_BUCKET)
+            .await?;
+        wait_until(|| {
+            let leaders = leaders.clone();
+            async move {
+                matches!(
+                    leaders
+                        .get(chat_shared::subjects::PRESENCE_LEADER_KEY)
+                        .await,
+                    Ok(Some(_))
+                )
+            }
+        })
+        .await
     }
 
     /// Waits until a persister answers RPCs (its migrations are done and its
@@ -169,7 +215,18 @@ impl System {
         device: &str,
         cursor: Option<&str>,
     ) -> Result<Client> {
-        let mut client = Client::open(&self.ws_url()).await?;
+        self.connect_at(self.edge_addr, user, device, cursor).await
+    }
+
+    /// Connects to the edge at `edge` (tests with several edges).
+    pub async fn connect_at(
+        &self,
+        edge: SocketAddr,
+        user: &str,
+        device: &str,
+        cursor: Option<&str>,
+    ) -> Result<Client> {
+        let mut client = Client::open(&format!("ws://{edge}/v1/ws")).await?;
         let mut hello = json!({"type":"hello","token":self.token(user),"device":device});
         if let Some(cursor) = cursor {
             hello["cursor"] = json!(cursor);
@@ -288,7 +345,22 @@ impl Client {
         self.recv_matching(|frame| frame["type"] == kind).await
     }
 
-    async fn recv_matching(&mut self, wanted: impl Fn(&Value) -> bool) -> Result<Value> {
+    /// Every frame received so far (waiting ones included): sends a ping
+    /// and collects until its pong, which the server sends after whatever
+    /// it had already queued for this connection.
+    pub async fn drain(&mut self) -> Result<Vec<Value>> {
+        self.send(json!({"type":"ping","ref":"drain"})).await?;
+        let mut frames: Vec<Value> = self.pending.drain(..).collect();
+        loop {
+            let frame = self.read_socket(WAIT).await?;
+            if frame["type"] == "pong" && frame["ref"] == "drain" {
+                return Ok(frames);
+            }
+            frames.push(frame);
+        }
+    }
+
+    pub async fn recv_matching(&mut self, wanted: impl Fn(&Value) -> bool) -> Result<Value> {
         if let Some(index) = self.pending.iter().position(&wanted) {
             return Ok(self.pending.remove(index).unwrap_or_default());
         }
@@ -299,6 +371,13 @@ impl Client {
             }
             self.pending.push_back(frame);
         }
+    }
+
+    /// Closes the connection cleanly (close frame, then the server's reply).
+    pub async fn close(mut self) -> Result<()> {
+        self.socket.close(None).await?;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.socket.next()).await {}
+        Ok(())
     }
 
     /// Waits until the server closes the connection; returns its close code.
@@ -399,4 +478,67 @@ fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// An edge in its own process; dropping it kills the process.
+pub struct EdgeProcess {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl EdgeProcess {
+    async fn spawn(binary: &str, config: &Config) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .env_clear()
+            .env("CHAT_NATS_URL", &config.nats_url)
+            .env(
+                "CHAT_NATS_USER",
+                config.nats_user.as_deref().unwrap_or_default(),
+            )
+            .env(
+                "CHAT_NATS_PASSWORD",
+                config.nats_password.as_deref().unwrap_or_default(),
+            )
+            .env("CHAT_JWT_SECRET", JWT_SECRET)
+            .env("CHAT_EDGE_ADDR", "127.0.0.1:0")
+            .env(
+                "CHAT_PRESENCE_HEARTBEAT_MS",
+                config.presence_heartbeat.as_millis().to_string(),
+            )
+            .env(
+                "CHAT_PRESENCE_TIMEOUT_MS",
+                config.presence_timeout.as_millis().to_string(),
+            )
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("starting edge-under-test")?;
+        let stdout = child.stdout.take().context("edge stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .context("edge process did not start in time")??
+            .context("edge process exited before listening")?;
+        let addr = line
+            .strip_prefix("listening ")
+            .context("unexpected edge output")?
+            .parse()?;
+        let edge = Self { child, addr };
+        wait_until(|| async {
+            http_get(addr, "/readyz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        })
+        .await?;
+        Ok(edge)
+    }
+
+    /// `kill -9`: no close frames, no disconnect reports.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
 }

@@ -3,3 +3,4 @@
 mod handshake;
 mod messaging;
 mod operators;
+mod presence;

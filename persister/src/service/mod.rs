@@ -1,5 +1,7 @@
 //! The request/reply service on `chat.rpc.*` (queue group `persister`).
 
+mod friends;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -158,6 +160,11 @@ impl Service {
             rpc::GroupInfo => group_info,
             rpc::Members => members,
             rpc::Read => read,
+            rpc::FriendAsk => friend_request,
+            rpc::FriendAccept => friend_accept,
+            rpc::FriendRemove => friend_remove,
+            rpc::FriendList => friend_list,
+            rpc::FriendsOf => friends_of,
         )
     }
 

@@ -1,0 +1,280 @@
+//! What the leader says: presence changes to the bucket, the public subject
+//! and online friends; typing to the other members.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::membership::GroupCache;
+use chat_shared::presence::{FriendChange, PresenceRecord, TypingEvent};
+use chat_shared::rpc;
+use chat_shared::subjects;
+use chat_shared::wire::{PresenceEvent, PresenceStatus, ServerFrame};
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::now_ms;
+use crate::tracker::{Change, Tracker};
+
+/// PROTOCOL.md: typing lapses after 6 s without a refresh.
+const TYPING_LAPSE: Duration = Duration::from_secs(6);
+/// A friend list is refetched after this long even without a change event
+/// (which core NATS may lose in a disconnect).
+const FRIENDS_TTL: Duration = Duration::from_secs(60);
+
+pub struct Speaker {
+    nats: async_nats::Client,
+    store: kv::Store,
+    groups: GroupCache,
+    friends: HashMap<UserId, (Arc<Vec<UserId>>, Instant)>,
+    typing: HashMap<(ConversationId, UserId), Instant>,
+}
+
+impl Speaker {
+    pub fn new(nats: async_nats::Client, store: kv::Store, groups: GroupCache) -> Self {
+        Self {
+            nats,
+            store,
+            groups,
+            friends: HashMap::new(),
+            typing: HashMap::new(),
+        }
+    }
+
+    pub async fn announce(&mut self, tracker: &Tracker, changes: Vec<Change>) {
+        for change in changes {
+            self.announce_one(tracker, change).await;
+        }
+    }
+
+    /// One KV write, one public event, one frame per online friend.
+    async fn announce_one(&mut self, tracker: &Tracker, change: Change) {
+        let record = PresenceRecord {
+            status: change.status,
+            last_active: change.last_active,
+        };
+        let event = PresenceEvent {
+            user: change.user,
+            status: change.status,
+            last_active: change.last_active,
+        };
+        tracing::debug!(user = %event.user, status = ?event.status, "presence change");
+        match serde_json::to_vec(&record) {
+            Ok(body) => {
+                if let Err(e) = self
+                    .store
+                    .put(subjects::presence_key(&event.user), body.into())
+                    .await
+                {
+                    tracing::warn!(user = %event.user, error = %e, "cannot store presence");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode presence"),
+        }
+        if let Ok(body) = serde_json::to_vec(&event) {
+            self.publish(subjects::presence(&event.user), body).await;
+        }
+        let Some(friends) = self.friends_of(&event.user).await else {
+            return;
+        };
+        let frame = ServerFrame::Presence(event).to_json();
+        for friend in friends.iter().filter(|f| tracker.is_online(f)) {
+            self.publish(subjects::deliver(friend), frame.clone().into_bytes())
+                .await;
+        }
+    }
+
+    async fn publish(&self, subject: String, body: Vec<u8>) {
+        if let Err(e) = self.nats.publish(subject, body.into()).await {
+            tracing::warn!(error = %e, "cannot publish presence");
+        }
+    }
+
+    async fn friends_of(&mut self, user: &UserId) -> Option<Arc<Vec<UserId>>> {
+        if let Some((friends, at)) = self.friends.get(user) {
+            if at.elapsed() < FRIENDS_TTL {
+                return Some(friends.clone());
+            }
+        }
+        match rpc::call::<rpc::FriendsOf>(&self.nats, &rpc::UserRequest { user: user.clone() })
+            .await
+        {
+            Ok(friends) => {
+                let friends = Arc::new(friends);
+                self.friends
+                    .insert(user.clone(), (friends.clone(), Instant::now()));
+                Some(friends)
+            }
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "no friend list; presence not fanned out");
+                None
+            }
+        }
+    }
+
+    /// Forgets both friend lists; new friends learn each other's presence
+    /// at once rather than at the next change.
+    pub async fn friends_changed(&mut self, change: &FriendChange, is_leader: bool) {
+        for user in &change.users {
+            self.friends.remove(user);
+        }
+        if !(is_leader && change.friends) {
+            return;
+        }
+        let [a, b] = &change.users;
+        for (about, to) in [(a, b), (b, a)] {
+            let record = match self.store.get(subjects::presence_key(about)).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<PresenceRecord>(&bytes).ok(),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read presence");
+                    None
+                }
+            };
+            let record = record.unwrap_or(PresenceRecord {
+                status: PresenceStatus::Offline,
+                last_active: 0,
+            });
+            let frame = ServerFrame::Presence(PresenceEvent {
+                user: about.clone(),
+                status: record.status,
+                last_active: record.last_active,
+            });
+            self.publish(subjects::deliver(to), frame.to_json().into_bytes())
+                .await;
+        }
+    }
+
+    /// Forwards `user`'s typing in a conversation to its other members'
+    /// online devices.
+    pub async fn typing(
+        &mut self,
+        tracker: &Tracker,
+        user: UserId,
+        event: TypingEvent,
+        now: Instant,
+    ) {
+        let key = (event.conversation, user);
+        if event.active {
+            self.typing.insert(key.clone(), now + TYPING_LAPSE);
+        } else {
+            self.typing.remove(&key);
+        }
+        self.send_typing(tracker, key.0, key.1, event.active).await;
+    }
+
+    /// Tells the members of every typing that lapsed.
+    pub async fn lapse_typing(&mut self, tracker: &Tracker, now: Instant) {
+        let lapsed: Vec<(ConversationId, UserId)> = self
+            .typing
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in lapsed {
+            self.typing.remove(&key);
+            self.send_typing(tracker, key.0, key.1, false).await;
+        }
+    }
+
+    async fn send_typing(
+        &self,
+        tracker: &Tracker,
+        conversation: ConversationId,
+        user: UserId,
+        active: bool,
+    ) {
+        let members: Vec<UserId> = match &conversation {
+            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
+            ConversationId::Group(group) => match self.groups.members(group).await {
+                Ok(members) => members.iter().cloned().collect(),
+                Err(e) => {
+                    tracing::warn!(%group, error = %e, "no members; typing dropped");
+                    return;
+                }
+            },
+        };
+        // The edge checked membership when the frame came in; a member
+        // removed since then types to nobody.
+        if !members.contains(&user) {
+            return;
+        }
+        let frame = ServerFrame::Typing {
+            conversation,
+            user: user.clone(),
+            active,
+        }
+        .to_json();
+        for member in members
+            .iter()
+            .filter(|m| **m != user && tracker.is_online(m))
+        {
+            self.publish(subjects::deliver(member), frame.clone().into_bytes())
+                .await;
+        }
+    }
+
+    /// A new leader's repair of what the bucket says: users online here but
+    /// not there (announced while no one led), and users the bucket still
+    /// has online that no edge reports (a leader died before announcing
+    /// them offline). Reads every record once: O(users), at takeover only.
+    pub async fn reconcile(&mut self, tracker: &Tracker) {
+        let keys = match self.store.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list presence records; not reconciled");
+                return;
+            }
+        };
+        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+        let mut stale = Vec::new();
+        for key in keys {
+            let Some(user) = key
+                .strip_prefix("user.")
+                .and_then(|id| UserId::parse(id).ok())
+            else {
+                continue;
+            };
+            let Ok(Some(bytes)) = self.store.get(&key).await else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<PresenceRecord>(&bytes) else {
+                continue;
+            };
+            if record.is_online() != tracker.is_online(&user) {
+                stale.push(user);
+            }
+        }
+        let now = now_ms();
+        let mut changes: Vec<Change> = stale
+            .into_iter()
+            .map(|user| Change {
+                status: if tracker.is_online(&user) {
+                    PresenceStatus::Online
+                } else {
+                    PresenceStatus::Offline
+                },
+                user,
+                last_active: now,
+            })
+            .collect();
+        // Online here, never written there.
+        for user in tracker.online_users() {
+            if !changes.iter().any(|c| &c.user == user) {
+                match self.store.get(subjects::presence_key(user)).await {
+                    Ok(None) => changes.push(Change {
+                        user: user.clone(),
+                        status: PresenceStatus::Online,
+                        last_active: now,
+                    }),
+                    Ok(Some(_)) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read presence"),
+                }
+            }
+        }
+        tracing::info!(repaired = changes.len(), "presence reconciled");
+        self.announce(tracker, changes).await;
+    }
+}

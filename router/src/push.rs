@@ -1,0 +1,128 @@
+//! Push jobs: after a message is in every inbox, each member other than the
+//! sender whose presence record says offline gets a job on
+//! `chat.push.<user>` (stream PUSH, work queue) for pushd.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use async_nats::HeaderMap;
+use chat_shared::ids::UserId;
+use chat_shared::presence::PresenceRecord;
+use chat_shared::push::PushJob;
+use chat_shared::subjects;
+use chat_shared::wire::MessageEvent;
+use futures::StreamExt;
+
+/// Presence reads in flight for one message.
+const PRESENCE_READS: usize = 32;
+/// A presence answer is reused this long: a group chat's burst asks about
+/// the same members again and again, and presence itself is debounced by
+/// seconds, so this adds no meaningful staleness.
+const PRESENCE_CACHE: Duration = Duration::from_secs(2);
+/// Bound on cached answers, so the cache cannot grow with the user base.
+const PRESENCE_CACHE_MAX: usize = 100_000;
+
+pub struct PushJobs {
+    js: jetstream::Context,
+    presence: kv::Store,
+    online: PresenceCache,
+}
+
+type PresenceCache = Arc<Mutex<HashMap<UserId, (bool, Instant)>>>;
+
+impl PushJobs {
+    pub fn new(js: jetstream::Context, presence: kv::Store) -> Self {
+        Self {
+            js,
+            presence,
+            online: PresenceCache::default(),
+        }
+    }
+
+    /// Emits the jobs for `event` and waits for their PubAcks; an error
+    /// makes the router retry the event (appends and jobs de-duplicate).
+    pub async fn emit(&self, event: &MessageEvent, members: &[UserId]) -> Result<(), String> {
+        let candidates: Vec<UserId> = members
+            .iter()
+            .filter(|m| **m != event.from)
+            .cloned()
+            .collect();
+        let (presence, cache) = (self.presence.clone(), self.online.clone());
+        // Owned futures only: a stream of futures borrowing `self` trips
+        // the compiler's `Send` inference for the spawned lane task.
+        let checks: Vec<(UserId, bool)> = futures::stream::iter(candidates)
+            .map(move |user| is_online(presence.clone(), cache.clone(), user))
+            .buffer_unordered(PRESENCE_READS)
+            .collect()
+            .await;
+        let offline: Vec<UserId> = checks
+            .into_iter()
+            .filter(|(_, online)| !online)
+            .map(|(user, _)| user)
+            .collect();
+        let event_id = event.id.to_string();
+        let mut acks = Vec::with_capacity(offline.len());
+        for user in &offline {
+            let job = PushJob {
+                user: user.clone(),
+                conversation: event.conversation.clone(),
+                id: event.id,
+                from: event.from.clone(),
+                text: event.text.clone(),
+                ts: event.ts as i64,
+            };
+            let body = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                subjects::MSG_ID_HEADER,
+                subjects::push_dedup_id(&event_id, user).as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(subjects::push(user), headers, body.into())
+                .await
+                .map_err(|e| format!("push job: {e}"))?;
+            acks.push(ack);
+        }
+        // At most a group's worth (100) in flight: bounded by the group limit.
+        for ack in acks {
+            ack.await
+                .map_err(|e| format!("push job not acknowledged: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `user` is online per the presence bucket. If it cannot be read, the user is
+/// taken as offline: a needless notification beats a missing one.
+async fn is_online(presence: kv::Store, cache: PresenceCache, user: UserId) -> (UserId, bool) {
+    if let Ok(entries) = cache.lock() {
+        if let Some((online, at)) = entries.get(&user) {
+            if at.elapsed() < PRESENCE_CACHE {
+                return (user, *online);
+            }
+        }
+    }
+    let online = match presence.get(subjects::presence_key(&user)).await {
+        Ok(Some(bytes)) => serde_json::from_slice::<PresenceRecord>(&bytes)
+            .map(|record| record.is_online())
+            .unwrap_or(false),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(%user, error = %e, "cannot read presence; pushing anyway");
+            false
+        }
+    };
+    if let Ok(mut entries) = cache.lock() {
+        if entries.len() >= PRESENCE_CACHE_MAX {
+            entries.retain(|_, (_, at)| at.elapsed() < PRESENCE_CACHE);
+            if entries.len() >= PRESENCE_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(user.clone(), (online, Instant::now()));
+    }
+    (user, online)
+}

@@ -1,0 +1,69 @@
+//! What edges tell the presence service, and what it keeps per user.
+//!
+//! Edges publish a [`DeviceEvent`] on every device connect and disconnect,
+//! and every `CHAT_PRESENCE_HEARTBEAT_MS` one [`EdgeHeartbeat`] listing all
+//! their live devices (one message per edge, not per user). The heartbeat is
+//! the truth: it repairs a lost event, and its absence past
+//! `CHAT_PRESENCE_TIMEOUT_MS` means the edge died with its devices.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, DeviceId, EdgeId, UserId};
+use crate::wire::PresenceStatus;
+
+/// `chat.edge.device`: one device of `user` connected to (`online`) or left
+/// `edge`. Published after the `welcome` and after the socket closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeviceEvent {
+    pub edge: EdgeId,
+    pub user: UserId,
+    pub device: DeviceId,
+    pub online: bool,
+}
+
+/// `chat.edge.heartbeat`: every device live on `edge` right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EdgeHeartbeat {
+    pub edge: EdgeId,
+    pub devices: Vec<LiveDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub struct LiveDevice {
+    pub user: UserId,
+    pub device: DeviceId,
+}
+
+/// `chat.typing.<user>`: the body of a client's `typing` frame, after the
+/// edge checked that the user is a member of `conversation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TypingEvent {
+    pub conversation: ConversationId,
+    pub active: bool,
+}
+
+/// A user's record in the presence bucket (key `user.<id>`), written by
+/// the presence leader on every change; read by edges (the presence
+/// snapshot, `friends`) and the router (push only when offline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PresenceRecord {
+    pub status: PresenceStatus,
+    /// ms since the epoch: when the user came online, or went offline.
+    pub last_active: u64,
+}
+
+impl PresenceRecord {
+    pub fn is_online(&self) -> bool {
+        self.status == PresenceStatus::Online
+    }
+}
+
+/// `chat.event.friend`: the friendship of these two users changed; presence
+/// refetches their friend lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FriendChange {
+    pub users: [UserId; 2],
+    /// They are friends after the change.
+    pub friends: bool,
+}
