@@ -29,6 +29,8 @@ pub struct System {
     pub config: Config,
     pub edge_addr: SocketAddr,
     stops: Vec<oneshot::Sender<()>>,
+    /// The first presence process, which leads until it is stopped.
+    presence: Option<oneshot::Sender<()>>,
 }
 
 fn shutdown_on(rx: oneshot::Receiver<()>) -> chat_shared::shutdown::Shutdown {
@@ -64,12 +66,12 @@ impl System {
             config,
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stops: Vec::new(),
+            presence: None,
         };
         let persister = system.start_persister();
         system.stops.push(persister);
         system.start_router();
-        let presence = system.start_presence();
-        system.stops.push(presence);
+        system.presence = Some(system.start_presence());
         system.edge_addr = system.start_edge().await?;
         system.wait_ready().await?;
         Ok(system)
@@ -122,6 +124,14 @@ impl System {
             }
         });
         tx
+    }
+
+    /// Stops the first presence process (the leader, unless it was stopped
+    /// before); its lease is handed over at once.
+    pub fn stop_presence(&mut self) {
+        if let Some(stop) = self.presence.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Starts an edge as its own process, for tests that kill it: pass

@@ -294,3 +294,49 @@ async fn typing_reaches_members_only_and_lapses() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Events on `subject` within `window`.
+async fn collect(
+    subscriber: &mut async_nats::Subscriber,
+    window: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, subscriber.next()).await {
+        let event: Value = serde_json::from_slice(&event.payload)?;
+        seen.push(format!(
+            "{} {}",
+            event["user"].as_str().unwrap(),
+            event["status"].as_str().unwrap()
+        ));
+    }
+    Ok(seen)
+}
+
+#[tokio::test]
+async fn a_standby_presence_speaks_once_and_takes_over_warm() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    let _standby = system.start_presence();
+    let admin = system.admin().await?;
+    let mut public = admin.subscribe("chat.presence.*").await?;
+    admin.flush().await?;
+
+    let bob = system.connect("bob", "phone").await?;
+    assert_eq!(
+        collect(&mut public, Duration::from_secs(2)).await?,
+        ["bob online"],
+        "exactly once"
+    );
+
+    // The leader goes; the standby, which followed every report, leads.
+    system.stop_presence();
+    system.wait_presence_leader().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // It knew bob was online: his leaving is announced, once.
+    bob.close().await?;
+    let _carol = system.connect("carol", "phone").await?;
+    let mut seen = collect(&mut public, Duration::from_secs(4)).await?;
+    seen.sort();
+    assert_eq!(seen, ["bob offline", "carol online"]);
+    Ok(())
+}
