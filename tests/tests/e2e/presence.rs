@@ -306,8 +306,8 @@ async fn collect(
         let event: Value = serde_json::from_slice(&event.payload)?;
         seen.push(format!(
             "{} {}",
-            event["user"].as_str().unwrap(),
-            event["status"].as_str().unwrap()
+            event["user"].as_str().unwrap_or_default(),
+            event["status"].as_str().unwrap_or_default()
         ));
     }
     Ok(seen)
