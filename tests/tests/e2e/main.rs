@@ -4,3 +4,4 @@ mod handshake;
 mod messaging;
 mod operators;
 mod presence;
+mod push;

@@ -1,0 +1,586 @@
+//! pushd against stand-in providers (`chat_tests::providers`): jobs are
+//! published on `chat.push.<user>` as the router does, tokens are rows in
+//! `push_tokens`.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Context, Result};
+use async_nats::jetstream;
+use axum::http::Version;
+use chat_pushd::{PushMetrics, PushdError};
+use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::push::{Platform, PushJob};
+use chat_shared::{subjects, Config};
+use chat_tests::providers::{self, Fakes, Reply};
+use chat_tests::{wait_until, System};
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+/// One pushd, run in-process like the harness runs the other services.
+struct Pushd {
+    metrics: PushMetrics,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), PushdError>>,
+}
+
+impl Pushd {
+    fn start(config: Config) -> Self {
+        let metrics = PushMetrics::new(&mut Registry::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(chat_pushd::run_with(config, metrics.clone(), shutdown));
+        Self {
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A graceful stop, as on SIGTERM.
+    async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        Ok((&mut self.task).await??)
+    }
+
+    /// A crash: the process is gone between two instructions, no ack, no nak.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+struct Setup {
+    system: System,
+    fakes: Fakes,
+    js: jetstream::Context,
+    db: tokio_postgres::Client,
+}
+
+impl Setup {
+    async fn start() -> Result<Self> {
+        let system = System::start().await?;
+        let fakes = Fakes::start().await?;
+        let js = jetstream::new(system.admin().await?);
+        let db = system.database().await?;
+        Ok(Self {
+            system,
+            fakes,
+            js,
+            db,
+        })
+    }
+
+    /// pushd's configuration, pointed at the fakes.
+    fn config(&self, coalesce: Duration, preview: bool) -> Config {
+        let mut config = self.system.config_for("pushd");
+        self.fakes.configure(&mut config);
+        config.push.coalesce = coalesce;
+        config.push.preview = preview;
+        config
+    }
+
+    async fn register(
+        &self,
+        user: &str,
+        device: &str,
+        platform: Platform,
+        token: &str,
+    ) -> Result<()> {
+        self.db
+            .execute(
+                "INSERT INTO push_tokens (user_id, device, platform, token, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &user,
+                    &device,
+                    &platform.as_str(),
+                    &token,
+                    &1_700_000_000_000i64,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn tokens_of(&self, user: &str) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .db
+            .query(
+                "SELECT platform, token FROM push_tokens WHERE user_id = $1 ORDER BY platform",
+                &[&user],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Publishes a job as the router does (`Nats-Msg-Id` included).
+    async fn publish(&self, job: &PushJob) -> Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            subjects::MSG_ID_HEADER,
+            subjects::push_dedup_id(&job.id.to_string(), &job.user).as_str(),
+        );
+        self.js
+            .publish_with_headers(
+                subjects::push(&job.user),
+                headers,
+                serde_json::to_vec(job)?.into(),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs not yet acked (PUSH is a work queue: an acked job is removed).
+    async fn jobs_left(&self) -> u64 {
+        match self.js.get_stream(subjects::PUSH_STREAM).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.state.messages,
+                Err(_) => u64::MAX,
+            },
+            Err(_) => u64::MAX,
+        }
+    }
+}
+
+fn job(user: &str, from: &str, id: u64, text: &str) -> PushJob {
+    let user = UserId::parse(user).expect("valid user");
+    let from = UserId::parse(from).expect("valid user");
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    PushJob {
+        conversation: ConversationId::dm(user.clone(), from.clone()).expect("a dm"),
+        user,
+        id: MessageId(id),
+        from,
+        text: text.into(),
+        ts,
+    }
+}
+
+#[tokio::test]
+async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(200), true));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    setup
+        .register("bob", "ipad", Platform::Apns, APNS_TOKEN)
+        .await?;
+    let (fcm, apns) = (&setup.fakes.fcm, &setup.fakes.apns);
+
+    setup.publish(&job("bob", "alice", 101, "lunch?")).await?;
+    wait_until(|| async {
+        setup.jobs_left().await == 0 && fcm.requests().len() == 1 && apns.requests().len() == 1
+    })
+    .await?;
+    // Acked only after both sends: nothing more can come for this job.
+    assert_eq!(setup.fakes.webhook.requests().len(), 0);
+
+    let sent = &fcm.requests()[0];
+    assert_eq!(sent.method, "POST");
+    assert_eq!(
+        sent.path,
+        format!("/v1/projects/{}/messages:send", providers::FCM_PROJECT)
+    );
+    assert_eq!(sent.header("authorization"), Some("Bearer ya29.fake-1"));
+    assert_eq!(sent.header("content-type"), Some("application/json"));
+    assert_eq!(
+        sent.json()?,
+        json!({"message": {
+            "token": "fcm-bob-phone",
+            "notification": {"title": "alice", "body": "lunch?"},
+            "data": {"conversation": "dm:alice:bob", "message_id": "101", "from": "alice", "count": "1"},
+            "android": {"priority": "high", "collapse_key": "dm:alice:bob"},
+            "apns": {
+                "headers": {"apns-priority": "10", "apns-collapse-id": "dm:alice:bob"},
+                "payload": {"aps": {"sound": "default", "thread-id": "dm:alice:bob"}}
+            }
+        }})
+    );
+    let oauth = fcm.oauth_requests();
+    assert_eq!(oauth.len(), 1);
+    assert_eq!(oauth[0].status, 200);
+    assert_eq!(
+        oauth[0].header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    let claims = providers::verify_oauth_request(&oauth[0].text(), &fcm.token_uri())?;
+    assert_eq!(claims["iss"], providers::FCM_CLIENT_EMAIL);
+
+    let pushed = &apns.requests()[0];
+    assert_eq!(pushed.version, Version::HTTP_2);
+    assert_eq!(pushed.path, format!("/3/device/{APNS_TOKEN}"));
+    assert_eq!(pushed.header("apns-topic"), Some(providers::APNS_TOPIC));
+    assert_eq!(pushed.header("apns-push-type"), Some("alert"));
+    assert_eq!(pushed.header("apns-priority"), Some("10"));
+    assert_eq!(pushed.header("apns-collapse-id"), Some("dm:alice:bob"));
+    let authorization = pushed.header("authorization").context("no authorization")?;
+    let claims = providers::verify_apns_authorization(authorization)?;
+    assert_eq!(claims["iss"], providers::APNS_TEAM_ID);
+    assert_eq!(
+        pushed.json()?,
+        json!({
+            "aps": {"alert": {"title": "alice", "body": "lunch?"}, "sound": "default", "thread-id": "dm:alice:bob"},
+            "conversation": "dm:alice:bob",
+            "message_id": "101",
+            "from": "alice",
+            "count": 1
+        })
+    );
+
+    // A second job: the OAuth access token and the APNs JWT are reused.
+    setup.publish(&job("bob", "carol", 102, "hi")).await?;
+    wait_until(|| async {
+        setup.jobs_left().await == 0 && fcm.requests().len() == 2 && apns.requests().len() == 2
+    })
+    .await?;
+    assert_eq!(fcm.oauth_requests().len(), 1);
+    assert_eq!(
+        fcm.requests()[1].header("authorization"),
+        Some("Bearer ya29.fake-1")
+    );
+    assert_eq!(
+        apns.requests()[1].header("authorization"),
+        Some(authorization)
+    );
+    assert_eq!(
+        apns.requests()[1].header("apns-collapse-id"),
+        Some("dm:bob:carol")
+    );
+    for provider in [Platform::Fcm, Platform::Apns] {
+        assert_eq!(pushd.metrics.sent(provider), 2, "{provider}");
+        assert_eq!(pushd.metrics.failed(provider), 0, "{provider}");
+        assert_eq!(pushd.metrics.coalesced(provider), 0, "{provider}");
+    }
+    pushd.stop().await
+}
+
+#[tokio::test]
+async fn push_coalesces_twenty_jobs_into_one_notification_per_token() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_secs(3), true));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    setup
+        .register("bob", "ipad", Platform::Apns, APNS_TOKEN)
+        .await?;
+    setup
+        .register("bob", "bot", Platform::Webhook, "bot-7")
+        .await?;
+
+    let started = Instant::now();
+    for i in 0..20 {
+        setup
+            .publish(&job("bob", "alice", 201 + i, &format!("message {i}")))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published_in = started.elapsed();
+    assert!(published_in < Duration::from_secs(3), "{published_in:?}");
+    wait_until(|| async { setup.jobs_left().await == 0 && setup.fakes.all_requests().len() >= 3 })
+        .await?;
+    let notified_after = started.elapsed();
+    eprintln!("20 jobs published in {published_in:?}; settled after {notified_after:?}");
+
+    let fcm = setup.fakes.fcm.requests();
+    let apns = setup.fakes.apns.requests();
+    let webhook = setup.fakes.webhook.requests();
+    assert_eq!((fcm.len(), apns.len(), webhook.len()), (1, 1, 1));
+    let fcm = fcm[0].json()?;
+    assert_eq!(fcm["message"]["notification"]["title"], "alice");
+    assert_eq!(
+        fcm["message"]["notification"]["body"],
+        "20 new messages from alice"
+    );
+    assert_eq!(fcm["message"]["data"]["count"], "20");
+    assert_eq!(fcm["message"]["data"]["message_id"], "220");
+    let apns = apns[0].json()?;
+    assert_eq!(apns["aps"]["alert"]["body"], "20 new messages from alice");
+    assert_eq!(apns["count"], 20);
+    let webhook = webhook[0].json()?;
+    assert_eq!(webhook["count"], 20);
+    let ids: Vec<String> = (201..=220).map(|i: u64| i.to_string()).collect();
+    assert_eq!(webhook["message_ids"], json!(ids));
+    assert_eq!(webhook["messages"][19]["text"], "message 19");
+    for provider in Platform::ALL {
+        assert_eq!(pushd.metrics.sent(provider), 1, "{provider}");
+        assert_eq!(pushd.metrics.coalesced(provider), 19, "{provider}");
+    }
+    pushd.stop().await
+}
+
+#[tokio::test]
+async fn push_retries_503_with_backoff_then_delivers_once() -> Result<()> {
+    let setup = Setup::start().await?;
+    let fcm = &setup.fakes.fcm;
+    let unavailable = json!({"error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}});
+    fcm.script([
+        Reply::status(503)
+            .header("retry-after", "1")
+            .json(unavailable.clone()),
+        Reply::status(503).json(unavailable),
+    ]);
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), true));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+
+    setup
+        .publish(&job("bob", "alice", 301, "are you there?"))
+        .await?;
+    wait_until(|| async { setup.jobs_left().await == 0 && fcm.requests().len() == 3 }).await?;
+
+    let requests = fcm.requests();
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 503, 200]);
+    assert!(requests.iter().all(|r| r.body == requests[0].body));
+    let first_wait = requests[1].at - requests[0].at;
+    let second_wait = requests[2].at - requests[1].at;
+    eprintln!("waits between attempts: {first_wait:?} (Retry-After: 1), {second_wait:?}");
+    // Retry-After honoured; then the second backoff, 250-500 ms with jitter.
+    assert!(first_wait >= Duration::from_secs(1), "{first_wait:?}");
+    assert!(second_wait >= Duration::from_millis(250), "{second_wait:?}");
+    assert!(second_wait < Duration::from_secs(2), "{second_wait:?}");
+    assert_eq!(pushd.metrics.retried(Platform::Fcm), 2);
+    assert_eq!(pushd.metrics.sent(Platform::Fcm), 1);
+    assert_eq!(pushd.metrics.failed(Platform::Fcm), 0);
+    pushd.stop().await
+}
+
+#[tokio::test]
+async fn push_invalid_tokens_are_deleted() -> Result<()> {
+    let setup = Setup::start().await?;
+    setup.fakes.fcm.script([Reply::status(404).json(json!({"error": {
+        "code": 404,
+        "message": "Requested entity was not found.",
+        "status": "NOT_FOUND",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED"}]
+    }}))]);
+    setup.fakes.apns.script([Reply::status(410)
+        .json(json!({"reason": "Unregistered", "timestamp": 1_700_000_000_000u64}))]);
+    // A refusal that is not about the token deletes nothing.
+    setup.fakes.webhook.script([Reply::status(400)]);
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), true));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    setup
+        .register("bob", "ipad", Platform::Apns, APNS_TOKEN)
+        .await?;
+    setup
+        .register("bob", "bot", Platform::Webhook, "bot-7")
+        .await?;
+    setup
+        .register("carol", "phone", Platform::Fcm, "fcm-carol-phone")
+        .await?;
+
+    setup.publish(&job("bob", "alice", 401, "hello")).await?;
+    wait_until(|| async { setup.jobs_left().await == 0 && setup.fakes.all_requests().len() == 3 })
+        .await?;
+    wait_until(|| async { setup.tokens_of("bob").await.map(|t| t.len()).unwrap_or(0) == 1 })
+        .await?;
+    assert_eq!(
+        setup.tokens_of("bob").await?,
+        [("webhook".to_string(), "bot-7".to_string())]
+    );
+    assert_eq!(setup.tokens_of("carol").await?.len(), 1);
+    assert_eq!(pushd.metrics.tokens_removed(Platform::Fcm), 1);
+    assert_eq!(pushd.metrics.tokens_removed(Platform::Apns), 1);
+    assert_eq!(pushd.metrics.tokens_removed(Platform::Webhook), 0);
+    for provider in Platform::ALL {
+        assert_eq!(pushd.metrics.failed(provider), 1, "{provider}");
+        assert_eq!(pushd.metrics.retried(provider), 0, "{provider}");
+    }
+
+    // The next job goes to the remaining token only.
+    setup
+        .publish(&job("bob", "alice", 402, "still there?"))
+        .await?;
+    wait_until(|| async {
+        setup.jobs_left().await == 0 && setup.fakes.webhook.requests().len() == 2
+    })
+    .await?;
+    assert_eq!(setup.fakes.fcm.requests().len(), 1);
+    assert_eq!(setup.fakes.apns.requests().len(), 1);
+    pushd.stop().await
+}
+
+/// Waits until FCM has refused the job at least twice (pushd is retrying).
+async fn wait_retrying(setup: &Setup) -> Result<()> {
+    wait_until(|| async { setup.fakes.fcm.requests().len() >= 2 }).await
+}
+
+fn delivered(setup: &Setup) -> usize {
+    setup
+        .fakes
+        .fcm
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .count()
+}
+
+#[tokio::test]
+async fn push_job_survives_pushd_killed_mid_retry() -> Result<()> {
+    let setup = Setup::start().await?;
+    setup.fakes.fcm.answer_by_default(Reply::status(503));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    let config = setup.config(Duration::from_millis(100), true);
+    let first = Pushd::start(config.clone());
+    setup
+        .publish(&job("bob", "alice", 501, "don't lose me"))
+        .await?;
+    wait_retrying(&setup).await?;
+    first.kill().await;
+    let killed = Instant::now();
+    let refused = setup.fakes.fcm.requests().len();
+
+    setup
+        .fakes
+        .fcm
+        .answer_by_default(Reply::ok().json(json!({"name": "projects/chat-test/messages/1"})));
+    let second = Pushd::start(config);
+    wait_until(|| async { setup.jobs_left().await == 0 && delivered(&setup) == 1 }).await?;
+    let recovered = killed.elapsed();
+    eprintln!("killed after {refused} refused attempts; delivered {recovered:?} later");
+    // Redelivered by JetStream once the ack wait ran out (10 s after the
+    // last in-progress ack), not handed back by the dead pushd.
+    let requests = setup.fakes.fcm.requests();
+    assert_eq!(requests.last().map(|r| r.status), Some(200));
+    assert!(requests[..requests.len() - 1]
+        .iter()
+        .all(|r| r.status == 503));
+    assert!(recovered < Duration::from_secs(15), "{recovered:?}");
+    let body = requests.last().context("a request")?.json()?;
+    assert_eq!(body["message"]["data"]["message_id"], "501");
+    assert_eq!(second.metrics.sent(Platform::Fcm), 1);
+    second.stop().await
+}
+
+#[tokio::test]
+async fn push_job_survives_pushd_stopped_mid_retry() -> Result<()> {
+    let setup = Setup::start().await?;
+    setup.fakes.fcm.answer_by_default(Reply::status(503));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    let config = setup.config(Duration::from_millis(100), true);
+    let first = Pushd::start(config.clone());
+    setup
+        .publish(&job("bob", "alice", 601, "don't lose me"))
+        .await?;
+    wait_retrying(&setup).await?;
+    first.stop().await?;
+    let stopped = Instant::now();
+    // The stopped pushd handed the job back instead of finishing it.
+    ensure!(setup.jobs_left().await == 1, "the job is still in PUSH");
+
+    setup
+        .fakes
+        .fcm
+        .answer_by_default(Reply::ok().json(json!({"name": "projects/chat-test/messages/1"})));
+    let second = Pushd::start(config);
+    wait_until(|| async { setup.jobs_left().await == 0 && delivered(&setup) == 1 }).await?;
+    let recovered = stopped.elapsed();
+    eprintln!("delivered {recovered:?} after a graceful stop");
+    // Handed back with a nak: no wait for the ack wait to run out.
+    assert!(recovered < Duration::from_secs(5), "{recovered:?}");
+    assert_eq!(second.metrics.sent(Platform::Fcm), 1);
+    second.stop().await
+}
+
+#[tokio::test]
+async fn push_webhook_signature_verifies() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), true));
+    setup
+        .register("bob", "bot", Platform::Webhook, "bot-7")
+        .await?;
+    setup.publish(&job("bob", "alice", 701, "ship it")).await?;
+    wait_until(|| async {
+        setup.jobs_left().await == 0 && setup.fakes.webhook.requests().len() == 1
+    })
+    .await?;
+
+    let hook = &setup.fakes.webhook.requests()[0];
+    assert_eq!(hook.path, "/hook");
+    assert_eq!(hook.header("content-type"), Some("application/json"));
+    providers::verify_webhook_signature(hook, providers::WEBHOOK_SECRET)?;
+    assert!(providers::verify_webhook_signature(hook, "another secret").is_err());
+    let mut tampered = hook.clone();
+    tampered.body = hook.text().replace("ship it", "sink it").into();
+    assert!(providers::verify_webhook_signature(&tampered, providers::WEBHOOK_SECRET).is_err());
+
+    let body = hook.json()?;
+    let ts = body["messages"][0]["ts"].clone();
+    assert_eq!(
+        body,
+        json!({
+            "user": "bob",
+            "token": "bot-7",
+            "conversation": "dm:alice:bob",
+            "from": "alice",
+            "count": 1,
+            "message_ids": ["701"],
+            "title": "alice",
+            "body": "ship it",
+            "messages": [{"id": "701", "conversation": "dm:alice:bob", "from": "alice", "ts": ts, "text": "ship it"}]
+        })
+    );
+    assert_eq!(pushd.metrics.sent(Platform::Webhook), 1);
+    pushd.stop().await
+}
+
+#[tokio::test]
+async fn push_preview_off_sends_no_text() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), false));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    setup
+        .register("bob", "ipad", Platform::Apns, APNS_TOKEN)
+        .await?;
+    setup
+        .register("bob", "bot", Platform::Webhook, "bot-7")
+        .await?;
+    setup
+        .publish(&job("bob", "alice", 801, "the secret plans"))
+        .await?;
+    wait_until(|| async { setup.jobs_left().await == 0 && setup.fakes.all_requests().len() == 3 })
+        .await?;
+
+    for request in setup.fakes.all_requests() {
+        let text = request.text();
+        assert!(
+            !text.contains("secret"),
+            "{} leaks the text: {text}",
+            request.path
+        );
+    }
+    let fcm: Value = setup.fakes.fcm.requests()[0].json()?;
+    assert_eq!(
+        fcm["message"]["notification"],
+        json!({"title": "alice", "body": "New message from alice"})
+    );
+    let apns: Value = setup.fakes.apns.requests()[0].json()?;
+    assert_eq!(apns["aps"]["alert"]["body"], "New message from alice");
+    let webhook: Value = setup.fakes.webhook.requests()[0].json()?;
+    assert_eq!(webhook["body"], "New message from alice");
+    assert!(webhook["messages"][0].get("text").is_none());
+    pushd.stop().await
+}
