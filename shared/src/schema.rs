@@ -30,6 +30,27 @@ pub fn all() -> Vec<(&'static str, String)> {
             "delivered-event.json",
             render(schema_for!(crate::receipts::DeliveredEvent)),
         ),
+        ("push-job.json", render(schema_for!(crate::push::PushJob))),
+        (
+            "device-event.json",
+            render(schema_for!(crate::presence::DeviceEvent)),
+        ),
+        (
+            "edge-heartbeat.json",
+            render(schema_for!(crate::presence::EdgeHeartbeat)),
+        ),
+        (
+            "typing-event.json",
+            render(schema_for!(crate::presence::TypingEvent)),
+        ),
+        (
+            "presence-record.json",
+            render(schema_for!(crate::presence::PresenceRecord)),
+        ),
+        (
+            "friend-change.json",
+            render(schema_for!(crate::presence::FriendChange)),
+        ),
     ]
 }
 
