@@ -197,3 +197,56 @@ fn unix_seconds() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TLS stack is usable without a process-wide crypto provider: a
+    /// server that is not TLS gives a transport error, not a panic.
+    #[tokio::test]
+    async fn https_runs_on_ring_without_a_default_provider() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            }
+        });
+        for protocols in [Protocols::Any, Protocols::Http2Only] {
+            let client = client(protocols).unwrap();
+            let attempt = match send(client.get(format!("https://{addr}/"))).await {
+                Ok(_) => panic!("a plain-text server passed a TLS handshake"),
+                Err(attempt) => attempt,
+            };
+            assert!(matches!(attempt, Attempt::Retry { .. }), "{attempt:?}");
+        }
+    }
+
+    #[test]
+    fn unusable_key_files_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.p8");
+        std::fs::write(&bad, "not a key").unwrap();
+        let config = PushConfig {
+            apns_key_file: Some(bad.clone()),
+            apns_key_id: Some("K".into()),
+            apns_team_id: Some("T".into()),
+            apns_topic: Some("com.example".into()),
+            ..PushConfig::default()
+        };
+        let error = Providers::from_config(&config, PushMetrics::default())
+            .err()
+            .unwrap();
+        assert!(error.to_string().starts_with("apns: the key in"), "{error}");
+        let config = PushConfig {
+            fcm_credentials: Some(dir.path().join("missing.json")),
+            ..PushConfig::default()
+        };
+        let error = Providers::from_config(&config, PushMetrics::default())
+            .err()
+            .unwrap();
+        assert!(error.to_string().starts_with("fcm: reading"), "{error}");
+    }
+}
