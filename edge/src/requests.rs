@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use chat_shared::ids::UserId;
+use chat_shared::ids::{DeviceId, UserId};
 use chat_shared::rpc::{self, RpcError};
 use std::collections::HashMap;
 
@@ -28,15 +28,17 @@ const MAX_HISTORY_LIMIT: u32 = 200;
 pub struct Requests {
     edge: Arc<Edge>,
     user: UserId,
+    device: DeviceId,
     out: Outbox,
     permits: Arc<Semaphore>,
 }
 
 impl Requests {
-    pub fn new(edge: Arc<Edge>, user: UserId, out: Outbox) -> Self {
+    pub fn new(edge: Arc<Edge>, user: UserId, device: DeviceId, out: Outbox) -> Self {
         Self {
             edge,
             user,
+            device,
             out,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
@@ -57,9 +59,10 @@ impl Requests {
             return;
         };
         let (edge, user, out) = (self.edge.clone(), self.user.clone(), self.out.clone());
+        let device = self.device.clone();
         tokio::spawn(async move {
             let reference = frame.reference().map(str::to_string);
-            let reply = match answer(&edge, user, frame).await {
+            let reply = match answer(&edge, user, &device, frame).await {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return,
                 Err(e) => ServerFrame::error(reference.as_deref(), e.code, e.message),
@@ -109,6 +112,7 @@ async fn friend_views(edge: &Edge, user: UserId) -> Result<Vec<FriendView>, RpcE
 async fn answer(
     edge: &Edge,
     user: UserId,
+    device: &DeviceId,
     frame: ClientFrame,
 ) -> Result<Option<ServerFrame>, RpcError> {
     let nats = &edge.nats;
@@ -247,9 +251,35 @@ async fn answer(
             reference,
             items: friend_views(edge, user).await?,
         },
-        ClientFrame::PushRegister { .. }
-        | ClientFrame::PushUnregister { .. }
-        | ClientFrame::Refresh { .. } => {
+        ClientFrame::PushRegister {
+            reference,
+            platform,
+            token,
+        } => {
+            let request = rpc::PushTokenRequest {
+                user,
+                device: device.clone(),
+                platform,
+                token,
+            };
+            rpc::call::<rpc::PushRegister>(nats, &request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::PushUnregister {
+            reference,
+            platform,
+            token,
+        } => {
+            let request = rpc::PushTokenRequest {
+                user,
+                device: device.clone(),
+                platform,
+                token,
+            };
+            rpc::call::<rpc::PushUnregister>(nats, &request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Refresh { .. } => {
             return Err(RpcError::new(
                 ErrorCode::Internal,
                 "this request is not supported by this server yet",

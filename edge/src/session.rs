@@ -441,8 +441,12 @@ impl Session {
         // been read again none is forwarded, so no later cursor is sent (and
         // acked) ahead of a missing one.
         let mut paused = false;
-        let requests =
-            crate::requests::Requests::new(self.edge.clone(), self.user.clone(), self.out.clone());
+        let requests = crate::requests::Requests::new(
+            self.edge.clone(),
+            self.user.clone(),
+            self.device.clone(),
+            self.out.clone(),
+        );
         loop {
             tokio::select! {
                 biased;

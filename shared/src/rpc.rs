@@ -6,7 +6,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, GroupId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+use crate::push::Platform;
 use crate::subjects;
 use crate::wire::{ConversationSummary, ErrorCode, FriendState, GroupView, MessageEvent};
 
@@ -123,6 +124,21 @@ method!(
     FriendRemove, "friend_remove", FriendRequest => ()
 );
 method!(FriendList, "friends", UserRequest => Vec<FriendEntry>);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushTokenRequest {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub platform: Platform,
+    pub token: String,
+}
+
+method!(
+    /// Stores a device's token for a platform (replacing its previous one);
+    /// `bad_request` for a token of the wrong shape.
+    PushRegister, "push_register", PushTokenRequest => ()
+);
+method!(PushUnregister, "push_unregister", PushTokenRequest => ());
 method!(
     /// The accepted friends only: whom presence changes go to.
     FriendsOf, "friends_of", UserRequest => Vec<UserId>

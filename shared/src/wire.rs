@@ -158,13 +158,8 @@ pub struct SendRequest {
     pub client_msg_id: ClientMsgId,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PushPlatform {
-    Fcm,
-    Apns,
-    Webhook,
-}
+/// The platform of a push token (one type for the wire and for pushd).
+pub use crate::push::Platform as PushPlatform;
 
 /// Only the `ref` of a frame, read when the frame itself did not parse so the
 /// error can still be matched to its request.

@@ -1,6 +1,7 @@
 //! The request/reply service on `chat.rpc.*` (queue group `persister`).
 
 mod friends;
+mod push_tokens;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -165,6 +166,8 @@ impl Service {
             rpc::FriendRemove => friend_remove,
             rpc::FriendList => friend_list,
             rpc::FriendsOf => friends_of,
+            rpc::PushRegister => push_register,
+            rpc::PushUnregister => push_unregister,
         )
     }
 
