@@ -363,6 +363,43 @@ async fn push_retries_503_with_backoff_then_delivers_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn push_progress_acks_keep_a_job_alive_past_the_ack_wait() -> Result<()> {
+    let setup = Setup::start().await?;
+    let fcm = &setup.fakes.fcm;
+    // A retry later than the consumer's 10 s ack wait.
+    fcm.script([Reply::status(429).header("retry-after", "11")]);
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), true));
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    let stream = setup.js.get_stream(subjects::PUSH_STREAM).await?;
+    setup.publish(&job("bob", "alice", 351, "later")).await?;
+    // Watch the consumer throughout: a job whose ack wait ran out shows
+    // as redelivered until it is acked.
+    let redelivered = std::cell::Cell::new(0);
+    wait_until(|| async {
+        if let Ok(info) = stream.clone().consumer_info(subjects::PUSHD_CONSUMER).await {
+            redelivered.set(redelivered.get().max(info.num_redelivered));
+        }
+        setup.jobs_left().await == 0 && fcm.requests().len() == 2
+    })
+    .await?;
+
+    let requests = fcm.requests();
+    let wait = requests[1].at - requests[0].at;
+    eprintln!("retried after {wait:?}");
+    assert!(wait >= Duration::from_secs(11), "{wait:?}");
+    assert_eq!(
+        redelivered.get(),
+        0,
+        "the job was redelivered while retrying"
+    );
+    assert_eq!(pushd.metrics.sent(Platform::Fcm), 1);
+    assert_eq!(pushd.metrics.retried(Platform::Fcm), 1);
+    pushd.stop().await
+}
+
+#[tokio::test]
 async fn push_invalid_tokens_are_deleted() -> Result<()> {
     let setup = Setup::start().await?;
     setup.fakes.fcm.script([Reply::status(404).json(json!({"error": {
