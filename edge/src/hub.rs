@@ -2,6 +2,7 @@
 //! on this edge, shared by all of that user's devices here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
@@ -28,7 +29,8 @@ pub struct Delivery {
 #[error("subscribing to live deliveries: {0}")]
 pub struct HubError(String);
 
-type Sessions = Mutex<Vec<(u64, mpsc::Sender<Delivery>)>>;
+/// A session's live queue: the sender and the bytes waiting in it.
+type Sessions = Mutex<Vec<(u64, mpsc::Sender<Delivery>, Arc<AtomicUsize>)>>;
 
 struct UserFeed {
     sessions: Sessions,
@@ -42,6 +44,9 @@ pub struct Hub {
     next_session: std::sync::atomic::AtomicU64,
     /// Live frames a session may have waiting before it counts as too slow.
     queue: usize,
+    /// Bytes of live frames a session may have waiting (frames are up to
+    /// 1 MiB each, so a frame count alone would not bound memory).
+    queue_bytes: usize,
     /// How long a new subscription may take to be confirmed.
     confirm_timeout: Duration,
 }
@@ -51,7 +56,18 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: UserId,
     session: u64,
-    pub live: mpsc::Receiver<Delivery>,
+    live: mpsc::Receiver<Delivery>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Registration {
+    /// The next live delivery; `None` once the hub cut this session loose.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        let delivery = self.live.recv().await?;
+        self.queued_bytes
+            .fetch_sub(delivery.frame.len(), Ordering::Relaxed);
+        Some(delivery)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,12 +79,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(client: async_nats::Client, queue: usize, confirm_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        client: async_nats::Client,
+        queue: usize,
+        queue_bytes: usize,
+        confirm_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             users: Mutex::new(HashMap::new()),
             next_session: Default::default(),
             queue,
+            queue_bytes,
             confirm_timeout,
         })
     }
@@ -79,6 +101,7 @@ impl Hub {
     /// gapless.
     pub async fn register(self: &Arc<Self>, user: &UserId) -> Result<Registration, HubError> {
         let (tx, live) = mpsc::channel(self.queue);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let session = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -93,7 +116,7 @@ impl Hub {
                     })
                 })
                 .clone();
-            lock(&feed.sessions).push((session, tx));
+            lock(&feed.sessions).push((session, tx, queued_bytes.clone()));
             feed
         };
         let registration = Registration {
@@ -101,6 +124,7 @@ impl Hub {
             user: user.clone(),
             session,
             live,
+            queued_bytes,
         };
         feed.subscribed
             .get_or_try_init(|| async {
@@ -130,7 +154,7 @@ impl Hub {
         let Some(feed) = users.get(user) else { return };
         let now_empty = {
             let mut sessions = lock(&feed.sessions);
-            sessions.retain(|(id, _)| *id != session);
+            sessions.retain(|(id, _, _)| *id != session);
             sessions.is_empty()
         };
         if now_empty {
@@ -176,13 +200,24 @@ async fn pump(
             meta,
             frame,
         };
-        lock(&feed.sessions).retain(|(_, tx)| match tx.try_send(delivery.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!("session too slow for live deliveries; disconnecting it");
-                false
+        let size = delivery.frame.len();
+        let budget = hub.upgrade().map_or(usize::MAX, |hub| hub.queue_bytes);
+        lock(&feed.sessions).retain(|(_, tx, queued)| {
+            if queued.load(Ordering::Relaxed) + size > budget {
+                tracing::warn!("session too slow for live deliveries (bytes); disconnecting it");
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            match tx.try_send(delivery.clone()) {
+                Ok(()) => {
+                    queued.fetch_add(size, Ordering::Relaxed);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!("session too slow for live deliveries; disconnecting it");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
         });
     }
     tracing::warn!(%user, "live delivery subscription ended; disconnecting the user's sessions");

@@ -5,8 +5,11 @@
 //! **the edge never touches PostgreSQL**; history, groups and the like are
 //! asked of the persister over NATS request/reply.
 
+mod drain;
 mod error;
 mod hub;
+mod limits;
+mod metrics;
 mod presence;
 mod receipts;
 mod requests;
@@ -16,7 +19,7 @@ mod session;
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, kv};
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -46,6 +49,8 @@ const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_FRAME_BYTES;
 /// Live frames waiting for one session before it counts as too slow.
 const LIVE_QUEUE: usize = 4096;
+/// Bytes of live frames waiting for one session before it counts as too slow.
+const LIVE_QUEUE_BYTES: usize = 4 * MAX_FRAME_BYTES;
 
 /// Everything a connection needs, shared by all of them.
 pub(crate) struct Edge {
@@ -66,6 +71,14 @@ pub(crate) struct Edge {
     pub presence: kv::Store,
     /// This edge's live devices, for presence heartbeats.
     pub devices: Arc<presence::LiveDevices>,
+    /// Open connections, and the drain that tells them to go.
+    pub connections: Arc<drain::Connections>,
+    /// The discovery bucket.
+    pub edges: kv::Store,
+    pub limits: Arc<limits::Limits>,
+    pub metrics: Arc<metrics::EdgeMetrics>,
+    /// What `GET /metrics` serves.
+    pub registry: prometheus_client::registry::Registry,
     pub stop: watch::Receiver<bool>,
     /// The NATS connection's state: sessions refill from INBOX what live
     /// delivery may have missed while it was down.
@@ -74,10 +87,17 @@ pub(crate) struct Edge {
 
 /// Runs an edge on `listener` until `shutdown` completes.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), EdgeError> {
+    // Without a configured public URL, advertise the address actually bound
+    // (right for one host; behind a proxy set CHAT_EDGE_PUBLIC_URL).
+    if config.edge_public_url.is_none() {
+        if let Ok(addr) = listener.local_addr() {
+            config.edge_public_url = Some(format!("ws://{addr}/v1/ws"));
+        }
+    }
     let verifier = Verifier::from_config(&config)?;
     let id = match &config.edge_id {
         Some(id) => EdgeId::parse(id.clone())?,
@@ -116,10 +136,20 @@ pub async fn run(
     );
     let (node, revision) = lease.acquire().await?;
     let ids = IdGenerator::new(lease.slot());
-    let stop = shutdown::fan_out(shutdown);
+    // SIGTERM (or an operator's drain request) starts the drain; `stop`
+    // fires when it is over and ends everything else.
+    let drain_requested = drain::drain_requested(nats.clone(), id.clone());
+    let requested = shutdown::fan_out(Box::pin(async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_requested => {}
+        }
+    }));
+    let (stop_tx, stop) = watch::channel(false);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
     let groups = GroupCache::start(nats.clone()).await?;
     let presence_store = bucket(subjects::PRESENCE_BUCKET).await?;
+    let edges = bucket(subjects::EDGES_BUCKET).await?;
     let devices = Arc::<presence::LiveDevices>::default();
     let heartbeat_task = tokio::spawn(presence::heartbeats(
         nats.clone(),
@@ -129,8 +159,18 @@ pub async fn run(
         stop.clone(),
     ));
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::EdgeMetrics::new(&mut registry);
     let edge = Arc::new(Edge {
-        hub: hub::Hub::new(nats.clone(), LIVE_QUEUE, config.request_timeout),
+        hub: hub::Hub::new(
+            nats.clone(),
+            LIVE_QUEUE,
+            LIVE_QUEUE_BYTES,
+            config.request_timeout,
+        ),
+        limits: limits::Limits::new(config.limits.clone()),
+        metrics,
+        registry,
         config,
         id,
         verifier,
@@ -144,12 +184,25 @@ pub async fn run(
         groups,
         presence: presence_store,
         devices,
+        connections: Arc::default(),
+        edges: edges.clone(),
         stop: stop.clone(),
         link,
     });
+    let advertiser = tokio::spawn(drain::advertise(edge.clone(), edges, stop.clone()));
+    let drainer = tokio::spawn({
+        let edge = edge.clone();
+        async move {
+            shutdown::wait(requested).await;
+            drain::drain(&edge).await;
+            let _ = stop_tx.send(true);
+        }
+    });
     let app = Router::new()
         .route("/v1/ws", get(upgrade))
+        .route("/v1/edges", get(list_edges))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(serve_metrics))
         .route("/readyz", get(ready))
         .with_state(edge.clone());
     tracing::info!(edge = %edge.id, addr = ?listener.local_addr().ok(), "edge listening");
@@ -160,26 +213,67 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown::wait(stop))
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown::wait(stop))
+    .await?;
+    drainer.abort();
+    let _ = advertiser.await;
     let _ = lease_task.await;
     let _ = heartbeat_task.await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }
 
-async fn upgrade(State(edge): State<Arc<Edge>>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Err(wait) = edge.limits.admit_ip(peer.ip(), tokio::time::Instant::now()) {
+        let retry_after = wait.as_secs().max(1).to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, retry_after)],
+            "too many connections from this address",
+        )
+            .into_response();
+    }
+    let Some(ticket) = edge.connections.open() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining; use /v1/edges").into_response();
+    };
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| session::serve(socket, edge))
+        .on_upgrade(move |socket| session::serve(socket, edge, ticket))
 }
 
-/// Ready while NATS is connected: without it the edge can accept nothing.
+/// This edge's metrics in the Prometheus text format.
+async fn serve_metrics(State(edge): State<Arc<Edge>>) -> Response {
+    chat_shared::metrics::respond(&edge.registry)
+}
+
+/// The live, non-draining edges, least loaded first.
+async fn list_edges(State(edge): State<Arc<Edge>>) -> Response {
+    match drain::live_edges(&edge).await {
+        Ok(edges) => axum::Json(serde_json::json!({ "edges": edges })).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list edges");
+            (StatusCode::SERVICE_UNAVAILABLE, "discovery unavailable").into_response()
+        }
+    }
+}
+
+/// Ready while NATS is connected and not draining: without NATS the edge can
+/// accept nothing, and a draining edge wants no new clients.
 async fn ready(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
+    if edge.connections.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining");
+    }
     match edge.nats.connection_state() {
         async_nats::connection::State::Connected => (StatusCode::OK, "ready"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "nats disconnected"),

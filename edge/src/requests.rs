@@ -279,16 +279,11 @@ async fn answer(
             rpc::call::<rpc::PushUnregister>(nats, &request).await?;
             ServerFrame::Ok { reference }
         }
-        ClientFrame::Refresh { .. } => {
-            return Err(RpcError::new(
-                ErrorCode::Internal,
-                "this request is not supported by this server yet",
-            ));
-        }
         // Handled by the session itself.
         ClientFrame::Hello { .. }
         | ClientFrame::Ping { .. }
         | ClientFrame::Ack { .. }
+        | ClientFrame::Refresh { .. }
         | ClientFrame::Send(_) => return Ok(None),
     };
     Ok(Some(reply))

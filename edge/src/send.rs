@@ -11,6 +11,7 @@
 //! client_msg_id) is the last net for history.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::kv;
@@ -19,8 +20,10 @@ use chat_shared::consume::Scan;
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::subjects;
+use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::session::Outbox;
 use crate::Edge;
@@ -38,11 +41,13 @@ pub async fn send_worker(
     mut requests: mpsc::Receiver<SendRequest>,
 ) {
     while let Some(request) = requests.recv().await {
+        let started = Instant::now();
         let reference = request.reference.clone();
         let reply = match accept(&edge, &user, request).await {
             Ok(sent) => sent,
             Err((code, message)) => ServerFrame::error(reference.as_deref(), code, message),
         };
+        edge.metrics.send_answered(started.elapsed());
         if !out.frame(&reply).await {
             break;
         }
@@ -103,7 +108,10 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
         ts: 0,
         client_msg_id: request.client_msg_id,
     };
-    match tokio::time::timeout(edge.config.request_timeout, publish(edge, event)).await {
+    let trace = TraceId::random();
+    let publish =
+        publish(edge, event, trace).instrument(tracing::info_span!("send", trace_id = %trace));
+    match tokio::time::timeout(edge.config.request_timeout, publish).await {
         Ok(Ok((event, duplicate))) => Ok(ServerFrame::Sent {
             reference: request.reference,
             id: event.id,
@@ -152,8 +160,12 @@ pub(crate) async fn check_may_write(
 }
 
 /// Claims the client id, then publishes. Returns the stored event and
-/// whether it was stored before.
-async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, bool), Refusal> {
+/// whether it was stored before. `trace` goes along in a header.
+async fn publish(
+    edge: &Edge,
+    mut event: MessageEvent,
+    trace: TraceId,
+) -> Result<(MessageEvent, bool), Refusal> {
     let claim_key = subjects::sent_key(&event.from, &event.client_msg_id);
     let fresh = edge.ids.next_id().map_err(|e| {
         tracing::error!(error = %e, "cannot assign a message id");
@@ -201,6 +213,7 @@ async fn publish(edge: &Edge, mut event: MessageEvent) -> Result<(MessageEvent, 
         subjects::MSG_ID_HEADER,
         subjects::send_dedup_id(&event.from, &event.client_msg_id).as_str(),
     );
+    trace.add_to(&mut headers);
     let body = serde_json::to_vec(&event).map_err(|_| unavailable())?;
     let ack = edge
         .js

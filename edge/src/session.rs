@@ -17,14 +17,18 @@ use chat_shared::wire::{close, with_cursor, ClientFrame, ErrorCode, RefOnly, Ser
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::Instrument;
 
+use crate::drain::Ticket;
 use crate::hub::{Delivery, Registration};
+use crate::limits::{Strikes, TokenBucket, UserSlot};
+use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
 use crate::receipts::DeliveredTracker;
 use crate::Edge;
 
 /// Frames queued for the writer. Replies wait for room; live frames go
 /// through the hub's own bounded queue first.
-const OUTBOUND_QUEUE: usize = 256;
+const OUTBOUND_QUEUE: usize = 64;
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -33,20 +37,27 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
-/// Sends frames to the writer task.
+/// Sends frames to the writer task, counting them in the edge's metrics.
 #[derive(Clone)]
-pub struct Outbox(mpsc::Sender<Outbound>);
+pub struct Outbox(mpsc::Sender<Outbound>, Arc<EdgeMetrics>);
 
 impl Outbox {
     pub async fn frame(&self, frame: &ServerFrame) -> bool {
+        self.1.frame_out(frame.kind());
         self.0
             .send(Outbound::Frame(frame.to_json().into()))
             .await
             .is_ok()
     }
 
+    /// A frame serialized by another service (a live delivery or an inbox item).
     pub async fn raw(&self, frame: Utf8Bytes) -> bool {
+        self.1.frame_out(live_kind(&frame));
         self.0.send(Outbound::Frame(frame)).await.is_ok()
+    }
+
+    fn metrics(&self) -> &EdgeMetrics {
+        &self.1
     }
 
     pub async fn error(
@@ -60,28 +71,38 @@ impl Outbox {
     }
 
     pub async fn close(&self, code: u16, reason: &'static str) {
+        self.1.session_closed(code);
         let _ = self.0.send(Outbound::Close(code, reason)).await;
     }
 }
 
-pub async fn serve(socket: WebSocket, edge: Arc<Edge>) {
+pub async fn serve(socket: WebSocket, edge: Arc<Edge>, ticket: Ticket) {
     let (sink, stream) = socket.split();
+    let _open = edge.metrics.connection_opened();
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let writer = tokio::spawn(write_loop(sink, rx));
-    run_session(stream, Outbox(tx), edge).await;
+    let writer = tokio::spawn(write_loop(sink, rx, edge.config.idle_timeout()));
+    run_session(stream, Outbox(tx, edge.metrics.clone()), edge, ticket).await;
     // The outbox is dropped here; the writer sends what is queued, then ends.
     let _ = writer.await;
 }
 
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outbound>)
+/// Writes frames until the session ends. A client that takes nothing for
+/// `stall` (it stopped reading; its TCP window is full) is dropped: the
+/// queues in front of the writer are bounded, and this bounds the time.
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outbound>, stall: Duration)
 where
     S: Sink<Message> + Unpin,
 {
     while let Some(item) = rx.recv().await {
         match item {
             Outbound::Frame(text) => {
-                if sink.send(Message::Text(text)).await.is_err() {
-                    return;
+                match tokio::time::timeout(stall, sink.send(Message::Text(text))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::info!("client stopped reading; dropping the connection");
+                        return;
+                    }
                 }
             }
             Outbound::Close(code, reason) => {
@@ -125,8 +146,12 @@ where
             Inbound::Closed
         }
         Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
-            Ok(frame) => Inbound::Frame(frame),
+            Ok(frame) => {
+                out.metrics().frame_in(frame.kind());
+                Inbound::Frame(frame)
+            }
             Err(e) => {
+                out.metrics().frame_in(INVALID_FRAME);
                 let reference = serde_json::from_str::<RefOnly>(&text)
                     .ok()
                     .and_then(|r| r.reference)
@@ -137,6 +162,7 @@ where
             }
         },
         Some(Ok(Message::Binary(_))) => {
+            out.metrics().frame_in(INVALID_FRAME);
             out.error(
                 None,
                 ErrorCode::BadRequest,
@@ -155,6 +181,8 @@ struct Hello {
     user: UserId,
     device: DeviceId,
     cursor: Option<Cursor>,
+    /// Seconds since the epoch when the token stops being valid.
+    valid_until: u64,
 }
 
 /// Waits for `hello` and checks its token.
@@ -180,6 +208,7 @@ where
                 return match edge.verifier.verify(&token) {
                     Ok(identity) => Some(Hello {
                         user: identity.user,
+                        valid_until: identity.valid_until,
                         device,
                         cursor,
                     }),
@@ -210,7 +239,7 @@ where
     }
 }
 
-async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>)
+async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>, ticket: Ticket)
 where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
@@ -219,7 +248,36 @@ where
         return;
     };
     let span = tracing::info_span!("session", user = %hello.user, device = %hello.device);
-    let _entered = span.enter();
+    // `instrument`, not `enter`: a guard held across awaits would tag other
+    // tasks' logs with this session.
+    authenticated(stream, out, edge, ticket, hello)
+        .instrument(span)
+        .await;
+}
+
+async fn authenticated<S, E>(
+    mut stream: S,
+    out: Outbox,
+    edge: Arc<Edge>,
+    mut ticket: Ticket,
+    hello: Hello,
+) where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let Some(slot) = edge.limits.admit_user(&hello.user, Instant::now()) else {
+        out.error(
+            None,
+            ErrorCode::RateLimited,
+            format!(
+                "at most {} connections per user on one edge",
+                edge.limits.config.connections_per_user
+            ),
+        )
+        .await;
+        out.close(close::ABUSE, "too many connections").await;
+        return;
+    };
     // Subscribe first, so nothing published from here on can be missed.
     let mut registration = match edge.hub.register(&hello.user).await {
         Ok(registration) => registration,
@@ -236,6 +294,11 @@ where
         }
     };
     let mut session = Session {
+        valid_until: deadline_of(hello.valid_until),
+        sends: TokenBucket::new(edge.limits.config.send_per_connection, Instant::now()),
+        requests: TokenBucket::new(edge.limits.config.requests_per_connection, Instant::now()),
+        strikes: Strikes::default(),
+        slot,
         edge: edge.clone(),
         out: out.clone(),
         user: hello.user,
@@ -285,7 +348,9 @@ where
         session.device.clone(),
     );
     session.send_presence_snapshot().await;
-    session.main_loop(&mut stream, &mut registration).await;
+    session
+        .main_loop(&mut stream, &mut registration, &mut ticket)
+        .await;
     session.flush_ack().await;
 }
 
@@ -301,6 +366,30 @@ struct Session {
     acked_flushed: Option<Cursor>,
     /// Messages sent and acked, for delivered receipts.
     delivered: DeliveredTracker,
+    /// When the token expires (extended by `refresh`).
+    valid_until: Instant,
+    /// This connection's rate limits, and the user's (shared on this edge).
+    sends: TokenBucket,
+    requests: TokenBucket,
+    strikes: Strikes,
+    slot: UserSlot,
+}
+
+/// The instant a token valid until `valid_until` (seconds since the epoch)
+/// stops being valid.
+fn deadline_of(valid_until: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Instant::now() + Duration::from_secs(valid_until.saturating_sub(now))
+}
+
+/// What ends a session's main loop, beyond the socket itself.
+enum Exit {
+    Done,
+    /// The edge drains: finish the sends in flight, then `reconnect`.
+    Reconnect(Vec<String>),
 }
 
 impl Session {
@@ -417,8 +506,12 @@ impl Session {
         self.out.raw(delivery.frame).await
     }
 
-    async fn main_loop<S, E>(&mut self, stream: &mut S, registration: &mut Registration)
-    where
+    async fn main_loop<S, E>(
+        &mut self,
+        stream: &mut S,
+        registration: &mut Registration,
+        ticket: &mut Ticket,
+    ) where
         S: Stream<Item = Result<Message, E>> + Unpin,
         E: std::fmt::Display,
     {
@@ -441,6 +534,7 @@ impl Session {
         // been read again none is forwarded, so no later cursor is sent (and
         // acked) ahead of a missing one.
         let mut paused = false;
+        let mut exit = Exit::Done;
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
             self.user.clone(),
@@ -457,6 +551,17 @@ impl Session {
                 _ = sleep_until(deadline) => {
                     self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
                     break;
+                }
+                _ = sleep_until(self.valid_until) => {
+                    self.out.error(None, ErrorCode::TokenExpired, "token expired; refresh before it does").await;
+                    self.out.close(close::UNAUTHORIZED, "token expired").await;
+                    break;
+                }
+                edges = &mut ticket.reconnect => {
+                    if let Ok(edges) = edges {
+                        exit = Exit::Reconnect(edges);
+                        break;
+                    }
                 }
                 inbound = read_one(stream, &self.out) => {
                     deadline = Instant::now() + idle;
@@ -481,11 +586,30 @@ impl Session {
                                 self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
                             }
                             ClientFrame::Send(request) => {
-                                if send_tx.send(request).await.is_err() {
+                                let now = Instant::now();
+                                let limited = self.sends.take(now).and_then(|()| self.slot.take_send(now));
+                                if let Err(wait) = limited {
+                                    if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
+                                        break;
+                                    }
+                                } else if send_tx.send(request).await.is_err() {
                                     break;
                                 }
                             }
-                            other => requests.handle(other).await,
+                            ClientFrame::Refresh { reference, token } => {
+                                if !self.refresh(reference, &token).await {
+                                    break;
+                                }
+                            }
+                            other => {
+                                if let Err(wait) = self.requests.take(Instant::now()) {
+                                    if !self.refuse(other.reference(), wait, "too many requests").await {
+                                        break;
+                                    }
+                                } else {
+                                    requests.handle(other).await;
+                                }
+                            }
                         },
                     }
                 }
@@ -507,7 +631,7 @@ impl Session {
                         paused = false;
                     }
                 }
-                delivery = registration.live.recv() => match delivery {
+                delivery = registration.recv() => match delivery {
                     Some(delivery) => {
                         // Paused, the frame is in the inbox and comes with the refill.
                         if !paused && !self.forward(delivery).await {
@@ -525,6 +649,17 @@ impl Session {
         }
         drop(send_tx);
         let _ = sender.await;
+        if let Exit::Reconnect(edges) = exit {
+            // After the sends in flight were answered: a client that follows
+            // `reconnect` and resumes from its cursor misses nothing.
+            self.out
+                .frame(&ServerFrame::Reconnect {
+                    reason: "edge draining".into(),
+                    edges,
+                })
+                .await;
+            self.out.close(close::GOING_AWAY, "edge draining").await;
+        }
     }
 
     /// One `presence` frame per friend. Without it the client only learns
@@ -542,6 +677,73 @@ impl Session {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "no presence snapshot"),
+        }
+    }
+
+    /// Answers a request refused by a rate limit; `false` once the
+    /// connection has been refused so often it is closed as abuse (4008).
+    async fn refuse(&mut self, reference: Option<&str>, wait: Duration, why: &str) -> bool {
+        let retry_after_ms = (wait.as_millis() as u64).max(1);
+        let refusal = ServerFrame::Error(chat_shared::wire::ErrorFrame {
+            reference: reference.map(str::to_string),
+            code: ErrorCode::RateLimited,
+            message: format!("{why}; retry in {retry_after_ms} ms"),
+            retry_after_ms: Some(retry_after_ms),
+        });
+        self.out.frame(&refusal).await;
+        if self
+            .strikes
+            .strike(Instant::now(), self.edge.limits.config.abuse_strikes)
+        {
+            tracing::warn!("closing an abusive connection");
+            self.out.close(close::ABUSE, "rate limits ignored").await;
+            return false;
+        }
+        true
+    }
+
+    /// `refresh`: a new token for the same user extends the connection.
+    /// Any other token is refused and closes the connection: it was
+    /// authenticated as someone the new token does not vouch for.
+    async fn refresh(&mut self, reference: Option<String>, token: &str) -> bool {
+        match self.edge.verifier.verify(token) {
+            Ok(identity) if identity.user == self.user => {
+                self.valid_until = deadline_of(identity.valid_until);
+                self.out.frame(&ServerFrame::Ok { reference }).await;
+                true
+            }
+            Ok(_) => {
+                self.out
+                    .error(
+                        reference.as_deref(),
+                        ErrorCode::Unauthorized,
+                        "the token is for another user",
+                    )
+                    .await;
+                self.out.close(close::UNAUTHORIZED, "unauthorized").await;
+                false
+            }
+            Err(AuthError::Expired) => {
+                self.out
+                    .error(
+                        reference.as_deref(),
+                        ErrorCode::TokenExpired,
+                        "token expired",
+                    )
+                    .await;
+                true
+            }
+            Err(AuthError::Invalid(reason)) => {
+                tracing::debug!(%reason, "refresh token refused");
+                self.out
+                    .error(
+                        reference.as_deref(),
+                        ErrorCode::Unauthorized,
+                        "invalid token",
+                    )
+                    .await;
+                true
+            }
         }
     }
 

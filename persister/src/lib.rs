@@ -7,17 +7,34 @@
 //! conversations, groups and read state.
 
 mod error;
+mod metrics;
 mod migrations;
 mod service;
 mod writer;
 
+use std::sync::Arc;
+
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 pub use error::PersisterError;
 
-/// Runs the persister until `shutdown` completes.
+/// Runs the persister until `shutdown` completes, serving `/metrics` on
+/// `CHAT_METRICS_ADDR` when it is set.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
+    let metrics_listener = chat_shared::metrics::bind(&config).await?;
+    run_with(config, metrics_listener, shutdown).await
+}
+
+/// Runs the persister until `shutdown` completes, serving `/metrics` on
+/// `metrics_listener` when given.
+pub async fn run_with(
+    config: Config,
+    metrics_listener: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> Result<(), PersisterError> {
     let pool = chat_shared::db::connect_pool(&config)
         .map_err(|e| PersisterError::Database(e.to_string()))?;
     migrations::run(&pool).await?;
@@ -29,16 +46,31 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterErro
     )
     .await?;
     let stop = shutdown::fan_out(shutdown);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
+    let lag = chat_shared::metrics::watch_consumers(
+        &mut registry,
+        js.clone(),
+        vec![(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER)],
+        stop.clone(),
+    );
+    let metrics_server = metrics_listener
+        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
     let service = service::Service::new(
         pool.clone(),
         nats.clone(),
         js.clone(),
         config.max_group_members,
+        metrics.clone(),
     );
     tracing::info!("persister running");
     let rpc = tokio::spawn(service::serve(service, stop.clone()));
-    let written = writer::write_messages(pool, consumer, stop).await;
+    let written = writer::write_messages(pool, consumer, metrics, stop).await;
     let _ = rpc.await;
+    let _ = lag.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     tracing::info!("persister stopped");
     written
 }

@@ -1,17 +1,22 @@
 //! MESSAGES -> `messages`, in batches, idempotently, acked after COMMIT.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::ConversationId;
 use chat_shared::shutdown;
 use chat_shared::subjects;
+use chat_shared::telemetry::TraceId;
 use chat_shared::wire::MessageEvent;
 use deadpool_postgres::Pool;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
+use crate::metrics::PersisterMetrics;
 use crate::PersisterError;
 
 /// The most events written in one transaction.
@@ -20,6 +25,7 @@ const MAX_BATCH: usize = 1000;
 pub async fn write_messages(
     pool: Pool,
     consumer: PullConsumer,
+    metrics: Arc<PersisterMetrics>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), PersisterError> {
     let stopped = shutdown::wait(stop);
@@ -53,7 +59,7 @@ pub async fn write_messages(
                     _ => break,
                 }
             }
-            store_batch(&pool, batch).await;
+            store_batch(&pool, batch, &metrics).await;
         }
     }
 }
@@ -131,10 +137,37 @@ impl From<tokio_postgres::Error> for InsertError {
     }
 }
 
+/// The trace ids of some events, for logs; formatted only if a log line
+/// with them is actually written.
+struct TraceIds<'a>(&'a [jetstream::Message]);
+
+impl fmt::Display for TraceIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let traces = self
+            .0
+            .iter()
+            .filter_map(|message| TraceId::from_headers(message.headers.as_ref()));
+        for (index, trace) in traces.enumerate() {
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{trace}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes a batch until it sticks, then acks it. An event the database will
 /// never take (malformed, or refused as data) is terminated and logged, so
 /// it cannot stall every event behind it.
-async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
+async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &PersisterMetrics) {
+    let started = Instant::now();
+    let events = batch.len();
+    store_events(pool, batch, metrics).await;
+    metrics.batch_stored(events, started.elapsed());
+}
+
+async fn store_events(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &PersisterMetrics) {
     let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
@@ -143,15 +176,24 @@ async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
         });
         match pushed {
             Ok(()) => good.push(message),
-            Err(reason) => terminate(&message, &reason).await,
+            Err(reason) => terminate(&message, &reason, metrics).await,
         }
     }
     if good.is_empty() {
         return;
     }
     match insert_until_settled(pool, &rows, &good).await {
-        Ok(()) => ack_all(good).await,
-        Err(reason) if good.len() == 1 => terminate(&good[0], &reason).await,
+        Ok(written) => {
+            metrics.rows_written(written);
+            tracing::debug!(
+                events = good.len(),
+                written,
+                trace_ids = %TraceIds(&good),
+                "batch stored"
+            );
+            ack_all(good).await
+        }
+        Err(reason) if good.len() == 1 => terminate(&good[0], &reason, metrics).await,
         Err(_) => {
             // Find the bad event: write the batch one event at a time.
             for message in good {
@@ -163,8 +205,11 @@ async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
                     continue;
                 }
                 match insert_until_settled(pool, &single, std::slice::from_ref(&message)).await {
-                    Ok(()) => ack_all(vec![message]).await,
-                    Err(reason) => terminate(&message, &reason).await,
+                    Ok(written) => {
+                        metrics.rows_written(written);
+                        ack_all(vec![message]).await
+                    }
+                    Err(reason) => terminate(&message, &reason, metrics).await,
                 }
             }
         }
@@ -172,19 +217,24 @@ async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>) {
 }
 
 /// Retries transient failures (keeping the events ours meanwhile); returns
-/// a permanent failure.
+/// the rows inserted, or a permanent failure.
 async fn insert_until_settled(
     pool: &Pool,
     rows: &Batch,
     messages: &[jetstream::Message],
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let mut backoff = Backoff::default();
     loop {
         match insert(pool, rows).await {
-            Ok(()) => return Ok(()),
+            Ok(written) => return Ok(written),
             Err(InsertError::Permanent(reason)) => return Err(reason),
             Err(InsertError::Transient(reason)) => {
-                tracing::warn!(error = %reason, rows = rows.len(), "insert failed; retrying");
+                tracing::warn!(
+                    error = %reason,
+                    rows = rows.len(),
+                    trace_ids = %TraceIds(messages),
+                    "insert failed; retrying"
+                );
                 for message in messages {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
@@ -194,8 +244,15 @@ async fn insert_until_settled(
     }
 }
 
-async fn terminate(message: &jetstream::Message, reason: &str) {
-    tracing::error!(subject = %message.subject, %reason, "dropping a MESSAGES event the database will never take");
+async fn terminate(message: &jetstream::Message, reason: &str, metrics: &PersisterMetrics) {
+    let trace_id = TraceId::from_headers(message.headers.as_ref());
+    tracing::error!(
+        subject = %message.subject,
+        %reason,
+        trace_id = trace_id.map(tracing::field::display),
+        "dropping a MESSAGES event the database will never take"
+    );
+    metrics.event_dropped();
     let _ = message.ack_with(AckKind::Term).await;
 }
 
@@ -207,7 +264,8 @@ async fn ack_all(messages: Vec<jetstream::Message>) {
     }
 }
 
-async fn insert(pool: &Pool, rows: &Batch) -> Result<(), InsertError> {
+/// Inserts the rows in one transaction; returns how many were new.
+async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
     let mut client = pool
         .get()
         .await
@@ -250,5 +308,5 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<(), InsertError> {
         }
     }
     tx.commit().await?;
-    Ok(())
+    Ok(inserted.len() as u64)
 }

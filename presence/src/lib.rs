@@ -8,9 +8,11 @@
 //! friend's delivery subject (one pass over the friend list). It also fans
 //! `typing` out to the other members' online devices and lapses it.
 
+mod metrics;
 mod speaker;
 pub mod tracker;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chat_shared::lease::Leadership;
@@ -19,10 +21,13 @@ use chat_shared::presence::{DeviceEvent, EdgeHeartbeat, FriendChange, TypingEven
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
 use futures::StreamExt;
+use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::PresenceMetrics;
 use crate::speaker::Speaker;
 use crate::tracker::Tracker;
 
@@ -57,8 +62,20 @@ fn decode<T: DeserializeOwned>(message: &async_nats::Message) -> Option<T> {
     }
 }
 
-/// Runs the service until `shutdown` completes.
+/// Runs the service until `shutdown` completes, serving `/metrics` on
+/// `CHAT_METRICS_ADDR` when it is set.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError> {
+    let metrics_listener = chat_shared::metrics::bind(&config).await?;
+    run_with(config, metrics_listener, shutdown).await
+}
+
+/// Runs the service until `shutdown` completes, serving `/metrics` on
+/// `metrics_listener` when given.
+pub async fn run_with(
+    config: Config,
+    metrics_listener: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> Result<(), PresenceError> {
     let (nats, js) = consume::connect_and_provision(&config, "presence").await?;
     let bucket = |name: &'static str| {
         let js = js.clone();
@@ -88,6 +105,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError
     let groups = GroupCache::start(nats.clone()).await?;
 
     let stop = shutdown::fan_out(shutdown);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(PresenceMetrics::new(&mut registry));
+    let metrics_server = metrics_listener
+        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
     let (leading_tx, mut leading) = watch::channel(false);
     let holder = format!("presence-{:08x}", rand::random::<u32>());
     let campaign = tokio::spawn(
@@ -101,7 +122,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError
     );
     let started = Instant::now();
     let mut tracker = Tracker::new(config.presence_timeout, config.presence_debounce);
-    let mut speaker = Speaker::new(nats.clone(), store, groups);
+    let mut speaker = Speaker::new(nats.clone(), store, groups, metrics.clone());
     // A new leader compares what it knows with the bucket once it has heard
     // every edge's heartbeat (one timeout after its own start).
     let mut reconcile_at: Option<Instant> = None;
@@ -122,6 +143,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError
             }
             Some(message) = heartbeats.next() => {
                 if let Some(heartbeat) = decode::<EdgeHeartbeat>(&message) {
+                    metrics.heartbeat();
                     let changes = tracker.heartbeat(heartbeat, Instant::now(), now_ms());
                     if is_leader { speaker.announce(&tracker, changes).await; }
                 }
@@ -157,7 +179,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError
             }
             changed = leading.changed() => {
                 if changed.is_err() { break; }
-                if *leading.borrow_and_update() {
+                let is_leader = *leading.borrow_and_update();
+                metrics.leading(is_leader);
+                if is_leader {
                     reconcile_at = Some((started + config.presence_timeout).max(Instant::now()));
                 } else {
                     reconcile_at = None;
@@ -166,6 +190,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError
         }
     }
     let _ = campaign.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     tracing::info!("presence stopped");
     Ok(())
 }

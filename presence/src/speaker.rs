@@ -15,6 +15,7 @@ use chat_shared::wire::{PresenceEvent, PresenceStatus, ServerFrame};
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use crate::metrics::PresenceMetrics;
 use crate::now_ms;
 use crate::tracker::{Change, Tracker};
 
@@ -30,16 +31,23 @@ pub struct Speaker {
     groups: GroupCache,
     friends: HashMap<UserId, (Arc<Vec<UserId>>, Instant)>,
     typing: HashMap<(ConversationId, UserId), Instant>,
+    metrics: Arc<PresenceMetrics>,
 }
 
 impl Speaker {
-    pub fn new(nats: async_nats::Client, store: kv::Store, groups: GroupCache) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        store: kv::Store,
+        groups: GroupCache,
+        metrics: Arc<PresenceMetrics>,
+    ) -> Self {
         Self {
             nats,
             store,
             groups,
             friends: HashMap::new(),
             typing: HashMap::new(),
+            metrics,
         }
     }
 
@@ -61,6 +69,7 @@ impl Speaker {
             last_active: change.last_active,
         };
         tracing::debug!(user = %event.user, status = ?event.status, "presence change");
+        self.metrics.announced(event.status);
         match serde_json::to_vec(&record) {
             Ok(body) => {
                 if let Err(e) = self
@@ -213,6 +222,7 @@ impl Speaker {
         {
             self.publish(subjects::deliver(member), frame.clone().into_bytes())
                 .await;
+            self.metrics.typing_frame_sent();
         }
     }
 

@@ -3,18 +3,22 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
+use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::inbox::InboxWriter;
+use crate::metrics::RouterMetrics;
 use crate::push::PushJobs;
 
 /// Lanes per router: conversations hash onto them; each lane is sequential.
@@ -38,10 +42,20 @@ enum Source {
     Events,
 }
 
+impl Source {
+    fn stream(self) -> &'static str {
+        match self {
+            Self::Messages => subjects::MESSAGES_STREAM,
+            Self::Events => subjects::EVENTS_STREAM,
+        }
+    }
+}
+
 pub struct Fanout {
     inbox: InboxWriter,
     groups: GroupCache,
     push: PushJobs,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl Fanout {
@@ -50,34 +64,61 @@ impl Fanout {
         js: jetstream::Context,
         groups: GroupCache,
         push: PushJobs,
+        metrics: Arc<RouterMetrics>,
     ) -> Self {
         Self {
-            inbox: InboxWriter::new(nats, js),
+            inbox: InboxWriter::new(nats, js, metrics.clone()),
             groups,
             push,
+            metrics,
         }
     }
 
-    async fn route(&self, source: Source, message: &jetstream::Message) -> Result<(), RouteError> {
+    async fn route(
+        &self,
+        source: Source,
+        message: &jetstream::Message,
+        trace: Option<TraceId>,
+    ) -> Result<(), RouteError> {
         match source {
-            Source::Messages => self.route_message(message).await,
+            Source::Messages => self.route_message(message, trace).await,
             Source::Events => self.route_group_event(message).await,
         }
     }
 
-    /// Handles one event until it is routed or found to be poison, then acks it.
+    /// Handles one event until it is routed or found to be poison, then
+    /// acks it; its logs carry the event's trace id.
     async fn settle(&self, source: Source, message: jetstream::Message) {
+        let trace = TraceId::from_headers(message.headers.as_ref());
+        let span = tracing::info_span!(
+            "route",
+            stream = source.stream(),
+            trace_id = trace.map(tracing::field::display)
+        );
+        self.settle_traced(source, message, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn settle_traced(
+        &self,
+        source: Source,
+        message: jetstream::Message,
+        trace: Option<TraceId>,
+    ) {
         let mut backoff = Backoff::default();
         loop {
-            match self.route(source, &message).await {
+            match self.route(source, &message, trace).await {
                 Ok(()) => break,
                 Err(RouteError::Poison(reason)) => {
                     tracing::error!(subject = %message.subject, %reason, "dropping an event that cannot be routed");
+                    self.metrics.dropped(source.stream());
                     let _ = message.ack_with(AckKind::Term).await;
                     return;
                 }
                 Err(RouteError::Transient(reason)) => {
                     tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
+                    self.metrics.retried(source.stream());
                     // Keep the event ours while we retry, instead of letting it be
                     // redelivered behind later events of its conversation.
                     let _ = message.ack_with(AckKind::Progress).await;
@@ -85,12 +126,17 @@ impl Fanout {
                 }
             }
         }
+        self.metrics.routed(source.stream());
         if let Err(e) = message.ack().await {
             tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
         }
     }
 
-    async fn route_message(&self, message: &jetstream::Message) -> Result<(), RouteError> {
+    async fn route_message(
+        &self,
+        message: &jetstream::Message,
+        trace: Option<TraceId>,
+    ) -> Result<(), RouteError> {
         let conversation = subjects::parse_message(&message.subject)
             .ok_or_else(|| RouteError::Poison(format!("unexpected subject {}", message.subject)))?;
         let event: MessageEvent = serde_json::from_slice(&message.payload)
@@ -111,19 +157,24 @@ impl Fanout {
             },
         };
         let event_id = event.id.to_string();
-        let meta = MessageMeta {
+        let mut headers = HeaderMap::new();
+        MessageMeta {
             conversation,
             id: event.id,
             from: event.from.clone(),
-        };
+        }
+        .add_to(&mut headers);
+        if let Some(trace) = trace {
+            trace.add_to(&mut headers);
+        }
         let frame = ServerFrame::Message {
             cursor: None,
             message: event.clone(),
         };
-        self.append(&recipients, &event_id, frame.to_json().into(), Some(&meta))
+        self.append(&recipients, &event_id, frame.to_json().into(), headers)
             .await?;
         self.push
-            .emit(&event, &recipients)
+            .emit(&event, &recipients, trace)
             .await
             .map_err(RouteError::Transient)
     }
@@ -145,8 +196,13 @@ impl Fanout {
             users: event.users.clone(),
             by: event.by.clone(),
         };
-        self.append(&recipients, &event.id, frame.to_json().into(), None)
-            .await
+        self.append(
+            &recipients,
+            &event.id,
+            frame.to_json().into(),
+            HeaderMap::new(),
+        )
+        .await
     }
 
     async fn append(
@@ -154,10 +210,10 @@ impl Fanout {
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
-        meta: Option<&MessageMeta>,
+        headers: HeaderMap,
     ) -> Result<(), RouteError> {
         self.inbox
-            .append(recipients, event_id, frame, meta)
+            .append(recipients, event_id, frame, headers)
             .await
             .map_err(RouteError::Transient)
     }

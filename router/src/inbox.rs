@@ -14,10 +14,11 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::ids::{Cursor, UserId};
-use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use chat_shared::wire::with_cursor;
 use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::metrics::RouterMetrics;
 
 /// Appends whose PubAck has not been handled yet.
 const IN_FLIGHT: usize = 4096;
@@ -25,7 +26,7 @@ const IN_FLIGHT: usize = 4096;
 struct Pending {
     user: UserId,
     frame: Bytes,
-    /// Headers every copy carries (a message's receipt metadata).
+    /// Headers every copy carries (a message's receipt metadata, its trace id).
     headers: HeaderMap,
     ack: PublishAckFuture,
     failed: Arc<AtomicBool>,
@@ -39,9 +40,13 @@ pub struct InboxWriter {
 }
 
 impl InboxWriter {
-    pub fn new(nats: async_nats::Client, js: jetstream::Context) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        js: jetstream::Context,
+        metrics: Arc<RouterMetrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
-        tokio::spawn(deliver_in_order(nats, rx));
+        tokio::spawn(deliver_in_order(nats, rx, metrics));
         Self {
             js,
             queue: Mutex::new(tx),
@@ -49,7 +54,8 @@ impl InboxWriter {
     }
 
     /// Appends `frame` to every recipient's inbox (de-duplicated by
-    /// `<event_id>:<user>`) and delivers each item live with its cursor.
+    /// `<event_id>:<user>`) and delivers each item live with its cursor;
+    /// both carry `headers`.
     /// Returns once all of it is done; an error means some of it may not be,
     /// and the caller retries the whole event (the appends de-duplicate).
     pub async fn append(
@@ -57,15 +63,11 @@ impl InboxWriter {
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
-        meta: Option<&MessageMeta>,
+        base: HeaderMap,
     ) -> Result<(), String> {
         let Some(last) = recipients.len().checked_sub(1) else {
             return Ok(());
         };
-        let mut base = HeaderMap::new();
-        if let Some(meta) = meta {
-            meta.add_to(&mut base);
-        }
         let failed = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel();
         let mut done_tx = Some(done_tx);
@@ -104,10 +106,15 @@ impl InboxWriter {
     }
 }
 
-async fn deliver_in_order(nats: async_nats::Client, mut queue: mpsc::Receiver<Pending>) {
+async fn deliver_in_order(
+    nats: async_nats::Client,
+    mut queue: mpsc::Receiver<Pending>,
+    metrics: Arc<RouterMetrics>,
+) {
     while let Some(pending) = queue.recv().await {
         match pending.ack.await {
             Ok(ack) => {
+                metrics.inbox_appended();
                 // A duplicate ack carries the original sequence: delivering it
                 // again is harmless (connections drop cursors they already
                 // sent) and covers a crash between the append and the delivery.

@@ -20,6 +20,7 @@
 
 mod fanout;
 mod inbox;
+mod metrics;
 mod push;
 mod receipts;
 
@@ -28,9 +29,23 @@ use std::sync::Arc;
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
-/// Runs the router until `shutdown` completes.
+/// Runs the router until `shutdown` completes, serving `/metrics` on
+/// `CHAT_METRICS_ADDR` when it is set.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+    let metrics_listener = chat_shared::metrics::bind(&config).await?;
+    run_with(config, metrics_listener, shutdown).await
+}
+
+/// Runs the router until `shutdown` completes, serving `/metrics` on
+/// `metrics_listener` when given.
+pub async fn run_with(
+    config: Config,
+    metrics_listener: Option<TcpListener>,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
     let (nats, js) = consume::connect_and_provision(&config, "router").await?;
     let messages =
         consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await?;
@@ -45,9 +60,28 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
         .get_key_value(subjects::PRESENCE_BUCKET)
         .await
         .map_err(|e| StartError::JetStream(format!("bucket presence: {e}")))?;
-    let push = push::PushJobs::new(js.clone(), presence);
-    let router = Arc::new(fanout::Fanout::new(nats.clone(), js, groups.clone(), push));
     let stop = shutdown::fan_out(shutdown);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
+    let lag = chat_shared::metrics::watch_consumers(
+        &mut registry,
+        js.clone(),
+        vec![
+            (subjects::MESSAGES_STREAM, subjects::ROUTER_CONSUMER),
+            (subjects::EVENTS_STREAM, subjects::ROUTER_EVENTS_CONSUMER),
+        ],
+        stop.clone(),
+    );
+    let metrics_server = metrics_listener
+        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
+    let push = push::PushJobs::new(js.clone(), presence, metrics.clone());
+    let router = Arc::new(fanout::Fanout::new(
+        nats.clone(),
+        js,
+        groups.clone(),
+        push,
+        metrics,
+    ));
     tracing::info!("router running");
     let message_loop = tokio::spawn(fanout::consume_messages(
         router.clone(),
@@ -56,7 +90,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
-    let (a, b, _) = tokio::join!(message_loop, event_loop, receipts);
+    let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, lag);
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     for result in [a, b] {
         match result {
             Ok(Ok(())) => {}

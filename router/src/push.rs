@@ -12,8 +12,11 @@ use chat_shared::ids::UserId;
 use chat_shared::presence::PresenceRecord;
 use chat_shared::push::PushJob;
 use chat_shared::subjects;
+use chat_shared::telemetry::TraceId;
 use chat_shared::wire::MessageEvent;
 use futures::StreamExt;
+
+use crate::metrics::RouterMetrics;
 
 /// Presence reads in flight for one message.
 const PRESENCE_READS: usize = 32;
@@ -28,22 +31,30 @@ pub struct PushJobs {
     js: jetstream::Context,
     presence: kv::Store,
     online: PresenceCache,
+    metrics: Arc<RouterMetrics>,
 }
 
 type PresenceCache = Arc<Mutex<HashMap<UserId, (bool, Instant)>>>;
 
 impl PushJobs {
-    pub fn new(js: jetstream::Context, presence: kv::Store) -> Self {
+    pub fn new(js: jetstream::Context, presence: kv::Store, metrics: Arc<RouterMetrics>) -> Self {
         Self {
             js,
             presence,
             online: PresenceCache::default(),
+            metrics,
         }
     }
 
-    /// Emits the jobs for `event` and waits for their PubAcks; an error
-    /// makes the router retry the event (appends and jobs de-duplicate).
-    pub async fn emit(&self, event: &MessageEvent, members: &[UserId]) -> Result<(), String> {
+    /// Emits the jobs for `event` (with its trace id) and waits for their
+    /// PubAcks; an error makes the router retry the event (appends and jobs
+    /// de-duplicate).
+    pub async fn emit(
+        &self,
+        event: &MessageEvent,
+        members: &[UserId],
+        trace: Option<TraceId>,
+    ) -> Result<(), String> {
         let candidates: Vec<UserId> = members
             .iter()
             .filter(|m| **m != event.from)
@@ -79,6 +90,9 @@ impl PushJobs {
                 subjects::MSG_ID_HEADER,
                 subjects::push_dedup_id(&event_id, user).as_str(),
             );
+            if let Some(trace) = trace {
+                trace.add_to(&mut headers);
+            }
             let ack = self
                 .js
                 .publish_with_headers(subjects::push(user), headers, body.into())
@@ -87,10 +101,12 @@ impl PushJobs {
             acks.push(ack);
         }
         // At most a group's worth (100) in flight: bounded by the group limit.
+        let jobs = acks.len() as u64;
         for ack in acks {
             ack.await
                 .map_err(|e| format!("push job not acknowledged: {e}"))?;
         }
+        self.metrics.push_jobs_emitted(jobs);
         Ok(())
     }
 }

@@ -56,10 +56,13 @@ pub struct Claims {
     pub aud: Option<serde_json::Value>,
 }
 
-/// A verified token: who it is for.
+/// A verified token: who it is for, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub user: UserId,
+    /// The token's `exp` plus the allowed clock skew, in seconds since the
+    /// epoch: a connection authenticated by it ends then unless refreshed.
+    pub valid_until: u64,
 }
 
 struct Key {
@@ -180,7 +183,10 @@ impl Verifier {
             })?;
         let user =
             UserId::parse(data.claims.sub).map_err(|e| AuthError::Invalid(format!("sub: {e}")))?;
-        Ok(Identity { user })
+        Ok(Identity {
+            user,
+            valid_until: data.claims.exp.saturating_add(self.leeway.as_secs()),
+        })
     }
 }
 

@@ -9,13 +9,27 @@ use crate::{telemetry, Config};
 pub fn start() -> Result<Config, ExitCode> {
     match Config::from_env() {
         Ok(config) => {
-            telemetry::init(config.log_json);
+            telemetry::init(&service_name(), config.log_json);
             Ok(config)
         }
         Err(e) => {
             eprintln!("{e}");
             Err(ExitCode::from(64))
         }
+    }
+}
+
+/// The service a binary runs, for its logs: the executable's name without
+/// the `chat-` prefix (`chat-router` logs as `router`).
+fn service_name() -> String {
+    let executable = std::env::args_os().next().unwrap_or_default();
+    let name = std::path::Path::new(&executable)
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.strip_prefix("chat-") {
+        Some(service) => service.to_string(),
+        None => name,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `CHAT_LOG_FORMAT`: `text` (default) or `json`.
     pub log_json: bool,
+    /// `CHAT_METRICS_ADDR`: where a service without an HTTP listener of its
+    /// own serves `GET /metrics` (the edge serves it on `CHAT_EDGE_ADDR`).
+    pub metrics_addr: Option<SocketAddr>,
     /// `CHAT_PRESENCE_HEARTBEAT_MS`: how often each edge lists its live
     /// devices to the presence service.
     pub presence_heartbeat: Duration,
@@ -73,8 +76,57 @@ pub struct Config {
     /// `CHAT_PRESENCE_DEBOUNCE_MS`: a user whose last device left is
     /// announced offline only if none came back within this.
     pub presence_debounce: Duration,
+    /// `CHAT_EDGE_PUBLIC_URL`: the WebSocket URL clients use to reach this
+    /// edge, published for discovery; defaults to `ws://<CHAT_EDGE_ADDR>/v1/ws`.
+    pub edge_public_url: Option<String>,
+    /// `CHAT_EDGE_TTL_MS`: an edge's discovery entry lives this long without
+    /// a refresh (the `chat_edges` bucket's max age).
+    pub edge_ttl: Duration,
+    /// `CHAT_DRAIN_TIMEOUT_SECS`: how long a draining edge waits for its
+    /// clients to leave before it exits anyway.
+    pub drain_timeout: Duration,
+    /// `CHAT_DRAIN_BATCH` clients are told to reconnect every
+    /// `CHAT_DRAIN_BATCH_INTERVAL_MS`, so they do not all land on the other
+    /// edges in the same instant.
+    pub drain_batch: usize,
+    pub drain_batch_interval: Duration,
+    /// Rate and connection limits (edge).
+    pub limits: LimitsConfig,
     /// Push providers (pushd). Each is off until configured.
     pub push: PushConfig,
+}
+
+/// Abuse limits, enforced by each edge. Rates are tokens per second with a
+/// burst of twice the rate.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// `CHAT_LIMIT_SEND_PER_SEC`: sends per connection.
+    pub send_per_connection: u32,
+    /// `CHAT_LIMIT_USER_SEND_PER_SEC`: sends per user, over all of the
+    /// user's connections on one edge.
+    pub send_per_user: u32,
+    /// `CHAT_LIMIT_REQUESTS_PER_SEC`: other requests per connection.
+    pub requests_per_connection: u32,
+    /// `CHAT_LIMIT_CONNECTIONS_PER_USER`: connections of one user on one edge.
+    pub connections_per_user: usize,
+    /// `CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC`: new connections per client IP.
+    pub connects_per_ip: u32,
+    /// `CHAT_LIMIT_ABUSE_STRIKES`: refusals within 10 s after which the
+    /// connection is closed with 4008.
+    pub abuse_strikes: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            send_per_connection: 20,
+            send_per_user: 50,
+            requests_per_connection: 20,
+            connections_per_user: 10,
+            connects_per_ip: 20,
+            abuse_strikes: 50,
+        }
+    }
 }
 
 /// pushd's providers and policy. Endpoint URLs are settings so a test (or a
@@ -155,6 +207,13 @@ impl Default for Config {
             node_lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(2),
             log_json: false,
+            metrics_addr: None,
+            edge_public_url: None,
+            edge_ttl: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(30),
+            drain_batch: 500,
+            drain_batch_interval: Duration::from_millis(200),
+            limits: LimitsConfig::default(),
             presence_heartbeat: Duration::from_secs(5),
             presence_timeout: Duration::from_secs(16),
             presence_debounce: Duration::from_secs(5),
@@ -221,6 +280,31 @@ impl Config {
                 )),
             }
         }
+        config.metrics_addr = reader.optional_parse("CHAT_METRICS_ADDR");
+        config.edge_public_url = reader.optional("CHAT_EDGE_PUBLIC_URL");
+        reader.millis("CHAT_EDGE_TTL_MS", &mut config.edge_ttl);
+        reader.seconds("CHAT_DRAIN_TIMEOUT_SECS", &mut config.drain_timeout);
+        reader.parse("CHAT_DRAIN_BATCH", &mut config.drain_batch);
+        reader.millis(
+            "CHAT_DRAIN_BATCH_INTERVAL_MS",
+            &mut config.drain_batch_interval,
+        );
+        let limits = &mut config.limits;
+        reader.parse("CHAT_LIMIT_SEND_PER_SEC", &mut limits.send_per_connection);
+        reader.parse("CHAT_LIMIT_USER_SEND_PER_SEC", &mut limits.send_per_user);
+        reader.parse(
+            "CHAT_LIMIT_REQUESTS_PER_SEC",
+            &mut limits.requests_per_connection,
+        );
+        reader.parse(
+            "CHAT_LIMIT_CONNECTIONS_PER_USER",
+            &mut limits.connections_per_user,
+        );
+        reader.parse(
+            "CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC",
+            &mut limits.connects_per_ip,
+        );
+        reader.parse("CHAT_LIMIT_ABUSE_STRIKES", &mut limits.abuse_strikes);
         reader.millis("CHAT_PRESENCE_HEARTBEAT_MS", &mut config.presence_heartbeat);
         reader.millis("CHAT_PRESENCE_TIMEOUT_MS", &mut config.presence_timeout);
         reader.millis("CHAT_PRESENCE_DEBOUNCE_MS", &mut config.presence_debounce);
@@ -282,6 +366,9 @@ impl Config {
             ("CHAT_PRESENCE_HEARTBEAT_MS", self.presence_heartbeat),
             ("CHAT_PRESENCE_TIMEOUT_MS", self.presence_timeout),
             ("CHAT_PRESENCE_DEBOUNCE_MS", self.presence_debounce),
+            ("CHAT_EDGE_TTL_MS", self.edge_ttl),
+            ("CHAT_DRAIN_TIMEOUT_SECS", self.drain_timeout),
+            ("CHAT_DRAIN_BATCH_INTERVAL_MS", self.drain_batch_interval),
         ] {
             if value > longest {
                 problems.push(format!("{name}: at most ten years"));
@@ -303,6 +390,30 @@ impl Config {
         if push.coalesce > Duration::from_secs(60) {
             problems.push("CHAT_PUSH_COALESCE_MS: at most 60000".into());
         }
+        if self.edge_ttl < Duration::from_secs(1) {
+            problems.push("CHAT_EDGE_TTL_MS: at least 1000".into());
+        }
+        if self.drain_batch == 0 {
+            problems.push("CHAT_DRAIN_BATCH: must be positive".into());
+        }
+        let limits = &self.limits;
+        for (name, value) in [
+            ("CHAT_LIMIT_SEND_PER_SEC", limits.send_per_connection),
+            ("CHAT_LIMIT_USER_SEND_PER_SEC", limits.send_per_user),
+            (
+                "CHAT_LIMIT_REQUESTS_PER_SEC",
+                limits.requests_per_connection,
+            ),
+            ("CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC", limits.connects_per_ip),
+            ("CHAT_LIMIT_ABUSE_STRIKES", limits.abuse_strikes),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name}: must be positive"));
+            }
+        }
+        if limits.connections_per_user == 0 {
+            problems.push("CHAT_LIMIT_CONNECTIONS_PER_USER: must be positive".into());
+        }
         if self.presence_heartbeat.is_zero() {
             problems.push("CHAT_PRESENCE_HEARTBEAT_MS: must be positive".into());
         }
@@ -316,6 +427,13 @@ impl Config {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
         }
         problems
+    }
+
+    /// The URL clients reach this edge at, for discovery and `reconnect`.
+    pub fn public_url(&self) -> String {
+        self.edge_public_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{}/v1/ws", self.edge_addr))
     }
 
     /// The silence after which a connection is closed with 4003.
@@ -348,6 +466,21 @@ impl Reader<'_> {
             match value.parse() {
                 Ok(parsed) => *into = parsed,
                 Err(e) => self.problems.push(format!("{key}: {value:?}: {e}")),
+            }
+        }
+    }
+
+    /// A setting that has no default: `None` when unset.
+    fn optional_parse<T: std::str::FromStr>(&mut self, key: &str) -> Option<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.optional(key)?;
+        match value.parse() {
+            Ok(parsed) => Some(parsed),
+            Err(e) => {
+                self.problems.push(format!("{key}: {value:?}: {e}"));
+                None
             }
         }
     }
@@ -410,5 +543,22 @@ mod tests {
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn metrics_addr_is_off_unless_set() {
+        assert_eq!(from(&[]).unwrap().metrics_addr, None);
+        let config = from(&[("CHAT_METRICS_ADDR", "127.0.0.1:9101")]).unwrap();
+        assert_eq!(
+            config.metrics_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9101)))
+        );
+        assert_eq!(
+            from(&[("CHAT_METRICS_ADDR", "9101")])
+                .unwrap_err()
+                .problems
+                .len(),
+            1
+        );
     }
 }

@@ -48,19 +48,31 @@ pub async fn connect_and_provision(
     Ok((client, js))
 }
 
-/// The durable pull consumer `config` on `stream`, created if missing.
+/// The durable pull consumer `config` on `stream`, created if missing and
+/// updated if its definition changed.
 pub async fn durable(
     js: &jetstream::Context,
     stream: &str,
     config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, StartError> {
     let name = config.durable_name.clone().unwrap_or_default();
-    js.get_stream(stream)
+    let handle = js
+        .get_stream(stream)
         .await
-        .map_err(|e| StartError::JetStream(format!("stream {stream}: {e}")))?
-        .get_or_create_consumer(&name, config)
-        .await
-        .map_err(|e| StartError::JetStream(format!("consumer {name}: {e}")))
+        .map_err(|e| StartError::JetStream(format!("stream {stream}: {e}")))?;
+    // Create or update, so a deployment picks up a changed definition (an
+    // ack wait, a limit). A change the server cannot apply in place keeps
+    // the existing consumer, loudly.
+    match handle.create_consumer(config).await {
+        Ok(consumer) => Ok(consumer),
+        Err(e) => {
+            tracing::warn!(consumer = %name, error = %e, "cannot update the consumer; using it as it is");
+            handle
+                .get_consumer(&name)
+                .await
+                .map_err(|e| StartError::JetStream(format!("consumer {name}: {e}")))
+        }
+    }
 }
 
 /// Opens a pull stream of up to `batch` messages per request (in priority

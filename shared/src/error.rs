@@ -11,4 +11,9 @@ pub enum StartError {
     Provision(#[from] streams::ProvisionError),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error("listening on {addr}: {reason}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
 }

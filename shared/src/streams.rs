@@ -133,7 +133,7 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
         bucket(
             subjects::EDGES_BUCKET,
             "live edges for discovery",
-            Duration::from_secs(15),
+            config.edge_ttl,
             config,
         ),
     ]

@@ -4,7 +4,7 @@
 //! Each family has its own second token (`msg`, `inbox`, `deliver`, …), so a
 //! user and a conversation or an edge with the same id can never collide.
 
-use crate::ids::{ClientMsgId, ConversationId, DeviceId, GroupId, UserId};
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, UserId};
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
@@ -42,6 +42,10 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// The inbox cursor of a live delivery, so edges can order it against a backlog
 /// without parsing the frame.
 pub const CURSOR_HEADER: &str = "Chat-Cursor";
+/// A message's trace id (`telemetry::TraceId`): set by the edge on the
+/// MESSAGES publish, copied by the router onto inbox items and live
+/// deliveries, logged by the router and the persister.
+pub const TRACE_HEADER: &str = "Chat-Trace-Id";
 
 /// `chat.msg.dm.<a>.<b>` or `chat.msg.group.<group>`.
 pub fn message(conversation: &ConversationId) -> String {
@@ -100,6 +104,12 @@ pub fn rpc(method: &str) -> String {
 
 /// An edge's device connects and disconnects (core NATS), for presence.
 pub const EDGE_DEVICES: &str = "chat.edge.device";
+/// An operator's request that one edge drain (`chatctl drain <edge>`); only
+/// the admin user may publish it.
+pub fn edge_drain(edge: &EdgeId) -> String {
+    format!("chat.control.drain.{edge}")
+}
+
 /// Every edge's periodic list of its live devices (core NATS), for presence.
 pub const EDGE_HEARTBEATS: &str = "chat.edge.heartbeat";
 

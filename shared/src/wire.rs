@@ -195,6 +195,32 @@ impl ClientFrame {
         };
         reference.as_deref()
     }
+
+    /// The frame's `type`, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Ping { .. } => "ping",
+            Self::Ack { .. } => "ack",
+            Self::Send(_) => "send",
+            Self::Read { .. } => "read",
+            Self::Typing { .. } => "typing",
+            Self::History { .. } => "history",
+            Self::Conversations { .. } => "conversations",
+            Self::GroupCreate { .. } => "group.create",
+            Self::GroupAdd { .. } => "group.add",
+            Self::GroupRemove { .. } => "group.remove",
+            Self::GroupLeave { .. } => "group.leave",
+            Self::GroupInfo { .. } => "group.info",
+            Self::FriendRequest { .. } => "friend.request",
+            Self::FriendAccept { .. } => "friend.accept",
+            Self::FriendRemove { .. } => "friend.remove",
+            Self::Friends { .. } => "friends",
+            Self::PushRegister { .. } => "push.register",
+            Self::PushUnregister { .. } => "push.unregister",
+            Self::Refresh { .. } => "refresh",
+        }
+    }
 }
 
 /// Frames the server sends.
@@ -308,6 +334,29 @@ impl ServerFrame {
         })
     }
 
+    /// The frame's `type`, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "welcome",
+            Self::Synced { .. } => "synced",
+            Self::Pong { .. } => "pong",
+            Self::Sent { .. } => "sent",
+            Self::Message { .. } => "message",
+            Self::Membership { .. } => "membership",
+            Self::Receipt { .. } => "receipt",
+            Self::Presence(_) => "presence",
+            Self::Typing { .. } => "typing",
+            Self::Friend { .. } => "friend",
+            Self::Reconnect { .. } => "reconnect",
+            Self::Error(_) => "error",
+            Self::History { .. } => "history",
+            Self::Conversations { .. } => "conversations",
+            Self::Group { .. } => "group",
+            Self::Ok { .. } => "ok",
+            Self::Friends { .. } => "friends",
+        }
+    }
+
     pub fn error(reference: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Error(ErrorFrame {
             reference: reference.map(str::to_string),
@@ -340,6 +389,23 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Internal,
+}
+
+impl ErrorCode {
+    /// The code as it is on the wire, for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::TokenExpired => "token_expired",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -556,6 +622,67 @@ mod tests {
             serde_json::to_value(&error).unwrap(),
             json!({"type":"error","code":"bad_request","message":"x"})
         );
+    }
+
+    #[test]
+    fn kinds_are_the_serialized_types() {
+        let client = [
+            json!({"type":"hello","token":"t","device":"d"}),
+            json!({"type":"ping"}),
+            json!({"type":"ack","cursor":"1"}),
+            json!({"type":"send","to":"b","text":"hi","client_msg_id":"c"}),
+            json!({"type":"read","conversation":"dm:a:b","up_to":"1"}),
+            json!({"type":"typing","conversation":"dm:a:b","active":true}),
+            json!({"type":"history","conversation":"dm:a:b"}),
+            json!({"type":"conversations"}),
+            json!({"type":"group.create","name":"g","members":[]}),
+            json!({"type":"group.add","group":"g","users":[]}),
+            json!({"type":"group.remove","group":"g","users":[]}),
+            json!({"type":"group.leave","group":"g"}),
+            json!({"type":"group.info","group":"g"}),
+            json!({"type":"friend.request","user":"b"}),
+            json!({"type":"friend.accept","user":"b"}),
+            json!({"type":"friend.remove","user":"b"}),
+            json!({"type":"friends"}),
+            json!({"type":"push.register","platform":"fcm","token":"t"}),
+            json!({"type":"push.unregister","platform":"fcm","token":"t"}),
+            json!({"type":"refresh","token":"t"}),
+        ];
+        for value in client {
+            let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
+            assert_eq!(frame.kind(), value["type"], "{value}");
+        }
+        let server = [
+            ServerFrame::Synced { cursor: Cursor(1) },
+            ServerFrame::Pong { reference: None },
+            ServerFrame::Ok { reference: None },
+            ServerFrame::error(None, ErrorCode::Internal, "x"),
+            ServerFrame::Reconnect {
+                reason: "drain".into(),
+                edges: vec![],
+            },
+            ServerFrame::Friends {
+                reference: None,
+                items: vec![],
+            },
+        ];
+        for frame in server {
+            let value = serde_json::to_value(&frame).unwrap();
+            assert_eq!(frame.kind(), value["type"], "{value}");
+        }
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::TokenExpired,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::TooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
     }
 
     #[test]

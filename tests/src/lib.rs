@@ -1,9 +1,11 @@
 //! End-to-end harness: a real nats-server and PostgreSQL, every service run
 //! in-process on the test's runtime, and real WebSocket clients.
 
+pub mod metrics;
 pub mod providers;
 pub mod servers;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,6 +33,9 @@ pub struct System {
     stops: Vec<oneshot::Sender<()>>,
     /// The first presence process, which leads until it is stopped.
     presence: Option<oneshot::Sender<()>>,
+    /// Where each service (the last one started of its kind) serves
+    /// `/metrics`, when the configuration has a `metrics_addr`.
+    metrics_addrs: HashMap<&'static str, SocketAddr>,
 }
 
 fn shutdown_on(rx: oneshot::Receiver<()>) -> chat_shared::shutdown::Shutdown {
@@ -58,6 +63,14 @@ impl System {
             presence_heartbeat: Duration::from_millis(300),
             presence_timeout: Duration::from_millis(1500),
             presence_debounce: Duration::from_millis(1500),
+            // Tests send as fast as they can; the limit tests lower these.
+            limits: chat_shared::config::LimitsConfig {
+                send_per_connection: 100_000,
+                send_per_user: 100_000,
+                requests_per_connection: 100_000,
+                connects_per_ip: 100_000,
+                ..Default::default()
+            },
             ..Config::default()
         };
         adjust(&mut config);
@@ -67,6 +80,7 @@ impl System {
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stops: Vec::new(),
             presence: None,
+            metrics_addrs: HashMap::new(),
         };
         let persister = system.start_persister();
         system.stops.push(persister);
@@ -96,8 +110,9 @@ impl System {
     pub fn start_persister(&mut self) -> oneshot::Sender<()> {
         let (tx, rx) = oneshot::channel();
         let config = self.config_for("persister");
+        let metrics = self.metrics_listener("persister");
         tokio::spawn(async move {
-            if let Err(e) = chat_persister::run(config, shutdown_on(rx)).await {
+            if let Err(e) = chat_persister::run_with(config, metrics, shutdown_on(rx)).await {
                 eprintln!("persister: {e}");
             }
         });
@@ -107,19 +122,47 @@ impl System {
     pub fn start_router(&mut self) {
         let rx = self.stop_handle();
         let config = self.config_for("router");
+        let metrics = self.metrics_listener("router");
         tokio::spawn(async move {
-            if let Err(e) = chat_router::run(config, shutdown_on(rx)).await {
+            if let Err(e) = chat_router::run_with(config, metrics, shutdown_on(rx)).await {
                 eprintln!("router: {e}");
             }
         });
+    }
+
+    /// A listener for `service`'s `/metrics` on the configured
+    /// `metrics_addr` (port 0: each service gets a port of its own, read
+    /// back here, so nothing races for a port).
+    fn metrics_listener(&mut self, service: &'static str) -> Option<tokio::net::TcpListener> {
+        let addr = self.config.metrics_addr?;
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            })
+            .expect("a metrics listener on the configured address");
+        if let Ok(bound) = listener.local_addr() {
+            self.metrics_addrs.insert(service, bound);
+        }
+        Some(listener)
+    }
+
+    /// Where `service` (`router`, `persister`, `presence`) serves
+    /// `/metrics`; the edge serves it on [`System::edge_addr`].
+    pub fn metrics_addr(&self, service: &str) -> Result<SocketAddr> {
+        self.metrics_addrs
+            .get(service)
+            .copied()
+            .with_context(|| format!("{service} serves no /metrics: set metrics_addr"))
     }
 
     /// Starts another edge and returns its address.
     pub fn start_presence(&mut self) -> oneshot::Sender<()> {
         let (tx, rx) = oneshot::channel();
         let config = self.config_for("presence");
+        let metrics = self.metrics_listener("presence");
         tokio::spawn(async move {
-            if let Err(e) = chat_presence::run(config, shutdown_on(rx)).await {
+            if let Err(e) = chat_presence::run_with(config, metrics, shutdown_on(rx)).await {
                 eprintln!("presence: {e}");
             }
         });
@@ -142,16 +185,31 @@ impl System {
     }
 
     pub async fn start_edge(&mut self) -> Result<SocketAddr> {
+        let rx = self.stop_handle();
+        let (addr, _running) = self.start_edge_task(shutdown_on(rx)).await?;
+        Ok(addr)
+    }
+
+    /// Starts an edge that stops (drains) when `shutdown` completes; the
+    /// handle tells how its `run` ended.
+    pub async fn start_edge_task(
+        &self,
+        shutdown: chat_shared::shutdown::Shutdown,
+    ) -> Result<(
+        SocketAddr,
+        tokio::task::JoinHandle<Result<(), chat_edge::EdgeError>>,
+    )> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let rx = self.stop_handle();
         let config = self.config_for("edge");
-        tokio::spawn(async move {
-            if let Err(e) = chat_edge::run(config, listener, shutdown_on(rx)).await {
+        let running = tokio::spawn(async move {
+            let result = chat_edge::run(config, listener, shutdown).await;
+            if let Err(e) = &result {
                 eprintln!("edge: {e}");
             }
+            result
         });
-        Ok(addr)
+        Ok((addr, running))
     }
 
     /// Waits for the edge's `/readyz` and for the persister's RPC service:
@@ -209,6 +267,12 @@ impl System {
         format!("ws://{}/v1/ws", self.edge_addr)
     }
 
+    /// A token for `user` valid for `ttl`.
+    pub fn token_for(&self, user: &str, ttl: Duration) -> String {
+        let user = UserId::parse(user).expect("test user ids are valid");
+        auth::mint_hs256(JWT_SECRET, &user, ttl).expect("signing works")
+    }
+
     pub fn token(&self, user: &str) -> String {
         let user = UserId::parse(user).expect("test user ids are valid");
         auth::mint_hs256(JWT_SECRET, &user, Duration::from_secs(3600)).expect("signing works")
@@ -236,8 +300,25 @@ impl System {
         device: &str,
         cursor: Option<&str>,
     ) -> Result<Client> {
-        let mut client = Client::open(&format!("ws://{edge}/v1/ws")).await?;
-        let mut hello = json!({"type":"hello","token":self.token(user),"device":device});
+        self.connect_url(
+            &format!("ws://{edge}/v1/ws"),
+            &self.token(user),
+            device,
+            cursor,
+        )
+        .await
+    }
+
+    /// Connects to the WebSocket `url` with `token` and reads up to `synced`.
+    pub async fn connect_url(
+        &self,
+        url: &str,
+        token: &str,
+        device: &str,
+        cursor: Option<&str>,
+    ) -> Result<Client> {
+        let mut client = Client::open(url).await?;
+        let mut hello = json!({"type":"hello","token":token,"device":device});
         if let Some(cursor) = cursor {
             hello["cursor"] = json!(cursor);
         }
@@ -383,6 +464,17 @@ impl Client {
         }
     }
 
+    /// The next text frame as it came, `None` once the connection ended.
+    pub async fn next_raw(&mut self) -> Option<String> {
+        loop {
+            match self.socket.next().await? {
+                Ok(Message::Text(text)) => return Some(text.to_string()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
     /// Closes the connection cleanly (close frame, then the server's reply).
     pub async fn close(mut self) -> Result<()> {
         self.socket.close(None).await?;
@@ -407,6 +499,25 @@ impl Client {
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Ok(Ending::Dropped),
             }
+        }
+    }
+
+    /// The next frame, or how the connection ended.
+    pub async fn recv_or_end(&mut self) -> Result<std::result::Result<Value, Ending>> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(Ok(frame));
+        }
+        loop {
+            let next = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {WAIT:?}"))?;
+            return Ok(match next {
+                Some(Ok(Message::Text(text))) => Ok(serde_json::from_str(&text)?),
+                Some(Ok(Message::Close(Some(frame)))) => Err(Ending::Closed(u16::from(frame.code))),
+                Some(Ok(Message::Close(None))) => Err(Ending::Closed(u16::from(CloseCode::Status))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Err(Ending::Dropped),
+            });
         }
     }
 
@@ -458,6 +569,15 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("condition not met within {WAIT:?}")
+}
+
+/// `GET /metrics` from `addr`, parsed strictly.
+pub async fn scrape(addr: SocketAddr) -> Result<metrics::Scrape> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    if status != 200 {
+        bail!("GET /metrics from {addr}: status {status}");
+    }
+    metrics::Scrape::parse(&body).with_context(|| format!("/metrics from {addr}:\n{body}"))
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).
@@ -521,6 +641,39 @@ impl EdgeProcess {
                 "CHAT_PRESENCE_TIMEOUT_MS",
                 config.presence_timeout.as_millis().to_string(),
             )
+            .env(
+                "CHAT_HEARTBEAT_SECS",
+                config.heartbeat.as_secs().to_string(),
+            )
+            .env(
+                "CHAT_HEARTBEAT_GRACE_SECS",
+                config.heartbeat_grace.as_secs().to_string(),
+            )
+            .env("CHAT_EDGE_TTL_MS", config.edge_ttl.as_millis().to_string())
+            .env(
+                "CHAT_DRAIN_TIMEOUT_SECS",
+                config.drain_timeout.as_secs().to_string(),
+            )
+            .env(
+                "CHAT_JWT_LEEWAY_SECS",
+                config.jwt_leeway.as_secs().to_string(),
+            )
+            .env(
+                "CHAT_LIMIT_SEND_PER_SEC",
+                config.limits.send_per_connection.to_string(),
+            )
+            .env(
+                "CHAT_LIMIT_USER_SEND_PER_SEC",
+                config.limits.send_per_user.to_string(),
+            )
+            .env(
+                "CHAT_LIMIT_REQUESTS_PER_SEC",
+                config.limits.requests_per_connection.to_string(),
+            )
+            .env(
+                "CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC",
+                config.limits.connects_per_ip.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -544,6 +697,41 @@ impl EdgeProcess {
         })
         .await?;
         Ok(edge)
+    }
+
+    /// SIGTERM, as an orchestrator stops a pod: the edge drains.
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self.child.id().context("edge already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub async fn wait(&mut self, within: Duration) -> Result<Option<i32>> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .context("edge did not exit in time")??;
+        Ok(status.code())
+    }
+
+    /// Resident memory of the process, from /proc.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.child.id().context("edge exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .context("no VmRSS")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib * 1024)
     }
 
     /// `kill -9`: no close frames, no disconnect reports.

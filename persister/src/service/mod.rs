@@ -5,7 +5,7 @@ mod push_tokens;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -22,6 +22,8 @@ use deadpool_postgres::{GenericClient, Pool};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Semaphore};
+
+use crate::metrics::{PersisterMetrics, UNKNOWN_METHOD};
 
 /// Requests handled at once by one persister.
 const MAX_IN_FLIGHT: usize = 64;
@@ -40,6 +42,7 @@ pub struct Service {
     max_group_members: usize,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
+    metrics: Arc<PersisterMetrics>,
 }
 
 fn now_ms() -> i64 {
@@ -129,6 +132,7 @@ impl Service {
         nats: async_nats::Client,
         js: jetstream::Context,
         max_group_members: usize,
+        metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
             pool,
@@ -136,18 +140,29 @@ impl Service {
             js,
             max_group_members,
             outbox: Arc::default(),
+            metrics,
         }
     }
 
+    /// Answers one request, counting it by method and outcome.
     async fn dispatch(&self, method: &str, payload: &[u8]) -> Vec<u8> {
+        let started = Instant::now();
         macro_rules! route {
             ($($m:ty => $handler:ident),* $(,)?) => {
                 match method {
-                    $(<$m>::NAME => rpc::encode_reply(match parse(payload) {
-                        Ok(request) => self.$handler(request).await,
-                        Err(e) => Err(e),
-                    }),)*
-                    other => rpc::encode_reply::<()>(Err(RpcError::new(ErrorCode::NotFound, format!("no method {other}")))),
+                    $(<$m>::NAME => {
+                        let result = match parse(payload) {
+                            Ok(request) => self.$handler(request).await,
+                            Err(e) => Err(e),
+                        };
+                        self.metrics.rpc_answered(<$m>::NAME, &result, started.elapsed());
+                        rpc::encode_reply(result)
+                    })*
+                    other => {
+                        let result = Err(RpcError::new(ErrorCode::NotFound, format!("no method {other}")));
+                        self.metrics.rpc_answered(UNKNOWN_METHOD, &result, started.elapsed());
+                        rpc::encode_reply::<()>(result)
+                    }
                 }
             };
         }

@@ -1,7 +1,9 @@
 //! One end-to-end test binary (compiled once), against real servers.
 
+mod edges;
 mod handshake;
 mod messaging;
+mod metrics;
 mod operators;
 mod presence;
 mod push;

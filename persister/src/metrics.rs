@@ -1,0 +1,156 @@
+//! The persister's metrics (prefix `persister_`); the lag of its consumer
+//! comes from [`chat_shared::metrics::watch_consumers`].
+
+use std::time::Duration;
+
+use chat_shared::rpc::RpcError;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Events per batch: one at a time when idle, up to `MAX_BATCH` (1000)
+/// under load.
+const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+/// One transaction of up to 1000 rows: milliseconds, seconds when the
+/// database struggles (retries included).
+const BATCH_SECONDS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Requests are one or two queries each.
+const RPC_SECONDS: [f64; 11] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// The `method` label of a request for a method that does not exist.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    /// `ok`, or the error code of the reply.
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+pub struct PersisterMetrics {
+    batch_size: Histogram,
+    batch_seconds: Histogram,
+    rows_written: Counter,
+    events_dropped: Counter,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<MethodLabels, Histogram>,
+}
+
+impl PersisterMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            batch_size: Histogram::new(BATCH_SIZES),
+            batch_seconds: Histogram::new(BATCH_SECONDS),
+            rows_written: Counter::default(),
+            events_dropped: Counter::default(),
+            rpc_requests: Family::default(),
+            rpc_seconds: Family::new_with_constructor(|| Histogram::new(RPC_SECONDS)),
+        };
+        let persister = registry.sub_registry_with_prefix("persister");
+        persister.register(
+            "batch_size",
+            "MESSAGES events per batch written",
+            metrics.batch_size.clone(),
+        );
+        persister.register(
+            "batch_seconds",
+            "Time to write a batch and ack its events (retries included)",
+            metrics.batch_seconds.clone(),
+        );
+        persister.register(
+            "rows_written",
+            "Message rows inserted (rows already there, from redeliveries, not counted)",
+            metrics.rows_written.clone(),
+        );
+        persister.register(
+            "events_dropped",
+            "MESSAGES events the database will never take, terminated",
+            metrics.events_dropped.clone(),
+        );
+        persister.register(
+            "rpc_requests",
+            "chat.rpc.* requests answered, by method and outcome (ok or the error code)",
+            metrics.rpc_requests.clone(),
+        );
+        persister.register(
+            "rpc_seconds",
+            "Time to answer a chat.rpc.* request, by method",
+            metrics.rpc_seconds.clone(),
+        );
+        metrics
+    }
+
+    pub fn batch_stored(&self, events: usize, took: Duration) {
+        self.batch_size.observe(events as f64);
+        self.batch_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn rows_written(&self, rows: u64) {
+        self.rows_written.inc_by(rows);
+    }
+
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
+    }
+
+    pub fn rpc_answered<T>(
+        &self,
+        method: &'static str,
+        result: &Result<T, RpcError>,
+        took: Duration,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        self.rpc_requests
+            .get_or_create(&RpcLabels { method, outcome })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels { method })
+            .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_shared::wire::ErrorCode;
+
+    #[test]
+    fn requests_are_counted_by_method_and_outcome() {
+        let mut registry = Registry::default();
+        let metrics = PersisterMetrics::new(&mut registry);
+        metrics.rpc_answered("history", &Ok::<(), RpcError>(()), Duration::from_millis(1));
+        metrics.rpc_answered::<()>(
+            "history",
+            &Err(RpcError::new(ErrorCode::Forbidden, "no")),
+            Duration::from_millis(1),
+        );
+        metrics.batch_stored(3, Duration::from_millis(4));
+        metrics.rows_written(3);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"persister_rpc_requests_total{method="history",outcome="ok"} 1"#,
+            r#"persister_rpc_requests_total{method="history",outcome="forbidden"} 1"#,
+            r#"persister_rpc_seconds_count{method="history"} 2"#,
+            "persister_batch_size_sum 3.0",
+            "persister_batch_seconds_count 1",
+            "persister_rows_written_total 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Prometheus metrics, the parts every service shares: the text exposition,
+//! a `/metrics` server for services without an HTTP listener of their own
+//! (`CHAT_METRICS_ADDR`), and the lag of JetStream consumers.
+//!
+//! Each service builds one [`Registry`] in its `run`, registers its own
+//! metrics into it, and then serves it: the edge on its own listener, the
+//! others with [`serve`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{shutdown, Config, StartError};
+
+/// What `prometheus_client` writes: OpenMetrics 1.0 text, which Prometheus
+/// reads (it ends with `# EOF`).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How often consumer info is read. A consumer info request is cheap for
+/// the server, and Prometheus scrapes every 15 s or so: fresher values
+/// would not be seen.
+pub const CONSUMER_POLL: Duration = Duration::from_secs(5);
+
+/// The `GET /metrics` answer: `registry` as text.
+pub fn respond(registry: &Registry) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response(),
+    }
+}
+
+/// Binds `CHAT_METRICS_ADDR` when it is set. Called before `run_with`, so a
+/// taken port fails at start and tests can pass a listener on port 0.
+pub async fn bind(config: &Config) -> Result<Option<TcpListener>, StartError> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|e| StartError::Listen {
+            addr,
+            reason: e.to_string(),
+        })
+}
+
+/// Serves `GET /metrics` from `registry` on `listener` until `stop` turns
+/// true.
+pub fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "serving /metrics");
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(registry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown::wait(stop))
+            .await
+        {
+            tracing::warn!(error = %e, "metrics server failed");
+        }
+    })
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
+    respond(&registry)
+}
+
+/// A durable consumer, named by its stream and its own name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    stream: &'static str,
+    consumer: &'static str,
+}
+
+/// What JetStream's consumer info says, per consumer.
+#[derive(Default)]
+struct ConsumerGauges {
+    pending: Family<ConsumerLabels, Gauge>,
+    ack_pending: Family<ConsumerLabels, Gauge>,
+    redelivered: Family<ConsumerLabels, Gauge>,
+    waiting: Family<ConsumerLabels, Gauge>,
+    delivered: Family<ConsumerLabels, Gauge>,
+    ack_floor: Family<ConsumerLabels, Gauge>,
+}
+
+impl ConsumerGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let gauges = Self::default();
+        let registry = registry.sub_registry_with_prefix("jetstream_consumer");
+        registry.register(
+            "pending",
+            "Messages in the stream the consumer has not delivered yet (its lag)",
+            gauges.pending.clone(),
+        );
+        registry.register(
+            "ack_pending",
+            "Messages delivered and not acked yet",
+            gauges.ack_pending.clone(),
+        );
+        registry.register(
+            "redelivered",
+            "Messages delivered again because no ack came in time",
+            gauges.redelivered.clone(),
+        );
+        registry.register(
+            "waiting",
+            "Pull requests waiting for messages",
+            gauges.waiting.clone(),
+        );
+        registry.register(
+            "delivered_stream_sequence",
+            "The last stream sequence delivered",
+            gauges.delivered.clone(),
+        );
+        registry.register(
+            "ack_floor_stream_sequence",
+            "The stream sequence below which everything is acked",
+            gauges.ack_floor.clone(),
+        );
+        gauges
+    }
+
+    fn families(&self) -> [&Family<ConsumerLabels, Gauge>; 6] {
+        [
+            &self.pending,
+            &self.ack_pending,
+            &self.redelivered,
+            &self.waiting,
+            &self.delivered,
+            &self.ack_floor,
+        ]
+    }
+
+    fn set(&self, labels: &ConsumerLabels, info: &jetstream::consumer::Info) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.pending
+            .get_or_create(labels)
+            .set(gauge(info.num_pending));
+        self.ack_pending
+            .get_or_create(labels)
+            .set(count(info.num_ack_pending));
+        self.redelivered
+            .get_or_create(labels)
+            .set(count(info.num_redelivered));
+        self.waiting
+            .get_or_create(labels)
+            .set(count(info.num_waiting));
+        self.delivered
+            .get_or_create(labels)
+            .set(gauge(info.delivered.stream_sequence));
+        self.ack_floor
+            .get_or_create(labels)
+            .set(gauge(info.ack_floor.stream_sequence));
+    }
+
+    /// Drops a consumer's values: stale numbers would look like a healthy
+    /// consumer while NATS cannot be asked.
+    fn forget(&self, labels: &ConsumerLabels) {
+        for family in self.families() {
+            family.remove(labels);
+        }
+    }
+}
+
+/// Registers the `jetstream_consumer_*` gauges (labels `stream`,
+/// `consumer`) for each `(stream, consumer)` and keeps them current from
+/// JetStream's consumer info every [`CONSUMER_POLL`] until `stop` turns true.
+pub fn watch_consumers(
+    registry: &mut Registry,
+    js: jetstream::Context,
+    consumers: Vec<(&'static str, &'static str)>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let gauges = ConsumerGauges::register(registry);
+    tokio::spawn(async move {
+        let stopped = shutdown::wait(stop);
+        tokio::pin!(stopped);
+        let mut poll = tokio::time::interval(CONSUMER_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = poll.tick() => {}
+            }
+            for &(stream, consumer) in &consumers {
+                let labels = ConsumerLabels { stream, consumer };
+                match consumer_info(&js, stream, consumer).await {
+                    Ok(info) => gauges.set(&labels, &info),
+                    Err(reason) => {
+                        tracing::debug!(stream, consumer, %reason, "no consumer info");
+                        gauges.forget(&labels);
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn consumer_info(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Result<jetstream::consumer::Info, String> {
+    js.get_stream_no_info(stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .consumer_info(consumer)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[tokio::test]
+    async fn respond_writes_the_text_format() {
+        let mut registry = Registry::default();
+        let counter: Counter = Counter::default();
+        registry.register("things", "Things seen", counter.clone());
+        counter.inc();
+        let response = respond(&registry);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers().get(header::CONTENT_TYPE).unwrap(),
+            CONTENT_TYPE
+        );
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.contains("things_total 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn consumer_values_appear_per_consumer_and_vanish_when_unknown() {
+        let mut registry = Registry::default();
+        let gauges = ConsumerGauges::register(&mut registry);
+        let labels = ConsumerLabels {
+            stream: "MESSAGES",
+            consumer: "router",
+        };
+        let info: jetstream::consumer::Info = serde_json::from_value(serde_json::json!({
+            "stream_name": "MESSAGES",
+            "name": "router",
+            "created": "2025-01-01T00:00:00Z",
+            "config": {"durable_name": "router", "deliver_policy": "all", "ack_policy": "explicit", "replay_policy": "instant"},
+            "delivered": {"consumer_seq": 7, "stream_seq": 9},
+            "ack_floor": {"consumer_seq": 5, "stream_seq": 8},
+            "num_ack_pending": 2,
+            "num_redelivered": 1,
+            "num_waiting": 1,
+            "num_pending": 42
+        }))
+        .unwrap();
+        gauges.set(&labels, &info);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"jetstream_consumer_pending{stream="MESSAGES",consumer="router"} 42"#,
+            r#"jetstream_consumer_ack_pending{stream="MESSAGES",consumer="router"} 2"#,
+            r#"jetstream_consumer_redelivered{stream="MESSAGES",consumer="router"} 1"#,
+            r#"jetstream_consumer_delivered_stream_sequence{stream="MESSAGES",consumer="router"} 9"#,
+            r#"jetstream_consumer_ack_floor_stream_sequence{stream="MESSAGES",consumer="router"} 8"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        gauges.forget(&labels);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(!text.contains("router"), "{text}");
+    }
+}
