@@ -624,3 +624,92 @@ async fn push_preview_off_sends_no_text() -> Result<()> {
     assert!(webhook["messages"][0].get("text").is_none());
     pushd.stop().await
 }
+
+/// The presence record of `user` says `status`.
+async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
+    let bucket = js.get_key_value(subjects::PRESENCE_BUCKET).await?;
+    wait_until(|| {
+        let bucket = bucket.clone();
+        async move {
+            match bucket.get(format!("user.{user}")).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<Value>(&bytes)
+                    .is_ok_and(|record| record["status"] == status),
+                _ => false,
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn push_whole_path_offline_member_gets_one_per_token_online_gets_none() -> Result<()> {
+    let setup = Setup::start().await?;
+    let _pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let system = &setup.system;
+    let (fcm, apns) = (&setup.fakes.fcm, &setup.fakes.apns);
+
+    // Tokens arrive through the protocol, from the devices themselves.
+    let mut bob = system.connect("bob", "phone").await?;
+    for (platform, token) in [("fcm", "fcm-bob-phone"), ("apns", APNS_TOKEN)] {
+        let ok = bob
+            .request(json!({"type":"push.register","platform":platform,"token":token}))
+            .await?;
+        ensure!(ok["type"] == "ok", "{ok}");
+    }
+    let refused = bob
+        .request(json!({"type":"push.register","platform":"apns","token":"not hex"}))
+        .await?;
+    ensure!(refused["code"] == "bad_request", "{refused}");
+    let mut alice = system.connect("alice", "phone").await?;
+    let ok = alice
+        .request(json!({"type":"push.register","platform":"fcm","token":"fcm-alice"}))
+        .await?;
+    ensure!(ok["type"] == "ok", "{ok}");
+    assert_eq!(
+        setup.tokens_of("bob").await?,
+        [
+            ("apns".to_string(), APNS_TOKEN.to_string()),
+            ("fcm".to_string(), "fcm-bob-phone".to_string())
+        ]
+    );
+
+    // bob offline: one notification per token; alice, the sender, none.
+    bob.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "are you there?", "p1")
+        .await?;
+    ensure!(sent["type"] == "sent", "{sent}");
+    wait_until(|| async { fcm.requests().len() == 1 && apns.requests().len() == 1 }).await?;
+    let to_fcm = fcm.requests()[0].json()?;
+    assert_eq!(to_fcm["message"]["token"], "fcm-bob-phone");
+    assert_eq!(to_fcm["message"]["notification"]["title"], "alice");
+    assert_eq!(to_fcm["message"]["notification"]["body"], "are you there?");
+    assert_eq!(to_fcm["message"]["data"]["message_id"], sent["id"]);
+    let to_apns = apns.requests()[0].json()?;
+    assert_eq!(to_apns["aps"]["alert"]["body"], "are you there?");
+    assert_eq!(apns.requests()[0].path, format!("/3/device/{APNS_TOKEN}"));
+    wait_until(|| async { setup.jobs_left().await == 0 }).await?;
+
+    // bob online: nothing is pushed (the router's presence cache lives 2 s).
+    let mut bob = system.connect("bob", "phone").await?;
+    wait_presence(&setup.js, "bob", "online").await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "here you are", "p2")
+        .await?;
+    ensure!(sent["type"] == "sent", "{sent}");
+    let live = bob.recv_type("message").await?;
+    assert_eq!(live["id"], sent["id"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fcm.requests().len(), 1, "no push for an online user");
+    assert_eq!(apns.requests().len(), 1);
+    assert_eq!(setup.jobs_left().await, 0);
+    assert!(
+        fcm.requests()
+            .iter()
+            .all(|r| r.text().contains("fcm-bob-phone")),
+        "never to the sender"
+    );
+    Ok(())
+}
