@@ -1,9 +1,10 @@
 //! `chatctl`'s operations, as a library so the end-to-end tests run exactly
 //! what the operator runs: stream and consumer state ([`status`]), replaying
 //! the log of record ([`replay`]), load ([`bench`]) and a tiny WebSocket
-//! client ([`client`]). The command line is in `main.rs`.
+//! client ([`client`]), the discovery view and drain requests ([`edges`]). The command line is in `main.rs`.
 
 pub mod bench;
 pub mod client;
+pub mod edges;
 pub mod replay;
 pub mod status;

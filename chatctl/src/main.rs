@@ -44,6 +44,15 @@ enum Command {
     /// or time range, for one conversation or all; optionally re-publish
     /// them into the stream REPLAY_<name>.
     Replay(ReplayArgs),
+    /// The edges in discovery: id, connections, live or draining, URL.
+    Edges {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain EDGE as SIGTERM would: its clients are told to reconnect
+    /// elsewhere, then it exits.
+    Drain { edge: String },
     /// Write the JSON Schemas of every wire type into DIR.
     Schemas { dir: std::path::PathBuf },
     /// Send one message as USER.
@@ -197,6 +206,22 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Replay(args) => replay(&config, args).await?,
+        Command::Edges { json } => {
+            let client = chat_shared::nats::connect(&config, "chatctl").await?;
+            let js = chat_shared::nats::jetstream(client, &config);
+            let edges = chatctl::edges::list(&js, config.edge_ttl).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&edges)?);
+            } else {
+                print!("{}", chatctl::edges::render(&edges));
+            }
+        }
+        Command::Drain { edge } => {
+            let client = chat_shared::nats::connect(&config, "chatctl").await?;
+            let js = chat_shared::nats::jetstream(client.clone(), &config);
+            chatctl::edges::drain(&client, &js, config.edge_ttl, &edge).await?;
+            println!("drain requested: {edge}");
+        }
         Command::Schemas { dir } => {
             schema::write_all(&dir).with_context(|| format!("writing {}", dir.display()))?;
             println!("schemas written to {}", dir.display());

@@ -225,10 +225,14 @@ async fn draining_an_edge_under_load_loses_and_repeats_nothing() -> anyhow::Resu
             }
         })
         .await?;
-        admin
-            .publish(format!("chat.control.drain.{drained_id}"), "now".into())
-            .await?;
-        admin.flush().await?;
+        let listed = chatctl::edges::list(&js, system.config.edge_ttl).await?;
+        anyhow::ensure!(
+            listed
+                .iter()
+                .any(|e| e.id.as_str() == drained_id && !e.draining),
+            "chatctl edges: {listed:?}"
+        );
+        chatctl::edges::drain(&admin, &js, system.config.edge_ttl, &drained_id).await?;
         let started = Instant::now();
         let ended = tokio::time::timeout(Duration::from_secs(15), drained).await??;
         anyhow::ensure!(ended.is_ok(), "the drained edge's run failed: {ended:?}");
