@@ -46,7 +46,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut micros: Vec<u64>) -> Self {
+    pub fn of(mut micros: Vec<u64>) -> Self {
         micros.sort_unstable();
         let at = |q: f64| {
             let index =

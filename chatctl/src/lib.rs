@@ -6,5 +6,6 @@
 pub mod bench;
 pub mod client;
 pub mod edges;
+pub mod presence_bench;
 pub mod replay;
 pub mod status;

@@ -99,6 +99,23 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchScenario {
+    /// One user with many online friends goes online and offline; fan-out
+    /// latency and presence frames per second.
+    Presence {
+        #[arg(long, default_value_t = 500)]
+        friends: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        edge: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pairs of users sending direct messages; rates and latencies.
     Dm {
         #[arg(long, default_value_t = 20)]
@@ -290,6 +307,27 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 bench::print(&report);
+            }
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Presence {
+                    friends,
+                    rounds,
+                    edge,
+                    json,
+                },
+        } => {
+            let options = chatctl::presence_bench::PresenceOptions {
+                edge,
+                friends,
+                rounds,
+            };
+            let report = chatctl::presence_bench::presence(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chatctl::presence_bench::print(&report);
             }
         }
         Command::Tail {

@@ -753,10 +753,20 @@ impl Session {
         for receipt in self.delivered.take(&self.user) {
             match serde_json::to_vec(&receipt) {
                 Ok(body) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(
+                        subjects::MSG_ID_HEADER,
+                        subjects::delivered_event_id(
+                            &receipt.conversation,
+                            &receipt.user,
+                            receipt.up_to,
+                        )
+                        .as_str(),
+                    );
                     if let Err(e) = self
                         .edge
                         .nats
-                        .publish(subjects::DELIVERED_RECEIPTS, body.into())
+                        .publish_with_headers(subjects::DELIVERED_RECEIPTS, headers, body.into())
                         .await
                     {
                         tracing::warn!(error = %e, "cannot report delivered receipts");

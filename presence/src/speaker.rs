@@ -83,7 +83,18 @@ impl Speaker {
             Err(e) => tracing::error!(error = %e, "cannot encode presence"),
         }
         if let Ok(body) = serde_json::to_vec(&event) {
-            self.publish(subjects::presence(&event.user), body).await;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                subjects::MSG_ID_HEADER,
+                subjects::presence_event_id(&event.user, event.status, event.last_active).as_str(),
+            );
+            if let Err(e) = self
+                .nats
+                .publish_with_headers(subjects::presence(&event.user), headers, body.into())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot publish presence");
+            }
         }
         let Some(friends) = self.friends_of(&event.user).await else {
             return;

@@ -4,7 +4,8 @@
 //! Each family has its own second token (`msg`, `inbox`, `deliver`, …), so a
 //! user and a conversation or an edge with the same id can never collide.
 
-use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, UserId};
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MessageId, UserId};
+use crate::wire::PresenceStatus;
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
@@ -150,6 +151,25 @@ pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
 /// The `Nats-Msg-Id` of one inbox item, so a redelivered event is appended once.
 pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("{event_id}:{user}")
+}
+
+/// The `Nats-Msg-Id` of a delivered-receipt report: the same report twice
+/// (a retried flush) has the same id.
+pub fn delivered_event_id(
+    conversation: &ConversationId,
+    user: &UserId,
+    up_to: MessageId,
+) -> String {
+    format!("delivered:{conversation}:{user}:{up_to}")
+}
+
+/// The `Nats-Msg-Id` of a public presence event.
+pub fn presence_event_id(user: &UserId, status: PresenceStatus, last_active: u64) -> String {
+    let status = match status {
+        PresenceStatus::Online => "online",
+        PresenceStatus::Offline => "offline",
+    };
+    format!("presence:{user}:{status}:{last_active}")
 }
 
 /// The `Nats-Msg-Id` of the push job for `user` about message `event_id`.
