@@ -48,14 +48,13 @@ pub async fn run_with(
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
-    let lag = chat_shared::metrics::watch_consumers(
-        &mut registry,
-        js.clone(),
-        vec![(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER)],
-        stop.clone(),
+    let exposition = chat_shared::metrics::expose(
+        metrics_listener,
+        registry,
+        &js,
+        &[(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER)],
+        &stop,
     );
-    let metrics_server = metrics_listener
-        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
     let service = service::Service::new(
         pool.clone(),
         nats.clone(),
@@ -67,10 +66,7 @@ pub async fn run_with(
     let rpc = tokio::spawn(service::serve(service, stop.clone()));
     let written = writer::write_messages(pool, consumer, metrics, stop).await;
     let _ = rpc.await;
-    let _ = lag.await;
-    if let Some(server) = metrics_server {
-        let _ = server.await;
-    }
+    exposition.stopped().await;
     tracing::info!("persister stopped");
     written
 }

@@ -107,8 +107,7 @@ pub async fn run_with(
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(PresenceMetrics::new(&mut registry));
-    let metrics_server = metrics_listener
-        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
+    let exposition = chat_shared::metrics::expose(metrics_listener, registry, &js, &[], &stop);
     let (leading_tx, mut leading) = watch::channel(false);
     let holder = format!("presence-{:08x}", rand::random::<u32>());
     let campaign = tokio::spawn(
@@ -190,9 +189,7 @@ pub async fn run_with(
         }
     }
     let _ = campaign.await;
-    if let Some(server) = metrics_server {
-        let _ = server.await;
-    }
+    exposition.stopped().await;
     tracing::info!("presence stopped");
     Ok(())
 }

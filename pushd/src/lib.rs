@@ -23,15 +23,19 @@ use std::sync::Arc;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config};
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 pub use error::PushdError;
 pub use metrics::PushMetrics;
 pub use providers::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
-/// Runs pushd until `shutdown` completes, with counters nobody reads.
+/// Runs pushd until `shutdown` completes, serving its counters and its
+/// consumer's lag at `GET /metrics` on `CHAT_METRICS_ADDR` when it is set.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PushdError> {
+    let metrics_listener = chat_shared::metrics::bind(&config).await?;
     let mut registry = Registry::default();
-    run_with(config, PushMetrics::new(&mut registry), shutdown).await
+    let metrics = PushMetrics::new(&mut registry);
+    run_exposed(config, metrics, metrics_listener, registry, shutdown).await
 }
 
 /// Runs pushd until `shutdown` completes, counting into `metrics`.
@@ -44,11 +48,30 @@ pub async fn run_with(
     metrics: PushMetrics,
     shutdown: Shutdown,
 ) -> Result<(), PushdError> {
+    run_exposed(config, metrics, None, Registry::default(), shutdown).await
+}
+
+/// Runs pushd, serving `registry` on `metrics_listener` when given.
+async fn run_exposed(
+    config: Config,
+    metrics: PushMetrics,
+    metrics_listener: Option<TcpListener>,
+    registry: Registry,
+    shutdown: Shutdown,
+) -> Result<(), PushdError> {
     let providers = providers::Providers::from_config(&config.push, metrics.clone())?;
     let pool =
         chat_shared::db::connect_pool(&config).map_err(|e| PushdError::Database(e.to_string()))?;
     let (_nats, js) = consume::connect_and_provision(&config, "pushd").await?;
     let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await?;
+    let stop = shutdown::fan_out(shutdown);
+    let exposition = chat_shared::metrics::expose(
+        metrics_listener,
+        registry,
+        &js,
+        &[(subjects::PUSH_STREAM, subjects::PUSHD_CONSUMER)],
+        &stop,
+    );
     let shared = Arc::new(worker::Shared {
         pool,
         providers,
@@ -56,10 +79,11 @@ pub async fn run_with(
         preview: config.push.preview,
         coalesce: config.push.coalesce,
         ledger: ledger::Ledger::default(),
-        stop: shutdown::fan_out(shutdown),
+        stop,
     });
     tracing::info!("pushd running");
     worker::consume(shared, consumer).await;
+    exposition.stopped().await;
     tracing::info!("pushd stopped");
     Ok(())
 }

@@ -63,17 +63,16 @@ pub async fn run_with(
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
-    let lag = chat_shared::metrics::watch_consumers(
-        &mut registry,
-        js.clone(),
-        vec![
+    let exposition = chat_shared::metrics::expose(
+        metrics_listener,
+        registry,
+        &js,
+        &[
             (subjects::MESSAGES_STREAM, subjects::ROUTER_CONSUMER),
             (subjects::EVENTS_STREAM, subjects::ROUTER_EVENTS_CONSUMER),
         ],
-        stop.clone(),
+        &stop,
     );
-    let metrics_server = metrics_listener
-        .map(|listener| chat_shared::metrics::serve(listener, Arc::new(registry), stop.clone()));
     let push = push::PushJobs::new(js.clone(), presence, metrics.clone());
     let router = Arc::new(fanout::Fanout::new(
         nats.clone(),
@@ -90,10 +89,7 @@ pub async fn run_with(
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
-    let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, lag);
-    if let Some(server) = metrics_server {
-        let _ = server.await;
-    }
+    let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, exposition.stopped());
     for result in [a, b] {
         match result {
             Ok(Ok(())) => {}

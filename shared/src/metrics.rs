@@ -4,7 +4,7 @@
 //!
 //! Each service builds one [`Registry`] in its `run`, registers its own
 //! metrics into it, and then serves it: the edge on its own listener, the
-//! others with [`serve`].
+//! others with [`expose`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,9 +58,51 @@ pub async fn bind(config: &Config) -> Result<Option<TcpListener>, StartError> {
         })
 }
 
+/// The tasks behind a service's `/metrics`.
+#[derive(Default)]
+pub struct Exposition {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Exposition {
+    /// Waits for the tasks, which end once `stop` turned true.
+    pub async fn stopped(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Serves `registry`, plus the lag of `consumers` (`(stream, consumer)`),
+/// on `listener` at `GET /metrics` until `stop` turns true. Without a
+/// listener nothing runs: nobody would read the values, so consumer info is
+/// not even asked for.
+pub fn expose(
+    listener: Option<TcpListener>,
+    mut registry: Registry,
+    js: &jetstream::Context,
+    consumers: &[(&'static str, &'static str)],
+    stop: &watch::Receiver<bool>,
+) -> Exposition {
+    let Some(listener) = listener else {
+        return Exposition::default();
+    };
+    let mut tasks = Vec::with_capacity(2);
+    if !consumers.is_empty() {
+        tasks.push(watch_consumers(
+            &mut registry,
+            js.clone(),
+            consumers.to_vec(),
+            stop.clone(),
+        ));
+    }
+    tasks.push(serve(listener, Arc::new(registry), stop.clone()));
+    Exposition { tasks }
+}
+
 /// Serves `GET /metrics` from `registry` on `listener` until `stop` turns
 /// true.
-pub fn serve(
+fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     stop: watch::Receiver<bool>,
@@ -185,7 +227,7 @@ impl ConsumerGauges {
 /// Registers the `jetstream_consumer_*` gauges (labels `stream`,
 /// `consumer`) for each `(stream, consumer)` and keeps them current from
 /// JetStream's consumer info every [`CONSUMER_POLL`] until `stop` turns true.
-pub fn watch_consumers(
+fn watch_consumers(
     registry: &mut Registry,
     js: jetstream::Context,
     consumers: Vec<(&'static str, &'static str)>,
@@ -252,6 +294,21 @@ mod tests {
         let text = std::str::from_utf8(&body).unwrap();
         assert!(text.contains("things_total 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn bind_listens_only_when_configured() {
+        assert!(bind(&Config::default()).await.unwrap().is_none());
+        let config = Config {
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Config::default()
+        };
+        let listener = bind(&config).await.unwrap().unwrap();
+        let taken = Config {
+            metrics_addr: Some(listener.local_addr().unwrap()),
+            ..Config::default()
+        };
+        assert!(matches!(bind(&taken).await, Err(StartError::Listen { .. })));
     }
 
     #[test]
