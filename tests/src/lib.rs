@@ -156,7 +156,7 @@ impl System {
             .with_context(|| format!("{service} serves no /metrics: set metrics_addr"))
     }
 
-    /// Starts another edge and returns its address.
+    /// Starts a presence process; dropping or firing the sender stops it.
     pub fn start_presence(&mut self) -> oneshot::Sender<()> {
         let (tx, rx) = oneshot::channel();
         let config = self.config_for("presence");
