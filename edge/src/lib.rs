@@ -109,14 +109,7 @@ pub async fn run(
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
     // The edge's NATS user may not create streams; the router and persister do.
     streams::wait_until_provisioned(&js).await;
-    let bucket = |name: &'static str| {
-        let js = js.clone();
-        async move {
-            js.get_key_value(name)
-                .await
-                .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))
-        }
-    };
+    let bucket = |name: &'static str| chat_shared::consume::bucket(&js, name);
     let stream = |name: &'static str| {
         let js = js.clone();
         async move {

@@ -77,16 +77,8 @@ pub async fn run_with(
     shutdown: Shutdown,
 ) -> Result<(), PresenceError> {
     let (nats, js) = consume::connect_and_provision(&config, "presence").await?;
-    let bucket = |name: &'static str| {
-        let js = js.clone();
-        async move {
-            js.get_key_value(name)
-                .await
-                .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))
-        }
-    };
-    let store = bucket(subjects::PRESENCE_BUCKET).await?;
-    let leaders = bucket(subjects::LEADERS_BUCKET).await?;
+    let store = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
+    let leaders = consume::bucket(&js, subjects::LEADERS_BUCKET).await?;
     let subscribe = |subject: &'static str| {
         let nats = nats.clone();
         async move {

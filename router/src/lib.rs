@@ -56,10 +56,7 @@ pub async fn run_with(
     )
     .await?;
     let groups = GroupCache::start(nats.clone()).await?;
-    let presence = js
-        .get_key_value(subjects::PRESENCE_BUCKET)
-        .await
-        .map_err(|e| StartError::JetStream(format!("bucket presence: {e}")))?;
+    let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));

@@ -48,6 +48,13 @@ pub async fn connect_and_provision(
     Ok((client, js))
 }
 
+/// A handle on the KV bucket `name` (provisioned by [`connect_and_provision`]).
+pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<jetstream::kv::Store, StartError> {
+    js.get_key_value(name)
+        .await
+        .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))
+}
+
 /// The durable pull consumer `config` on `stream`, created if missing and
 /// updated if its definition changed.
 pub async fn durable(
