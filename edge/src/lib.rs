@@ -15,6 +15,7 @@ mod receipts;
 mod requests;
 mod send;
 mod session;
+mod web;
 
 use std::sync::Arc;
 
@@ -99,6 +100,8 @@ pub async fn run(
         }
     }
     let verifier = Verifier::from_config(&config)?;
+    // The web client, and the dev token endpoint when CHAT_DEV_TOKENS=true.
+    let web = web::routes(&config)?;
     let id = match &config.edge_id {
         Some(id) => EdgeId::parse(id.clone())?,
         None => EdgeId::parse(format!("edge-{:08x}", rand::random::<u32>()))?,
@@ -195,6 +198,7 @@ pub async fn run(
         .route("/v1/ws", get(upgrade))
         .route("/v1/edges", get(list_edges))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(web)
         .route("/metrics", get(serve_metrics))
         .route("/readyz", get(ready))
         .with_state(edge.clone());

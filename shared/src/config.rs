@@ -37,6 +37,10 @@ pub struct Config {
     pub jwt_audience: Option<String>,
     /// `CHAT_JWT_LEEWAY_SECS`: clock skew allowed on `exp`/`nbf`.
     pub jwt_leeway: Duration,
+    /// `CHAT_DEV_TOKENS`: `true` makes the edge hand out a token for any user
+    /// name (`POST /v1/dev/token`, for the web client in local runs). Off
+    /// unless set to exactly `true`; never in production.
+    pub dev_tokens: bool,
     /// `CHAT_HEARTBEAT_SECS`: the `heartbeat` announced in `welcome`.
     pub heartbeat: Duration,
     /// `CHAT_HEARTBEAT_GRACE_SECS`: a connection silent for
@@ -195,6 +199,7 @@ impl Default for Config {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
+            dev_tokens: false,
             heartbeat: Duration::from_secs(25),
             heartbeat_grace: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
@@ -257,6 +262,7 @@ impl Config {
         config.jwt_issuer = reader.optional("CHAT_JWT_ISSUER");
         config.jwt_audience = reader.optional("CHAT_JWT_AUDIENCE");
         reader.seconds("CHAT_JWT_LEEWAY_SECS", &mut config.jwt_leeway);
+        reader.parse("CHAT_DEV_TOKENS", &mut config.dev_tokens);
         reader.seconds("CHAT_HEARTBEAT_SECS", &mut config.heartbeat);
         reader.seconds("CHAT_HEARTBEAT_GRACE_SECS", &mut config.heartbeat_grace);
         reader.seconds("CHAT_HELLO_TIMEOUT_SECS", &mut config.hello_timeout);
@@ -543,6 +549,16 @@ mod tests {
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn dev_tokens_are_off_unless_exactly_true() {
+        assert!(!from(&[]).unwrap().dev_tokens);
+        assert!(from(&[("CHAT_DEV_TOKENS", "true")]).unwrap().dev_tokens);
+        assert!(!from(&[("CHAT_DEV_TOKENS", "false")]).unwrap().dev_tokens);
+        for sloppy in ["1", "yes", "TRUE", "on"] {
+            assert!(from(&[("CHAT_DEV_TOKENS", sloppy)]).is_err(), "{sloppy}");
+        }
     }
 
     #[test]

@@ -7,3 +7,4 @@ mod metrics;
 mod operators;
 mod presence;
 mod push;
+mod web;

@@ -1,0 +1,307 @@
+// End-to-end test of the web client in a real browser (Debian's chromium,
+// driven by playwright-core). Run by the Rust test tests/tests/e2e/web.rs,
+// which starts a whole system and passes:
+//   CHAT_WEB_URL        the edge that serves the page, e.g. http://127.0.0.1:1234/
+//   CHAT_WEB_ARTIFACTS  where screenshots go (default target/web-artifacts)
+//   CHAT_WEB_DRAIN=1    the runner drains that edge when this script prints
+//                       "@@drain" and answers "drained" on stdin
+//   CHAT_CHROMIUM       the browser (default /usr/bin/chromium)
+// By hand against ./scripts/dev:  CHAT_WEB_URL=http://127.0.0.1:8080/ node web/tests/browser.mjs
+// (presence waits are generous: scripts/dev announces offline after 5 s).
+
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const base = process.env.CHAT_WEB_URL;
+if (!base) {
+  console.error('set CHAT_WEB_URL to the edge URL, e.g. http://127.0.0.1:8080/');
+  process.exit(2);
+}
+const artifacts = path.resolve(process.env.CHAT_WEB_ARTIFACTS || 'target/web-artifacts');
+const executablePath = process.env.CHAT_CHROMIUM || '/usr/bin/chromium';
+const WAIT = 20_000;
+fs.mkdirSync(artifacts, { recursive: true });
+
+let passed = 0;
+let failed = 0;
+const pages = {};
+
+async function step(name, fn) {
+  const started = Date.now();
+  try {
+    await fn();
+    passed += 1;
+    console.log(`ok - ${name} (${Date.now() - started} ms)`);
+  } catch (e) {
+    failed += 1;
+    console.log(`not ok - ${name}\n  ${String(e.stack || e).split('\n').join('\n  ')}`);
+    for (const [who, page] of Object.entries(pages)) {
+      if (!page.isClosed()) await shot(page, `failure-${who}`).catch(() => {});
+    }
+    throw e;
+  }
+}
+
+async function shot(page, name) {
+  const file = path.join(artifacts, `${name}.png`);
+  await page.screenshot({ path: file });
+  return file;
+}
+
+/** Waits until `fn(arg)` is truthy in the page. */
+async function until(page, what, fn, arg, timeout = WAIT) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout, polling: 100 });
+  } catch (e) {
+    throw new Error(`${what}: not within ${timeout} ms (${e.message.split('\n')[0]})`);
+  }
+}
+
+const texts = (page) => page.locator('#msg-list .msg .text').allTextContents();
+
+async function signIn(browser, user, { viewport = { width: 1100, height: 720 }, tokenTtl, mobile = false } = {}) {
+  const context = await browser.newContext({ viewport, isMobile: mobile, hasTouch: mobile });
+  if (tokenTtl) {
+    await context.addInitScript((ttl) => localStorage.setItem('chat.dev-token-ttl', String(ttl)), tokenTtl);
+  }
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.log(`  [${user}] page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error') console.log(`  [${user}] console: ${m.text()}`);
+  });
+  page.sockets = [];
+  page.on('websocket', (ws) => {
+    const record = { url: ws.url(), sent: [], received: [] };
+    page.sockets.push(record);
+    ws.on('framesent', (f) => record.sent.push(String(f.payload)));
+    ws.on('framereceived', (f) => record.received.push(String(f.payload)));
+  });
+  await page.goto(base);
+  await page.getByLabel('Your name').fill(user);
+  if (user === 'alice') await shot(page, 'login');
+  await page.getByLabel('Your name').press('Enter');
+  await online(page, user);
+  pages[user] = page;
+  return page;
+}
+
+const online = (page, who) =>
+  until(page, `${who} online`, () => document.querySelector('#conn-status')?.dataset.state === 'online');
+
+async function send(page, text) {
+  const box = page.getByLabel('Message', { exact: true });
+  await box.fill(text);
+  await box.press('Enter');
+}
+
+async function openConversation(page, title) {
+  await page.locator('#conv-list .conv-title', { hasText: title }).first().click();
+  await until(page, `conversation ${title} open`, (t) => document.querySelector('#conv-title')?.textContent === t, title);
+}
+
+const frames = (page, type) =>
+  page.sockets.flatMap((s) => s.sent.concat(s.received)).map((f) => JSON.parse(f)).filter((f) => f.type === type);
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+  ],
+  // launch() gives the browser a fresh, empty user-data dir of its own
+  // (removed on close); every context below is a separate profile.
+});
+
+let exitCode = 0;
+try {
+  let alice;
+  let bob;
+  let carol;
+
+  await step('alice and bob sign in by name (dev tokens)', async () => {
+    alice = await signIn(browser, 'alice');
+    // Bob's tokens live 8 s: the client must refresh them on the open connection.
+    bob = await signIn(browser, 'bob', { tokenTtl: 8 });
+  });
+
+  await step('friend request, accept, and the green dot', async () => {
+    await alice.getByRole('button', { name: 'Friends' }).click();
+    await alice.getByLabel('Add a friend (user name)').fill('bob');
+    await alice.getByRole('button', { name: 'Send request' }).click();
+    await alice.locator('#friend-list li[data-user=bob][data-state=requested]').waitFor({ timeout: WAIT });
+    await alice.locator('#friends-dialog [data-close]').click();
+    // Bob's badge counts the request; he accepts it.
+    await bob.locator('#friends-badge:not([hidden])').waitFor({ timeout: WAIT });
+    await bob.getByRole('button', { name: /Friends, 1 request/ }).click();
+    await shot(bob, 'bob-friend-request');
+    await bob.locator('#friend-list li[data-user=alice] button', { hasText: 'Accept' }).click();
+    await bob.locator('#friend-list li[data-user=alice][data-state=friends]').waitFor({ timeout: WAIT });
+    await bob.locator('#friends-dialog [data-close]').click();
+    await alice.locator('#friend-list li[data-user=bob][data-state=friends]').waitFor({ state: 'attached', timeout: WAIT });
+  });
+
+  await step('alice starts a DM by typing a name; bob gets it with an unread badge', async () => {
+    await alice.getByLabel('Start a chat with (user name)').fill('bob');
+    await alice.getByLabel('Start a chat with (user name)').press('Enter');
+    await until(alice, 'DM open', () => document.querySelector('#conv-title')?.textContent === 'bob');
+    await until(alice, 'bob shown online', () => document.querySelector('#conv-sub')?.dataset.presence === 'online');
+    await send(alice, 'Hi bob 👋');
+    await send(alice, 'Lunch at 12?');
+    await bob.locator('#conv-list li[data-id="dm:alice:bob"] .badge', { hasText: '2' }).waitFor({ timeout: WAIT });
+    await shot(bob, 'bob-unread');
+    await openConversation(bob, 'alice');
+    await until(bob, 'both messages', () => document.querySelectorAll('#msg-list .msg').length === 2);
+    // Read by bob: alice's ticks turn blue.
+    await alice.locator('#msg-list .msg.mine .tick.read').nth(1).waitFor({ timeout: WAIT });
+    await send(bob, 'Sure, see you there!');
+    await alice.locator('#msg-list .msg.theirs .text', { hasText: 'Sure, see you there!' }).waitFor({ timeout: WAIT });
+    await shot(alice, 'alice-dm');
+  });
+
+  await step('typing shows and lapses', async () => {
+    const box = bob.getByLabel('Message', { exact: true });
+    await box.click();
+    await box.pressSequentially('I am typing', { delay: 30 });
+    await until(alice, 'typing shown', () => document.querySelector('#conv-sub')?.textContent === 'typing…');
+    await shot(alice, 'alice-sees-typing');
+    // Bob stops without sending: his client says so after a few idle
+    // seconds (and the server would after 6 s anyway).
+    await until(alice, 'typing lapsed', () => document.querySelector('#conv-sub')?.textContent === 'online', null, 12_000);
+    await box.fill('');
+  });
+
+  await step('bob reloads mid-conversation and sees every message exactly once', async () => {
+    for (let i = 1; i <= 3; i++) await send(alice, `before reload ${i}`);
+    await until(bob, 'bob has them', () => [...document.querySelectorAll('#msg-list .text')].some((e) => e.textContent === 'before reload 3'));
+    // Bob sends and reloads at once: the outbox keeps the message and the
+    // retry uses the same client_msg_id, so it is stored once.
+    await send(bob, 'sent just before the reload');
+    const reloading = bob.reload();
+    for (let i = 1; i <= 3; i++) await send(alice, `during reload ${i}`);
+    await reloading;
+    await online(bob, 'bob after reload');
+    for (let i = 1; i <= 2; i++) await send(alice, `after reload ${i}`);
+    const expected = [
+      'Hi bob 👋', 'Lunch at 12?', 'Sure, see you there!',
+      'before reload 1', 'before reload 2', 'before reload 3', 'sent just before the reload',
+      'during reload 1', 'during reload 2', 'during reload 3', 'after reload 1', 'after reload 2',
+    ];
+    for (const page of [bob, alice]) {
+      await until(page, 'every message', (n) => document.querySelectorAll('#msg-list .msg:not(.pending)').length >= n, expected.length);
+      const seen = await texts(page);
+      const ids = await page.locator('#msg-list .msg').evaluateAll((els) => els.map((e) => e.dataset.id));
+      if (new Set(ids).size !== ids.length) throw new Error(`duplicate ids: ${ids}`);
+      const missing = expected.filter((t) => !seen.includes(t));
+      const twice = seen.filter((t, i) => seen.indexOf(t) !== i);
+      if (missing.length || twice.length || seen.length !== expected.length) {
+        throw new Error(`messages: missing ${JSON.stringify(missing)}, twice ${JSON.stringify(twice)}, got ${JSON.stringify(seen)}`);
+      }
+      if (page === alice) {
+        // Alice's own messages are in the order she sent them.
+        const mine = seen.filter((t) => /reload \d/.test(t) && !t.startsWith('sent'));
+        const order = expected.filter((t) => mine.includes(t));
+        if (JSON.stringify(mine) !== JSON.stringify(order)) throw new Error(`order: ${mine}`);
+      }
+    }
+    await shot(bob, 'bob-after-reload');
+  });
+
+  await step('groups: create, chat, add, leave (carol on a phone-sized screen)', async () => {
+    carol = await signIn(browser, 'carol', { viewport: { width: 390, height: 844 }, mobile: true });
+    await alice.getByRole('button', { name: 'New group' }).click();
+    await alice.getByLabel('Group name').fill('Weekend plans');
+    await alice.getByLabel('Members (user names, separated by commas or spaces)').fill('bob, carol');
+    await alice.getByRole('button', { name: 'Create group' }).click();
+    await until(alice, 'group open', () => document.querySelector('#conv-title')?.textContent === 'Weekend plans');
+    await send(alice, 'Hiking on Saturday?');
+    await carol.locator('#conv-list .conv-title', { hasText: 'Weekend plans' }).waitFor({ timeout: WAIT });
+    await shot(carol, 'carol-phone-list');
+    await openConversation(carol, 'Weekend plans');
+    await carol.locator('#msg-list .text', { hasText: 'Hiking on Saturday?' }).waitFor({ timeout: WAIT });
+    await send(carol, "I'm in 🥾");
+    await openConversation(bob, 'Weekend plans');
+    await send(bob, 'Count me in too');
+    for (const page of [alice, bob, carol]) {
+      await until(page, 'three group messages', () => document.querySelectorAll('#msg-list .msg').length === 3);
+    }
+    await shot(carol, 'carol-phone-group');
+    // Alice adds dave; everyone's member list follows.
+    await alice.getByRole('button', { name: 'Members' }).click();
+    await alice.getByLabel('Add members (user names)').fill('dave');
+    await alice.getByRole('button', { name: 'Add', exact: true }).click();
+    await alice.locator('#member-list .name', { hasText: 'dave' }).waitFor({ timeout: WAIT });
+    await alice.locator('#info-dialog [data-close]').click();
+    await until(bob, 'bob sees dave', () => document.querySelector('#conv-sub')?.textContent.includes('dave'));
+    // Carol leaves (the app asks first).
+    carol.once('dialog', (d) => d.accept());
+    await carol.getByRole('button', { name: 'Members' }).click();
+    await carol.getByRole('button', { name: 'Leave group' }).click();
+    await until(carol, 'group gone for carol', () => !document.querySelector('#conv-list li[data-id^="group:"]'));
+    await until(alice, 'alice sees carol gone', () => {
+      const sub = document.querySelector('#conv-sub')?.textContent || '';
+      return sub.includes('dave') && !sub.includes('carol');
+    });
+    await shot(alice, 'alice-group');
+  });
+
+  await step("bob's short-lived tokens were refreshed on the open connection", async () => {
+    const refreshes = frames(bob, 'refresh').length;
+    if (refreshes < 1) throw new Error('no refresh frame sent');
+    const after = bob.sockets.length;
+    // Two sockets: before and after the reload; none from an expiry.
+    if (after !== 2) throw new Error(`bob opened ${after} WebSockets: ${bob.sockets.map((s) => s.url)}`);
+  });
+
+  await step('bob closes his page: alice sees him go offline, with last seen', async () => {
+    await openConversation(alice, 'bob');
+    await until(alice, 'bob online', () => document.querySelector('#conv-sub')?.dataset.presence === 'online');
+    await bob.context().close();
+    delete pages.bob;
+    await until(alice, 'bob offline', () => {
+      const sub = document.querySelector('#conv-sub');
+      return sub?.dataset.presence === 'offline' && sub.textContent.startsWith('last seen');
+    }, null, 30_000);
+    await alice.locator('#conv-list li[data-id="dm:alice:bob"] .dot.off').waitFor({ state: 'attached', timeout: WAIT });
+    await shot(alice, 'alice-bob-offline');
+  });
+
+  if (process.env.CHAT_WEB_DRAIN === '1') {
+    await step('the edge drains: clients follow `reconnect` to another edge and lose nothing', async () => {
+      const edgeBefore = await alice.evaluate(() => window.chat.client.edge);
+      const lines = readline.createInterface({ input: process.stdin });
+      const drained = new Promise((resolve) => lines.once('line', resolve));
+      console.log('@@drain');
+      await drained;
+      lines.close();
+      for (const [page, who] of [[alice, 'alice'], [carol, 'carol']]) {
+        await until(page, `${who} on another edge`, (before) => window.chat.client.edge && window.chat.client.edge !== before && document.querySelector('#conn-status').dataset.state === 'online', edgeBefore);
+      }
+      const received = alice.sockets.at(-1).received.map((f) => JSON.parse(f));
+      if (!frames(alice, 'reconnect').length) throw new Error('alice got no reconnect frame');
+      if (alice.sockets.at(-1).url === alice.sockets[0].url) throw new Error('alice reconnected to the same edge');
+      if (!received.some((f) => f.type === 'welcome')) throw new Error('no welcome on the new edge');
+      await openConversation(alice, 'bob');
+      await send(alice, 'sent through the other edge');
+      await alice.locator('#msg-list .msg.mine .tick.sent, #msg-list .msg.mine .tick.delivered, #msg-list .msg.mine .tick.read')
+        .last().waitFor({ timeout: WAIT });
+      await shot(alice, 'alice-after-drain');
+    });
+  }
+} catch {
+  exitCode = 1;
+} finally {
+  await browser.close().catch(() => {});
+}
+
+console.log(`screenshots: ${artifacts}`);
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(exitCode);
