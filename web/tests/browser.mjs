@@ -212,6 +212,10 @@ try {
         if (JSON.stringify(mine) !== JSON.stringify(order)) throw new Error(`order: ${mine}`);
       }
     }
+    // The reload resumed from the cursor it had stored (and acked).
+    const hello = bob.sockets[1]?.sent.map((f) => JSON.parse(f)).find((f) => f.type === 'hello');
+    if (!hello?.cursor) throw new Error(`bob's hello after the reload has no cursor: ${JSON.stringify(hello)}`);
+    if (!frames(bob, 'ack').length) throw new Error('bob never acked');
     await shot(bob, 'bob-after-reload');
   });
 
@@ -231,9 +235,26 @@ try {
     await openConversation(bob, 'Weekend plans');
     await send(bob, 'Count me in too');
     for (const page of [alice, bob, carol]) {
-      await until(page, 'three group messages', () => document.querySelectorAll('#msg-list .msg').length === 3);
+      await until(page, 'three group messages', () => document.querySelectorAll('#msg-list .msg:not(.pending)').length === 3);
     }
     await shot(carol, 'carol-phone-group');
+    // A long conversation: carol reloads, gets the newest page, and scrolls
+    // back through the rest.
+    await alice.evaluate(() => {
+      for (let i = 1; i <= 60; i++) window.chat.client.send(window.chat.open, `bulk ${i}`);
+    });
+    await until(carol, 'bulk 60 arrived', () => [...document.querySelectorAll('#msg-list .text')].some((e) => e.textContent === 'bulk 60'));
+    await carol.reload();
+    await online(carol, 'carol after reload');
+    await until(carol, 'newest page', () => document.querySelectorAll('#msg-list .msg').length >= 50);
+    await until(carol, 'scrolled back to the beginning', () => {
+      document.querySelector('#messages').scrollTop = 0;
+      return document.querySelector('#history-status').textContent === 'Beginning of the conversation';
+    });
+    const expected = ['Hiking on Saturday?', "I'm in 🥾", 'Count me in too', ...Array.from({ length: 60 }, (_, i) => `bulk ${i + 1}`)];
+    const seen = await texts(carol);
+    if (JSON.stringify(seen) !== JSON.stringify(expected)) throw new Error(`carol's history: ${JSON.stringify(seen)}`);
+    await shot(carol, 'carol-phone-history');
     // Alice adds dave; everyone's member list follows.
     await alice.getByRole('button', { name: 'Members' }).click();
     await alice.getByLabel('Add members (user names)').fill('dave');
