@@ -22,6 +22,7 @@ const state = {
   receipts: new Map(), // conversation -> {user: {d, r}}
   typing: new Map(), // conversation -> Map(user -> lapse timer)
   open: null, // open conversation id
+  mode: null, // 'dev' (sign-in by name) or 'token' (pasted)
   typingSent: { conv: null, at: 0, idle: null },
 };
 
@@ -52,6 +53,7 @@ function conv(id) {
       unread: 0,
       readUpTo: null,
       sortTs: Date.now(),
+      createdAt: Date.now(),
       messages: new Map(), // id -> message
       loaded: false, // history fetched once
       more: true,
@@ -177,6 +179,7 @@ function signOut() {
 
 function start(user, mode, token) {
   state.me = user;
+  state.mode = mode;
   let device = sessionStorage.getItem('chat.device');
   if (!device) {
     device = randomId('web-', 6);
@@ -256,7 +259,12 @@ function onFrame(f) {
       renderList();
       return;
     case 'error':
-      if (f.code !== 'rate_limited') toast(f.message || f.code);
+      if (state.mode === 'token' && (f.code === 'unauthorized' || f.code === 'token_expired')) {
+        // A pasted token cannot be renewed here.
+        backToLogin(f.code === 'token_expired' ? 'Your token has expired. Sign in again.' : 'That token was refused.');
+        return;
+      }
+      if (f.code !== 'rate_limited' && f.code !== 'unauthorized' && f.code !== 'token_expired') toast(f.message || f.code);
       return;
     default:
   }
@@ -264,11 +272,19 @@ function onFrame(f) {
 
 async function onSynced() {
   const client = state.client;
+  const asked = Date.now();
   try {
     const [list, friends] = await Promise.all([
       client.request({ type: 'conversations' }),
       client.request({ type: 'friends' }),
     ]);
+    // Groups we are no longer in (left on another device while this one
+    // could not resume) go; DMs stay, they are only hidden while empty.
+    const listed = new Set(list.items.map((i) => i.conversation));
+    for (const c of [...state.convs.values()]) {
+      if (c.group && !listed.has(c.id) && c.createdAt < asked) state.convs.delete(c.id);
+    }
+    if (state.open?.startsWith('group:') && !state.convs.has(state.open)) closeConversation();
     for (const item of list.items) {
       const c = conv(item.conversation);
       const known = [...c.messages.values()];

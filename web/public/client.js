@@ -294,6 +294,7 @@ export class ChatClient {
     this.timers.refresh = setTimeout(async () => {
       try {
         const token = await this.getToken(true);
+        if (token === this.token) return; // nothing newer to offer (a pasted token)
         await this.request({ type: 'refresh', token });
         this.token = token;
         this.refreshes = (this.refreshes || 0) + 1;
