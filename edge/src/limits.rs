@@ -54,16 +54,25 @@ impl TokenBucket {
     }
 }
 
-/// Refusals of one connection; too many in a short time is abuse.
+/// Refusals a connection ignored: coming back before the `retry_after_ms`
+/// it was given is a strike; too many strikes in a short time is abuse. A
+/// client that waits as told is never struck, however often it is limited.
 #[derive(Debug, Default)]
 pub struct Strikes {
     recent: std::collections::VecDeque<Instant>,
+    /// When the last refusal said the client could try again.
+    not_before: Option<Instant>,
 }
 
 impl Strikes {
-    /// Records a refusal; `true` once there were more than `limit` within
-    /// the window.
-    pub fn strike(&mut self, now: Instant, limit: u32) -> bool {
+    /// Records a refusal that told the client to wait `wait`; `true` once
+    /// more than `limit` refusals within the window were ignored advice.
+    pub fn strike(&mut self, now: Instant, wait: Duration, limit: u32) -> bool {
+        let ignored_advice = self.not_before.is_some_and(|t| now < t);
+        self.not_before = Some(now + wait);
+        if !ignored_advice {
+            return false;
+        }
         while self
             .recent
             .front()
@@ -179,14 +188,22 @@ mod tests {
     }
 
     #[test]
-    fn strikes_count_within_the_window() {
+    fn only_ignored_advice_is_a_strike() {
         let t0 = Instant::now();
+        let wait = Duration::from_millis(100);
         let mut strikes = Strikes::default();
-        assert!(!strikes.strike(t0, 2));
-        assert!(!strikes.strike(t0, 2));
-        assert!(strikes.strike(t0, 2));
-        let later = t0 + STRIKE_WINDOW + Duration::from_secs(1);
-        assert!(!strikes.strike(later, 2), "old strikes expire");
+        // Limited again and again, but always after waiting as told.
+        for i in 0..100 {
+            assert!(!strikes.strike(t0 + wait * i, wait, 2));
+        }
+        // Coming back at once, three times: the third is over the limit.
+        let t1 = t0 + wait * 200;
+        assert!(!strikes.strike(t1, wait, 2));
+        assert!(!strikes.strike(t1, wait, 2));
+        assert!(!strikes.strike(t1, wait, 2));
+        assert!(strikes.strike(t1, wait, 2));
+        let later = t1 + STRIKE_WINDOW + Duration::from_secs(1);
+        assert!(!strikes.strike(later, wait, 2), "old strikes expire");
     }
 
     #[test]

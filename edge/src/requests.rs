@@ -108,6 +108,20 @@ async fn friend_views(edge: &Edge, user: UserId) -> Result<Vec<FriendView>, RpcE
         .collect())
 }
 
+fn push_token(
+    user: UserId,
+    device: &DeviceId,
+    platform: chat_shared::push::Platform,
+    token: String,
+) -> rpc::PushTokenRequest {
+    rpc::PushTokenRequest {
+        user,
+        device: device.clone(),
+        platform,
+        token,
+    }
+}
+
 /// The reply to one request, `None` for requests that have none.
 async fn answer(
     edge: &Edge,
@@ -256,12 +270,7 @@ async fn answer(
             platform,
             token,
         } => {
-            let request = rpc::PushTokenRequest {
-                user,
-                device: device.clone(),
-                platform,
-                token,
-            };
+            let request = push_token(user, device, platform, token);
             rpc::call::<rpc::PushRegister>(nats, &request).await?;
             ServerFrame::Ok { reference }
         }
@@ -270,12 +279,7 @@ async fn answer(
             platform,
             token,
         } => {
-            let request = rpc::PushTokenRequest {
-                user,
-                device: device.clone(),
-                platform,
-                token,
-            };
+            let request = push_token(user, device, platform, token);
             rpc::call::<rpc::PushUnregister>(nats, &request).await?;
             ServerFrame::Ok { reference }
         }

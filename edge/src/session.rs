@@ -693,7 +693,7 @@ impl Session {
         self.out.frame(&refusal).await;
         if self
             .strikes
-            .strike(Instant::now(), self.edge.limits.config.abuse_strikes)
+            .strike(Instant::now(), wait, self.edge.limits.config.abuse_strikes)
         {
             tracing::warn!("closing an abusive connection");
             self.out.close(close::ABUSE, "rate limits ignored").await;

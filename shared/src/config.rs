@@ -115,8 +115,9 @@ pub struct LimitsConfig {
     pub connections_per_user: usize,
     /// `CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC`: new connections per client IP.
     pub connects_per_ip: u32,
-    /// `CHAT_LIMIT_ABUSE_STRIKES`: refusals within 10 s after which the
-    /// connection is closed with 4008.
+    /// `CHAT_LIMIT_ABUSE_STRIKES`: ignored refusals (requests sent again
+    /// before their `retry_after_ms`) within 10 s after which the connection
+    /// is closed with 4008.
     pub abuse_strikes: u32,
 }
 

@@ -49,7 +49,10 @@ pub async fn connect_and_provision(
 }
 
 /// A handle on the KV bucket `name` (provisioned by [`connect_and_provision`]).
-pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<jetstream::kv::Store, StartError> {
+pub async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::kv::Store, StartError> {
     js.get_key_value(name)
         .await
         .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))

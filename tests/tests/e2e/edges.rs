@@ -83,6 +83,22 @@ async fn two_edges_deliver_across_and_discovery_drops_a_killed_one() -> anyhow::
     Ok(())
 }
 
+/// Notes a message frame: its text by id, its cursor, and whether its id
+/// was seen before.
+fn record(
+    frame: &Value,
+    seen: &mut BTreeMap<String, String>,
+    cursor: &mut Option<String>,
+    repeats: &mut usize,
+) {
+    *cursor = frame["cursor"].as_str().map(str::to_string);
+    let id = frame["id"].as_str().unwrap_or_default().to_string();
+    let text = frame["text"].as_str().unwrap_or_default().to_string();
+    if seen.insert(id, text).is_some() {
+        *repeats += 1;
+    }
+}
+
 /// Receives until `count` distinct messages arrived, following `reconnect`
 /// to another edge with the last cursor; returns (id -> text) and how many
 /// times a reconnect happened.
@@ -99,16 +115,7 @@ async fn receive_all(
     while seen.len() < count {
         let frame = client.recv().await?;
         match frame["type"].as_str() {
-            Some("message") => {
-                cursor = frame["cursor"].as_str().map(str::to_string);
-                let id = frame["id"].as_str().unwrap_or_default().to_string();
-                if seen
-                    .insert(id, frame["text"].as_str().unwrap_or_default().to_string())
-                    .is_some()
-                {
-                    repeats += 1;
-                }
-            }
+            Some("message") => record(&frame, &mut seen, &mut cursor, &mut repeats),
             Some("reconnect") => {
                 reconnects += 1;
                 let url = frame["edges"][0].as_str().unwrap_or_default().to_string();
@@ -118,14 +125,7 @@ async fn receive_all(
                     .await?;
                 for frame in std::mem::take(&mut client.backlog) {
                     if frame["type"] == "message" {
-                        cursor = frame["cursor"].as_str().map(str::to_string);
-                        let id = frame["id"].as_str().unwrap_or_default().to_string();
-                        if seen
-                            .insert(id, frame["text"].as_str().unwrap_or_default().to_string())
-                            .is_some()
-                        {
-                            repeats += 1;
-                        }
+                        record(&frame, &mut seen, &mut cursor, &mut repeats);
                     }
                 }
             }
