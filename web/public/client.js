@@ -289,8 +289,11 @@ export class ChatClient {
   #scheduleRefresh() {
     const exp = tokenExpiry(this.token);
     if (!exp) return;
-    // At 80 % of the remaining lifetime, at least 2 s from now.
-    const delay = Math.max(2_000, (exp - Date.now()) * 0.8);
+    // At 80 % of the remaining lifetime but 10 s before the end if it can
+    // be (a slow network or a busy tab still makes it), and not sooner
+    // than 2 s from now.
+    const left = exp - Date.now();
+    const delay = Math.max(2_000, Math.min(left * 0.8, left - 10_000));
     this.timers.refresh = setTimeout(async () => {
       try {
         const token = await this.getToken(true);

@@ -229,7 +229,7 @@ async fn a_real_browser_chats_reloads_and_follows_a_drain() -> Result<()> {
     let artifacts = root.join("target").join("web-artifacts");
     let system = System::start_with(|c| {
         c.dev_tokens = true;
-        // Bob's 8 s tokens must be refreshed in time, not saved by leeway.
+        // Bob's 5 s tokens must be refreshed in time, not saved by leeway.
         c.jwt_leeway = Duration::ZERO;
     })
     .await?;
