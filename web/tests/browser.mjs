@@ -160,6 +160,8 @@ try {
     await shot(bob, 'bob-unread');
     await openConversation(bob, 'alice');
     await until(bob, 'both messages', () => document.querySelectorAll('#msg-list .msg').length === 2);
+    // Screen readers hear new messages (a polite live region).
+    await until(bob, 'announced', () => document.querySelector('#announcer').textContent.includes('alice: Lunch at 12?'));
     // Read by bob: alice's ticks turn blue.
     await alice.locator('#msg-list .msg.mine .tick.read').nth(1).waitFor({ timeout: WAIT });
     await send(bob, 'Sure, see you there!');
@@ -272,6 +274,9 @@ try {
       return sub.includes('dave') && !sub.includes('carol');
     });
     await shot(alice, 'alice-group');
+    await alice.emulateMedia({ colorScheme: 'dark' });
+    await shot(alice, 'alice-group-dark');
+    await alice.emulateMedia({ colorScheme: 'light' });
   });
 
   await step("bob's short-lived tokens were refreshed on the open connection", async () => {
