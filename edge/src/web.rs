@@ -31,8 +31,8 @@ use serde_json::json;
 /// Scripts and styles from this origin only, nothing inline, no plugins, no
 /// framing; WebSockets to any host because `reconnect` names other edges.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
-     style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; \
-     manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+     style-src 'self'; img-src 'self'; connect-src 'self' ws: wss:; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// How long a dev token lives unless the request asks otherwise.
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);

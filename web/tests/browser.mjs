@@ -24,6 +24,8 @@ const executablePath = process.env.CHAT_CHROMIUM || '/usr/bin/chromium';
 const WAIT = 20_000;
 fs.mkdirSync(artifacts, { recursive: true });
 
+/** Script errors and console errors (CSP violations among them) of any page. */
+const problems = [];
 let passed = 0;
 let failed = 0;
 const pages = {};
@@ -67,9 +69,14 @@ async function signIn(browser, user, { viewport = { width: 1100, height: 720 }, 
     await context.addInitScript((ttl) => localStorage.setItem('chat.dev-token-ttl', String(ttl)), tokenTtl);
   }
   const page = await context.newPage();
-  page.on('pageerror', (e) => console.log(`  [${user}] page error: ${e.message}`));
+  page.on('pageerror', (e) => {
+    console.log(`  [${user}] page error: ${e.message}`);
+    problems.push(`${user}: ${e.message}`);
+  });
   page.on('console', (m) => {
-    if (m.type() === 'error') console.log(`  [${user}] console: ${m.text()}`);
+    if (m.type() !== 'error') return;
+    console.log(`  [${user}] console: ${m.text()}`);
+    problems.push(`${user}: ${m.text()}`);
   });
   page.sockets = [];
   page.on('websocket', (ws) => {
@@ -328,6 +335,9 @@ try {
       await shot(alice, 'alice-after-drain');
     });
   }
+  await step('no script errors and no Content-Security-Policy violations', async () => {
+    if (problems.length) throw new Error(problems.join('\n'));
+  });
 } catch {
   exitCode = 1;
 } finally {
