@@ -188,6 +188,19 @@ try {
     await box.fill('');
   });
 
+  await step('a dropped connection: sends wait in the outbox, go out once after the reconnect', async () => {
+    const sockets = alice.sockets.length;
+    await alice.evaluate(() => window.chat.client.ws.close(4000, 'test: network gone'));
+    await send(alice, 'written while offline');
+    await alice.locator('#msg-list .msg.pending', { hasText: 'written while offline' }).waitFor({ timeout: WAIT });
+    await online(alice, 'alice reconnected');
+    if (alice.sockets.length !== sockets + 1) throw new Error('alice did not reconnect once');
+    await bob.locator('#msg-list .msg.theirs .text', { hasText: 'written while offline' }).waitFor({ timeout: WAIT });
+    await until(alice, 'stored', () => !document.querySelector('#msg-list .msg.pending'));
+    const hello = alice.sockets.at(-1).sent.map((f) => JSON.parse(f)).find((f) => f.type === 'hello');
+    if (!hello?.cursor) throw new Error('the reconnect did not resume from a cursor');
+  });
+
   await step('bob reloads mid-conversation and sees every message exactly once', async () => {
     for (let i = 1; i <= 3; i++) await send(alice, `before reload ${i}`);
     await until(bob, 'bob has them', () => [...document.querySelectorAll('#msg-list .text')].some((e) => e.textContent === 'before reload 3'));
@@ -200,7 +213,7 @@ try {
     await online(bob, 'bob after reload');
     for (let i = 1; i <= 2; i++) await send(alice, `after reload ${i}`);
     const expected = [
-      'Hi bob 👋', 'Lunch at 12?', 'Sure, see you there!',
+      'Hi bob 👋', 'Lunch at 12?', 'Sure, see you there!', 'written while offline',
       'before reload 1', 'before reload 2', 'before reload 3', 'sent just before the reload',
       'during reload 1', 'during reload 2', 'during reload 3', 'after reload 1', 'after reload 2',
     ];
