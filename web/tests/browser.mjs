@@ -23,6 +23,8 @@ const artifacts = path.resolve(process.env.CHAT_WEB_ARTIFACTS || 'target/web-art
 const executablePath = process.env.CHAT_CHROMIUM || '/usr/bin/chromium';
 const WAIT = 20_000;
 fs.mkdirSync(artifacts, { recursive: true });
+// Only this run's pictures: no failure shots left from an earlier one.
+for (const f of fs.readdirSync(artifacts)) if (f.endsWith('.png')) fs.rmSync(path.join(artifacts, f));
 
 /** Script errors and console errors (CSP violations among them) of any page. */
 const problems = [];
