@@ -7,6 +7,7 @@
 
 mod drain;
 mod error;
+mod http;
 mod hub;
 mod limits;
 mod metrics;
@@ -24,7 +25,6 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use chat_shared::auth::Verifier;
 use chat_shared::idgen::IdGenerator;
@@ -37,6 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use error::EdgeError;
+pub use http::{HEADER_READ_TIMEOUT, MAX_HEAD_BYTES};
 
 /// The largest frame or message a client may send (PROTOCOL.md: 1 MiB).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
@@ -203,19 +204,7 @@ pub async fn run(
         .route("/readyz", get(ready))
         .with_state(edge.clone());
     tracing::info!(edge = %edge.id, addr = ?listener.local_addr().ok(), "edge listening");
-    // Frames are small and latency matters: no Nagle delay (it combines with
-    // the client's delayed ACK into 40 ms stalls).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown::wait(stop))
-    .await?;
+    http::serve(listener, app, stop).await;
     drainer.abort();
     let _ = advertiser.await;
     let _ = lease_task.await;
@@ -227,8 +216,15 @@ pub async fn run(
 async fn upgrade(
     State(edge): State<Arc<Edge>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Browsers send `Origin` on every WebSocket upgrade and enforce no
+    // same-origin rule for it: without this check any page a user visits
+    // could open a socket here (a token is still needed to get further).
+    if !origin_allowed(&edge.config.allowed_origins, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
     if let Err(wait) = edge.limits.admit_ip(peer.ip(), tokio::time::Instant::now()) {
         let retry_after = wait.as_secs().max(1).to_string();
         return (
@@ -247,6 +243,24 @@ async fn upgrade(
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session::serve(socket, edge, ticket))
+}
+
+/// Whether the request's `Origin` is on the allow-list; an empty list allows
+/// any, and a request without `Origin` (not from a browser) passes.
+fn origin_allowed(allowed: &[String], headers: &axum::http::HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let mut origins = headers.get_all(axum::http::header::ORIGIN).iter();
+    let (Some(origin), None) = (origins.next(), origins.next()) else {
+        // None at all passes; more than one is refused.
+        return headers.get(axum::http::header::ORIGIN).is_none();
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
 }
 
 /// This edge's metrics in the Prometheus text format.

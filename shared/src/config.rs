@@ -83,6 +83,11 @@ pub struct Config {
     /// `CHAT_EDGE_PUBLIC_URL`: the WebSocket URL clients use to reach this
     /// edge, published for discovery; defaults to `ws://<CHAT_EDGE_ADDR>/v1/ws`.
     pub edge_public_url: Option<String>,
+    /// `CHAT_ALLOWED_ORIGINS`: comma-separated `Origin` values (e.g.
+    /// `https://chat.example.com`) a WebSocket upgrade may come from; any
+    /// other `Origin` gets 403. Empty (unset) allows any origin. Requests
+    /// without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
     /// `CHAT_EDGE_TTL_MS`: an edge's discovery entry lives this long without
     /// a refresh (the `chat_edges` bucket's max age).
     pub edge_ttl: Duration,
@@ -215,6 +220,7 @@ impl Default for Config {
             log_json: false,
             metrics_addr: None,
             edge_public_url: None,
+            allowed_origins: Vec::new(),
             edge_ttl: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(30),
             drain_batch: 500,
@@ -289,6 +295,13 @@ impl Config {
         }
         config.metrics_addr = reader.optional_parse("CHAT_METRICS_ADDR");
         config.edge_public_url = reader.optional("CHAT_EDGE_PUBLIC_URL");
+        if let Some(origins) = reader.optional("CHAT_ALLOWED_ORIGINS") {
+            config.allowed_origins = origins
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect();
+        }
         reader.millis("CHAT_EDGE_TTL_MS", &mut config.edge_ttl);
         reader.seconds("CHAT_DRAIN_TIMEOUT_SECS", &mut config.drain_timeout);
         reader.parse("CHAT_DRAIN_BATCH", &mut config.drain_batch);
@@ -560,6 +573,20 @@ mod tests {
         for sloppy in ["1", "yes", "TRUE", "on"] {
             assert!(from(&[("CHAT_DEV_TOKENS", sloppy)]).is_err(), "{sloppy}");
         }
+    }
+
+    #[test]
+    fn allowed_origins_are_a_trimmed_list() {
+        assert!(from(&[]).unwrap().allowed_origins.is_empty());
+        let config = from(&[(
+            "CHAT_ALLOWED_ORIGINS",
+            " https://chat.example.com/ ,,http://localhost:8080",
+        )])
+        .unwrap();
+        assert_eq!(
+            config.allowed_origins,
+            ["https://chat.example.com", "http://localhost:8080"]
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub const APNS_TOPIC: &str = "com.example.chat";
 pub const WEBHOOK_SECRET: &str = "webhook-test-secret";
 
 /// RSA 2048, PKCS#8, as in a Google service-account key file.
-const FCM_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+pub const FCM_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCUAonfNyNzzQsu
 LXmaEvWUWbfhv6q+JLVA4ZrWkMWwnwF4cU990mMyV30Jkkz9eF37n4FCg9BJ4dMG
 BAOTUeeLl/nzjdNWA8LAmVBkAdqvTMV6iunv0nm/IPBhHhc9nyGVEpYVskcTQGi2
@@ -70,7 +70,7 @@ jhnv+2q8rdoMD+vtNe9aCuu2
 -----END PRIVATE KEY-----
 ";
 
-const FCM_PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
+pub const FCM_PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
 MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAlAKJ3zcjc80LLi15mhL1
 lFm34b+qviS1QOGa1pDFsJ8BeHFPfdJjMld9CZJM/Xhd+5+BQoPQSeHTBgQDk1Hn
 i5f5843TVgPCwJlQZAHar0zFeorp79J5vyDwYR4XPZ8hlRKWFbJHE0BotqrM63Lf
@@ -82,7 +82,7 @@ dbZg58C6u5YuJOuAR/43UYoSpmcQ1sCs0d0d2fcBJlIP+U20zOMDbPr5K8SaiXFY
 ";
 
 /// P-256, PKCS#8: the form of Apple's `.p8` keys.
-const APNS_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+pub const APNS_PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcAvmBu/uY0EFunxW
 Hetd3qORwh5gdE/K+VkiOiJMqTqhRANCAATohk6047gH9I1vGVyd+Ql7tou33ai6
 REwvYmp9uPo2UTrfimJ4pVYc1NBf2YS55fg0aZboOdHvYJiQiTrTOJe6

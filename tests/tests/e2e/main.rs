@@ -7,4 +7,5 @@ mod metrics;
 mod operators;
 mod presence;
 mod push;
+mod security;
 mod web;
