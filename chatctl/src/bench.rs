@@ -167,14 +167,27 @@ async fn send(
                     latencies.push(latency(&reader_sent_at, seq, start));
                     reader_window.add_permits(1);
                 }
-                Some("error") => bail!("send refused: {frame}"),
+                Some("error") => {
+                    // Stop the sending loop too, instead of leaving it
+                    // waiting for a window that will never open.
+                    reader_window.close();
+                    if frame["code"] == "rate_limited" {
+                        bail!(
+                            "send refused by the edge's rate limit: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* (see the README)"
+                        );
+                    }
+                    bail!("send refused: {frame}");
+                }
                 _ => {}
             }
         }
         Ok(latencies)
     });
     for seq in 0..count {
-        window.acquire().await?.forget();
+        let Ok(permit) = window.acquire().await else {
+            break;
+        };
+        permit.forget();
         sent_at[seq].store(micros_since(start) + 1, Ordering::Relaxed);
         let frame = json!({"type":"send","ref":seq.to_string(),"to":to,"text":format!("bench message {seq}"),"client_msg_id":format!("b{seq}")});
         write.send(Message::Text(frame.to_string().into())).await?;

@@ -14,6 +14,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::bench::Percentiles;
 use crate::client::{connect, Socket};
 
+/// Well within the edge's default heartbeat (25 s).
+const PING_EVERY: Duration = Duration::from_secs(10);
+
 pub struct PresenceOptions {
     pub edge: String,
     pub friends: usize,
@@ -87,9 +90,10 @@ pub async fn presence(config: &Config, options: PresenceOptions) -> anyhow::Resu
         "connecting {} friends and making them friends of {hub}",
         options.friends
     );
-    let mut friend_sockets = Vec::with_capacity(options.friends);
-    for i in 0..options.friends {
-        let name = format!("bench{run}f{i}");
+    // Every friend reports (its index, the status it saw, when).
+    let (tx, mut seen) = mpsc::unbounded_channel::<(usize, String, Instant)>();
+    for index in 0..options.friends {
+        let name = format!("bench{run}f{index}");
         let mut socket = connect_paced(config, &options.edge, &name).await?;
         let reply = request(
             &mut socket,
@@ -100,7 +104,7 @@ pub async fn presence(config: &Config, options: PresenceOptions) -> anyhow::Resu
         if reply["type"] != "ok" {
             bail!("{name}: friend.request: {reply}");
         }
-        friend_sockets.push(socket);
+        watch_friend(socket, index, hub.clone(), tx.clone());
     }
     let mut hub_socket = connect_paced(config, &options.edge, &hub).await?;
     for i in 0..options.friends {
@@ -115,29 +119,6 @@ pub async fn presence(config: &Config, options: PresenceOptions) -> anyhow::Resu
         }
     }
     drop(hub_socket);
-
-    // Every friend reports (its index, the status it saw, when).
-    let (tx, mut seen) = mpsc::unbounded_channel::<(usize, String, Instant)>();
-    for (index, mut socket) in friend_sockets.into_iter().enumerate() {
-        let tx = tx.clone();
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = socket.next().await {
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
-                    continue;
-                };
-                if frame["type"] == "presence" && frame["user"] == hub.as_str() {
-                    let status = frame["status"].as_str().unwrap_or_default().to_string();
-                    if tx.send((index, status, Instant::now())).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-    }
     drop(tx);
     // Wait for the hub's first offline (after the accepts) to settle.
     collect(
@@ -195,6 +176,43 @@ pub async fn presence(config: &Config, options: PresenceOptions) -> anyhow::Resu
         offline_spread: Percentiles::of(offline),
         frames_per_second: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
     })
+}
+
+/// Keeps a friend's connection alive and reports each presence frame about
+/// `hub` it receives.
+fn watch_friend(
+    socket: Socket,
+    index: usize,
+    hub: String,
+    tx: mpsc::UnboundedSender<(usize, String, Instant)>,
+) {
+    let (mut sink, mut stream) = socket.split();
+    // Idle clients must still say something within the heartbeat.
+    tokio::spawn(async move {
+        let ping = Message::Text(json!({"type":"ping"}).to_string().into());
+        loop {
+            tokio::time::sleep(PING_EVERY).await;
+            if sink.send(ping.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = stream.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if frame["type"] == "presence" && frame["user"] == hub.as_str() {
+                let status = frame["status"].as_str().unwrap_or_default().to_string();
+                if tx.send((index, status, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Frames per second between the first and the last arrival.

@@ -399,6 +399,11 @@ async fn a_client_that_does_not_read_is_cut_off_and_memory_stays_bounded() -> an
         "it was cut off ({messages} of {MESSAGES} arrived)"
     );
     let growth = peak.saturating_sub(before);
+    eprintln!(
+        "stalled client: {messages} of {MESSAGES} messages arrived; edge RSS {} MiB before, peak growth {} KiB",
+        before / (1024 * 1024),
+        growth / 1024
+    );
     assert!(
         growth < 24 * 1024 * 1024,
         "edge memory grew by {} MiB while 40 MB queued for a stalled client",
