@@ -121,11 +121,17 @@ where
 /// Hands back what a pull stream has received but nobody handled (at
 /// shutdown), so another consumer gets it now instead of after the ack wait.
 pub async fn release_buffered(stream: &mut consumer::pull::Stream) {
-    use futures::{FutureExt, StreamExt};
-    while let Some(Some(Ok(message))) = stream.next().now_or_never() {
+    use futures::StreamExt;
+    // Messages of the open pull request may still be on the wire: wait a
+    // moment for each, or they sit out the ack wait (30 s) before anyone
+    // else gets them.
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(IN_FLIGHT_GRACE, stream.next()).await {
         let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
     }
 }
+
+/// How long [`release_buffered`] waits for one more in-flight message.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(100);
 
 /// Reads one subject of a stream from a starting point, oldest first,
 /// through a short-lived in-memory consumer, until nothing is left. Used to
