@@ -5,10 +5,43 @@ use std::time::Duration;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to NATS at {url}: {source}")]
-pub struct ConnectError {
-    pub url: String,
-    pub source: async_nats::ConnectError,
+pub enum ConnectError {
+    #[error("connecting to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "nats-server {found} at {url} is older than {MIN_SERVER_VERSION}, the oldest this system runs on"
+    )]
+    ServerTooOld { url: String, found: String },
+}
+
+/// The oldest nats-server accepted. JetStream releases before 2.14 lost
+/// acknowledged writes in fault scenarios that later ones fixed (Jepsen's
+/// NATS analyses); an older server is refused at start rather than trusted.
+pub const MIN_SERVER_VERSION: &str = "2.14.0";
+
+/// `major.minor.patch` of a version string like `2.15.1` or `2.14.0-beta.2`.
+fn version_triple(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.trim_start_matches('v').split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+fn check_server(client: &async_nats::Client, url: &str) -> Result<(), ConnectError> {
+    let found = client.server_info().version;
+    let too_old = match (version_triple(&found), version_triple(MIN_SERVER_VERSION)) {
+        (Some(found), Some(minimum)) => found < minimum,
+        _ => true,
+    };
+    if too_old {
+        return Err(ConnectError::ServerTooOld {
+            url: url.to_string(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// What a process knows about its NATS connection, for those that must
@@ -47,10 +80,11 @@ pub async fn connect_watched(
     let client = options
         .connect(&config.nats_url)
         .await
-        .map_err(|source| ConnectError {
+        .map_err(|source| ConnectError::Connect {
             url: config.nats_url.clone(),
             source,
         })?;
+    check_server(&client, &config.nats_url)?;
     Ok((client, rx))
 }
 
@@ -58,13 +92,15 @@ pub async fn connect_watched(
 /// unbounded; requests (and PubAcks) time out after `request_timeout`, so a
 /// NATS outage turns into a fast `unavailable` instead of a hang.
 pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
-    options(config, name)
+    let client = options(config, name)
         .connect(&config.nats_url)
         .await
-        .map_err(|source| ConnectError {
+        .map_err(|source| ConnectError::Connect {
             url: config.nats_url.clone(),
             source,
-        })
+        })?;
+    check_server(&client, &config.nats_url)?;
+    Ok(client)
 }
 
 fn options(config: &Config, name: &str) -> async_nats::ConnectOptions {
@@ -88,4 +124,20 @@ pub fn jetstream(client: async_nats::Client, config: &Config) -> async_nats::jet
     let mut context = async_nats::jetstream::new(client);
     context.set_timeout(config.request_timeout);
     context
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert_eq!(version_triple("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(version_triple("v2.14.0-beta.2"), Some((2, 14, 0)));
+        assert_eq!(version_triple("2.10"), Some((2, 10, 0)));
+        assert_eq!(version_triple("garbage"), None);
+        assert!(version_triple("2.9.25") < version_triple(MIN_SERVER_VERSION));
+        assert!(version_triple("2.14.0") >= version_triple(MIN_SERVER_VERSION));
+        assert!(version_triple("3.0.0") > version_triple(MIN_SERVER_VERSION));
+    }
 }
