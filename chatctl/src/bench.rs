@@ -136,7 +136,7 @@ fn latency(sent_at: &[AtomicU64], seq: usize, start: Instant) -> u64 {
 
 /// Sends `count` messages with at most `window` unanswered; returns each
 /// send -> `sent` latency in µs.
-async fn send(
+pub(crate) async fn send(
     socket: Socket,
     to: String,
     count: usize,

@@ -1,11 +1,17 @@
 //! `chatctl`'s operations, as a library so the end-to-end tests run exactly
 //! what the operator runs: stream and consumer state ([`status`]), replaying
-//! the log of record ([`replay`]), load ([`bench`]) and a tiny WebSocket
-//! client ([`client`]), the discovery view and drain requests ([`edges`]). The command line is in `main.rs`.
+//! the log of record ([`replay`]), load ([`bench`], and one module per
+//! further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
+//! [`resume_bench`]) and a tiny WebSocket client ([`client`]), the
+//! discovery view and drain requests ([`edges`]). The command line is in
+//! `main.rs`.
 
 pub mod bench;
 pub mod client;
 pub mod edges;
+pub mod group_bench;
 pub mod presence_bench;
+pub mod raw_bench;
 pub mod replay;
+pub mod resume_bench;
 pub mod status;

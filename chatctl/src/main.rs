@@ -116,6 +116,70 @@ enum BenchScenario {
         #[arg(long)]
         json: bool,
     },
+    /// The ceiling on this box: async JetStream publishes into a temporary
+    /// R1 stream (BENCH_RAW, deleted after) and core NATS pub -> sub.
+    Raw {
+        /// Messages per part.
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+        /// PubAcks in flight.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Groups made with group.create, every member connected, a few
+    /// senders per group; deliveries per second and latency.
+    Group {
+        #[arg(long, default_value_t = 5)]
+        groups: usize,
+        /// Members per group, the owner included.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Senders per group.
+        #[arg(long, default_value_t = 2)]
+        senders: usize,
+        /// Messages per sender.
+        #[arg(long, default_value_t = 100)]
+        messages: usize,
+        /// Sends in flight per sender.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        edge: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An offline user accumulates a backlog, then resumes; hello -> synced.
+    Resume {
+        /// Messages in the backlog.
+        #[arg(long, default_value_t = 10_000)]
+        backlog: usize,
+        /// Sends in flight while building the backlog.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Resume without a cursor (from the device's acked point).
+        #[arg(long)]
+        no_cursor: bool,
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        edge: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pairs of users sending direct messages; rates and latencies.
     Dm {
         #[arg(long, default_value_t = 20)]
@@ -328,6 +392,77 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 chatctl::presence_bench::print(&report);
+            }
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Raw {
+                    messages,
+                    window,
+                    size,
+                    json,
+                },
+        } => {
+            let options = chatctl::raw_bench::RawOptions {
+                messages,
+                window,
+                size,
+            };
+            let report = chatctl::raw_bench::raw(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chatctl::raw_bench::print(&report);
+            }
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Group {
+                    groups,
+                    members,
+                    senders,
+                    messages,
+                    window,
+                    edge,
+                    json,
+                },
+        } => {
+            let options = chatctl::group_bench::GroupOptions {
+                edge,
+                groups,
+                members,
+                senders,
+                messages,
+                window,
+            };
+            let report = chatctl::group_bench::group(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chatctl::group_bench::print(&report);
+            }
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Resume {
+                    backlog,
+                    window,
+                    no_cursor,
+                    edge,
+                    json,
+                },
+        } => {
+            let options = chatctl::resume_bench::ResumeOptions {
+                edge,
+                backlog,
+                window,
+                no_cursor,
+            };
+            let report = chatctl::resume_bench::resume(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chatctl::resume_bench::print(&report);
             }
         }
         Command::Tail {

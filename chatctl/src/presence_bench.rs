@@ -15,7 +15,7 @@ use crate::bench::Percentiles;
 use crate::client::{connect, Socket};
 
 /// Well within the edge's default heartbeat (25 s).
-const PING_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(10);
 
 pub struct PresenceOptions {
     pub edge: String,
@@ -38,7 +38,11 @@ pub struct PresenceReport {
 }
 
 /// Connects, retrying while the edge's per-IP connect limit says wait.
-async fn connect_paced(config: &Config, edge: &str, user: &str) -> anyhow::Result<Socket> {
+pub(crate) async fn connect_paced(
+    config: &Config,
+    edge: &str,
+    user: &str,
+) -> anyhow::Result<Socket> {
     for _ in 0..600 {
         match connect(config, edge, user, "bench", None).await {
             Ok((socket, _)) => return Ok(socket),
@@ -52,7 +56,11 @@ async fn connect_paced(config: &Config, edge: &str, user: &str) -> anyhow::Resul
 }
 
 /// Sends a request and waits for its reply, waiting out `rate_limited`.
-async fn request(socket: &mut Socket, mut frame: Value, reference: &str) -> anyhow::Result<Value> {
+pub(crate) async fn request(
+    socket: &mut Socket,
+    mut frame: Value,
+    reference: &str,
+) -> anyhow::Result<Value> {
     frame["ref"] = json!(reference);
     loop {
         socket.send(Message::Text(frame.to_string().into())).await?;
