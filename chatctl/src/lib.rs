@@ -2,12 +2,13 @@
 //! what the operator runs: stream and consumer state ([`status`]), replaying
 //! the log of record ([`replay`]), load ([`bench`], and one module per
 //! further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
-//! [`resume_bench`]) and a tiny WebSocket client ([`client`]), the
+//! [`resume_bench`], [`connect_bench`]) and a tiny WebSocket client ([`client`]), the
 //! discovery view and drain requests ([`edges`]). The command line is in
 //! `main.rs`.
 
 pub mod bench;
 pub mod client;
+pub mod connect_bench;
 pub mod edges;
 pub mod group_bench;
 pub mod presence_bench;

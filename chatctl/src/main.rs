@@ -180,6 +180,30 @@ enum BenchScenario {
         #[arg(long)]
         json: bool,
     },
+    /// N authenticated idle connections opened at a given rate; connects
+    /// per second and the edge's memory per connection.
+    Connect {
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// New connections per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Source addresses 127.0.0.1 ..= 127.0.0.<sources> (ephemeral ports).
+        #[arg(long, default_value_t = 4)]
+        sources: u8,
+        /// The edge's pid (default: `pgrep -f chat-edge`).
+        #[arg(long)]
+        edge_pid: Option<u32>,
+        #[arg(
+            long,
+            env = "CHAT_EDGE_URL",
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        edge: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pairs of users sending direct messages; rates and latencies.
     Dm {
         #[arg(long, default_value_t = 20)]
@@ -463,6 +487,31 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 chatctl::resume_bench::print(&report);
+            }
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Connect {
+                    connections,
+                    rate,
+                    sources,
+                    edge_pid,
+                    edge,
+                    json,
+                },
+        } => {
+            let options = chatctl::connect_bench::ConnectOptions {
+                edge,
+                connections,
+                rate,
+                sources,
+                edge_pid,
+            };
+            let report = chatctl::connect_bench::connect(&config, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chatctl::connect_bench::print(&report);
             }
         }
         Command::Tail {

@@ -1,0 +1,268 @@
+//! `chatctl bench connect`: opens N authenticated idle connections (one
+//! user each) at a given rate, spread over several 127.0.0.x source
+//! addresses so the ephemeral ports of one address do not run out; reports
+//! the connect rate and the edge's resident memory per connection.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chat_shared::ids::DeviceId;
+use chat_shared::wire::ClientFrame;
+use chat_shared::Config;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{token, websocket_url};
+use crate::presence_bench::PING_EVERY;
+
+/// Handshakes in progress at once.
+const CONCURRENCY: usize = 64;
+/// Below the 20,000 open files a process may have (this one and the edge).
+pub const MAX_CONNECTIONS: usize = 18_000;
+
+pub struct ConnectOptions {
+    pub edge: String,
+    pub connections: usize,
+    /// New connections per second.
+    pub rate: u32,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.<sources>.
+    pub sources: u8,
+    /// The edge's pid; found with `pgrep -f chat-edge` when absent.
+    pub edge_pid: Option<u32>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ConnectReport {
+    pub connections: usize,
+    pub seconds: f64,
+    pub connects_per_second: f64,
+    pub edge_pid: u32,
+    /// The edge's VmRSS before and with every connection open, in KiB.
+    pub edge_rss_before_kib: u64,
+    pub edge_rss_after_kib: u64,
+    pub edge_kib_per_connection: f64,
+}
+
+/// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
+pub fn vm_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// KiB per connection between two RSS readings.
+pub fn per_connection(before_kib: u64, after_kib: u64, connections: usize) -> f64 {
+    if connections == 0 {
+        return 0.0;
+    }
+    after_kib.saturating_sub(before_kib) as f64 / connections as f64
+}
+
+fn edge_rss(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))
+}
+
+fn find_edge_pid() -> anyhow::Result<u32> {
+    let output = std::process::Command::new("pgrep")
+        .args(["-f", "chat-edge"])
+        .output()
+        .context("running pgrep -f chat-edge")?;
+    let pids: Vec<u32> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    match pids.as_slice() {
+        [pid] => Ok(*pid),
+        [] => bail!("no chat-edge process found; pass --edge-pid"),
+        _ => bail!("several chat-edge processes ({pids:?}); pass --edge-pid"),
+    }
+}
+
+pub async fn connect(config: &Config, options: ConnectOptions) -> anyhow::Result<ConnectReport> {
+    if options.connections == 0 || options.rate == 0 || options.sources == 0 {
+        bail!("connections, rate and sources must be positive");
+    }
+    if options.connections > MAX_CONNECTIONS {
+        bail!(
+            "at most {MAX_CONNECTIONS} connections: this process and the edge may each hold 20,000 open files"
+        );
+    }
+    let edge_pid = match options.edge_pid {
+        Some(pid) => pid,
+        None => find_edge_pid()?,
+    };
+    let url = websocket_url(&options.edge);
+    let target: SocketAddr = {
+        let request = url
+            .strip_prefix("ws://")
+            .with_context(|| format!("{url}: only ws:// is supported here"))?;
+        let authority = request.split('/').next().unwrap_or(request);
+        let mut addrs = tokio::net::lookup_host(authority)
+            .await
+            .with_context(|| format!("resolving {authority}"))?;
+        addrs
+            .next()
+            .with_context(|| format!("{authority} has no address"))?
+    };
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let rss_before = edge_rss(edge_pid)?;
+    eprintln!(
+        "opening {} connections at {}/s from {} source addresses",
+        options.connections, options.rate, options.sources
+    );
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate)));
+    let mut handshakes = Vec::with_capacity(options.connections);
+    let started = Instant::now();
+    for i in 0..options.connections {
+        ticker.tick().await;
+        let permit = permits.clone().acquire_owned().await?;
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % usize::from(options.sources)) as u8,
+        ));
+        let token = token(
+            config,
+            &format!("bench{run}c{i}"),
+            Duration::from_secs(3600),
+        )?;
+        let url = url.clone();
+        handshakes.push(tokio::spawn(async move {
+            let socket = open(&url, target, source, token).await;
+            drop(permit);
+            socket
+        }));
+    }
+    let mut sockets = Vec::with_capacity(options.connections);
+    for handshake in handshakes {
+        sockets.push(handshake.await.context("connect task")??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Idle clients must still say something within the heartbeat.
+    let mut keepers = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        keepers.push(tokio::spawn(keep_alive(socket)));
+    }
+    // Let the edge settle (presence listings, buffers) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = edge_rss(edge_pid)?;
+    for keeper in keepers {
+        keeper.abort();
+    }
+    Ok(ConnectReport {
+        connections: options.connections,
+        seconds,
+        connects_per_second: crate::raw_bench::per_second(options.connections, seconds),
+        edge_pid,
+        edge_rss_before_kib: rss_before,
+        edge_rss_after_kib: rss_after,
+        edge_kib_per_connection: per_connection(rss_before, rss_after, options.connections),
+    })
+}
+
+type Plain = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects from `source`, says hello and waits for `synced`.
+async fn open(
+    url: &str,
+    target: SocketAddr,
+    source: IpAddr,
+    token: String,
+) -> anyhow::Result<Plain> {
+    let tcp = TcpSocket::new_v4()?;
+    tcp.bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("binding {source}"))?;
+    let stream = tcp
+        .connect(target)
+        .await
+        .with_context(|| format!("connecting {source} -> {target}"))?;
+    let (mut socket, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .map_err(|e| {
+            if e.to_string().contains("429") {
+                anyhow::anyhow!("the edge refused a connection (429): raise CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC (see the README) or lower --rate")
+            } else {
+                anyhow::Error::new(e).context(format!("WebSocket handshake with {url}"))
+            }
+        })?;
+    let hello = ClientFrame::Hello {
+        token,
+        device: DeviceId::parse("bench")?,
+        cursor: None,
+    };
+    socket
+        .send(Message::Text(serde_json::to_string(&hello)?.into()))
+        .await?;
+    while let Some(message) = socket.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text)?;
+        match frame["type"].as_str() {
+            Some("synced") => return Ok(socket),
+            Some("error") => bail!("hello refused: {frame}"),
+            _ => {}
+        }
+    }
+    bail!("connection closed during the handshake")
+}
+
+async fn keep_alive(socket: Plain) {
+    let (mut sink, mut stream) = socket.split();
+    let ping = Message::Text(json!({"type":"ping"}).to_string().into());
+    // Drain whatever the edge sends (pongs, presence) so it never backs up.
+    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        if sink.send(ping.clone()).await.is_err() {
+            return;
+        }
+    }
+}
+
+pub fn print(report: &ConnectReport) {
+    println!(
+        "connect: {} idle connections in {:.2} s: {:.0} connects/s",
+        report.connections, report.seconds, report.connects_per_second
+    );
+    println!(
+        "edge (pid {}) RSS {} KiB -> {} KiB: {:.1} KiB per connection",
+        report.edge_pid,
+        report.edge_rss_before_kib,
+        report.edge_rss_after_kib,
+        report.edge_kib_per_connection
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_is_read_from_proc_status() {
+        let status = "Name:\tchat-edge\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_kib(status), Some(12345));
+        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn memory_per_connection() {
+        assert_eq!(per_connection(1000, 3000, 100), 20.0);
+        assert_eq!(per_connection(3000, 1000, 100), 0.0);
+        assert_eq!(per_connection(1000, 3000, 0), 0.0);
+    }
+}
