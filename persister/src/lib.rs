@@ -67,6 +67,7 @@ pub async fn run_with(
     let written = writer::write_messages(pool, consumer, metrics, stop).await;
     let _ = rpc.await;
     exposition.stopped().await;
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");
     written
 }

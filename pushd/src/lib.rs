@@ -62,7 +62,7 @@ async fn run_exposed(
     let providers = providers::Providers::from_config(&config.push, metrics.clone())?;
     let pool =
         chat_shared::db::connect_pool(&config).map_err(|e| PushdError::Database(e.to_string()))?;
-    let (_nats, js) = consume::connect_and_provision(&config, "pushd").await?;
+    let (nats, js) = consume::connect_and_provision(&config, "pushd").await?;
     let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await?;
     let stop = shutdown::fan_out(shutdown);
     let exposition = chat_shared::metrics::expose(
@@ -84,6 +84,7 @@ async fn run_exposed(
     tracing::info!("pushd running");
     worker::consume(shared, consumer).await;
     exposition.stopped().await;
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("pushd stopped");
     Ok(())
 }

@@ -85,6 +85,7 @@ pub async fn run_with(
         stop.clone(),
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
+    let nats_for_exit = nats.clone();
     let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
     let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, exposition.stopped());
     for result in [a, b] {
@@ -94,6 +95,7 @@ pub async fn run_with(
             Err(e) => return Err(StartError::JetStream(format!("router task failed: {e}"))),
         }
     }
+    chat_shared::nats::flush_before_exit(&nats_for_exit, &config).await;
     tracing::info!("router stopped");
     Ok(())
 }

@@ -102,8 +102,10 @@ where
         let mut builder = consumer
             .stream()
             .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30));
+            // Missing two heartbeats ends the stream and a new pull starts:
+            // after a NATS restart consumption resumes within ~4 s.
+            .heartbeat(Duration::from_secs(2))
+            .expires(Duration::from_secs(10));
         if let Some(group) = group {
             builder = builder.group(group);
         }
@@ -119,19 +121,35 @@ where
 }
 
 /// Hands back what a pull stream has received but nobody handled (at
-/// shutdown), so another consumer gets it now instead of after the ack wait.
+/// shutdown), so another consumer gets it in a moment instead of after the
+/// ack wait.
+///
+/// Messages of the open pull request may still be on the wire, so it waits
+/// a moment for each. They are naked only once nothing more comes, and with
+/// a short delay: an immediate nak would be redelivered into this same pull
+/// request, which nobody reads any more.
 pub async fn release_buffered(stream: &mut consumer::pull::Stream) {
     use futures::StreamExt;
-    // Messages of the open pull request may still be on the wire: wait a
-    // moment for each, or they sit out the ack wait (30 s) before anyone
-    // else gets them.
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(IN_FLIGHT_GRACE, stream.next()).await {
-        let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+    let mut held = Vec::new();
+    while held.len() < MAX_RELEASED {
+        match tokio::time::timeout(IN_FLIGHT_GRACE, stream.next()).await {
+            Ok(Some(Ok(message))) => held.push(message),
+            _ => break,
+        }
+    }
+    for message in held {
+        let _ = message
+            .ack_with(jetstream::AckKind::Nak(Some(REDELIVER_AFTER)))
+            .await;
     }
 }
 
 /// How long [`release_buffered`] waits for one more in-flight message.
 const IN_FLIGHT_GRACE: Duration = Duration::from_millis(100);
+/// When a handed-back message is redelivered (to whoever pulls then).
+const REDELIVER_AFTER: Duration = Duration::from_millis(500);
+/// More than any pull batch: a bound, not a limit that is ever reached.
+const MAX_RELEASED: usize = 100_000;
 
 /// Reads one subject of a stream from a starting point, oldest first,
 /// through a short-lived in-memory consumer, until nothing is left. Used to

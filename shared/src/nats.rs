@@ -26,7 +26,11 @@ pub const MIN_SERVER_VERSION: &str = "2.14.0";
 fn version_triple(version: &str) -> Option<(u64, u64, u64)> {
     let core = version.trim_start_matches('v').split(['-', '+']).next()?;
     let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 fn check_server(client: &async_nats::Client, url: &str) -> Result<(), ConnectError> {
@@ -77,13 +81,14 @@ pub async fn connect_watched(
             }
         }
     });
-    let client = options
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+    let client =
+        options
+            .connect(&config.nats_url)
+            .await
+            .map_err(|source| ConnectError::Connect {
+                url: config.nats_url.clone(),
+                source,
+            })?;
     check_server(&client, &config.nats_url)?;
     Ok((client, rx))
 }
@@ -117,6 +122,17 @@ fn options(config: &Config, name: &str) -> async_nats::ConnectOptions {
         options = options.user_and_password(user.clone(), password.clone());
     }
     options
+}
+
+/// Sends what the client still buffers (acks, naks handing work back, last
+/// publishes) before a service returns: dropping the client discards it,
+/// and a nak that never left turns into a wait for the ack wait.
+pub async fn flush_before_exit(client: &async_nats::Client, config: &Config) {
+    match tokio::time::timeout(config.request_timeout, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not flush to NATS before exiting"),
+        Err(_) => tracing::warn!("NATS flush timed out before exiting"),
+    }
 }
 
 /// A JetStream context whose PubAck waits are bounded like requests.
