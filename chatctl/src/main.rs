@@ -391,11 +391,7 @@ async fn main() -> anyhow::Result<()> {
                 window,
             };
             let report = bench::dm(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                bench::print(&report);
-            }
+            show(&report, json, bench::print)?;
         }
         Command::Bench {
             scenario:
@@ -412,11 +408,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds,
             };
             let report = chatctl::presence_bench::presence(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                chatctl::presence_bench::print(&report);
-            }
+            show(&report, json, chatctl::presence_bench::print)?;
         }
         Command::Bench {
             scenario:
@@ -433,11 +425,7 @@ async fn main() -> anyhow::Result<()> {
                 size,
             };
             let report = chatctl::raw_bench::raw(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                chatctl::raw_bench::print(&report);
-            }
+            show(&report, json, chatctl::raw_bench::print)?;
         }
         Command::Bench {
             scenario:
@@ -460,11 +448,7 @@ async fn main() -> anyhow::Result<()> {
                 window,
             };
             let report = chatctl::group_bench::group(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                chatctl::group_bench::print(&report);
-            }
+            show(&report, json, chatctl::group_bench::print)?;
         }
         Command::Bench {
             scenario:
@@ -483,11 +467,7 @@ async fn main() -> anyhow::Result<()> {
                 no_cursor,
             };
             let report = chatctl::resume_bench::resume(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                chatctl::resume_bench::print(&report);
-            }
+            show(&report, json, chatctl::resume_bench::print)?;
         }
         Command::Bench {
             scenario:
@@ -508,11 +488,7 @@ async fn main() -> anyhow::Result<()> {
                 edge_pid,
             };
             let report = chatctl::connect_bench::connect(&config, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                chatctl::connect_bench::print(&report);
-            }
+            show(&report, json, chatctl::connect_bench::print)?;
         }
         Command::Tail {
             user,
@@ -626,6 +602,16 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
             "re-published {} events into {stream} ({} were already there)",
             summary.stored, summary.duplicates
         );
+    }
+    Ok(())
+}
+
+/// Prints a bench report as JSON for machines or as a table for people.
+fn show<R: serde::Serialize>(report: &R, json: bool, print: fn(&R)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print(report);
     }
     Ok(())
 }
