@@ -1,6 +1,6 @@
 //! The discovery view and drain requests.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream;
@@ -14,11 +14,7 @@ pub async fn list(js: &jetstream::Context, ttl: Duration) -> anyhow::Result<Vec<
         .get_key_value(subjects::EDGES_BUCKET)
         .await
         .context("the edges bucket")?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    discovery::list(&store, ttl, now_ms)
+    discovery::list(&store, ttl, chat_shared::clock::now_ms())
         .await
         .map_err(|e| anyhow::anyhow!("listing edges: {e}"))
 }

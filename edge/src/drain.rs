@@ -9,21 +9,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv;
+use chat_shared::clock::now_ms;
 use chat_shared::discovery::{self, EdgeEntry};
 use chat_shared::ids::EdgeId;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::Edge;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Single insert/remove critical sections: poisoning cannot matter.

@@ -378,10 +378,7 @@ struct Session {
 /// The instant a token valid until `valid_until` (seconds since the epoch)
 /// stops being valid.
 fn deadline_of(valid_until: u64) -> Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = chat_shared::clock::now_secs();
     Instant::now() + Duration::from_secs(valid_until.saturating_sub(now))
 }
 

@@ -13,7 +13,7 @@ mod speaker;
 pub mod tracker;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chat_shared::lease::Leadership;
 use chat_shared::membership::GroupCache;
@@ -45,12 +45,7 @@ pub enum PresenceError {
 /// How often debounces, dead edges and typing lapses are checked.
 const TICK: Duration = Duration::from_millis(250);
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use chat_shared::clock::now_ms;
 
 fn decode<T: DeserializeOwned>(message: &async_nats::Message) -> Option<T> {
     match serde_json::from_slice(&message.payload) {

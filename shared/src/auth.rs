@@ -7,7 +7,7 @@
 //! is refused, which closes `alg: none` and the HS256-with-a-public-key trick.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
@@ -209,12 +209,7 @@ pub fn dev_secret(config: &Config) -> Result<String, KeyError> {
     }
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::clock::now_secs;
 
 /// Signs an HS256 token for `user`, valid for `ttl` (dev tools and tests).
 pub fn mint_hs256(secret: &str, user: &UserId, ttl: Duration) -> Result<String, AuthError> {

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bin;
+pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod db;

@@ -5,7 +5,7 @@ mod push_tokens;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -46,10 +46,7 @@ pub struct Service {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    i64::try_from(chat_shared::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// A wall-clock time in message-id space, to order groups without messages

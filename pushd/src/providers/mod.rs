@@ -7,7 +7,7 @@ pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chat_shared::config::PushConfig;
@@ -192,11 +192,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Response, Attempt> {
     })
 }
 
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use chat_shared::clock::now_secs as unix_seconds;
 
 #[cfg(test)]
 mod tests {
