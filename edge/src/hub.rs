@@ -140,6 +140,7 @@ impl Hub {
                 let task = tokio::spawn(pump(
                     subscriber,
                     Arc::downgrade(self),
+                    self.queue_bytes,
                     user.clone(),
                     Arc::downgrade(&feed),
                 ));
@@ -174,13 +175,15 @@ impl Drop for Registration {
 }
 
 /// Copies each delivery to every session of the user. A session whose queue
-/// is full is cut loose (its receiver closes and it disconnects; the client
-/// resumes from its cursor) so one slow device never holds up the others.
+/// is full (in frames, or past `budget` bytes) is cut loose (its receiver
+/// closes and it disconnects; the client resumes from its cursor) so one
+/// slow device never holds up the others.
 /// If the subscription itself ends, every session of the user is cut loose
 /// the same way, and the next connection subscribes afresh.
 async fn pump(
     mut subscriber: async_nats::Subscriber,
     hub: std::sync::Weak<Hub>,
+    budget: usize,
     user: UserId,
     feed: std::sync::Weak<UserFeed>,
 ) {
@@ -201,7 +204,6 @@ async fn pump(
             frame,
         };
         let size = delivery.frame.len();
-        let budget = hub.upgrade().map_or(usize::MAX, |hub| hub.queue_bytes);
         lock(&feed.sessions).retain(|(_, tx, queued)| {
             if queued.load(Ordering::Relaxed) + size > budget {
                 tracing::warn!("session too slow for live deliveries (bytes); disconnecting it");

@@ -81,6 +81,21 @@ pub async fn connect_watched(
             }
         }
     });
+    Ok((open(options, config).await?, rx))
+}
+
+/// Connects as this service's NATS user. Reconnects are automatic and
+/// unbounded; requests (and PubAcks) time out after `request_timeout`, so a
+/// NATS outage turns into a fast `unavailable` instead of a hang.
+pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
+    open(options(config, name), config).await
+}
+
+/// Connects with `options` and checks the server's version.
+async fn open(
+    options: async_nats::ConnectOptions,
+    config: &Config,
+) -> Result<async_nats::Client, ConnectError> {
     let client =
         options
             .connect(&config.nats_url)
@@ -89,21 +104,6 @@ pub async fn connect_watched(
                 url: config.nats_url.clone(),
                 source,
             })?;
-    check_server(&client, &config.nats_url)?;
-    Ok((client, rx))
-}
-
-/// Connects as this service's NATS user. Reconnects are automatic and
-/// unbounded; requests (and PubAcks) time out after `request_timeout`, so a
-/// NATS outage turns into a fast `unavailable` instead of a hang.
-pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
-    let client = options(config, name)
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
     check_server(&client, &config.nats_url)?;
     Ok(client)
 }
