@@ -67,12 +67,8 @@ enum Command {
         #[arg(long)]
         conversation: Option<String>,
         text: String,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
     },
     /// Load a running system and measure it.
     Bench {
@@ -88,12 +84,8 @@ enum Command {
         /// Resume after this cursor.
         #[arg(long)]
         cursor: Option<u64>,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
     },
 }
 
@@ -106,12 +98,8 @@ enum BenchScenario {
         friends: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -149,12 +137,8 @@ enum BenchScenario {
         /// Sends in flight per sender.
         #[arg(long, default_value_t = 32)]
         window: usize,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -170,12 +154,8 @@ enum BenchScenario {
         /// Resume without a cursor (from the device's acked point).
         #[arg(long)]
         no_cursor: bool,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -194,12 +174,8 @@ enum BenchScenario {
         /// The edge's pid (default: `pgrep -f chat-edge`).
         #[arg(long)]
         edge_pid: Option<u32>,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -214,12 +190,8 @@ enum BenchScenario {
         /// Sends in flight per sender.
         #[arg(long, default_value_t = 32)]
         window: usize,
-        #[arg(
-            long,
-            env = "CHAT_EDGE_URL",
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        edge: String,
+        #[command(flatten)]
+        edge: EdgeArg,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -235,6 +207,18 @@ enum StreamsAction {
     Apply,
     /// List streams with their message counts.
     Ls,
+}
+
+/// The edge a client command connects to.
+#[derive(Args)]
+struct EdgeArg {
+    #[arg(
+        long = "edge",
+        value_name = "EDGE",
+        env = "CHAT_EDGE_URL",
+        default_value = "ws://127.0.0.1:8080/v1/ws"
+    )]
+    url: String,
 }
 
 #[derive(Args)]
@@ -339,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
             edge,
         } => {
             let (mut socket, handshake) =
-                connect(&config, &edge, &user, "chatctl-send", None).await?;
+                connect(&config, &edge.url, &user, "chatctl-send", None).await?;
             for frame in handshake {
                 eprintln!("{frame}");
             }
@@ -385,7 +369,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let options = bench::DmOptions {
-                edge,
+                edge: edge.url,
                 pairs,
                 messages,
                 window,
@@ -403,7 +387,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let options = chatctl::presence_bench::PresenceOptions {
-                edge,
+                edge: edge.url,
                 friends,
                 rounds,
             };
@@ -440,7 +424,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let options = chatctl::group_bench::GroupOptions {
-                edge,
+                edge: edge.url,
                 groups,
                 members,
                 senders,
@@ -461,7 +445,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let options = chatctl::resume_bench::ResumeOptions {
-                edge,
+                edge: edge.url,
                 backlog,
                 window,
                 no_cursor,
@@ -481,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let options = chatctl::connect_bench::ConnectOptions {
-                edge,
+                edge: edge.url,
                 connections,
                 rate,
                 sources,
@@ -497,7 +481,7 @@ async fn main() -> anyhow::Result<()> {
             edge,
         } => {
             let (mut socket, handshake) =
-                connect(&config, &edge, &user, &device, cursor.map(Cursor)).await?;
+                connect(&config, &edge.url, &user, &device, cursor.map(Cursor)).await?;
             for frame in handshake {
                 println!("{frame}");
             }
