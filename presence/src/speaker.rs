@@ -250,12 +250,20 @@ impl Speaker {
             }
         };
         let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
-        let mut stale = Vec::new();
+        let now = now_ms();
+        let change = |user: UserId, online: bool| Change {
+            user,
+            status: if online {
+                PresenceStatus::Online
+            } else {
+                PresenceStatus::Offline
+            },
+            last_active: now,
+        };
+        let mut recorded = std::collections::HashSet::new();
+        let mut changes = Vec::new();
         for key in keys {
-            let Some(user) = key
-                .strip_prefix("user.")
-                .and_then(|id| UserId::parse(id).ok())
-            else {
+            let Some(user) = subjects::parse_presence_key(&key) else {
                 continue;
             };
             let Ok(Some(bytes)) = self.store.get(&key).await else {
@@ -264,37 +272,19 @@ impl Speaker {
             let Ok(record) = serde_json::from_slice::<PresenceRecord>(&bytes) else {
                 continue;
             };
-            if record.is_online() != tracker.is_online(&user) {
-                stale.push(user);
+            let online = tracker.is_online(&user);
+            if record.is_online() != online {
+                changes.push(change(user.clone(), online));
             }
+            recorded.insert(user);
         }
-        let now = now_ms();
-        let mut changes: Vec<Change> = stale
-            .into_iter()
-            .map(|user| Change {
-                status: if tracker.is_online(&user) {
-                    PresenceStatus::Online
-                } else {
-                    PresenceStatus::Offline
-                },
-                user,
-                last_active: now,
-            })
-            .collect();
         // Online here, never written there.
-        for user in tracker.online_users() {
-            if !changes.iter().any(|c| &c.user == user) {
-                match self.store.get(subjects::presence_key(user)).await {
-                    Ok(None) => changes.push(Change {
-                        user: user.clone(),
-                        status: PresenceStatus::Online,
-                        last_active: now,
-                    }),
-                    Ok(Some(_)) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read presence"),
-                }
-            }
-        }
+        changes.extend(
+            tracker
+                .online_users()
+                .filter(|user| !recorded.contains(*user))
+                .map(|user| change(user.clone(), true)),
+        );
         tracing::info!(repaired = changes.len(), "presence reconciled");
         self.announce(tracker, changes).await;
     }

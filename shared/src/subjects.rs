@@ -135,6 +135,11 @@ pub fn presence_key(user: &UserId) -> String {
     format!("user.{user}")
 }
 
+/// The user of a [`presence_key`], if it is one.
+pub fn parse_presence_key(key: &str) -> Option<UserId> {
+    UserId::parse(key.strip_prefix("user.")?).ok()
+}
+
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
@@ -206,6 +211,12 @@ mod tests {
         assert_eq!(inbox(&alice), "chat.inbox.alice");
         assert_eq!(deliver(&alice), "chat.deliver.alice");
         assert_eq!(push(&alice), "chat.push.alice");
+        assert_eq!(presence_key(&alice), "user.alice");
+        assert_eq!(
+            parse_presence_key(&presence_key(&alice)),
+            Some(alice.clone())
+        );
+        assert_eq!(parse_presence_key("leader"), None);
         assert_eq!(presence(&alice), "chat.presence.alice");
         assert_eq!(
             group_event(&GroupId::parse("team").unwrap()),

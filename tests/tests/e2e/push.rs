@@ -628,10 +628,11 @@ async fn push_preview_off_sends_no_text() -> Result<()> {
 /// The presence record of `user` says `status`.
 async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
     let bucket = js.get_key_value(subjects::PRESENCE_BUCKET).await?;
+    let key = subjects::presence_key(&UserId::parse(user)?);
     wait_until(|| {
-        let bucket = bucket.clone();
+        let (bucket, key) = (bucket.clone(), key.clone());
         async move {
-            match bucket.get(format!("user.{user}")).await {
+            match bucket.get(key).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<Value>(&bytes)
                     .is_ok_and(|record| record["status"] == status),
                 _ => false,
