@@ -192,9 +192,27 @@ try {
 
   await step('a dropped connection: sends wait in the outbox, go out once after the reconnect', async () => {
     const sockets = alice.sockets.length;
-    await alice.evaluate(() => window.chat.client.ws.close(4000, 'test: network gone'));
+    // The network stays gone until the pending message has been seen: with
+    // full-jitter backoff the first retry may come within a millisecond, so
+    // a plain close alone would race the check below.
+    await alice.evaluate(() => {
+      window.realWebSocket = window.WebSocket;
+      window.WebSocket = function offline() {
+        throw new DOMException('network gone (test)', 'NetworkError');
+      };
+      window.chat.client.ws.close(4000, 'test: network gone');
+    });
     await send(alice, 'written while offline');
     await alice.locator('#msg-list .msg.pending', { hasText: 'written while offline' }).waitFor({ timeout: WAIT });
+    await alice.evaluate(() => {
+      window.WebSocket = window.realWebSocket;
+    });
+    // The network is back: retry now rather than wait out the backoff
+    // the failed attempts have grown to.
+    await until(alice, 'a reconnect attempt', () => {
+      window.chat.client.retryNow();
+      return ['syncing', 'online'].includes(window.chat.client.status);
+    });
     await online(alice, 'alice reconnected');
     if (alice.sockets.length !== sockets + 1) throw new Error('alice did not reconnect once');
     await bob.locator('#msg-list .msg.theirs .text', { hasText: 'written while offline' }).waitFor({ timeout: WAIT });
