@@ -4,9 +4,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use async_nats::HeaderMap;
+use bytes::Bytes;
 
 use crate::error::StartError;
-use crate::{streams, Config};
+use crate::{streams, subjects, Config};
 
 /// Exponential backoff for retrying a side effect in place.
 pub struct Backoff {
@@ -151,6 +153,134 @@ const REDELIVER_AFTER: Duration = Duration::from_millis(500);
 /// More than any pull batch: a bound, not a limit that is ever reached.
 const MAX_RELEASED: usize = 100_000;
 
+/// An event a consumer gives up on, on its way to `chat.dead.<consumer>`
+/// (stream DEADLETTER): the original payload and headers plus why.
+pub struct DeadLetter<'a> {
+    pub stream: &'a str,
+    pub consumer: &'a str,
+    /// Its sequence in `stream`.
+    pub sequence: u64,
+    /// Its subject in `stream`.
+    pub subject: &'a str,
+    /// How many times the consumer was given it.
+    pub deliveries: i64,
+    pub reason: &'a str,
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: Bytes,
+}
+
+/// The longest reason a dead letter carries; a database error can be long.
+const MAX_REASON_CHARS: usize = 512;
+
+impl DeadLetter<'_> {
+    /// The original headers, minus those the server interprets or sets
+    /// (`Nats-*`: a copied `Nats-Msg-Id` would de-duplicate against the
+    /// wrong event, a copied `Nats-Expected-*` could refuse the copy, and a
+    /// direct get adds `Nats-Stream`, `Nats-Sequence`, …), plus the
+    /// `Chat-Dead-*` headers and the dead letter's own `Nats-Msg-Id`.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(original) = self.headers {
+            for (name, values) in original.iter() {
+                let name_str: &str = name.as_ref();
+                if name_str
+                    .get(..5)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
+                {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        // A header value may not hold a line break; errors sometimes do.
+        let reason: String = self
+            .reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_REASON_CHARS)
+            .collect();
+        headers.insert(subjects::DEAD_REASON_HEADER, reason);
+        headers.insert(subjects::DEAD_STREAM_HEADER, self.stream);
+        headers.insert(subjects::DEAD_SEQ_HEADER, self.sequence.to_string());
+        headers.insert(subjects::DEAD_SUBJECT_HEADER, self.subject);
+        headers.insert(
+            subjects::DEAD_DELIVERIES_HEADER,
+            self.deliveries.to_string(),
+        );
+        headers.insert(
+            subjects::MSG_ID_HEADER,
+            subjects::dead_letter_id(self.stream, self.consumer, self.sequence),
+        );
+        headers
+    }
+
+    /// Publishes the copy and waits for its PubAck (the context's request
+    /// timeout bounds it); only then is the original safe to give up.
+    pub async fn publish(&self, js: &jetstream::Context) -> Result<(), String> {
+        js.publish_with_headers(
+            subjects::dead_letter(self.consumer),
+            self.headers(),
+            self.payload.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// When a message whose dead letter could not be stored comes back.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
+
+/// Gives up on a pulled message this consumer will never process: copies
+/// it to `chat.dead.<consumer>`, then terminates it. If the copy is not
+/// acknowledged the message is naked with a delay instead, so it comes
+/// back rather than being lost (and after `MAX_DELIVER` tries the
+/// max-deliveries path copies it). Returns whether it was terminated.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    reason: &str,
+) -> bool {
+    let copied = match message.info() {
+        Ok(info) => {
+            DeadLetter {
+                stream: info.stream,
+                consumer: info.consumer,
+                sequence: info.stream_sequence,
+                subject: message.subject.as_str(),
+                deliveries: info.delivered,
+                reason,
+                headers: message.headers.as_ref(),
+                payload: message.payload.clone(),
+            }
+            .publish(js)
+            .await
+        }
+        Err(e) => Err(format!("no delivery info: {e}")),
+    };
+    match copied {
+        Ok(()) => {
+            if let Err(e) = message.ack_with(jetstream::AckKind::Term).await {
+                // The dead letter is stored; a redelivery copies it again
+                // under the same `Nats-Msg-Id`, which JetStream drops.
+                tracing::warn!(error = %e, "cannot terminate a dead-lettered event");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, subject = %message.subject, "cannot store a dead letter; the event comes back");
+            let _ = message
+                .ack_with(jetstream::AckKind::Nak(Some(DEAD_LETTER_RETRY)))
+                .await;
+            false
+        }
+    }
+}
+
 /// Reads one subject of a stream from a starting point, oldest first,
 /// through a short-lived in-memory consumer, until nothing is left. Used to
 /// replay an inbox and to look for a message; cheap to open, and bounded in
@@ -243,6 +373,49 @@ impl Scan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_the_original_headers_but_not_the_servers() {
+        let mut original = HeaderMap::new();
+        original.insert(subjects::MSG_ID_HEADER, "alice:c1");
+        original.insert("Nats-Expected-Stream", "MESSAGES");
+        original.insert(subjects::TRACE_HEADER, "00000000000000ff");
+        let letter = DeadLetter {
+            stream: "MESSAGES",
+            consumer: "persister",
+            sequence: 42,
+            subject: "chat.msg.dm.alice.bob",
+            deliveries: 3,
+            reason: "bad\r\nthing",
+            headers: Some(&original),
+            payload: Bytes::from_static(b"x"),
+        };
+        let headers = letter.headers();
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        assert_eq!(
+            get(subjects::MSG_ID_HEADER).as_deref(),
+            Some("dead:MESSAGES:persister:42")
+        );
+        assert_eq!(get("Nats-Expected-Stream"), None);
+        assert_eq!(
+            get(subjects::TRACE_HEADER).as_deref(),
+            Some("00000000000000ff")
+        );
+        assert_eq!(
+            get(subjects::DEAD_REASON_HEADER).as_deref(),
+            Some("bad  thing")
+        );
+        assert_eq!(
+            get(subjects::DEAD_STREAM_HEADER).as_deref(),
+            Some("MESSAGES")
+        );
+        assert_eq!(get(subjects::DEAD_SEQ_HEADER).as_deref(), Some("42"));
+        assert_eq!(
+            get(subjects::DEAD_SUBJECT_HEADER).as_deref(),
+            Some("chat.msg.dm.alice.bob")
+        );
+        assert_eq!(get(subjects::DEAD_DELIVERIES_HEADER).as_deref(), Some("3"));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_maximum() {

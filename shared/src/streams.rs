@@ -81,6 +81,25 @@ pub fn events(config: &Config) -> stream::Config {
     }
 }
 
+/// Events a consumer gave up on (`chat.dead.<consumer>`): a copy of the
+/// original (payload and headers) plus why, kept until an operator deletes
+/// it. Dead letters are rare and each one is an event a client was told is
+/// `sent`, so nothing ages out.
+pub fn deadletter(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("events a consumer gave up on, with the reason".into()),
+        max_age: Duration::ZERO,
+        // A copy is an event of at most MAX_EVENT_BYTES plus a few headers:
+        // only the server's max_payload bounds it, so no copy is refused.
+        max_message_size: -1,
+        ..base(
+            subjects::DEADLETTER_STREAM,
+            &subjects::DEADLETTER_SUBJECTS,
+            config,
+        )
+    }
+}
+
 fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> kv::Config {
     kv::Config {
         bucket: name.to_string(),
@@ -146,6 +165,7 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
         inbox(config),
         push(config),
         events(config),
+        deadletter(config),
     ]
 }
 
@@ -194,6 +214,16 @@ pub async fn wait_until_provisioned(js: &jetstream::Context) {
     }
 }
 
+/// How many times a consumer is given one event before JetStream gives up
+/// on it (advisory `MAX_DELIVERIES`, and the persister copies it to
+/// `chat.dead.<consumer>`). Not small: a shutdown's hand-back, an ack lost
+/// to a NATS restart and a killed process's ack wait each count as a
+/// delivery, while failures a service can wait out (a database or a
+/// persister that is away) are retried in place with in-progress acks and
+/// do not count. Twenty redeliveries of one event without a success is a
+/// poison event, not bad luck.
+pub const MAX_DELIVER: i64 = 20;
+
 /// The router's consumer on MESSAGES. One client is pinned at a time (a
 /// priority group), so several router processes never reorder a
 /// conversation; the others wait as hot standbys.
@@ -204,7 +234,7 @@ pub fn router_consumer() -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 10_000,
-        max_deliver: -1,
+        max_deliver: MAX_DELIVER,
         priority_policy: consumer::PriorityPolicy::PinnedClient,
         priority_groups: vec![subjects::ROUTER_PRIORITY_GROUP.into()],
         priority_timeout: Duration::from_secs(10),
@@ -233,7 +263,7 @@ pub fn pushd_consumer() -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(10),
         max_ack_pending: 10_000,
-        max_deliver: -1,
+        max_deliver: MAX_DELIVER,
         ..Default::default()
     }
 }
@@ -246,7 +276,7 @@ pub fn persister_consumer() -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
-        max_deliver: -1,
+        max_deliver: MAX_DELIVER,
         ..Default::default()
     }
 }
@@ -258,7 +288,12 @@ mod tests {
     #[test]
     fn dedup_window_is_at_least_ten_minutes_by_default() {
         let config = Config::default();
-        for definition in [messages(&config), inbox(&config), events(&config)] {
+        for definition in [
+            messages(&config),
+            inbox(&config),
+            events(&config),
+            deadletter(&config),
+        ] {
             assert!(
                 definition.duplicate_window >= Duration::from_secs(600),
                 "{}",
@@ -267,5 +302,23 @@ mod tests {
             assert!(definition.allow_direct);
         }
         assert_eq!(push(&config).retention, stream::RetentionPolicy::WorkQueue);
+    }
+
+    #[test]
+    fn every_backend_consumer_gives_up_eventually_and_dead_letters_stay() {
+        for consumer in [
+            router_consumer(),
+            router_events_consumer(),
+            persister_consumer(),
+            pushd_consumer(),
+        ] {
+            assert_eq!(consumer.max_deliver, MAX_DELIVER);
+        }
+        let config = Config::default();
+        let dead = deadletter(&config);
+        assert_eq!(dead.max_age, Duration::ZERO);
+        assert_eq!(dead.storage, stream::StorageType::File);
+        assert_eq!(dead.subjects, ["chat.dead.>"]);
+        assert!(all_streams(&config).iter().any(|s| s.name == "DEADLETTER"));
     }
 }

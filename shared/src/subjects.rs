@@ -11,12 +11,17 @@ pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
 pub const PUSH_STREAM: &str = "PUSH";
 pub const EVENTS_STREAM: &str = "EVENTS";
+/// Events a consumer gave up on, kept for an operator (see [`dead_letter`]).
+pub const DEADLETTER_STREAM: &str = "DEADLETTER";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
 pub const INBOX_SUBJECTS: [&str; 1] = ["chat.inbox.*"];
 pub const PUSH_SUBJECTS: [&str; 1] = ["chat.push.*"];
 pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
+/// `chat.dead.<consumer>`; `>` rather than `*` so a future consumer name
+/// with a dot cannot fall outside the stream.
+pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
@@ -47,6 +52,18 @@ pub const CURSOR_HEADER: &str = "Chat-Cursor";
 /// MESSAGES publish, copied by the router onto inbox items and live
 /// deliveries, logged by the router and the persister.
 pub const TRACE_HEADER: &str = "Chat-Trace-Id";
+
+/// Why an event was dead-lettered (`max deliveries: N`, or what made it
+/// unprocessable).
+pub const DEAD_REASON_HEADER: &str = "Chat-Dead-Reason";
+/// The stream a dead letter was copied from.
+pub const DEAD_STREAM_HEADER: &str = "Chat-Dead-Stream";
+/// Its sequence in that stream.
+pub const DEAD_SEQ_HEADER: &str = "Chat-Dead-Seq";
+/// The subject it had there.
+pub const DEAD_SUBJECT_HEADER: &str = "Chat-Dead-Subject";
+/// How many times the consumer had been given it.
+pub const DEAD_DELIVERIES_HEADER: &str = "Chat-Dead-Deliveries";
 
 /// `chat.msg.dm.<a>.<b>` or `chat.msg.group.<group>`.
 pub fn message(conversation: &ConversationId) -> String {
@@ -148,6 +165,25 @@ pub const DELIVERED_RECEIPTS: &str = "chat.receipt.delivered";
 /// The router's queue group for receipts.
 pub const ROUTER_QUEUE: &str = "router";
 
+/// Where `consumer` puts the events it gave up on (stream DEADLETTER).
+/// Consumer names are ours (the `*_CONSUMER` constants) or an operator's,
+/// never a client's.
+pub fn dead_letter(consumer: &str) -> String {
+    format!("chat.dead.{consumer}")
+}
+
+/// Every max-deliveries advisory of the consumers on `stream`
+/// (`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`).
+pub fn max_deliveries_advisories(stream: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*")
+}
+
+/// The `Nats-Msg-Id` of a dead letter: the same event given up by the same
+/// consumer is one dead letter, however many persisters copy it.
+pub fn dead_letter_id(stream: &str, consumer: &str, sequence: u64) -> String {
+    format!("dead:{stream}:{consumer}:{sequence}")
+}
+
 /// The `Nats-Msg-Id` of a client's send: retries of one `client_msg_id` collide.
 pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
     format!("{sender}:{client_msg_id}")
@@ -227,6 +263,15 @@ mod tests {
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
+        assert_eq!(dead_letter(PERSISTER_CONSUMER), "chat.dead.persister");
+        assert_eq!(
+            dead_letter_id(MESSAGES_STREAM, PERSISTER_CONSUMER, 7),
+            "dead:MESSAGES:persister:7"
+        );
+        assert_eq!(
+            max_deliveries_advisories(MESSAGES_STREAM),
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.MESSAGES.*"
+        );
         assert_eq!(
             device_cursor_key(&alice, &DeviceId::parse("phone").unwrap()),
             "alice.phone"
@@ -279,5 +324,14 @@ mod tests {
             &group_event(&GroupId::parse("g").unwrap())
         ));
         assert!(matches(ALL_RPC, &rpc("history")));
+        for consumer in [
+            ROUTER_CONSUMER,
+            ROUTER_EVENTS_CONSUMER,
+            PERSISTER_CONSUMER,
+            PUSHD_CONSUMER,
+        ] {
+            assert!(dead_letter(consumer).starts_with("chat.dead."));
+            assert!(!consumer.contains(['.', '*', '>', ' ']), "{consumer}");
+        }
     }
 }
