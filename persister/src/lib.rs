@@ -5,7 +5,11 @@
 //! redelivery or a restart writes nothing twice), and answers the
 //! request/reply service `chat.rpc.*` (queue group `persister`) for history,
 //! conversations, groups and read state.
+//!
+//! It also keeps the dead letters (`deadletter`): an event any backend
+//! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
+mod deadletter;
 mod error;
 mod metrics;
 mod migrations;
@@ -64,8 +68,15 @@ pub async fn run_with(
     );
     tracing::info!("persister running");
     let rpc = tokio::spawn(service::serve(service, stop.clone()));
-    let written = writer::write_messages(pool, consumer, metrics, stop).await;
+    let mover = tokio::spawn(deadletter::move_dead_letters(
+        nats.clone(),
+        js.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let written = writer::write_messages(pool, js, consumer, metrics, stop).await;
     let _ = rpc.await;
+    let _ = mover.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

@@ -38,11 +38,19 @@ struct MethodLabels {
     method: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    stream: &'static str,
+}
+
 pub struct PersisterMetrics {
     batch_size: Histogram,
     batch_seconds: Histogram,
     rows_written: Counter,
     events_dropped: Counter,
+    /// Events some consumer reached max deliveries on, moved to the dead
+    /// letters, by the stream they were in.
+    max_deliveries_moved: Family<StreamLabels, Counter>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
 }
@@ -54,6 +62,7 @@ impl PersisterMetrics {
             batch_seconds: Histogram::new(BATCH_SECONDS),
             rows_written: Counter::default(),
             events_dropped: Counter::default(),
+            max_deliveries_moved: Family::default(),
             rpc_requests: Family::default(),
             rpc_seconds: Family::new_with_constructor(|| Histogram::new(RPC_SECONDS)),
         };
@@ -75,8 +84,13 @@ impl PersisterMetrics {
         );
         persister.register(
             "events_dropped",
-            "MESSAGES events the database will never take, terminated",
+            "MESSAGES events the database will never take, copied to the dead letters and terminated",
             metrics.events_dropped.clone(),
+        );
+        persister.register(
+            "max_deliveries_moved",
+            "Events a consumer reached max deliveries on, copied to the dead letters, by stream",
+            metrics.max_deliveries_moved.clone(),
         );
         persister.register(
             "rpc_requests",
@@ -102,6 +116,12 @@ impl PersisterMetrics {
 
     pub fn event_dropped(&self) {
         self.events_dropped.inc();
+    }
+
+    pub fn dead_lettered(&self, stream: &'static str) {
+        self.max_deliveries_moved
+            .get_or_create(&StreamLabels { stream })
+            .inc();
     }
 
     pub fn rpc_answered<T>(
@@ -140,6 +160,7 @@ mod tests {
         );
         metrics.batch_stored(3, Duration::from_millis(4));
         metrics.rows_written(3);
+        metrics.dead_lettered("MESSAGES");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
@@ -149,6 +170,7 @@ mod tests {
             "persister_batch_size_sum 3.0",
             "persister_batch_seconds_count 1",
             "persister_rows_written_total 3",
+            r#"persister_max_deliveries_moved_total{stream="MESSAGES"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -24,6 +24,7 @@ const MAX_BATCH: usize = 1000;
 
 pub async fn write_messages(
     pool: Pool,
+    js: jetstream::Context,
     consumer: PullConsumer,
     metrics: Arc<PersisterMetrics>,
     stop: watch::Receiver<bool>,
@@ -59,7 +60,7 @@ pub async fn write_messages(
                     _ => break,
                 }
             }
-            store_batch(&pool, batch, &metrics).await;
+            store_batch(&pool, &js, batch, &metrics).await;
         }
     }
 }
@@ -158,16 +159,26 @@ impl fmt::Display for TraceIds<'_> {
 }
 
 /// Writes a batch until it sticks, then acks it. An event the database will
-/// never take (malformed, or refused as data) is terminated and logged, so
-/// it cannot stall every event behind it.
-async fn store_batch(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &PersisterMetrics) {
+/// never take (malformed, or refused as data) is copied to the dead letters
+/// and terminated, so it cannot stall every event behind it.
+async fn store_batch(
+    pool: &Pool,
+    js: &jetstream::Context,
+    batch: Vec<jetstream::Message>,
+    metrics: &PersisterMetrics,
+) {
     let started = Instant::now();
     let events = batch.len();
-    store_events(pool, batch, metrics).await;
+    store_events(pool, js, batch, metrics).await;
     metrics.batch_stored(events, started.elapsed());
 }
 
-async fn store_events(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &PersisterMetrics) {
+async fn store_events(
+    pool: &Pool,
+    js: &jetstream::Context,
+    batch: Vec<jetstream::Message>,
+    metrics: &PersisterMetrics,
+) {
     let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
@@ -176,7 +187,7 @@ async fn store_events(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &Per
         });
         match pushed {
             Ok(()) => good.push(message),
-            Err(reason) => terminate(&message, &reason, metrics).await,
+            Err(reason) => terminate(js, &message, &reason, metrics).await,
         }
     }
     if good.is_empty() {
@@ -193,7 +204,7 @@ async fn store_events(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &Per
             );
             ack_all(good).await
         }
-        Err(reason) if good.len() == 1 => terminate(&good[0], &reason, metrics).await,
+        Err(reason) if good.len() == 1 => terminate(js, &good[0], &reason, metrics).await,
         Err(_) => {
             // Find the bad event: write the batch one event at a time.
             for message in good {
@@ -209,7 +220,7 @@ async fn store_events(pool: &Pool, batch: Vec<jetstream::Message>, metrics: &Per
                         metrics.rows_written(written);
                         ack_all(vec![message]).await
                     }
-                    Err(reason) => terminate(&message, &reason, metrics).await,
+                    Err(reason) => terminate(js, &message, &reason, metrics).await,
                 }
             }
         }
@@ -244,16 +255,25 @@ async fn insert_until_settled(
     }
 }
 
-async fn terminate(message: &jetstream::Message, reason: &str, metrics: &PersisterMetrics) {
+/// Gives up on an event the database will never take: a copy goes to
+/// `chat.dead.persister` first, and only once JetStream has it is the event
+/// terminated (otherwise it comes back later; see `consume::dead_letter`).
+async fn terminate(
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    reason: &str,
+    metrics: &PersisterMetrics,
+) {
     let trace_id = TraceId::from_headers(message.headers.as_ref());
     tracing::error!(
         subject = %message.subject,
         %reason,
         trace_id = trace_id.map(tracing::field::display),
-        "dropping a MESSAGES event the database will never take"
+        "dead-lettering a MESSAGES event the database will never take"
     );
-    metrics.event_dropped();
-    let _ = message.ack_with(AckKind::Term).await;
+    if consume::dead_letter(js, message, reason).await {
+        metrics.event_dropped();
+    }
 }
 
 async fn ack_all(messages: Vec<jetstream::Message>) {

@@ -74,6 +74,7 @@ async fn run_exposed(
     );
     let shared = Arc::new(worker::Shared {
         pool,
+        js,
         providers,
         metrics,
         preview: config.push.preview,

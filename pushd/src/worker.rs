@@ -41,6 +41,8 @@ const WINDOW_QUEUE: usize = 256;
 /// What every window needs.
 pub struct Shared {
     pub pool: Pool,
+    /// For dead letters.
+    pub js: jetstream::Context,
     pub providers: Providers,
     pub metrics: PushMetrics,
     pub preview: bool,
@@ -124,8 +126,9 @@ impl Dispatcher {
         let job = match decode(&message) {
             Ok(job) => job,
             Err(reason) => {
-                tracing::error!(subject = %message.subject, %reason, "dropping a malformed push job");
-                ack(&message, AckKind::Term).await;
+                tracing::error!(subject = %message.subject, %reason, "dead-lettering a malformed push job");
+                // Copied to `chat.dead.pushd` before it is terminated.
+                consume::dead_letter(&self.shared.js, &message, &reason).await;
                 return;
             }
         };

@@ -29,7 +29,8 @@ const PULL_BATCH: usize = 512;
 /// Why one event could not be routed.
 #[derive(Debug)]
 enum RouteError {
-    /// It can never succeed (malformed event, unknown group): dropped with a log.
+    /// It can never succeed (malformed event, unknown group): copied to
+    /// `chat.dead.<consumer>` and terminated, with a log.
     Poison(String),
     /// NATS or the persister failed; retried in place so order holds.
     Transient(String),
@@ -52,6 +53,8 @@ impl Source {
 }
 
 pub struct Fanout {
+    /// For dead letters; inbox appends go through `inbox`.
+    js: jetstream::Context,
     inbox: InboxWriter,
     groups: GroupCache,
     push: PushJobs,
@@ -67,7 +70,8 @@ impl Fanout {
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         Self {
-            inbox: InboxWriter::new(nats, js, metrics.clone()),
+            inbox: InboxWriter::new(nats, js.clone(), metrics.clone()),
+            js,
             groups,
             push,
             metrics,
@@ -111,9 +115,12 @@ impl Fanout {
             match self.route(source, &message, trace).await {
                 Ok(()) => break,
                 Err(RouteError::Poison(reason)) => {
-                    tracing::error!(subject = %message.subject, %reason, "dropping an event that cannot be routed");
-                    self.metrics.dropped(source.stream());
-                    let _ = message.ack_with(AckKind::Term).await;
+                    tracing::error!(subject = %message.subject, %reason, "dead-lettering an event that cannot be routed");
+                    // Not routed, but not lost: the copy is stored before
+                    // the event is terminated (else it comes back later).
+                    if consume::dead_letter(&self.js, &message, &reason).await {
+                        self.metrics.dropped(source.stream());
+                    }
                     return;
                 }
                 Err(RouteError::Transient(reason)) => {

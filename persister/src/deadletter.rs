@@ -1,0 +1,248 @@
+//! Events JetStream gave up on: after a consumer's `max_deliver` attempts
+//! the server publishes an advisory
+//! (`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`) and
+//! never delivers the event to that consumer again. The mover reads the
+//! event by its stream sequence and copies it to `chat.dead.<consumer>`
+//! (stream DEADLETTER) with the reason, so an event a client was told is
+//! `sent` is never lost silently.
+//!
+//! Every persister moves every advisory (core NATS, no queue group): if one
+//! persister is down or cannot copy, another does, and the dead letter's
+//! `Nats-Msg-Id` (`dead:<stream>:<consumer>:<seq>`) makes the copies one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::DirectGetErrorKind};
+use chat_shared::consume::{Backoff, DeadLetter};
+use chat_shared::{shutdown, subjects};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::metrics::PersisterMetrics;
+
+/// The streams whose consumers' advisories are moved: every stream a
+/// backend consumer reads (not DEADLETTER itself).
+const WATCHED: [&str; 3] = [
+    subjects::MESSAGES_STREAM,
+    subjects::EVENTS_STREAM,
+    subjects::PUSH_STREAM,
+];
+
+/// Tries per advisory. An advisory is a core NATS message and is not sent
+/// again, so a copy is retried for a while (about half a minute, NATS or a
+/// stream leader being away) before it is given up with an error log.
+const MOVE_ATTEMPTS: u32 = 10;
+
+/// The fields of `io.nats.jetstream.advisory.v1.max_deliver` we use.
+#[derive(Debug, Deserialize)]
+struct MaxDeliveries {
+    stream: String,
+    consumer: String,
+    stream_seq: u64,
+    deliveries: i64,
+}
+
+/// What one advisory is about, checked: the stream is one of ours and the
+/// consumer's name is a single subject token.
+#[derive(Debug, PartialEq)]
+struct Exhausted {
+    stream: &'static str,
+    consumer: String,
+    sequence: u64,
+    deliveries: i64,
+}
+
+fn parse(payload: &[u8]) -> Result<Exhausted, String> {
+    let advisory: MaxDeliveries = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let stream = WATCHED
+        .into_iter()
+        .find(|s| *s == advisory.stream)
+        .ok_or_else(|| format!("not a watched stream: {}", advisory.stream))?;
+    // The server refuses such names already; checked again because the
+    // name becomes a subject token.
+    let consumer = advisory.consumer;
+    if consumer.is_empty()
+        || consumer
+            .chars()
+            .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("unusable consumer name {consumer:?}"));
+    }
+    Ok(Exhausted {
+        stream,
+        consumer,
+        sequence: advisory.stream_seq,
+        deliveries: advisory.deliveries,
+    })
+}
+
+/// Moves dead letters until `stop`.
+pub async fn move_dead_letters(
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    metrics: Arc<PersisterMetrics>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut subscriptions = Vec::with_capacity(WATCHED.len());
+    for stream in WATCHED {
+        match nats
+            .subscribe(subjects::max_deliveries_advisories(stream))
+            .await
+        {
+            Ok(subscriber) => subscriptions.push(subscriber),
+            Err(e) => {
+                // Only a closed client fails here; the writer stops too.
+                tracing::error!(error = %e, stream, "cannot watch max-deliveries advisories");
+                return;
+            }
+        }
+    }
+    let mut advisories = futures::stream::select_all(subscriptions);
+    let stopped = shutdown::wait(stop);
+    tokio::pin!(stopped);
+    loop {
+        let advisory = tokio::select! {
+            _ = &mut stopped => return,
+            advisory = advisories.next() => match advisory {
+                Some(advisory) => advisory,
+                None => return,
+            },
+        };
+        let exhausted = match parse(&advisory.payload) {
+            Ok(exhausted) => exhausted,
+            Err(reason) => {
+                tracing::warn!(subject = %advisory.subject, %reason, "ignoring a max-deliveries advisory");
+                continue;
+            }
+        };
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = move_one(&js, &exhausted, &metrics) => {}
+        }
+    }
+}
+
+/// Copies one exhausted event to `chat.dead.<consumer>`, retrying a while.
+async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &PersisterMetrics) {
+    let reason = format!("max deliveries: {}", exhausted.deliveries);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut last_error = String::new();
+    for _ in 0..MOVE_ATTEMPTS {
+        match copy(js, exhausted, &reason).await {
+            Ok(subject) => {
+                tracing::error!(
+                    stream = exhausted.stream,
+                    consumer = %exhausted.consumer,
+                    sequence = exhausted.sequence,
+                    deliveries = exhausted.deliveries,
+                    %subject,
+                    dead_letter = %subjects::dead_letter(&exhausted.consumer),
+                    "an event reached max deliveries; moved to the dead letters"
+                );
+                metrics.dead_lettered(exhausted.stream);
+                return;
+            }
+            Err(Copy::Gone(e)) => {
+                tracing::error!(
+                    stream = exhausted.stream,
+                    consumer = %exhausted.consumer,
+                    sequence = exhausted.sequence,
+                    error = %e,
+                    "an event reached max deliveries but is no longer in its stream"
+                );
+                return;
+            }
+            Err(Copy::Failed(e)) => {
+                tracing::warn!(
+                    stream = exhausted.stream,
+                    consumer = %exhausted.consumer,
+                    sequence = exhausted.sequence,
+                    error = %e,
+                    "cannot move a dead letter yet; retrying"
+                );
+                last_error = e;
+                backoff.wait().await;
+            }
+        }
+    }
+    tracing::error!(
+        stream = exhausted.stream,
+        consumer = %exhausted.consumer,
+        sequence = exhausted.sequence,
+        error = %last_error,
+        "giving up moving an event that reached max deliveries; it stays in its stream"
+    );
+}
+
+enum Copy {
+    /// The event is not in the stream any more (aged out, deleted).
+    Gone(String),
+    /// NATS or the stream is away; worth another try.
+    Failed(String),
+}
+
+/// Reads the event and stores its dead letter; returns its subject.
+async fn copy(
+    js: &jetstream::Context,
+    exhausted: &Exhausted,
+    reason: &str,
+) -> Result<String, Copy> {
+    let stream = js
+        .get_stream_no_info(exhausted.stream)
+        .await
+        .map_err(|e| Copy::Failed(e.to_string()))?;
+    // A direct get may answer from any replica; every stream allows it.
+    let original = stream
+        .direct_get(exhausted.sequence)
+        .await
+        .map_err(|e| match e.kind() {
+            DirectGetErrorKind::NotFound => Copy::Gone(e.to_string()),
+            _ => Copy::Failed(e.to_string()),
+        })?;
+    DeadLetter {
+        stream: exhausted.stream,
+        consumer: &exhausted.consumer,
+        sequence: exhausted.sequence,
+        subject: original.subject.as_str(),
+        deliveries: exhausted.deliveries,
+        reason,
+        headers: Some(&original.headers),
+        payload: original.payload.clone(),
+    }
+    .publish(js)
+    .await
+    .map_err(Copy::Failed)?;
+    Ok(original.subject.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advisories_are_parsed_and_checked() {
+        let advisory = br#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x",
+            "timestamp":"2026-01-01T00:00:00Z","stream":"MESSAGES","consumer":"persister",
+            "stream_seq":42,"deliveries":20}"#;
+        assert_eq!(
+            parse(advisory),
+            Ok(Exhausted {
+                stream: subjects::MESSAGES_STREAM,
+                consumer: "persister".into(),
+                sequence: 42,
+                deliveries: 20,
+            })
+        );
+        for bad in [
+            br#"{"stream":"DEADLETTER","consumer":"x","stream_seq":1,"deliveries":2}"#.as_slice(),
+            br#"{"stream":"MESSAGES","consumer":"a.b","stream_seq":1,"deliveries":2}"#,
+            br#"{"stream":"MESSAGES","consumer":"","stream_seq":1,"deliveries":2}"#,
+            br#"{"stream":"MESSAGES","consumer":">","stream_seq":1,"deliveries":2}"#,
+            b"not json",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
