@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, Socket};
 
+#[derive(Debug, Clone)]
 pub struct DmOptions {
     pub edge: String,
     pub pairs: usize,
@@ -27,6 +28,9 @@ pub struct DmOptions {
 pub struct DmReport {
     pub pairs: usize,
     pub messages: usize,
+    /// `message` frames the recipients received (equals `messages`: a run
+    /// waits for every one).
+    pub delivered: usize,
     pub seconds: f64,
     pub sent_per_second: f64,
     pub delivered_per_second: f64,
@@ -113,6 +117,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     Ok(DmReport {
         pairs: options.pairs,
         messages: total,
+        delivered: delivered_latency.len(),
         seconds,
         sent_per_second: total as f64 / sent_seconds,
         delivered_per_second: total as f64 / seconds,

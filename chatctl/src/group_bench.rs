@@ -23,6 +23,7 @@ use crate::presence_bench::{connect_paced, request, PING_EVERY};
 /// Connections opened at once while setting up.
 const CONNECT_CONCURRENCY: usize = 16;
 
+#[derive(Debug, Clone)]
 pub struct GroupOptions {
     pub edge: String,
     pub groups: usize,

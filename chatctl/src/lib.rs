@@ -4,15 +4,20 @@
 //! further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
 //! [`resume_bench`], [`connect_bench`]) and a tiny WebSocket client ([`client`]), the
 //! discovery view and drain requests ([`edges`]). The command line is in
-//! `main.rs`.
+//! `main.rs`. For comparison, the same `dm` and `group` loads against an
+//! ejabberd of its own ([`peer_bench`], over the minimal XMPP client
+//! [`xmpp`], the server started by [`ejabberd`]).
 
 pub mod bench;
 pub mod client;
 pub mod connect_bench;
 pub mod edges;
+pub mod ejabberd;
 pub mod group_bench;
+pub mod peer_bench;
 pub mod presence_bench;
 pub mod raw_bench;
 pub mod replay;
 pub mod resume_bench;
 pub mod status;
+pub mod xmpp;

@@ -137,6 +137,13 @@ enum BenchScenario {
         /// Sends in flight per sender.
         #[arg(long, default_value_t = 32)]
         window: usize,
+        /// Also run the same load against this server (started here, on
+        /// loopback) and report ours as a ratio to it.
+        #[arg(long, value_enum)]
+        peer: Option<chatctl::peer_bench::Peer>,
+        /// The peer's message archive (ejabberd mod_mam).
+        #[arg(long, value_enum, default_value = "on", requires = "peer")]
+        mam: chatctl::peer_bench::Mam,
         #[command(flatten)]
         edge: EdgeArg,
         /// Print the report as JSON.
@@ -190,6 +197,13 @@ enum BenchScenario {
         /// Sends in flight per sender.
         #[arg(long, default_value_t = 32)]
         window: usize,
+        /// Also run the same load against this server (started here, on
+        /// loopback) and report ours as a ratio to it.
+        #[arg(long, value_enum)]
+        peer: Option<chatctl::peer_bench::Peer>,
+        /// The peer's message archive (ejabberd mod_mam).
+        #[arg(long, value_enum, default_value = "on", requires = "peer")]
+        mam: chatctl::peer_bench::Mam,
         #[command(flatten)]
         edge: EdgeArg,
         /// Print the report as JSON.
@@ -364,6 +378,8 @@ async fn main() -> anyhow::Result<()> {
                     pairs,
                     messages,
                     window,
+                    peer,
+                    mam,
                     edge,
                     json,
                 },
@@ -374,8 +390,14 @@ async fn main() -> anyhow::Result<()> {
                 messages,
                 window,
             };
-            let report = bench::dm(&config, options).await?;
-            show(&report, json, bench::print)?;
+            let report = bench::dm(&config, options.clone()).await?;
+            match peer {
+                None => show(&report, json, bench::print)?,
+                Some(chatctl::peer_bench::Peer::Ejabberd) => {
+                    let comparison = chatctl::peer_bench::compare_dm(report, &options, mam).await?;
+                    show(&comparison, json, chatctl::peer_bench::print_dm)?;
+                }
+            }
         }
         Command::Bench {
             scenario:
@@ -419,6 +441,8 @@ async fn main() -> anyhow::Result<()> {
                     senders,
                     messages,
                     window,
+                    peer,
+                    mam,
                     edge,
                     json,
                 },
@@ -431,8 +455,15 @@ async fn main() -> anyhow::Result<()> {
                 messages,
                 window,
             };
-            let report = chatctl::group_bench::group(&config, options).await?;
-            show(&report, json, chatctl::group_bench::print)?;
+            let report = chatctl::group_bench::group(&config, options.clone()).await?;
+            match peer {
+                None => show(&report, json, chatctl::group_bench::print)?,
+                Some(chatctl::peer_bench::Peer::Ejabberd) => {
+                    let comparison =
+                        chatctl::peer_bench::compare_group(report, &options, mam).await?;
+                    show(&comparison, json, chatctl::peer_bench::print_group)?;
+                }
+            }
         }
         Command::Bench {
             scenario:
