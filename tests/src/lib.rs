@@ -1,7 +1,9 @@
 //! End-to-end harness: a real nats-server and PostgreSQL, every service run
 //! in-process on the test's runtime, and real WebSocket clients.
 
+pub mod chaos;
 pub mod metrics;
+pub mod process;
 pub mod providers;
 pub mod servers;
 
@@ -19,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
+pub use process::{Service, ServiceProcess};
 pub use servers::{fresh_database, nats_password, NatsServer};
 
 pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret";
@@ -93,11 +96,7 @@ impl System {
 
     /// This service's configuration: its own NATS user.
     pub fn config_for(&self, user: &str) -> Config {
-        Config {
-            nats_user: Some(user.into()),
-            nats_password: Some(nats_password(user).into()),
-            ..self.config.clone()
-        }
+        config_as(&self.config, user)
     }
 
     fn stop_handle(&mut self) -> oneshot::Receiver<()> {
@@ -178,10 +177,15 @@ impl System {
     }
 
     /// Starts an edge as its own process, for tests that kill it: pass
-    /// `env!("CARGO_BIN_EXE_edge-under-test")` (see
-    /// `src/bin/edge-under-test.rs`; only integration tests know the path).
-    pub async fn spawn_edge_process(&self, binary: &str) -> Result<EdgeProcess> {
-        EdgeProcess::spawn(binary, &self.config_for("edge")).await
+    /// `env!("CARGO_BIN_EXE_service-under-test")` (see
+    /// `src/bin/service-under-test.rs`; only integration tests know the path).
+    pub async fn spawn_edge_process(&self, binary: &str) -> Result<ServiceProcess> {
+        self.spawn_service(binary, Service::Edge).await
+    }
+
+    /// Starts `service` as its own process with its own NATS user.
+    pub async fn spawn_service(&self, binary: &str, service: Service) -> Result<ServiceProcess> {
+        ServiceProcess::spawn(binary, service, &self.config_for(service.name())).await
     }
 
     pub async fn start_edge(&mut self) -> Result<SocketAddr> {
@@ -230,37 +234,13 @@ impl System {
     /// Waits until a presence process leads (before that, connects are
     /// tracked but not announced).
     pub async fn wait_presence_leader(&self) -> Result<()> {
-        let js = async_nats::jetstream::new(self.admin().await?);
-        let leaders = js
-            .get_key_value(chat_shared::subjects::LEADERS_BUCKET)
-            .await?;
-        wait_until(|| {
-            let leaders = leaders.clone();
-            async move {
-                matches!(
-                    leaders
-                        .get(chat_shared::subjects::PRESENCE_LEADER_KEY)
-                        .await,
-                    Ok(Some(_))
-                )
-            }
-        })
-        .await
+        wait_presence_leader(&self.config).await
     }
 
     /// Waits until a persister answers RPCs (its migrations are done and its
     /// subscriptions are in place).
     pub async fn wait_rpc_ready(&self) -> Result<()> {
-        let nats = self.admin().await?;
-        let probe = rpc::UserRequest {
-            user: UserId::parse("readiness-probe").expect("a valid user id"),
-        };
-        wait_until(|| {
-            let nats = nats.clone();
-            let probe = probe.clone();
-            async move { rpc::call::<rpc::Conversations>(&nats, &probe).await.is_ok() }
-        })
-        .await
+        wait_rpc_ready(&self.config).await
     }
 
     pub fn ws_url(&self) -> String {
@@ -555,6 +535,52 @@ fn rand_ref() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// `config` for NATS user `user` (its dev password).
+pub fn config_as(config: &Config, user: &str) -> Config {
+    Config {
+        nats_user: Some(user.into()),
+        nats_password: Some(nats_password(user).into()),
+        ..config.clone()
+    }
+}
+
+/// Waits until a presence process of the system configured by `config`
+/// leads.
+pub async fn wait_presence_leader(config: &Config) -> Result<()> {
+    let admin = chat_shared::nats::connect(&config_as(config, "admin"), "test-admin").await?;
+    let js = async_nats::jetstream::new(admin);
+    let leaders = js
+        .get_key_value(chat_shared::subjects::LEADERS_BUCKET)
+        .await?;
+    wait_until(|| {
+        let leaders = leaders.clone();
+        async move {
+            matches!(
+                leaders
+                    .get(chat_shared::subjects::PRESENCE_LEADER_KEY)
+                    .await,
+                Ok(Some(_))
+            )
+        }
+    })
+    .await
+}
+
+/// Waits until a persister of the system configured by `config` answers
+/// RPCs.
+pub async fn wait_rpc_ready(config: &Config) -> Result<()> {
+    let nats = chat_shared::nats::connect(&config_as(config, "admin"), "test-admin").await?;
+    let probe = rpc::UserRequest {
+        user: UserId::parse("readiness-probe").expect("a valid user id"),
+    };
+    wait_until(|| {
+        let nats = nats.clone();
+        let probe = probe.clone();
+        async move { rpc::call::<rpc::Conversations>(&nats, &probe).await.is_ok() }
+    })
+    .await
+}
+
 /// Polls `condition` every 50 ms until it holds, failing after [`WAIT`].
 pub async fn wait_until<F, Fut>(mut condition: F) -> Result<()>
 where
@@ -608,135 +634,4 @@ fn init_logs() {
         )
         .with_test_writer()
         .try_init();
-}
-
-/// An edge in its own process; dropping it kills the process.
-pub struct EdgeProcess {
-    child: tokio::process::Child,
-    pub addr: SocketAddr,
-}
-
-impl EdgeProcess {
-    async fn spawn(binary: &str, config: &Config) -> Result<Self> {
-        use tokio::io::AsyncBufReadExt;
-        let mut command = tokio::process::Command::new(binary);
-        command
-            .env_clear()
-            .env("CHAT_NATS_URL", &config.nats_url)
-            .env(
-                "CHAT_NATS_USER",
-                config.nats_user.as_deref().unwrap_or_default(),
-            )
-            .env(
-                "CHAT_NATS_PASSWORD",
-                config.nats_password.as_deref().unwrap_or_default(),
-            )
-            .env("CHAT_JWT_SECRET", JWT_SECRET)
-            .env("CHAT_EDGE_ADDR", "127.0.0.1:0")
-            .env(
-                "CHAT_PRESENCE_HEARTBEAT_MS",
-                config.presence_heartbeat.as_millis().to_string(),
-            )
-            .env(
-                "CHAT_PRESENCE_TIMEOUT_MS",
-                config.presence_timeout.as_millis().to_string(),
-            )
-            .env(
-                "CHAT_HEARTBEAT_SECS",
-                config.heartbeat.as_secs().to_string(),
-            )
-            .env(
-                "CHAT_HEARTBEAT_GRACE_SECS",
-                config.heartbeat_grace.as_secs().to_string(),
-            )
-            .env("CHAT_EDGE_TTL_MS", config.edge_ttl.as_millis().to_string())
-            .env(
-                "CHAT_DRAIN_TIMEOUT_SECS",
-                config.drain_timeout.as_secs().to_string(),
-            )
-            .env(
-                "CHAT_JWT_LEEWAY_SECS",
-                config.jwt_leeway.as_secs().to_string(),
-            )
-            .env(
-                "CHAT_LIMIT_SEND_PER_SEC",
-                config.limits.send_per_connection.to_string(),
-            )
-            .env(
-                "CHAT_LIMIT_USER_SEND_PER_SEC",
-                config.limits.send_per_user.to_string(),
-            )
-            .env(
-                "CHAT_LIMIT_REQUESTS_PER_SEC",
-                config.limits.requests_per_connection.to_string(),
-            )
-            .env(
-                "CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC",
-                config.limits.connects_per_ip.to_string(),
-            )
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().context("starting edge-under-test")?;
-        let stdout = child.stdout.take().context("edge stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .context("edge process did not start in time")??
-            .context("edge process exited before listening")?;
-        let addr = line
-            .strip_prefix("listening ")
-            .context("unexpected edge output")?
-            .parse()?;
-        let edge = Self { child, addr };
-        wait_until(|| async {
-            http_get(addr, "/readyz")
-                .await
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
-        })
-        .await?;
-        Ok(edge)
-    }
-
-    /// SIGTERM, as an orchestrator stops a pod: the edge drains.
-    pub fn terminate(&self) -> Result<()> {
-        let pid = self.child.id().context("edge already exited")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        Ok(())
-    }
-
-    /// Waits for the process to exit; its exit code.
-    pub async fn wait(&mut self, within: Duration) -> Result<Option<i32>> {
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .context("edge did not exit in time")??;
-        Ok(status.code())
-    }
-
-    /// Resident memory of the process, from /proc.
-    pub fn rss_bytes(&self) -> Result<u64> {
-        let pid = self.child.id().context("edge exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .context("no VmRSS")?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()?;
-        Ok(kib * 1024)
-    }
-
-    /// `kill -9`: no close frames, no disconnect reports.
-    pub async fn kill(&mut self) -> Result<()> {
-        self.child.kill().await?;
-        Ok(())
-    }
 }

@@ -55,7 +55,7 @@ pub fn nats_password(user: &str) -> &'static str {
         .unwrap_or_else(|| panic!("no NATS user {user:?}: no {key} line in nats/users.conf"))
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -323,6 +323,229 @@ impl Drop for NatsServer {
     }
 }
 
+/// A 3-node JetStream cluster on loopback for fault tests: the settings of
+/// `nats/cluster-{1,2,3}.conf` on free ports, each node with its own store
+/// in a temporary dir. Nodes can be killed, restarted and paused; all are
+/// killed (and the dir removed) on drop.
+pub struct NatsCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+    watchdog: Option<Child>,
+    starts: u32,
+}
+
+/// What a node logs once the cluster elected its JetStream meta leader.
+const META_LEADER_LOG: &str = "metadata leader";
+
+impl NatsCluster {
+    pub async fn start() -> Result<NatsCluster> {
+        let bin = nats_server_bin()?;
+        let dir = tempfile::Builder::new()
+            .prefix("chat-nats-cluster-")
+            .tempdir()
+            .context("creating a temp dir for the NATS cluster")?;
+        let client_ports = [free_port()?, free_port()?, free_port()?];
+        let route_ports = [free_port()?, free_port()?, free_port()?];
+        let users = repo_root().join("nats/users.conf");
+        let mut nodes = Vec::new();
+        for (index, port) in client_ports.iter().enumerate() {
+            let routes: Vec<String> = route_ports
+                .iter()
+                .enumerate()
+                .filter(|(other, _)| *other != index)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let text = format!(
+                "server_name: n{n}\nlisten: 127.0.0.1:{port}\nmax_payload: 2MB\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+                 cluster {{\n  name: chaos\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
+                 include \"{users}\"\n",
+                n = index + 1,
+                store = dir.path().join(format!("store-n{}", index + 1)).display(),
+                route = route_ports[index],
+                routes = routes.join(", "),
+                users = users.display(),
+            );
+            let config = dir.path().join(format!("n{}.conf", index + 1));
+            fs::write(&config, text).context("writing a cluster node config")?;
+            nodes.push(ClusterNode {
+                port: *port,
+                config,
+                child: None,
+                watchdog: None,
+                starts: 0,
+            });
+        }
+        let mut cluster = NatsCluster { bin, dir, nodes };
+        for index in 0..cluster.nodes.len() {
+            cluster.spawn(index)?;
+        }
+        for index in 0..cluster.nodes.len() {
+            cluster.wait_ready(index).await?;
+        }
+        cluster.wait_for_meta_leader().await?;
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated (what `CHAT_NATS_URL` takes).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `kill -9` of node `index`; its store stays for [`NatsCluster::restart`].
+    pub fn kill(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        for child in [node.child.take(), node.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `index` again (after a kill) and waits until it serves.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        self.kill(index);
+        self.spawn(index)?;
+        self.wait_ready(index).await
+    }
+
+    /// SIGSTOP of node `index`: frozen with its sockets open.
+    pub fn pause(&self, index: usize) -> Result<()> {
+        self.signal(index, "-STOP")
+    }
+
+    pub fn resume(&self, index: usize) -> Result<()> {
+        self.signal(index, "-CONT")
+    }
+
+    fn signal(&self, index: usize, signal: &str) -> Result<()> {
+        let pid = self.nodes[index]
+            .child
+            .as_ref()
+            .context("the node is not running")?
+            .id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill {signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    fn log_path(&self, index: usize) -> PathBuf {
+        let node = &self.nodes[index];
+        self.dir
+            .path()
+            .join(format!("n{}-{}.log", index + 1, node.starts))
+    }
+
+    fn spawn(&mut self, index: usize) -> Result<()> {
+        self.nodes[index].starts += 1;
+        let log_path = self.log_path(index);
+        let log = fs::File::create(&log_path).context("creating a node log file")?;
+        let node = &mut self.nodes[index];
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let pid = child.id().to_string();
+        node.child = Some(child);
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        node.watchdog = Some(spawn_watchdog(
+            r#"while alive "$1" && alive "$2"; do sleep 0.5; done
+if ! alive "$1"; then kill -9 "$2" 2>/dev/null; rm -rf "$3"; fi"#,
+            &[&own_pid(), &pid, &dir],
+        )?);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, index: usize) -> Result<()> {
+        let log_path = self.log_path(index);
+        let deadline = Instant::now() + NATS_READY_TIMEOUT;
+        loop {
+            let port = self.nodes[index].port;
+            if let Some(child) = self.nodes[index].child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "node n{} exited during startup ({status}):\n{}",
+                        index + 1,
+                        tail(&log_path, 20)
+                    );
+                }
+            }
+            let text = fs::read_to_string(&log_path).unwrap_or_default();
+            if text.contains("Server is ready") && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node n{} not ready after {NATS_READY_TIMEOUT:?}:\n{}",
+                    index + 1,
+                    tail(&log_path, 20)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn wait_for_meta_leader(&self) -> Result<()> {
+        let deadline = Instant::now() + NATS_READY_TIMEOUT;
+        loop {
+            let elected = (0..self.nodes.len()).any(|index| {
+                fs::read_to_string(self.log_path(index))
+                    .map(|text| text.contains(META_LEADER_LOG))
+                    .unwrap_or(false)
+            });
+            if elected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no JetStream meta leader after {NATS_READY_TIMEOUT:?}:\n{}",
+                    tail(&self.log_path(0), 20)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for index in 0..self.nodes.len() {
+            let _ = self.resume(index);
+            self.kill(index);
+        }
+    }
+}
+
 /// The port of "Listening for client connections on 127.0.0.1:PORT".
 fn parse_listen_port(log: &str) -> Option<u16> {
     log.lines()
@@ -339,6 +562,8 @@ fn parse_listen_port(log: &str) -> Option<u16> {
 pub struct PgCluster {
     port: u16,
     dir: PathBuf,
+    /// The server options `pg_ctl start` was given, for a restart.
+    options: String,
 }
 
 static PG_CLUSTER: OnceLock<std::result::Result<PgCluster, String>> = OnceLock::new();
@@ -369,6 +594,39 @@ impl PgCluster {
     /// The cluster's temporary dir (`data/`, `postgres.log`, the socket).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Stops the server with every session cut (`pg_ctl stop -m fast`): a
+    /// database outage, for fault tests. Blocking.
+    pub fn stop(&self) -> Result<()> {
+        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])
+    }
+
+    /// Starts the server again after [`PgCluster::stop`], on the same port
+    /// with the same data. Blocking.
+    pub fn start_again(&self) -> Result<()> {
+        let log = self.dir.join("postgres.log");
+        let log = log.to_string_lossy().into_owned();
+        let options = self.options.clone();
+        self.pg_ctl(&["-l", &log, "-w", "-t", "60", "-o", &options, "start"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let runas = PgUser::detect()?;
+        let out = pg_command(&runas, &pg_bindir()?.join("pg_ctl"), &self.dir)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .output()
+            .context("running pg_ctl")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Blocking: initdb + pg_ctl start. Runs once per process.
@@ -428,7 +686,7 @@ rm -rf "$3""#
 
         let log = dir.join("postgres.log");
         let mut attempt = 0;
-        let port = loop {
+        let (port, options) = loop {
             attempt += 1;
             let port = free_port()?;
             let opts = format!(
@@ -445,7 +703,7 @@ rm -rf "$3""#
                 .output()
                 .context("running pg_ctl start")?;
             if out.status.success() {
-                break port;
+                break (port, opts);
             }
             let log_tail = tail(&log, 20);
             // Another process took the port between our probe and the bind.
@@ -464,7 +722,7 @@ rm -rf "$3""#
             elapsed = ?t0.elapsed(),
             "test PostgreSQL cluster started"
         );
-        Ok(PgCluster { port, dir })
+        Ok(PgCluster { port, dir, options })
     }
 }
 

@@ -52,7 +52,7 @@ async fn two_edges_deliver_across_and_discovery_drops_a_killed_one() -> anyhow::
 
     // Discovery: both in-process edges and a process edge, least loaded first.
     let mut process = system
-        .spawn_edge_process(env!("CARGO_BIN_EXE_edge-under-test"))
+        .spawn_edge_process(env!("CARGO_BIN_EXE_service-under-test"))
         .await?;
     let process_url = format!("ws://{}/v1/ws", process.addr);
     chat_tests::wait_until(|| {
@@ -264,7 +264,7 @@ async fn draining_an_edge_under_load_loses_and_repeats_nothing() -> anyhow::Resu
 async fn sigterm_drains_a_process_edge_and_it_exits_zero() -> anyhow::Result<()> {
     let system = System::start_with(|c| c.drain_timeout = Duration::from_secs(5)).await?;
     let mut edge = system
-        .spawn_edge_process(env!("CARGO_BIN_EXE_edge-under-test"))
+        .spawn_edge_process(env!("CARGO_BIN_EXE_service-under-test"))
         .await?;
     let mut client = system.connect_at(edge.addr, "alice", "phone", None).await?;
     edge.terminate()?;
@@ -358,7 +358,7 @@ async fn a_client_that_does_not_read_is_cut_off_and_memory_stays_bounded() -> an
     })
     .await?;
     let edge = system
-        .spawn_edge_process(env!("CARGO_BIN_EXE_edge-under-test"))
+        .spawn_edge_process(env!("CARGO_BIN_EXE_service-under-test"))
         .await?;
     let mut sleeper = system
         .connect_at(edge.addr, "sleeper", "phone", None)

@@ -45,7 +45,7 @@ async fn friends_see_online_and_offline_and_strangers_see_nothing() -> anyhow::R
     let mut alice = system.connect("alice", "phone").await?;
     let mut carol = system.connect("carol", "phone").await?;
     let mut bob_edge = system
-        .spawn_edge_process(env!("CARGO_BIN_EXE_edge-under-test"))
+        .spawn_edge_process(env!("CARGO_BIN_EXE_service-under-test"))
         .await?;
     let mut bob = system
         .connect_at(bob_edge.addr, "bob", "phone", None)
