@@ -11,6 +11,8 @@ pub enum ConnectError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("CHAT_NATS_URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
     #[error(
         "nats-server {found} at {url} is older than {MIN_SERVER_VERSION}, the oldest this system runs on"
     )]
@@ -96,16 +98,38 @@ async fn open(
     options: async_nats::ConnectOptions,
     config: &Config,
 ) -> Result<async_nats::Client, ConnectError> {
-    let client =
-        options
-            .connect(&config.nats_url)
-            .await
-            .map_err(|source| ConnectError::Connect {
-                url: config.nats_url.clone(),
-                source,
-            })?;
+    let client = options
+        .connect(server_addrs(&config.nats_url)?)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
     check_server(&client, &config.nats_url)?;
     Ok(client)
+}
+
+/// The servers of `CHAT_NATS_URL`: one URL or several, comma-separated
+/// (the seed nodes of a cluster, so a service starts while any one of them
+/// is up; the client learns the rest of the cluster from the server).
+fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    let bad = |reason: String| ConnectError::BadUrl {
+        url: urls.to_string(),
+        reason,
+    };
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| bad(format!("{url}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(bad("no server URL".into()));
+    }
+    Ok(addrs)
 }
 
 fn options(config: &Config, name: &str) -> async_nats::ConnectOptions {
@@ -155,5 +179,23 @@ mod tests {
         assert!(version_triple("2.9.25") < version_triple(MIN_SERVER_VERSION));
         assert!(version_triple("2.14.0") >= version_triple(MIN_SERVER_VERSION));
         assert!(version_triple("3.0.0") > version_triple(MIN_SERVER_VERSION));
+    }
+
+    #[test]
+    fn nats_urls_are_one_or_a_comma_separated_list() {
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let cluster =
+            server_addrs("nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://10.0.0.3:4222")
+                .unwrap();
+        assert_eq!(cluster.len(), 3);
+        assert_eq!(cluster[1].port(), 4222);
+        assert!(matches!(
+            server_addrs(" , "),
+            Err(ConnectError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            server_addrs("nats://a:4222,nats://b:notaport"),
+            Err(ConnectError::BadUrl { .. })
+        ));
     }
 }

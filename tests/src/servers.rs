@@ -353,7 +353,13 @@ impl NatsCluster {
             .context("creating a temp dir for the NATS cluster")?;
         let client_ports = [free_port()?, free_port()?, free_port()?];
         let route_ports = [free_port()?, free_port()?, free_port()?];
-        let users = repo_root().join("nats/users.conf");
+        // nats-server resolves `include` relative to the including file,
+        // even an absolute path: the users go next to the node configs.
+        fs::copy(
+            repo_root().join("nats/users.conf"),
+            dir.path().join("users.conf"),
+        )
+        .context("copying nats/users.conf")?;
         let mut nodes = Vec::new();
         for (index, port) in client_ports.iter().enumerate() {
             let routes: Vec<String> = route_ports
@@ -366,12 +372,11 @@ impl NatsCluster {
                 "server_name: n{n}\nlisten: 127.0.0.1:{port}\nmax_payload: 2MB\n\
                  jetstream {{\n  store_dir: \"{store}\"\n}}\n\
                  cluster {{\n  name: chaos\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
-                 include \"{users}\"\n",
+                 include \"users.conf\"\n",
                 n = index + 1,
                 store = dir.path().join(format!("store-n{}", index + 1)).display(),
                 route = route_ports[index],
                 routes = routes.join(", "),
-                users = users.display(),
             );
             let config = dir.path().join(format!("n{}.conf", index + 1));
             fs::write(&config, text).context("writing a cluster node config")?;
