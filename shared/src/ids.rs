@@ -456,4 +456,164 @@ mod tests {
             }
         }
     }
+
+    /// `[A-Za-z0-9_-]{1,64}`, written independently of `check_name`.
+    fn is_name(s: &str) -> bool {
+        (1..=64).contains(&s.len())
+            && s.chars()
+                .all(|c| matches!(c, 'A'..='Z' | 'a'..='z' | '0'..='9' | '_' | '-'))
+    }
+
+    /// Strings near and far from the name alphabet.
+    fn name_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9_-]{0,70}",
+            "[A-Za-z0-9_.*> :\t\n-]{0,12}",
+            "\\PC{0,80}",
+            any::<String>(),
+        ]
+    }
+
+    /// Parses `s` as every name id; each agrees with the alphabet, and an
+    /// accepted one renders to `s`, parses back equal and round-trips as JSON.
+    fn check_name_ids(s: &str) -> Result<(), TestCaseError> {
+        macro_rules! check {
+            ($ty:ty) => {{
+                let parsed = <$ty>::parse(s);
+                prop_assert_eq!(parsed.is_ok(), is_name(s), "{} {:?}", stringify!($ty), s);
+                let json = serde_json::to_string(s).unwrap();
+                prop_assert_eq!(serde_json::from_str::<$ty>(&json).ok(), parsed.clone().ok());
+                if let Ok(id) = parsed {
+                    prop_assert_eq!(id.as_str(), s);
+                    prop_assert_eq!(id.to_string(), s);
+                    prop_assert_eq!(<$ty>::parse(id.as_str()), Ok(id.clone()));
+                    prop_assert_eq!(serde_json::to_string(&id).unwrap(), json);
+                }
+            }};
+        }
+        check!(UserId);
+        check!(DeviceId);
+        check!(GroupId);
+        check!(EdgeId);
+        Ok(())
+    }
+
+    /// The value of a decimal string, computed without `str::parse`.
+    fn decimal_value(s: &str) -> Option<u64> {
+        if s.is_empty() {
+            return None;
+        }
+        s.bytes().try_fold(0u64, |acc, b| {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn name_ids_accept_exactly_their_alphabet_and_roundtrip(s in name_like()) {
+            check_name_ids(&s)?;
+        }
+
+        #[test]
+        fn generated_name_ids_always_parse(s in "[A-Za-z0-9_-]{1,64}") {
+            prop_assert!(is_name(&s));
+            check_name_ids(&s)?;
+        }
+
+        #[test]
+        fn conversation_ids_never_panic_and_accepted_ones_roundtrip(
+            s in prop_oneof![
+                "dm:[a-c0-9_.:>*-]{0,12}",
+                "group:[A-Za-z0-9_.> -]{0,12}",
+                "(dm|group|chan)?:?\\PC{0,20}",
+                any::<String>(),
+            ]
+        ) {
+            let parsed = ConversationId::parse(&s);
+            let json = serde_json::to_string(&s).unwrap();
+            prop_assert_eq!(serde_json::from_str::<ConversationId>(&json).ok(), parsed.clone().ok());
+            if let Ok(conv) = parsed {
+                // Only the canonical form is accepted: it renders back unchanged.
+                prop_assert_eq!(conv.to_string(), s.clone());
+                prop_assert_eq!(ConversationId::parse(&conv.to_string()), Ok(conv.clone()));
+                prop_assert_eq!(serde_json::to_string(&conv).unwrap(), json);
+                if let ConversationId::Dm { low, high } = &conv {
+                    prop_assert!(low < high);
+                }
+            }
+        }
+
+        #[test]
+        fn generated_conversation_ids_always_parse(
+            a in "[A-Za-z0-9_-]{1,64}",
+            b in "[A-Za-z0-9_-]{1,64}",
+        ) {
+            let group = ConversationId::parse(&format!("group:{a}")).unwrap();
+            prop_assert_eq!(group, ConversationId::Group(GroupId::parse(a.clone()).unwrap()));
+            let (low, high) = if a < b { (&a, &b) } else { (&b, &a) };
+            let dm = ConversationId::parse(&format!("dm:{low}:{high}"));
+            prop_assert_eq!(dm.is_ok(), a != b);
+        }
+
+        #[test]
+        fn decimal_ids_never_panic_and_accepted_ones_roundtrip(
+            s in prop_oneof!["[0-9]{0,22}", "[0-9+ .e-]{0,6}", "\\PC{0,24}", any::<String>()]
+        ) {
+            let expected = decimal_value(&s);
+            let message = MessageId::parse(&s);
+            let cursor = Cursor::parse(&s);
+            prop_assert_eq!(message.as_ref().ok().map(|id| id.get()), expected);
+            prop_assert_eq!(cursor.as_ref().ok().map(|id| id.get()), expected);
+            let json = serde_json::to_string(&s).unwrap();
+            prop_assert_eq!(serde_json::from_str::<MessageId>(&json).ok(), message.clone().ok());
+            prop_assert_eq!(serde_json::from_str::<Cursor>(&json).ok(), cursor.clone().ok());
+            if let (Ok(message), Ok(cursor)) = (message, cursor) {
+                prop_assert_eq!(MessageId::parse(&message.to_string()), Ok(message));
+                prop_assert_eq!(Cursor::parse(&cursor.to_string()), Ok(cursor));
+                if s == "0" || !s.starts_with('0') {
+                    prop_assert_eq!(message.to_string(), s.clone());
+                }
+            }
+        }
+
+        #[test]
+        fn generated_decimal_ids_always_parse(n in any::<u64>()) {
+            let text = n.to_string();
+            prop_assert_eq!(MessageId::parse(&text), Ok(MessageId(n)));
+            prop_assert_eq!(Cursor::parse(&text), Ok(Cursor(n)));
+            let json = serde_json::to_string(&MessageId(n)).unwrap();
+            prop_assert_eq!(&json, &format!("\"{text}\""));
+            prop_assert_eq!(serde_json::from_str::<MessageId>(&json).unwrap(), MessageId(n));
+            prop_assert_eq!(serde_json::from_str::<Cursor>(&json).unwrap(), Cursor(n));
+        }
+
+        #[test]
+        fn client_msg_ids_never_panic_and_accepted_ones_roundtrip(
+            s in prop_oneof!["\\PC{0,70}", "[a-z\r\n\t\u{0}\u{7f} ]{0,8}", any::<String>()]
+        ) {
+            let chars = s.chars().count();
+            let parsed = ClientMsgId::parse(s.clone());
+            prop_assert_eq!(
+                parsed.is_ok(),
+                (1..=64).contains(&chars) && !s.chars().any(char::is_control)
+            );
+            let json = serde_json::to_string(&s).unwrap();
+            prop_assert_eq!(serde_json::from_str::<ClientMsgId>(&json).ok(), parsed.clone().ok());
+            if let Ok(id) = parsed {
+                prop_assert_eq!(id.as_str(), s.as_str());
+                prop_assert_eq!(ClientMsgId::parse(id.to_string()), Ok(id.clone()));
+                let hex = id.hex();
+                prop_assert_eq!(hex.len(), 2 * s.len());
+                prop_assert!(hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+            }
+        }
+
+        #[test]
+        fn generated_client_msg_ids_always_parse(s in "\\PC{1,64}") {
+            prop_assert_eq!(ClientMsgId::parse(s.clone()).map(|id| id.to_string()), Ok(s));
+        }
+    }
 }

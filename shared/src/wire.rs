@@ -693,4 +693,152 @@ mod tests {
         assert_eq!(value, json!({"cursor":"42","type":"message","id":"1"}));
         assert_eq!(with_cursor(b"{}", Cursor(1)), br#"{"cursor":"1"}"#.to_vec());
     }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn user() -> impl Strategy<Value = UserId> {
+            "[A-Za-z0-9_-]{1,12}".prop_map(|s| UserId::parse(s).unwrap())
+        }
+
+        fn group() -> impl Strategy<Value = GroupId> {
+            "[A-Za-z0-9_-]{1,12}".prop_map(|s| GroupId::parse(s).unwrap())
+        }
+
+        fn conversation() -> impl Strategy<Value = ConversationId> {
+            prop_oneof![
+                (user(), user()).prop_filter_map("a DM needs two users", |(a, b)| {
+                    ConversationId::dm(a, b).ok()
+                }),
+                group().prop_map(ConversationId::Group),
+            ]
+        }
+
+        fn reference() -> impl Strategy<Value = Option<String>> {
+            proptest::option::of(any::<String>())
+        }
+
+        fn platform() -> impl Strategy<Value = PushPlatform> {
+            proptest::sample::select(PushPlatform::ALL.to_vec())
+        }
+
+        /// One frame of each kind, with generated ids and free text.
+        fn client_frame() -> impl Strategy<Value = ClientFrame> {
+            let users = || proptest::collection::vec(user(), 0..4);
+            prop_oneof![
+                (
+                    any::<String>(),
+                    "[A-Za-z0-9_-]{1,12}",
+                    proptest::option::of(any::<u64>())
+                )
+                    .prop_map(|(token, device, cursor)| ClientFrame::Hello {
+                        token,
+                        device: DeviceId::parse(device).unwrap(),
+                        cursor: cursor.map(Cursor),
+                    }),
+                reference().prop_map(|reference| ClientFrame::Ping { reference }),
+                any::<u64>().prop_map(|n| ClientFrame::Ack { cursor: Cursor(n) }),
+                (
+                    reference(),
+                    prop_oneof![
+                        user().prop_map(|to| (Some(to), None)),
+                        conversation().prop_map(|c| (None, Some(c))),
+                    ],
+                    any::<String>(),
+                    "\\PC{1,64}"
+                )
+                    .prop_map(|(reference, (to, conversation), text, cmid)| {
+                        ClientFrame::Send(SendRequest {
+                            reference,
+                            to,
+                            conversation,
+                            text,
+                            client_msg_id: ClientMsgId::parse(cmid).unwrap(),
+                        })
+                    }),
+                (conversation(), any::<u64>()).prop_map(|(conversation, n)| ClientFrame::Read {
+                    conversation,
+                    up_to: MessageId(n),
+                }),
+                (conversation(), any::<bool>()).prop_map(|(conversation, active)| {
+                    ClientFrame::Typing {
+                        conversation,
+                        active,
+                    }
+                }),
+                (
+                    reference(),
+                    conversation(),
+                    proptest::option::of(any::<u64>()),
+                    proptest::option::of(any::<u32>())
+                )
+                    .prop_map(|(reference, conversation, before, limit)| {
+                        ClientFrame::History {
+                            reference,
+                            conversation,
+                            before: before.map(MessageId),
+                            limit,
+                        }
+                    }),
+                (reference(), any::<String>(), users()).prop_map(|(reference, name, members)| {
+                    ClientFrame::GroupCreate {
+                        reference,
+                        name,
+                        members,
+                    }
+                }),
+                (reference(), group(), users()).prop_map(|(reference, group, users)| {
+                    ClientFrame::GroupAdd {
+                        reference,
+                        group,
+                        users,
+                    }
+                }),
+                (reference(), group())
+                    .prop_map(|(reference, group)| ClientFrame::GroupInfo { reference, group }),
+                (reference(), user())
+                    .prop_map(|(reference, user)| ClientFrame::FriendRequest { reference, user }),
+                (reference(), platform(), any::<String>()).prop_map(
+                    |(reference, platform, token)| ClientFrame::PushRegister {
+                        reference,
+                        platform,
+                        token,
+                    }
+                ),
+                (reference(), any::<String>())
+                    .prop_map(|(reference, token)| ClientFrame::Refresh { reference, token }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn generated_client_frames_roundtrip_through_json(frame in client_frame()) {
+                let json = serde_json::to_string(&frame).unwrap();
+                let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(&value["type"], frame.kind());
+                prop_assert_eq!(value.get("ref").and_then(|r| r.as_str()), frame.reference());
+                prop_assert_eq!(serde_json::from_str::<ClientFrame>(&json).unwrap(), frame);
+            }
+
+            #[test]
+            fn client_frame_parse_never_panics(
+                text in prop_oneof![
+                    any::<String>(),
+                    r#"\{"type":"(hello|send|read|history|group\.add|ack)"(,"[a-z_]{1,12}":("[a-z:0-9.]{0,8}"|[0-9-]{1,4}|null|\[\]))*\}"#,
+                ]
+            ) {
+                // What the edge does with a text frame (edge/src/session.rs).
+                match serde_json::from_str::<ClientFrame>(&text) {
+                    Ok(frame) => {
+                        let json = serde_json::to_string(&frame).unwrap();
+                        prop_assert_eq!(serde_json::from_str::<ClientFrame>(&json).unwrap(), frame);
+                    }
+                    Err(_) => {
+                        let _ = serde_json::from_str::<RefOnly>(&text);
+                    }
+                }
+            }
+        }
+    }
 }
