@@ -194,6 +194,9 @@ impl DeadLetter<'_> {
                 }
             }
         }
+        if let Some(id) = self.headers.and_then(|h| h.get(subjects::MSG_ID_HEADER)) {
+            headers.insert(subjects::DEAD_MSG_ID_HEADER, id.clone());
+        }
         // A header value may not hold a line break; errors sometimes do.
         let reason: String = self
             .reason
@@ -397,6 +400,10 @@ mod tests {
             Some("dead:MESSAGES:persister:42")
         );
         assert_eq!(get("Nats-Expected-Stream"), None);
+        assert_eq!(
+            get(subjects::DEAD_MSG_ID_HEADER).as_deref(),
+            Some("alice:c1")
+        );
         assert_eq!(
             get(subjects::TRACE_HEADER).as_deref(),
             Some("00000000000000ff")

@@ -64,6 +64,9 @@ pub const DEAD_SEQ_HEADER: &str = "Chat-Dead-Seq";
 pub const DEAD_SUBJECT_HEADER: &str = "Chat-Dead-Subject";
 /// How many times the consumer had been given it.
 pub const DEAD_DELIVERIES_HEADER: &str = "Chat-Dead-Deliveries";
+/// The original's `Nats-Msg-Id`, if it had one (the dead letter's own
+/// `Nats-Msg-Id` is [`dead_letter_id`]), so a re-publish de-duplicates.
+pub const DEAD_MSG_ID_HEADER: &str = "Chat-Dead-Msg-Id";
 
 /// `chat.msg.dm.<a>.<b>` or `chat.msg.group.<group>`.
 pub fn message(conversation: &ConversationId) -> String {

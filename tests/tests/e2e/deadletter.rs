@@ -237,8 +237,14 @@ async fn an_event_past_max_deliveries_is_moved_to_the_dead_letters() -> Result<(
     let event: Value = serde_json::from_slice(&moved.payload)?;
     assert_eq!(event["text"], "exhaust me");
     assert_eq!(event["id"], sent["id"]);
-    // The original's trace id came along; JetStream's own headers did not.
+    // The original's trace id came along, and its dedup id under another
+    // name (a direct get of the dead letter adds `Nats-Sequence` and
+    // friends itself, so their absence cannot be checked from here).
     assert!(header(subjects::TRACE_HEADER).is_some());
+    assert_eq!(
+        header(subjects::DEAD_MSG_ID_HEADER),
+        Some("alice:c-exhaust".to_string())
+    );
     assert_eq!(
         header(subjects::MSG_ID_HEADER),
         Some(subjects::dead_letter_id(
