@@ -2,7 +2,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer, message::StreamMessage, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
@@ -14,9 +14,10 @@ use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument;
 
+use crate::gaps::Sequence;
 use crate::inbox::InboxWriter;
 use crate::metrics::RouterMetrics;
 use crate::push::PushJobs;
@@ -81,12 +82,39 @@ impl Fanout {
     async fn route(
         &self,
         source: Source,
-        message: &jetstream::Message,
+        subject: &str,
+        payload: &[u8],
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
         match source {
-            Source::Messages => self.route_message(message, trace).await,
-            Source::Events => self.route_group_event(message).await,
+            Source::Messages => self.route_message(subject, payload, trace).await,
+            Source::Events => self.route_group_event(payload).await,
+        }
+    }
+
+    /// Routes an event read back after it was lost in flight (see
+    /// `gaps`), retrying in place like a delivery. It is not acked: its
+    /// redelivery, routed again and de-duplicated, is.
+    async fn settle_recovered(&self, source: Source, event: StreamMessage) {
+        let trace = TraceId::from_headers(Some(&event.headers));
+        let mut backoff = Backoff::default();
+        loop {
+            match self
+                .route(source, event.subject.as_str(), &event.payload, trace)
+                .await
+            {
+                Ok(()) => return,
+                Err(RouteError::Poison(reason)) => {
+                    // Its redelivery is dead-lettered.
+                    tracing::warn!(subject = %event.subject, %reason, "a recovered event cannot be routed");
+                    return;
+                }
+                Err(RouteError::Transient(reason)) => {
+                    tracing::warn!(subject = %event.subject, %reason, "routing a recovered event failed; retrying");
+                    self.metrics.retried(source.stream());
+                    backoff.wait().await;
+                }
+            }
         }
     }
 
@@ -112,7 +140,10 @@ impl Fanout {
     ) {
         let mut backoff = Backoff::default();
         loop {
-            match self.route(source, &message, trace).await {
+            match self
+                .route(source, message.subject.as_str(), &message.payload, trace)
+                .await
+            {
                 Ok(()) => break,
                 Err(RouteError::Poison(reason)) => {
                     tracing::error!(subject = %message.subject, %reason, "dead-lettering an event that cannot be routed");
@@ -141,12 +172,13 @@ impl Fanout {
 
     async fn route_message(
         &self,
-        message: &jetstream::Message,
+        subject: &str,
+        payload: &[u8],
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
-        let conversation = subjects::parse_message(&message.subject)
-            .ok_or_else(|| RouteError::Poison(format!("unexpected subject {}", message.subject)))?;
-        let event: MessageEvent = serde_json::from_slice(&message.payload)
+        let conversation = subjects::parse_message(subject)
+            .ok_or_else(|| RouteError::Poison(format!("unexpected subject {subject}")))?;
+        let event: MessageEvent = serde_json::from_slice(payload)
             .map_err(|e| RouteError::Poison(format!("malformed message event: {e}")))?;
         if event.conversation != conversation {
             return Err(RouteError::Poison(
@@ -186,8 +218,8 @@ impl Fanout {
             .map_err(RouteError::Transient)
     }
 
-    async fn route_group_event(&self, message: &jetstream::Message) -> Result<(), RouteError> {
-        let event: GroupEvent = serde_json::from_slice(&message.payload)
+    async fn route_group_event(&self, payload: &[u8]) -> Result<(), RouteError> {
+        let event: GroupEvent = serde_json::from_slice(payload)
             .map_err(|e| RouteError::Poison(format!("malformed group event: {e}")))?;
         self.groups.invalidate(&event.group);
         let mut recipients = event.members.clone();
@@ -232,6 +264,42 @@ fn lane_of(subject: &str) -> usize {
     (hasher.finish() % LANES as u64) as usize
 }
 
+/// What a lane routes.
+// Deliveries are the common case and the large variant: boxing them would
+// allocate once per event to save stack in a rare one.
+#[allow(clippy::large_enum_variant)]
+enum Work {
+    /// A delivery: acked once routed.
+    Delivered(jetstream::Message),
+    /// An event read back after it was lost in flight.
+    Recovered(StreamMessage),
+}
+
+/// The stream sequences a consumer has seen, shared by the futures of its
+/// pull loop (which runs them one at a time).
+async fn sequence_of(router: &Fanout, source: Source) -> Result<Arc<Mutex<Sequence>>, StartError> {
+    let stream = router
+        .js
+        .get_stream_no_info(source.stream())
+        .await
+        .map_err(|e| StartError::JetStream(format!("stream {}: {e}", source.stream())))?;
+    Ok(Arc::new(Mutex::new(Sequence::new(stream))))
+}
+
+/// The events lost in flight before `message`, read back from the stream.
+async fn missing_before(
+    sequence: &Mutex<Sequence>,
+    message: &jetstream::Message,
+) -> Vec<StreamMessage> {
+    match message.info() {
+        Ok(info) => {
+            let delivered = info.stream_sequence;
+            sequence.lock().await.missing_before(delivered).await
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Pulls MESSAGES (as the pinned client of the router priority group) and
 /// spreads events over the lanes by conversation.
 pub async fn consume_messages(
@@ -239,21 +307,41 @@ pub async fn consume_messages(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
-    let lanes: Vec<mpsc::Sender<jetstream::Message>> = (0..LANES)
-        .map(|_| {
-            let (tx, mut rx) = mpsc::channel::<jetstream::Message>(LANE_QUEUE);
-            let router = router.clone();
-            tokio::spawn(async move {
-                while let Some(message) = rx.recv().await {
-                    router.settle(Source::Messages, message).await;
-                }
-            });
-            tx
-        })
-        .collect();
+    let sequence = sequence_of(&router, Source::Messages).await?;
+    let lanes: Arc<Vec<mpsc::Sender<Work>>> = Arc::new(
+        (0..LANES)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<Work>(LANE_QUEUE);
+                let router = router.clone();
+                tokio::spawn(async move {
+                    while let Some(work) = rx.recv().await {
+                        match work {
+                            Work::Delivered(message) => {
+                                router.settle(Source::Messages, message).await
+                            }
+                            Work::Recovered(event) => {
+                                router.settle_recovered(Source::Messages, event).await
+                            }
+                        }
+                    }
+                });
+                tx
+            })
+            .collect(),
+    );
     pull(consumer, stop, |message| {
-        let lane = &lanes[lane_of(&message.subject)];
-        async move { lane.send(message).await.is_ok() }
+        let lanes = lanes.clone();
+        let sequence = sequence.clone();
+        async move {
+            for event in missing_before(&sequence, &message).await {
+                let lane = &lanes[lane_of(event.subject.as_str())];
+                if lane.send(Work::Recovered(event)).await.is_err() {
+                    return false;
+                }
+            }
+            let lane = &lanes[lane_of(&message.subject)];
+            lane.send(Work::Delivered(message)).await.is_ok()
+        }
     })
     .await
 }
@@ -264,9 +352,14 @@ pub async fn consume_events(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
+    let sequence = sequence_of(&router, Source::Events).await?;
     pull(consumer, stop, |message| {
         let router = router.clone();
+        let sequence = sequence.clone();
         async move {
+            for event in missing_before(&sequence, &message).await {
+                router.settle_recovered(Source::Events, event).await;
+            }
             router.settle(Source::Events, message).await;
             true
         }

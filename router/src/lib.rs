@@ -19,6 +19,7 @@
 //! the messages' senders (`receipts`).
 
 mod fanout;
+mod gaps;
 mod inbox;
 mod metrics;
 mod push;
