@@ -269,7 +269,7 @@ impl Default for Workload {
 /// how long the devices get to catch up.
 const SETTLE: Duration = Duration::from_secs(90);
 /// How long one send waits for its reply before it is retried.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One message a sender tried to send.
 #[derive(Debug, Clone, Serialize)]
@@ -282,6 +282,9 @@ pub struct Attempt {
     pub acked: Option<u64>,
     /// Tries it took (1 = no retry).
     pub tries: u32,
+    /// The longest any one try waited for its answer (or gave up at
+    /// the send timeout), in ms: how fast a fault is reported.
+    pub slowest_try_ms: u64,
     /// An error that ends retrying (bad_request, forbidden): must not
     /// happen in a fault run.
     pub refused: Option<String>,
@@ -531,6 +534,7 @@ impl Sender {
                 conversation,
                 acked: None,
                 tries: 0,
+                slowest_try_ms: 0,
                 refused: None,
             };
             self.deliver(&mut attempt, frame).await;
@@ -553,6 +557,7 @@ impl Sender {
                 }
             }
             attempt.tries += 1;
+            let started = tokio::time::Instant::now();
             let (reply, answer) = oneshot::channel();
             let request = Request {
                 frame: frame.clone(),
@@ -563,6 +568,8 @@ impl Sender {
                 answer.await.ok()
             })
             .await;
+            let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            attempt.slowest_try_ms = attempt.slowest_try_ms.max(waited);
             let retry_in = match answered {
                 Ok(Some(reply)) if reply["type"] == "sent" => {
                     attempt.acked = reply["id"].as_str().and_then(|id| id.parse().ok());
@@ -603,6 +610,7 @@ impl DeviceConnection {
     async fn run(mut self) {
         let mut cursor: Option<String> = None;
         let mut connection = 0u32;
+        let mut quick_failures = 0u32;
         while !*self.stop.borrow() {
             self.turn += 1;
             let Some(url) = self.urls.pick(self.turn) else {
@@ -622,7 +630,17 @@ impl DeviceConnection {
             if let Ok(mut connections) = self.connections.lock() {
                 connections.insert(self.name.clone(), connection);
             }
+            let started = tokio::time::Instant::now();
             self.session(socket, connection, &mut cursor).await;
+            // A session refused at once (the backend is away) is retried
+            // after a growing pause, as real clients back off.
+            if started.elapsed() < Duration::from_secs(2) {
+                quick_failures += 1;
+                let pause = 100u64 << quick_failures.min(4);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            } else {
+                quick_failures = 0;
+            }
         }
     }
 
@@ -764,6 +782,8 @@ pub struct Report {
     pub refused: usize,
     /// Sends that needed more than one try.
     pub retried: usize,
+    /// The longest one try of any send waited for its answer, in ms.
+    pub slowest_try_ms: u64,
     /// acked x member devices.
     pub expected_deliveries: usize,
     pub lost: usize,
@@ -840,6 +860,7 @@ pub fn check(history: &History, stored: &[Stored]) -> Report {
         if attempt.tries > 1 {
             report.retried += 1;
         }
+        report.slowest_try_ms = report.slowest_try_ms.max(attempt.slowest_try_ms);
     }
     report.reconnects = history
         .connections
@@ -994,7 +1015,8 @@ where
     let dir = history.write(name, &report)?;
     println!(
         "chaos {name}: attempted {} acked {} lost {} duplicated {} (in connection) \
-         redelivered {} stored twice {} out of order {} reconnects {} db missing {} db duplicated {} -> {}",
+         redelivered {} stored twice {} out of order {} reconnects {} retried {} slowest try {} ms \
+         db missing {} db duplicated {} -> {}",
         report.attempted,
         report.acked,
         report.lost,
@@ -1003,6 +1025,8 @@ where
         report.stored_twice,
         report.out_of_order,
         report.reconnects,
+        report.retried,
+        report.slowest_try_ms,
         report.missing_in_database,
         report.duplicated_in_database,
         dir.display()
@@ -1022,6 +1046,7 @@ mod tests {
             conversation: conversation.into(),
             acked,
             tries: 1,
+            slowest_try_ms: 0,
             refused: None,
         }
     }

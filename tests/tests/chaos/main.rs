@@ -198,6 +198,12 @@ async fn cluster_loses_quorum() -> Result<()> {
     .await?;
     report.assert_clean()?;
     assert!(report.retried > 0, "the outage failed no send: {report:?}");
+    // Without a quorum every send is answered (`unavailable`), none hangs.
+    assert!(
+        report.slowest_try_ms < chaos::SEND_TIMEOUT.as_millis() as u64,
+        "a send waited {} ms for an answer",
+        report.slowest_try_ms
+    );
     Ok(())
 }
 
