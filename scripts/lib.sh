@@ -264,3 +264,32 @@ log_tail() {
         say "    (no output in $f)"
     fi
 }
+
+# Debian's ejabberd, for the comparison in `chatctl bench dm|group --peer
+# ejabberd` and its smoke test (chatctl/tests/peer_bench.rs). The bench runs
+# its own ejabberd from a temporary directory, so the package's service is
+# kept from starting (policy-rc.d during the install) and stopped if a
+# systemd boot started it anyway.
+_ensure_ejabberd() {
+    local app="/usr/lib/*/ejabberd-*/ebin/ejabberd.app" policy=/usr/sbin/policy-rc.d own_policy=0
+    if command -v erl >/dev/null 2>&1 && compgen -G "$app" >/dev/null; then
+        return 0
+    fi
+    say "installing ejabberd (apt; its service stays stopped, the bench starts its own)"
+    if [ ! -e "$policy" ]; then
+        _as_root sh -c "printf '#!/bin/sh\nexit 101\n' >$policy && chmod 755 $policy"
+        own_policy=1
+    fi
+    # A subshell, so a failed install still removes our policy-rc.d.
+    if ! (_apt_install ejabberd); then
+        [ "$own_policy" = 1 ] && _as_root rm -f "$policy"
+        die "apt-get install ejabberd failed"
+    fi
+    [ "$own_policy" = 1 ] && _as_root rm -f "$policy"
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        _as_root systemctl disable --now ejabberd >/dev/null 2>&1 || true
+    fi
+    if ! command -v erl >/dev/null 2>&1 || ! compgen -G "$app" >/dev/null; then
+        die "ejabberd installed but erl or $app not found"
+    fi
+}

@@ -85,7 +85,7 @@ impl Ejabberd {
         self.addr
     }
 
-    /// `23.01-1` for Debian's package.
+    /// As its code directory is named: `23.01` for Debian bookworm's package.
     pub fn version(&self) -> &str {
         &self.version
     }
