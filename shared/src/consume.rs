@@ -299,6 +299,12 @@ pub struct Scan {
 
 /// Messages and bytes asked for per request.
 const SCAN_BATCH: usize = 500;
+/// A scan whose stream does not answer for this long fails instead of
+/// waiting: a stream that lost its leader (a cluster without quorum) may
+/// leave a pull unanswered, and a session replaying its inbox must then
+/// answer `unavailable` (the client resumes later) rather than hang with
+/// its requests unread. The fault suite's `cluster_loses_quorum` found it.
+const SCAN_STALL: Duration = Duration::from_secs(5);
 const SCAN_BYTES: usize = 4 * 1024 * 1024;
 
 impl Scan {
@@ -337,7 +343,10 @@ impl Scan {
                 return Ok(None);
             }
             if let Some(batch) = &mut self.batch {
-                match batch.next().await {
+                let next = tokio::time::timeout(SCAN_STALL, batch.next())
+                    .await
+                    .map_err(|_| format!("no answer from the stream within {SCAN_STALL:?}"))?;
+                match next {
                     Some(Ok(message)) => {
                         self.yielded += 1;
                         let info = message.info().map_err(|e| e.to_string())?;
@@ -354,13 +363,15 @@ impl Scan {
                 }
             }
             self.yielded = 0;
-            let batch = self
+            let fetch = self
                 .consumer
                 .fetch()
                 .max_messages(SCAN_BATCH)
                 .max_bytes(SCAN_BYTES)
-                .messages()
+                .messages();
+            let batch = tokio::time::timeout(SCAN_STALL, fetch)
                 .await
+                .map_err(|_| format!("no answer from the stream within {SCAN_STALL:?}"))?
                 .map_err(|e| e.to_string())?;
             self.batch = Some(batch);
         }

@@ -282,8 +282,9 @@ pub struct Attempt {
     pub acked: Option<u64>,
     /// Tries it took (1 = no retry).
     pub tries: u32,
-    /// The longest any one try waited for its answer (or gave up at
-    /// the send timeout), in ms: how fast a fault is reported.
+    /// The longest any one try waited for its answer once it was written
+    /// to a connection (or gave up at the send timeout), in ms: how fast a
+    /// fault is reported. Time spent waiting for a connection is not in it.
     pub slowest_try_ms: u64,
     /// An error that ends retrying (bad_request, forbidden): must not
     /// happen in a fault run.
@@ -377,6 +378,9 @@ impl History {
 struct Request {
     frame: Value,
     reply: oneshot::Sender<Value>,
+    /// When the frame went out on a connection (unset while there is
+    /// none): the answer time is measured from here.
+    written: Arc<std::sync::OnceLock<tokio::time::Instant>>,
 }
 
 /// Runs `workload` against `deployment`'s edges while `faults` runs, then
@@ -557,19 +561,22 @@ impl Sender {
                 }
             }
             attempt.tries += 1;
-            let started = tokio::time::Instant::now();
             let (reply, answer) = oneshot::channel();
+            let written = Arc::new(std::sync::OnceLock::new());
             let request = Request {
                 frame: frame.clone(),
                 reply,
+                written: written.clone(),
             };
             let answered = tokio::time::timeout(SEND_TIMEOUT, async {
                 self.requests.send(request).await.ok()?;
                 answer.await.ok()
             })
             .await;
-            let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            attempt.slowest_try_ms = attempt.slowest_try_ms.max(waited);
+            if let Some(written) = written.get() {
+                let waited = u64::try_from(written.elapsed().as_millis()).unwrap_or(u64::MAX);
+                attempt.slowest_try_ms = attempt.slowest_try_ms.max(waited);
+            }
             let retry_in = match answered {
                 Ok(Some(reply)) if reply["type"] == "sent" => {
                     attempt.acked = reply["id"].as_str().and_then(|id| id.parse().ok());
@@ -686,7 +693,18 @@ impl DeviceConnection {
                         Some(Ok(_)) => continue,
                     };
                     match frame["type"].as_str() {
-                        Some("synced") => synced = true,
+                        Some("synced") => {
+                            synced = true;
+                            // The head: a device that received nothing yet
+                            // resumes from here, not from the newest item
+                            // at its next connect (PROTOCOL.md: clients
+                            // store every cursor they are given).
+                            if let Some(c) = frame["cursor"].as_str() {
+                                if cursor.is_none() {
+                                    *cursor = Some(c.to_string());
+                                }
+                            }
+                        }
                         Some("message") => {
                             self.record(connection, &frame);
                             if let Some(c) = frame["cursor"].as_str() {
@@ -718,6 +736,7 @@ impl DeviceConnection {
                     if sink.send(Message::Text(request.frame.to_string().into())).await.is_err() {
                         break;
                     }
+                    let _ = request.written.set(tokio::time::Instant::now());
                     in_flight.insert(reference, request.reply);
                 }
                 _ = ack_tick.tick() => {
