@@ -324,8 +324,8 @@ impl Drop for NatsServer {
 }
 
 /// A 3-node JetStream cluster on loopback for fault tests: the settings of
-/// `nats/cluster-{1,2,3}.conf` (`sync_interval: always` included) on free ports, each node with its own store
-/// in a temporary dir. Nodes can be killed, restarted and paused; all are
+/// `nats/cluster-{1,2,3}.conf` (`sync_interval: always` included) on free
+/// ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
 /// killed (and the dir removed) on drop.
 pub struct NatsCluster {
     bin: PathBuf,
