@@ -277,13 +277,23 @@ enum Work {
 
 /// The stream sequences a consumer has seen, shared by the futures of its
 /// pull loop (which runs them one at a time).
-async fn sequence_of(router: &Fanout, source: Source) -> Result<Arc<Mutex<Sequence>>, StartError> {
+async fn sequence_of(
+    router: &Fanout,
+    source: Source,
+    consumer: &mut PullConsumer,
+) -> Result<Arc<Mutex<Sequence>>, StartError> {
     let stream = router
         .js
         .get_stream_no_info(source.stream())
         .await
         .map_err(|e| StartError::JetStream(format!("stream {}: {e}", source.stream())))?;
-    Ok(Arc::new(Mutex::new(Sequence::new(stream))))
+    let ack_floor = consumer
+        .info()
+        .await
+        .map_err(|e| StartError::JetStream(format!("consumer on {}: {e}", source.stream())))?
+        .ack_floor
+        .stream_sequence;
+    Ok(Arc::new(Mutex::new(Sequence::new(stream, ack_floor))))
 }
 
 /// The events lost in flight before `message`, read back from the stream.
@@ -307,7 +317,8 @@ pub async fn consume_messages(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
-    let sequence = sequence_of(&router, Source::Messages).await?;
+    let mut consumer = consumer;
+    let sequence = sequence_of(&router, Source::Messages, &mut consumer).await?;
     let lanes: Arc<Vec<mpsc::Sender<Work>>> = Arc::new(
         (0..LANES)
             .map(|_| {
@@ -352,7 +363,8 @@ pub async fn consume_events(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
-    let sequence = sequence_of(&router, Source::Events).await?;
+    let mut consumer = consumer;
+    let sequence = sequence_of(&router, Source::Events, &mut consumer).await?;
     pull(consumer, stop, |message| {
         let router = router.clone();
         let sequence = sequence.clone();

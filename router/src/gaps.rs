@@ -25,14 +25,23 @@ const READ_ATTEMPTS: u32 = 3;
 /// The stream sequences seen so far on one consumer.
 pub struct Sequence {
     stream: jetstream::stream::Stream<()>,
-    /// The sequence after the highest one delivered; `None` until the
-    /// first delivery (a consumer's first event may follow acked ones).
+    /// The sequence after the highest one delivered (or the ack floor at
+    /// start); `None` for a consumer that never acked anything, whose
+    /// first delivery may follow events that aged out of the stream.
     next: Option<u64>,
 }
 
 impl Sequence {
-    pub fn new(stream: jetstream::stream::Stream<()>) -> Self {
-        Self { stream, next: None }
+    /// `ack_floor` is the consumer's at start: every event above it that
+    /// is still unacknowledged was delivered to a router that is gone (a
+    /// kill, a takeover) and would come back only after its ack wait,
+    /// behind newer events. Expecting the next delivery right above the
+    /// floor makes them a hole, read back and routed first.
+    pub fn new(stream: jetstream::stream::Stream<()>, ack_floor: u64) -> Self {
+        Self {
+            stream,
+            next: (ack_floor > 0).then_some(ack_floor + 1),
+        }
     }
 
     /// The events missing before the delivered one at `sequence`, read
