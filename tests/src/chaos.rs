@@ -205,6 +205,18 @@ impl Deployment {
         Ok(client)
     }
 
+    /// How many events the DEADLETTER stream holds.
+    pub async fn dead_letters(&self) -> Result<u64> {
+        let admin =
+            chat_shared::nats::connect(&crate::config_as(&self.config, "admin"), "chaos").await?;
+        let js = async_nats::jetstream::new(admin);
+        let mut stream = js
+            .get_stream(chat_shared::subjects::DEADLETTER_STREAM)
+            .await
+            .context("the DEADLETTER stream")?;
+        Ok(stream.info().await?.state.messages)
+    }
+
     /// The process-wide PostgreSQL server, to stop and start it.
     pub async fn postgres(&self) -> Result<&'static PgCluster> {
         PgCluster::shared().await
@@ -826,6 +838,9 @@ pub struct Report {
     pub missing_in_database: usize,
     /// (sender, client_msg_id) stored more than once in PostgreSQL.
     pub duplicated_in_database: usize,
+    /// Events in the DEADLETTER stream: a consumer gave up on one, or one
+    /// exhausted its deliveries (a database outage must not do that).
+    pub dead_letters: u64,
 }
 
 impl Report {
@@ -843,6 +858,10 @@ impl Report {
             ("refused", self.refused),
             ("missing in the database", self.missing_in_database),
             ("duplicated in the database", self.duplicated_in_database),
+            (
+                "dead-lettered",
+                usize::try_from(self.dead_letters).unwrap_or(usize::MAX),
+            ),
         ];
         let found: Vec<String> = problems
             .iter()
@@ -1030,12 +1049,13 @@ where
 {
     let history = run(deployment, workload, faults).await?;
     let stored = stored_messages(deployment, &history).await?;
-    let report = check(&history, &stored);
+    let mut report = check(&history, &stored);
+    report.dead_letters = deployment.dead_letters().await?;
     let dir = history.write(name, &report)?;
     println!(
         "chaos {name}: attempted {} acked {} lost {} duplicated {} (in connection) \
          redelivered {} stored twice {} out of order {} reconnects {} retried {} slowest try {} ms \
-         db missing {} db duplicated {} -> {}",
+         db missing {} db duplicated {} dead letters {} -> {}",
         report.attempted,
         report.acked,
         report.lost,
@@ -1048,6 +1068,7 @@ where
         report.slowest_try_ms,
         report.missing_in_database,
         report.duplicated_in_database,
+        report.dead_letters,
         dir.display()
     );
     Ok(report)
