@@ -420,7 +420,8 @@ where
     let logs: Arc<Mutex<BTreeMap<String, Vec<Received>>>> = Arc::default();
     let connections: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
     let mut device_tasks = Vec::new();
-    let mut sender_tasks = Vec::new();
+    let mut senders = Vec::new();
+    let (ready_tx, mut ready_rx) = mpsc::channel(workload.users * workload.devices);
     for (index, user) in users.iter().enumerate() {
         let token = deployment.token(user)?;
         for device in 0..workload.devices {
@@ -438,6 +439,7 @@ where
                 logs: logs.clone(),
                 connections: connections.clone(),
                 requests: (device == 0).then_some(requests_rx),
+                ready: Some(ready_tx.clone()),
                 stop: devices_stopped.clone(),
             };
             device_tasks.push(tokio::spawn(connection.run()));
@@ -458,10 +460,24 @@ where
                     requests: requests_tx,
                     stop: senders_stopped.clone(),
                 };
-                sender_tasks.push(tokio::spawn(sender.run()));
+                senders.push(sender);
             }
         }
     }
+    // Every device has its first `synced` before anyone sends: a device's
+    // first hello carries no cursor and starts at the head, so a message
+    // sent before it would not be its to receive.
+    drop(ready_tx);
+    for _ in 0..workload.users * workload.devices {
+        tokio::time::timeout(SETTLE, ready_rx.recv())
+            .await
+            .context("the devices did not all connect")?
+            .context("a device stopped before it connected")?;
+    }
+    let sender_tasks: Vec<_> = senders
+        .into_iter()
+        .map(|sender| tokio::spawn(sender.run()))
+        .collect();
 
     let duration = workload.duration;
     let stopper = async {
@@ -622,6 +638,8 @@ struct DeviceConnection {
     logs: Arc<Mutex<BTreeMap<String, Vec<Received>>>>,
     connections: Arc<Mutex<BTreeMap<String, u32>>>,
     requests: Option<mpsc::Receiver<Request>>,
+    /// Told once, at the first `synced`.
+    ready: Option<mpsc::Sender<()>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -707,6 +725,9 @@ impl DeviceConnection {
                     match frame["type"].as_str() {
                         Some("synced") => {
                             synced = true;
+                            if let Some(ready) = self.ready.take() {
+                                let _ = ready.send(()).await;
+                            }
                             // The head: a device that received nothing yet
                             // resumes from here, not from the newest item
                             // at its next connect (PROTOCOL.md: clients
