@@ -324,7 +324,7 @@ impl Drop for NatsServer {
 }
 
 /// A 3-node JetStream cluster on loopback for fault tests: the settings of
-/// `nats/cluster-{1,2,3}.conf` (`sync_interval: always` included) on free
+/// `nats/cluster-{1,2,3}.conf` (`sync_interval: 1s` included) on free
 /// ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
 /// killed (and the dir removed) on drop.
 pub struct NatsCluster {
@@ -370,7 +370,7 @@ impl NatsCluster {
                 .collect();
             let text = format!(
                 "server_name: n{n}\nlisten: 127.0.0.1:{port}\nmax_payload: 2MB\n\
-                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: 1s\n}}\n\
                  cluster {{\n  name: chaos\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
                  include \"users.conf\"\n",
                 n = index + 1,

@@ -41,7 +41,9 @@ async fn kill_edges() -> Result<()> {
             pause(3.0).await;
             d.kill_edge(0).await?;
             pause(4.0).await;
-            d.kill_edge(1).await
+            // The other original edge (index 0 now), which still holds
+            // the devices that were never moved.
+            d.kill_edge(0).await
         })
     })
     .await?;
