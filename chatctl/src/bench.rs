@@ -21,6 +21,13 @@ pub struct DmOptions {
     pub messages: usize,
     /// Sends in flight per sender.
     pub window: usize,
+    /// Offered load over all senders, in messages per second; `None` sends
+    /// flat out (as fast as the window allows).
+    pub rate: Option<f64>,
+    /// Sample the resident memory of the system's processes on this
+    /// machine (edge, router, persister, presence, pushd, nats-server)
+    /// every this often during the run: a soak.
+    pub rss_every: Option<Duration>,
 }
 
 /// What one run measured.
@@ -38,6 +45,12 @@ pub struct DmReport {
     pub sent_latency: Percentiles,
     /// Milliseconds, send -> the recipient's `message` frame.
     pub delivered_latency: Percentiles,
+    /// The offered load, when the run was paced (latencies are then
+    /// measured from each message's scheduled send time, so a stall
+    /// counts against every message it delayed).
+    pub offered_per_second: Option<f64>,
+    /// Resident memory of each process over the run, when sampled.
+    pub memory: Vec<crate::memory::Footprint>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -71,6 +84,12 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     if options.pairs == 0 || options.messages == 0 || options.window == 0 {
         bail!("pairs, messages and window must be positive");
     }
+    let interval = match options.rate {
+        Some(rate) if !(rate.is_finite() && rate > 0.0) => bail!("rate must be positive"),
+        Some(rate) => Some(Duration::from_secs_f64(options.pairs as f64 / rate)),
+        None => None,
+    };
+    let sampler = options.rss_every.map(crate::memory::Sampler::start);
     // Fresh user names per run, so earlier runs' inboxes do not interfere.
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -98,6 +117,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
             to,
             options.messages,
             options.window,
+            interval,
             sent_at,
             start,
         )));
@@ -114,6 +134,10 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     let seconds = began.elapsed().as_secs_f64();
     let total = options.pairs * options.messages;
+    let memory = match sampler {
+        Some(sampler) => sampler.finish().await,
+        None => Vec::new(),
+    };
     Ok(DmReport {
         pairs: options.pairs,
         messages: total,
@@ -123,6 +147,8 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         delivered_per_second: total as f64 / seconds,
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
+        offered_per_second: options.rate,
+        memory,
     })
 }
 
@@ -139,13 +165,15 @@ fn latency(sent_at: &[AtomicU64], seq: usize, start: Instant) -> u64 {
     micros_since(start).saturating_sub(at.saturating_sub(1))
 }
 
-/// Sends `count` messages with at most `window` unanswered; returns each
-/// send -> `sent` latency in µs.
+/// Sends `count` messages with at most `window` unanswered, one every
+/// `interval` when given (else flat out); returns each send -> `sent`
+/// latency in µs.
 pub(crate) async fn send(
     socket: Socket,
     to: String,
     count: usize,
     window: usize,
+    interval: Option<Duration>,
     sent_at: Arc<Vec<AtomicU64>>,
     start: Instant,
 ) -> anyhow::Result<Vec<u64>> {
@@ -188,12 +216,24 @@ pub(crate) async fn send(
         }
         Ok(latencies)
     });
+    let began = Instant::now();
     for seq in 0..count {
+        // Paced: the message is due at its slot, and its latency counts
+        // from there even if the window held it back (no coordinated
+        // omission).
+        let due = interval.map(|interval| began + interval.mul_f64(seq as f64));
+        if let Some(due) = due {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let Ok(permit) = window.acquire().await else {
             break;
         };
         permit.forget();
-        sent_at[seq].store(micros_since(start) + 1, Ordering::Relaxed);
+        let sent = due.map_or_else(
+            || micros_since(start),
+            |due| due.saturating_duration_since(start).as_micros() as u64,
+        );
+        sent_at[seq].store(sent + 1, Ordering::Relaxed);
         let frame = json!({"type":"send","ref":seq.to_string(),"to":to,"text":format!("bench message {seq}"),"client_msg_id":format!("b{seq}")});
         write.send(Message::Text(frame.to_string().into())).await?;
     }
@@ -239,8 +279,12 @@ async fn receive(
 }
 
 pub fn print(report: &DmReport) {
+    let offered = report
+        .offered_per_second
+        .map(|rate| format!(" (offered {rate:.0}/s)"))
+        .unwrap_or_default();
     println!(
-        "dm: {} pairs, {} messages in {:.2} s: {:.0} sent/s, {:.0} delivered/s",
+        "dm: {} pairs, {} messages in {:.2} s{offered}: {:.0} sent/s, {:.0} delivered/s",
         report.pairs,
         report.messages,
         report.seconds,
@@ -257,6 +301,7 @@ pub fn print(report: &DmReport) {
             p.p50, p.p90, p.p99, p.p999, p.max
         );
     }
+    crate::memory::print(&report.memory);
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod connect_bench;
 pub mod edges;
 pub mod ejabberd;
 pub mod group_bench;
+pub mod memory;
 pub mod peer_bench;
 pub mod presence_bench;
 pub mod raw_bench;

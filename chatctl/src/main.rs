@@ -197,6 +197,16 @@ enum BenchScenario {
         /// Sends in flight per sender.
         #[arg(long, default_value_t = 32)]
         window: usize,
+        /// Offered load in messages per second over all pairs (paced;
+        /// latencies count from each message's scheduled time). Without
+        /// it, senders go flat out.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// A soak: sample the resident memory of the system's processes on
+        /// this machine every N seconds (with --rate and enough --messages
+        /// for the minutes wanted).
+        #[arg(long, value_name = "SECONDS")]
+        rss_every: Option<u64>,
         /// Also run the same load against this server (started here, on
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
@@ -378,6 +388,8 @@ async fn main() -> anyhow::Result<()> {
                     pairs,
                     messages,
                     window,
+                    rate,
+                    rss_every,
                     peer,
                     mam,
                     edge,
@@ -389,6 +401,8 @@ async fn main() -> anyhow::Result<()> {
                 pairs,
                 messages,
                 window,
+                rate,
+                rss_every: rss_every.map(Duration::from_secs),
             };
             let report = bench::dm(&config, options.clone()).await?;
             match peer {

@@ -275,6 +275,9 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
     if pairs == 0 || messages == 0 || window == 0 {
         bail!("pairs, messages and window must be positive");
     }
+    if options.rate.is_some() {
+        bail!("--rate is not supported with --peer: both sides run flat out");
+    }
     eprintln!("xmpp: logging in {} users", 2 * pairs);
     let mut all = sessions(addr, 2 * pairs).await?.into_iter();
     let start = Instant::now();
@@ -327,6 +330,8 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
         delivered_per_second: per_second(delivered_latency.len(), seconds),
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
+        offered_per_second: None,
+        memory: Vec::new(),
     })
 }
 

@@ -14,7 +14,7 @@ use chat_shared::subjects::{MESSAGES_STREAM, ROUTER_CONSUMER};
 use chat_shared::wire::ClientFrame;
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, token, websocket_url};
@@ -71,7 +71,20 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         .find(|frame| frame["type"] == "synced")
         .and_then(|frame| frame["cursor"].as_str().and_then(|c| c.parse().ok()))
         .map(Cursor);
-    drop(socket);
+    if options.no_cursor {
+        // A hello without a cursor resumes from the device's acked point,
+        // and a device that never acked starts at the head: ack the head
+        // and close cleanly, which stores it.
+        let mut socket = socket;
+        if let Some(cursor) = cursor {
+            let ack = json!({"type":"ack","cursor":cursor.0.to_string()});
+            socket.send(Message::Text(ack.to_string().into())).await?;
+        }
+        let _ = socket.close(None).await;
+        while let Some(Ok(_)) = socket.next().await {}
+    } else {
+        drop(socket);
+    }
 
     eprintln!(
         "sending {} messages to {receiver} (offline)",
@@ -85,6 +98,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         receiver.clone(),
         options.backlog,
         options.window,
+        None,
         sent_at,
         filling,
     )

@@ -20,6 +20,8 @@ async fn tiny_runs(mam: bool) {
             pairs: 2,
             messages: 50,
             window: 8,
+            rate: None,
+            rss_every: None,
         },
     )
     .await

@@ -1,0 +1,135 @@
+//! A short run of every `chatctl bench` scenario against a whole system:
+//! proves the load generator works (every message counted, every frame
+//! seen). No timing is asserted; speed is what the bench reports.
+
+use anyhow::Result;
+use chat_tests::System;
+use chatctl::bench::{self, DmOptions};
+use chatctl::connect_bench::{self, ConnectOptions};
+use chatctl::group_bench::{self, GroupOptions};
+use chatctl::presence_bench::{self, PresenceOptions};
+use chatctl::raw_bench::{self, RawOptions};
+use chatctl::resume_bench::{self, ResumeOptions};
+
+#[tokio::test]
+async fn bench_dm_counts_every_message() -> Result<()> {
+    let system = System::start().await?;
+    let report = bench::dm(
+        &system.config,
+        DmOptions {
+            edge: system.ws_url(),
+            pairs: 2,
+            messages: 25,
+            window: 4,
+            rate: None,
+            rss_every: None,
+        },
+    )
+    .await?;
+    assert_eq!(report.messages, 50);
+    assert_eq!(report.delivered, 50);
+    assert!(report.delivered_latency.max >= report.delivered_latency.p50);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_group_counts_every_delivery() -> Result<()> {
+    let system = System::start().await?;
+    let report = group_bench::group(
+        &system.config,
+        GroupOptions {
+            edge: system.ws_url(),
+            groups: 2,
+            members: 5,
+            senders: 2,
+            messages: 10,
+            window: 4,
+        },
+    )
+    .await?;
+    assert_eq!(report.messages, 2 * 2 * 10);
+    assert_eq!(
+        report.deliveries,
+        group_bench::expected_deliveries(2, 5, 2, 10)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_resume_gets_the_whole_backlog_before_synced() -> Result<()> {
+    let system = System::start().await?;
+    for no_cursor in [false, true] {
+        // It also reads the router's consumer over NATS.
+        let report = resume_bench::resume(
+            &system.config_for("admin"),
+            ResumeOptions {
+                edge: system.ws_url(),
+                backlog: 120,
+                window: 16,
+                no_cursor,
+            },
+        )
+        .await?;
+        assert!(report.resumed);
+        assert!(resume_bench::complete(&report), "{report:?}");
+        // Each run names its users by the second.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_presence_sees_every_friend_come_and_go() -> Result<()> {
+    let system = System::start().await?;
+    let report = presence_bench::presence(
+        &system.config,
+        PresenceOptions {
+            edge: system.ws_url(),
+            friends: 4,
+            rounds: 2,
+        },
+    )
+    .await?;
+    assert_eq!((report.friends, report.rounds), (4, 2));
+    assert!(report.frames_per_second > 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_raw_acks_every_publish() -> Result<()> {
+    let system = System::start().await?;
+    let report = raw_bench::raw(
+        &system.config_for("admin"),
+        RawOptions {
+            messages: 2_000,
+            window: 64,
+            size: 100,
+        },
+    )
+    .await?;
+    assert_eq!(report.messages, 2_000);
+    assert_eq!(report.core_lost, 0);
+    assert!(report.jetstream_per_second > 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_connect_opens_every_connection() -> Result<()> {
+    let system = System::start().await?;
+    let report = connect_bench::connect(
+        &system.config,
+        ConnectOptions {
+            edge: system.ws_url(),
+            connections: 40,
+            rate: 200,
+            sources: 2,
+            // The edge runs inside this test process.
+            edge_pid: Some(std::process::id()),
+        },
+    )
+    .await?;
+    assert_eq!(report.connections, 40);
+    assert_eq!(report.edge_pid, std::process::id());
+    assert!(report.edge_rss_after_kib > 0);
+    Ok(())
+}
