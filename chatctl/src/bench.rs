@@ -242,6 +242,9 @@ pub(crate) async fn send(
     Ok(latencies)
 }
 
+/// How long a receiver waits for the next message before the run fails.
+const RECEIVE_STALL: Duration = Duration::from_secs(60);
+
 /// Reads `count` messages, acking as it goes; returns each send -> delivered
 /// latency in µs.
 async fn receive(
@@ -251,10 +254,13 @@ async fn receive(
     start: Instant,
 ) -> anyhow::Result<Vec<u64>> {
     let mut latencies = Vec::with_capacity(count);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    // A run may last long (a soak); it fails only when delivery stops.
     while latencies.len() < count {
-        let Ok(Some(message)) = tokio::time::timeout_at(deadline, socket.next()).await else {
-            bail!("received {} of {count} messages", latencies.len());
+        let Ok(Some(message)) = tokio::time::timeout(RECEIVE_STALL, socket.next()).await else {
+            bail!(
+                "received {} of {count} messages, then nothing for {RECEIVE_STALL:?}",
+                latencies.len()
+            );
         };
         let Message::Text(text) = message? else {
             continue;
