@@ -80,22 +80,8 @@ impl Deployment {
             Nats::Cluster(cluster) => cluster.len(),
         };
         let config = Config {
-            nats_url: nats.url(),
-            database_url,
-            jwt_secret: Some(JWT_SECRET.into()),
-            database_pool_size: 4,
             stream_replicas,
-            presence_heartbeat: Duration::from_millis(300),
-            presence_timeout: Duration::from_millis(1500),
-            presence_debounce: Duration::from_millis(1500),
-            limits: chat_shared::config::LimitsConfig {
-                send_per_connection: 100_000,
-                send_per_user: 100_000,
-                requests_per_connection: 100_000,
-                connects_per_ip: 100_000,
-                ..Default::default()
-            },
-            ..Config::default()
+            ..crate::test_config(nats.url(), database_url)
         };
         let mut deployment = Self {
             nats,

@@ -57,25 +57,7 @@ impl System {
         init_logs();
         let nats = NatsServer::start().await?;
         let database_url = fresh_database().await?;
-        let mut config = Config {
-            nats_url: nats.url(),
-            database_url,
-            jwt_secret: Some(JWT_SECRET.into()),
-            database_pool_size: 4,
-            // Presence on a test's time scale; the defaults are seconds.
-            presence_heartbeat: Duration::from_millis(300),
-            presence_timeout: Duration::from_millis(1500),
-            presence_debounce: Duration::from_millis(1500),
-            // Tests send as fast as they can; the limit tests lower these.
-            limits: chat_shared::config::LimitsConfig {
-                send_per_connection: 100_000,
-                send_per_user: 100_000,
-                requests_per_connection: 100_000,
-                connects_per_ip: 100_000,
-                ..Default::default()
-            },
-            ..Config::default()
-        };
+        let mut config = test_config(nats.url(), database_url);
         adjust(&mut config);
         let mut system = Self {
             nats,
@@ -533,6 +515,30 @@ fn rand_ref() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The configuration every test system starts from: the test JWT secret,
+/// presence on a test's time scale (the defaults are seconds), and limits
+/// high enough for tests that send as fast as they can (the limit tests
+/// lower them).
+pub fn test_config(nats_url: String, database_url: String) -> Config {
+    Config {
+        nats_url,
+        database_url,
+        jwt_secret: Some(JWT_SECRET.into()),
+        database_pool_size: 4,
+        presence_heartbeat: Duration::from_millis(300),
+        presence_timeout: Duration::from_millis(1500),
+        presence_debounce: Duration::from_millis(1500),
+        limits: chat_shared::config::LimitsConfig {
+            send_per_connection: 100_000,
+            send_per_user: 100_000,
+            requests_per_connection: 100_000,
+            connects_per_ip: 100_000,
+            ..Default::default()
+        },
+        ..Config::default()
+    }
 }
 
 /// `config` for NATS user `user` (its dev password).
