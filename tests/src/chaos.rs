@@ -168,11 +168,6 @@ impl Deployment {
         Ok(client)
     }
 
-    /// The process of `service` (not an edge), for pausing it.
-    pub fn process(&self, service: Service) -> Option<&ServiceProcess> {
-        self.services.get(service.name())
-    }
-
     /// A token for `user`.
     pub fn token(&self, user: &str) -> Result<String> {
         let user = UserId::parse(user).context("a chaos user id")?;

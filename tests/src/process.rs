@@ -1,5 +1,5 @@
 //! Services as child processes (`src/bin/service-under-test.rs`), for tests
-//! that kill, stop or pause them.
+//! that kill or stop them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -154,17 +154,6 @@ impl ServiceProcess {
     /// gracefully (an edge drains).
     pub fn terminate(&self) -> Result<()> {
         self.signal("-TERM")
-    }
-
-    /// SIGSTOP: the process is frozen (a GC pause, a stalled VM) with its
-    /// sockets open.
-    pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
-    }
-
-    /// SIGCONT after [`ServiceProcess::pause`].
-    pub fn resume(&self) -> Result<()> {
-        self.signal("-CONT")
     }
 
     /// Waits for the process to exit; its exit code.
