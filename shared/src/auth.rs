@@ -337,6 +337,97 @@ mod tests {
         }
     }
 
+    /// Ed25519 test keys made for this test (`openssl genpkey -algorithm
+    /// ed25519`); they sign nothing outside it.
+    const ED25519_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIN24vUwpLSbDSLyhozcDCCJxCGNjOg6cUVjlxS4aZXOw
+-----END PRIVATE KEY-----
+";
+    const OTHER_ED25519_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIEtQpJxeYUVy3Ul6ArqE7OmBkKv1KOO1EwwZUEnv7lii
+-----END PRIVATE KEY-----
+";
+
+    fn ed_key(pem: &str) -> EncodingKey {
+        EncodingKey::from_ed_pem(pem.as_bytes()).unwrap()
+    }
+
+    fn eddsa(kid: Option<&str>, claims: &Claims, key: &EncodingKey) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_string);
+        sign(&header, claims, key).unwrap()
+    }
+
+    /// A verifier that trusts only a JWK set holding the public half of
+    /// `ED25519_KEY` as `kid` "ed-1" (no shared secret).
+    fn eddsa_verifier() -> Verifier {
+        use jsonwebtoken::jwk::Jwk;
+        let mut jwk = Jwk::from_encoding_key(&ed_key(ED25519_KEY), Algorithm::EdDSA).unwrap();
+        jwk.common.key_id = Some("ed-1".into());
+        let dir = std::env::temp_dir();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("chat-auth-eddsa-{}-{n}", std::process::id());
+        let jwks = dir.join(format!("{tag}.json"));
+        std::fs::write(
+            &jwks,
+            serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+        )
+        .unwrap();
+        let config = Config {
+            jwt_secret: None,
+            jwt_secret_file: dir.join(format!("{tag}.no-such-secret")),
+            jwt_jwks_file: Some(jwks.clone()),
+            jwt_leeway: Duration::from_secs(0),
+            ..Config::default()
+        };
+        let verifier = Verifier::from_config(&config);
+        let _ = std::fs::remove_file(&jwks);
+        verifier.unwrap()
+    }
+
+    #[test]
+    fn an_ed25519_token_verifies_with_its_configured_key() {
+        let v = eddsa_verifier();
+        let token = eddsa(Some("ed-1"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        let identity = v.verify(&token).unwrap();
+        assert_eq!(identity.user, UserId::parse("alice").unwrap());
+        // Expiry is checked for EdDSA as for HS256.
+        let expired = eddsa(Some("ed-1"), &claims("alice", -10), &ed_key(ED25519_KEY));
+        assert_eq!(v.verify(&expired), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn an_ed25519_token_signed_by_another_key_is_refused() {
+        let v = eddsa_verifier();
+        let good = eddsa(Some("ed-1"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        assert!(v.verify(&good).is_ok(), "the control token must verify");
+        let other_key = eddsa(
+            Some("ed-1"),
+            &claims("alice", 600),
+            &ed_key(OTHER_ED25519_KEY),
+        );
+        let tampered = {
+            let other = eddsa(Some("ed-1"), &claims("mallory", 600), &ed_key(ED25519_KEY));
+            let parts: Vec<_> = good.split('.').collect();
+            let payload = other.split('.').nth(1).unwrap();
+            format!("{}.{}.{}", parts[0], payload, parts[2])
+        };
+        let no_kid = eddsa(None, &claims("alice", 600), &ed_key(ED25519_KEY));
+        let unknown_kid = eddsa(Some("ed-2"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        for (what, token) in [
+            ("signed by another key", other_key),
+            ("tampered payload", tampered),
+            ("no kid and no shared secret", no_kid),
+            ("unknown kid", unknown_kid),
+        ] {
+            assert!(
+                matches!(v.verify(&token), Err(AuthError::Invalid(_))),
+                "{what} accepted"
+            );
+        }
+    }
+
     #[test]
     fn issuer_and_audience_are_checked_when_configured() {
         let config = Config {
