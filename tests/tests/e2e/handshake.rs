@@ -1,11 +1,21 @@
 //! PROTOCOL.md "Transport" and "Session": every rule of the handshake.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use anyhow::Context;
+use async_nats::jetstream::kv;
 use chat_shared::auth::{self, Claims};
-use chat_tests::{http_get, Client, Ending, System};
+use chat_shared::idgen::{IdError, IdGenerator, MAX_NODE_ID, SEQUENCE_BITS};
+use chat_shared::ids::MessageId;
+use chat_shared::lease::{LeaseError, NodeLease};
+use chat_shared::{streams, subjects};
+use chat_tests::{
+    config_as, http_get, test_config, wait_until, Client, Ending, NatsServer, System,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -173,5 +183,205 @@ async fn bad_frames_answer_bad_request_and_keep_the_connection() -> anyhow::Resu
     // Still open and working.
     client.send(json!({"type":"ping","ref":"after"})).await?;
     assert_eq!(client.recv().await?, json!({"type":"pong","ref":"after"}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_follows_the_nats_connection() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    let edge = system.edge_addr;
+    assert_eq!(http_get(edge, "/readyz").await?.0, 200);
+    system.nats.kill().await?;
+    let readyz = || async move { http_get(edge, "/readyz").await.ok() };
+    wait_until(|| async { readyz().await.is_some_and(|(status, _)| status == 503) }).await?;
+    assert_eq!(
+        readyz().await,
+        Some((503, "nats disconnected".to_string())),
+        "not ready while NATS is down"
+    );
+    // Alive, though: a liveness probe must not restart an edge for an outage
+    // it will ride out.
+    assert_eq!(http_get(edge, "/healthz").await?.0, 200);
+    system.nats.restart().await?;
+    wait_until(|| async { readyz().await.is_some_and(|(status, _)| status == 200) }).await?;
+    Ok(())
+}
+
+/// Node-id leases (`shared/src/lease.rs`) against a real nats-server: the
+/// `chat_nodes` bucket as the services provision it, leased with the edge's
+/// NATS user as the edge does.
+struct Leases {
+    nats: NatsServer,
+    /// The edge's view of the bucket.
+    store: kv::Store,
+    /// The admin's view, for what another process would do.
+    admin: kv::Store,
+    ttl: Duration,
+}
+
+impl Leases {
+    async fn start(ttl: Duration) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let mut config = test_config(nats.url(), String::new());
+        config.node_lease_ttl = ttl;
+        let admin = chat_shared::nats::connect(&config_as(&config, "admin"), "lease-admin").await?;
+        let admin = chat_shared::nats::jetstream(admin, &config);
+        streams::apply(&admin, &config).await?;
+        let edge = chat_shared::nats::connect(&config_as(&config, "edge"), "lease-edge").await?;
+        let edge = chat_shared::nats::jetstream(edge, &config);
+        Ok(Self {
+            store: edge.get_key_value(subjects::NODES_BUCKET).await?,
+            admin: admin.get_key_value(subjects::NODES_BUCKET).await?,
+            nats,
+            ttl,
+        })
+    }
+
+    fn leaser(&self, holder: &str) -> NodeLease {
+        NodeLease::new(self.store.clone(), holder, self.ttl)
+    }
+
+    /// Who holds `node` per the bucket.
+    async fn holder(&self, node: u16) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .admin
+            .get(node.to_string())
+            .await?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}
+
+/// The node id encoded in a message id.
+fn node_of(id: MessageId) -> u16 {
+    ((id.0 >> SEQUENCE_BITS) & u64::from(MAX_NODE_ID)) as u16
+}
+
+/// What `ids` issues now: its node id, or `None` when it refuses.
+fn issuing(ids: &IdGenerator) -> Option<u16> {
+    match ids.next_id() {
+        Ok(id) => Some(node_of(id)),
+        Err(IdError::NoLease) => None,
+        Err(e) => panic!("unexpected id error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_node_leases_are_distinct_and_a_released_one_is_reused() -> anyhow::Result<()> {
+    let leases = Leases::start(Duration::from_secs(60)).await?;
+    let all = usize::from(MAX_NODE_ID) + 1;
+    // Every node id at once, all racing for the same keys.
+    let racers: Vec<_> = (0..all)
+        .map(|i| {
+            let lease = leases.leaser(&format!("p{i}"));
+            tokio::spawn(async move {
+                let (node, revision) = lease.acquire().await?;
+                anyhow::Ok((lease, node, revision))
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(all);
+    for racer in racers {
+        held.push(racer.await??);
+    }
+    let nodes: HashSet<u16> = held.iter().map(|(_, node, _)| *node).collect();
+    assert_eq!(nodes.len(), all, "two leasers got the same node id");
+    // Each one's generator issues ids with its own node id.
+    for (lease, node, _) in held.iter().step_by(97) {
+        assert_eq!(issuing(&IdGenerator::new(lease.slot())), Some(*node));
+    }
+    for (i, (_, node, _)) in held.iter().enumerate().step_by(97) {
+        assert_eq!(leases.holder(*node).await?, Some(format!("p{i}")));
+    }
+
+    // None left.
+    let late = leases.leaser("late");
+    assert!(
+        matches!(late.acquire().await, Err(LeaseError::Exhausted(n)) if n as usize == all),
+        "a 1025th leaser got a node id"
+    );
+    assert_eq!(issuing(&IdGenerator::new(late.slot())), None);
+
+    // One is released (as at shutdown): the latecomer gets exactly that id.
+    let (lease, node, revision) = held.swap_remove(0);
+    let slot = lease.slot();
+    let (stop, stopped) = watch::channel(false);
+    let keeping = tokio::spawn(lease.keep(node, revision, stopped));
+    stop.send_replace(true);
+    keeping.await?;
+    assert_eq!(
+        issuing(&IdGenerator::new(slot)),
+        None,
+        "released, still issuing"
+    );
+    assert_eq!(leases.holder(node).await?, None);
+    assert_eq!(late.acquire().await?.0, node);
+    assert_eq!(issuing(&IdGenerator::new(late.slot())), Some(node));
+    assert_eq!(leases.holder(node).await?, Some("late".to_string()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_node_lease_stops_its_ids_and_another_id_is_leased() -> anyhow::Result<()> {
+    let leases = Leases::start(Duration::from_secs(3)).await?;
+    let lease = leases.leaser("edge-a");
+    let (node, revision) = lease.acquire().await?;
+    let ids = IdGenerator::new(lease.slot());
+    assert_eq!(issuing(&ids), Some(node));
+    let (stop, stopped) = watch::channel(false);
+    let keeping = tokio::spawn(lease.keep(node, revision, stopped));
+
+    // Someone else now holds the key (the lease ran out while this process
+    // was paused, and another took it).
+    leases.admin.put(node.to_string(), "edge-b".into()).await?;
+    // The next refresh notices; the generator never issues `node` again and
+    // moves to a free id.
+    wait_until(|| async { issuing(&ids).is_some_and(|n| n != node) }).await?;
+    let moved = issuing(&ids).context("a new lease")?;
+    for _ in 0..20 {
+        assert_ne!(issuing(&ids), Some(node), "issuing a lost node id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leases.holder(node).await?, Some("edge-b".to_string()));
+    assert_eq!(leases.holder(moved).await?, Some("edge-a".to_string()));
+
+    // Stopping releases the new one, not the one taken over.
+    stop.send_replace(true);
+    keeping.await?;
+    assert_eq!(issuing(&ids), None);
+    assert_eq!(leases.holder(moved).await?, None);
+    assert_eq!(leases.holder(node).await?, Some("edge-b".to_string()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unrefreshed_node_lease_stops_ids_before_it_expires() -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(3);
+    let mut leases = Leases::start(ttl).await?;
+    let lease = leases.leaser("edge-a");
+    let (node, revision) = lease.acquire().await?;
+    let ids = IdGenerator::new(lease.slot());
+    let (stop, stopped) = watch::channel(false);
+    let keeping = tokio::spawn(lease.keep(node, revision, stopped));
+    assert_eq!(issuing(&ids), Some(node));
+
+    // No refresh can reach the bucket now. The last one was sent before
+    // this instant, so the lease counts as ours for at most 60 % of the TTL
+    // from here: ids stop before the key can expire for anybody else.
+    leases.nats.kill().await?;
+    tokio::time::sleep(ttl.mul_f64(0.6) + Duration::from_millis(200)).await;
+    assert_eq!(
+        issuing(&ids),
+        None,
+        "issuing ids on a lease it cannot refresh"
+    );
+
+    // Back: the lease is refreshed (or, if the key expired meanwhile, a
+    // fresh one is taken) and ids flow again.
+    leases.nats.restart().await?;
+    wait_until(|| async { issuing(&ids).is_some() }).await?;
+    let now = issuing(&ids).context("a lease")?;
+    assert_eq!(leases.holder(now).await?, Some("edge-a".to_string()));
+    stop.send_replace(true);
+    keeping.await?;
     Ok(())
 }
