@@ -89,7 +89,9 @@ impl Hub {
             client,
             users: Mutex::new(HashMap::new()),
             next_session: Default::default(),
-            queue,
+            // A channel of 0 would panic; configuration refuses it, and a
+            // `Config` built in code gets the smallest working queue.
+            queue: queue.max(1),
             queue_bytes,
             confirm_timeout,
         })

@@ -49,10 +49,6 @@ const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Beyond this much unsent data the socket counts as stuck and writes fail
 /// instead of buffering without bound (tungstenite's default is unbounded).
 const MAX_WRITE_BUFFER_BYTES: usize = 2 * MAX_FRAME_BYTES;
-/// Live frames waiting for one session before it counts as too slow.
-const LIVE_QUEUE: usize = 4096;
-/// Bytes of live frames waiting for one session before it counts as too slow.
-const LIVE_QUEUE_BYTES: usize = 4 * MAX_FRAME_BYTES;
 
 /// Everything a connection needs, shared by all of them.
 pub(crate) struct Edge {
@@ -159,10 +155,12 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::EdgeMetrics::new(&mut registry);
     let edge = Arc::new(Edge {
+        // Live frames (and their bytes) waiting for one session before it
+        // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
         hub: hub::Hub::new(
             nats.clone(),
-            LIVE_QUEUE,
-            LIVE_QUEUE_BYTES,
+            config.limits.live_queue,
+            config.limits.live_queue_bytes,
             config.request_timeout,
         ),
         limits: limits::Limits::new(config.limits.clone()),

@@ -26,9 +26,6 @@ use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
 use crate::receipts::DeliveredTracker;
 use crate::Edge;
 
-/// Frames queued for the writer. Replies wait for room; live frames go
-/// through the hub's own bounded queue first.
-const OUTBOUND_QUEUE: usize = 64;
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -79,7 +76,9 @@ impl Outbox {
 pub async fn serve(socket: WebSocket, edge: Arc<Edge>, ticket: Ticket) {
     let (sink, stream) = socket.split();
     let _open = edge.metrics.connection_opened();
-    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    // Frames queued for the writer (CHAT_LIMIT_OUTBOUND_QUEUE). Replies wait
+    // for room; live frames go through the hub's own bounded queue first.
+    let (tx, rx) = mpsc::channel(edge.config.limits.outbound_queue.max(1));
     let writer = tokio::spawn(write_loop(sink, rx, edge.config.idle_timeout()));
     run_session(stream, Outbox(tx, edge.metrics.clone()), edge, ticket).await;
     // The outbox is dropped here; the writer sends what is queued, then ends.
@@ -460,11 +459,15 @@ impl Session {
         let from = DeliverPolicy::ByStartSequence {
             start_sequence: self.sent_up_to.0.saturating_add(1),
         };
+        let unavailable = |e: String| {
+            tracing::warn!(error = %e, "cannot read the inbox");
+            UNAVAILABLE
+        };
         let mut scan = Scan::open(&self.edge.inbox, subjects::inbox(&self.user), from)
             .await
-            .map_err(|_| UNAVAILABLE)?;
+            .map_err(unavailable)?;
         let result = async {
-            while let Some(message) = scan.next().await.map_err(|_| UNAVAILABLE)? {
+            while let Some(message) = scan.next().await.map_err(unavailable)? {
                 let cursor = Cursor(message.info().map_err(|_| UNAVAILABLE)?.stream_sequence);
                 let Ok(frame) = Utf8Bytes::try_from(with_cursor(&message.payload, cursor)) else {
                     tracing::error!("skipping an inbox item that is not UTF-8");

@@ -124,7 +124,23 @@ pub struct LimitsConfig {
     /// before their `retry_after_ms`) within 10 s after which the connection
     /// is closed with 4008.
     pub abuse_strikes: u32,
+    /// `CHAT_LIMIT_LIVE_QUEUE`: live frames waiting for one session; a
+    /// session that falls further behind is closed with 1013 (it resumes
+    /// from its cursor).
+    pub live_queue: usize,
+    /// `CHAT_LIMIT_LIVE_QUEUE_BYTES`: the same bound in bytes (a frame may
+    /// be up to 1 MiB, so a count alone would not bound memory).
+    pub live_queue_bytes: usize,
+    /// `CHAT_LIMIT_OUTBOUND_QUEUE`: frames waiting for one connection's
+    /// socket writer.
+    pub outbound_queue: usize,
 }
+
+/// The largest frame (PROTOCOL.md: 1 MiB): a live queue must hold one.
+const LARGEST_FRAME_BYTES: usize = 1024 * 1024;
+/// Queue lengths beyond this are a mistake (and near `usize::MAX` a panic
+/// when the channel is built).
+const LONGEST_QUEUE: usize = 1_000_000;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -135,6 +151,9 @@ impl Default for LimitsConfig {
             connections_per_user: 10,
             connects_per_ip: 20,
             abuse_strikes: 50,
+            live_queue: 4096,
+            live_queue_bytes: 4 * LARGEST_FRAME_BYTES,
+            outbound_queue: 64,
         }
     }
 }
@@ -325,6 +344,9 @@ impl Config {
             &mut limits.connects_per_ip,
         );
         reader.parse("CHAT_LIMIT_ABUSE_STRIKES", &mut limits.abuse_strikes);
+        reader.parse("CHAT_LIMIT_LIVE_QUEUE", &mut limits.live_queue);
+        reader.parse("CHAT_LIMIT_LIVE_QUEUE_BYTES", &mut limits.live_queue_bytes);
+        reader.parse("CHAT_LIMIT_OUTBOUND_QUEUE", &mut limits.outbound_queue);
         reader.millis("CHAT_PRESENCE_HEARTBEAT_MS", &mut config.presence_heartbeat);
         reader.millis("CHAT_PRESENCE_TIMEOUT_MS", &mut config.presence_timeout);
         reader.millis("CHAT_PRESENCE_DEBOUNCE_MS", &mut config.presence_debounce);
@@ -433,6 +455,19 @@ impl Config {
         }
         if limits.connections_per_user == 0 {
             problems.push("CHAT_LIMIT_CONNECTIONS_PER_USER: must be positive".into());
+        }
+        for (name, value) in [
+            ("CHAT_LIMIT_LIVE_QUEUE", limits.live_queue),
+            ("CHAT_LIMIT_OUTBOUND_QUEUE", limits.outbound_queue),
+        ] {
+            if !(1..=LONGEST_QUEUE).contains(&value) {
+                problems.push(format!("{name}: must be between 1 and {LONGEST_QUEUE}"));
+            }
+        }
+        if limits.live_queue_bytes < LARGEST_FRAME_BYTES {
+            problems.push(format!(
+                "CHAT_LIMIT_LIVE_QUEUE_BYTES: at least {LARGEST_FRAME_BYTES} (one largest frame)"
+            ));
         }
         if self.presence_heartbeat.is_zero() {
             problems.push("CHAT_PRESENCE_HEARTBEAT_MS: must be positive".into());
@@ -587,6 +622,36 @@ mod tests {
             config.allowed_origins,
             ["https://chat.example.com", "http://localhost:8080"]
         );
+    }
+
+    #[test]
+    fn slow_consumer_bounds_are_settings() {
+        let limits = from(&[]).unwrap().limits;
+        assert_eq!(limits.live_queue, 4096);
+        assert_eq!(limits.live_queue_bytes, 4 * 1024 * 1024);
+        assert_eq!(limits.outbound_queue, 64);
+        let limits = from(&[
+            ("CHAT_LIMIT_LIVE_QUEUE", "100"),
+            ("CHAT_LIMIT_LIVE_QUEUE_BYTES", "2097152"),
+            ("CHAT_LIMIT_OUTBOUND_QUEUE", "8"),
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(
+            (
+                limits.live_queue,
+                limits.live_queue_bytes,
+                limits.outbound_queue
+            ),
+            (100, 2 * 1024 * 1024, 8)
+        );
+        let err = from(&[
+            ("CHAT_LIMIT_LIVE_QUEUE", "0"),
+            ("CHAT_LIMIT_LIVE_QUEUE_BYTES", "1000"),
+            ("CHAT_LIMIT_OUTBOUND_QUEUE", "18446744073709551615"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
     }
 
     #[test]
