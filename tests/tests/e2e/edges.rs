@@ -352,9 +352,12 @@ async fn a_fast_sender_is_held_to_its_rate_and_abuse_closes_4008() -> anyhow::Re
 
 #[tokio::test]
 async fn a_client_that_does_not_read_is_cut_off_and_memory_stays_bounded() -> anyhow::Result<()> {
+    // A heartbeat far longer than the test: the idle timeout (2 x 60 s + 5 s,
+    // which also bounds a stalled write) cannot be what ends the sleeper's
+    // connection; only the live queue's bound can, with 1013.
     let system = System::start_with(|c| {
-        c.heartbeat = Duration::from_secs(1);
-        c.heartbeat_grace = Duration::from_secs(1);
+        c.heartbeat = Duration::from_secs(60);
+        c.heartbeat_grace = Duration::from_secs(5);
     })
     .await?;
     let edge = system
@@ -368,7 +371,6 @@ async fn a_client_that_does_not_read_is_cut_off_and_memory_stays_bounded() -> an
     let text = "x".repeat(100_000);
     const MESSAGES: usize = 400; // 40 MB for a client that reads nothing
     let mut peak = before;
-    let mut pinging = true;
     for i in 0..MESSAGES {
         let sent = bob
             .send_message(json!({"to":"sleeper"}), &text, &format!("big{i}"))
@@ -376,24 +378,31 @@ async fn a_client_that_does_not_read_is_cut_off_and_memory_stays_bounded() -> an
         assert_eq!(sent["type"], "sent");
         if i % 10 == 0 {
             peak = peak.max(edge.rss_bytes()?);
-            // Writing needs no reading: the sleeper stays alive (heartbeat)
-            // until the edge gives up on it.
-            if pinging {
-                pinging = sleeper.send(json!({"type":"ping"})).await.is_ok();
-            }
         }
     }
     // Now read: what was buffered, then the end of the connection.
     let mut messages = 0;
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(frame) = sleeper.next_raw().await {
-            if frame.contains("\"type\":\"message\"") {
-                messages += 1;
+    let ending = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match sleeper.recv_or_end().await? {
+                Ok(frame) => {
+                    if frame["type"] == "message" {
+                        messages += 1;
+                    }
+                }
+                Err(ending) => return anyhow::Ok(ending),
             }
         }
     })
     .await;
-    assert!(ended.is_ok(), "the edge kept the stalled connection open");
+    let Ok(ending) = ending else {
+        panic!("the edge kept the stalled connection open");
+    };
+    assert_eq!(
+        ending?,
+        Ending::Closed(1013),
+        "cut off as too slow (1013), not for a missed heartbeat (4003) or a dropped socket"
+    );
     assert!(
         messages < MESSAGES,
         "it was cut off ({messages} of {MESSAGES} arrived)"
@@ -445,5 +454,245 @@ async fn refresh_keeps_a_connection_and_expiry_closes_4001() -> anyhow::Result<(
         .await?;
     assert_eq!(refused["code"], "unauthorized");
     assert_eq!(refreshed.ending().await?, Ending::Closed(4001));
+    Ok(())
+}
+
+/// A send from `client` that is not waited for.
+async fn send_now(client: &mut Client, reference: &str, to: &str) -> anyhow::Result<()> {
+    client
+        .send(json!({"type":"send","ref":reference,"to":to,"text":"hi","client_msg_id":reference}))
+        .await
+}
+
+/// Reads the answers to `count` requests whose `ref` starts with `prefix`:
+/// how many were answered, and the `retry_after_ms` of each refusal.
+async fn answers(
+    client: &mut Client,
+    prefix: &str,
+    count: usize,
+    why: &str,
+) -> anyhow::Result<(usize, Vec<u64>)> {
+    let mut answered = 0;
+    let mut limited = Vec::new();
+    for _ in 0..count {
+        let frame = client
+            .recv_matching(|f| f["ref"].as_str().is_some_and(|r| r.starts_with(prefix)))
+            .await?;
+        if frame["type"] == "error" {
+            assert_eq!(frame["code"], "rate_limited", "{frame}");
+            assert!(
+                frame["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(why)),
+                "refused by the token bucket: {frame}"
+            );
+            limited.push(frame["retry_after_ms"].as_u64().unwrap_or(0));
+        } else {
+            answered += 1;
+        }
+    }
+    Ok((answered, limited))
+}
+
+#[tokio::test]
+async fn a_users_connections_share_the_per_user_send_limit() -> anyhow::Result<()> {
+    let system = System::start_with(|c| {
+        // Each connection may send 100/s (a burst of 200, never reached
+        // here); the user 1/s over all of them (a burst of 2).
+        c.limits.send_per_connection = 100;
+        c.limits.send_per_user = 1;
+    })
+    .await?;
+    let mut phone = system.connect("alice", "phone").await?;
+    let mut laptop = system.connect("alice", "laptop").await?;
+    let mut carol = system.connect("carol", "phone").await?;
+    let _bob = system.connect("bob", "phone").await?;
+    let started = Instant::now();
+    // The phone takes the user's burst.
+    for i in 0..2 {
+        let sent = phone
+            .send_message(json!({"to":"bob"}), "hi", &format!("p{i}"))
+            .await?;
+        assert_eq!(sent["type"], "sent", "{sent}");
+    }
+    // The laptop has sent nothing yet, but the user's bucket is (nearly)
+    // empty: ten sends in a row can only all pass if they take 10 s.
+    for i in 0..10 {
+        send_now(&mut laptop, &format!("l{i}"), "bob").await?;
+    }
+    let (sent, limited) = answers(&mut laptop, "l", 10, "sending too fast").await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(!limited.is_empty(), "the user's limit held the laptop back");
+    assert!(
+        limited.iter().all(|ms| (1..=1000).contains(ms)),
+        "retry_after_ms within one token's time: {limited:?}"
+    );
+    // Over both connections: a burst of 2, then 1 per second.
+    assert!(
+        (2 + sent) as f64 <= 2.0 + elapsed + 1.0,
+        "{sent} more sent in {elapsed:.2}s"
+    );
+    // The limit is the user's, not the edge's: carol sends at once.
+    let sent = carol.send_message(json!({"to":"bob"}), "hi", "c0").await?;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn other_requests_have_their_own_per_connection_limit() -> anyhow::Result<()> {
+    // 1 request per second, a burst of 2; sends keep the test's high limit.
+    let system = System::start_with(|c| c.limits.requests_per_connection = 1).await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let _bob = system.connect("bob", "phone").await?;
+    let started = Instant::now();
+    for i in 0..10 {
+        alice
+            .send(json!({"type":"conversations","ref":format!("q{i}")}))
+            .await?;
+    }
+    let (answered, limited) = answers(&mut alice, "q", 10, "too many requests").await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(answered >= 2, "the burst is answered ({answered})");
+    assert!(
+        !limited.is_empty(),
+        "ten requests in a row were all answered"
+    );
+    assert!(
+        answered as f64 <= 2.0 + elapsed + 1.0,
+        "{answered} answered in {elapsed:.2}s"
+    );
+    assert!(
+        limited.iter().all(|ms| (1..=1000).contains(ms)),
+        "{limited:?}"
+    );
+    // Sends have their own bucket, and pings none.
+    let sent = alice.send_message(json!({"to":"bob"}), "hi", "m0").await?;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    let pong = alice.request(json!({"type":"ping"})).await?;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    // A client that waits as told is answered.
+    let wait = limited.iter().copied().max().unwrap_or(1000);
+    tokio::time::sleep(Duration::from_millis(wait + 200)).await;
+    let reply = alice.request(json!({"type":"conversations"})).await?;
+    assert_ne!(reply["type"], "error", "{reply}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn new_connections_from_one_address_are_rate_limited_with_429() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    // 1 upgrade per second per client IP, a burst of 2: ten upgrades in a
+    // row can only all pass if they take 8 s.
+    let system = System::start_with(|c| c.limits.connects_per_ip = 1).await?;
+    let url = system.ws_url();
+    let mut opened = Vec::new();
+    let mut refusal = None;
+    for _ in 0..10 {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((socket, _)) => opened.push(socket),
+            Err(WsError::Http(response)) => {
+                refusal = Some(response);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(response) = refusal else {
+        panic!("{} upgrades in a row were all accepted", opened.len());
+    };
+    assert!(opened.len() >= 2, "the burst passes ({})", opened.len());
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(retry_after, Some(1), "one token's time, in whole seconds");
+    // Only upgrades count: plain HTTP is still answered.
+    let (status, _) = http_get(system.edge_addr, "/healthz").await?;
+    assert_eq!(status, 200);
+    // Waiting as told, the address gets in again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut alice = system.connect("alice", "phone").await?;
+    let pong = alice.request(json!({"type":"ping"})).await?;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_user_past_the_connection_limit_is_refused_with_4008() -> anyhow::Result<()> {
+    let system = System::start_with(|c| c.limits.connections_per_user = 2).await?;
+    let _phone = system.connect("alice", "phone").await?;
+    let laptop = system.connect("alice", "laptop").await?;
+    let mut third = Client::open(&system.ws_url()).await?;
+    third
+        .send(json!({"type":"hello","token":system.token("alice"),"device":"tablet"}))
+        .await?;
+    let refused = third.recv_or_end().await?;
+    let Ok(refused) = refused else {
+        panic!("closed without an error frame: {refused:?}");
+    };
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(third.ending().await?, Ending::Closed(4008));
+    // Per user: someone else still gets in.
+    let _bob = system.connect("bob", "phone").await?;
+    // A connection that ends gives its slot back.
+    laptop.close().await?;
+    chat_tests::wait_until(|| async { system.connect("alice", "tablet").await.is_ok() }).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_draining_edge_drops_out_of_discovery() -> anyhow::Result<()> {
+    let system = System::start_with(|c| {
+        // One client told per batch, a minute apart: with two clients the
+        // edge stays draining (and reachable) for the rest of the test.
+        c.drain_batch = 1;
+        c.drain_batch_interval = Duration::from_secs(60);
+        c.drain_timeout = Duration::from_secs(120);
+    })
+    .await?;
+    let (trigger, drain) = tokio::sync::oneshot::channel::<()>();
+    let (addr, _running) = system
+        .start_edge_task(Box::pin(async move {
+            let _ = drain.await;
+        }))
+        .await?;
+    let url = format!("ws://{addr}/v1/ws");
+    let alice = system.connect_at(addr, "alice", "phone", None).await?;
+    let _bob = system.connect_at(addr, "bob", "phone", None).await?;
+    let id = alice.welcome["edge"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    chat_tests::wait_until(|| async {
+        edge_urls(system.edge_addr)
+            .await
+            .is_ok_and(|urls| urls.contains(&url))
+    })
+    .await?;
+
+    let _ = trigger.send(());
+    // Neither edge lists it any more, itself included.
+    for listing in [system.edge_addr, addr] {
+        chat_tests::wait_until(|| async {
+            edge_urls(listing)
+                .await
+                .is_ok_and(|urls| urls == vec![system.ws_url()])
+        })
+        .await?;
+    }
+    // It is dropped for draining, not gone: its entry is fresh and says so.
+    let admin = system.admin().await?;
+    let js = async_nats::jetstream::new(admin);
+    let listed = chatctl::edges::list(&js, system.config.edge_ttl).await?;
+    let entry = listed.iter().find(|e| e.id.as_str() == id);
+    assert!(
+        entry.is_some_and(|e| e.draining && e.connections >= 1),
+        "{listed:?}"
+    );
+    let (status, _) = http_get(addr, "/readyz").await?;
+    assert_eq!(status, 503, "a draining edge is not ready");
     Ok(())
 }
