@@ -28,6 +28,75 @@ pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret";
 /// How long a test waits for any one expected frame.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// What [`System::start_with_options`] starts besides the servers, the
+/// edge, a router and a presence process.
+#[derive(Clone, Copy, Debug)]
+pub struct StartOptions {
+    /// Start a persister that runs until the system is dropped (default).
+    /// Without it nothing runs the migrations or answers RPCs until the test
+    /// starts one ([`System::start_persister_task`]).
+    pub persister: bool,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        Self { persister: true }
+    }
+}
+
+/// A service task started by a test: [`Running::stop`] stops it and waits
+/// until its `run` has returned. Dropping it stops it without waiting.
+pub struct Running {
+    name: &'static str,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn spawn<F, E>(
+        name: &'static str,
+        run: impl FnOnce(chat_shared::shutdown::Shutdown) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let (tx, rx) = oneshot::channel();
+        let running = run(shutdown_on(rx));
+        let task = tokio::spawn(async move {
+            if let Err(e) = running.await {
+                eprintln!("{name}: {e}");
+            }
+        });
+        Self {
+            name,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Signals a graceful stop and waits until the service's `run` has
+    /// returned (it no longer pulls, writes or answers).
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let name = self.name;
+        tokio::time::timeout(WAIT * 2, &mut self.task)
+            .await
+            .map_err(|_| anyhow!("{name} did not stop within {:?}", WAIT * 2))?
+            .with_context(|| format!("{name} task failed"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// A whole system: servers plus every service, stopped on drop.
 pub struct System {
     pub nats: NatsServer,
@@ -36,6 +105,8 @@ pub struct System {
     stops: Vec<oneshot::Sender<()>>,
     /// The first presence process, which leads until it is stopped.
     presence: Option<oneshot::Sender<()>>,
+    /// The first router, the pinned (active) one until it is stopped.
+    router: Option<Running>,
     /// Where each service (the last one started of its kind) serves
     /// `/metrics`, when the configuration has a `metrics_addr`.
     metrics_addrs: HashMap<&'static str, SocketAddr>,
@@ -54,6 +125,15 @@ impl System {
 
     /// Starts everything; `adjust` changes the configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        Self::start_with_options(StartOptions::default(), adjust).await
+    }
+
+    /// Starts the servers and the services `options` asks for; `adjust`
+    /// changes the configuration first.
+    pub async fn start_with_options(
+        options: StartOptions,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         init_logs();
         let nats = NatsServer::start().await?;
         let database_url = fresh_database().await?;
@@ -65,14 +145,22 @@ impl System {
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stops: Vec::new(),
             presence: None,
+            router: None,
             metrics_addrs: HashMap::new(),
         };
-        let persister = system.start_persister();
-        system.stops.push(persister);
-        system.start_router();
+        if options.persister {
+            let persister = system.start_persister();
+            system.stops.push(persister);
+        }
+        system.router = Some(system.start_router_task());
         system.presence = Some(system.start_presence());
         system.edge_addr = system.start_edge().await?;
-        system.wait_ready().await?;
+        if options.persister {
+            system.wait_ready().await?;
+        } else {
+            system.wait_edge_ready().await?;
+            system.wait_presence_leader().await?;
+        }
         Ok(system)
     }
 
@@ -85,6 +173,15 @@ impl System {
         let (tx, rx) = oneshot::channel();
         self.stops.push(tx);
         rx
+    }
+
+    /// Starts a persister that the test stops with [`Running::stop`].
+    pub fn start_persister_task(&mut self) -> Running {
+        let config = self.config_for("persister");
+        let metrics = self.metrics_listener("persister");
+        Running::spawn("persister", move |shutdown| {
+            chat_persister::run_with(config, metrics, shutdown)
+        })
     }
 
     /// Starts a persister; dropping or firing the returned sender stops it.
@@ -100,6 +197,27 @@ impl System {
         tx
     }
 
+    /// Starts a router that the test stops with [`Running::stop`]. While
+    /// another router is pinned, it is a hot standby.
+    pub fn start_router_task(&mut self) -> Running {
+        let config = self.config_for("router");
+        let metrics = self.metrics_listener("router");
+        Running::spawn("router", move |shutdown| {
+            chat_router::run_with(config, metrics, shutdown)
+        })
+    }
+
+    /// Stops the first router (the one [`System::start`] started, pinned
+    /// unless it was stopped before) and waits until its `run` returned;
+    /// another router then takes over once the pin times out.
+    pub async fn stop_router(&mut self) -> Result<()> {
+        match self.router.take() {
+            Some(router) => router.stop().await,
+            None => bail!("the first router was already stopped"),
+        }
+    }
+
+    /// Starts a router that runs until the system is dropped.
     pub fn start_router(&mut self) {
         let rx = self.stop_handle();
         let config = self.config_for("router");
@@ -202,15 +320,20 @@ impl System {
     /// the edge is ready without the persister (requests then get
     /// `unavailable`, as they should), but tests expect a whole system.
     pub async fn wait_ready(&self) -> Result<()> {
+        self.wait_edge_ready().await?;
+        self.wait_rpc_ready().await?;
+        self.wait_presence_leader().await
+    }
+
+    /// Waits for the edge's `/readyz`.
+    pub async fn wait_edge_ready(&self) -> Result<()> {
         wait_until(|| async {
             http_get(self.edge_addr, "/readyz")
                 .await
                 .map(|(s, _)| s == 200)
                 .unwrap_or(false)
         })
-        .await?;
-        self.wait_rpc_ready().await?;
-        self.wait_presence_leader().await
+        .await
     }
 
     /// Waits until a presence process leads (before that, connects are
@@ -316,6 +439,7 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
+        drop(self.router.take());
         for stop in self.stops.drain(..) {
             let _ = stop.send(());
         }
@@ -375,6 +499,27 @@ impl Client {
             return Ok(frame);
         }
         self.read_socket(wait).await
+    }
+
+    /// The next JSON frame within `wait`, `None` if none came; an error if
+    /// the connection ended (closed, reset) or sent something unreadable.
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Option<Value>> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(Some(frame));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.socket.next()).await else {
+                return Ok(None);
+            };
+            match next {
+                Some(Ok(Message::Text(text))) => return Ok(Some(serde_json::from_str(&text)?)),
+                Some(Ok(Message::Close(frame))) => bail!("closed: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("socket error: {e}"),
+                None => bail!("socket ended"),
+            }
+        }
     }
 
     async fn read_socket(&mut self, wait: Duration) -> Result<Value> {
