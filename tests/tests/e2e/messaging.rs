@@ -1,8 +1,9 @@
 //! The message path: send, fan-out, resume, groups, history, receipts.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chat_tests::{wait_until, Client, System};
 use serde_json::{json, Value};
 
@@ -18,9 +19,23 @@ async fn messages(client: &mut Client, count: usize) -> anyhow::Result<Vec<Value
     Ok(out)
 }
 
-/// Asserts nothing more of `kind` arrives for a moment.
+/// Asserts nothing more of `kind` arrives for a moment, on a connection
+/// that is still alive: a connection that ended fails (it would receive
+/// nothing either), and a ping must be answered afterwards (the server
+/// answers it after whatever it had queued for this connection).
 async fn quiet(client: &mut Client, kind: &str) -> anyhow::Result<()> {
-    while let Ok(frame) = client.recv_within(Duration::from_millis(500)).await {
+    while let Some(frame) = client
+        .next_within(Duration::from_millis(500))
+        .await
+        .context("the connection ended while waiting for quiet")?
+    {
+        anyhow::ensure!(frame["type"] != kind, "unexpected {frame}");
+    }
+    let late = client
+        .drain()
+        .await
+        .context("no pong after the quiet period")?;
+    for frame in late {
         anyhow::ensure!(frame["type"] != kind, "unexpected {frame}");
     }
     Ok(())
@@ -256,6 +271,14 @@ async fn groups_membership_and_limits() -> anyhow::Result<()> {
     let mut owner = system.connect("owner", "d").await?;
     let mut member = system.connect("m1", "d").await?;
     let mut outsider = system.connect("outsider", "d").await?;
+    // The owner and 100 members are one too many: refused, and nothing is
+    // created (m1, in both lists, hears only of the group created next).
+    let over: Vec<String> = (1..=100).map(|i| format!("m{i}")).collect();
+    let refused_create = owner
+        .request(json!({"type":"group.create","name":"crowd","members":over}))
+        .await?;
+    assert_eq!(refused_create["type"], "error", "{refused_create}");
+    assert_eq!(refused_create["code"], "too_large", "{refused_create}");
     let members: Vec<String> = (1..100).map(|i| format!("m{i}")).collect();
     let created = owner
         .request(json!({"type":"group.create","name":"team","members":members}))
@@ -267,6 +290,18 @@ async fn groups_membership_and_limits() -> anyhow::Result<()> {
     let membership = member.recv_type("membership").await?;
     assert_eq!(membership["event"], "created");
     assert_eq!(membership["conversation"], format!("group:{group}"));
+    let listed = member.request(json!({"type":"conversations"})).await?;
+    let groups: Vec<&str> = listed["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["conversation"].as_str())
+                .filter(|c| c.starts_with("group:"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(groups, [format!("group:{group}")], "{listed}");
 
     let conversation = json!({"conversation": format!("group:{group}")});
     let too_many = owner
@@ -411,6 +446,102 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
     assert_eq!(alice.recv_type("receipt").await?["up_to"], json!(ids[6]));
     let list = bob.request(json!({"type":"conversations"})).await?;
     assert_eq!(list["items"][0]["unread"], 0);
+    Ok(())
+}
+
+async fn stored(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(db
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await?
+        .get(0))
+}
+
+/// The conversations `client`'s user is in, newest activity first, as
+/// (conversation, last message's text).
+async fn listed(client: &mut Client) -> anyhow::Result<Vec<(String, String)>> {
+    let list = client.request(json!({"type":"conversations"})).await?;
+    Ok(list["items"]
+        .as_array()
+        .with_context(|| format!("{list}"))?
+        .iter()
+        .map(|item| {
+            (
+                item["conversation"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                item["last"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut bob = system.connect("bob", "d").await?;
+    let db = system.database().await?;
+    let mut others = HashMap::new();
+    for user in ["alice", "carol", "dave"] {
+        others.insert(user, system.connect(user, "d").await?);
+    }
+    let pairs = |order: &[(&str, &str)]| -> Vec<(String, String)> {
+        order
+            .iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect()
+    };
+    // Updated in an order that is neither the names' nor its reverse.
+    let mut sent = 0;
+    for (user, text) in [("carol", "c1"), ("alice", "a1"), ("dave", "d1")] {
+        let client = others.get_mut(user).context("a client")?;
+        let reply = client.send_message(json!({"to":"bob"}), text, text).await?;
+        anyhow::ensure!(reply["type"] == "sent", "{reply}");
+        sent += 1;
+    }
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    assert_eq!(
+        listed(&mut bob).await?,
+        pairs(&[
+            ("dm:bob:dave", "d1"),
+            ("dm:alice:bob", "a1"),
+            ("dm:bob:carol", "c1")
+        ])
+    );
+    // New activity moves a conversation to the top: a message from the
+    // other side, then one of bob's own.
+    let carol = others.get_mut("carol").context("carol")?;
+    let reply = carol.send_message(json!({"to":"bob"}), "c2", "c2").await?;
+    anyhow::ensure!(reply["type"] == "sent", "{reply}");
+    sent += 1;
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    assert_eq!(
+        listed(&mut bob).await?,
+        pairs(&[
+            ("dm:bob:carol", "c2"),
+            ("dm:bob:dave", "d1"),
+            ("dm:alice:bob", "a1")
+        ])
+    );
+    let reply = bob.send_message(json!({"to":"alice"}), "b1", "b1").await?;
+    anyhow::ensure!(reply["type"] == "sent", "{reply}");
+    sent += 1;
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    let expected = pairs(&[
+        ("dm:alice:bob", "b1"),
+        ("dm:bob:carol", "c2"),
+        ("dm:bob:dave", "d1"),
+    ]);
+    assert_eq!(listed(&mut bob).await?, expected);
+    // The other side sees the same conversation on top.
+    let alice = others.get_mut("alice").context("alice")?;
+    assert_eq!(
+        listed(alice).await?.first(),
+        Some(&("dm:alice:bob".to_string(), "b1".to_string()))
+    );
     Ok(())
 }
 
@@ -582,24 +713,101 @@ async fn many_conversations_into_one_inbox_arrive_live_in_cursor_order() -> anyh
 
 #[tokio::test]
 async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Result<()> {
+    use chat_shared::subjects;
     let system = System::start().await?;
     // Published behind the edge's back: PostgreSQL refuses NUL in text.
     let admin = async_nats::jetstream::new(system.admin().await?);
-    let poison = json!({"id":"1","conversation":"dm:alice:bob","from":"alice","text":"a\u{0}b","ts":1,"client_msg_id":"poison"});
-    admin
-        .publish("chat.msg.dm.alice.bob", poison.to_string().into())
+    let poison = json!({"id":"1","conversation":"dm:alice:bob","from":"alice","text":"a\u{0}b","ts":1,"client_msg_id":"poison"})
+        .to_string();
+    let poison_seq = admin
+        .publish("chat.msg.dm.alice.bob", poison.clone().into())
         .await?
-        .await?;
+        .await?
+        .sequence;
     let mut alice = system.connect("alice", "d").await?;
-    send_to_bob(&mut alice, 0..5).await?;
+    let mut bob = system.connect("bob", "d").await?;
+    let ids: Vec<String> = send_to_bob(&mut alice, 0..5)
+        .await?
+        .iter()
+        .map(|sent| sent["id"].as_str().unwrap_or_default().to_string())
+        .collect();
     let db = system.database().await?;
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == 5) }).await?;
+
+    // Refused: the persister copied it to its dead letters, then
+    // terminated it (nothing of MESSAGES is left pending or unacked).
+    let dead_letters = admin.get_stream(subjects::DEADLETTER_STREAM).await?;
+    let subject = subjects::dead_letter(subjects::PERSISTER_CONSUMER);
     wait_until(|| async {
-        db.query_one("SELECT count(*) FROM messages", &[])
+        dead_letters
+            .direct_get_last_for_subject(subject.clone())
             .await
-            .map(|r| r.get::<_, i64>(0) == 5)
-            .unwrap_or(false)
+            .is_ok()
     })
-    .await?;
+    .await
+    .context("a dead letter of the persister")?;
+    let dead = dead_letters.direct_get_last_for_subject(subject).await?;
+    assert_eq!(dead.payload.as_ref(), poison.as_bytes());
+    let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_string());
+    assert_eq!(
+        header(subjects::DEAD_SEQ_HEADER),
+        Some(poison_seq.to_string())
+    );
+    assert_eq!(
+        header(subjects::DEAD_SUBJECT_HEADER).as_deref(),
+        Some("chat.msg.dm.alice.bob")
+    );
+    let reason = header(subjects::DEAD_REASON_HEADER).unwrap_or_default();
+    assert!(
+        !reason.is_empty() && !reason.starts_with("max deliveries"),
+        "refused by the database, not given up on: {reason:?}"
+    );
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = admin
+        .get_stream(subjects::MESSAGES_STREAM)
+        .await?
+        .get_consumer(subjects::PERSISTER_CONSUMER)
+        .await
+        .map_err(|e| anyhow::anyhow!("the persister's consumer: {e}"))?;
+    let mut settled = false;
+    for _ in 0..100 {
+        let info = consumer.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the persister left MESSAGES events unsettled");
+    let poison_rows = db
+        .query_one(
+            "SELECT count(*) FROM messages WHERE client_msg_id = 'poison'",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0);
+    assert_eq!(poison_rows, 0);
+
+    // History serves what was stored around it.
+    let page = bob
+        .request(json!({"type":"history","conversation":"dm:alice:bob","limit":10}))
+        .await?;
+    let got: Vec<(String, String)> = page["messages"]
+        .as_array()
+        .context("messages")?
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default().to_string(),
+                m["text"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = (0..5)
+        .rev()
+        .map(|i| (ids[i].clone(), format!("m{i}")))
+        .collect();
+    assert_eq!(got, expected, "{page}");
+    assert_eq!(page["more"], false);
     Ok(())
 }
 
