@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chat_tests::{wait_until, Client, System};
+use chat_tests::{wait_until, Client, StartOptions, System};
 use serde_json::{json, Value};
 
 /// Reads `count` message frames, skipping other frames.
@@ -449,6 +449,22 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for the `sent` (or error) of every pipelined send in `range` of
+/// [`send_pipelined`]; returns the ids, failing on anything but `sent`.
+async fn sent_ids(
+    client: &mut Client,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(range.len());
+    for i in range {
+        let reference = json!(format!("s{i}"));
+        let reply = client.recv_matching(|f| f["ref"] == reference).await?;
+        anyhow::ensure!(reply["type"] == "sent", "{reply}");
+        ids.push(reply["id"].as_str().unwrap_or_default().to_string());
+    }
+    Ok(ids)
+}
+
 async fn stored(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
     Ok(db
         .query_one("SELECT count(*) FROM messages", &[])
@@ -547,30 +563,51 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Result<()> {
-    let mut system = System::start().await?;
-    let mut alice = system.connect("alice", "d").await?;
+    let mut system = System::start_with_options(StartOptions { persister: false }, |_| {}).await?;
+    // The only persister (it also runs the migrations).
+    let first = system.start_persister_task();
+    system.wait_rpc_ready().await?;
     let db = system.database().await?;
-    let mut persister = Some(system.start_persister());
-    for i in 0..300 {
-        if i == 100 {
-            // Stop one persister mid-stream and start another.
-            let _ = persister.take().map(|p| p.send(()));
-        }
-        if i == 200 {
-            persister = Some(system.start_persister());
-        }
-        let sent = alice
-            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
-            .await?;
-        assert_eq!(sent["type"], "sent");
-    }
-    wait_until(|| async {
-        db.query_one("SELECT count(*) FROM messages", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0) == 300)
-            .unwrap_or(false)
-    })
-    .await?;
+    let mut alice = system.connect("alice", "d").await?;
+    let mut carol = system.connect("carol", "d").await?;
+    let mut ids = Vec::new();
+
+    // Messages flow from two senders while the persister is stopped.
+    send_pipelined(&mut alice, json!({"to":"bob"}), "alice", 0..100).await?;
+    send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 0..100).await?;
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n > 0) }).await?;
+    first.stop().await?;
+    ids.extend(sent_ids(&mut alice, 0..100).await?);
+    ids.extend(sent_ids(&mut carol, 0..100).await?);
+
+    // No persister at all now: sends are still accepted (they are durable
+    // in JetStream), nothing is written, requests are unavailable.
+    let stopped_at = stored(&db).await?;
+    send_pipelined(&mut alice, json!({"to":"bob"}), "alice", 100..150).await?;
+    send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 100..150).await?;
+    ids.extend(sent_ids(&mut alice, 100..150).await?);
+    ids.extend(sent_ids(&mut carol, 100..150).await?);
+    let history = alice
+        .request(json!({"type":"history","conversation":"dm:alice:bob"}))
+        .await?;
+    assert_eq!(history["code"], "unavailable", "{history}");
+    assert_eq!(
+        stored(&db).await?,
+        stopped_at,
+        "nothing writes while stopped"
+    );
+    assert!(stopped_at < 300);
+
+    // A new persister takes the backlog and what keeps coming.
+    let _second = system.start_persister_task();
+    send_pipelined(&mut alice, json!({"to":"bob"}), "alice", 150..200).await?;
+    send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 150..200).await?;
+    ids.extend(sent_ids(&mut alice, 150..200).await?);
+    ids.extend(sent_ids(&mut carol, 150..200).await?);
+    wait_until(|| async { stored(&db).await.is_ok_and(|n| n >= 400) }).await?;
+    // Give a duplicate write a moment to show before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored(&db).await?, 400);
     let dupes = db
         .query(
             "SELECT sender, client_msg_id FROM messages GROUP BY 1, 2 HAVING count(*) > 1",
@@ -578,13 +615,20 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
         )
         .await?;
     assert!(dupes.is_empty());
-    let distinct: HashSet<String> = db
-        .query("SELECT body FROM messages", &[])
-        .await?
+    let rows = db.query("SELECT id, body FROM messages", &[]).await?;
+    let stored_ids: HashSet<String> = rows
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get::<_, i64>(0).to_string())
         .collect();
-    assert_eq!(distinct.len(), 300);
+    let sent: HashSet<String> = ids.into_iter().collect();
+    assert_eq!(sent.len(), 400);
+    assert_eq!(stored_ids, sent);
+    let bodies: HashSet<String> = rows.iter().map(|r| r.get(1)).collect();
+    let expected: HashSet<String> = ["alice", "carol"]
+        .iter()
+        .flat_map(|who| (0..200).map(move |i| format!("{who}:{i}")))
+        .collect();
+    assert_eq!(bodies, expected);
     Ok(())
 }
 
@@ -636,33 +680,175 @@ async fn a_nats_outage_answers_unavailable_fast_and_recovers() -> anyhow::Result
     Ok(())
 }
 
+/// Sends `send` frames for every i in `range` without waiting for any
+/// answer (text `<prefix>:<i>`, client id `c<i>`).
+async fn send_pipelined(
+    client: &mut Client,
+    target: Value,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<()> {
+    for i in range {
+        let mut frame = json!({"type":"send","ref":format!("s{i}"),"text":format!("{prefix}:{i}"),"client_msg_id":format!("c{i}")});
+        if let (Some(frame), Some(target)) = (frame.as_object_mut(), target.as_object()) {
+            frame.extend(target.clone());
+        }
+        client.send(frame).await?;
+    }
+    Ok(())
+}
+
+/// Reads frames until `got` holds `count` message frames, waiting up to
+/// `wait` for each; an `error` frame fails.
+async fn collect_messages(
+    client: &mut Client,
+    got: &mut Vec<Value>,
+    count: usize,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    while got.len() < count {
+        let frame = client
+            .recv_within(wait)
+            .await
+            .with_context(|| format!("{} of {count} messages", got.len()))?;
+        match frame["type"].as_str() {
+            Some("message") => got.push(frame),
+            Some("error") => anyhow::bail!("{frame}"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The texts of `got` per conversation, in arrival order.
+fn texts_by_conversation(got: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for frame in got {
+        by.entry(frame["conversation"].as_str().unwrap_or_default().into())
+            .or_default()
+            .push(frame["text"].as_str().unwrap_or_default().into());
+    }
+    by
+}
+
 #[tokio::test]
 async fn two_routers_never_reorder_a_conversation() -> anyhow::Result<()> {
+    const SENDERS: usize = 4;
+    // Per conversation: sent before the active router stops, and after.
+    const BEFORE: usize = 30;
+    const AFTER: usize = 30;
+    // The takeover waits for the pin to time out (10 s) on a busy machine.
+    const TAKEOVER: Duration = Duration::from_secs(60);
     let mut system = System::start().await?;
-    system.start_router();
-    let mut alice = system.connect("alice", "phone").await?;
-    let mut bob = system.connect("bob", "phone").await?;
-    // Pipelined: all sends go out before any `sent` comes back.
-    for i in 0..300 {
-        alice
-            .send(json!({"type":"send","ref":format!("s{i}"),"to":"bob","text":format!("m{i}"),"client_msg_id":format!("c{i}")}))
-            .await?;
-    }
-    let got = messages(&mut bob, 300).await?;
-    let texts: Vec<_> = got
-        .iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect();
-    let expected: Vec<_> = (0..300).map(|i| format!("m{i}")).collect();
-    assert_eq!(texts, expected);
-    let ids: Vec<u64> = got
-        .iter()
-        .map(|m| m["id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0))
-        .collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] < w[1]),
-        "ids must grow within a conversation"
+    let mut bob_phone = system.connect("bob", "phone").await?;
+    let mut bob_laptop = system.connect("bob", "laptop").await?;
+    let mut carol = system.connect("carol", "d").await?;
+    let mut owner = system.connect("owner", "d").await?;
+    let created = owner
+        .request(json!({"type":"group.create","name":"g","members":["bob","carol"]}))
+        .await?;
+    let group = format!(
+        "group:{}",
+        created["group"]["id"].as_str().context("group id")?
     );
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        senders.push(system.connect(&format!("s{s}"), "d").await?);
+    }
+    // The first router routes (so it holds the pin) before the standby starts.
+    let mut phone_got = Vec::new();
+    let warm = owner
+        .send_message(json!({"conversation":group}), "warm-up", "warm")
+        .await?;
+    anyhow::ensure!(warm["type"] == "sent", "{warm}");
+    collect_messages(&mut bob_phone, &mut phone_got, 1, chat_tests::WAIT).await?;
+    system.start_router();
+
+    // Every sender has sends in flight (pipelined) while the active router
+    // is stopped mid-stream; the standby must take over where it stopped.
+    for (s, sender) in senders.iter_mut().enumerate() {
+        send_pipelined(sender, json!({"to":"bob"}), &format!("s{s}"), 0..BEFORE).await?;
+    }
+    send_pipelined(&mut owner, json!({"conversation":group}), "g", 0..BEFORE).await?;
+    collect_messages(&mut bob_phone, &mut phone_got, 2, chat_tests::WAIT).await?;
+    system.stop_router().await?;
+    for (s, sender) in senders.iter_mut().enumerate() {
+        send_pipelined(
+            sender,
+            json!({"to":"bob"}),
+            &format!("s{s}"),
+            BEFORE..BEFORE + AFTER,
+        )
+        .await?;
+    }
+    send_pipelined(
+        &mut owner,
+        json!({"conversation":group}),
+        "g",
+        BEFORE..BEFORE + AFTER,
+    )
+    .await?;
+
+    let each = BEFORE + AFTER;
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for s in 0..SENDERS {
+        expected.insert(
+            format!("dm:bob:s{s}"),
+            (0..each).map(|i| format!("s{s}:{i}")).collect(),
+        );
+    }
+    let mut group_texts = vec!["warm-up".to_string()];
+    group_texts.extend((0..each).map(|i| format!("g:{i}")));
+    expected.insert(group.clone(), group_texts);
+
+    // Every device of every member: bob's two see everything, each sender
+    // its own conversation, carol and the owner the group.
+    let mut devices: Vec<(String, &mut Client, Vec<Value>, Vec<String>)> = vec![
+        (
+            "bob/phone".into(),
+            &mut bob_phone,
+            phone_got,
+            expected.keys().cloned().collect(),
+        ),
+        (
+            "bob/laptop".into(),
+            &mut bob_laptop,
+            Vec::new(),
+            expected.keys().cloned().collect(),
+        ),
+        ("carol".into(), &mut carol, Vec::new(), vec![group.clone()]),
+        ("owner".into(), &mut owner, Vec::new(), vec![group.clone()]),
+    ];
+    for (s, sender) in senders.iter_mut().enumerate() {
+        devices.push((
+            format!("s{s}"),
+            sender,
+            Vec::new(),
+            vec![format!("dm:bob:s{s}")],
+        ));
+    }
+    for (name, client, got, conversations) in &mut devices {
+        let count = conversations.iter().map(|c| expected[c].len()).sum();
+        collect_messages(client, got, count, TAKEOVER)
+            .await
+            .with_context(|| name.clone())?;
+        let by = texts_by_conversation(got);
+        for conversation in conversations.iter() {
+            assert_eq!(
+                by.get(conversation),
+                Some(&expected[conversation]),
+                "{name}: {conversation}"
+            );
+        }
+        assert_eq!(by.len(), conversations.len(), "{name}: {by:?}");
+        assert!(
+            got.windows(2).all(|w| cursor(&w[0]) < cursor(&w[1])),
+            "{name}: live cursors must grow"
+        );
+        quiet(client, "message")
+            .await
+            .with_context(|| name.clone())?;
+    }
     Ok(())
 }
 
