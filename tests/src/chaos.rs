@@ -68,7 +68,42 @@ pub struct Deployment {
     /// edges are replaced.
     pub edge_urls: EdgeUrls,
     services: HashMap<&'static str, ServiceProcess>,
+    /// Time zero of the run: marks, answers and receipts are in ms since.
+    epoch: tokio::time::Instant,
+    /// What the fault schedule noted, with when.
+    marks: Arc<Mutex<Vec<Mark>>>,
+    /// `kill -9`s done per service name (`edge` for every edge).
+    kills: BTreeMap<&'static str, u32>,
+    /// Dead letters a scenario caused on purpose: `(stream, sequence)` of
+    /// the original event.
+    expected_dead: Vec<(String, u64)>,
 }
+
+/// A moment the fault schedule noted ([`Deployment::mark`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Mark {
+    pub what: String,
+    /// ms since the deployment started.
+    pub at_ms: u64,
+}
+
+/// One event of the DEADLETTER stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// `chat.dead.<consumer>`.
+    pub subject: String,
+    /// The stream and sequence of the original event.
+    pub stream: String,
+    pub seq: u64,
+    pub reason: String,
+    pub payload: String,
+}
+
+/// The mark a fault schedule sets once its fault is in full effect, and
+/// the one it sets just before it starts to heal it: [`scenario`] reports
+/// the answers in between as [`Report::during_fault`].
+pub const FAULT: &str = "fault";
+pub const HEALING: &str = "healing";
 
 impl Deployment {
     /// Starts everything on `nats`; `binary` is
@@ -90,6 +125,10 @@ impl Deployment {
             edges: Vec::new(),
             edge_urls: EdgeUrls::default(),
             services: HashMap::new(),
+            epoch: tokio::time::Instant::now(),
+            marks: Arc::default(),
+            kills: BTreeMap::new(),
+            expected_dead: Vec::new(),
         };
         for service in [
             Service::Persister,
@@ -136,10 +175,66 @@ impl Deployment {
     /// `kill -9` of a backend service, which stays down until
     /// [`Deployment::restart`].
     pub async fn kill(&mut self, service: Service) -> Result<()> {
-        if let Some(mut process) = self.services.remove(service.name()) {
-            process.kill().await?;
-        }
+        let mut process = self
+            .services
+            .remove(service.name())
+            .with_context(|| format!("{} is not running", service.name()))?;
+        process.kill().await?;
+        *self.kills.entry(service.name()).or_default() += 1;
         Ok(())
+    }
+
+    /// How many times `service` was killed (every edge counts as `Edge`).
+    pub fn kills(&self, service: Service) -> u32 {
+        self.kills.get(service.name()).copied().unwrap_or(0)
+    }
+
+    /// The process id of the running `service` (not an edge).
+    pub fn pid(&self, service: Service) -> Option<u32> {
+        self.services.get(service.name()).and_then(|p| p.pid())
+    }
+
+    /// Whether `service` (not an edge) has a running process.
+    pub fn running(&mut self, service: Service) -> bool {
+        self.services
+            .get_mut(service.name())
+            .is_some_and(|p| p.running())
+    }
+
+    /// Whether every edge process is running.
+    pub fn edges_running(&mut self) -> bool {
+        self.edges.iter_mut().all(|edge| edge.running())
+    }
+
+    /// ms since the deployment started.
+    pub fn now_ms(&self) -> u64 {
+        millis_since(self.epoch)
+    }
+
+    /// Notes that `what` happens now; returns when (ms since the start).
+    pub fn mark(&self, what: &str) -> u64 {
+        let at_ms = self.now_ms();
+        if let Ok(mut marks) = self.marks.lock() {
+            marks.push(Mark {
+                what: what.to_string(),
+                at_ms,
+            });
+        }
+        at_ms
+    }
+
+    /// Declares that the event at `seq` of `stream` is meant to be
+    /// dead-lettered (a poison event the scenario injected): its dead
+    /// letters are counted as expected, not as a failure.
+    pub fn expect_dead_letter(&mut self, stream: &str, seq: u64) {
+        self.expected_dead.push((stream.to_string(), seq));
+    }
+
+    /// A JetStream context as the `admin` NATS user.
+    pub async fn admin_js(&self) -> Result<async_nats::jetstream::Context> {
+        let admin =
+            chat_shared::nats::connect(&crate::config_as(&self.config, "admin"), "chaos").await?;
+        Ok(async_nats::jetstream::new(admin))
     }
 
     pub async fn restart(&mut self, service: Service) -> Result<()> {
@@ -154,6 +249,7 @@ impl Deployment {
         let mut edge = self.edges.remove(index);
         self.edge_urls.remove(&format!("ws://{}/v1/ws", edge.addr));
         edge.kill().await?;
+        *self.kills.entry(Service::Edge.name()).or_default() += 1;
         self.add_edge().await
     }
 
@@ -186,16 +282,55 @@ impl Deployment {
         Ok(client)
     }
 
-    /// How many events the DEADLETTER stream holds.
-    pub async fn dead_letters(&self) -> Result<u64> {
-        let admin =
-            chat_shared::nats::connect(&crate::config_as(&self.config, "admin"), "chaos").await?;
-        let js = async_nats::jetstream::new(admin);
+    /// Every event the DEADLETTER stream holds.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        use chat_shared::subjects;
+        let js = self.admin_js().await?;
         let mut stream = js
-            .get_stream(chat_shared::subjects::DEADLETTER_STREAM)
+            .get_stream(subjects::DEADLETTER_STREAM)
             .await
             .context("the DEADLETTER stream")?;
-        Ok(stream.info().await?.state.messages)
+        let state = stream.info().await?.state.clone();
+        let mut dead = Vec::new();
+        if state.messages == 0 {
+            return Ok(dead);
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            let Ok(message) = stream.get_raw_message(seq).await else {
+                continue; // deleted
+            };
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            };
+            dead.push(DeadLetter {
+                subject: message.subject.to_string(),
+                stream: header(subjects::DEAD_STREAM_HEADER),
+                seq: header(subjects::DEAD_SEQ_HEADER).parse().unwrap_or(0),
+                reason: header(subjects::DEAD_REASON_HEADER),
+                payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            });
+        }
+        Ok(dead)
+    }
+
+    /// `(sender, client_msg_id)` pairs stored more than once, counted by
+    /// PostgreSQL itself. The unique index on the pair makes this
+    /// structurally 0; the query guards against the index going away.
+    pub async fn duplicated_in_database(&self) -> Result<usize> {
+        let rows = self
+            .database()
+            .await?
+            .query(
+                "SELECT sender, client_msg_id FROM messages WHERE sender LIKE 'chaos-%' \
+                 GROUP BY 1, 2 HAVING count(*) > 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.len())
     }
 
     /// The process-wide PostgreSQL server, to stop and start it.
@@ -282,6 +417,76 @@ pub struct Attempt {
     /// An error that ends retrying (bad_request, forbidden): must not
     /// happen in a fault run.
     pub refused: Option<String>,
+    /// Every try, in order.
+    pub log: Vec<Try>,
+}
+
+/// One try of a send. Times are ms since the deployment started.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Try {
+    /// When the sender handed it to its device's connection.
+    pub started_ms: u64,
+    /// When it was written to a connection (none took it: `None`).
+    pub written_ms: Option<u64>,
+    /// When its answer came, or when the sender stopped waiting.
+    pub answered_ms: u64,
+    /// `sent`; an error code (`unavailable`, `internal`, `rate_limited`,
+    /// ...); `disconnected` (the connection ended before an answer);
+    /// `timeout` (written, no answer within [`SEND_TIMEOUT`]);
+    /// `no_connection` (no connection took it within [`SEND_TIMEOUT`]).
+    pub outcome: String,
+    /// A `sent` with `duplicate: true`: an earlier try was stored.
+    pub duplicate: bool,
+}
+
+impl Try {
+    /// How long it waited for its answer after it was written.
+    pub fn waited_ms(&self) -> Option<u64> {
+        self.written_ms
+            .map(|written| self.answered_ms.saturating_sub(written))
+    }
+}
+
+fn millis_since(epoch: tokio::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A `sent` answered this long after a fault began may still be for a
+/// publish acknowledged before it (its answer was on its way).
+pub const IN_FLIGHT_GRACE_MS: u64 = 2_000;
+
+/// What the senders were answered while a fault was on, between two
+/// marks (`from_ms`..=`to_ms`). A try "touches" the window when it was
+/// started before its end and answered after its start.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Window {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// `sent` answered in the window to a try written in it, or more than
+    /// [`IN_FLIGHT_GRACE_MS`] into it: acknowledged during the fault.
+    /// Not counting duplicates.
+    pub sent: usize,
+    /// `sent` with `duplicate: true` in the window: a retry of a message
+    /// an earlier try had stored (a stream leader can answer that
+    /// without a quorum).
+    pub sent_duplicate: usize,
+    /// `sent` answered early in the window to a try written before it
+    /// (acknowledged before the fault, answered after).
+    pub sent_in_flight: usize,
+    /// Answers in the window, by kind.
+    pub unavailable: usize,
+    pub disconnected: usize,
+    pub other_errors: usize,
+    /// Tries touching the window that were written and got no answer
+    /// within [`SEND_TIMEOUT`]: a hang.
+    pub timed_out: usize,
+    /// Tries touching the window that no connection took within
+    /// [`SEND_TIMEOUT`] (every session refused or reconnecting).
+    pub no_connection: usize,
+    /// Tries touching the window that were written and answered.
+    pub answered: usize,
+    /// The longest of those waited for its answer, in ms.
+    pub slowest_answer_ms: u64,
 }
 
 /// One `message` frame a device received.
@@ -289,6 +494,8 @@ pub struct Attempt {
 pub struct Received {
     /// The device's connection it came on (1 = first).
     pub connection: u32,
+    /// When it arrived, ms since the deployment started.
+    pub at_ms: u64,
     pub id: u64,
     pub conversation: String,
     pub from: String,
@@ -305,6 +512,8 @@ pub struct History {
     pub members: HashMap<String, Vec<String>>,
     /// How many times each device connected.
     pub connections: BTreeMap<String, u32>,
+    /// What the fault schedule noted.
+    pub marks: Vec<Mark>,
 }
 
 impl History {
@@ -326,6 +535,90 @@ impl History {
                     .is_some_and(|ids| ids.contains(&id))
             })
         })
+    }
+
+    /// When `what` was marked first (ms since the start).
+    pub fn mark(&self, what: &str) -> Option<u64> {
+        self.marks.iter().find(|m| m.what == what).map(|m| m.at_ms)
+    }
+
+    /// The answers senders got between `from_ms` and `to_ms`.
+    pub fn window(&self, from_ms: u64, to_ms: u64) -> Window {
+        let mut window = Window {
+            from_ms,
+            to_ms,
+            ..Window::default()
+        };
+        for attempt in &self.attempts {
+            for try_ in &attempt.log {
+                let answered_in = (from_ms..=to_ms).contains(&try_.answered_ms);
+                if answered_in {
+                    match try_.outcome.as_str() {
+                        "sent" if try_.duplicate => window.sent_duplicate += 1,
+                        "sent" => {
+                            let written_before = try_.written_ms.is_some_and(|w| w < from_ms);
+                            if written_before && try_.answered_ms < from_ms + IN_FLIGHT_GRACE_MS {
+                                window.sent_in_flight += 1;
+                            } else {
+                                window.sent += 1;
+                            }
+                        }
+                        "unavailable" => window.unavailable += 1,
+                        "disconnected" => window.disconnected += 1,
+                        "timeout" | "no_connection" => {}
+                        _ => window.other_errors += 1,
+                    }
+                }
+                let touches = try_.started_ms <= to_ms && try_.answered_ms >= from_ms;
+                if !touches {
+                    continue;
+                }
+                match (try_.outcome.as_str(), try_.waited_ms()) {
+                    ("timeout", _) => window.timed_out += 1,
+                    ("no_connection", _) => window.no_connection += 1,
+                    (_, Some(waited)) => {
+                        window.answered += 1;
+                        window.slowest_answer_ms = window.slowest_answer_ms.max(waited);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        window
+    }
+
+    /// The acked attempts whose successful try was written between
+    /// `from_ms` and `to_ms`: sent while a fault was on.
+    pub fn acked_written_between(&self, from_ms: u64, to_ms: u64) -> Vec<&Attempt> {
+        self.attempts
+            .iter()
+            .filter(|attempt| {
+                attempt.acked.is_some()
+                    && attempt.log.last().is_some_and(|t| {
+                        t.outcome == "sent"
+                            && t.written_ms.is_some_and(|w| (from_ms..=to_ms).contains(&w))
+                    })
+            })
+            .collect()
+    }
+
+    /// When the first device of `attempt`'s conversation received it
+    /// (ms since the start), and when the last one did.
+    pub fn received_at(&self, attempt: &Attempt) -> Option<(u64, u64)> {
+        let id = attempt.acked?;
+        let mut first: Option<u64> = None;
+        let mut last: Option<u64> = None;
+        for device in self.devices_of(&attempt.conversation) {
+            let at = self
+                .received
+                .get(&device)?
+                .iter()
+                .find(|r| r.id == id)?
+                .at_ms;
+            first = Some(first.map_or(at, |f| f.min(at)));
+            last = Some(last.map_or(at, |l| l.max(at)));
+        }
+        first.zip(last)
     }
 
     fn devices_of(&self, conversation: &str) -> Vec<String> {
@@ -359,6 +652,10 @@ impl History {
             let name = device.replace('/', "-");
             std::fs::write(dir.join(format!("{name}.jsonl")), lines(received))?;
         }
+        std::fs::write(
+            dir.join("marks.json"),
+            serde_json::to_string_pretty(&self.marks)?,
+        )?;
         std::fs::write(
             dir.join("report.json"),
             serde_json::to_string_pretty(report)?,
@@ -422,6 +719,7 @@ where
                 requests: (device == 0).then_some(requests_rx),
                 ready: Some(ready_tx.clone()),
                 stop: devices_stopped.clone(),
+                epoch: deployment.epoch,
             };
             device_tasks.push(tokio::spawn(connection.run()));
             if device == 0 {
@@ -440,6 +738,7 @@ where
                     interval: workload.send_interval,
                     requests: requests_tx,
                     stop: senders_stopped.clone(),
+                    epoch: deployment.epoch,
                 };
                 senders.push(sender);
             }
@@ -475,6 +774,7 @@ where
         received: BTreeMap::new(),
         members,
         connections: BTreeMap::new(),
+        marks: Vec::new(),
     };
     // Let every device catch up, then stop them.
     let deadline = tokio::time::Instant::now() + SETTLE;
@@ -491,6 +791,11 @@ where
     }
     history.received = logs.lock().map(|l| l.clone()).unwrap_or_default();
     history.connections = connections.lock().map(|c| c.clone()).unwrap_or_default();
+    history.marks = deployment
+        .marks
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
     faulted.context("the fault schedule")?;
     Ok(history)
 }
@@ -517,6 +822,7 @@ struct Sender {
     interval: Duration,
     requests: mpsc::Sender<Request>,
     stop: watch::Receiver<bool>,
+    epoch: tokio::time::Instant,
 }
 
 impl Sender {
@@ -549,6 +855,7 @@ impl Sender {
                 tries: 0,
                 slowest_try_ms: 0,
                 refused: None,
+                log: Vec::new(),
             };
             self.deliver(&mut attempt, frame).await;
             attempts.push(attempt);
@@ -570,6 +877,7 @@ impl Sender {
                 }
             }
             attempt.tries += 1;
+            let started_ms = millis_since(self.epoch);
             let (reply, answer) = oneshot::channel();
             let written = Arc::new(std::sync::OnceLock::new());
             let request = Request {
@@ -582,10 +890,31 @@ impl Sender {
                 answer.await.ok()
             })
             .await;
-            if let Some(written) = written.get() {
-                let waited = u64::try_from(written.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let answered_ms = millis_since(self.epoch);
+            let written_ms = written.get().map(|at| {
+                let at = at.saturating_duration_since(self.epoch).as_millis();
+                u64::try_from(at).unwrap_or(u64::MAX)
+            });
+            let outcome = match &answered {
+                Ok(Some(reply)) if reply["type"] == "sent" => "sent".to_string(),
+                Ok(Some(reply)) => reply["code"].as_str().unwrap_or("error").to_string(),
+                // The connection took the request and dropped it unwritten.
+                Ok(None) => "disconnected".to_string(),
+                Err(_) if written_ms.is_some() => "timeout".to_string(),
+                Err(_) => "no_connection".to_string(),
+            };
+            let duplicate = matches!(&answered, Ok(Some(reply)) if reply["duplicate"] == true);
+            let try_ = Try {
+                started_ms,
+                written_ms,
+                answered_ms,
+                outcome,
+                duplicate,
+            };
+            if let Some(waited) = try_.waited_ms() {
                 attempt.slowest_try_ms = attempt.slowest_try_ms.max(waited);
             }
+            attempt.log.push(try_);
             let retry_in = match answered {
                 Ok(Some(reply)) if reply["type"] == "sent" => {
                     attempt.acked = reply["id"].as_str().and_then(|id| id.parse().ok());
@@ -622,6 +951,7 @@ struct DeviceConnection {
     /// Told once, at the first `synced`.
     ready: Option<mpsc::Sender<()>>,
     stop: watch::Receiver<bool>,
+    epoch: tokio::time::Instant,
 }
 
 impl DeviceConnection {
@@ -783,6 +1113,7 @@ impl DeviceConnection {
         };
         let received = Received {
             connection,
+            at_ms: millis_since(self.epoch),
             id,
             conversation: text("conversation"),
             from: text("from"),
@@ -815,8 +1146,12 @@ pub struct Report {
     pub refused: usize,
     /// Sends that needed more than one try.
     pub retried: usize,
-    /// The longest one try of any send waited for its answer, in ms.
+    /// The longest one try of any send waited for its answer, in ms (a
+    /// try that got none counts [`SEND_TIMEOUT`]).
     pub slowest_try_ms: u64,
+    /// Tries written to a connection that got no answer within
+    /// [`SEND_TIMEOUT`].
+    pub timed_out_tries: usize,
     /// acked x member devices.
     pub expected_deliveries: usize,
     pub lost: usize,
@@ -840,9 +1175,16 @@ pub struct Report {
     pub missing_in_database: usize,
     /// (sender, client_msg_id) stored more than once in PostgreSQL.
     pub duplicated_in_database: usize,
-    /// Events in the DEADLETTER stream: a consumer gave up on one, or one
-    /// exhausted its deliveries (a database outage must not do that).
+    /// Events in the DEADLETTER stream the scenario did not cause on
+    /// purpose: a consumer gave up on one, or one exhausted its
+    /// deliveries (a database outage must not do that).
     pub dead_letters: u64,
+    /// Dead letters of the poison events the scenario injected
+    /// ([`Deployment::expect_dead_letter`]).
+    pub dead_letters_expected: u64,
+    /// The answers between the marks [`FAULT`] and [`HEALING`], where the
+    /// scenario set them.
+    pub during_fault: Option<Window>,
 }
 
 impl Report {
@@ -900,6 +1242,11 @@ pub fn check(history: &History, stored: &[Stored]) -> Report {
         if attempt.tries > 1 {
             report.retried += 1;
         }
+        report.timed_out_tries += attempt
+            .log
+            .iter()
+            .filter(|t| t.outcome == "timeout")
+            .count();
         report.slowest_try_ms = report.slowest_try_ms.max(attempt.slowest_try_ms);
     }
     report.reconnects = history
@@ -1035,6 +1382,14 @@ pub async fn stored_messages(deployment: &Deployment, history: &History) -> Resu
     }
 }
 
+/// What a scenario saw and found.
+pub struct Outcome {
+    pub report: Report,
+    pub history: History,
+    /// Everything in the DEADLETTER stream afterwards.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
 /// Runs a scenario end to end: the workload under `faults`, the checks,
 /// the history written to `target/chaos/<scenario>/`, and a line for the
 /// log. Returns the report (the caller asserts).
@@ -1049,15 +1404,55 @@ where
         &'a mut Deployment,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>,
 {
+    Ok(scenario_outcome(name, deployment, workload, faults)
+        .await?
+        .report)
+}
+
+/// [`scenario`], also returning the history and the dead letters for
+/// assertions about when things happened.
+pub async fn scenario_outcome<F>(
+    name: &str,
+    deployment: &mut Deployment,
+    workload: &Workload,
+    faults: F,
+) -> Result<Outcome>
+where
+    F: for<'a> FnOnce(
+        &'a mut Deployment,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + 'a>>,
+{
     let history = run(deployment, workload, faults).await?;
     let stored = stored_messages(deployment, &history).await?;
     let mut report = check(&history, &stored);
-    report.dead_letters = deployment.dead_letters().await?;
+    report.duplicated_in_database = report
+        .duplicated_in_database
+        .max(deployment.duplicated_in_database().await?);
+    let dead_letters = deployment.dead_letters().await?;
+    let expected = |dead: &DeadLetter| {
+        deployment
+            .expected_dead
+            .iter()
+            .any(|(stream, seq)| *stream == dead.stream && *seq == dead.seq)
+    };
+    report.dead_letters_expected = dead_letters.iter().filter(|d| expected(d)).count() as u64;
+    report.dead_letters = dead_letters.len() as u64 - report.dead_letters_expected;
+    if let (Some(from), Some(to)) = (history.mark(FAULT), history.mark(HEALING)) {
+        report.during_fault = Some(history.window(from, to));
+    }
     let dir = history.write(name, &report)?;
+    let dead_lines = dead_letters
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::write(dir.join("dead_letters.jsonl"), dead_lines.join("\n") + "\n")?;
+    if let Some(window) = &report.during_fault {
+        println!("chaos {name}: during the fault {window:?}");
+    }
     println!(
         "chaos {name}: attempted {} acked {} lost {} duplicated {} (in connection) \
          redelivered {} stored twice {} out of order {} reconnects {} retried {} slowest try {} ms \
-         db missing {} db duplicated {} dead letters {} -> {}",
+         timed-out tries {} db missing {} db duplicated {} dead letters {} (+{} expected) -> {}",
         report.attempted,
         report.acked,
         report.lost,
@@ -1068,12 +1463,18 @@ where
         report.reconnects,
         report.retried,
         report.slowest_try_ms,
+        report.timed_out_tries,
         report.missing_in_database,
         report.duplicated_in_database,
         report.dead_letters,
+        report.dead_letters_expected,
         dir.display()
     );
-    Ok(report)
+    Ok(Outcome {
+        report,
+        history,
+        dead_letters,
+    })
 }
 
 #[cfg(test)]
@@ -1090,12 +1491,14 @@ mod tests {
             tries: 1,
             slowest_try_ms: 0,
             refused: None,
+            log: Vec::new(),
         }
     }
 
     fn got(connection: u32, id: u64, from: &str, seq: u64) -> Received {
         Received {
             connection,
+            at_ms: 0,
             id,
             conversation: "dm:a:b".into(),
             from: from.into(),
@@ -1115,6 +1518,7 @@ mod tests {
             received: by_device,
             members,
             connections: BTreeMap::new(),
+            marks: Vec::new(),
         }
     }
 
@@ -1203,6 +1607,65 @@ mod tests {
         assert_eq!(report.missing_in_database, 1);
         assert_eq!(report.duplicated_in_database, 1);
         assert!(report.assert_clean().is_err());
+    }
+
+    #[test]
+    fn answers_during_a_fault_are_classified() {
+        let t = |started: u64, written: Option<u64>, answered: u64, outcome: &str| Try {
+            started_ms: started,
+            written_ms: written,
+            answered_ms: answered,
+            outcome: outcome.into(),
+            duplicate: false,
+        };
+        let mut history = history(Vec::new());
+        // The fault is on from 1,000 to 12,000 ms.
+        history.attempts[0].log = vec![
+            // Acked before the fault, answered just after it began.
+            t(900, Some(900), 1_100, "sent"),
+        ];
+        history.attempts[1].log = vec![
+            t(1_500, Some(1_500), 3_500, "unavailable"),
+            // Hung: counted although answered after the window.
+            t(3_600, Some(3_600), 13_600, "timeout"),
+            // After the fault.
+            t(13_700, Some(13_700), 13_800, "sent"),
+        ];
+        history.attempts[2].log = vec![
+            t(500, Some(500), 1_500, "disconnected"),
+            t(2_000, None, 12_000, "no_connection"),
+        ];
+        history.attempts[3].log = vec![
+            // Written during the fault and acked: what must not happen
+            // without a quorum.
+            t(5_000, Some(5_000), 5_100, "sent"),
+        ];
+        history.attempts[4].log = vec![
+            // Written before, but acked long after the fault began.
+            t(200, Some(200), 3_500, "sent"),
+            Try {
+                duplicate: true,
+                ..t(4_000, Some(4_000), 4_050, "sent")
+            },
+        ];
+        let window = history.window(1_000, 12_000);
+        assert_eq!(
+            window,
+            Window {
+                from_ms: 1_000,
+                to_ms: 12_000,
+                sent: 2,
+                sent_duplicate: 1,
+                sent_in_flight: 1,
+                unavailable: 1,
+                disconnected: 1,
+                other_errors: 0,
+                timed_out: 1,
+                no_connection: 1,
+                answered: 6,
+                slowest_answer_ms: 3_300,
+            }
+        );
     }
 
     #[test]

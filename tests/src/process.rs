@@ -179,9 +179,37 @@ impl ServiceProcess {
         Ok(kib * 1024)
     }
 
-    /// `kill -9`: no close frames, no disconnect reports, no acks.
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9`: no close frames, no disconnect reports, no acks. Fails
+    /// unless the process was running and died of that SIGKILL, so a
+    /// fault schedule cannot "kill" a process that had already crashed.
     pub async fn kill(&mut self) -> Result<()> {
-        self.child.kill().await?;
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} had already exited ({status}) when it was to be killed",
+                self.service.name()
+            );
+        }
+        self.child.start_kill()?;
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .context("the killed process did not exit in time")??;
+        if status.signal() != Some(9) {
+            bail!(
+                "{} exited with {status}, not by the SIGKILL",
+                self.service.name()
+            );
+        }
         Ok(())
     }
 }

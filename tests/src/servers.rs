@@ -412,6 +412,17 @@ impl NatsCluster {
         self.nodes.len()
     }
 
+    /// Node `index`'s own URL (a client that must talk to that node only).
+    pub fn node_url(&self, index: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[index].port)
+    }
+
+    /// Node `index`'s `server_name` (`n1`..), as stream and consumer
+    /// info name their RAFT leader.
+    pub fn node_name(&self, index: usize) -> String {
+        format!("n{}", index + 1)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
