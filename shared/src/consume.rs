@@ -307,6 +307,13 @@ const SCAN_BATCH: usize = 500;
 const SCAN_STALL: Duration = Duration::from_secs(5);
 const SCAN_BYTES: usize = 4 * 1024 * 1024;
 
+/// Whether a pull error is the server closing a batch that reached its
+/// byte limit (`409 Message Size Exceeds MaxBytes`); async-nats reports it
+/// only as text.
+fn ends_batch_on_size(error: &str) -> bool {
+    error.contains("409") && error.contains("Message Size Exceeds MaxBytes")
+}
+
 impl Scan {
     pub async fn open(
         stream: &jetstream::stream::Stream<()>,
@@ -352,6 +359,13 @@ impl Scan {
                         let info = message.info().map_err(|e| e.to_string())?;
                         self.done = info.pending == 0;
                         return Ok(Some(message));
+                    }
+                    // The next message did not fit in what was left of the
+                    // batch's bytes: the server ends the batch with a 409,
+                    // and the next fetch starts with that message.
+                    Some(Err(e)) if self.yielded > 0 && ends_batch_on_size(&e.to_string()) => {
+                        self.batch = None;
+                        continue;
                     }
                     Some(Err(e)) => return Err(e.to_string()),
                     None => {

@@ -9,5 +9,6 @@ mod metrics;
 mod operators;
 mod presence;
 mod push;
+mod resume;
 mod security;
 mod web;
