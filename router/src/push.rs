@@ -55,11 +55,7 @@ impl PushJobs {
         members: &[UserId],
         trace: Option<TraceId>,
     ) -> Result<(), String> {
-        let candidates: Vec<UserId> = members
-            .iter()
-            .filter(|m| **m != event.from)
-            .cloned()
-            .collect();
+        let candidates = push_candidates(members, &event.from);
         let (presence, cache) = (self.presence.clone(), self.online.clone());
         // Owned futures only: a stream of futures borrowing `self` trips
         // the compiler's `Send` inference for the spawned lane task.
@@ -111,6 +107,12 @@ impl PushJobs {
     }
 }
 
+/// Who may get a push job for a message: every member but its sender, who
+/// wrote it and needs no notification of it, online or not.
+fn push_candidates(members: &[UserId], from: &UserId) -> Vec<UserId> {
+    members.iter().filter(|m| *m != from).cloned().collect()
+}
+
 /// Whether `user` is online per the presence bucket. If it cannot be read, the user is
 /// taken as offline: a needless notification beats a missing one.
 async fn is_online(presence: kv::Store, cache: PresenceCache, user: UserId) -> (UserId, bool) {
@@ -141,4 +143,41 @@ async fn is_online(presence: kv::Store, cache: PresenceCache, user: UserId) -> (
         entries.insert(user.clone(), (online, Instant::now()));
     }
     (user, online)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(names: &[&str]) -> Vec<UserId> {
+        names.iter().map(|n| UserId::parse(*n).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_sender_is_never_a_push_candidate() {
+        let alice = UserId::parse("alice").unwrap();
+        // A conversation of two: only the other one.
+        assert_eq!(
+            push_candidates(&users(&["alice", "bob"]), &alice),
+            users(&["bob"])
+        );
+        // A group: everyone else, in member order.
+        assert_eq!(
+            push_candidates(&users(&["bob", "alice", "carol", "dave"]), &alice),
+            users(&["bob", "carol", "dave"])
+        );
+        // Writing to yourself notifies nobody.
+        assert!(push_candidates(&users(&["alice"]), &alice).is_empty());
+    }
+
+    #[test]
+    fn a_sender_outside_the_member_list_removes_nobody() {
+        // A sender that just left a group: every remaining member may be
+        // notified, and nobody is dropped for sharing a prefix with her.
+        let alice = UserId::parse("alice").unwrap();
+        assert_eq!(
+            push_candidates(&users(&["alice2", "bob", "carol"]), &alice),
+            users(&["alice2", "bob", "carol"])
+        );
+    }
 }
