@@ -3,6 +3,9 @@
 //! Each [`FakeProvider`] is a local HTTP server (HTTP/1.1, and HTTP/2 over
 //! cleartext with prior knowledge, as pushd speaks to APNs) that records
 //! every request and answers from a script, then with a default answer.
+//! Answers can be held back ([`FakeProvider::hold_answers`]): the request is
+//! recorded at once, its answer leaves only when released, so a test can
+//! look at what pushd does while a provider has not accepted yet.
 //! The FCM stand-in also serves Google's OAuth token endpoint at `/token`:
 //! it checks the RS256 assertion against the test service account's public
 //! key and hands out `ya29.fake-<n>` access tokens.
@@ -28,7 +31,7 @@ use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 pub const FCM_PROJECT: &str = "chat-test";
 pub const FCM_CLIENT_EMAIL: &str = "pushd@chat-test.iam.gserviceaccount.com";
@@ -174,6 +177,8 @@ struct Script {
     oauth: Vec<Recorded>,
     replies: VecDeque<Reply>,
     default: Reply,
+    /// `true` while provider answers are held back.
+    held: watch::Receiver<bool>,
 }
 
 type Shared = Arc<Mutex<Script>>;
@@ -186,17 +191,20 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Script> {
 pub struct FakeProvider {
     pub addr: SocketAddr,
     script: Shared,
+    hold: watch::Sender<bool>,
     _stop: oneshot::Sender<()>,
 }
 
 impl FakeProvider {
     /// Answers 200 with `default_body` unless scripted otherwise.
     pub async fn start(default_body: Value) -> Result<Self> {
+        let (hold, held) = watch::channel(false);
         let script: Shared = Arc::new(Mutex::new(Script {
             requests: Vec::new(),
             oauth: Vec::new(),
             replies: VecDeque::new(),
             default: Reply::ok().json(default_body),
+            held,
         }));
         let app = Router::new()
             .route("/token", post(oauth_token))
@@ -215,6 +223,7 @@ impl FakeProvider {
         Ok(Self {
             addr,
             script,
+            hold,
             _stop: stop,
         })
     }
@@ -236,6 +245,18 @@ impl FakeProvider {
     /// The answer once the script is used up.
     pub fn answer_by_default(&self, reply: Reply) {
         lock(&self.script).default = reply;
+    }
+
+    /// From now on, provider requests are recorded (with the status they
+    /// will get) but not answered until [`FakeProvider::release_answers`].
+    /// OAuth token requests are answered regardless.
+    pub fn hold_answers(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Lets every held answer, and every later one, go out.
+    pub fn release_answers(&self) {
+        self.hold.send_replace(false);
     }
 
     /// Every provider request so far (OAuth requests excluded).
@@ -268,13 +289,18 @@ async fn record(State(script): State<Shared>, request: Request) -> Response {
     let Ok((mut recorded, _)) = read(request).await else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let mut script = lock(&script);
-    let reply = script
-        .replies
-        .pop_front()
-        .unwrap_or_else(|| script.default.clone());
-    recorded.status = reply.status;
-    script.requests.push(recorded);
+    let (reply, mut held) = {
+        let mut script = lock(&script);
+        let reply = script
+            .replies
+            .pop_front()
+            .unwrap_or_else(|| script.default.clone());
+        recorded.status = reply.status;
+        script.requests.push(recorded);
+        (reply, script.held.clone())
+    };
+    // Dropped with the provider: then the answer goes out.
+    let _ = held.wait_for(|held| !*held).await;
     reply.into_response()
 }
 
