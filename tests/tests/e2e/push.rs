@@ -8,8 +8,10 @@ use anyhow::{ensure, Context, Result};
 use async_nats::jetstream;
 use axum::http::Version;
 use chat_pushd::{PushMetrics, PushdError};
-use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::idgen::{IdGenerator, NodeSlot};
+use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
 use chat_shared::push::{Platform, PushJob};
+use chat_shared::wire::MessageEvent;
 use chat_shared::{subjects, Config};
 use chat_tests::providers::{self, Fakes, Reply};
 use chat_tests::{wait_until, System};
@@ -179,13 +181,22 @@ async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> 
         .await?;
     let (fcm, apns) = (&setup.fakes.fcm, &setup.fakes.apns);
 
+    // APNs takes the request but does not answer yet.
+    apns.hold_answers();
     setup.publish(&job("bob", "alice", 101, "lunch?")).await?;
-    wait_until(|| async {
-        setup.jobs_left().await == 0 && fcm.requests().len() == 1 && apns.requests().len() == 1
-    })
-    .await?;
-    // Acked only after both sends: nothing more can come for this job.
-    assert_eq!(setup.fakes.webhook.requests().len(), 0);
+    wait_until(|| async { fcm.requests().len() == 1 && apns.requests().len() == 1 }).await?;
+    // FCM has accepted, APNs has not: the job is not acked (an ack now
+    // would lose the APNs notification if pushd died). Give a wrong early
+    // ack time to land before looking.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        setup.jobs_left().await,
+        1,
+        "acked before every provider accepted"
+    );
+    apns.release_answers();
+    wait_until(|| async { setup.jobs_left().await == 0 }).await?;
+    assert_eq!((fcm.requests().len(), apns.requests().len()), (1, 1));
 
     let sent = &fcm.requests()[0];
     assert_eq!(sent.method, "POST");
@@ -674,7 +685,9 @@ async fn push_whole_path_offline_member_gets_one_per_token_online_gets_none() ->
         ]
     );
 
-    // bob offline: one notification per token; alice, the sender, none.
+    // bob offline: one notification per token. (alice, the sender, is
+    // online here; `push_never_goes_to_the_sender_even_when_offline` is
+    // the test that she is never pushed her own message.)
     bob.close().await?;
     wait_presence(&setup.js, "bob", "offline").await?;
     let sent = alice
@@ -706,11 +719,180 @@ async fn push_whole_path_offline_member_gets_one_per_token_online_gets_none() ->
     assert_eq!(fcm.requests().len(), 1, "no push for an online user");
     assert_eq!(apns.requests().len(), 1);
     assert_eq!(setup.jobs_left().await, 0);
-    assert!(
-        fcm.requests()
-            .iter()
-            .all(|r| r.text().contains("fcm-bob-phone")),
-        "never to the sender"
-    );
     Ok(())
+}
+
+async fn request_ok(client: &mut chat_tests::Client, frame: Value) -> Result<()> {
+    let reply = client.request(frame.clone()).await?;
+    ensure!(reply["type"] == "ok", "{frame} answered {reply}");
+    Ok(())
+}
+
+/// The requests `provider` received that carry `token`.
+fn to_token(provider: &providers::FakeProvider, token: &str) -> usize {
+    provider
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains(token) || r.text().contains(token))
+        .count()
+}
+
+#[tokio::test]
+async fn push_unregistered_and_moved_tokens_get_nothing() -> Result<()> {
+    let setup = Setup::start().await?;
+    let _pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let system = &setup.system;
+    let (fcm, apns, webhook) = (&setup.fakes.fcm, &setup.fakes.apns, &setup.fakes.webhook);
+
+    let mut bob = system.connect("bob", "phone").await?;
+    for (platform, token) in [
+        ("fcm", "fcm-bob-phone"),
+        ("apns", APNS_TOKEN),
+        ("webhook", "bob-hook"),
+    ] {
+        request_ok(
+            &mut bob,
+            json!({"type":"push.register","platform":platform,"token":token}),
+        )
+        .await?;
+    }
+    // bob signs his phone out of FCM.
+    request_ok(
+        &mut bob,
+        json!({"type":"push.unregister","platform":"fcm","token":"fcm-bob-phone"}),
+    )
+    .await?;
+    // mallory cannot unregister a token that is not hers (`ok` regardless).
+    let mut mallory = system.connect("mallory", "laptop").await?;
+    request_ok(
+        &mut mallory,
+        json!({"type":"push.unregister","platform":"webhook","token":"bob-hook"}),
+    )
+    .await?;
+    // carol signs in on the iPad bob used: the APNs token is hers now.
+    let mut carol = system.connect("carol", "ipad").await?;
+    request_ok(
+        &mut carol,
+        json!({"type":"push.register","platform":"apns","token":APNS_TOKEN}),
+    )
+    .await?;
+    assert_eq!(
+        setup.tokens_of("bob").await?,
+        [("webhook".to_string(), "bob-hook".to_string())]
+    );
+    assert_eq!(
+        setup.tokens_of("carol").await?,
+        [("apns".to_string(), APNS_TOKEN.to_string())]
+    );
+
+    bob.close().await?;
+    carol.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+    wait_presence(&setup.js, "carol", "offline").await?;
+    let mut alice = system.connect("alice", "phone").await?;
+
+    // To bob: only his webhook. Once that job is acked, every token pushd
+    // found for him has had its request (it sends to all, then acks).
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "for bob", "u1")
+        .await?;
+    ensure!(sent["type"] == "sent", "{sent}");
+    wait_until(|| async { setup.jobs_left().await == 0 && to_token(webhook, "bob-hook") == 1 })
+        .await?;
+    assert_eq!(
+        to_token(fcm, "fcm-bob-phone"),
+        0,
+        "pushed to an unregistered token"
+    );
+    assert_eq!(apns.requests().len(), 0, "pushed bob to carol's iPad");
+
+    // To carol: her iPad, once.
+    let sent = alice
+        .send_message(json!({"to":"carol"}), "for carol", "u2")
+        .await?;
+    ensure!(sent["type"] == "sent", "{sent}");
+    wait_until(|| async { setup.jobs_left().await == 0 && apns.requests().len() == 1 }).await?;
+    let to_carol = &apns.requests()[0];
+    assert_eq!(to_carol.path, format!("/3/device/{APNS_TOKEN}"));
+    assert_eq!(to_carol.json()?["aps"]["alert"]["body"], "for carol");
+    assert_eq!(fcm.requests().len(), 0);
+    assert_eq!(webhook.requests().len(), 1);
+    Ok(())
+}
+
+/// A message enters MESSAGES from a backend service (as an operator's
+/// replay or a bot on NATS would publish it), so its sender has no device
+/// online and presence cannot be what keeps her from being notified.
+async fn publish_as_backend(setup: &Setup, from: &str, to: &str, text: &str) -> Result<u64> {
+    let (from, to) = (UserId::parse(from)?, UserId::parse(to)?);
+    let ids = IdGenerator::new(NodeSlot::fixed(1000));
+    let id = ids.next_id()?;
+    let event = MessageEvent {
+        id,
+        conversation: ConversationId::dm(from.clone(), to)?,
+        from: from.clone(),
+        text: text.into(),
+        ts: chat_shared::idgen::timestamp_ms(id),
+        client_msg_id: ClientMsgId::parse(format!("backend-{id}"))?,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        subjects::MSG_ID_HEADER,
+        subjects::send_dedup_id(&event.from, &event.client_msg_id).as_str(),
+    );
+    let ack = setup
+        .js
+        .publish_with_headers(
+            subjects::message(&event.conversation),
+            headers,
+            serde_json::to_vec(&event)?.into(),
+        )
+        .await?
+        .await?;
+    Ok(ack.sequence)
+}
+
+#[tokio::test]
+async fn push_never_goes_to_the_sender_even_when_offline() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let fcm = &setup.fakes.fcm;
+    // Neither has ever connected: both are offline, both have a token.
+    setup
+        .register("alice", "phone", Platform::Fcm, "fcm-alice-phone")
+        .await?;
+    setup
+        .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
+        .await?;
+    let sequence = publish_as_backend(&setup, "alice", "bob", "from the backend").await?;
+
+    // The router acks the event only after every push job it emitted for
+    // it is in PUSH; pushd acks a job only after its provider answered. So
+    // once both are done, a job for alice would have reached FCM.
+    let messages = setup.js.get_stream(subjects::MESSAGES_STREAM).await?;
+    wait_until(|| async {
+        let routed = match messages
+            .clone()
+            .consumer_info(subjects::ROUTER_CONSUMER)
+            .await
+        {
+            Ok(info) => info.ack_floor.stream_sequence >= sequence,
+            Err(_) => false,
+        };
+        routed && setup.jobs_left().await == 0 && to_token(fcm, "fcm-bob-phone") == 1
+    })
+    .await?;
+    let to_bob = fcm.requests()[0].json()?;
+    assert_eq!(
+        to_bob["message"]["notification"]["body"],
+        "from the backend"
+    );
+    assert_eq!(
+        to_token(fcm, "fcm-alice-phone"),
+        0,
+        "the sender was pushed her own message"
+    );
+    assert_eq!(fcm.requests().len(), 1);
+    assert_eq!(pushd.metrics.sent(Platform::Fcm), 1);
+    pushd.stop().await
 }
