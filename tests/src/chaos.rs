@@ -166,6 +166,19 @@ impl Deployment {
         Ok(())
     }
 
+    /// One more edge, connected to NATS at `nats_url` only (one node of a
+    /// cluster), among those the clients pick from.
+    pub async fn add_edge_on(&mut self, nats_url: String) -> Result<()> {
+        let config = Config {
+            nats_url,
+            ..self.config_for(Service::Edge)
+        };
+        let edge = ServiceProcess::spawn(&self.binary, Service::Edge, &config).await?;
+        self.edge_urls.add(format!("ws://{}/v1/ws", edge.addr));
+        self.edges.push(edge);
+        Ok(())
+    }
+
     /// `kill -9` of a backend service (not an edge), then a new one.
     pub async fn kill_and_restart(&mut self, service: Service) -> Result<()> {
         self.kill(service).await?;

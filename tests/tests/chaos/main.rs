@@ -169,6 +169,69 @@ async fn kill_router_and_persister() -> Result<()> {
 
 const POISON: &[u8] = b"{\"not\": \"a message event\"";
 
+/// An operator's consumer that refuses everything: what it is given twice
+/// is past its `max_deliver`.
+const REFUSER: &str = "chaos-refuser";
+
+/// Publishes the poison on a DM the workload does not use (its users pair
+/// 0-1 and 2-3; the router and persister dead-letter it at once as well),
+/// has [`REFUSER`] nak it until JetStream gives up and the persister's
+/// mover copies it to `chat.dead.chaos-refuser` from the max-deliveries
+/// advisory; returns its sequence.
+async fn refuse_until_moved(d: &mut Deployment) -> Result<u64> {
+    use async_nats::jetstream::{consumer, AckKind};
+    use futures::StreamExt;
+    let unused = ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-2")?)?;
+    let js = d.admin_js().await?;
+    let ack = js
+        .publish(subjects::message(&unused), POISON.into())
+        .await?
+        .await?;
+    d.expect_dead_letter(subjects::MESSAGES_STREAM, ack.sequence);
+    let stream = js.get_stream(subjects::MESSAGES_STREAM).await?;
+    let refuser: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(REFUSER.into()),
+            filter_subject: subjects::message(&unused),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_deliver: 2,
+            ..Default::default()
+        })
+        .await?;
+    let dead = js.get_stream(subjects::DEADLETTER_STREAM).await?;
+    let moved = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            // A pull after the last refusal makes the server notice the
+            // event is exhausted and send the advisory.
+            let mut batch = refuser
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_millis(300))
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!(e))?;
+                message
+                    .ack_with(AckKind::Nak(None))
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            }
+            if dead
+                .direct_get_last_for_subject(subjects::dead_letter(REFUSER))
+                .await
+                .is_ok()
+            {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    })
+    .await;
+    stream.delete_consumer(REFUSER).await?;
+    moved.context("the refused event was not moved to the dead letters")??;
+    Ok(ack.sequence)
+}
+
 /// A poison event (a real conversation's subject, a payload nobody can
 /// decode) among steady traffic: the router and the persister each copy it
 /// to the dead letters and move on; everything real is delivered and
@@ -177,7 +240,8 @@ const POISON: &[u8] = b"{\"not\": \"a message event\"";
 async fn poison_message() -> Result<()> {
     let mut deployment = single_node().await?;
     let poisoned = Arc::new(AtomicU64::new(0));
-    let seq = poisoned.clone();
+    let refused = Arc::new(AtomicU64::new(0));
+    let (seq, refused_seq) = (poisoned.clone(), refused.clone());
     let outcome = chaos::scenario_outcome("poison-message", &mut deployment, &workload(12), |d| {
         Box::pin(async move {
             pause(4.0).await;
@@ -191,6 +255,11 @@ async fn poison_message() -> Result<()> {
             d.mark("poison");
             d.expect_dead_letter(subjects::MESSAGES_STREAM, ack.sequence);
             seq.store(ack.sequence, Ordering::SeqCst);
+            // And one that a consumer keeps refusing until JetStream gives
+            // up (max deliveries, an advisory), on a DM nobody else uses.
+            let sequence = refuse_until_moved(d).await?;
+            refused_seq.store(sequence, Ordering::SeqCst);
+            d.mark("refused poison moved");
             Ok(())
         })
     })
@@ -199,24 +268,47 @@ async fn poison_message() -> Result<()> {
     let seq = poisoned.load(Ordering::SeqCst);
 
     // One dead letter per consumer of MESSAGES, each the poison itself.
-    let mut consumers: Vec<&str> = outcome
-        .dead_letters
-        .iter()
-        .filter(|dead| dead.stream == subjects::MESSAGES_STREAM && dead.seq == seq)
-        .map(|dead| {
-            assert_eq!(dead.payload.as_bytes(), POISON, "{dead:?}");
-            assert!(!dead.reason.is_empty(), "{dead:?}");
-            dead.subject.as_str()
-        })
-        .collect();
-    consumers.sort_unstable();
-    let mut expected = vec![
-        subjects::dead_letter(subjects::PERSISTER_CONSUMER),
-        subjects::dead_letter(subjects::ROUTER_CONSUMER),
-    ];
-    expected.sort_unstable();
-    assert_eq!(consumers, expected, "{:?}", outcome.dead_letters);
-    assert_eq!(outcome.report.dead_letters_expected, 2);
+    let dead_for = |seq: u64| {
+        let mut found: Vec<(&str, &str)> = outcome
+            .dead_letters
+            .iter()
+            .filter(|dead| dead.stream == subjects::MESSAGES_STREAM && dead.seq == seq)
+            .map(|dead| {
+                assert_eq!(dead.payload.as_bytes(), POISON, "{dead:?}");
+                assert!(!dead.reason.is_empty(), "{dead:?}");
+                (dead.subject.as_str(), dead.reason.as_str())
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    let in_process = dead_for(seq);
+    let consumers: Vec<&str> = in_process.iter().map(|(subject, _)| *subject).collect();
+    assert_eq!(
+        consumers,
+        [
+            subjects::dead_letter(subjects::PERSISTER_CONSUMER),
+            subjects::dead_letter(subjects::ROUTER_CONSUMER),
+        ],
+        "{:?}",
+        outcome.dead_letters
+    );
+    // The refused one: also moved from the advisory, after 2 deliveries.
+    let refused_seq = refused.load(Ordering::SeqCst);
+    let moved = dead_for(refused_seq);
+    let refuser = subjects::dead_letter(REFUSER);
+    assert!(
+        moved
+            .iter()
+            .any(|(subject, reason)| *subject == refuser && *reason == "max deliveries: 2"),
+        "no max-deliveries dead letter of seq {refused_seq}: {:?}",
+        outcome.dead_letters
+    );
+    assert_eq!(
+        outcome.report.dead_letters_expected, 5,
+        "{:?}",
+        outcome.dead_letters
+    );
 
     // Nothing stalled behind it: what was sent after it reached every
     // member device promptly.
@@ -364,6 +456,15 @@ async fn cluster_rolling_kills() -> Result<()> {
 #[ignore = "long: run by scripts/chaos"]
 async fn cluster_loses_quorum() -> Result<()> {
     let mut deployment = cluster().await?;
+    // A third edge on the node that survives: its sessions live through
+    // the outage (no reconnect, no inbox refill), so their sends must be
+    // answered `unavailable`. The other two edges are on any node; when
+    // theirs is killed they reconnect and their sessions close.
+    let survivor = match &deployment.nats {
+        Nats::Cluster(cluster) => cluster.node_url(0),
+        Nats::Single(_) => anyhow::bail!("not a cluster"),
+    };
+    deployment.add_edge_on(survivor).await?;
     let report = chaos::scenario("cluster-no-quorum", &mut deployment, &workload(40), |d| {
         Box::pin(async move {
             pause(5.0).await;
