@@ -220,10 +220,12 @@ struct Leases {
 }
 
 impl Leases {
-    async fn start(ttl: Duration) -> anyhow::Result<Self> {
+    /// `request_timeout` bounds each KV request (the services use 2 s).
+    async fn start(ttl: Duration, request_timeout: Duration) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let mut config = test_config(nats.url(), String::new());
         config.node_lease_ttl = ttl;
+        config.request_timeout = request_timeout;
         let admin = chat_shared::nats::connect(&config_as(&config, "admin"), "lease-admin").await?;
         let admin = chat_shared::nats::jetstream(admin, &config);
         streams::apply(&admin, &config).await?;
@@ -267,7 +269,9 @@ fn issuing(ids: &IdGenerator) -> Option<u16> {
 
 #[tokio::test]
 async fn concurrent_node_leases_are_distinct_and_a_released_one_is_reused() -> anyhow::Result<()> {
-    let leases = Leases::start(Duration::from_secs(60)).await?;
+    // A thousand creates queue up at once: on a busy machine one may wait
+    // longer than the services' 2 s, which is not what this test is about.
+    let leases = Leases::start(Duration::from_secs(60), Duration::from_secs(30)).await?;
     let all = usize::from(MAX_NODE_ID) + 1;
     // Every node id at once, all racing for the same keys.
     let racers: Vec<_> = (0..all)
@@ -322,7 +326,7 @@ async fn concurrent_node_leases_are_distinct_and_a_released_one_is_reused() -> a
 
 #[tokio::test]
 async fn a_lost_node_lease_stops_its_ids_and_another_id_is_leased() -> anyhow::Result<()> {
-    let leases = Leases::start(Duration::from_secs(3)).await?;
+    let leases = Leases::start(Duration::from_secs(6), Duration::from_secs(2)).await?;
     let lease = leases.leaser("edge-a");
     let (node, revision) = lease.acquire().await?;
     let ids = IdGenerator::new(lease.slot());
@@ -332,7 +336,25 @@ async fn a_lost_node_lease_stops_its_ids_and_another_id_is_leased() -> anyhow::R
 
     // Someone else now holds the key (the lease ran out while this process
     // was paused, and another took it).
-    leases.admin.put(node.to_string(), "edge-b".into()).await?;
+    // It refreshes the key as a holder does, by revision, so the key stays
+    // until somebody else writes or deletes it.
+    let taken = leases.admin.put(node.to_string(), "edge-b".into()).await?;
+    let taker = {
+        let admin = leases.admin.clone();
+        tokio::spawn(async move {
+            let mut revision = taken;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match admin
+                    .update(node.to_string(), "edge-b".into(), revision)
+                    .await
+                {
+                    Ok(next) => revision = next,
+                    Err(_) => return,
+                }
+            }
+        })
+    };
     // The next refresh notices; the generator never issues `node` again and
     // moves to a free id.
     wait_until(|| async { issuing(&ids).is_some_and(|n| n != node) }).await?;
@@ -341,6 +363,7 @@ async fn a_lost_node_lease_stops_its_ids_and_another_id_is_leased() -> anyhow::R
         assert_ne!(issuing(&ids), Some(node), "issuing a lost node id");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // It never wrote over the key it lost.
     assert_eq!(leases.holder(node).await?, Some("edge-b".to_string()));
     assert_eq!(leases.holder(moved).await?, Some("edge-a".to_string()));
 
@@ -350,13 +373,14 @@ async fn a_lost_node_lease_stops_its_ids_and_another_id_is_leased() -> anyhow::R
     assert_eq!(issuing(&ids), None);
     assert_eq!(leases.holder(moved).await?, None);
     assert_eq!(leases.holder(node).await?, Some("edge-b".to_string()));
+    taker.abort();
     Ok(())
 }
 
 #[tokio::test]
 async fn an_unrefreshed_node_lease_stops_ids_before_it_expires() -> anyhow::Result<()> {
     let ttl = Duration::from_secs(3);
-    let mut leases = Leases::start(ttl).await?;
+    let mut leases = Leases::start(ttl, Duration::from_secs(2)).await?;
     let lease = leases.leaser("edge-a");
     let (node, revision) = lease.acquire().await?;
     let ids = IdGenerator::new(lease.slot());
