@@ -733,19 +733,28 @@ pub async fn wait_rpc_ready(config: &Config) -> Result<()> {
 }
 
 /// Polls `condition` every 50 ms until it holds, failing after [`WAIT`].
-pub async fn wait_until<F, Fut>(mut condition: F) -> Result<()>
+pub async fn wait_until<F, Fut>(condition: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_until_within(WAIT, condition).await
+}
+
+/// Polls `condition` every 50 ms until it holds, failing after `wait`.
+pub async fn wait_until_within<F, Fut>(wait: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
     while tokio::time::Instant::now() < deadline {
         if condition().await {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("condition not met within {WAIT:?}")
+    bail!("condition not met within {wait:?}")
 }
 
 /// `GET /metrics` from `addr`, parsed strictly.

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chat_tests::{wait_until, Client, StartOptions, System};
+use chat_tests::{wait_until, wait_until_within, Client, StartOptions, System};
 use serde_json::{json, Value};
 
 /// Reads `count` message frames, skipping other frames.
@@ -604,7 +604,17 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
     send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 150..200).await?;
     ids.extend(sent_ids(&mut alice, 150..200).await?);
     ids.extend(sent_ids(&mut carol, 150..200).await?);
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n >= 400) }).await?;
+    // A stopped persister hands back what it holds, but an event pushed
+    // into its pull request after that returns only after the consumer's
+    // ack wait (30 s): allow for that redelivery.
+    let catch_up = Duration::from_secs(30) + chat_tests::WAIT * 2;
+    let caught_up = wait_until_within(catch_up, || async {
+        stored(&db).await.is_ok_and(|n| n >= 400)
+    })
+    .await;
+    if let Err(e) = caught_up {
+        anyhow::bail!("{e}: {} of 400 stored", stored(&db).await?);
+    }
     // Give a duplicate write a moment to show before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(stored(&db).await?, 400);
