@@ -15,7 +15,14 @@
 //!   redeliveries across reconnects (allowed, deduped by `id`);
 //! - one attempt stored under two ids;
 //! - per-sender order per device;
-//! - PostgreSQL: every acked message stored, none stored twice.
+//! - PostgreSQL: every acked message stored, none stored twice;
+//! - dead letters, apart from those of a poison event the scenario
+//!   injected on purpose.
+//!
+//! Every try of every send is logged with when it was written and
+//! answered, and how; a fault schedule marks moments
+//! ([`Deployment::mark`]), and [`History::window`] counts the answers
+//! between two of them (e.g. no `sent` while a quorum is lost).
 //!
 //! The history is written as JSON lines under `target/chaos/<scenario>/`.
 
@@ -241,6 +248,39 @@ impl Deployment {
     /// letters are counted as expected, not as a failure.
     pub fn expect_dead_letter(&mut self, stream: &str, seq: u64) {
         self.expected_dead.push((stream.to_string(), seq));
+    }
+
+    /// Of `missing` `(device, id)` deliveries, those whose item is in the
+    /// device's user's INBOX (appended, but its live frame never reached
+    /// the device and its cursor moved past it), read item by item.
+    pub async fn missing_but_in_inbox(&self, missing: &[(String, u64)]) -> Result<usize> {
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let js = self.admin_js().await?;
+        let mut stream = js.get_stream(chat_shared::subjects::INBOX_STREAM).await?;
+        let state = stream.info().await?.state.clone();
+        let mut items: HashSet<(String, u64)> = HashSet::new();
+        for seq in state.first_sequence..=state.last_sequence {
+            let Ok(item) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let Some(msg_id) = item.headers.get(chat_shared::subjects::MSG_ID_HEADER) else {
+                continue;
+            };
+            if let Some((id, user)) = msg_id.as_str().rsplit_once(':') {
+                if let Ok(id) = id.parse() {
+                    items.insert((user.to_string(), id));
+                }
+            }
+        }
+        Ok(missing
+            .iter()
+            .filter(|(device, id)| {
+                let user = device.split('/').next().unwrap_or_default();
+                items.contains(&(user.to_string(), *id))
+            })
+            .count())
     }
 
     /// A JetStream context as the `admin` NATS user.
@@ -534,6 +574,26 @@ impl History {
         self.attempts
             .iter()
             .filter_map(|attempt| attempt.acked.map(|id| (attempt, id)))
+    }
+
+    /// `(device, id)` of every acked message a member device lacks.
+    pub fn missing_deliveries(&self) -> Vec<(String, u64)> {
+        let mut seen: HashMap<&str, HashSet<u64>> = HashMap::new();
+        for (device, items) in &self.received {
+            seen.insert(device, items.iter().map(|r| r.id).collect());
+        }
+        let mut missing = Vec::new();
+        for (attempt, id) in self.acked() {
+            for device in self.devices_of(&attempt.conversation) {
+                let got = seen
+                    .get(device.as_str())
+                    .is_some_and(|ids| ids.contains(&id));
+                if !got {
+                    missing.push((device, id));
+                }
+            }
+        }
+        missing
     }
 
     /// Whether every device has every acked message of its conversations.
@@ -1171,6 +1231,10 @@ pub struct Report {
     pub lost_prefix: usize,
     pub lost_middle: usize,
     pub lost_postfix: usize,
+    /// Of the lost, those whose item is in the member's INBOX: appended,
+    /// but never delivered to that device (its live frame was lost and
+    /// its cursor moved past it, so no resume brings it).
+    pub lost_but_in_inbox: usize,
     /// Received, but no sender attempted it.
     pub unexpected: usize,
     /// The same id twice on one connection (PROTOCOL.md: never).
@@ -1438,6 +1502,11 @@ where
     let history = run(deployment, workload, faults).await?;
     let stored = stored_messages(deployment, &history).await?;
     let mut report = check(&history, &stored);
+    if report.lost > 0 {
+        report.lost_but_in_inbox = deployment
+            .missing_but_in_inbox(&history.missing_deliveries())
+            .await?;
+    }
     report.duplicated_in_database = report
         .duplicated_in_database
         .max(deployment.duplicated_in_database().await?);
@@ -1560,6 +1629,10 @@ mod tests {
         // Received 1 and 3 of 0..5: 0 is a prefix loss, 2 middle, 4 postfix.
         let history = history(vec![got(1, 101, "a", 1), got(1, 103, "a", 3)]);
         assert!(!history.complete());
+        assert_eq!(
+            history.missing_deliveries(),
+            [100, 102, 104].map(|id| ("b/d0".to_string(), id))
+        );
         let report = check(&history, &stored_all());
         assert_eq!(
             (
