@@ -22,8 +22,12 @@ use crate::inbox::InboxWriter;
 use crate::metrics::RouterMetrics;
 use crate::push::PushJobs;
 
-/// Lanes per router: conversations hash onto them; each lane is sequential.
-const LANES: usize = 16;
+/// Lanes per router: conversations hash onto them; each lane is sequential
+/// (one event's appends acknowledged before the next event's go out), so
+/// lanes are what lets the router wait on many PubAcks at once. A lane is a
+/// task and a queue, cheap enough to have many: with 16, the router capped
+/// a few dozen busy conversations at 16 round trips to JetStream at a time.
+const LANES: usize = 64;
 const LANE_QUEUE: usize = 256;
 const PULL_BATCH: usize = 512;
 
