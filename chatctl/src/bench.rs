@@ -96,7 +96,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let start = Instant::now();
-    let mut senders = Vec::new();
+    let mut ready = Vec::new();
     let mut receivers = Vec::new();
     for pair in 0..options.pairs {
         // Send instants (µs since `start`, + 1 so 0 means "not yet").
@@ -112,17 +112,25 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
             sent_at.clone(),
             start,
         )));
-        senders.push(tokio::spawn(send(
-            sender,
-            to,
-            options.messages,
-            options.window,
-            interval,
-            sent_at,
-            start,
-        )));
+        ready.push((sender, to, sent_at));
     }
+    // Every connection is made before any sender starts: rates count the
+    // sending only, not the (sequential) connection set-up of the pairs.
     let began = Instant::now();
+    let senders: Vec<_> = ready
+        .into_iter()
+        .map(|(sender, to, sent_at)| {
+            tokio::spawn(send(
+                sender,
+                to,
+                options.messages,
+                options.window,
+                interval,
+                sent_at,
+                start,
+            ))
+        })
+        .collect();
     let mut sent_latency = Vec::with_capacity(options.pairs * options.messages);
     for task in senders {
         sent_latency.extend(task.await.context("sender task")??);

@@ -15,6 +15,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{token, websocket_url};
@@ -34,6 +35,19 @@ pub struct ConnectOptions {
     pub sources: u8,
     /// The edge's pid; found with `pgrep -f chat-edge` when absent.
     pub edge_pid: Option<u32>,
+    /// How long the edge's CPU is measured with every connection idle.
+    pub idle: Duration,
+}
+
+/// The open connections, kept alive (pings) until dropped.
+pub struct Held(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for keeper in &self.0 {
+            keeper.abort();
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -46,6 +60,10 @@ pub struct ConnectReport {
     pub edge_rss_before_kib: u64,
     pub edge_rss_after_kib: u64,
     pub edge_kib_per_connection: f64,
+    /// The edge's CPU (user + system, % of one core) over `idle_seconds`
+    /// with every connection open and pinging at the heartbeat.
+    pub edge_idle_cpu_percent: f64,
+    pub idle_seconds: f64,
 }
 
 /// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
@@ -71,6 +89,34 @@ fn edge_rss(pid: u32) -> anyhow::Result<u64> {
     vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))
 }
 
+/// CPU time (user + system) of `pid` in clock ticks, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_cpu_ticks(&stat).with_context(|| format!("no CPU times in {path}"))
+}
+
+/// utime + stime, the 14th and 15th fields; the command name (2nd, in
+/// parentheses) may hold spaces, so fields are counted after its `)`.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if unknown).
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 fn find_edge_pid() -> anyhow::Result<u32> {
     let output = std::process::Command::new("pgrep")
         .args(["-f", "chat-edge"])
@@ -87,7 +133,13 @@ fn find_edge_pid() -> anyhow::Result<u32> {
     }
 }
 
-pub async fn connect(config: &Config, options: ConnectOptions) -> anyhow::Result<ConnectReport> {
+/// Opens the connections and measures; the connections stay open (and
+/// keep pinging) until the returned [`Held`] is dropped, so several
+/// processes can hold theirs at once.
+pub async fn connect(
+    config: &Config,
+    options: ConnectOptions,
+) -> anyhow::Result<(ConnectReport, Held)> {
     if options.connections == 0 || options.rate == 0 || options.sources == 0 {
         bail!("connections, rate and sources must be positive");
     }
@@ -160,10 +212,17 @@ pub async fn connect(config: &Config, options: ConnectOptions) -> anyhow::Result
     // Let the edge settle (presence listings, buffers) before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = edge_rss(edge_pid)?;
-    for keeper in keepers {
-        keeper.abort();
-    }
-    Ok(ConnectReport {
+    let held = Held(keepers);
+    let (ticks_before, idle_from) = (cpu_ticks(edge_pid)?, Instant::now());
+    tokio::time::sleep(options.idle).await;
+    let idle_ticks = cpu_ticks(edge_pid)?.saturating_sub(ticks_before);
+    let idle_seconds = idle_from.elapsed().as_secs_f64();
+    let edge_idle_cpu_percent = if idle_seconds > 0.0 {
+        100.0 * idle_ticks as f64 / clock_ticks_per_second() / idle_seconds
+    } else {
+        0.0
+    };
+    let report = ConnectReport {
         connections: options.connections,
         seconds,
         connects_per_second: crate::raw_bench::per_second(options.connections, seconds),
@@ -171,7 +230,19 @@ pub async fn connect(config: &Config, options: ConnectOptions) -> anyhow::Result
         edge_rss_before_kib: rss_before,
         edge_rss_after_kib: rss_after,
         edge_kib_per_connection: per_connection(rss_before, rss_after, options.connections),
-    })
+        edge_idle_cpu_percent,
+        idle_seconds,
+    };
+    Ok((report, held))
+}
+
+/// The load generator's side of a connection: small buffers, like the
+/// edge's, so one process can hold tens of thousands (tungstenite's default
+/// read buffer alone is 128 KiB a socket).
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
 }
 
 type Plain = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -190,7 +261,7 @@ async fn open(
         .connect(target)
         .await
         .with_context(|| format!("connecting {source} -> {target}"))?;
-    let (mut socket, _) = tokio_tungstenite::client_async(url, stream)
+    let (mut socket, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(client_config()))
         .await
         .map_err(|e| {
             if e.to_string().contains("429") {
@@ -246,6 +317,10 @@ pub fn print(report: &ConnectReport) {
         report.edge_rss_after_kib,
         report.edge_kib_per_connection
     );
+    println!(
+        "edge CPU with every connection idle (pinging): {:.1}% of one core over {:.0} s",
+        report.edge_idle_cpu_percent, report.idle_seconds
+    );
 }
 
 #[cfg(test)]
@@ -257,6 +332,14 @@ mod tests {
         let status = "Name:\tchat-edge\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(vm_rss_kib(status), Some(12345));
         assert_eq!(vm_rss_kib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        // A name with spaces and parentheses must not shift the fields.
+        let stat = "4242 (chat (edge) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 100";
+        assert_eq!(stat_cpu_ticks(stat), Some(300));
+        assert_eq!(stat_cpu_ticks("4242 (x) S 1 2"), None);
     }
 
     #[test]

@@ -181,6 +181,13 @@ enum BenchScenario {
         /// The edge's pid (default: `pgrep -f chat-edge`).
         #[arg(long)]
         edge_pid: Option<u32>,
+        /// Seconds the edge's CPU is measured with every connection idle.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        /// Keep the connections open this many seconds after the report
+        /// (for several processes holding connections at once).
+        #[arg(long, default_value_t = 0)]
+        hold_secs: u64,
         #[command(flatten)]
         edge: EdgeArg,
         /// Print the report as JSON.
@@ -505,6 +512,8 @@ async fn main() -> anyhow::Result<()> {
                     rate,
                     sources,
                     edge_pid,
+                    idle_secs,
+                    hold_secs,
                     edge,
                     json,
                 },
@@ -515,9 +524,12 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 sources,
                 edge_pid,
+                idle: Duration::from_secs(idle_secs),
             };
-            let report = chatctl::connect_bench::connect(&config, options).await?;
+            let (report, held) = chatctl::connect_bench::connect(&config, options).await?;
             show(&report, json, chatctl::connect_bench::print)?;
+            tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+            drop(held);
         }
         Command::Tail {
             user,

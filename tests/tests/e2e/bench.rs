@@ -2,6 +2,8 @@
 //! proves the load generator works (every message counted, every frame
 //! seen). No timing is asserted; speed is what the bench reports.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use chat_tests::System;
 use chatctl::bench::{self, DmOptions};
@@ -116,7 +118,7 @@ async fn bench_raw_acks_every_publish() -> Result<()> {
 #[tokio::test]
 async fn bench_connect_opens_every_connection() -> Result<()> {
     let system = System::start().await?;
-    let report = connect_bench::connect(
+    let (report, held) = connect_bench::connect(
         &system.config,
         ConnectOptions {
             edge: system.ws_url(),
@@ -125,11 +127,27 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
             sources: 2,
             // The edge runs inside this test process.
             edge_pid: Some(std::process::id()),
+            idle: Duration::from_secs(1),
         },
     )
     .await?;
     assert_eq!(report.connections, 40);
     assert_eq!(report.edge_pid, std::process::id());
     assert!(report.edge_rss_after_kib > 0);
+    assert!(report.idle_seconds >= 1.0);
+    // The connections are still open while held: the edge counts them.
+    let connections = edge_connections(&system).await?;
+    assert!(
+        connections >= 40.0,
+        "the edge counts {connections} connections"
+    );
+    drop(held);
     Ok(())
+}
+
+/// The edge's `edge_connections` gauge.
+async fn edge_connections(system: &System) -> Result<f64> {
+    let (status, body) = chat_tests::http_get(system.edge_addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(chat_tests::metrics::Scrape::parse(&body)?.sum("edge_connections", &[]))
 }
