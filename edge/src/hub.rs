@@ -19,10 +19,45 @@ use tokio::sync::{mpsc, OnceCell};
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub cursor: Option<Cursor>,
+    /// A live inbox item's predecessor, as the router tells it.
+    pub previous: Previous,
     /// For a message: what its delivered receipt needs.
     pub meta: Option<MessageMeta>,
     /// Checked as UTF-8 once, whatever the number of sessions.
     pub frame: Utf8Bytes,
+}
+
+/// The user's inbox item before a live one (`Chat-Prev-Cursor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous {
+    At(Cursor),
+    /// An append failed since the last delivery; it may be stored anyway.
+    Unknown,
+    /// Not said (the router just started; a backlog item; not an inbox item).
+    Unstated,
+}
+
+impl Previous {
+    fn from_header(value: Option<&str>) -> Self {
+        match value {
+            Some(subjects::PREV_CURSOR_UNKNOWN) => Self::Unknown,
+            Some(value) => Cursor::parse(value).map_or(Self::Unstated, Self::At),
+            None => Self::Unstated,
+        }
+    }
+}
+
+impl Delivery {
+    /// Whether a session that has sent the inbox up to `sent_up_to` missed
+    /// an item before this one (a live frame lost on the way, or an item
+    /// stored after its PubAck was lost): it must read the inbox again.
+    pub fn follows_a_gap(&self, sent_up_to: Cursor) -> bool {
+        match (self.previous, self.cursor) {
+            (Previous::At(previous), _) => previous > sent_up_to,
+            (Previous::Unknown, Some(cursor)) => cursor > sent_up_to,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +230,11 @@ async fn pump(
         let cursor = headers
             .and_then(|h| h.get(subjects::CURSOR_HEADER))
             .and_then(|v| Cursor::parse(v.as_str()).ok());
+        let previous = Previous::from_header(
+            headers
+                .and_then(|h| h.get(subjects::PREV_CURSOR_HEADER))
+                .map(|v| v.as_str()),
+        );
         let meta = headers.and_then(MessageMeta::from_headers);
         let Ok(frame) = Utf8Bytes::try_from(message.payload) else {
             tracing::error!("dropping a delivery that is not UTF-8");
@@ -202,6 +242,7 @@ async fn pump(
         };
         let delivery = Delivery {
             cursor,
+            previous,
             meta,
             frame,
         };

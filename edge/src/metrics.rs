@@ -58,6 +58,7 @@ pub struct EdgeMetrics {
     frames_out: Family<FrameLabels, Counter>,
     send_seconds: Histogram,
     sessions_closed: Family<CloseLabels, Counter>,
+    live_gaps: Counter,
 }
 
 impl EdgeMetrics {
@@ -68,6 +69,7 @@ impl EdgeMetrics {
             frames_out: Family::default(),
             send_seconds: Histogram::new(SEND_BUCKETS),
             sessions_closed: Family::default(),
+            live_gaps: Counter::default(),
         };
         let edge = registry.sub_registry_with_prefix("edge");
         edge.register(
@@ -95,7 +97,16 @@ impl EdgeMetrics {
             "Connections the edge closed, by WebSocket close code",
             metrics.sessions_closed.clone(),
         );
+        edge.register(
+            "live_gaps",
+            "Live deliveries that named a predecessor the session never sent: the inbox was read again",
+            metrics.live_gaps.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    pub fn live_gap(&self) {
+        self.live_gaps.inc();
     }
 
     /// Counts a connection as open until the returned guard is dropped.

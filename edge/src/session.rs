@@ -20,7 +20,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
 use crate::drain::Ticket;
-use crate::hub::{Delivery, Registration};
+use crate::hub::{Delivery, Previous, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
 use crate::receipts::DeliveredTracker;
@@ -504,6 +504,7 @@ impl Session {
                 if !self
                     .forward(Delivery {
                         cursor: Some(cursor),
+                        previous: Previous::Unstated,
                         meta: message.headers.as_ref().and_then(MessageMeta::from_headers),
                         frame,
                     })
@@ -660,9 +661,19 @@ impl Session {
                     }
                 }
                 delivery = registration.recv() => match delivery {
+                    // Paused, the frame is in the inbox and comes with the refill.
+                    Some(_) if paused => {}
+                    Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
+                        // The inbox holds the missed item and this one, in order.
+                        self.edge.metrics.live_gap();
+                        if let Err(message) = self.replay_backlog().await {
+                            self.out.error(None, ErrorCode::Unavailable, message).await;
+                            self.out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+                            break;
+                        }
+                    }
                     Some(delivery) => {
-                        // Paused, the frame is in the inbox and comes with the refill.
-                        if !paused && !self.forward(delivery).await {
+                        if !self.forward(delivery).await {
                             break;
                         }
                     }

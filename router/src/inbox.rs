@@ -6,7 +6,13 @@
 //! appends go out on one connection under one lock, and each is queued in
 //! the same order; one task awaits the PubAcks in that order and publishes
 //! each delivery. The queue also bounds the PubAcks in flight.
+//!
+//! Live deliveries travel on core NATS, which may lose one (a NATS node
+//! dies with it in flight). So each names the user's item before it
+//! (`Chat-Prev-Cursor`, see [`Chain`]): an edge that never sent that one
+//! reads the inbox again instead of skipping it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -111,6 +117,7 @@ async fn deliver_in_order(
     mut queue: mpsc::Receiver<Pending>,
     metrics: Arc<RouterMetrics>,
 ) {
+    let mut chain = Chain::default();
     while let Some(pending) = queue.recv().await {
         match pending.ack.await {
             Ok(ack) => {
@@ -121,22 +128,150 @@ async fn deliver_in_order(
                 let cursor = Cursor(ack.sequence);
                 let mut headers = pending.headers;
                 headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
+                match chain.appended(&pending.user, ack.sequence) {
+                    Previous::At(previous) => {
+                        headers.insert(subjects::PREV_CURSOR_HEADER, previous.to_string().as_str());
+                    }
+                    Previous::Unknown => {
+                        headers.insert(subjects::PREV_CURSOR_HEADER, subjects::PREV_CURSOR_UNKNOWN);
+                    }
+                    Previous::Unstated => {}
+                }
                 let frame = with_cursor(&pending.frame, cursor);
                 if let Err(e) = nats
                     .publish_with_headers(subjects::deliver(&pending.user), headers, frame.into())
                     .await
                 {
                     tracing::warn!(error = %e, "live delivery failed");
+                    chain.failed(&pending.user);
                     pending.failed.store(true, Ordering::Relaxed);
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "inbox append not acknowledged");
+                // The write may still have happened (only its PubAck was
+                // lost) and be committed behind items delivered meanwhile.
+                chain.failed(&pending.user);
                 pending.failed.store(true, Ordering::Relaxed);
             }
         }
         if let Some(done) = pending.done {
             let _ = done.send(!pending.failed.load(Ordering::Relaxed));
         }
+    }
+}
+
+/// What a live delivery says about the user's item before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Previous {
+    /// The item at this sequence.
+    At(u64),
+    /// Unknown: an append for the user failed since the last delivery.
+    Unknown,
+    /// Nothing: the router has not seen the user's items (it just started),
+    /// or this item was delivered before.
+    Unstated,
+}
+
+/// The last inbox item the router delivered to each user, so each delivery
+/// can name its predecessor. Fed in PubAck order, which is inbox order.
+#[derive(Default)]
+struct Chain {
+    last: HashMap<UserId, Last>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Last {
+    At(u64),
+    Unknown,
+}
+
+/// Users remembered; beyond this the known links are forgotten (those users
+/// lose the check until their next item) and the unknown ones kept.
+const CHAIN_USERS: usize = 1_000_000;
+
+impl Chain {
+    /// `user`'s item at `sequence` was acknowledged; its delivery's link.
+    fn appended(&mut self, user: &UserId, sequence: u64) -> Previous {
+        let before = self.last.get(user).copied();
+        match before {
+            // Stored before (a duplicate append): its predecessor was
+            // named when it was first delivered.
+            Some(Last::At(last)) if sequence <= last => Previous::Unstated,
+            Some(Last::At(last)) => {
+                self.last.insert(user.clone(), Last::At(sequence));
+                Previous::At(last)
+            }
+            Some(Last::Unknown) => {
+                self.last.insert(user.clone(), Last::At(sequence));
+                Previous::Unknown
+            }
+            None => {
+                self.make_room();
+                self.last.insert(user.clone(), Last::At(sequence));
+                Previous::Unstated
+            }
+        }
+    }
+
+    /// An append or a delivery for `user` failed.
+    fn failed(&mut self, user: &UserId) {
+        if !self.last.contains_key(user) {
+            self.make_room();
+        }
+        self.last.insert(user.clone(), Last::Unknown);
+    }
+
+    fn make_room(&mut self) {
+        if self.last.len() >= CHAIN_USERS {
+            self.last.retain(|_, last| *last == Last::Unknown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn each_delivery_names_the_users_previous_item() {
+        let (alice, bob) = (user("alice"), user("bob"));
+        let mut chain = Chain::default();
+        assert_eq!(chain.appended(&alice, 1), Previous::Unstated);
+        assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
+        assert_eq!(chain.appended(&alice, 3), Previous::At(1));
+        assert_eq!(chain.appended(&bob, 7), Previous::At(2));
+        assert_eq!(chain.appended(&alice, 9), Previous::At(3));
+    }
+
+    #[test]
+    fn a_duplicate_append_names_nothing_and_moves_nothing() {
+        let alice = user("alice");
+        let mut chain = Chain::default();
+        chain.appended(&alice, 5);
+        chain.appended(&alice, 8);
+        assert_eq!(chain.appended(&alice, 5), Previous::Unstated);
+        assert_eq!(chain.appended(&alice, 8), Previous::Unstated);
+        assert_eq!(chain.appended(&alice, 11), Previous::At(8));
+    }
+
+    #[test]
+    fn after_a_failure_the_next_delivery_says_unknown_once() {
+        let (alice, bob) = (user("alice"), user("bob"));
+        let mut chain = Chain::default();
+        chain.appended(&alice, 1);
+        chain.failed(&alice);
+        // Another user is not affected.
+        assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
+        assert_eq!(chain.appended(&alice, 4), Previous::Unknown);
+        assert_eq!(chain.appended(&alice, 6), Previous::At(4));
+        // A failure before anything was delivered is remembered too.
+        let carol = user("carol");
+        chain.failed(&carol);
+        assert_eq!(chain.appended(&carol, 7), Previous::Unknown);
     }
 }

@@ -48,6 +48,16 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// The inbox cursor of a live delivery, so edges can order it against a backlog
 /// without parsing the frame.
 pub const CURSOR_HEADER: &str = "Chat-Cursor";
+/// On a live delivery: the cursor of the user's inbox item before it, as the
+/// router appended them, or [`PREV_CURSOR_UNKNOWN`]. Live deliveries go over
+/// core NATS and may be lost (a NATS node dies with one in flight); an edge
+/// whose session has not sent up to this cursor missed one and reads the
+/// inbox again. Absent when the router does not know (it just started).
+pub const PREV_CURSOR_HEADER: &str = "Chat-Prev-Cursor";
+/// [`PREV_CURSOR_HEADER`]'s value when an append for the user failed since
+/// the last delivery: the failed item may still be stored (its PubAck was
+/// lost, not its write), so the edge reads the inbox again before going on.
+pub const PREV_CURSOR_UNKNOWN: &str = "unknown";
 /// A message's trace id (`telemetry::TraceId`): set by the edge on the
 /// MESSAGES publish, copied by the router onto inbox items and live
 /// deliveries, logged by the router and the persister.

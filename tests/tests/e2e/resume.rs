@@ -51,3 +51,142 @@ async fn a_backlog_larger_than_one_fetch_is_replayed_whole() -> anyhow::Result<(
     assert_eq!(prefixes, expected, "the backlog before synced");
     Ok(())
 }
+
+/// A stored inbox item for bob like the router's: `template` (a message
+/// frame bob received) with another text and id, and no cursor.
+fn inbox_item(template: &serde_json::Value, text: &str, id: u64) -> anyhow::Result<Vec<u8>> {
+    let mut frame = template.clone();
+    let object = frame
+        .as_object_mut()
+        .ok_or_else(|| anyhow::anyhow!("not an object: {template}"))?;
+    object.remove("cursor");
+    object.insert("text".into(), json!(text));
+    object.insert("id".into(), json!(id.to_string()));
+    object.insert("client_msg_id".into(), json!(format!("injected-{id}")));
+    Ok(serde_json::to_vec(&frame)?)
+}
+
+/// Live deliveries go over core NATS, which may lose one (a NATS node dies
+/// with it in flight). The next one names the item before it; a session
+/// that never sent that item reads the inbox again instead of skipping it.
+#[tokio::test]
+async fn a_live_frame_lost_on_the_way_is_read_from_the_inbox() -> anyhow::Result<()> {
+    use chat_shared::ids::Cursor;
+    use chat_shared::subjects;
+
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "first", "c1")
+        .await?;
+    anyhow::ensure!(sent["type"] == "sent", "{sent}");
+    let first = bob.recv_type("message").await?;
+    anyhow::ensure!(first["text"] == "first", "{first}");
+
+    // What the router does for two more items, but the first one's live
+    // frame is lost: both are appended, only the second is published live.
+    let admin = system.admin().await?;
+    let js = async_nats::jetstream::new(admin.clone());
+    let bob_id = chat_shared::ids::UserId::parse("bob")?;
+    let mut appended = Vec::new();
+    for (text, id) in [("lost", 1_000_001), ("after", 1_000_002)] {
+        let item = inbox_item(&first, text, id)?;
+        let ack = js
+            .publish(subjects::inbox(&bob_id), item.clone().into())
+            .await?
+            .await?;
+        appended.push((Cursor(ack.sequence), item));
+    }
+    let (lost, _) = appended[0].clone();
+    let (after, item) = appended[1].clone();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::CURSOR_HEADER, after.to_string().as_str());
+    headers.insert(subjects::PREV_CURSOR_HEADER, lost.to_string().as_str());
+    admin
+        .publish_with_headers(
+            subjects::deliver(&bob_id),
+            headers,
+            chat_shared::wire::with_cursor(&item, after).into(),
+        )
+        .await?;
+    admin.flush().await?;
+
+    let got = [
+        bob.recv_type("message").await?,
+        bob.recv_type("message").await?,
+    ];
+    let seen: Vec<(&str, &str)> = got
+        .iter()
+        .map(|f| {
+            (
+                f["text"].as_str().unwrap_or_default(),
+                f["cursor"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("lost", lost.to_string().as_str()),
+            ("after", after.to_string().as_str())
+        ]
+    );
+    // Nothing twice: the live frame of "after" was not forwarded as well.
+    let more = bob.drain().await?;
+    assert!(
+        more.iter().all(|f| f["type"] != "message"),
+        "a message twice: {more:?}"
+    );
+    let (status, metrics) = chat_tests::http_get(system.edge_addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    let gaps = chat_tests::metrics::Scrape::parse(&metrics)?.sum("edge_live_gaps_total", &[]);
+    assert_eq!(gaps, 1.0, "the edge counted the gap once");
+    Ok(())
+}
+
+/// The router names each user's previous inbox item on every live delivery.
+#[tokio::test]
+async fn live_deliveries_name_the_users_previous_item() -> anyhow::Result<()> {
+    use chat_shared::subjects;
+    use futures::StreamExt;
+
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let admin = system.admin().await?;
+    let bob_id = chat_shared::ids::UserId::parse("bob")?;
+    let mut live = admin.subscribe(subjects::deliver(&bob_id)).await?;
+    admin.flush().await?;
+    for i in 0..3 {
+        let sent = alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+        anyhow::ensure!(sent["type"] == "sent", "{sent}");
+    }
+    let mut links = Vec::new();
+    while links.len() < 3 {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), live.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+        let header = |name: &str| {
+            delivery
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        links.push((
+            header(subjects::CURSOR_HEADER),
+            header(subjects::PREV_CURSOR_HEADER),
+        ));
+    }
+    // Bob's first item ever names nothing; each later one the one before.
+    assert_eq!(links[0].1, None, "{links:?}");
+    assert_eq!(links[1].1, links[0].0, "{links:?}");
+    assert_eq!(links[2].1, links[1].0, "{links:?}");
+    assert!(
+        links.iter().all(|(cursor, _)| cursor.is_some()),
+        "{links:?}"
+    );
+    Ok(())
+}
