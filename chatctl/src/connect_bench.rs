@@ -169,6 +169,8 @@ pub async fn connect(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // Several processes may open connections at once (scripts/connect-scale).
+    let process = std::process::id();
     let rss_before = edge_rss(edge_pid)?;
     eprintln!(
         "opening {} connections at {}/s from {} source addresses",
@@ -189,7 +191,7 @@ pub async fn connect(
         ));
         let token = token(
             config,
-            &format!("bench{run}c{i}"),
+            &format!("bench{run}p{process}c{i}"),
             Duration::from_secs(3600),
         )?;
         let url = url.clone();
