@@ -198,19 +198,16 @@ pub async fn connect(
         handshakes.push(tokio::spawn(async move {
             let socket = open(&url, target, source, token).await;
             drop(permit);
-            socket
+            // Idle clients must still say something within the heartbeat,
+            // from the start: opening many thousands takes longer than it.
+            socket.map(|socket| tokio::spawn(keep_alive(socket)))
         }));
     }
-    let mut sockets = Vec::with_capacity(options.connections);
+    let mut keepers = Vec::with_capacity(options.connections);
     for handshake in handshakes {
-        sockets.push(handshake.await.context("connect task")??);
+        keepers.push(handshake.await.context("connect task")??);
     }
     let seconds = started.elapsed().as_secs_f64();
-    // Idle clients must still say something within the heartbeat.
-    let mut keepers = Vec::with_capacity(sockets.len());
-    for socket in sockets {
-        keepers.push(tokio::spawn(keep_alive(socket)));
-    }
     // Let the edge settle (presence listings, buffers) before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = edge_rss(edge_pid)?;
@@ -297,12 +294,21 @@ async fn open(
 async fn keep_alive(socket: Plain) {
     let (mut sink, mut stream) = socket.split();
     let ping = Message::Text(json!({"type":"ping"}).to_string().into());
-    // Drain whatever the edge sends (pongs, presence) so it never backs up.
-    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    // One task per connection, so aborting it closes the connection.
     loop {
-        tokio::time::sleep(PING_EVERY).await;
-        if sink.send(ping.clone()).await.is_err() {
-            return;
+        tokio::select! {
+            _ = tick.tick() => {
+                if sink.send(ping.clone()).await.is_err() {
+                    return;
+                }
+            }
+            // Drain whatever the edge sends (pongs, presence) so it never backs up.
+            next = stream.next() => {
+                if !matches!(next, Some(Ok(_))) {
+                    return;
+                }
+            }
         }
     }
 }

@@ -38,9 +38,10 @@ pub async fn send_worker(
     edge: Arc<Edge>,
     user: UserId,
     out: Outbox,
-    mut requests: mpsc::Receiver<SendRequest>,
+    mut requests: mpsc::Receiver<Box<SendRequest>>,
 ) {
     while let Some(request) = requests.recv().await {
+        let request = *request;
         let started = Instant::now();
         let reference = request.reference.clone();
         let reply = match accept(&edge, &user, request).await {

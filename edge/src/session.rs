@@ -13,7 +13,9 @@ use chat_shared::consume::Scan;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
-use chat_shared::wire::{close, with_cursor, ClientFrame, ErrorCode, RefOnly, ServerFrame};
+use chat_shared::wire::{
+    close, with_cursor, ClientFrame, ErrorCode, RefOnly, SendRequest, ServerFrame,
+};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at, Instant};
@@ -143,6 +145,13 @@ where
             false
         }
     }
+}
+
+/// A connection's send worker and its queue: sends are handled one at a
+/// time, in order (see `send::SEND_QUEUE`).
+struct Sends {
+    requests: mpsc::Sender<Box<SendRequest>>,
+    worker: tokio::task::JoinHandle<()>,
 }
 
 /// What one read from the socket means for the session.
@@ -535,6 +544,17 @@ impl Session {
         self.out.raw(delivery.frame).await
     }
 
+    fn start_send_worker(&self) -> Sends {
+        let (requests, queue) = mpsc::channel(crate::send::SEND_QUEUE);
+        let worker = tokio::spawn(crate::send::send_worker(
+            self.edge.clone(),
+            self.user.clone(),
+            self.out.clone(),
+            queue,
+        ));
+        Sends { requests, worker }
+    }
+
     async fn main_loop<S, E>(
         &mut self,
         stream: &mut S,
@@ -550,13 +570,9 @@ impl Session {
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stopped = chat_shared::shutdown::wait(self.edge.stop.clone());
         tokio::pin!(stopped);
-        let (send_tx, send_rx) = mpsc::channel(crate::send::SEND_QUEUE);
-        let sender = tokio::spawn(crate::send::send_worker(
-            self.edge.clone(),
-            self.user.clone(),
-            self.out.clone(),
-            send_rx,
-        ));
+        // The send worker starts with the first send: most connections are
+        // idle most of the time, and a queue and a task each cost memory.
+        let mut sends: Option<Sends> = None;
         let mut link = self.edge.link.clone();
         let mut gaps_seen = link.borrow_and_update().gaps;
         // While NATS is away live frames may be missing; until the inbox has
@@ -621,8 +637,11 @@ impl Session {
                                     if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
                                         break;
                                     }
-                                } else if send_tx.send(request).await.is_err() {
-                                    break;
+                                } else {
+                                    let queue = sends.get_or_insert_with(|| self.start_send_worker());
+                                    if queue.requests.send(Box::new(request)).await.is_err() {
+                                        break;
+                                    }
                                 }
                             }
                             ClientFrame::Refresh { reference, token } => {
@@ -686,8 +705,10 @@ impl Session {
                 _ = flush.tick() => self.flush_ack().await,
             }
         }
-        drop(send_tx);
-        let _ = sender.await;
+        if let Some(Sends { requests, worker }) = sends {
+            drop(requests);
+            let _ = worker.await;
+        }
         if let Exit::Reconnect(edges) = exit {
             // After the sends in flight were answered: a client that follows
             // `reconnect` and resumes from its cursor misses nothing.
