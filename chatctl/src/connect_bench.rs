@@ -64,6 +64,9 @@ pub struct ConnectReport {
     /// with every connection open and pinging at the heartbeat.
     pub edge_idle_cpu_percent: f64,
     pub idle_seconds: f64,
+    /// Handshakes answered `unavailable` (a busy backend) and tried again,
+    /// as a real client does after a pause.
+    pub retried_handshakes: usize,
 }
 
 /// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
@@ -196,16 +199,19 @@ pub async fn connect(
         )?;
         let url = url.clone();
         handshakes.push(tokio::spawn(async move {
-            let socket = open(&url, target, source, token).await;
+            let socket = open_retrying(&url, target, source, &token).await;
             drop(permit);
             // Idle clients must still say something within the heartbeat,
             // from the start: opening many thousands takes longer than it.
-            socket.map(|socket| tokio::spawn(keep_alive(socket)))
+            socket.map(|(socket, retries)| (tokio::spawn(keep_alive(socket)), retries))
         }));
     }
     let mut keepers = Vec::with_capacity(options.connections);
+    let mut retried_handshakes = 0;
     for handshake in handshakes {
-        keepers.push(handshake.await.context("connect task")??);
+        let (keeper, retries) = handshake.await.context("connect task")??;
+        keepers.push(keeper);
+        retried_handshakes += retries;
     }
     let seconds = started.elapsed().as_secs_f64();
     // Let the edge settle (presence listings, buffers) before measuring.
@@ -231,6 +237,7 @@ pub async fn connect(
         edge_kib_per_connection: per_connection(rss_before, rss_after, options.connections),
         edge_idle_cpu_percent,
         idle_seconds,
+        retried_handshakes,
     };
     Ok((report, held))
 }
@@ -247,6 +254,30 @@ fn client_config() -> WebSocketConfig {
 type Plain = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Connects from `source`, says hello and waits for `synced`.
+/// Handshake tries per connection before the run fails.
+const HANDSHAKE_TRIES: usize = 5;
+
+/// [`open`], trying again after a second when the edge answers
+/// `unavailable`; returns the socket and how many tries were repeated.
+async fn open_retrying(
+    url: &str,
+    target: SocketAddr,
+    source: IpAddr,
+    token: &str,
+) -> anyhow::Result<(Plain, usize)> {
+    let mut retries = 0;
+    loop {
+        match open(url, target, source, token.to_string()).await {
+            Ok(socket) => return Ok((socket, retries)),
+            Err(e) if retries + 1 < HANDSHAKE_TRIES && e.to_string().contains("unavailable") => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn open(
     url: &str,
     target: SocketAddr,
@@ -329,6 +360,12 @@ pub fn print(report: &ConnectReport) {
         "edge CPU with every connection idle (pinging): {:.1}% of one core over {:.0} s",
         report.edge_idle_cpu_percent, report.idle_seconds
     );
+    if report.retried_handshakes > 0 {
+        println!(
+            "{} handshakes were answered `unavailable` and tried again",
+            report.retried_handshakes
+        );
+    }
 }
 
 #[cfg(test)]

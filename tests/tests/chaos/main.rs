@@ -113,15 +113,7 @@ async fn kill_router_and_persister() -> Result<()> {
     )
     .await?;
     outcome.report.assert_clean()?;
-    for service in [
-        Service::Router,
-        Service::Persister,
-        Service::Presence,
-        Service::Pushd,
-    ] {
-        assert_eq!(deployment.kills(service), 1, "{service:?}");
-        assert!(deployment.running(service), "{service:?} is not running");
-    }
+    assert_backend_killed_and_running(&deployment, 1);
     let history = &outcome.history;
     let mark = |what: &str| {
         history
@@ -691,15 +683,7 @@ async fn rolling_process_kills() -> Result<()> {
     // Every kill hit a running process (the harness fails one that finds
     // its process already gone or that did not die of the SIGKILL), and
     // each was replaced: 8 backend kills, two of each service, 4 of edges.
-    for service in [
-        Service::Router,
-        Service::Persister,
-        Service::Presence,
-        Service::Pushd,
-    ] {
-        assert_eq!(deployment.kills(service), 2, "{service:?}");
-        assert!(deployment.running(service), "{service:?} is not running");
-    }
+    assert_backend_killed_and_running(&deployment, 2);
     assert_eq!(deployment.kills(Service::Edge), 4);
     assert!(deployment.edges_running(), "an edge died");
     assert!(
@@ -707,4 +691,17 @@ async fn rolling_process_kills() -> Result<()> {
         "the edge kills moved no client: {report:?}"
     );
     Ok(())
+}
+
+/// Each backend service was killed `times` times and runs again.
+fn assert_backend_killed_and_running(deployment: &Deployment, times: u32) {
+    for service in [
+        Service::Router,
+        Service::Persister,
+        Service::Presence,
+        Service::Pushd,
+    ] {
+        assert_eq!(deployment.kills(service), times, "{service:?}");
+        assert!(deployment.running(service), "{service:?} is not running");
+    }
 }
