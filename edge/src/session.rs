@@ -28,6 +28,8 @@ use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
 use crate::receipts::DeliveredTracker;
 use crate::Edge;
 
+/// How long a session waits before it tries a failed refill again.
+const REFILL_RETRY: Duration = Duration::from_secs(1);
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -579,6 +581,11 @@ impl Session {
         // been read again none is forwarded, so no later cursor is sent (and
         // acked) ahead of a missing one.
         let mut paused = false;
+        // A refill after a gap in the live chain that could not read the
+        // inbox (a busy or leaderless stream) is tried again at this time,
+        // live frames held back meanwhile, instead of closing the session:
+        // under load, closing sessions would add reconnects to the load.
+        let mut refill_retry: Option<Instant> = None;
         let mut exit = Exit::Done;
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
@@ -677,6 +684,7 @@ impl Session {
                             break;
                         }
                         paused = false;
+                        refill_retry = None;
                     }
                 }
                 delivery = registration.recv() => match delivery {
@@ -685,10 +693,9 @@ impl Session {
                     Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
-                        if let Err(message) = self.replay_backlog().await {
-                            self.out.error(None, ErrorCode::Unavailable, message).await;
-                            self.out.close(close::TRY_AGAIN_LATER, "unavailable").await;
-                            break;
+                        if self.replay_backlog().await.is_err() {
+                            paused = true;
+                            refill_retry = Some(Instant::now() + REFILL_RETRY);
                         }
                     }
                     Some(delivery) => {
@@ -702,6 +709,14 @@ impl Session {
                         break;
                     }
                 },
+                _ = sleep_until(refill_retry.unwrap_or(deadline)), if refill_retry.is_some() => {
+                    refill_retry = None;
+                    if self.replay_backlog().await.is_ok() {
+                        paused = false;
+                    } else {
+                        refill_retry = Some(Instant::now() + REFILL_RETRY);
+                    }
+                }
                 _ = flush.tick() => self.flush_ack().await,
             }
         }

@@ -113,7 +113,7 @@ async fn kill_router_and_persister() -> Result<()> {
     )
     .await?;
     outcome.report.assert_clean()?;
-    assert_backend_killed_and_running(&deployment, 1);
+    assert_backend_killed_and_running(&mut deployment, 1);
     let history = &outcome.history;
     let mark = |what: &str| {
         history
@@ -683,7 +683,7 @@ async fn rolling_process_kills() -> Result<()> {
     // Every kill hit a running process (the harness fails one that finds
     // its process already gone or that did not die of the SIGKILL), and
     // each was replaced: 8 backend kills, two of each service, 4 of edges.
-    assert_backend_killed_and_running(&deployment, 2);
+    assert_backend_killed_and_running(&mut deployment, 2);
     assert_eq!(deployment.kills(Service::Edge), 4);
     assert!(deployment.edges_running(), "an edge died");
     assert!(
@@ -694,7 +694,7 @@ async fn rolling_process_kills() -> Result<()> {
 }
 
 /// Each backend service was killed `times` times and runs again.
-fn assert_backend_killed_and_running(deployment: &Deployment, times: u32) {
+fn assert_backend_killed_and_running(deployment: &mut Deployment, times: u32) {
     for service in [
         Service::Router,
         Service::Persister,
