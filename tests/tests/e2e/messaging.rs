@@ -867,6 +867,19 @@ async fn a_cursor_from_the_future_is_not_trusted() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut alice = system.connect("alice", "phone").await?;
     send_to_bob(&mut alice, 0..2).await?;
+    // `sent` means stored in MESSAGES; wait until the router has put both
+    // into bob's inbox, so neither can arrive live after the hello below.
+    let inbox = async_nats::jetstream::new(system.admin().await?)
+        .get_stream(chat_shared::subjects::INBOX_STREAM)
+        .await?;
+    let bob_inbox = chat_shared::subjects::inbox(&chat_shared::ids::UserId::parse("bob")?);
+    wait_until(|| async {
+        inbox
+            .direct_get_last_for_subject(bob_inbox.clone())
+            .await
+            .is_ok_and(|last| String::from_utf8_lossy(&last.payload).contains("\"m1\""))
+    })
+    .await?;
     // A cursor the server never handed out must not hide later items.
     let mut bob = system
         .connect_from("bob", "phone", Some("18446744073709551615"))
