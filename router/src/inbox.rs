@@ -193,25 +193,21 @@ const CHAIN_USERS: usize = 1_000_000;
 impl Chain {
     /// `user`'s item at `sequence` was acknowledged; its delivery's link.
     fn appended(&mut self, user: &UserId, sequence: u64) -> Previous {
-        let before = self.last.get(user).copied();
-        match before {
-            // Stored before (a duplicate append): its predecessor was
-            // named when it was first delivered.
-            Some(Last::At(last)) if sequence <= last => Previous::Unstated,
-            Some(Last::At(last)) => {
-                self.last.insert(user.clone(), Last::At(sequence));
-                Previous::At(last)
-            }
-            Some(Last::Unknown) => {
-                self.last.insert(user.clone(), Last::At(sequence));
-                Previous::Unknown
-            }
-            None => {
-                self.make_room();
-                self.last.insert(user.clone(), Last::At(sequence));
-                Previous::Unstated
-            }
+        // Per delivery: a known user is updated in place, not re-keyed.
+        if let Some(last) = self.last.get_mut(user) {
+            let previous = match *last {
+                // Stored before (a duplicate append): its predecessor was
+                // named when it was first delivered.
+                Last::At(at) if sequence <= at => return Previous::Unstated,
+                Last::At(at) => Previous::At(at),
+                Last::Unknown => Previous::Unknown,
+            };
+            *last = Last::At(sequence);
+            return previous;
         }
+        self.make_room();
+        self.last.insert(user.clone(), Last::At(sequence));
+        Previous::Unstated
     }
 
     /// An append or a delivery for `user` failed.
