@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, UserId};
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
@@ -25,26 +26,6 @@ pub struct Delivery {
     pub meta: Option<MessageMeta>,
     /// Checked as UTF-8 once, whatever the number of sessions.
     pub frame: Utf8Bytes,
-}
-
-/// The user's inbox item before a live one (`Chat-Prev-Cursor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Previous {
-    At(Cursor),
-    /// An append failed since the last delivery; it may be stored anyway.
-    Unknown,
-    /// Not said (the router just started; a backlog item; not an inbox item).
-    Unstated,
-}
-
-impl Previous {
-    fn from_header(value: Option<&str>) -> Self {
-        match value {
-            Some(subjects::PREV_CURSOR_UNKNOWN) => Self::Unknown,
-            Some(value) => Cursor::parse(value).map_or(Self::Unstated, Self::At),
-            None => Self::Unstated,
-        }
-    }
 }
 
 impl Delivery {
@@ -232,11 +213,7 @@ async fn pump(
         let cursor = headers
             .and_then(|h| h.get(subjects::CURSOR_HEADER))
             .and_then(|v| Cursor::parse(v.as_str()).ok());
-        let previous = Previous::from_header(
-            headers
-                .and_then(|h| h.get(subjects::PREV_CURSOR_HEADER))
-                .map(|v| v.as_str()),
-        );
+        let previous = Previous::from_headers(headers);
         let meta = headers.and_then(MessageMeta::from_headers);
         let Ok(frame) = Utf8Bytes::try_from(message.payload) else {
             tracing::error!("dropping a delivery that is not UTF-8");

@@ -10,6 +10,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chat_shared::auth::AuthError;
 use chat_shared::consume::Scan;
+use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
@@ -22,7 +23,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
 use crate::drain::Ticket;
-use crate::hub::{Delivery, Previous, Registration};
+use crate::hub::{Delivery, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
 use crate::receipts::DeliveredTracker;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, UserId};
 use chat_shared::subjects;
 use chat_shared::wire::with_cursor;
@@ -128,15 +129,9 @@ async fn deliver_in_order(
                 let cursor = Cursor(ack.sequence);
                 let mut headers = pending.headers;
                 headers.insert(subjects::CURSOR_HEADER, cursor.to_string().as_str());
-                match chain.appended(&pending.user, ack.sequence) {
-                    Previous::At(previous) => {
-                        headers.insert(subjects::PREV_CURSOR_HEADER, previous.to_string().as_str());
-                    }
-                    Previous::Unknown => {
-                        headers.insert(subjects::PREV_CURSOR_HEADER, subjects::PREV_CURSOR_UNKNOWN);
-                    }
-                    Previous::Unstated => {}
-                }
+                chain
+                    .appended(&pending.user, ack.sequence)
+                    .add_to(&mut headers);
                 let frame = with_cursor(&pending.frame, cursor);
                 if let Err(e) = nats
                     .publish_with_headers(subjects::deliver(&pending.user), headers, frame.into())
@@ -159,18 +154,6 @@ async fn deliver_in_order(
             let _ = done.send(!pending.failed.load(Ordering::Relaxed));
         }
     }
-}
-
-/// What a live delivery says about the user's item before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Previous {
-    /// The item at this sequence.
-    At(u64),
-    /// Unknown: an append for the user failed since the last delivery.
-    Unknown,
-    /// Nothing: the router has not seen the user's items (it just started),
-    /// or this item was delivered before.
-    Unstated,
 }
 
 /// The last inbox item the router delivered to each user, so each delivery
@@ -199,7 +182,7 @@ impl Chain {
                 // Stored before (a duplicate append): its predecessor was
                 // named when it was first delivered.
                 Last::At(at) if sequence <= at => return Previous::Unstated,
-                Last::At(at) => Previous::At(at),
+                Last::At(at) => Previous::At(Cursor(at)),
                 Last::Unknown => Previous::Unknown,
             };
             *last = Last::At(sequence);
@@ -239,9 +222,9 @@ mod tests {
         let mut chain = Chain::default();
         assert_eq!(chain.appended(&alice, 1), Previous::Unstated);
         assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
-        assert_eq!(chain.appended(&alice, 3), Previous::At(1));
-        assert_eq!(chain.appended(&bob, 7), Previous::At(2));
-        assert_eq!(chain.appended(&alice, 9), Previous::At(3));
+        assert_eq!(chain.appended(&alice, 3), Previous::At(Cursor(1)));
+        assert_eq!(chain.appended(&bob, 7), Previous::At(Cursor(2)));
+        assert_eq!(chain.appended(&alice, 9), Previous::At(Cursor(3)));
     }
 
     #[test]
@@ -252,7 +235,7 @@ mod tests {
         chain.appended(&alice, 8);
         assert_eq!(chain.appended(&alice, 5), Previous::Unstated);
         assert_eq!(chain.appended(&alice, 8), Previous::Unstated);
-        assert_eq!(chain.appended(&alice, 11), Previous::At(8));
+        assert_eq!(chain.appended(&alice, 11), Previous::At(Cursor(8)));
     }
 
     #[test]
@@ -264,7 +247,7 @@ mod tests {
         // Another user is not affected.
         assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
         assert_eq!(chain.appended(&alice, 4), Previous::Unknown);
-        assert_eq!(chain.appended(&alice, 6), Previous::At(4));
+        assert_eq!(chain.appended(&alice, 6), Previous::At(Cursor(4)));
         // A failure before anything was delivered is remembered too.
         let carol = user("carol");
         chain.failed(&carol);

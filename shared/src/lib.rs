@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod db;
+pub mod delivery;
 pub mod discovery;
 pub mod error;
 pub mod idgen;
