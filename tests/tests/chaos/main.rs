@@ -530,6 +530,11 @@ async fn admin_on(d: &Deployment, index: usize) -> Result<async_nats::Client> {
 }
 
 /// The server name of `stream`'s RAFT leader, as `nats` sees it.
+/// Whether the node named `name` leads `stream` now (false if unknown).
+async fn leads(nats: &async_nats::Client, stream: &str, name: &str) -> bool {
+    stream_leader(nats, stream).await.ok().flatten().as_deref() == Some(name)
+}
+
 async fn stream_leader(nats: &async_nats::Client, stream: &str) -> Result<Option<String>> {
     let js = async_nats::jetstream::new(nats.clone());
     let mut stream = js.get_stream(stream).await?;
@@ -548,13 +553,7 @@ async fn lead_on(d: &Deployment, index: usize) -> Result<()> {
     for stream in SEND_PATH_STREAMS {
         let mut moved = false;
         for _ in 0..10 {
-            if stream_leader(&admin, stream)
-                .await
-                .ok()
-                .flatten()
-                .as_deref()
-                == Some(&name)
-            {
+            if leads(&admin, stream, &name).await {
                 moved = true;
                 break;
             }
@@ -567,13 +566,7 @@ async fn lead_on(d: &Deployment, index: usize) -> Result<()> {
                 .await;
             for _ in 0..20 {
                 pause(0.25).await;
-                if stream_leader(&admin, stream)
-                    .await
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    == Some(&name)
-                {
+                if leads(&admin, stream, &name).await {
                     break;
                 }
             }
