@@ -1,7 +1,8 @@
 //! Discovery and drain.
 //!
 //! The edge advertises itself in the `chat_edges` bucket (refreshed every
-//! third of the TTL) and lists the live edges on `GET /v1/edges`. On SIGTERM
+//! third of the TTL) and lists the live edges on `GET /v1/edges` from its
+//! [`Directory`](chat_shared::discovery::Directory). On SIGTERM
 //! or `chatctl drain <edge>` it drains: it stops taking connections, marks
 //! itself draining, tells its clients in batches to `reconnect` (with the
 //! other edges' URLs), and waits a bounded time for them to leave.
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_nats::jetstream::kv;
 use chat_shared::clock::now_ms;
-use chat_shared::discovery::{self, EdgeEntry};
+use chat_shared::discovery::EdgeEntry;
 use chat_shared::ids::EdgeId;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -111,9 +112,10 @@ pub async fn advertise(edge: Arc<Edge>, store: kv::Store, mut stop: watch::Recei
 }
 
 /// Live, non-draining edges, least loaded first.
-pub async fn live_edges(edge: &Edge) -> Result<Vec<EdgeEntry>, String> {
-    let entries = discovery::list(&edge.edges, edge.config.edge_ttl, now_ms()).await?;
-    Ok(entries.into_iter().filter(|e| !e.draining).collect())
+pub fn live_edges(edge: &Edge) -> Vec<EdgeEntry> {
+    let mut entries = edge.directory.list(edge.config.edge_ttl, now_ms());
+    entries.retain(|e| !e.draining);
+    entries
 }
 
 /// Drains this edge: returns once every client has left or the drain
@@ -122,17 +124,14 @@ pub async fn drain(edge: &Edge) {
     let connections = &edge.connections;
     connections.draining.store(true, Ordering::Relaxed);
     advertise_once(&edge.edges, edge).await;
-    let others: Vec<String> = match live_edges(edge).await {
-        Ok(entries) => entries
-            .into_iter()
-            .filter(|e| e.id != edge.id)
-            .map(|e| e.url)
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the other edges; clients reconnect through the load balancer");
-            Vec::new()
-        }
-    };
+    let others: Vec<String> = live_edges(edge)
+        .into_iter()
+        .filter(|e| e.id != edge.id)
+        .map(|e| e.url)
+        .collect();
+    if others.is_empty() {
+        tracing::warn!("no other edge is listed; clients reconnect through the load balancer");
+    }
     let deadline = tokio::time::Instant::now() + edge.config.drain_timeout;
     let notices: Vec<oneshot::Sender<Vec<String>>> = lock(&connections.open)
         .values_mut()

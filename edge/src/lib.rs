@@ -7,6 +7,7 @@
 
 mod drain;
 mod error;
+mod forwarded;
 mod http;
 mod hub;
 mod limits;
@@ -27,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chat_shared::auth::Verifier;
+use chat_shared::discovery::Directory;
 use chat_shared::idgen::IdGenerator;
 use chat_shared::ids::EdgeId;
 use chat_shared::lease::NodeLease;
@@ -73,6 +75,8 @@ pub(crate) struct Edge {
     pub connections: Arc<drain::Connections>,
     /// The discovery bucket.
     pub edges: kv::Store,
+    /// What the discovery bucket holds, kept current by one watcher.
+    pub directory: Directory,
     pub limits: Arc<limits::Limits>,
     pub metrics: Arc<metrics::EdgeMetrics>,
     /// What `GET /metrics` serves.
@@ -140,9 +144,16 @@ pub async fn run(
     }));
     let (stop_tx, stop) = watch::channel(false);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
-    let groups = GroupCache::start(nats.clone()).await?;
+    let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
     let presence_store = bucket(subjects::PRESENCE_BUCKET).await?;
     let edges = bucket(subjects::EDGES_BUCKET).await?;
+    let directory = Directory::default();
+    let directory_task = tokio::spawn(directory.clone().follow(
+        edges.clone(),
+        config.edge_ttl,
+        link.clone(),
+        stop.clone(),
+    ));
     let devices = Arc::<presence::LiveDevices>::default();
     let heartbeat_task = tokio::spawn(presence::heartbeats(
         nats.clone(),
@@ -154,6 +165,7 @@ pub async fn run(
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::EdgeMetrics::new(&mut registry);
+    groups.register_metrics(registry.sub_registry_with_prefix("edge"));
     let edge = Arc::new(Edge {
         // Live frames (and their bytes) waiting for one session before it
         // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
@@ -163,7 +175,11 @@ pub async fn run(
             config.limits.live_queue_bytes,
             config.request_timeout,
         ),
-        limits: limits::Limits::new(config.limits.clone()),
+        limits: limits::Limits::new(
+            config.limits.clone(),
+            &config.edge_net,
+            metrics.ip_table_evictions(),
+        ),
         metrics,
         registry,
         config,
@@ -181,6 +197,7 @@ pub async fn run(
         devices,
         connections: Arc::default(),
         edges: edges.clone(),
+        directory,
         stop: stop.clone(),
         link,
     });
@@ -207,6 +224,7 @@ pub async fn run(
     let _ = advertiser.await;
     let _ = lease_task.await;
     let _ = heartbeat_task.await;
+    let _ = directory_task.await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }
@@ -223,14 +241,9 @@ async fn upgrade(
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    if let Err(wait) = edge.limits.admit_ip(peer.ip(), tokio::time::Instant::now()) {
-        let retry_after = wait.as_secs().max(1).to_string();
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(axum::http::header::RETRY_AFTER, retry_after)],
-            "too many connections from this address",
-        )
-            .into_response();
+    let client = forwarded::client_ip(peer.ip(), &headers, &edge.config.edge_net.trusted_proxies);
+    if let Err(wait) = edge.limits.admit_ip(client, tokio::time::Instant::now()) {
+        return too_many(wait, "too many connections from this address");
     }
     let Some(ticket) = edge.connections.open() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining; use /v1/edges").into_response();
@@ -266,15 +279,33 @@ async fn serve_metrics(State(edge): State<Arc<Edge>>) -> Response {
     chat_shared::metrics::respond(&edge.registry)
 }
 
-/// The live, non-draining edges, least loaded first.
-async fn list_edges(State(edge): State<Arc<Edge>>) -> Response {
-    match drain::live_edges(&edge).await {
-        Ok(edges) => axum::Json(serde_json::json!({ "edges": edges })).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list edges");
-            (StatusCode::SERVICE_UNAVAILABLE, "discovery unavailable").into_response()
-        }
+/// 429 with `Retry-After` in whole seconds (at least one).
+fn too_many(wait: std::time::Duration, why: &'static str) -> Response {
+    let retry_after = wait.as_secs().max(1).to_string();
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(axum::http::header::RETRY_AFTER, retry_after)],
+        why,
+    )
+        .into_response()
+}
+
+/// The live, non-draining edges, least loaded first, from memory: anyone
+/// may ask, so an answer costs JetStream nothing, and each client address
+/// is rate-limited like its upgrades.
+async fn list_edges(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let client = forwarded::client_ip(peer.ip(), &headers, &edge.config.edge_net.trusted_proxies);
+    if let Err(wait) = edge
+        .limits
+        .admit_discovery(client, tokio::time::Instant::now())
+    {
+        return too_many(wait, "too many discovery requests from this address");
     }
+    axum::Json(serde_json::json!({ "edges": drain::live_edges(&edge) })).into_response()
 }
 
 /// Ready while NATS is connected and not draining: without NATS the edge can

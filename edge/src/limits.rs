@@ -1,19 +1,22 @@
 //! Rate and connection limits: token buckets per connection, per user (over
-//! the user's connections on this edge) and per client IP.
+//! the user's connections on this edge) and per client address (IPv6 per
+//! /64, see [`crate::forwarded`]), in tables of a fixed size.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use chat_shared::config::LimitsConfig;
+use chat_shared::config::{EdgeNetConfig, LimitsConfig};
 use chat_shared::ids::UserId;
+use chat_shared::lru::Lru;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
+
+use crate::forwarded::rate_key;
 
 /// The window in which refusals count as strikes towards a 4008 close.
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
-/// Beyond this many tracked IPs, idle ones are forgotten.
-const MAX_TRACKED_IPS: usize = 100_000;
 
 /// `rate` tokens per second, holding at most `2 x rate`.
 #[derive(Debug)]
@@ -46,11 +49,6 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
-    }
-
-    /// Full again: nothing is lost by forgetting it.
-    fn is_idle(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last).as_secs_f64() * self.rate >= self.burst
     }
 }
 
@@ -90,11 +88,46 @@ struct UserState {
     sends: Arc<Mutex<TokenBucket>>,
 }
 
+/// A token bucket per client address, at most a fixed number of them:
+/// past it the address seen longest ago is forgotten (its bucket is most
+/// likely full again). A new client always gets a bucket, and memory stays
+/// bounded however many addresses an attacker has.
+struct IpTable {
+    rate: u32,
+    buckets: Lru<IpAddr, TokenBucket>,
+}
+
+impl IpTable {
+    fn new(rate: u32, size: usize) -> Mutex<Self> {
+        Mutex::new(Self {
+            rate,
+            buckets: Lru::new(size, usize::MAX),
+        })
+    }
+
+    /// Takes a token for `ip`'s key; also says how many addresses were
+    /// forgotten to make room for it.
+    fn take(&mut self, ip: IpAddr, now: Instant) -> (Result<(), Duration>, usize) {
+        let key = rate_key(ip);
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            return (bucket.take(now), 0);
+        }
+        let mut bucket = TokenBucket::new(self.rate, now);
+        let taken = bucket.take(now);
+        (taken, self.buckets.insert(key, bucket, 0))
+    }
+}
+
 /// Edge-wide limit state.
 pub struct Limits {
     pub config: LimitsConfig,
     users: Mutex<HashMap<UserId, UserState>>,
-    ips: Mutex<HashMap<IpAddr, TokenBucket>>,
+    /// WebSocket upgrades per client address.
+    connects: Mutex<IpTable>,
+    /// `GET /v1/edges` per client address.
+    discovery: Mutex<IpTable>,
+    /// Addresses forgotten because a table was full.
+    ip_evictions: Counter,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,23 +165,32 @@ impl UserSlot {
 }
 
 impl Limits {
-    pub fn new(config: LimitsConfig) -> Arc<Self> {
+    /// Limits as configured; `ip_evictions` counts addresses forgotten
+    /// because a per-address table was full.
+    pub fn new(config: LimitsConfig, net: &EdgeNetConfig, ip_evictions: Counter) -> Arc<Self> {
         Arc::new(Self {
+            connects: IpTable::new(config.connects_per_ip, net.tracked_ips),
+            discovery: IpTable::new(net.discovery_per_ip, net.tracked_ips),
             config,
             users: Mutex::new(HashMap::new()),
-            ips: Mutex::new(HashMap::new()),
+            ip_evictions,
         })
     }
 
-    /// A new connection from `ip`.
+    fn admit(&self, table: &Mutex<IpTable>, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let (taken, evicted) = lock(table).take(ip, now);
+        self.ip_evictions.inc_by(evicted as u64);
+        taken
+    }
+
+    /// A new connection from client address `ip`.
     pub fn admit_ip(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut ips = lock(&self.ips);
-        if ips.len() >= MAX_TRACKED_IPS {
-            ips.retain(|_, bucket| !bucket.is_idle(now));
-        }
-        ips.entry(ip)
-            .or_insert_with(|| TokenBucket::new(self.config.connects_per_ip, now))
-            .take(now)
+        self.admit(&self.connects, ip, now)
+    }
+
+    /// A discovery request from client address `ip`.
+    pub fn admit_discovery(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.admit(&self.discovery, ip, now)
     }
 
     /// One more connection of `user`; `None` past the per-user limit.
@@ -208,10 +250,14 @@ mod tests {
 
     #[test]
     fn users_get_a_bounded_number_of_connections() {
-        let limits = Limits::new(LimitsConfig {
-            connections_per_user: 2,
-            ..LimitsConfig::default()
-        });
+        let limits = Limits::new(
+            LimitsConfig {
+                connections_per_user: 2,
+                ..LimitsConfig::default()
+            },
+            &EdgeNetConfig::default(),
+            Counter::default(),
+        );
         let user = UserId::parse("u").unwrap();
         let now = Instant::now();
         let first = limits.admit_user(&user, now);
@@ -220,5 +266,65 @@ mod tests {
         assert!(limits.admit_user(&user, now).is_none());
         drop(first);
         assert!(limits.admit_user(&user, now).is_some());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_per_64() {
+        let limits = Limits::new(
+            LimitsConfig {
+                connects_per_ip: 1,
+                ..LimitsConfig::default()
+            },
+            &EdgeNetConfig::default(),
+            Counter::default(),
+        );
+        let now = Instant::now();
+        // A burst of 2 for the whole /64, whatever address within it.
+        assert!(limits.admit_ip(ip("2001:db8:0:1::1"), now).is_ok());
+        assert!(limits.admit_ip(ip("2001:db8:0:1::2"), now).is_ok());
+        assert!(limits.admit_ip(ip("2001:db8:0:1:ffff::3"), now).is_err());
+        assert!(
+            limits.admit_ip(ip("2001:db8:0:2::1"), now).is_ok(),
+            "another /64"
+        );
+        // Discovery has its own buckets.
+        assert!(limits.admit_discovery(ip("2001:db8:0:1::1"), now).is_ok());
+    }
+
+    #[test]
+    fn a_full_address_table_forgets_the_oldest_and_counts_it() {
+        let evictions = Counter::default();
+        let limits = Limits::new(
+            LimitsConfig {
+                connects_per_ip: 1,
+                ..LimitsConfig::default()
+            },
+            &EdgeNetConfig {
+                tracked_ips: 3,
+                ..EdgeNetConfig::default()
+            },
+            evictions.clone(),
+        );
+        let now = Instant::now();
+        let first = ip("192.0.2.1");
+        for _ in 0..2 {
+            assert!(limits.admit_ip(first, now).is_ok());
+        }
+        assert!(limits.admit_ip(first, now).is_err(), "its burst is used up");
+        // A flood of new addresses: each is let in, the table never grows
+        // past three, and the longest unseen address is forgotten.
+        for i in 2..=100 {
+            assert!(limits.admit_ip(ip(&format!("192.0.2.{i}")), now).is_ok());
+            assert!(lock(&limits.connects).buckets.len() <= 3);
+        }
+        assert_eq!(evictions.get(), 97);
+        assert!(
+            limits.admit_ip(first, now).is_ok(),
+            "forgotten, so new again"
+        );
     }
 }

@@ -59,6 +59,7 @@ pub struct EdgeMetrics {
     send_seconds: Histogram,
     sessions_closed: Family<CloseLabels, Counter>,
     live_gaps: Counter,
+    ip_table_evictions: Counter,
 }
 
 impl EdgeMetrics {
@@ -70,6 +71,7 @@ impl EdgeMetrics {
             send_seconds: Histogram::new(SEND_BUCKETS),
             sessions_closed: Family::default(),
             live_gaps: Counter::default(),
+            ip_table_evictions: Counter::default(),
         };
         let edge = registry.sub_registry_with_prefix("edge");
         edge.register(
@@ -102,7 +104,17 @@ impl EdgeMetrics {
             "Live deliveries that named a predecessor the session never sent: the inbox was read again",
             metrics.live_gaps.clone(),
         );
+        edge.register(
+            "ip_table_evictions",
+            "Client addresses whose rate buckets were forgotten because a per-address table was full",
+            metrics.ip_table_evictions.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// The counter the per-address tables count their evictions in.
+    pub fn ip_table_evictions(&self) -> Counter {
+        self.ip_table_evictions.clone()
     }
 
     pub fn live_gap(&self) {

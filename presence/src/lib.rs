@@ -89,11 +89,12 @@ pub async fn run_with(
     let mut heartbeats = subscribe(subjects::EDGE_HEARTBEATS).await?;
     let mut typing = subscribe(subjects::ALL_TYPING).await?;
     let mut friend_changes = subscribe(subjects::FRIEND_CHANGES).await?;
-    let groups = GroupCache::start(nats.clone()).await?;
+    let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
 
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(PresenceMetrics::new(&mut registry));
+    groups.register_metrics(registry.sub_registry_with_prefix("presence"));
     let exposition = chat_shared::metrics::expose(metrics_listener, registry, &js, &[], &stop);
     let (leading_tx, mut leading) = watch::channel(false);
     let holder = format!("presence-{:08x}", rand::random::<u32>());

@@ -56,11 +56,12 @@ pub async fn run_with(
         streams::router_events_consumer(),
     )
     .await?;
-    let groups = GroupCache::start(nats.clone()).await?;
+    let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
+    groups.register_metrics(registry.sub_registry_with_prefix("router"));
     let exposition = chat_shared::metrics::expose(
         metrics_listener,
         registry,

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::netaddr::IpRange;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `CHAT_NATS_URL`
@@ -103,6 +105,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Push providers (pushd). Each is off until configured.
     pub push: PushConfig,
+    /// Client addresses, discovery and the per-address table (edge).
+    pub edge_net: EdgeNetConfig,
+    /// The group membership cache (router, edge, presence).
+    pub group_cache: GroupCacheConfig,
 }
 
 /// Abuse limits, enforced by each edge. Rates are tokens per second with a
@@ -154,6 +160,58 @@ impl Default for LimitsConfig {
             live_queue: 4096,
             live_queue_bytes: 4 * LARGEST_FRAME_BYTES,
             outbound_queue: 64,
+        }
+    }
+}
+
+/// How the edge tells clients apart by address, and what it keeps per
+/// address.
+#[derive(Debug, Clone)]
+pub struct EdgeNetConfig {
+    /// `CHAT_TRUSTED_PROXIES`: comma-separated addresses or ranges
+    /// (`10.0.0.0/8`, `2001:db8::/32`) of load balancers in front of the
+    /// edge. Only a connection from one of them has its client address read
+    /// from `X-Forwarded-For` (the right-most address not itself a trusted
+    /// proxy); anyone else's `X-Forwarded-For` is ignored. Empty by default.
+    pub trusted_proxies: Vec<IpRange>,
+    /// `CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC`: `GET /v1/edges` per client
+    /// address (an IPv6 client counts per /64).
+    pub discovery_per_ip: u32,
+    /// `CHAT_LIMIT_TRACKED_IPS`: client addresses whose rate buckets are
+    /// kept; past it the least recently seen are forgotten (counted in
+    /// `edge_ip_table_evictions_total`).
+    pub tracked_ips: usize,
+}
+
+impl Default for EdgeNetConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            discovery_per_ip: 5,
+            tracked_ips: 100_000,
+        }
+    }
+}
+
+/// Bounds of the group membership cache, whose keys any user can choose
+/// (every group they send to).
+#[derive(Debug, Clone)]
+pub struct GroupCacheConfig {
+    /// `CHAT_GROUP_CACHE_ENTRIES`: groups cached at most.
+    pub entries: usize,
+    /// `CHAT_GROUP_CACHE_BYTES`: their estimated size at most.
+    pub bytes: usize,
+    /// `CHAT_GROUP_CACHE_TTL_MS`: an entry is asked for again after this
+    /// (a safety net for a missed invalidation) and swept out once older.
+    pub ttl: Duration,
+}
+
+impl Default for GroupCacheConfig {
+    fn default() -> Self {
+        Self {
+            entries: 10_000,
+            bytes: 32 * 1024 * 1024,
+            ttl: Duration::from_secs(30),
         }
     }
 }
@@ -249,6 +307,8 @@ impl Default for Config {
             presence_timeout: Duration::from_secs(16),
             presence_debounce: Duration::from_secs(5),
             push: PushConfig::default(),
+            edge_net: EdgeNetConfig::default(),
+            group_cache: GroupCacheConfig::default(),
         }
     }
 }
@@ -365,6 +425,24 @@ impl Config {
         config.push.webhook_secret = reader.optional("CHAT_PUSH_WEBHOOK_SECRET");
         reader.parse("CHAT_PUSH_PREVIEW", &mut config.push.preview);
         reader.millis("CHAT_PUSH_COALESCE_MS", &mut config.push.coalesce);
+        if let Some(proxies) = reader.optional("CHAT_TRUSTED_PROXIES") {
+            for proxy in proxies.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match proxy.parse() {
+                    Ok(range) => config.edge_net.trusted_proxies.push(range),
+                    Err(e) => reader.problems.push(format!("CHAT_TRUSTED_PROXIES: {e}")),
+                }
+            }
+        }
+        let net = &mut config.edge_net;
+        reader.parse(
+            "CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC",
+            &mut net.discovery_per_ip,
+        );
+        reader.parse("CHAT_LIMIT_TRACKED_IPS", &mut net.tracked_ips);
+        let cache = &mut config.group_cache;
+        reader.parse("CHAT_GROUP_CACHE_ENTRIES", &mut cache.entries);
+        reader.parse("CHAT_GROUP_CACHE_BYTES", &mut cache.bytes);
+        reader.millis("CHAT_GROUP_CACHE_TTL_MS", &mut cache.ttl);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -480,6 +558,29 @@ impl Config {
         }
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
+        }
+        problems.extend(self.check_edge_net_and_group_cache());
+        problems
+    }
+
+    fn check_edge_net_and_group_cache(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.edge_net.discovery_per_ip == 0 {
+            problems.push("CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC: must be positive".into());
+        }
+        for (name, value) in [
+            ("CHAT_LIMIT_TRACKED_IPS", self.edge_net.tracked_ips),
+            ("CHAT_GROUP_CACHE_ENTRIES", self.group_cache.entries),
+        ] {
+            if !(1..=LONGEST_QUEUE).contains(&value) {
+                problems.push(format!("{name}: must be between 1 and {LONGEST_QUEUE}"));
+            }
+        }
+        if self.group_cache.bytes == 0 {
+            problems.push("CHAT_GROUP_CACHE_BYTES: must be positive".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.group_cache.ttl) {
+            problems.push("CHAT_GROUP_CACHE_TTL_MS: between 1000 and 3600000".into());
         }
         problems
     }
@@ -669,5 +770,59 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn trusted_proxies_and_the_address_table_are_settings() {
+        let net = from(&[]).unwrap().edge_net;
+        assert!(net.trusted_proxies.is_empty());
+        assert_eq!((net.discovery_per_ip, net.tracked_ips), (5, 100_000));
+        let net = from(&[
+            ("CHAT_TRUSTED_PROXIES", " 10.0.0.0/8, ,::1,2001:db8::/32"),
+            ("CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC", "2"),
+            ("CHAT_LIMIT_TRACKED_IPS", "1000"),
+        ])
+        .unwrap()
+        .edge_net;
+        let proxies: Vec<String> = net.trusted_proxies.iter().map(|p| p.to_string()).collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "::1/128", "2001:db8::/32"]);
+        assert_eq!((net.discovery_per_ip, net.tracked_ips), (2, 1000));
+        let err = from(&[
+            (
+                "CHAT_TRUSTED_PROXIES",
+                "10.0.0.0/8,lb.example.com,10.0.0.0/40",
+            ),
+            ("CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC", "0"),
+            ("CHAT_LIMIT_TRACKED_IPS", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn the_group_cache_is_bounded_by_settings() {
+        let cache = from(&[]).unwrap().group_cache;
+        assert_eq!(
+            (cache.entries, cache.bytes, cache.ttl),
+            (10_000, 32 * 1024 * 1024, Duration::from_secs(30))
+        );
+        let cache = from(&[
+            ("CHAT_GROUP_CACHE_ENTRIES", "50"),
+            ("CHAT_GROUP_CACHE_BYTES", "65536"),
+            ("CHAT_GROUP_CACHE_TTL_MS", "5000"),
+        ])
+        .unwrap()
+        .group_cache;
+        assert_eq!(
+            (cache.entries, cache.bytes, cache.ttl),
+            (50, 65536, Duration::from_secs(5))
+        );
+        let err = from(&[
+            ("CHAT_GROUP_CACHE_ENTRIES", "0"),
+            ("CHAT_GROUP_CACHE_BYTES", "0"),
+            ("CHAT_GROUP_CACHE_TTL_MS", "10"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
     }
 }

@@ -682,6 +682,10 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             connects_per_ip: 100_000,
             ..Default::default()
         },
+        edge_net: chat_shared::config::EdgeNetConfig {
+            discovery_per_ip: 100_000,
+            ..Default::default()
+        },
         ..Config::default()
     }
 }

@@ -76,7 +76,7 @@ pub async fn run(config: Config, settings: Settings, shutdown: Shutdown) -> Resu
     let nats = chat_shared::nats::connect(&config, "echo-bot").await?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
     chat_shared::streams::wait_until_provisioned(&js).await;
-    let groups = GroupCache::start(nats).await?;
+    let groups = GroupCache::start(nats, &config.group_cache).await?;
     let consumer = consume::durable(
         &js,
         subjects::MESSAGES_STREAM,
