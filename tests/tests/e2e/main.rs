@@ -1,7 +1,9 @@
 //! One end-to-end test binary (compiled once), against real servers.
 
 mod bench;
+mod caches;
 mod deadletter;
+mod discovery;
 mod edges;
 mod handshake;
 mod messaging;
