@@ -272,16 +272,25 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn an_ipv6_client_is_limited_per_64() {
-        let limits = Limits::new(
+    /// 1 connect per second per address (a burst of 2), `tracked`
+    /// addresses at most, evictions counted in `evictions`.
+    fn one_connect_per_second(tracked: usize, evictions: &Counter) -> Arc<Limits> {
+        Limits::new(
             LimitsConfig {
                 connects_per_ip: 1,
                 ..LimitsConfig::default()
             },
-            &EdgeNetConfig::default(),
-            Counter::default(),
-        );
+            &EdgeNetConfig {
+                tracked_ips: tracked,
+                ..EdgeNetConfig::default()
+            },
+            evictions.clone(),
+        )
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_per_64() {
+        let limits = one_connect_per_second(100, &Counter::default());
         let now = Instant::now();
         // A burst of 2 for the whole /64, whatever address within it.
         assert!(limits.admit_ip(ip("2001:db8:0:1::1"), now).is_ok());
@@ -298,17 +307,7 @@ mod tests {
     #[test]
     fn a_full_address_table_forgets_the_oldest_and_counts_it() {
         let evictions = Counter::default();
-        let limits = Limits::new(
-            LimitsConfig {
-                connects_per_ip: 1,
-                ..LimitsConfig::default()
-            },
-            &EdgeNetConfig {
-                tracked_ips: 3,
-                ..EdgeNetConfig::default()
-            },
-            evictions.clone(),
-        );
+        let limits = one_connect_per_second(3, &evictions);
         let now = Instant::now();
         let first = ip("192.0.2.1");
         for _ in 0..2 {

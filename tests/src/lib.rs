@@ -772,9 +772,21 @@ pub async fn scrape(addr: SocketAddr) -> Result<metrics::Scrape> {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    http_get_on(stream, path, "").await
+}
+
+/// [`http_get`] on a connection made by the caller (from a chosen local
+/// address, say), with `headers` (`Name: value\r\n` lines) added.
+pub async fn http_get_on(
+    mut stream: tokio::net::TcpStream,
+    path: &str,
+    headers: &str,
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let addr = stream.peer_addr()?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;

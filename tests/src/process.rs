@@ -83,6 +83,10 @@ fn environment(config: &Config) -> Vec<(&'static str, String)> {
             "CHAT_LIMIT_CONNECTS_PER_IP_PER_SEC",
             config.limits.connects_per_ip.to_string(),
         ),
+        (
+            "CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC",
+            config.edge_net.discovery_per_ip.to_string(),
+        ),
         ("RUST_LOG", "warn".into()),
     ]
 }

@@ -8,10 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{ensure, Context, Result};
 use chat_shared::subjects;
-use chat_tests::{wait_until, System};
+use chat_tests::{http_get_on, wait_until, System};
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -38,26 +37,10 @@ async fn get(
     path: &str,
     forwarded: Option<&str>,
 ) -> Result<(u16, String)> {
-    let mut stream = connect_from(from, addr).await?;
     let header = forwarded
         .map(|f| format!("X-Forwarded-For: {f}\r\n"))
         .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{header}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("a status line")?;
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    Ok((status, body))
+    http_get_on(connect_from(from, addr).await?, path, &header).await
 }
 
 /// A WebSocket upgrade from `from` (with `X-Forwarded-For` when given):
