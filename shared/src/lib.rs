@@ -16,6 +16,7 @@ pub mod ids;
 pub mod lease;
 pub mod membership;
 pub mod metrics;
+pub mod moderation;
 pub mod nats;
 pub mod presence;
 pub mod push;
