@@ -363,3 +363,31 @@ async fn an_edge_can_neither_ban_nor_kick() -> anyhow::Result<()> {
     welcomed_everywhere(&[system.edge_addr], &system.token("bob")).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_watcher_follows_the_bucket_across_a_nats_restart() -> anyhow::Result<()> {
+    let mut system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    system.nats.kill().await?;
+    system.nats.restart().await?;
+    system.wait_edge_ready().await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    // Written with no notice: only a watcher that survived the outage (made
+    // afresh after the reconnect) can tell the edge.
+    let js = chat_shared::nats::jetstream(system.admin().await?, &system.config);
+    let bucket = js.get_key_value(subjects::MODERATION_BUCKET).await?;
+    let ban = Ban {
+        at: auth::now_secs(),
+        until: None,
+    };
+    bucket
+        .put(
+            subjects::ban_key(&user("alice")),
+            serde_json::to_vec(&ban)?.into(),
+        )
+        .await?;
+    assert_eq!(alice.ending().await?, Ending::Closed(4001));
+    refused_everywhere(&[system.edge_addr], &system.token("alice")).await?;
+    still_served(&mut [&mut bob]).await?;
+    Ok(())
+}
