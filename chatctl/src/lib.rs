@@ -3,7 +3,8 @@
 //! the log of record ([`replay`]), load ([`bench`], and one module per
 //! further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
 //! [`resume_bench`], [`connect_bench`]) and a tiny WebSocket client ([`client`]), the
-//! discovery view and drain requests ([`edges`]). The command line is in
+//! discovery view and drain requests ([`edges`]), operators' bans, kicks
+//! and token revocations ([`moderation`]). The command line is in
 //! `main.rs`. For comparison, the same `dm` and `group` loads against an
 //! ejabberd of its own ([`peer_bench`], over the minimal XMPP client
 //! [`xmpp`], the server started by [`ejabberd`]).
@@ -15,6 +16,7 @@ pub mod edges;
 pub mod ejabberd;
 pub mod group_bench;
 pub mod memory;
+pub mod moderation;
 pub mod peer_bench;
 pub mod presence_bench;
 pub mod raw_bench;

@@ -9,6 +9,7 @@ use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, UserId};
 use chat_shared::wire::{ClientFrame, SendRequest, ServerFrame};
 use chat_shared::{schema, streams, Config};
 use chatctl::client::{connect, parse_duration, token, unique_u64};
+use chatctl::moderation::{self, Moderator};
 use chatctl::replay::{self, Entry, Replay, ReplayName, ReplayOptions, Republisher, Start};
 use chatctl::{bench, status};
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +54,12 @@ enum Command {
     /// Drain EDGE as SIGTERM would: its clients are told to reconnect
     /// elsewhere, then it exits.
     Drain { edge: String },
+    /// Ban, unban, kick a user or revoke their tokens, on every edge (as
+    /// the NATS admin user: set CHAT_NATS_USER=admin and its password).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Write the JSON Schemas of every wire type into DIR.
     Schemas { dir: std::path::PathBuf },
     /// Send one message as USER.
@@ -230,6 +237,49 @@ enum BenchScenario {
 }
 
 #[derive(Subcommand)]
+enum UserAction {
+    /// Close USER's sessions with 4001 and refuse their hello until
+    /// --until (forever without it).
+    Ban {
+        user: String,
+        /// RFC 3339, or a time from now: 90s, 30m, 2h, 7d.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        why: Why,
+    },
+    /// Lift USER's ban.
+    Unban {
+        user: String,
+        #[command(flatten)]
+        why: Why,
+    },
+    /// Close USER's sessions with 4001; they may connect again.
+    Kick {
+        user: String,
+        #[command(flatten)]
+        why: Why,
+    },
+    /// Refuse every token of USER issued up to now and close their sessions.
+    Revoke {
+        user: String,
+        #[command(flatten)]
+        why: Why,
+    },
+}
+
+/// What the audit event says about an operator action.
+#[derive(Args)]
+struct Why {
+    /// Why, for the audit record.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who acts, for the audit record.
+    #[arg(long, env = "USER", default_value = "unknown")]
+    operator: String,
+}
+
+#[derive(Subcommand)]
 enum StreamsAction {
     /// Every stream (messages, bytes, first/last sequence and time) and
     /// every consumer on it (delivered, ack floor, pending = lag, ...).
@@ -342,6 +392,7 @@ async fn main() -> anyhow::Result<()> {
             chatctl::edges::drain(&client, &js, config.edge_ttl, &edge).await?;
             println!("drain requested: {edge}");
         }
+        Command::User { action } => user(&config, action).await?,
         Command::Schemas { dir } => {
             schema::write_all(&dir).with_context(|| format!("writing {}", dir.display()))?;
             println!("schemas written to {}", dir.display());
@@ -569,6 +620,34 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Runs one moderation action and prints its audit event.
+async fn user(config: &Config, action: UserAction) -> anyhow::Result<()> {
+    let (user, why) = match &action {
+        UserAction::Ban { user, why, .. }
+        | UserAction::Unban { user, why }
+        | UserAction::Kick { user, why }
+        | UserAction::Revoke { user, why } => (UserId::parse(user.clone())?, why),
+    };
+    let client = chat_shared::nats::connect(config, "chatctl").await?;
+    let js = chat_shared::nats::jetstream(client.clone(), config);
+    let moderator = Moderator::new(client, js, why.operator.clone()).await?;
+    let reason = why.reason.clone();
+    let event = match action {
+        UserAction::Ban { until, .. } => {
+            let until = until
+                .map(|t| moderation::parse_until(&t, time::OffsetDateTime::now_utc()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            moderator.ban(&user, until, reason).await?
+        }
+        UserAction::Unban { .. } => moderator.unban(&user, reason).await?,
+        UserAction::Kick { .. } => moderator.kick(&user, reason).await?,
+        UserAction::Revoke { .. } => moderator.revoke(&user, reason).await?,
+    };
+    println!("{}", serde_json::to_string(&event)?);
     Ok(())
 }
 

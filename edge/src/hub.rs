@@ -13,7 +13,7 @@ use chat_shared::ids::{Cursor, UserId};
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use futures::StreamExt;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
 
 /// One frame for the user's devices, already serialized. Inbox items carry
 /// their cursor so a session can drop what its backlog already sent.
@@ -52,6 +52,9 @@ type Sessions = Mutex<Vec<(u64, mpsc::Sender<Box<Delivery>>, Arc<AtomicUsize>)>>
 
 struct UserFeed {
     sessions: Sessions,
+    /// An operator's kick, ban or revocation: every session of the user on
+    /// this edge closes with 4001 and this reason (see `Hub::kick`).
+    kicks: watch::Sender<Option<&'static str>>,
     /// Set once the subscription is confirmed by the server; holds the pump.
     subscribed: OnceCell<tokio::task::AbortHandle>,
 }
@@ -76,6 +79,7 @@ pub struct Registration {
     session: u64,
     live: mpsc::Receiver<Box<Delivery>>,
     queued_bytes: Arc<AtomicUsize>,
+    kicks: watch::Receiver<Option<&'static str>>,
 }
 
 impl Registration {
@@ -85,6 +89,31 @@ impl Registration {
         self.queued_bytes
             .fetch_sub(delivery.frame.len(), Ordering::Relaxed);
         Some(*delivery)
+    }
+
+    /// The operator's kicks of this user from the registration on.
+    pub fn kicks(&self) -> Kicks {
+        Kicks(self.kicks.clone())
+    }
+}
+
+/// An operator's kicks of one user (a clone keeps what its original has
+/// seen, so a kick between registering and asking is not missed).
+pub struct Kicks(watch::Receiver<Option<&'static str>>);
+
+impl Kicks {
+    /// Completes when an operator shuts the user out, with the reason.
+    pub async fn next(&mut self) -> &'static str {
+        loop {
+            if self.0.changed().await.is_err() {
+                // The feed is gone, and with it the session's live queue,
+                // which ends the session.
+                return std::future::pending().await;
+            }
+            if let Some(reason) = *self.0.borrow_and_update() {
+                return reason;
+            }
+        }
     }
 }
 
@@ -132,6 +161,7 @@ impl Hub {
                 .or_insert_with(|| {
                     Arc::new(UserFeed {
                         sessions: Mutex::new(Vec::new()),
+                        kicks: watch::Sender::new(None),
                         subscribed: OnceCell::new(),
                     })
                 })
@@ -145,6 +175,7 @@ impl Hub {
             session,
             live,
             queued_bytes,
+            kicks: feed.kicks.subscribe(),
         };
         feed.subscribed
             .get_or_try_init(|| async {
@@ -168,6 +199,13 @@ impl Hub {
             })
             .await?;
         Ok(registration)
+    }
+
+    /// Closes every session of `user` on this edge (4001, `reason`).
+    pub fn kick(&self, user: &UserId, reason: &'static str) {
+        if let Some(feed) = lock(&self.users).get(user) {
+            feed.kicks.send_replace(Some(reason));
+        }
     }
 
     fn leave(&self, user: &UserId, session: u64) {

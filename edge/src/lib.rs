@@ -12,6 +12,7 @@ mod http;
 mod hub;
 mod limits;
 mod metrics;
+mod moderation;
 mod presence;
 mod receipts;
 mod requests;
@@ -78,6 +79,8 @@ pub(crate) struct Edge {
     /// What the discovery bucket holds, kept current by one watcher.
     pub directory: Directory,
     pub limits: Arc<limits::Limits>,
+    /// Operators' bans and revocations, checked at `hello` and `refresh`.
+    pub moderation: Arc<moderation::Moderation>,
     pub metrics: Arc<metrics::EdgeMetrics>,
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
@@ -163,18 +166,30 @@ pub async fn run(
         stop.clone(),
     ));
 
+    // Live frames (and their bytes) waiting for one session before it
+    // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
+    let hub = hub::Hub::new(
+        nats.clone(),
+        config.limits.live_queue,
+        config.limits.live_queue_bytes,
+        config.request_timeout,
+    );
+    // Before the listener: a banned user is refused from the first connection.
+    let (moderation, moderation_task) = moderation::start(
+        nats.clone(),
+        bucket(subjects::MODERATION_BUCKET).await?,
+        hub.clone(),
+        link.clone(),
+        stop.clone(),
+    )
+    .await?;
+
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::EdgeMetrics::new(&mut registry);
     groups.register_metrics(registry.sub_registry_with_prefix("edge"));
     let edge = Arc::new(Edge {
-        // Live frames (and their bytes) waiting for one session before it
-        // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
-        hub: hub::Hub::new(
-            nats.clone(),
-            config.limits.live_queue,
-            config.limits.live_queue_bytes,
-            config.request_timeout,
-        ),
+        hub,
+        moderation,
         limits: limits::Limits::new(
             config.limits.clone(),
             &config.edge_net,
@@ -225,6 +240,7 @@ pub async fn run(
     let _ = lease_task.await;
     let _ = heartbeat_task.await;
     let _ = directory_task.await;
+    let _ = moderation_task.await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::drain::Ticket;
 use crate::hub::{Delivery, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
+use crate::moderation::Refusal;
 use crate::receipts::DeliveredTracker;
 use crate::Edge;
 
@@ -222,6 +223,8 @@ struct Hello {
     cursor: Option<Cursor>,
     /// Seconds since the epoch when the token stops being valid.
     valid_until: u64,
+    /// The token's `iat`, for operators' revocations.
+    issued_at: Option<u64>,
 }
 
 /// Waits for `hello` and checks its token.
@@ -245,12 +248,21 @@ where
                 cursor,
             }) => {
                 return match edge.verifier.verify(&token) {
-                    Ok(identity) => Some(Hello {
-                        user: identity.user,
-                        valid_until: identity.valid_until,
-                        device,
-                        cursor,
-                    }),
+                    Ok(identity) => {
+                        if let Err(refusal) =
+                            edge.moderation.admits(&identity.user, identity.issued_at)
+                        {
+                            shut_out(out, None, refusal).await;
+                            return None;
+                        }
+                        Some(Hello {
+                            user: identity.user,
+                            valid_until: identity.valid_until,
+                            issued_at: identity.issued_at,
+                            device,
+                            cursor,
+                        })
+                    }
                     Err(AuthError::Expired) => {
                         out.error(None, ErrorCode::TokenExpired, "token expired")
                             .await;
@@ -276,6 +288,14 @@ where
             }
         }
     }
+}
+
+/// Refuses a user an operator banned, or a token issued before an
+/// operator's revocation: `unauthorized`, then close 4001.
+async fn shut_out(out: &Outbox, reference: Option<&str>, refusal: Refusal) {
+    out.error(reference, ErrorCode::Unauthorized, refusal.to_string())
+        .await;
+    out.close(close::UNAUTHORIZED, refusal.reason()).await;
 }
 
 async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>, ticket: Ticket)
@@ -332,6 +352,12 @@ async fn authenticated<S, E>(
             return;
         }
     };
+    // Checked again now that a kick would reach this session: a ban that
+    // landed since `hello` was checked is either seen here or kicks it.
+    if let Err(refusal) = edge.moderation.admits(&hello.user, hello.issued_at) {
+        shut_out(&out, None, refusal).await;
+        return;
+    }
     let mut session = Session {
         valid_until: deadline_of(hello.valid_until),
         sends: TokenBucket::new(edge.limits.config.send_per_connection, Instant::now()),
@@ -588,6 +614,7 @@ impl Session {
         // under load, closing sessions would add reconnects to the load.
         let mut refill_retry: Option<Instant> = None;
         let mut exit = Exit::Done;
+        let mut kicks = registration.kicks();
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
             self.user.clone(),
@@ -603,6 +630,11 @@ impl Session {
                 }
                 _ = sleep_until(deadline) => {
                     self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
+                    break;
+                }
+                reason = kicks.next() => {
+                    self.out.error(None, ErrorCode::Unauthorized, reason).await;
+                    self.out.close(close::UNAUTHORIZED, reason).await;
                     break;
                 }
                 _ = sleep_until(self.valid_until) => {
@@ -784,6 +816,10 @@ impl Session {
     async fn refresh(&mut self, reference: Option<String>, token: &str) -> bool {
         match self.edge.verifier.verify(token) {
             Ok(identity) if identity.user == self.user => {
+                if let Err(refusal) = self.edge.moderation.admits(&self.user, identity.issued_at) {
+                    shut_out(&self.out, reference.as_deref(), refusal).await;
+                    return false;
+                }
                 self.valid_until = deadline_of(identity.valid_until);
                 self.out.frame(&ServerFrame::Ok { reference }).await;
                 true

@@ -63,6 +63,9 @@ pub struct Identity {
     /// The token's `exp` plus the allowed clock skew, in seconds since the
     /// epoch: a connection authenticated by it ends then unless refreshed.
     pub valid_until: u64,
+    /// The token's `iat`, if it has one: an operator's revocation refuses
+    /// tokens issued before it (`moderation::Revocation`).
+    pub issued_at: Option<u64>,
 }
 
 struct Key {
@@ -186,6 +189,7 @@ impl Verifier {
         Ok(Identity {
             user,
             valid_until: data.claims.exp.saturating_add(self.leeway.as_secs()),
+            issued_at: data.claims.iat,
         })
     }
 }

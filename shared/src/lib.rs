@@ -17,6 +17,7 @@ pub mod lease;
 pub mod lru;
 pub mod membership;
 pub mod metrics;
+pub mod moderation;
 pub mod nats;
 pub mod netaddr;
 pub mod presence;

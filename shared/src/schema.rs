@@ -51,6 +51,14 @@ pub fn all() -> Vec<(&'static str, String)> {
             "friend-change.json",
             render(schema_for!(crate::presence::FriendChange)),
         ),
+        (
+            "moderation-notice.json",
+            render(schema_for!(crate::moderation::Notice)),
+        ),
+        (
+            "audit-event.json",
+            render(schema_for!(crate::moderation::AuditEvent)),
+        ),
     ]
 }
 

@@ -100,6 +100,22 @@ pub fn deadletter(config: &Config) -> stream::Config {
     }
 }
 
+/// Audit events are a few hundred bytes; this keeps about a million
+/// operator actions, the oldest dropped first.
+const AUDIT_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// One event per operator action (`chat.audit.<action>`,
+/// `shared::moderation::AuditEvent`), kept until the byte bound drops the
+/// oldest: an operator's record of who banned, kicked or revoked whom.
+pub fn audit(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("one event per operator action".into()),
+        max_age: Duration::ZERO,
+        max_bytes: AUDIT_MAX_BYTES,
+        ..base(subjects::AUDIT_STREAM, &subjects::AUDIT_SUBJECTS, config)
+    }
+}
+
 fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> kv::Config {
     kv::Config {
         bucket: name.to_string(),
@@ -155,6 +171,14 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             config.edge_ttl,
             config,
         ),
+        // Bans and revocations last until an operator lifts them; a ban with
+        // an end stays as an inert record after it (one key per user).
+        bucket(
+            subjects::MODERATION_BUCKET,
+            "bans and token revocations per user",
+            Duration::ZERO,
+            config,
+        ),
     ]
 }
 
@@ -166,6 +190,7 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
         push(config),
         events(config),
         deadletter(config),
+        audit(config),
     ]
 }
 

@@ -13,6 +13,8 @@ pub const PUSH_STREAM: &str = "PUSH";
 pub const EVENTS_STREAM: &str = "EVENTS";
 /// Events a consumer gave up on, kept for an operator (see [`dead_letter`]).
 pub const DEADLETTER_STREAM: &str = "DEADLETTER";
+/// One event per operator action (see [`audit`]).
+pub const AUDIT_STREAM: &str = "AUDIT";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
@@ -22,6 +24,7 @@ pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
 /// `chat.dead.<consumer>`; `>` rather than `*` so a future consumer name
 /// with a dot cannot fall outside the stream.
 pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
+pub const AUDIT_SUBJECTS: [&str; 1] = ["chat.audit.>"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
@@ -40,6 +43,8 @@ pub const PRESENCE_BUCKET: &str = "chat_presence";
 pub const EDGES_BUCKET: &str = "chat_edges";
 /// Leader leases of services that run hot standbys (presence).
 pub const LEADERS_BUCKET: &str = "chat_leaders";
+/// Bans and token revocations (see [`ban_key`], [`revoke_key`]).
+pub const MODERATION_BUCKET: &str = "chat_moderation";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 
@@ -170,6 +175,52 @@ pub fn parse_presence_key(key: &str) -> Option<UserId> {
     UserId::parse(key.strip_prefix("user.")?).ok()
 }
 
+/// Key of a user's ban in [`MODERATION_BUCKET`].
+pub fn ban_key(user: &UserId) -> String {
+    format!("ban.{user}")
+}
+
+/// Key of a user's token revocation in [`MODERATION_BUCKET`].
+pub fn revoke_key(user: &UserId) -> String {
+    format!("revoke.{user}")
+}
+
+/// A key of [`MODERATION_BUCKET`], parsed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModerationKey {
+    Ban(UserId),
+    Revoke(UserId),
+}
+
+pub fn parse_moderation_key(key: &str) -> Option<ModerationKey> {
+    if let Some(user) = key.strip_prefix("ban.") {
+        return UserId::parse(user).ok().map(ModerationKey::Ban);
+    }
+    UserId::parse(key.strip_prefix("revoke.")?)
+        .ok()
+        .map(ModerationKey::Revoke)
+}
+
+/// An operator's kick, ban or revocation of one user (core NATS), which
+/// every edge acts on (`shared::moderation::Notice`); only the admin user
+/// may publish it.
+pub fn moderation_notice(user: &UserId) -> String {
+    format!("chat.mod.{user}")
+}
+
+/// Every [`moderation_notice`], for the edges.
+pub const ALL_MODERATION_NOTICES: &str = "chat.mod.>";
+
+/// The user of a [`moderation_notice`] subject, if it is one.
+pub fn parse_moderation_notice(subject: &str) -> Option<UserId> {
+    UserId::parse(subject.strip_prefix("chat.mod.")?).ok()
+}
+
+/// An operator action's audit event (stream AUDIT): `chat.audit.<action>`.
+pub fn audit(action: crate::moderation::Action) -> String {
+    format!("chat.audit.{}", action.as_str())
+}
+
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
@@ -289,6 +340,32 @@ mod tests {
             device_cursor_key(&alice, &DeviceId::parse("phone").unwrap()),
             "alice.phone"
         );
+        assert_eq!(ban_key(&alice), "ban.alice");
+        assert_eq!(revoke_key(&alice), "revoke.alice");
+        assert_eq!(moderation_notice(&alice), "chat.mod.alice");
+        assert_eq!(audit(crate::moderation::Action::Unban), "chat.audit.unban");
+    }
+
+    #[test]
+    fn moderation_keys_and_notices_parse_back() {
+        let alice = user("alice");
+        assert_eq!(
+            parse_moderation_key(&ban_key(&alice)),
+            Some(ModerationKey::Ban(alice.clone()))
+        );
+        assert_eq!(
+            parse_moderation_key(&revoke_key(&alice)),
+            Some(ModerationKey::Revoke(alice.clone()))
+        );
+        for bad in ["alice", "ban.", "ban.a.b", "kick.alice", "revoke"] {
+            assert_eq!(parse_moderation_key(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_moderation_notice(&moderation_notice(&alice)),
+            Some(alice)
+        );
+        assert_eq!(parse_moderation_notice("chat.mod.a.b"), None);
+        assert_eq!(parse_moderation_notice("chat.deliver.a"), None);
     }
 
     #[test]
@@ -337,6 +414,11 @@ mod tests {
             &group_event(&GroupId::parse("g").unwrap())
         ));
         assert!(matches(ALL_RPC, &rpc("history")));
+        assert!(
+            moderation_notice(&user("a")).starts_with(ALL_MODERATION_NOTICES.trim_end_matches('>'))
+        );
+        assert!(audit(crate::moderation::Action::Ban)
+            .starts_with(AUDIT_SUBJECTS[0].trim_end_matches('>')));
         for consumer in [
             ROUTER_CONSUMER,
             ROUTER_EVENTS_CONSUMER,

@@ -8,6 +8,7 @@ mod edges;
 mod handshake;
 mod messaging;
 mod metrics;
+mod moderation;
 mod operators;
 mod presence;
 mod push;
