@@ -9,6 +9,7 @@ mod metrics;
 mod operators;
 mod presence;
 mod push;
+mod replies;
 mod resume;
 mod security;
 mod web;
