@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use chat_shared::config::PushTokenLimits;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, GroupId, MessageId, UserId};
 use chat_shared::rpc::{self, Method, RpcError};
@@ -40,6 +41,7 @@ pub struct Service {
     nats: async_nats::Client,
     js: jetstream::Context,
     max_group_members: usize,
+    push_tokens: PushTokenLimits,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -129,6 +131,7 @@ impl Service {
         nats: async_nats::Client,
         js: jetstream::Context,
         max_group_members: usize,
+        push_tokens: PushTokenLimits,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
@@ -136,6 +139,7 @@ impl Service {
             nats,
             js,
             max_group_members,
+            push_tokens,
             outbox: Arc::default(),
             metrics,
         }
