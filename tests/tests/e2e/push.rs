@@ -859,14 +859,17 @@ async fn push_tokens_are_capped_per_user_and_per_device() -> Result<()> {
     let caps = Config::default().push_tokens;
     // dave registers an FCM token on 7 devices, one after another: only
     // the 5 most recent devices keep theirs.
-    for i in 0..7 {
-        let mut device = system.connect("dave", &format!("d{i}")).await?;
+    let register = |device: String, platform: &'static str, token: String| async move {
+        let mut client = system.connect("dave", &device).await?;
         request_ok(
-            &mut device,
-            json!({"type":"push.register","platform":"fcm","token":format!("dave-fcm-{i}")}),
+            &mut client,
+            json!({"type":"push.register","platform":platform,"token":token}),
         )
         .await?;
-        device.close().await?;
+        client.close().await
+    };
+    for i in 0..7 {
+        register(format!("d{i}"), "fcm", format!("dave-fcm-{i}")).await?;
     }
     let tokens = setup.tokens_of("dave").await?;
     assert_eq!(tokens.len(), caps.devices_per_user, "{tokens:?}");
@@ -876,28 +879,16 @@ async fn push_tokens_are_capped_per_user_and_per_device() -> Result<()> {
     // A webhook token on each of those 5 devices makes 10; the 11th token
     // drops the oldest (d2's FCM token), never the one being registered.
     for i in 2..7 {
-        let mut device = system.connect("dave", &format!("d{i}")).await?;
-        request_ok(
-            &mut device,
-            json!({"type":"push.register","platform":"webhook","token":format!("dave-hook-{i}")}),
-        )
-        .await?;
-        device.close().await?;
+        register(format!("d{i}"), "webhook", format!("dave-hook-{i}")).await?;
     }
     assert_eq!(setup.tokens_of("dave").await?.len(), caps.per_user);
-    let mut last = system.connect("dave", "d6").await?;
-    request_ok(
-        &mut last,
-        json!({"type":"push.register","platform":"apns","token":APNS_TOKEN}),
-    )
-    .await?;
+    register("d6".into(), "apns", APNS_TOKEN.into()).await?;
     assert_eq!(setup.tokens_of("dave").await?.len(), caps.per_user);
     assert_eq!(holder(&setup, "dave-fcm-2").await?, None);
     assert_eq!(
         holder(&setup, APNS_TOKEN).await?,
         Some(("dave".to_string(), "d6".to_string()))
     );
-    last.close().await?;
 
     // Rows from before the caps (written straight into PostgreSQL) do not
     // amplify either: one job for erin, with 15 tokens, makes 10 requests.
