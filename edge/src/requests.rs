@@ -23,7 +23,22 @@ const MAX_IN_FLIGHT: usize = 16;
 /// What a refused request is told to wait.
 const RETRY_AFTER_MS: u64 = 200;
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
-const MAX_HISTORY_LIMIT: u32 = 200;
+const DEFAULT_CONVERSATIONS_LIMIT: u32 = 100;
+/// The largest `limit` of `history` and `conversations`.
+const MAX_PAGE_LIMIT: u32 = 200;
+
+/// `limit`, or the default, if it is 1..=[`MAX_PAGE_LIMIT`].
+fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, RpcError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=MAX_PAGE_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(RpcError::new(
+            ErrorCode::BadRequest,
+            format!("limit must be 1..={MAX_PAGE_LIMIT}"),
+        ))
+    }
+}
 
 pub struct Requests {
     edge: Arc<Edge>,
@@ -137,13 +152,7 @@ async fn answer(
             before,
             limit,
         } => {
-            let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
-            if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
-                return Err(RpcError::new(
-                    ErrorCode::BadRequest,
-                    "limit must be 1..=200",
-                ));
-            }
+            let limit = page_limit(limit, DEFAULT_HISTORY_LIMIT)?;
             let page = rpc::call::<rpc::History>(
                 nats,
                 &rpc::HistoryRequest {
@@ -161,10 +170,24 @@ async fn answer(
                 more: page.more,
             }
         }
-        ClientFrame::Conversations { reference } => ServerFrame::Conversations {
+        ClientFrame::Conversations {
             reference,
-            items: rpc::call::<rpc::Conversations>(nats, &rpc::UserRequest { user }).await?,
-        },
+            limit,
+            next,
+        } => {
+            let request = rpc::ConversationsRequest {
+                user,
+                limit: page_limit(limit, DEFAULT_CONVERSATIONS_LIMIT)?,
+                next,
+            };
+            let page = rpc::call::<rpc::Conversations>(nats, &request).await?;
+            ServerFrame::Conversations {
+                reference,
+                items: page.items,
+                more: page.more,
+                next: page.next,
+            }
+        }
         ClientFrame::GroupCreate {
             reference,
             name,
@@ -205,9 +228,12 @@ async fn answer(
                 rpc::call::<rpc::GroupInfo>(nats, &rpc::GroupRequest { user, group }).await?;
             ServerFrame::Group { reference, group }
         }
+        // `read` and `typing` answer nothing when they work; their errors
+        // carry their `ref` like any request's.
         ClientFrame::Read {
             conversation,
             up_to,
+            ..
         } => {
             rpc::call::<rpc::Read>(
                 nats,
@@ -223,6 +249,7 @@ async fn answer(
         ClientFrame::Typing {
             conversation,
             active,
+            ..
         } => {
             crate::send::check_may_write(edge, &user, &conversation)
                 .await

@@ -64,6 +64,7 @@ pub async fn run_with(
         nats.clone(),
         js.clone(),
         config.max_group_members,
+        config.push_tokens.clone(),
         metrics.clone(),
     );
     tracing::info!("persister running");

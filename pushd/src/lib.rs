@@ -79,6 +79,7 @@ async fn run_exposed(
         metrics,
         preview: config.push.preview,
         coalesce: config.push.coalesce,
+        max_tokens: config.push_tokens.per_user,
         ledger: ledger::Ledger::default(),
         stop,
     });

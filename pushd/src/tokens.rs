@@ -7,14 +7,17 @@ use deadpool_postgres::Pool;
 
 use crate::providers::Token;
 
-/// Every token of `user`. A platform the database knows but this build
-/// does not (its CHECK allows only ours) is skipped.
-pub async fn of_user(pool: &Pool, user: &UserId) -> Result<Vec<Token>, String> {
+/// The `most` recently registered tokens of `user`: the persister keeps
+/// no more than that, and rows from before the cap (or a lowered cap) do
+/// not turn one message into more notifications. A platform the database
+/// knows but this build does not (its CHECK allows only ours) is skipped.
+pub async fn of_user(pool: &Pool, user: &UserId, most: usize) -> Result<Vec<Token>, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let rows = client
         .query(
-            "SELECT platform, token, updated_at FROM push_tokens WHERE user_id = $1",
-            &[&user.as_str()],
+            "SELECT platform, token, updated_at FROM push_tokens WHERE user_id = $1
+             ORDER BY updated_at DESC LIMIT $2",
+            &[&user.as_str(), &(most as i64)],
         )
         .await
         .map_err(|e| e.to_string())?;

@@ -47,6 +47,8 @@ pub struct Shared {
     pub metrics: PushMetrics,
     pub preview: bool,
     pub coalesce: Duration,
+    /// `CHAT_PUSH_MAX_TOKENS_PER_USER`: the most tokens one job goes to.
+    pub max_tokens: usize,
     pub ledger: Ledger,
     pub stop: watch::Receiver<bool>,
 }
@@ -326,7 +328,7 @@ async fn user_tokens(shared: &Shared, user: &UserId) -> Option<Vec<Token>> {
     let stopped = shutdown::wait(shared.stop.clone());
     tokio::pin!(stopped);
     loop {
-        match tokens::of_user(&shared.pool, user).await {
+        match tokens::of_user(&shared.pool, user, shared.max_tokens).await {
             Ok(tokens) => return Some(tokens),
             Err(e) => tracing::warn!(error = %e, %user, "cannot read push tokens; retrying"),
         }

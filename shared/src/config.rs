@@ -109,6 +109,8 @@ pub struct Config {
     pub edge_net: EdgeNetConfig,
     /// The group membership cache (router, edge, presence).
     pub group_cache: GroupCacheConfig,
+    /// How many push tokens one user may hold (persister, pushd).
+    pub push_tokens: PushTokenLimits,
 }
 
 /// Abuse limits, enforced by each edge. Rates are tokens per second with a
@@ -266,6 +268,50 @@ impl Default for PushConfig {
     }
 }
 
+/// Caps on one user's push tokens: one message to a user makes at most
+/// this many provider requests, however many tokens were registered. Past
+/// a cap, a registration drops the user's least recently registered token
+/// (or device): a cap that refused instead would leave someone whose old
+/// phones never unregistered with no way to register the new one.
+#[derive(Debug, Clone)]
+pub struct PushTokenLimits {
+    /// `CHAT_PUSH_MAX_TOKENS_PER_USER`: tokens over all devices and
+    /// platforms.
+    pub per_user: usize,
+    /// `CHAT_PUSH_MAX_DEVICES_PER_USER`: devices with at least one token.
+    pub devices_per_user: usize,
+}
+
+/// More tokens than this per user is a mistake (and a push amplifier).
+const MOST_PUSH_TOKENS: usize = 1000;
+
+impl Default for PushTokenLimits {
+    fn default() -> Self {
+        Self {
+            per_user: 10,
+            devices_per_user: 5,
+        }
+    }
+}
+
+impl PushTokenLimits {
+    fn read(&mut self, reader: &mut Reader<'_>) {
+        reader.parse("CHAT_PUSH_MAX_TOKENS_PER_USER", &mut self.per_user);
+        reader.parse("CHAT_PUSH_MAX_DEVICES_PER_USER", &mut self.devices_per_user);
+    }
+
+    fn check(&self, problems: &mut Vec<String>) {
+        for (name, value) in [
+            ("CHAT_PUSH_MAX_TOKENS_PER_USER", self.per_user),
+            ("CHAT_PUSH_MAX_DEVICES_PER_USER", self.devices_per_user),
+        ] {
+            if !(1..=MOST_PUSH_TOKENS).contains(&value) {
+                problems.push(format!("{name}: must be between 1 and {MOST_PUSH_TOKENS}"));
+            }
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -309,6 +355,7 @@ impl Default for Config {
             push: PushConfig::default(),
             edge_net: EdgeNetConfig::default(),
             group_cache: GroupCacheConfig::default(),
+            push_tokens: PushTokenLimits::default(),
         }
     }
 }
@@ -443,6 +490,7 @@ impl Config {
         reader.parse("CHAT_GROUP_CACHE_ENTRIES", &mut cache.entries);
         reader.parse("CHAT_GROUP_CACHE_BYTES", &mut cache.bytes);
         reader.millis("CHAT_GROUP_CACHE_TTL_MS", &mut cache.ttl);
+        config.push_tokens.read(&mut reader);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -559,6 +607,7 @@ impl Config {
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
         }
+        self.push_tokens.check(&mut problems);
         problems.extend(self.check_edge_net_and_group_cache());
         problems
     }
@@ -753,6 +802,25 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn push_token_caps_are_settings() {
+        let caps = from(&[]).unwrap().push_tokens;
+        assert_eq!((caps.per_user, caps.devices_per_user), (10, 5));
+        let caps = from(&[
+            ("CHAT_PUSH_MAX_TOKENS_PER_USER", "3"),
+            ("CHAT_PUSH_MAX_DEVICES_PER_USER", "2"),
+        ])
+        .unwrap()
+        .push_tokens;
+        assert_eq!((caps.per_user, caps.devices_per_user), (3, 2));
+        let err = from(&[
+            ("CHAT_PUSH_MAX_TOKENS_PER_USER", "0"),
+            ("CHAT_PUSH_MAX_DEVICES_PER_USER", "1001"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
     }
 
     #[test]

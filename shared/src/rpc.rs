@@ -45,6 +45,37 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
+/// The largest reply a client is sent: PROTOCOL.md closes a socket on a
+/// frame over 1 MiB, and 1 MiB is also NATS's default `max_payload`.
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+/// What a reply's items may take of [`MAX_REPLY_BYTES`]: the rest is for
+/// the envelope around them (`{"ok":…}` here, `type`, `ref`, `more`, `next`
+/// on the client's frame).
+pub const REPLY_ITEMS_BUDGET: usize = MAX_REPLY_BYTES - 64 * 1024;
+
+/// How many of a user's conversations (by latest activity) `conversations`
+/// pages through at most: the rest are reachable by `history` but never
+/// listed, so one user in thousands of groups costs one bounded query.
+pub const MAX_REACHABLE_CONVERSATIONS: i64 = 500;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationsRequest {
+    pub user: UserId,
+    /// 1..=200 (the edge checks; the persister clamps).
+    pub limit: u32,
+    /// The previous page's `next`.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationsPage {
+    /// Newest activity first.
+    pub items: Vec<ConversationSummary>,
+    pub more: bool,
+    pub next: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRequest {
     pub user: UserId,
@@ -83,7 +114,12 @@ pub struct ReadRequest {
 }
 
 method!(History, "history", HistoryRequest => HistoryPage);
-method!(Conversations, "conversations", UserRequest => Vec<ConversationSummary>);
+method!(
+    /// One page of a user's conversations (of the first
+    /// [`MAX_REACHABLE_CONVERSATIONS`] by activity), at most
+    /// [`REPLY_ITEMS_BUDGET`] bytes of items.
+    Conversations, "conversations", ConversationsRequest => ConversationsPage
+);
 method!(GroupCreate, "group_create", GroupCreateRequest => GroupView);
 method!(GroupAdd, "group_add", GroupChangeRequest => GroupView);
 method!(GroupRemove, "group_remove", GroupChangeRequest => GroupView);

@@ -33,11 +33,15 @@ pub enum ClientFrame {
     Send(SendRequest),
     #[serde(rename = "read")]
     Read {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
         conversation: ConversationId,
         up_to: MessageId,
     },
     #[serde(rename = "typing")]
     Typing {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
         conversation: ConversationId,
         active: bool,
     },
@@ -51,10 +55,18 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// v1.1: paged. Without `limit` and `next` (a v1 client) it is the
+    /// first page of the default size.
     #[serde(rename = "conversations")]
     Conversations {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// 1..=200, default 100.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// The previous page's `next`, to continue after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     #[serde(rename = "group.create")]
     GroupCreate {
@@ -173,13 +185,13 @@ impl ClientFrame {
     /// The request's `ref`, echoed in its reply.
     pub fn reference(&self) -> Option<&str> {
         let reference = match self {
-            Self::Hello { .. } | Self::Ack { .. } | Self::Read { .. } | Self::Typing { .. } => {
-                return None
-            }
+            Self::Hello { .. } | Self::Ack { .. } => return None,
             Self::Send(send) => &send.reference,
             Self::Ping { reference }
+            | Self::Read { reference, .. }
+            | Self::Typing { reference, .. }
             | Self::History { reference, .. }
-            | Self::Conversations { reference }
+            | Self::Conversations { reference, .. }
             | Self::GroupCreate { reference, .. }
             | Self::GroupAdd { reference, .. }
             | Self::GroupRemove { reference, .. }
@@ -303,7 +315,13 @@ pub enum ServerFrame {
     Conversations {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// Newest activity first.
         items: Vec<ConversationSummary>,
+        /// v1.1: more conversations follow; ask again with `next`.
+        more: bool,
+        /// v1.1: the token of the page after this one (with `more`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     #[serde(rename = "group")]
     Group {
@@ -481,10 +499,19 @@ pub struct GroupEvent {
     pub ts: u64,
 }
 
+/// How many characters of a conversation's newest message its summary
+/// carries: a `conversations` page stays small whatever was sent.
+pub const PREVIEW_CHARS: usize = 200;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ConversationSummary {
     pub conversation: ConversationId,
+    /// The newest message, its `text` cut to [`PREVIEW_CHARS`] characters
+    /// (the whole text is in `history`).
     pub last: Option<MessageEvent>,
+    /// v1.1: `last.text` was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
     pub unread: u64,
     pub read_up_to: Option<MessageId>,
 }
@@ -565,6 +592,37 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(add, ClientFrame::GroupAdd { group, .. } if group.as_str() == "g1"));
+        // v1.1: `read` and `typing` may carry a `ref`; v1 frames without one
+        // still parse, and so does a v1 `conversations` without paging.
+        for (frame, reference) in [
+            (
+                json!({"type":"read","ref":"r2","conversation":"dm:a:b","up_to":"1"}),
+                Some("r2"),
+            ),
+            (
+                json!({"type":"read","conversation":"dm:a:b","up_to":"1"}),
+                None,
+            ),
+            (
+                json!({"type":"typing","ref":"r3","conversation":"group:g","active":true}),
+                Some("r3"),
+            ),
+            (
+                json!({"type":"typing","conversation":"group:g","active":true}),
+                None,
+            ),
+        ] {
+            let frame: ClientFrame = serde_json::from_value(frame).unwrap();
+            assert_eq!(frame.reference(), reference);
+        }
+        assert_eq!(
+            serde_json::from_value::<ClientFrame>(json!({"type":"conversations"})).unwrap(),
+            ClientFrame::Conversations {
+                reference: None,
+                limit: None,
+                next: None
+            }
+        );
     }
 
     #[test]
@@ -757,16 +815,32 @@ mod tests {
                             client_msg_id: ClientMsgId::parse(cmid).unwrap(),
                         })
                     }),
-                (conversation(), any::<u64>()).prop_map(|(conversation, n)| ClientFrame::Read {
-                    conversation,
-                    up_to: MessageId(n),
-                }),
-                (conversation(), any::<bool>()).prop_map(|(conversation, active)| {
-                    ClientFrame::Typing {
+                (reference(), conversation(), any::<u64>()).prop_map(
+                    |(reference, conversation, n)| ClientFrame::Read {
+                        reference,
+                        conversation,
+                        up_to: MessageId(n),
+                    }
+                ),
+                (reference(), conversation(), any::<bool>()).prop_map(
+                    |(reference, conversation, active)| ClientFrame::Typing {
+                        reference,
                         conversation,
                         active,
                     }
-                }),
+                ),
+                (
+                    reference(),
+                    proptest::option::of(any::<u32>()),
+                    proptest::option::of(any::<String>())
+                )
+                    .prop_map(|(reference, limit, next)| {
+                        ClientFrame::Conversations {
+                            reference,
+                            limit,
+                            next,
+                        }
+                    }),
                 (
                     reference(),
                     conversation(),

@@ -725,8 +725,10 @@ pub async fn wait_presence_leader(config: &Config) -> Result<()> {
 /// RPCs.
 pub async fn wait_rpc_ready(config: &Config) -> Result<()> {
     let nats = chat_shared::nats::connect(&config_as(config, "admin"), "test-admin").await?;
-    let probe = rpc::UserRequest {
+    let probe = rpc::ConversationsRequest {
         user: UserId::parse("readiness-probe").expect("a valid user id"),
+        limit: 1,
+        next: None,
     };
     wait_until(|| {
         let nats = nats.clone();

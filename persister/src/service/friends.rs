@@ -15,7 +15,7 @@ use super::{corrupt, now_ms, unavailable, Service};
 
 /// Friends and open requests one user may have: the presence fan-out of a
 /// user is one pass over this many.
-const MAX_FRIENDS: i64 = 5000;
+pub(super) const MAX_FRIENDS: i64 = 5000;
 
 fn state_name(state: FriendState) -> &'static str {
     match state {
@@ -122,18 +122,22 @@ impl Service {
                 other_state: FriendState::Friends,
             },
             FriendState::None => {
-                let count: i64 = tx
+                // Both sides: requests from many accounts must not grow the
+                // other's list (and its `friends` reply) without bound.
+                let full = tx
                     .query_one(
-                        "SELECT count(*) FROM friendships WHERE user_id = $1",
-                        &[&user.as_str()],
+                        "SELECT (SELECT count(*) FROM friendships WHERE user_id = $1) >= $3,
+                                (SELECT count(*) FROM friendships WHERE user_id = $2) >= $3",
+                        &[&user.as_str(), &other.as_str(), &MAX_FRIENDS],
                     )
                     .await
-                    .map_err(unavailable)?
-                    .get(0);
-                if count >= MAX_FRIENDS {
+                    .map_err(unavailable)?;
+                let (mine_full, theirs_full): (bool, bool) = (full.get(0), full.get(1));
+                if mine_full || theirs_full {
+                    let whose = if mine_full { "you have" } else { "they have" };
                     return Err(RpcError::new(
                         ErrorCode::TooLarge,
-                        format!("at most {MAX_FRIENDS} friends and requests"),
+                        format!("{whose} {MAX_FRIENDS} friends and requests already"),
                     ));
                 }
                 Change {
@@ -208,8 +212,12 @@ impl Service {
         let db = self.client().await?;
         let rows = db
             .query(
-                "SELECT other, state FROM friendships WHERE user_id = $1 ORDER BY other",
-                &[&request.user.as_str()],
+                // Friends first and never more than the cap (rows from before
+                // the cap on incoming requests included), so the reply fits
+                // the transport: 5,000 entries are about 700 KB.
+                "SELECT other, state FROM friendships WHERE user_id = $1
+                 ORDER BY state = 'friends' DESC, other LIMIT $2",
+                &[&request.user.as_str(), &MAX_FRIENDS],
             )
             .await
             .map_err(unavailable)?;

@@ -1,6 +1,7 @@
 //! The request/reply service on `chat.rpc.*` (queue group `persister`).
 
 mod friends;
+mod pages;
 mod push_tokens;
 
 use std::collections::HashSet;
@@ -9,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use chat_shared::config::PushTokenLimits;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, GroupId, MessageId, UserId};
 use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::wire::{
-    ConversationSummary, ErrorCode, GroupEvent, GroupView, MembershipChange, MessageEvent,
-    ReceiptKind, ServerFrame,
+    ErrorCode, GroupEvent, GroupView, MembershipChange, MessageEvent, ReceiptKind, ServerFrame,
 };
 use deadpool_postgres::{GenericClient, Pool};
 use futures::StreamExt;
@@ -40,6 +41,7 @@ pub struct Service {
     nats: async_nats::Client,
     js: jetstream::Context,
     max_group_members: usize,
+    push_tokens: PushTokenLimits,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -129,6 +131,7 @@ impl Service {
         nats: async_nats::Client,
         js: jetstream::Context,
         max_group_members: usize,
+        push_tokens: PushTokenLimits,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
@@ -136,6 +139,7 @@ impl Service {
             nats,
             js,
             max_group_members,
+            push_tokens,
             outbox: Arc::default(),
             metrics,
         }
@@ -216,100 +220,6 @@ impl Service {
                 }
             }
         }
-    }
-
-    async fn history(&self, request: rpc::HistoryRequest) -> Result<rpc::HistoryPage, RpcError> {
-        let db = self.client().await?;
-        self.check_access(&db, &request.user, &request.conversation)
-            .await?;
-        let before = request.before.map(|b| b.get().min(i64::MAX as u64) as i64);
-        let limit = i64::from(request.limit.clamp(1, 200));
-        let rows = db
-            .query(
-                "SELECT id, sender, body, ts, client_msg_id FROM messages
-                 WHERE conversation = $1 AND ($2::bigint IS NULL OR id < $2)
-                 ORDER BY id DESC LIMIT $3",
-                &[&request.conversation.to_string(), &before, &(limit + 1)],
-            )
-            .await
-            .map_err(unavailable)?;
-        let more = rows.len() as i64 > limit;
-        let messages = rows
-            .iter()
-            .take(limit as usize)
-            .map(|row| {
-                message_from_row(
-                    request.conversation.clone(),
-                    row.get(0),
-                    row.get(1),
-                    row.get(2),
-                    row.get(3),
-                    row.get(4),
-                )
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(rpc::HistoryPage { messages, more })
-    }
-
-    async fn conversations(
-        &self,
-        request: rpc::UserRequest,
-    ) -> Result<Vec<ConversationSummary>, RpcError> {
-        let db = self.client().await?;
-        let rows = db
-            .query(
-                "WITH mine AS (
-                     SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
-                     UNION ALL
-                     -- What was said before a member joined is not unread for them.
-                     SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
-                       FROM group_members WHERE user_id = $1)
-                 SELECT c.conversation, r.read_up_to,
-                        (SELECT count(*) FROM messages u
-                          WHERE u.conversation = c.conversation
-                            AND u.id > GREATEST(COALESCE(r.read_up_to, 0), mine.joined)
-                            AND u.sender <> $1) AS unread,
-                        m.id, m.sender, m.body, m.ts, m.client_msg_id
-                 FROM mine
-                 JOIN conversations c ON c.conversation = mine.conversation
-                 LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = c.conversation
-                 LEFT JOIN messages m ON m.conversation = c.conversation AND m.id = c.last_id
-                 ORDER BY c.activity DESC
-                 LIMIT 500",
-                &[
-                    &request.user.as_str(),
-                    &(EPOCH_MS as i64),
-                    &(ID_TIME_SHIFT as i32),
-                ],
-            )
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                let conversation = ConversationId::parse(row.get::<_, &str>(0))
-                    .map_err(|_| corrupt("conversation"))?;
-                let read_up_to: Option<i64> = row.get(1);
-                let unread: i64 = row.get(2);
-                let last_id: Option<i64> = row.get(3);
-                let last = match last_id {
-                    Some(id) => Some(message_from_row(
-                        conversation.clone(),
-                        id,
-                        row.get(4),
-                        row.get(5),
-                        row.get(6),
-                        row.get(7),
-                    )?),
-                    None => None,
-                };
-                Ok(ConversationSummary {
-                    conversation,
-                    last,
-                    unread: unread.max(0) as u64,
-                    read_up_to: read_up_to.map(|r| MessageId(r as u64)),
-                })
-            })
-            .collect()
     }
 
     async fn read(&self, request: rpc::ReadRequest) -> Result<(), RpcError> {

@@ -1,11 +1,23 @@
-//! Push token registration. A token belongs to the device that registered
-//! it last: registering it elsewhere (another account on the same phone)
-//! moves it, so the old account's notifications stop reaching that phone.
+//! Push token registration. A token is held by one user: that user may
+//! move it between their devices (re-registering it from another device),
+//! but another account registering it is refused (`forbidden`), so nobody
+//! can take over the notifications of a token they learned. Each user holds
+//! at most `CHAT_PUSH_MAX_TOKENS_PER_USER` tokens on at most
+//! `CHAT_PUSH_MAX_DEVICES_PER_USER` devices; a registration past a cap drops
+//! the least recently registered ones (see `chat_shared::config::PushTokenLimits` for why).
 
 use chat_shared::rpc::{self, RpcError};
 use chat_shared::wire::ErrorCode;
+use deadpool_postgres::tokio_postgres::error::SqlState;
 
 use super::{now_ms, unavailable, Service};
+
+fn held_by_another() -> RpcError {
+    RpcError::new(
+        ErrorCode::Forbidden,
+        "this push token is registered to another account; it must unregister it first",
+    )
+}
 
 impl Service {
     pub(super) async fn push_register(
@@ -16,37 +28,105 @@ impl Service {
             .platform
             .validate_token(&request.token)
             .map_err(|reason| RpcError::new(ErrorCode::BadRequest, reason))?;
+        let user = request.user.as_str();
+        let device = request.device.as_str();
+        let platform = request.platform.as_str();
         let mut db = self.client().await?;
         let tx = db.transaction().await.map_err(unavailable)?;
-        let platform = request.platform.as_str();
+        // One registration of a user at a time, so two at once cannot both
+        // stay under a cap.
         tx.execute(
-            "DELETE FROM push_tokens WHERE platform = $1 AND token = $2 \
-             AND NOT (user_id = $3 AND device = $4)",
-            &[
-                &platform,
-                &request.token,
-                &request.user.as_str(),
-                &request.device.as_str(),
-            ],
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&format!("push:{user}")],
         )
         .await
         .map_err(unavailable)?;
-        tx.execute(
-            "INSERT INTO push_tokens (user_id, device, platform, token, updated_at) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (user_id, device, platform) \
-             DO UPDATE SET token = EXCLUDED.token, updated_at = EXCLUDED.updated_at",
-            &[
-                &request.user.as_str(),
-                &request.device.as_str(),
-                &platform,
-                &request.token,
-                &now_ms(),
-            ],
-        )
-        .await
-        .map_err(unavailable)?;
+        let holder = tx
+            .query_opt(
+                "SELECT user_id, device FROM push_tokens \
+                 WHERE platform = $1 AND token = $2 FOR UPDATE",
+                &[&platform, &request.token],
+            )
+            .await
+            .map_err(unavailable)?;
+        if let Some(holder) = holder {
+            let (holder_user, holder_device): (&str, &str) = (holder.get(0), holder.get(1));
+            if holder_user != user {
+                return Err(held_by_another());
+            }
+            if holder_device != device {
+                // The same user's other device: the token moves here.
+                tx.execute(
+                    "DELETE FROM push_tokens WHERE user_id = $1 AND device = $2 AND platform = $3",
+                    &[&user, &holder_device, &platform],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+        let inserted = tx
+            .execute(
+                "INSERT INTO push_tokens (user_id, device, platform, token, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (user_id, device, platform) \
+                 DO UPDATE SET token = EXCLUDED.token, updated_at = EXCLUDED.updated_at",
+                &[&user, &device, &platform, &request.token, &now_ms()],
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            // Another account registered the token since we looked.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                return Err(held_by_another())
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.enforce_caps(&tx, &request).await?;
         tx.commit().await.map_err(unavailable)
+    }
+
+    /// Drops the user's least recently registered devices, then tokens,
+    /// beyond the caps; the registration being made always stays.
+    async fn enforce_caps(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        request: &rpc::PushTokenRequest,
+    ) -> Result<(), RpcError> {
+        let caps = &self.push_tokens;
+        let (user, device, platform) = (
+            request.user.as_str(),
+            request.device.as_str(),
+            request.platform.as_str(),
+        );
+        let other_devices = caps.devices_per_user.saturating_sub(1) as i64;
+        let devices = tx
+            .execute(
+                "DELETE FROM push_tokens WHERE user_id = $1 AND device IN (
+                     SELECT device FROM push_tokens WHERE user_id = $1 AND device <> $2
+                     GROUP BY device ORDER BY max(updated_at) DESC, device DESC OFFSET $3)",
+                &[&user, &device, &other_devices],
+            )
+            .await
+            .map_err(unavailable)?;
+        let other_tokens = caps.per_user.saturating_sub(1) as i64;
+        let tokens = tx
+            .execute(
+                "DELETE FROM push_tokens WHERE user_id = $1 AND (device, platform) IN (
+                     SELECT device, platform FROM push_tokens
+                     WHERE user_id = $1 AND NOT (device = $2 AND platform = $3)
+                     ORDER BY updated_at DESC, device DESC, platform DESC OFFSET $4)",
+                &[&user, &device, &platform, &other_tokens],
+            )
+            .await
+            .map_err(unavailable)?;
+        if devices + tokens > 0 {
+            tracing::info!(
+                %user,
+                dropped = devices + tokens,
+                "push tokens past the caps dropped, oldest first"
+            );
+        }
+        Ok(())
     }
 
     /// Removes the token if this user holds it; `ok` either way, so a client

@@ -12,6 +12,7 @@ mod moderation;
 mod operators;
 mod presence;
 mod push;
+mod replies;
 mod resume;
 mod security;
 mod web;

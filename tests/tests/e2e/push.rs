@@ -737,8 +737,23 @@ fn to_token(provider: &providers::FakeProvider, token: &str) -> usize {
         .count()
 }
 
+/// Which device of which user holds `token`.
+async fn holder(setup: &Setup, token: &str) -> Result<Option<(String, String)>> {
+    let row = setup
+        .db
+        .query_opt(
+            "SELECT user_id, device FROM push_tokens WHERE token = $1",
+            &[&token],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Before issue 14 a token registered by another account moved to it, so
+/// anyone who learned a token took over its notifications. Now only its
+/// holder moves it (between their own devices); another account is refused.
 #[tokio::test]
-async fn push_unregistered_and_moved_tokens_get_nothing() -> Result<()> {
+async fn push_unregistered_tokens_get_nothing_and_only_their_holder_moves_them() -> Result<()> {
     let setup = Setup::start().await?;
     let _pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
     let system = &setup.system;
@@ -769,55 +784,129 @@ async fn push_unregistered_and_moved_tokens_get_nothing() -> Result<()> {
         json!({"type":"push.unregister","platform":"webhook","token":"bob-hook"}),
     )
     .await?;
-    // carol signs in on the iPad bob used: the APNs token is hers now.
+    // carol registers bob's APNs token (learned, or on the iPad bob did not
+    // sign out of): refused, it stays bob's.
     let mut carol = system.connect("carol", "ipad").await?;
+    let refused = carol
+        .request(json!({"type":"push.register","platform":"apns","token":APNS_TOKEN}))
+        .await?;
+    ensure!(refused["code"] == "forbidden", "{refused}");
+    assert!(setup.tokens_of("carol").await?.is_empty());
+    // bob registers it again from his tablet: it moves between his devices.
+    let mut tablet = system.connect("bob", "tablet").await?;
     request_ok(
-        &mut carol,
+        &mut tablet,
         json!({"type":"push.register","platform":"apns","token":APNS_TOKEN}),
     )
     .await?;
     assert_eq!(
-        setup.tokens_of("bob").await?,
-        [("webhook".to_string(), "bob-hook".to_string())]
+        holder(&setup, APNS_TOKEN).await?,
+        Some(("bob".to_string(), "tablet".to_string()))
     );
     assert_eq!(
-        setup.tokens_of("carol").await?,
-        [("apns".to_string(), APNS_TOKEN.to_string())]
+        setup.tokens_of("bob").await?,
+        [
+            ("apns".to_string(), APNS_TOKEN.to_string()),
+            ("webhook".to_string(), "bob-hook".to_string())
+        ]
     );
 
     bob.close().await?;
+    tablet.close().await?;
     carol.close().await?;
     wait_presence(&setup.js, "bob", "offline").await?;
     wait_presence(&setup.js, "carol", "offline").await?;
     let mut alice = system.connect("alice", "phone").await?;
 
-    // To bob: only his webhook. Once that job is acked, every token pushd
-    // found for him has had its request (it sends to all, then acks).
+    // To bob: his webhook and his tablet, once each. Once that job is
+    // acked, every token pushd found for him has had its request (it sends
+    // to all, then acks).
     let sent = alice
         .send_message(json!({"to":"bob"}), "for bob", "u1")
         .await?;
     ensure!(sent["type"] == "sent", "{sent}");
-    wait_until(|| async { setup.jobs_left().await == 0 && to_token(webhook, "bob-hook") == 1 })
-        .await?;
+    wait_until(|| async {
+        setup.jobs_left().await == 0
+            && to_token(webhook, "bob-hook") == 1
+            && apns.requests().len() == 1
+    })
+    .await?;
     assert_eq!(
         to_token(fcm, "fcm-bob-phone"),
         0,
         "pushed to an unregistered token"
     );
-    assert_eq!(apns.requests().len(), 0, "pushed bob to carol's iPad");
+    let to_bob = &apns.requests()[0];
+    assert_eq!(to_bob.path, format!("/3/device/{APNS_TOKEN}"));
+    assert_eq!(to_bob.json()?["aps"]["alert"]["body"], "for bob");
 
-    // To carol: her iPad, once.
+    // To carol: nothing, she holds no token.
     let sent = alice
         .send_message(json!({"to":"carol"}), "for carol", "u2")
         .await?;
     ensure!(sent["type"] == "sent", "{sent}");
-    wait_until(|| async { setup.jobs_left().await == 0 && apns.requests().len() == 1 }).await?;
-    let to_carol = &apns.requests()[0];
-    assert_eq!(to_carol.path, format!("/3/device/{APNS_TOKEN}"));
-    assert_eq!(to_carol.json()?["aps"]["alert"]["body"], "for carol");
+    wait_until(|| async { setup.jobs_left().await == 0 }).await?;
+    assert_eq!(apns.requests().len(), 1, "pushed carol to bob's token");
     assert_eq!(fcm.requests().len(), 0);
     assert_eq!(webhook.requests().len(), 1);
     Ok(())
+}
+
+#[tokio::test]
+async fn push_tokens_are_capped_per_user_and_per_device() -> Result<()> {
+    let setup = Setup::start().await?;
+    let system = &setup.system;
+    let caps = Config::default().push_tokens;
+    // dave registers an FCM token on 7 devices, one after another: only
+    // the 5 most recent devices keep theirs.
+    let register = |device: String, platform: &'static str, token: String| async move {
+        let mut client = system.connect("dave", &device).await?;
+        request_ok(
+            &mut client,
+            json!({"type":"push.register","platform":platform,"token":token}),
+        )
+        .await?;
+        client.close().await
+    };
+    for i in 0..7 {
+        register(format!("d{i}"), "fcm", format!("dave-fcm-{i}")).await?;
+    }
+    let tokens = setup.tokens_of("dave").await?;
+    assert_eq!(tokens.len(), caps.devices_per_user, "{tokens:?}");
+    for i in 0..2 {
+        assert_eq!(holder(&setup, &format!("dave-fcm-{i}")).await?, None);
+    }
+    // A webhook token on each of those 5 devices makes 10; the 11th token
+    // drops the oldest (d2's FCM token), never the one being registered.
+    for i in 2..7 {
+        register(format!("d{i}"), "webhook", format!("dave-hook-{i}")).await?;
+    }
+    assert_eq!(setup.tokens_of("dave").await?.len(), caps.per_user);
+    register("d6".into(), "apns", APNS_TOKEN.into()).await?;
+    assert_eq!(setup.tokens_of("dave").await?.len(), caps.per_user);
+    assert_eq!(holder(&setup, "dave-fcm-2").await?, None);
+    assert_eq!(
+        holder(&setup, APNS_TOKEN).await?,
+        Some(("dave".to_string(), "d6".to_string()))
+    );
+
+    // Rows from before the caps (written straight into PostgreSQL) do not
+    // amplify either: one job for erin, with 15 tokens, makes 10 requests.
+    let pushd = Pushd::start(setup.config(Duration::from_millis(100), true));
+    for i in 0..15 {
+        setup
+            .register(
+                "erin",
+                &format!("e{i}"),
+                Platform::Webhook,
+                &format!("erin-{i}"),
+            )
+            .await?;
+    }
+    setup.publish(&job("erin", "alice", 901, "hello")).await?;
+    wait_until(|| async { setup.jobs_left().await == 0 }).await?;
+    assert_eq!(setup.fakes.webhook.requests().len(), caps.per_user);
+    pushd.stop().await
 }
 
 /// A message enters MESSAGES from a backend service (as an operator's

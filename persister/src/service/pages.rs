@@ -1,0 +1,294 @@
+//! `history` and `conversations`: the replies whose size a user's
+//! correspondents choose. Every page is cut to [`rpc::REPLY_ITEMS_BUDGET`]
+//! bytes of items (JSON-escaped, as sent) and says `more`, so a few large
+//! messages cannot make a reply that NATS or the client's socket refuses;
+//! `conversations` carries only a [`PREVIEW_CHARS`] preview of each newest
+//! message and pages with an opaque `next` token.
+
+use std::io;
+
+use chat_shared::idgen::EPOCH_MS;
+use chat_shared::ids::{ConversationId, MessageId};
+use chat_shared::rpc::{self, RpcError, MAX_REACHABLE_CONVERSATIONS, REPLY_ITEMS_BUDGET};
+use chat_shared::wire::{ConversationSummary, ErrorCode, PREVIEW_CHARS};
+use serde::Serialize;
+
+use super::{corrupt, message_from_row, unavailable, Service, ID_TIME_SHIFT};
+
+/// Counts what a value serializes to without keeping it.
+struct ByteCount(usize);
+
+impl io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first `items` whose JSON (with the commas between them) fits in
+/// `budget` bytes, and whether any were left out. The first item is always
+/// taken, so paging moves on; text limits keep one item far below the
+/// budget (100,000 characters escape to at most 600 KB).
+fn fit<T: Serialize>(items: impl IntoIterator<Item = T>, budget: usize) -> (Vec<T>, bool) {
+    let mut used = 0;
+    let mut out = Vec::new();
+    for item in items {
+        let mut count = ByteCount(1);
+        if serde_json::to_writer(&mut count, &item).is_err() {
+            return (out, true);
+        }
+        used += count.0;
+        if used > budget && !out.is_empty() {
+            return (out, true);
+        }
+        out.push(item);
+    }
+    (out, false)
+}
+
+/// Where a `conversations` page ends: the (activity, conversation) of its
+/// last item, the order's key. Opaque to clients.
+struct PageToken {
+    activity: i64,
+    conversation: String,
+}
+
+impl PageToken {
+    fn encode(&self) -> String {
+        format!("{}.{}", self.activity, self.conversation)
+    }
+
+    fn decode(token: &str) -> Result<Self, RpcError> {
+        let invalid = || RpcError::new(ErrorCode::BadRequest, "next is not a page token");
+        let (activity, conversation) = token.split_once('.').ok_or_else(invalid)?;
+        let activity = activity.parse().map_err(|_| invalid())?;
+        let conversation = ConversationId::parse(conversation).map_err(|_| invalid())?;
+        Ok(Self {
+            activity,
+            conversation: conversation.to_string(),
+        })
+    }
+}
+
+impl Service {
+    pub(super) async fn history(
+        &self,
+        request: rpc::HistoryRequest,
+    ) -> Result<rpc::HistoryPage, RpcError> {
+        let db = self.client().await?;
+        self.check_access(&db, &request.user, &request.conversation)
+            .await?;
+        let before = request.before.map(|b| b.get().min(i64::MAX as u64) as i64);
+        let limit = i64::from(request.limit.clamp(1, 200));
+        // Rows past the budget in raw bytes cannot fit once escaped, so
+        // PostgreSQL leaves them out: the page costs this process about the
+        // budget, not `limit` texts of 100,000 characters.
+        let rows = db
+            .query(
+                "WITH newest AS (
+                     SELECT id, sender, body, ts, client_msg_id FROM messages
+                     WHERE conversation = $1 AND ($2::bigint IS NULL OR id < $2)
+                     ORDER BY id DESC LIMIT $3),
+                 sized AS (
+                     SELECT *, count(*) OVER () AS found,
+                            sum(octet_length(body)) OVER (ORDER BY id DESC) - octet_length(body)
+                              AS bytes_before
+                     FROM newest)
+                 SELECT id, sender, body, ts, client_msg_id, found FROM sized
+                 WHERE bytes_before <= $4 ORDER BY id DESC",
+                &[
+                    &request.conversation.to_string(),
+                    &before,
+                    &(limit + 1),
+                    &(REPLY_ITEMS_BUDGET as i64),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let found = rows.first().map_or(0, |row| row.get::<_, i64>(5));
+        let messages = rows
+            .iter()
+            .take(limit as usize)
+            .map(|row| {
+                message_from_row(
+                    request.conversation.clone(),
+                    row.get(0),
+                    row.get(1),
+                    row.get(2),
+                    row.get(3),
+                    row.get(4),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (messages, cut) = fit(messages, REPLY_ITEMS_BUDGET);
+        let more = cut || (messages.len() as i64) < found;
+        Ok(rpc::HistoryPage { messages, more })
+    }
+
+    pub(super) async fn conversations(
+        &self,
+        request: rpc::ConversationsRequest,
+    ) -> Result<rpc::ConversationsPage, RpcError> {
+        let after = request.next.as_deref().map(PageToken::decode).transpose()?;
+        let limit = i64::from(request.limit.clamp(1, 200));
+        let db = self.client().await?;
+        // `reachable` is the cap: only a user's most active conversations
+        // are listed, and a page token only moves within them.
+        let rows = db
+            .query(
+                "WITH mine AS (
+                     SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
+                     UNION ALL
+                     -- What was said before a member joined is not unread for them.
+                     SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
+                       FROM group_members WHERE user_id = $1),
+                 reachable AS (
+                     SELECT mine.conversation, mine.joined, c.activity, c.last_id
+                     FROM mine JOIN conversations c ON c.conversation = mine.conversation
+                     ORDER BY c.activity DESC, c.conversation DESC
+                     LIMIT $4),
+                 page AS (
+                     SELECT * FROM reachable
+                     WHERE $5::bigint IS NULL OR (activity, conversation) < ($5, $6::text)
+                     ORDER BY activity DESC, conversation DESC
+                     LIMIT $7)
+                 SELECT p.conversation, r.read_up_to,
+                        (SELECT count(*) FROM messages u
+                          WHERE u.conversation = p.conversation
+                            AND u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
+                            AND u.sender <> $1) AS unread,
+                        m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
+                        char_length(m.body) > $8 AS truncated, p.activity
+                 FROM page p
+                 LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
+                 LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
+                 ORDER BY p.activity DESC, p.conversation DESC",
+                &[
+                    &request.user.as_str(),
+                    &(EPOCH_MS as i64),
+                    &(ID_TIME_SHIFT as i32),
+                    &MAX_REACHABLE_CONVERSATIONS,
+                    &after.as_ref().map(|a| a.activity),
+                    &after.as_ref().map(|a| a.conversation.as_str()),
+                    &(limit + 1),
+                    &(PREVIEW_CHARS as i32),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut tokens = Vec::with_capacity(rows.len());
+        for row in rows.iter().take(limit as usize) {
+            let conversation = ConversationId::parse(row.get::<_, &str>(0))
+                .map_err(|_| corrupt("conversation"))?;
+            let read_up_to: Option<i64> = row.get(1);
+            let unread: i64 = row.get(2);
+            let last_id: Option<i64> = row.get(3);
+            let last = match last_id {
+                Some(id) => Some(message_from_row(
+                    conversation.clone(),
+                    id,
+                    row.get(4),
+                    row.get(5),
+                    row.get(6),
+                    row.get(7),
+                )?),
+                None => None,
+            };
+            tokens.push(PageToken {
+                activity: row.get(9),
+                conversation: conversation.to_string(),
+            });
+            items.push(ConversationSummary {
+                conversation,
+                last,
+                truncated: row.get::<_, Option<bool>>(8).unwrap_or(false),
+                unread: unread.max(0) as u64,
+                read_up_to: read_up_to.map(|r| MessageId(r as u64)),
+            });
+        }
+        let (items, cut) = fit(items, REPLY_ITEMS_BUDGET);
+        let more = cut || rows.len() > items.len();
+        let next = match items.len().checked_sub(1) {
+            Some(last) if more => tokens.get(last).map(PageToken::encode),
+            _ => None,
+        };
+        Ok(rpc::ConversationsPage { items, more, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_cut_at_the_budget_but_never_empty() {
+        let item = "x".repeat(98); // 100 bytes with its quotes
+        assert_eq!(
+            fit(vec![item.clone(); 3], 300),
+            (vec![item.clone(); 2], true)
+        );
+        assert_eq!(
+            fit(vec![item.clone(); 2], 1000),
+            (vec![item.clone(); 2], false)
+        );
+        // Escapes count: a control character is six bytes on the wire.
+        let escaped = "\u{1}".repeat(20); // 122 bytes encoded
+        assert_eq!(fit(vec![escaped.clone(); 3], 300).0.len(), 2);
+        assert_eq!(fit(vec![item.clone(); 2], 10), (vec![item], true));
+        assert_eq!(fit(Vec::<String>::new(), 10), (vec![], false));
+    }
+
+    /// Replies that are not paged are bounded by caps on what they list;
+    /// at the caps, with the longest ids, they still fit.
+    #[test]
+    fn unpaged_replies_fit_at_their_caps() {
+        use chat_shared::ids::{GroupId, UserId};
+        use chat_shared::wire::{FriendState, FriendView, GroupView, PresenceStatus};
+
+        let id = |i: usize| UserId::parse(format!("{i:064}")).unwrap();
+        // The most members CHAT_MAX_GROUP_MEMBERS allows, and a 200-character
+        // name that escapes six times larger.
+        let group = GroupView {
+            id: GroupId::parse("g".repeat(64)).unwrap(),
+            name: "\u{1}".repeat(200),
+            owner: id(0),
+            members: (0..10_000).map(id).collect(),
+        };
+        let members = serde_json::to_vec(&group).unwrap().len();
+        assert!(members < REPLY_ITEMS_BUDGET, "a group of {members} bytes");
+        let friends: Vec<FriendView> = (0..super::super::friends::MAX_FRIENDS as usize)
+            .map(|i| FriendView {
+                user: id(i),
+                state: FriendState::Requested,
+                status: PresenceStatus::Offline,
+                last_active: Some(u64::MAX),
+            })
+            .collect();
+        let friends = serde_json::to_vec(&friends).unwrap().len();
+        assert!(
+            friends < REPLY_ITEMS_BUDGET,
+            "a friend list of {friends} bytes"
+        );
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_refuse_junk() {
+        let token = PageToken {
+            activity: 12345,
+            conversation: "dm:alice:bob".into(),
+        };
+        let back = PageToken::decode(&token.encode()).unwrap();
+        assert_eq!(
+            (back.activity, back.conversation.as_str()),
+            (12345, "dm:alice:bob")
+        );
+        for junk in ["", "12", "x.dm:a:b", "1.nope", "1.dm:a:a"] {
+            assert!(PageToken::decode(junk).is_err(), "{junk}");
+        }
+    }
+}
