@@ -12,6 +12,7 @@ mod hub;
 mod limits;
 mod metrics;
 mod presence;
+mod quota;
 mod receipts;
 mod requests;
 mod send;
@@ -74,6 +75,8 @@ pub(crate) struct Edge {
     /// The discovery bucket.
     pub edges: kv::Store,
     pub limits: Arc<limits::Limits>,
+    /// Per-user quotas shared with the other edges (stream QUOTAS).
+    pub quotas: quota::Quotas,
     pub metrics: Arc<metrics::EdgeMetrics>,
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
@@ -164,6 +167,7 @@ pub async fn run(
             config.request_timeout,
         ),
         limits: limits::Limits::new(config.limits.clone()),
+        quotas: quota::Quotas::new(js.clone(), config.quota.clone()),
         metrics,
         registry,
         config,
