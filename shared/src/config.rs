@@ -625,7 +625,10 @@ impl QuotaConfig {
             ("CHAT_QUOTA_MESSAGES_PER_DAY", self.messages_per_day),
             ("CHAT_QUOTA_BYTES_PER_MIN", self.bytes_per_minute),
             ("CHAT_QUOTA_BYTES_PER_DAY", self.bytes_per_day),
-            ("CHAT_QUOTA_FANOUT_BYTES_PER_MIN", self.fanout_bytes_per_minute),
+            (
+                "CHAT_QUOTA_FANOUT_BYTES_PER_MIN",
+                self.fanout_bytes_per_minute,
+            ),
             ("CHAT_QUOTA_GROUPS_PER_DAY", self.groups_per_day),
             ("CHAT_QUOTA_LEASE_MESSAGES", self.lease_messages),
         ] {
@@ -697,7 +700,10 @@ impl Reader<'_> {
     }
 
     fn quotas(&mut self, quota: &mut QuotaConfig) {
-        self.parse("CHAT_QUOTA_MESSAGES_PER_MIN", &mut quota.messages_per_minute);
+        self.parse(
+            "CHAT_QUOTA_MESSAGES_PER_MIN",
+            &mut quota.messages_per_minute,
+        );
         self.parse("CHAT_QUOTA_MESSAGES_PER_DAY", &mut quota.messages_per_day);
         self.parse("CHAT_QUOTA_BYTES_PER_MIN", &mut quota.bytes_per_minute);
         self.parse("CHAT_QUOTA_BYTES_PER_DAY", &mut quota.bytes_per_day);
