@@ -14,6 +14,7 @@ mod limits;
 mod metrics;
 mod moderation;
 mod presence;
+mod quota;
 mod receipts;
 mod requests;
 mod send;
@@ -81,6 +82,8 @@ pub(crate) struct Edge {
     pub limits: Arc<limits::Limits>,
     /// Operators' bans and revocations, checked at `hello` and `refresh`.
     pub moderation: Arc<moderation::Moderation>,
+    /// Per-user quotas shared with the other edges (stream QUOTAS).
+    pub quotas: quota::Quotas,
     pub metrics: Arc<metrics::EdgeMetrics>,
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
@@ -195,6 +198,7 @@ pub async fn run(
             &config.edge_net,
             metrics.ip_table_evictions(),
         ),
+        quotas: quota::Quotas::new(js.clone(), config.quota.clone()),
         metrics,
         registry,
         config,

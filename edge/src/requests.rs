@@ -193,6 +193,15 @@ async fn answer(
             name,
             members,
         } => {
+            // Counted when asked, created or not: a refused create still
+            // cost the persister a transaction.
+            if let Err(e) = edge
+                .quotas
+                .spend(&user, &[(crate::quota::Kind::GroupsPerDay, 1)])
+                .await
+            {
+                return Ok(Some(e.frame(reference.as_deref())));
+            }
             let request = rpc::GroupCreateRequest {
                 user,
                 name,

@@ -9,6 +9,10 @@
 //! time: found, it is a duplicate; not found (the first attempt died between
 //! claim and PubAck), it is published now. PostgreSQL's unique (sender,
 //! client_msg_id) is the last net for history.
+//!
+//! A claim also holds a digest of the conversation and text, so a request
+//! that reuses a `client_msg_id` for another message is refused
+//! (`bad_request`) instead of being answered as a duplicate of the first.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,9 +26,11 @@ use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::quota::{json_bytes, Kind, QuotaError};
 use crate::session::Outbox;
 use crate::Edge;
 
@@ -46,7 +52,10 @@ pub async fn send_worker(
         let reference = request.reference.clone();
         let reply = match accept(&edge, &user, request).await {
             Ok(sent) => sent,
-            Err((code, message)) => ServerFrame::error(reference.as_deref(), code, message),
+            Err(SendError::Refused((code, message))) => {
+                ServerFrame::error(reference.as_deref(), code, message)
+            }
+            Err(SendError::Quota(e)) => e.frame(reference.as_deref()),
         };
         edge.metrics.send_answered(started.elapsed());
         if !out.frame(&reply).await {
@@ -57,6 +66,41 @@ pub async fn send_worker(
 
 type Refusal = (ErrorCode, String);
 
+/// Why a send was not accepted.
+enum SendError {
+    Refused(Refusal),
+    Quota(QuotaError),
+}
+
+impl From<Refusal> for SendError {
+    fn from(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
+    }
+}
+
+/// Checks a text before its send is queued, so a text that can never be
+/// accepted costs no place in the queue.
+pub fn check_text(text: &str) -> Result<(), Refusal> {
+    let chars = text.chars().count();
+    if chars == 0 {
+        return Err((ErrorCode::BadRequest, "text must not be empty".into()));
+    }
+    if chars > MAX_TEXT_CHARS {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("text is longer than {MAX_TEXT_CHARS} characters"),
+        ));
+    }
+    if text.contains('\0') {
+        // PostgreSQL's text type cannot hold NUL.
+        return Err((
+            ErrorCode::BadRequest,
+            "text must not contain NUL characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn unavailable() -> Refusal {
     (
         ErrorCode::Unavailable,
@@ -64,7 +108,11 @@ fn unavailable() -> Refusal {
     )
 }
 
-async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<ServerFrame, Refusal> {
+async fn accept(
+    edge: &Edge,
+    user: &UserId,
+    request: SendRequest,
+) -> Result<ServerFrame, SendError> {
     let conversation = match (request.to, request.conversation) {
         (Some(to), None) => ConversationId::dm(user.clone(), to).map_err(|_| {
             (
@@ -77,30 +125,32 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
             return Err((
                 ErrorCode::BadRequest,
                 "give exactly one of `to` and `conversation`".into(),
-            ))
+            )
+                .into())
         }
     };
-    let chars = request.text.chars().count();
-    if chars == 0 {
-        return Err((ErrorCode::BadRequest, "text must not be empty".into()));
-    }
-    if chars > MAX_TEXT_CHARS {
-        return Err((
-            ErrorCode::TooLarge,
-            format!("text is longer than {MAX_TEXT_CHARS} characters"),
-        ));
-    }
-    if request.text.contains('\0') {
-        // PostgreSQL's text type cannot hold NUL.
-        return Err((
-            ErrorCode::BadRequest,
-            "text must not contain NUL characters".into(),
-        ));
-    }
-    check_may_write(edge, user, &conversation).await?;
+    // The session checked it before queueing; a send that reaches the
+    // worker some other way must not skip it.
+    check_text(&request.text)?;
+    let recipients = recipients(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
-        return Err(unavailable());
+        return Err(unavailable().into());
     }
+    // Before anything is stored: a refused send leaves no trace.
+    let bytes = json_bytes(&request.text);
+    edge.quotas
+        .spend(
+            user,
+            &[
+                (Kind::MessagesPerMinute, 1),
+                (Kind::MessagesPerDay, 1),
+                (Kind::BytesPerMinute, bytes),
+                (Kind::BytesPerDay, bytes),
+                (Kind::FanoutBytesPerMinute, bytes.saturating_mul(recipients)),
+            ],
+        )
+        .await
+        .map_err(SendError::Quota)?;
     let event = MessageEvent {
         id: MessageId(0),
         conversation,
@@ -120,14 +170,15 @@ async fn accept(edge: &Edge, user: &UserId, request: SendRequest) -> Result<Serv
             ts: event.ts,
             duplicate,
         }),
-        Ok(Err(refusal)) => Err(refusal),
+        Ok(Err(refusal)) => Err(refusal.into()),
         // The PubAck may have been lost rather than the publish: say so, and
         // let the client's retry (same client_msg_id) settle it.
         Err(_) => Err((
             ErrorCode::Unavailable,
             "timed out; the message may or may not be stored: retry with the same client_msg_id"
                 .into(),
-        )),
+        )
+            .into()),
     }
 }
 
@@ -136,8 +187,18 @@ pub(crate) async fn check_may_write(
     user: &UserId,
     conversation: &ConversationId,
 ) -> Result<(), Refusal> {
+    recipients(edge, user, conversation).await.map(|_| ())
+}
+
+/// How many inboxes a message of `user` in `conversation` lands in, if
+/// `user` may write there.
+async fn recipients(
+    edge: &Edge,
+    user: &UserId,
+    conversation: &ConversationId,
+) -> Result<u64, Refusal> {
     match conversation {
-        ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(()),
+        ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(2),
         ConversationId::Dm { .. } => Err((
             ErrorCode::Forbidden,
             "you are not part of this conversation".into(),
@@ -149,7 +210,7 @@ pub(crate) async fn check_may_write(
                 .await
                 .map_err(|e| (e.code, e.message))?;
             if members.contains(user) {
-                Ok(())
+                Ok(members.len() as u64)
             } else {
                 Err((
                     ErrorCode::Forbidden,
@@ -172,11 +233,12 @@ async fn publish(
         tracing::error!(error = %e, "cannot assign a message id");
         unavailable()
     })?;
-    let claimed = match edge
-        .claims
-        .create(&claim_key, fresh.to_string().into())
-        .await
-    {
+    let digest = Claim::digest(&event);
+    let claim = Claim {
+        id: fresh,
+        digest: Some(digest.clone()),
+    };
+    let claimed = match edge.claims.create(&claim_key, claim.encode().into()).await {
         Ok(_) => None,
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
             let entry = edge
@@ -184,15 +246,20 @@ async fn publish(
                 .get(&claim_key)
                 .await
                 .map_err(|_| unavailable())?;
-            entry.and_then(|v| {
-                std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| MessageId::parse(s).ok())
-            })
+            match entry.and_then(|v| Claim::decode(&v)) {
+                Some(Claim {
+                    digest: Some(theirs),
+                    ..
+                }) if theirs != digest => return Err(reused()),
+                Some(claim) => Some(claim.id),
+                None => None,
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "claim failed");
-            return Err(unavailable());
+            // A full (or failing) claims bucket must not stop sends: without
+            // a claim a retry is still recognised within JetStream's window.
+            tracing::warn!(error = %e, "claim failed; sending without one");
+            None
         }
     };
     event.id = claimed.unwrap_or(fresh);
@@ -237,6 +304,9 @@ async fn publish(
                 .map_err(|_| unavailable())?;
             let original: MessageEvent =
                 serde_json::from_slice(&original.payload).map_err(|_| unavailable())?;
+            if Claim::digest(&original) != digest {
+                return Err(reused());
+            }
             return Ok((original, true));
         }
         return Ok((event, true));
@@ -244,6 +314,55 @@ async fn publish(
     // Stored now for the first time (also when an earlier attempt claimed
     // the id but never got to publish).
     Ok((event, false))
+}
+
+fn reused() -> Refusal {
+    (
+        ErrorCode::BadRequest,
+        "client_msg_id was already used for another message; use a new one".into(),
+    )
+}
+
+/// The value of a send claim: `<message id>` (claims written before the
+/// digest existed) or `<message id>:<digest>`.
+#[derive(Debug, PartialEq, Eq)]
+struct Claim {
+    id: MessageId,
+    digest: Option<String>,
+}
+
+impl Claim {
+    /// What identifies the request a `client_msg_id` was first used for:
+    /// its conversation and text (SHA-256, first 16 bytes in hex).
+    fn digest(event: &MessageEvent) -> String {
+        let mut hash = Sha256::new();
+        hash.update(event.conversation.to_string().as_bytes());
+        hash.update([0]);
+        hash.update(event.text.as_bytes());
+        hash.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn encode(&self) -> String {
+        match &self.digest {
+            Some(digest) => format!("{}:{digest}", self.id),
+            None => self.id.to_string(),
+        }
+    }
+
+    fn decode(value: &[u8]) -> Option<Self> {
+        let value = std::str::from_utf8(value).ok()?;
+        let (id, digest) = match value.split_once(':') {
+            Some((id, digest)) => (id, Some(digest.to_string())),
+            None => (value, None),
+        };
+        Some(Self {
+            id: MessageId::parse(id).ok()?,
+            digest,
+        })
+    }
 }
 
 /// Whether MESSAGES holds `event.id`. A claimed message is published within
@@ -282,4 +401,61 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, Refusa
     .await;
     scan.close().await;
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(conversation: &str, text: &str) -> MessageEvent {
+        MessageEvent {
+            id: MessageId(7),
+            conversation: ConversationId::parse(conversation).unwrap(),
+            from: UserId::parse("alice").unwrap(),
+            text: text.into(),
+            ts: 0,
+            client_msg_id: chat_shared::ids::ClientMsgId::parse("c1").unwrap(),
+        }
+    }
+
+    #[test]
+    fn claims_read_back_old_and_new() {
+        let digest = Claim::digest(&event("group:g", "hi"));
+        let claim = Claim {
+            id: MessageId(42),
+            digest: Some(digest),
+        };
+        assert_eq!(Claim::decode(claim.encode().as_bytes()), Some(claim));
+        // A claim written before digests: the id alone.
+        assert_eq!(
+            Claim::decode(b"42"),
+            Some(Claim {
+                id: MessageId(42),
+                digest: None
+            })
+        );
+        assert_eq!(Claim::decode(b"x:y"), None);
+    }
+
+    #[test]
+    fn the_digest_tells_conversation_and_text_apart() {
+        let base = Claim::digest(&event("group:g", "hi"));
+        assert_eq!(base, Claim::digest(&event("group:g", "hi")));
+        assert_ne!(base, Claim::digest(&event("group:h", "hi")));
+        assert_ne!(base, Claim::digest(&event("group:g", "hi!")));
+        // The separator keeps conversation and text from running together.
+        assert_ne!(
+            Claim::digest(&event("group:g", "ab")),
+            Claim::digest(&event("group:ga", "b"))
+        );
+    }
+
+    #[test]
+    fn texts_are_checked_before_queueing() {
+        assert!(check_text("hi").is_ok());
+        assert_eq!(check_text("").unwrap_err().0, ErrorCode::BadRequest);
+        let long = "x".repeat(MAX_TEXT_CHARS + 1);
+        assert_eq!(check_text(&long).unwrap_err().0, ErrorCode::TooLarge);
+        assert_eq!(check_text("a\0b").unwrap_err().0, ErrorCode::BadRequest);
+    }
 }

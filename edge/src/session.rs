@@ -653,52 +653,58 @@ impl Session {
                     match inbound {
                         Inbound::Closed => break,
                         Inbound::Handled => {}
-                        Inbound::Frame(frame) => match frame {
-                            ClientFrame::Ping { reference } => {
-                                self.out.frame(&ServerFrame::Pong { reference }).await;
-                            }
-                            ClientFrame::Ack { cursor } => {
-                                // Nothing beyond what this connection sent can
-                                // have been received; a larger ack would make a
-                                // later resume skip items.
-                                let cursor = cursor.min(self.sent_up_to);
-                                if self.acked.is_none_or(|a| cursor > a) {
-                                    self.acked = Some(cursor);
-                                    self.delivered.acked(cursor, &self.user);
+                        Inbound::Frame(ClientFrame::Send(request)) => {
+                            let now = Instant::now();
+                            let limited = self.sends.take(now).and_then(|()| self.slot.take_send(now));
+                            if let Err(wait) = limited {
+                                if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
+                                    break;
                                 }
-                            }
-                            ClientFrame::Hello { .. } => {
-                                self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
-                            }
-                            ClientFrame::Send(request) => {
-                                let now = Instant::now();
-                                let limited = self.sends.take(now).and_then(|()| self.slot.take_send(now));
-                                if let Err(wait) = limited {
-                                    if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
-                                        break;
-                                    }
-                                } else {
-                                    let queue = sends.get_or_insert_with(|| self.start_send_worker());
-                                    if queue.requests.send(Box::new(request)).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            ClientFrame::Refresh { reference, token } => {
-                                if !self.refresh(reference, &token).await {
+                            } else if let Err((code, message)) = crate::send::check_text(&request.text) {
+                                // Refused at once: a text that can never be
+                                // accepted takes no place in the send queue.
+                                self.out.error(request.reference.as_deref(), code, message).await;
+                            } else {
+                                let queue = sends.get_or_insert_with(|| self.start_send_worker());
+                                if queue.requests.send(Box::new(request)).await.is_err() {
                                     break;
                                 }
                             }
-                            other => {
-                                if let Err(wait) = self.requests.take(Instant::now()) {
-                                    if !self.refuse(other.reference(), wait, "too many requests").await {
+                        }
+                        // Every other frame, `ping`, `ack` and `refresh`
+                        // included, takes a request token: each costs work.
+                        Inbound::Frame(frame) => {
+                            if let Err(wait) = self.requests.take(Instant::now()) {
+                                if !self.refuse(frame.reference(), wait, "too many requests").await {
+                                    break;
+                                }
+                                continue;
+                            }
+                            match frame {
+                                ClientFrame::Ping { reference } => {
+                                    self.out.frame(&ServerFrame::Pong { reference }).await;
+                                }
+                                ClientFrame::Ack { cursor } => {
+                                    // Nothing beyond what this connection sent can
+                                    // have been received; a larger ack would make a
+                                    // later resume skip items.
+                                    let cursor = cursor.min(self.sent_up_to);
+                                    if self.acked.is_none_or(|a| cursor > a) {
+                                        self.acked = Some(cursor);
+                                        self.delivered.acked(cursor, &self.user);
+                                    }
+                                }
+                                ClientFrame::Hello { .. } => {
+                                    self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
+                                }
+                                ClientFrame::Refresh { reference, token } => {
+                                    if !self.refresh(reference, &token).await {
                                         break;
                                     }
-                                } else {
-                                    requests.handle(other).await;
                                 }
+                                other => requests.handle(other).await,
                             }
-                        },
+                        }
                     }
                 }
                 changed = link.changed() => {

@@ -15,7 +15,8 @@ pub struct Item {
     pub conversation: ConversationId,
     pub from: UserId,
     pub ts: i64,
-    /// The full text, kept only when previews are on (webhooks get it whole).
+    /// The job's preview (at most `PREVIEW_BYTES` of the text), kept only
+    /// when previews are on; webhooks get it as is.
     pub text: Option<String>,
 }
 
@@ -56,7 +57,8 @@ impl Notification {
                 conversation: job.conversation.clone(),
                 from: job.from.clone(),
                 ts: job.ts,
-                text: preview.then(|| job.text.clone()),
+                // Cut again: a job from an older router may carry a whole text.
+                text: preview.then(|| chat_shared::push::preview(&job.text)),
             });
         }
         // Message ids grow with time; the timestamp alone may tie.
@@ -177,7 +179,9 @@ pub(crate) mod tests {
         let n = Notification::coalesce(&[job("alice", 1, &text)], true).unwrap();
         assert_eq!(n.body.chars().count(), MAX_PREVIEW_CHARS + 1);
         assert!(n.body.ends_with('…'));
-        assert_eq!(n.items[0].text.as_deref(), Some(text.as_str()));
+        let kept = n.items[0].text.as_deref().unwrap_or_default();
+        assert!(kept.len() <= chat_shared::push::PREVIEW_BYTES);
+        assert!(text.starts_with(kept.trim_end_matches('…')));
     }
 
     #[test]

@@ -23,12 +23,17 @@ use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, UserId};
 use chat_shared::subjects;
 use chat_shared::wire::with_cursor;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::RouterMetrics;
 
 /// Appends whose PubAck has not been handled yet.
 const IN_FLIGHT: usize = 4096;
+/// Their bytes, in KiB: a count alone would let a few events of large
+/// texts to large groups queue gigabytes in front of everyone else's
+/// appends (4096 x 1 MiB). With this bound an append waits behind at most
+/// this much data, whoever sent it.
+const IN_FLIGHT_KIB: usize = 64 * 1024;
 
 struct Pending {
     user: UserId,
@@ -39,11 +44,14 @@ struct Pending {
     failed: Arc<AtomicBool>,
     /// Set on an event's last append: told whether the whole event went through.
     done: Option<oneshot::Sender<bool>>,
+    /// Its share of [`IN_FLIGHT_KIB`], given back once its PubAck is handled.
+    _bytes: OwnedSemaphorePermit,
 }
 
 pub struct InboxWriter {
     js: jetstream::Context,
     queue: Mutex<mpsc::Sender<Pending>>,
+    bytes: Arc<Semaphore>,
 }
 
 impl InboxWriter {
@@ -57,6 +65,7 @@ impl InboxWriter {
         Self {
             js,
             queue: Mutex::new(tx),
+            bytes: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         }
     }
 
@@ -80,7 +89,15 @@ impl InboxWriter {
         let mut done_tx = Some(done_tx);
         {
             let queue = self.queue.lock().await;
+            // Whole KiB, at least one, never more than the bound holds.
+            let kib = (frame.len() / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
             for (index, user) in recipients.iter().enumerate() {
+                let bytes = self
+                    .bytes
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .map_err(|_| "delivery task stopped".to_string())?;
                 let mut headers = base.clone();
                 headers.insert(
                     subjects::MSG_ID_HEADER,
@@ -98,6 +115,7 @@ impl InboxWriter {
                     ack,
                     failed: failed.clone(),
                     done: if index == last { done_tx.take() } else { None },
+                    _bytes: bytes,
                 };
                 queue
                     .send(pending)

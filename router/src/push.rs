@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use chat_shared::ids::UserId;
 use chat_shared::presence::PresenceRecord;
-use chat_shared::push::PushJob;
+use chat_shared::push::{preview, PushJob};
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::MessageEvent;
@@ -70,6 +70,8 @@ impl PushJobs {
             .map(|(user, _)| user)
             .collect();
         let event_id = event.id.to_string();
+        // One preview for every job: a job never carries the whole text.
+        let text = preview(&event.text);
         let mut acks = Vec::with_capacity(offline.len());
         for user in &offline {
             let job = PushJob {
@@ -77,7 +79,7 @@ impl PushJobs {
                 conversation: event.conversation.clone(),
                 id: event.id,
                 from: event.from.clone(),
-                text: event.text.clone(),
+                text: text.clone(),
                 ts: event.ts as i64,
             };
             let body = serde_json::to_vec(&job).map_err(|e| e.to_string())?;

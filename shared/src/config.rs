@@ -111,6 +111,99 @@ pub struct Config {
     pub group_cache: GroupCacheConfig,
     /// How many push tokens one user may hold (persister, pushd).
     pub push_tokens: PushTokenLimits,
+    /// Byte bounds of the streams and buckets (applied at start).
+    pub bounds: StoreBounds,
+    /// Per-user quotas over all edges (edge).
+    pub quota: QuotaConfig,
+}
+
+const MIB: i64 = 1024 * 1024;
+const GIB: i64 = 1024 * MIB;
+
+/// How large each stream and KV bucket may grow, in bytes; what happens
+/// when one is full is in docs/architecture.md ("Bounded storage").
+#[derive(Debug, Clone)]
+pub struct StoreBounds {
+    /// `CHAT_MESSAGES_MAX_BYTES`: the log of record; full, it refuses new
+    /// sends (`unavailable`) and never drops an unrouted event.
+    pub messages: i64,
+    /// `CHAT_INBOX_MAX_BYTES`: inbox items; full, the oldest go first.
+    pub inbox: i64,
+    /// `CHAT_INBOX_MAX_ITEMS_PER_USER`: one user's inbox keeps at most this
+    /// many items, so one flooded inbox cannot push everyone else's out.
+    pub inbox_items_per_user: i64,
+    /// `CHAT_PUSH_MAX_BYTES`: push jobs; full, the oldest go first.
+    pub push: i64,
+    /// `CHAT_EVENTS_MAX_BYTES`: membership changes; full, the persister
+    /// keeps new ones in its outbox until there is room.
+    pub events: i64,
+    /// `CHAT_DEADLETTER_MAX_BYTES`: dead letters; full, an event given up
+    /// on stays in its stream (retried) until an operator makes room.
+    pub deadletter: i64,
+    /// `CHAT_QUOTAS_MAX_BYTES`: quota counters; full, the oldest windows go.
+    pub quotas: i64,
+    /// `CHAT_AUDIT_MAX_BYTES`: operators' audit events (a few hundred bytes
+    /// each, so the default keeps about a million); full, the oldest go.
+    pub audit: i64,
+    /// `CHAT_SENT_MAX_BYTES`: `client_msg_id` claims; full, sends go on
+    /// without a claim (idempotent within the JetStream window only).
+    pub sent: i64,
+    /// `CHAT_BUCKET_MAX_BYTES`: each other KV bucket (cursors, presence,
+    /// leases, edges); full, writes to it fail.
+    pub buckets: i64,
+}
+
+impl Default for StoreBounds {
+    fn default() -> Self {
+        // Sized for one box with about 60 GB of free disk.
+        Self {
+            messages: 8 * GIB,
+            inbox: 8 * GIB,
+            inbox_items_per_user: 10_000,
+            push: GIB,
+            events: GIB,
+            deadletter: GIB,
+            quotas: 256 * MIB,
+            audit: 256 * MIB,
+            sent: GIB,
+            buckets: 256 * MIB,
+        }
+    }
+}
+
+/// Per-user quotas, counted in NATS (stream QUOTAS) so every edge shares
+/// them. Minute windows are calendar minutes, day windows UTC days. Bytes
+/// are a text's size as JSON.
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    /// `CHAT_QUOTA_MESSAGES_PER_MIN` / `CHAT_QUOTA_MESSAGES_PER_DAY`
+    pub messages_per_minute: u64,
+    pub messages_per_day: u64,
+    /// `CHAT_QUOTA_BYTES_PER_MIN` / `CHAT_QUOTA_BYTES_PER_DAY`
+    pub bytes_per_minute: u64,
+    pub bytes_per_day: u64,
+    /// `CHAT_QUOTA_FANOUT_BYTES_PER_MIN`: bytes times recipients.
+    pub fanout_bytes_per_minute: u64,
+    /// `CHAT_QUOTA_GROUPS_PER_DAY`: groups created.
+    pub groups_per_day: u64,
+    /// `CHAT_QUOTA_LEASE_MESSAGES`: an edge takes this many sends' worth
+    /// of a quota at a time (never more than a twentieth of it), so most
+    /// sends cost no broker round trip.
+    pub lease_messages: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            messages_per_minute: 120,
+            messages_per_day: 10_000,
+            bytes_per_minute: 4 * MIB as u64,
+            bytes_per_day: 64 * MIB as u64,
+            fanout_bytes_per_minute: 32 * MIB as u64,
+            groups_per_day: 50,
+            lease_messages: 10,
+        }
+    }
 }
 
 /// Abuse limits, enforced by each edge. Rates are tokens per second with a
@@ -356,6 +449,8 @@ impl Default for Config {
             edge_net: EdgeNetConfig::default(),
             group_cache: GroupCacheConfig::default(),
             push_tokens: PushTokenLimits::default(),
+            bounds: StoreBounds::default(),
+            quota: QuotaConfig::default(),
         }
     }
 }
@@ -491,6 +586,8 @@ impl Config {
         reader.parse("CHAT_GROUP_CACHE_BYTES", &mut cache.bytes);
         reader.millis("CHAT_GROUP_CACHE_TTL_MS", &mut cache.ttl);
         config.push_tokens.read(&mut reader);
+        reader.store_bounds(&mut config.bounds);
+        reader.quotas(&mut config.quota);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -607,6 +704,8 @@ impl Config {
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
         }
+        problems.extend(self.bounds.check());
+        problems.extend(self.quota.check());
         self.push_tokens.check(&mut problems);
         problems.extend(self.check_edge_net_and_group_cache());
         problems
@@ -644,6 +743,56 @@ impl Config {
     /// The silence after which a connection is closed with 4003.
     pub fn idle_timeout(&self) -> Duration {
         self.heartbeat * 2 + self.heartbeat_grace
+    }
+}
+
+impl StoreBounds {
+    fn check(&self) -> Vec<String> {
+        // A stream must hold a few of its largest messages (1 MiB each).
+        let mut problems = Vec::new();
+        for (name, value) in [
+            ("CHAT_MESSAGES_MAX_BYTES", self.messages),
+            ("CHAT_INBOX_MAX_BYTES", self.inbox),
+            ("CHAT_PUSH_MAX_BYTES", self.push),
+            ("CHAT_EVENTS_MAX_BYTES", self.events),
+            ("CHAT_DEADLETTER_MAX_BYTES", self.deadletter),
+            ("CHAT_QUOTAS_MAX_BYTES", self.quotas),
+            ("CHAT_AUDIT_MAX_BYTES", self.audit),
+            ("CHAT_SENT_MAX_BYTES", self.sent),
+            ("CHAT_BUCKET_MAX_BYTES", self.buckets),
+        ] {
+            if value < 4 * MIB {
+                problems.push(format!("{name}: at least {} (4 MiB)", 4 * MIB));
+            }
+        }
+        if self.inbox_items_per_user < 100 {
+            problems.push("CHAT_INBOX_MAX_ITEMS_PER_USER: at least 100".into());
+        }
+        problems
+    }
+}
+
+impl QuotaConfig {
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, value) in [
+            ("CHAT_QUOTA_MESSAGES_PER_MIN", self.messages_per_minute),
+            ("CHAT_QUOTA_MESSAGES_PER_DAY", self.messages_per_day),
+            ("CHAT_QUOTA_BYTES_PER_MIN", self.bytes_per_minute),
+            ("CHAT_QUOTA_BYTES_PER_DAY", self.bytes_per_day),
+            (
+                "CHAT_QUOTA_FANOUT_BYTES_PER_MIN",
+                self.fanout_bytes_per_minute,
+            ),
+            ("CHAT_QUOTA_GROUPS_PER_DAY", self.groups_per_day),
+            ("CHAT_QUOTA_LEASE_MESSAGES", self.lease_messages),
+        ] {
+            // Past 2^53 a counter's total no longer fits JSON numbers exactly.
+            if !(1..=1 << 53).contains(&value) {
+                problems.push(format!("{name}: must be between 1 and 2^53"));
+            }
+        }
+        problems
     }
 }
 
@@ -688,6 +837,38 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+
+    fn store_bounds(&mut self, bounds: &mut StoreBounds) {
+        self.parse("CHAT_MESSAGES_MAX_BYTES", &mut bounds.messages);
+        self.parse("CHAT_INBOX_MAX_BYTES", &mut bounds.inbox);
+        self.parse(
+            "CHAT_INBOX_MAX_ITEMS_PER_USER",
+            &mut bounds.inbox_items_per_user,
+        );
+        self.parse("CHAT_PUSH_MAX_BYTES", &mut bounds.push);
+        self.parse("CHAT_EVENTS_MAX_BYTES", &mut bounds.events);
+        self.parse("CHAT_DEADLETTER_MAX_BYTES", &mut bounds.deadletter);
+        self.parse("CHAT_QUOTAS_MAX_BYTES", &mut bounds.quotas);
+        self.parse("CHAT_AUDIT_MAX_BYTES", &mut bounds.audit);
+        self.parse("CHAT_SENT_MAX_BYTES", &mut bounds.sent);
+        self.parse("CHAT_BUCKET_MAX_BYTES", &mut bounds.buckets);
+    }
+
+    fn quotas(&mut self, quota: &mut QuotaConfig) {
+        self.parse(
+            "CHAT_QUOTA_MESSAGES_PER_MIN",
+            &mut quota.messages_per_minute,
+        );
+        self.parse("CHAT_QUOTA_MESSAGES_PER_DAY", &mut quota.messages_per_day);
+        self.parse("CHAT_QUOTA_BYTES_PER_MIN", &mut quota.bytes_per_minute);
+        self.parse("CHAT_QUOTA_BYTES_PER_DAY", &mut quota.bytes_per_day);
+        self.parse(
+            "CHAT_QUOTA_FANOUT_BYTES_PER_MIN",
+            &mut quota.fanout_bytes_per_minute,
+        );
+        self.parse("CHAT_QUOTA_GROUPS_PER_DAY", &mut quota.groups_per_day);
+        self.parse("CHAT_QUOTA_LEASE_MESSAGES", &mut quota.lease_messages);
     }
 
     fn millis(&mut self, key: &str, into: &mut Duration) {
@@ -862,6 +1043,32 @@ mod tests {
             ),
             ("CHAT_LIMIT_DISCOVERY_PER_IP_PER_SEC", "0"),
             ("CHAT_LIMIT_TRACKED_IPS", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn store_bounds_and_quotas_are_settings() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.bounds.messages, 8 * GIB);
+        assert_eq!(config.bounds.inbox_items_per_user, 10_000);
+        assert_eq!(config.quota.messages_per_minute, 120);
+        assert_eq!(config.quota.groups_per_day, 50);
+        let config = from(&[
+            ("CHAT_INBOX_MAX_BYTES", "67108864"),
+            ("CHAT_QUOTA_BYTES_PER_DAY", "1000"),
+            ("CHAT_QUOTA_GROUPS_PER_DAY", "3"),
+        ])
+        .unwrap();
+        assert_eq!(config.bounds.inbox, 64 * MIB);
+        assert_eq!(config.quota.bytes_per_day, 1000);
+        assert_eq!(config.quota.groups_per_day, 3);
+        let err = from(&[
+            ("CHAT_MESSAGES_MAX_BYTES", "1000"),
+            ("CHAT_INBOX_MAX_ITEMS_PER_USER", "5"),
+            ("CHAT_QUOTA_MESSAGES_PER_MIN", "0"),
+            ("CHAT_QUOTA_LEASE_MESSAGES", "x"),
         ])
         .unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");

@@ -18,8 +18,27 @@ pub struct PushJob {
     pub conversation: ConversationId,
     pub id: MessageId,
     pub from: UserId,
+    /// A preview: the start of the message's text, at most 1024 bytes of
+    /// UTF-8 cut between characters, ending in `…` when cut.
     pub text: String,
     pub ts: i64,
+}
+
+/// The most of a message's text a push job carries, in bytes of UTF-8.
+pub const PREVIEW_BYTES: usize = 1024;
+
+/// `text` cut to at most [`PREVIEW_BYTES`] on a character boundary, with
+/// `…` at the end when something was cut.
+pub fn preview(text: &str) -> String {
+    if text.len() <= PREVIEW_BYTES {
+        return text.to_string();
+    }
+    const ELLIPSIS: &str = "…";
+    let mut cut = PREVIEW_BYTES - ELLIPSIS.len();
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{ELLIPSIS}", &text[..cut])
 }
 
 /// A push provider a device registers a token with.
@@ -98,6 +117,19 @@ mod tests {
             assert_eq!(Platform::parse(platform.as_str()), Some(platform));
         }
         assert_eq!(Platform::parse("sms"), None);
+    }
+
+    #[test]
+    fn previews_are_bounded_and_cut_between_characters() {
+        assert_eq!(preview("lunch?"), "lunch?");
+        let exact = "x".repeat(PREVIEW_BYTES);
+        assert_eq!(preview(&exact), exact);
+        for text in ["é".repeat(2000), "😀".repeat(1000), "a".repeat(100_000)] {
+            let cut = preview(&text);
+            assert!(cut.len() <= PREVIEW_BYTES, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+            assert!(text.starts_with(cut.trim_end_matches('…')));
+        }
     }
 
     #[test]

@@ -40,11 +40,15 @@ fn base(name: &str, subjects: &[&str], config: &Config) -> stream::Config {
     }
 }
 
-/// The log of record: one event per accepted message.
+/// The log of record: one event per accepted message. Full, it refuses
+/// new publishes (the edge answers `unavailable`): dropping the oldest
+/// could drop an event not yet routed or stored in PostgreSQL.
 pub fn messages(config: &Config) -> stream::Config {
     stream::Config {
         description: Some("one event per accepted message (PROTOCOL.md)".into()),
         max_age: config.messages_max_age,
+        max_bytes: config.bounds.messages,
+        discard: stream::DiscardPolicy::New,
         ..base(
             subjects::MESSAGES_STREAM,
             &subjects::MESSAGES_SUBJECTS,
@@ -53,11 +57,17 @@ pub fn messages(config: &Config) -> stream::Config {
     }
 }
 
-/// Per-user inboxes; the stream sequence is the cursor.
+/// Per-user inboxes; the stream sequence is the cursor. A cache of
+/// deliveries that history can rebuild: full, the oldest items go (a resume
+/// from before the first kept item answers `resumed:false`), and each
+/// user's inbox is capped on its own so one flooded inbox cannot push
+/// everyone else's items out.
 pub fn inbox(config: &Config) -> stream::Config {
     stream::Config {
         description: Some("per-user inbox items; the sequence is the cursor".into()),
         max_age: config.inbox_max_age,
+        max_bytes: config.bounds.inbox,
+        max_messages_per_subject: config.bounds.inbox_items_per_user,
         ..base(subjects::INBOX_STREAM, &subjects::INBOX_SUBJECTS, config)
     }
 }
@@ -68,6 +78,8 @@ pub fn push(config: &Config) -> stream::Config {
         description: Some("push notification jobs for offline users".into()),
         retention: stream::RetentionPolicy::WorkQueue,
         max_age: Duration::from_secs(24 * 3600),
+        // Notifications are best effort: full, the oldest jobs go.
+        max_bytes: config.bounds.push,
         ..base(subjects::PUSH_STREAM, &subjects::PUSH_SUBJECTS, config)
     }
 }
@@ -77,6 +89,10 @@ pub fn events(config: &Config) -> stream::Config {
     stream::Config {
         description: Some("group membership changes".into()),
         max_age: config.messages_max_age,
+        // Full, a publish is refused and the persister keeps the change in
+        // its outbox until there is room: none is lost.
+        max_bytes: config.bounds.events,
+        discard: stream::DiscardPolicy::New,
         ..base(subjects::EVENTS_STREAM, &subjects::EVENTS_SUBJECTS, config)
     }
 }
@@ -92,6 +108,10 @@ pub fn deadletter(config: &Config) -> stream::Config {
         // A copy is an event of at most MAX_EVENT_BYTES plus a few headers:
         // only the server's max_payload bounds it, so no copy is refused.
         max_message_size: -1,
+        // Full, a copy is refused and the event stays in its stream
+        // (redelivered later) until an operator makes room.
+        max_bytes: config.bounds.deadletter,
+        discard: stream::DiscardPolicy::New,
         ..base(
             subjects::DEADLETTER_STREAM,
             &subjects::DEADLETTER_SUBJECTS,
@@ -100,10 +120,6 @@ pub fn deadletter(config: &Config) -> stream::Config {
     }
 }
 
-/// Audit events are a few hundred bytes; this keeps about a million
-/// operator actions, the oldest dropped first.
-const AUDIT_MAX_BYTES: i64 = 256 * 1024 * 1024;
-
 /// One event per operator action (`chat.audit.<action>`,
 /// `shared::moderation::AuditEvent`), kept until the byte bound drops the
 /// oldest: an operator's record of who banned, kicked or revoked whom.
@@ -111,17 +127,42 @@ pub fn audit(config: &Config) -> stream::Config {
     stream::Config {
         description: Some("one event per operator action".into()),
         max_age: Duration::ZERO,
-        max_bytes: AUDIT_MAX_BYTES,
+        max_bytes: config.bounds.audit,
         ..base(subjects::AUDIT_STREAM, &subjects::AUDIT_SUBJECTS, config)
     }
 }
 
+/// Per-user quota counters (`chat.quota.<user>.<kind>.<window>`): a
+/// counter stream, so an edge adds with `Nats-Incr` and reads the new
+/// total in the PubAck, and the edges of one user share the count. Only
+/// the last message of a subject (it holds the total) is kept, and a
+/// window's subject is dropped a little over a day later.
+pub fn quotas(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("per-user quota counters per window".into()),
+        max_age: QUOTA_WINDOW_MAX_AGE,
+        max_messages_per_subject: 1,
+        allow_message_counter: true,
+        // Full, the oldest windows go first (they are over already).
+        max_bytes: config.bounds.quotas,
+        // Counters may not be de-duplicated (each increment counts).
+        duplicate_window: Duration::ZERO,
+        ..base(subjects::QUOTAS_STREAM, &subjects::QUOTAS_SUBJECTS, config)
+    }
+}
+
+/// Longer than the longest quota window (a day).
+pub const QUOTA_WINDOW_MAX_AGE: Duration = Duration::from_secs(25 * 3600);
+
+/// KV buckets refuse writes when full (JetStream fixes their discard
+/// policy at `new`).
 fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> kv::Config {
     kv::Config {
         bucket: name.to_string(),
         description: description.to_string(),
         history: 1,
         max_age,
+        max_bytes: config.bounds.buckets,
         storage: stream::StorageType::File,
         num_replicas: config.stream_replicas,
         ..Default::default()
@@ -147,12 +188,16 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             config.inbox_max_age * 2,
             config,
         ),
-        bucket(
-            subjects::SENT_BUCKET,
-            "client_msg_id claims for idempotent sends",
-            config.send_claim_max_age,
-            config,
-        ),
+        kv::Config {
+            // One claim per send, kept for days: it gets its own bound.
+            max_bytes: config.bounds.sent,
+            ..bucket(
+                subjects::SENT_BUCKET,
+                "client_msg_id claims for idempotent sends",
+                config.send_claim_max_age,
+                config,
+            )
+        },
         bucket(
             subjects::PRESENCE_BUCKET,
             "status and last_active per user",
@@ -191,6 +236,7 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
         events(config),
         deadletter(config),
         audit(config),
+        quotas(config),
     ]
 }
 
@@ -345,5 +391,24 @@ mod tests {
         assert_eq!(dead.storage, stream::StorageType::File);
         assert_eq!(dead.subjects, ["chat.dead.>"]);
         assert!(all_streams(&config).iter().any(|s| s.name == "DEADLETTER"));
+    }
+
+    #[test]
+    fn every_stream_and_bucket_is_bounded_in_bytes() {
+        let config = Config::default();
+        for stream in all_streams(&config) {
+            assert!(stream.max_bytes > 0, "{}", stream.name);
+        }
+        for bucket in buckets(&config) {
+            assert!(bucket.max_bytes > 0, "{}", bucket.bucket);
+        }
+        // The log of record refuses rather than drops; the inbox cache drops
+        // the oldest, and per user.
+        assert_eq!(messages(&config).discard, stream::DiscardPolicy::New);
+        assert_eq!(inbox(&config).discard, stream::DiscardPolicy::Old);
+        assert!(inbox(&config).max_messages_per_subject > 0);
+        let quotas = quotas(&config);
+        assert!(quotas.allow_message_counter);
+        assert!(quotas.max_age > Duration::from_secs(24 * 3600));
     }
 }

@@ -15,6 +15,8 @@ pub const EVENTS_STREAM: &str = "EVENTS";
 pub const DEADLETTER_STREAM: &str = "DEADLETTER";
 /// One event per operator action (see [`audit`]).
 pub const AUDIT_STREAM: &str = "AUDIT";
+/// Per-user quota counters (a counter stream, see [`quota`]).
+pub const QUOTAS_STREAM: &str = "QUOTAS";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
@@ -25,6 +27,7 @@ pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
 /// with a dot cannot fall outside the stream.
 pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
 pub const AUDIT_SUBJECTS: [&str; 1] = ["chat.audit.>"];
+pub const QUOTAS_SUBJECTS: [&str; 1] = ["chat.quota.>"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
@@ -282,6 +285,13 @@ pub fn push_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("push:{event_id}:{user}")
 }
 
+/// The counter of one user's quota `kind` (`messages`, `bytes`, …) in one
+/// window (`m<minute>` or `d<day>` since the epoch): a fresh subject per
+/// window, so a window's count starts at zero and ages out with the stream.
+pub fn quota(user: &UserId, kind: &str, window: &str) -> String {
+    format!("chat.quota.{user}.{kind}.{window}")
+}
+
 /// Key of a device's acked cursor in [`CURSORS_BUCKET`].
 pub fn device_cursor_key(user: &UserId, device: &DeviceId) -> String {
     format!("{user}.{device}")
@@ -327,6 +337,10 @@ mod tests {
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
+        assert_eq!(
+            quota(&alice, "messages", "d20424"),
+            "chat.quota.alice.messages.d20424"
+        );
         assert_eq!(dead_letter(PERSISTER_CONSUMER), "chat.dead.persister");
         assert_eq!(
             dead_letter_id(MESSAGES_STREAM, PERSISTER_CONSUMER, 7),

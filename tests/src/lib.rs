@@ -686,9 +686,21 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             discovery_per_ip: 100_000,
             ..Default::default()
         },
+        quota: QUOTA_OFF_SCALE,
         ..Config::default()
     }
 }
+
+/// Quotas no test reaches unless it lowers them (the abuse tests do).
+pub const QUOTA_OFF_SCALE: chat_shared::config::QuotaConfig = chat_shared::config::QuotaConfig {
+    messages_per_minute: 1 << 40,
+    messages_per_day: 1 << 40,
+    bytes_per_minute: 1 << 50,
+    bytes_per_day: 1 << 50,
+    fanout_bytes_per_minute: 1 << 50,
+    groups_per_day: 1 << 40,
+    lease_messages: 10,
+};
 
 /// `config` for NATS user `user` (its dev password).
 pub fn config_as(config: &Config, user: &str) -> Config {

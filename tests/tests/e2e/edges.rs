@@ -565,11 +565,10 @@ async fn other_requests_have_their_own_per_connection_limit() -> anyhow::Result<
         limited.iter().all(|ms| (1..=1000).contains(ms)),
         "{limited:?}"
     );
-    // Sends have their own bucket, and pings none.
+    // Sends have their own bucket (pings share this one since issue 14:
+    // abuse::pings_acks_and_refreshes_are_metered).
     let sent = alice.send_message(json!({"to":"bob"}), "hi", "m0").await?;
     assert_eq!(sent["type"], "sent", "{sent}");
-    let pong = alice.request(json!({"type":"ping"})).await?;
-    assert_eq!(pong["type"], "pong", "{pong}");
     // A client that waits as told is answered.
     let wait = limited.iter().copied().max().unwrap_or(1000);
     tokio::time::sleep(Duration::from_millis(wait + 200)).await;

@@ -1,5 +1,6 @@
 //! One end-to-end test binary (compiled once), against real servers.
 
+mod abuse;
 mod bench;
 mod caches;
 mod deadletter;
