@@ -8,6 +8,7 @@ mod messaging;
 mod metrics;
 mod operators;
 mod presence;
+mod privilege;
 mod push;
 mod resume;
 mod security;

@@ -1,0 +1,246 @@
+//! Least privilege, end to end: what nats/users.conf refuses a compromised
+//! edge (listening in on other services, answering their requests), and
+//! the start-up refusals of dev credentials and unsafe key settings. (The
+//! edge's refused publishes and JetStream calls are in security.rs.)
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chat_shared::auth::KeyError;
+use chat_tests::{nats_password, System, WAIT};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+/// A raw NATS client as `user` (its dev password), as an attacker holding
+/// that user's credentials would use it, and the errors the server sends
+/// it.
+async fn raw_client(
+    system: &System,
+    user: &str,
+) -> Result<(async_nats::Client, mpsc::UnboundedReceiver<String>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(user.into(), nats_password(user).into())
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(system.nats.url())
+            .await?;
+    Ok((client, rx))
+}
+
+#[tokio::test]
+async fn the_edge_nats_user_cannot_listen_in_or_answer_other_services() -> Result<()> {
+    let system = System::start().await?;
+    let admin = system.admin().await?;
+    let (edge, mut errors) = raw_client(&system, "edge").await?;
+    // (what the edge tries to subscribe to, a subject published there)
+    let attempts = [
+        // Everything.
+        (">", "chat.inbox.bob"),
+        // Every user's durable inbox.
+        ("chat.inbox.>", "chat.inbox.bob"),
+        // Other services' replies (the router's member lookups, PubAcks),
+        // and the shared prefix of clients without one of their own.
+        ("_INBOX_router.>", "_INBOX_router.probe.1"),
+        ("_INBOX_persister.>", "_INBOX_persister.probe.1"),
+        ("_INBOX_presence.>", "_INBOX_presence.probe.1"),
+        ("_INBOX.>", "_INBOX.probe.1"),
+        // The persister's requests: a subscriber here could answer the
+        // router's member lookup first, with made-up members.
+        ("chat.rpc.>", "chat.rpc.probe"),
+        ("chat.rpc.members", "chat.rpc.members"),
+    ];
+    let mut subscriptions = Vec::new();
+    for (subject, _) in attempts {
+        subscriptions.push((subject, edge.subscribe(subject).await?));
+    }
+    // The control: an allowed subscription gets the same kind of publish,
+    // so silence below is the refusal, not a dead connection.
+    let mut control = edge.subscribe("chat.deliver.probe").await?;
+    edge.flush().await?;
+    for (_, probe) in attempts {
+        admin.publish(probe, "{\"probe\":true}".into()).await?;
+    }
+    admin.publish("chat.deliver.probe", "{}".into()).await?;
+    admin.flush().await?;
+    let got = tokio::time::timeout(WAIT, control.next()).await;
+    while let Ok(e) = errors.try_recv() {
+        eprintln!("DEBUG error {e}");
+    }
+    eprintln!("DEBUG control {got:?} {:?}", edge.connection_state());
+    let got = got?;
+    assert!(got.is_some(), "the allowed subscription got nothing");
+
+    // nats-server answers each refused SUB with a permissions violation.
+    let mut refused = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refused.len() < attempts.len() {
+        let error = tokio::time::timeout_at(deadline, errors.recv())
+            .await
+            .with_context(|| format!("refused so far: {refused:?}"))?
+            .context("the error channel closed")?;
+        let error = error.to_lowercase();
+        for (subject, _) in attempts {
+            let quoted = format!("subscription to \"{}\"", subject.to_lowercase());
+            if error.contains("permissions violation") && error.contains(&quoted) {
+                refused.insert(subject);
+            }
+        }
+    }
+    for (subject, mut subscription) in subscriptions {
+        let leaked = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
+        if let Ok(Some(message)) = leaked {
+            bail!(
+                "the edge's subscription to {subject} got {}",
+                message.subject
+            );
+        }
+    }
+    // The system still works for everyone: the real persister answers.
+    answers_alice(&system).await
+}
+
+/// The system serves a request that needs the persister (over the edge's
+/// NATS user, with the real persister answering).
+async fn answers_alice(system: &System) -> Result<()> {
+    let mut alice = system.connect("alice", "phone").await?;
+    let reply = alice
+        .request(serde_json::json!({"type":"conversations"}))
+        .await?;
+    assert_eq!(reply["type"], "conversations", "{reply}");
+    Ok(())
+}
+
+/// How a service's run ended, if it failed.
+async fn error_of<E: std::fmt::Display>(
+    run: impl std::future::Future<Output = Result<(), E>>,
+) -> Option<String> {
+    run.await.err().map(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn services_refuse_the_dev_nats_passwords_without_chat_dev() -> Result<()> {
+    let system = System::start().await?;
+    let outside_dev = |user: &str| {
+        let mut config = system.config_for(user);
+        config.dev = false;
+        config
+    };
+    let never = || -> chat_shared::shutdown::Shutdown { Box::pin(std::future::pending()) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let refusals = [
+        (
+            "edge",
+            error_of(chat_edge::run(outside_dev("edge"), listener, never())).await,
+        ),
+        (
+            "router",
+            error_of(chat_router::run_with(outside_dev("router"), None, never())).await,
+        ),
+        (
+            "persister",
+            error_of(chat_persister::run_with(
+                outside_dev("persister"),
+                None,
+                never(),
+            ))
+            .await,
+        ),
+        (
+            "presence",
+            error_of(chat_presence::run_with(
+                outside_dev("presence"),
+                None,
+                never(),
+            ))
+            .await,
+        ),
+        (
+            "pushd",
+            error_of(chat_pushd::run(outside_dev("pushd"), never())).await,
+        ),
+    ];
+    for (service, refusal) in refusals {
+        let refusal = refusal.with_context(|| format!("{service} started"))?;
+        assert!(
+            refusal.contains("dev password") && refusal.contains("CHAT_DEV=true"),
+            "{service}: {refusal}"
+        );
+    }
+    // The same passwords with CHAT_DEV=true are what this system runs on.
+    assert!(system.config.dev);
+    answers_alice(&system).await
+}
+
+/// An edge of `system` started with `adjust`ed settings: how its start
+/// ended (it must fail before it serves anything).
+async fn edge_start_error(
+    system: &mut System,
+    adjust: impl FnOnce(&mut chat_shared::Config),
+) -> Result<chat_edge::EdgeError> {
+    let saved = system.config.clone();
+    adjust(&mut system.config);
+    let started = system
+        .start_edge_task(Box::pin(std::future::pending()))
+        .await;
+    system.config = saved;
+    let (_, running) = started?;
+    match tokio::time::timeout(WAIT, running).await?? {
+        Ok(()) => bail!("the edge ran"),
+        Err(e) => Ok(e),
+    }
+}
+
+#[tokio::test]
+async fn an_edge_refuses_weak_or_ambiguous_keys_at_start() -> Result<()> {
+    let mut system = System::start().await?;
+    let dir = tempfile::tempdir()?;
+    // A 31-byte HS256 secret, from the setting or from a named file.
+    let short = "0123456789abcdef0123456789abcde";
+    let refused = edge_start_error(&mut system, |c| c.jwt_secret = Some(short.into())).await?;
+    assert!(
+        matches!(
+            refused,
+            chat_edge::EdgeError::Keys(KeyError::ShortSecret { bytes: 31, .. })
+        ),
+        "{refused}"
+    );
+    let file = dir.path().join("jwt_secret");
+    std::fs::write(&file, short)?;
+    let refused = edge_start_error(&mut system, |c| {
+        c.jwt_secret = None;
+        c.jwt_secret_file = Some(file.clone());
+    })
+    .await?;
+    assert!(
+        matches!(
+            refused,
+            chat_edge::EdgeError::Keys(KeyError::ShortSecret { .. })
+        ),
+        "{refused}"
+    );
+    // A JWK set without an audience: any token its issuer made for another
+    // service would open a session here.
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#)?;
+    let refused = edge_start_error(&mut system, |c| {
+        c.jwt_jwks_file = Some(jwks.clone());
+        c.jwt_audience = None;
+    })
+    .await?;
+    assert!(
+        matches!(refused, chat_edge::EdgeError::Keys(KeyError::NoAudience)),
+        "{refused}"
+    );
+    // The system's own edge (a 35-byte secret) serves.
+    let alice = system.connect("alice", "phone").await?;
+    assert_eq!(alice.welcome["user"], "alice");
+    Ok(())
+}
