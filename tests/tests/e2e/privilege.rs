@@ -239,3 +239,79 @@ async fn an_edge_refuses_weak_or_ambiguous_keys_at_start() -> Result<()> {
     assert_eq!(alice.welcome["user"], "alice");
     Ok(())
 }
+
+/// What other parts of the edge do with its NATS user (nats/users.conf
+/// grants it ahead of them): per-user quota counters in a stream with the
+/// totals read from the PubAck, moderation notices on `chat.mod.>`, and
+/// ordered watches on the `chat_moderation` and `chat_edges` buckets. Each
+/// is done here as the edge's user, with the edge's own reply prefix, and
+/// must work; the stream and bucket are made as admin where the system
+/// does not provision them yet.
+#[tokio::test]
+async fn the_edge_nats_user_can_still_meter_watch_and_hear_moderation() -> Result<()> {
+    use async_nats::jetstream::{self, kv, stream};
+    let system = System::start().await?;
+    let admin = jetstream::new(system.admin().await?);
+    admin
+        .get_or_create_stream(stream::Config {
+            name: "QUOTAS".into(),
+            subjects: vec!["chat.quota.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let moderation = match admin.get_key_value("chat_moderation").await {
+        Ok(store) => store,
+        Err(_) => {
+            admin
+                .create_key_value(kv::Config {
+                    bucket: "chat_moderation".into(),
+                    ..Default::default()
+                })
+                .await?
+        }
+    };
+    let edges = admin.get_key_value("chat_edges").await?;
+
+    let edge = chat_shared::nats::connect(&system.config_for("edge"), "test-edge-jobs").await?;
+    let js = chat_shared::nats::jetstream(edge.clone(), &system.config);
+    // A quota increment and its PubAck.
+    let ack = js
+        .publish("chat.quota.alice.msgs.min", "1".into())
+        .await?
+        .await?;
+    assert_eq!(ack.stream, "QUOTAS");
+    // Moderation notices.
+    let mut notices = edge.subscribe("chat.mod.>").await?;
+    edge.flush().await?;
+    // Ordered watches of both buckets.
+    let mut bans = js
+        .get_key_value("chat_moderation")
+        .await?
+        .watch_all()
+        .await?;
+    let mut live = js.get_key_value("chat_edges").await?.watch_all().await?;
+    moderation.put("ban.mallory", "{}".into()).await?;
+    edges.put("edge-probe", "{}".into()).await?;
+    let operator = system.admin().await?;
+    operator.publish("chat.mod.mallory", "{}".into()).await?;
+    operator.flush().await?;
+    let notice = tokio::time::timeout(WAIT, notices.next()).await?;
+    assert_eq!(
+        notice.context("notices ended")?.subject.as_str(),
+        "chat.mod.mallory"
+    );
+    let ban = tokio::time::timeout(WAIT, bans.next())
+        .await?
+        .context("the moderation watch ended")??;
+    assert_eq!(ban.key, "ban.mallory");
+    // The edge bucket also holds the system's own edge: wait for the probe.
+    loop {
+        let entry = tokio::time::timeout(WAIT, live.next())
+            .await?
+            .context("the edges watch ended")??;
+        if entry.key == "edge-probe" {
+            break;
+        }
+    }
+    Ok(())
+}
