@@ -61,34 +61,61 @@ async fn the_edge_nats_user_cannot_listen_in_or_answer_other_services() -> Resul
     for (subject, _) in attempts {
         subscriptions.push((subject, edge.subscribe(subject).await?));
     }
-    // The control: an allowed subscription gets the same kind of publish,
-    // so silence below is the refusal, not a dead connection.
-    let mut control = edge.subscribe("chat.deliver.probe").await?;
-    edge.flush().await?;
-    for (_, probe) in attempts {
-        admin.publish(probe, "{\"probe\":true}".into()).await?;
+    // Nor may it read the streams it has no business in (push jobs, dead
+    // letters) message by message.
+    let reads = ["$JS.API.DIRECT.GET.PUSH", "$JS.API.DIRECT.GET.DEADLETTER"];
+    for read in reads {
+        edge.publish_with_reply(read, edge.new_inbox(), "{\"seq\":1}".into())
+            .await?;
     }
-    admin.publish("chat.deliver.probe", "{}".into()).await?;
-    admin.flush().await?;
-    let got = tokio::time::timeout(WAIT, control.next()).await?;
-    assert!(got.is_some(), "the allowed subscription got nothing");
+    edge.flush().await?;
 
-    // nats-server answers each refused SUB with a permissions violation.
+    // nats-server answers each refused SUB and PUB with a permissions
+    // violation.
+    let expected: Vec<String> = attempts
+        .iter()
+        .map(|(subject, _)| format!("subscription to \"{subject}\""))
+        .chain(reads.iter().map(|read| format!("publish to \"{read}\"")))
+        .map(|what| what.to_lowercase())
+        .collect();
     let mut refused = HashSet::new();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while refused.len() < attempts.len() {
+    while refused.len() < expected.len() {
         let error = tokio::time::timeout_at(deadline, errors.recv())
             .await
             .with_context(|| format!("refused so far: {refused:?}"))?
             .context("the error channel closed")?;
         let error = error.to_lowercase();
-        for (subject, _) in attempts {
-            let quoted = format!("subscription to \"{}\"", subject.to_lowercase());
-            if error.contains("permissions violation") && error.contains(&quoted) {
-                refused.insert(subject);
+        for what in &expected {
+            if error.contains("permissions violation") && error.contains(what.as_str()) {
+                refused.insert(what.clone());
             }
         }
     }
+
+    // Then something is published on each refused subject, and after it
+    // on an allowed one as the control: the control arrives, so silence on
+    // the others is the refusal, not a dead connection (one publisher's
+    // messages reach a client in order). The batch is sent again until the
+    // control arrives: under load a fresh subscription sometimes missed the
+    // first one (cause not found; a second publish always arrived).
+    let mut control = edge.subscribe("chat.deliver.probe").await?;
+    edge.flush().await?;
+    let arrived = async {
+        loop {
+            for (_, probe) in attempts {
+                admin.publish(probe, "{\"probe\":true}".into()).await?;
+            }
+            admin.publish("chat.deliver.probe", "{}".into()).await?;
+            admin.flush().await?;
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(500), control.next()).await
+            {
+                return anyhow::Ok(got.is_some());
+            }
+        }
+    };
+    let arrived = tokio::time::timeout(WAIT, arrived).await??;
+    assert!(arrived, "the allowed subscription ended");
     for (subject, mut subscription) in subscriptions {
         let leaked = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
         if let Ok(Some(message)) = leaked {
