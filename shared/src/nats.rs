@@ -35,11 +35,15 @@ pub enum ConnectError {
 const USERS_CONF: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/users.conf"));
 
 /// Every `(user, password)` of a `<USER>_PASSWORD = "..."` line of `conf`,
-/// the user in lower case.
+/// the user in lower case (comments, which mention that format, are not
+/// such lines).
 fn password_lines(conf: &str) -> impl Iterator<Item = (String, &str)> {
     conf.lines().filter_map(|line| {
         let (key, value) = line.trim().split_once('=')?;
         let user = key.trim().strip_suffix("_PASSWORD")?;
+        if user.is_empty() || !user.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
         let password = value.trim().strip_prefix('"')?.split('"').next()?;
         Some((user.to_ascii_lowercase(), password))
     })
@@ -255,6 +259,8 @@ mod tests {
         }
         assert_eq!(dev_password("nobody"), None);
         assert!(!is_dev_password("a-real-secret"));
+        // users.conf's comments quote the format; they are not passwords.
+        assert!(!is_dev_password("..."));
     }
 
     fn as_user(user: &str, password: &str, dev: bool) -> Config {
