@@ -310,15 +310,8 @@ if ! alive "$1"; then kill -9 "$2" 2>/dev/null; rm -rf "$3"; fi"#,
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop_child();
-        // A service refused by nats/users.conf shows here first: its error
-        // may be only a warning in its own log, or a timeout in the test.
         for start in 1..=self.starts {
-            let log = self.dir.path().join(format!("nats-{start}.log"));
-            for line in fs::read_to_string(&log).unwrap_or_default().lines() {
-                if line.contains(" Violation") {
-                    eprintln!("nats-server: {line}");
-                }
-            }
+            print_violations(&self.dir.path().join(format!("nats-{start}.log")));
         }
         // self.dir (TempDir) is removed after this.
     }
@@ -559,6 +552,20 @@ impl Drop for NatsCluster {
         for index in 0..self.nodes.len() {
             let _ = self.resume(index);
             self.kill(index);
+            for start in 1..=self.nodes[index].starts {
+                print_violations(&self.dir.path().join(format!("n{}-{start}.log", index + 1)));
+            }
+        }
+    }
+}
+
+/// Prints the permission violations in a nats-server log. A service refused
+/// by nats/users.conf shows here first: its error may be only a warning in
+/// its own log, or a timeout in the test.
+fn print_violations(log: &Path) {
+    for line in fs::read_to_string(log).unwrap_or_default().lines() {
+        if line.contains(" Violation") {
+            eprintln!("nats-server: {line}");
         }
     }
 }
