@@ -11,6 +11,11 @@ pub enum EdgeError {
     Lease(#[from] lease::LeaseError),
     #[error("invalid edge id: {0}")]
     EdgeId(#[from] chat_shared::ids::InvalidId),
+    #[error(
+        "CHAT_DEV_TOKENS=true lets anyone who reaches {addr} sign in as any user; listen on a \
+         loopback address, or set CHAT_DEV_TOKENS_PUBLIC=true to mean it"
+    )]
+    PublicDevTokens { addr: std::net::SocketAddr },
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
 }

@@ -11,7 +11,9 @@
 //! `POST /v1/dev/token` (`{"user":"alice"}` → `{"token":…}`) exists only when
 //! `CHAT_DEV_TOKENS=true`: it signs a token for any user name with the
 //! configured HS256 secret, which is what a local run wants and what a real
-//! deployment must never have. Off, the route does not exist (404).
+//! deployment must never have. Off, the route does not exist (404). On an
+//! address other hosts can reach (not loopback) the edge refuses to start
+//! with it unless `CHAT_DEV_TOKENS_PUBLIC=true` says that is meant.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +24,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use chat_shared::auth::{self, KeyError};
+use chat_shared::auth;
 use chat_shared::ids::UserId;
 use chat_shared::Config;
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::EdgeError;
 
 /// Scripts and styles from this origin only, nothing inline, no plugins, no
 /// framing; WebSockets to any host because `reconnect` names other edges.
@@ -75,8 +79,10 @@ fn etag_of(bytes: &[u8]) -> String {
 }
 
 /// The web client's routes, and the dev token endpoint when enabled.
-/// Fails when dev tokens are on but there is no HS256 secret to sign with.
-pub fn routes<S>(config: &Config) -> Result<Router<S>, KeyError>
+/// Fails when dev tokens are on but there is no HS256 secret to sign with,
+/// or when they would be served on `listen`, a non-loopback address,
+/// without `CHAT_DEV_TOKENS_PUBLIC=true`.
+pub fn routes<S>(config: &Config, listen: std::net::SocketAddr) -> Result<Router<S>, EdgeError>
 where
     S: Clone + Send + Sync + 'static,
 {
@@ -92,6 +98,7 @@ where
     if !config.dev_tokens {
         return Ok(router);
     }
+    check_reach(config, listen)?;
     let secret = auth::dev_secret(config).inspect_err(|_| {
         tracing::error!(
             "CHAT_DEV_TOKENS=true needs an HS256 secret (CHAT_JWT_SECRET or CHAT_JWT_SECRET_FILE)"
@@ -110,6 +117,14 @@ where
         .route("/v1/dev/token", post(mint_dev_token))
         .with_state(Arc::new(DevTokens { secret }));
     Ok(router.merge(dev))
+}
+
+/// Dev tokens only on loopback, unless the operator set the override.
+fn check_reach(config: &Config, listen: std::net::SocketAddr) -> Result<(), EdgeError> {
+    if listen.ip().to_canonical().is_loopback() || config.dev_tokens_public {
+        return Ok(());
+    }
+    Err(EdgeError::PublicDevTokens { addr: listen })
 }
 
 fn serve(asset: &Asset, etag: &str, headers: &HeaderMap) -> Response {
@@ -233,6 +248,35 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dev_tokens_stay_on_loopback_unless_overridden() {
+        let on = Config {
+            dev_tokens: true,
+            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
+            ..Config::default()
+        };
+        for addr in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+            assert!(check_reach(&on, addr.parse().unwrap()).is_ok(), "{addr}");
+        }
+        for addr in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:8080"] {
+            let refused = routes::<()>(&on, addr.parse().unwrap()).err();
+            assert!(
+                matches!(refused, Some(EdgeError::PublicDevTokens { .. })),
+                "{addr}: {refused:?}"
+            );
+            let public = Config {
+                dev_tokens_public: true,
+                ..on.clone()
+            };
+            assert!(
+                routes::<()>(&public, addr.parse().unwrap()).is_ok(),
+                "{addr}"
+            );
+        }
+        // Without dev tokens the address does not matter.
+        assert!(routes::<()>(&Config::default(), "0.0.0.0:8080".parse().unwrap()).is_ok());
+    }
 
     #[test]
     fn etags_are_quoted_hex_and_differ_per_asset() {

@@ -14,7 +14,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_JWT_SECRET_FILE};
 use crate::ids::UserId;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,6 +38,64 @@ pub enum KeyError {
     },
     #[error("JWK set {path}: {reason}")]
     Jwks { path: String, reason: String },
+    #[error(
+        "the HS256 secret from {origin} is {bytes} bytes; at least {MIN_SECRET_BYTES} are required \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    ShortSecret { origin: String, bytes: usize },
+    #[error(
+        "CHAT_JWT_JWKS_FILE needs CHAT_JWT_AUDIENCE: tokens of a shared issuer must name this service"
+    )]
+    NoAudience,
+}
+
+/// The shortest HS256 secret accepted: RFC 7518 asks for a key at least as
+/// long as the hash (256 bits); a shorter one can be brute-forced offline
+/// from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The configured HS256 secret and where it came from, by the rules of
+/// [`Config::jwt_secret_file`]: `CHAT_JWT_SECRET`, else the named file
+/// (which must exist), else the default file of a local run, but only when
+/// no JWK set is configured. A secret under [`MIN_SECRET_BYTES`] is refused.
+fn shared_secret(config: &Config) -> Result<Option<(String, String)>, KeyError> {
+    shared_secret_or(config, std::path::Path::new(DEFAULT_JWT_SECRET_FILE))
+}
+
+/// [`shared_secret`] with `default` standing for the default file (tests).
+fn shared_secret_or(
+    config: &Config,
+    default: &std::path::Path,
+) -> Result<Option<(String, String)>, KeyError> {
+    let found = match (&config.jwt_secret, &config.jwt_secret_file) {
+        (Some(secret), _) => Some((secret.clone(), "CHAT_JWT_SECRET".to_string())),
+        (None, Some(path)) => {
+            let secret = read_secret_file(path)?.ok_or_else(|| KeyError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "missing or empty (CHAT_JWT_SECRET_FILE names it)",
+                ),
+            })?;
+            Some((secret, format!("{} (CHAT_JWT_SECRET_FILE)", path.display())))
+        }
+        (None, None) if config.jwt_jwks_file.is_none() => {
+            read_secret_file(default)?.map(|secret| {
+                let source = format!("{} (the default file; no JWK set)", default.display());
+                (secret, source)
+            })
+        }
+        (None, None) => None,
+    };
+    if let Some((secret, source)) = &found {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(KeyError::ShortSecret {
+                origin: source.clone(),
+                bytes: secret.len(),
+            });
+        }
+    }
+    Ok(found)
 }
 
 /// The claims this system reads. Unknown claims are ignored.
@@ -75,6 +133,8 @@ struct Key {
 
 pub struct Verifier {
     shared_secret: Option<Key>,
+    /// Where the keys came from, for the start-up log.
+    sources: Vec<String>,
     by_kid: HashMap<String, Key>,
     issuer: Option<String>,
     audience: Option<String>,
@@ -84,12 +144,16 @@ pub struct Verifier {
 impl Verifier {
     /// Builds the verifier from the configured secret and/or JWK set.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let secret = match &config.jwt_secret {
-            Some(secret) => Some(secret.clone()),
-            None => read_secret_file(&config.jwt_secret_file)?,
-        };
+        let secret = shared_secret(config)?;
+        let mut sources = Vec::new();
+        if let Some((_, source)) = &secret {
+            sources.push(format!("HS256 secret from {source}"));
+        }
         let mut by_kid = HashMap::new();
         if let Some(path) = &config.jwt_jwks_file {
+            if config.jwt_audience.is_none() {
+                return Err(KeyError::NoAudience);
+            }
             let display = path.display().to_string();
             let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
                 path: display.clone(),
@@ -123,20 +187,30 @@ impl Verifier {
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(&e.to_string()))?;
                 by_kid.insert(kid, Key { key, algorithm });
             }
+            let mut kids: Vec<&str> = by_kid.keys().map(String::as_str).collect();
+            kids.sort_unstable();
+            sources.push(format!("JWK set {display} (kids {})", kids.join(", ")));
         }
         if secret.is_none() && by_kid.is_empty() {
             return Err(KeyError::NoKeys);
         }
         Ok(Self {
-            shared_secret: secret.map(|s| Key {
+            shared_secret: secret.map(|(s, _)| Key {
                 key: DecodingKey::from_secret(s.as_bytes()),
                 algorithm: Algorithm::HS256,
             }),
+            sources,
             by_kid,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             leeway: config.jwt_leeway,
         })
+    }
+
+    /// Where this verifier's keys came from (`HS256 secret from …`,
+    /// `JWK set … (kids …)`), for the start-up log.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
@@ -205,12 +279,12 @@ fn read_secret_file(path: &std::path::Path) -> Result<Option<String>, KeyError> 
     }
 }
 
-/// The configured HS256 secret, for tools that mint dev tokens.
+/// The configured HS256 secret, for tools that mint dev tokens (the one an
+/// edge of the same settings verifies with).
 pub fn dev_secret(config: &Config) -> Result<String, KeyError> {
-    match &config.jwt_secret {
-        Some(secret) => Ok(secret.clone()),
-        None => read_secret_file(&config.jwt_secret_file)?.ok_or(KeyError::NoKeys),
-    }
+    shared_secret(config)?
+        .map(|(secret, _)| secret)
+        .ok_or(KeyError::NoKeys)
 }
 
 pub use crate::clock::now_secs;
@@ -380,8 +454,8 @@ MC4CAQAwBQYDK2VwBCIEIEtQpJxeYUVy3Ul6ArqE7OmBkKv1KOO1EwwZUEnv7lii
         .unwrap();
         let config = Config {
             jwt_secret: None,
-            jwt_secret_file: dir.join(format!("{tag}.no-such-secret")),
             jwt_jwks_file: Some(jwks.clone()),
+            jwt_audience: Some("chat".into()),
             jwt_leeway: Duration::from_secs(0),
             ..Config::default()
         };
@@ -390,35 +464,47 @@ MC4CAQAwBQYDK2VwBCIEIEtQpJxeYUVy3Ul6ArqE7OmBkKv1KOO1EwwZUEnv7lii
         verifier.unwrap()
     }
 
+    /// [`claims`] for this service's audience, as a JWK set requires.
+    fn for_chat(sub: &str, exp_offset: i64) -> Claims {
+        Claims {
+            aud: Some(serde_json::json!("chat")),
+            ..claims(sub, exp_offset)
+        }
+    }
+
     #[test]
     fn an_ed25519_token_verifies_with_its_configured_key() {
         let v = eddsa_verifier();
-        let token = eddsa(Some("ed-1"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        let token = eddsa(Some("ed-1"), &for_chat("alice", 600), &ed_key(ED25519_KEY));
         let identity = v.verify(&token).unwrap();
         assert_eq!(identity.user, UserId::parse("alice").unwrap());
         // Expiry is checked for EdDSA as for HS256.
-        let expired = eddsa(Some("ed-1"), &claims("alice", -10), &ed_key(ED25519_KEY));
+        let expired = eddsa(Some("ed-1"), &for_chat("alice", -10), &ed_key(ED25519_KEY));
         assert_eq!(v.verify(&expired), Err(AuthError::Expired));
     }
 
     #[test]
     fn an_ed25519_token_signed_by_another_key_is_refused() {
         let v = eddsa_verifier();
-        let good = eddsa(Some("ed-1"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        let good = eddsa(Some("ed-1"), &for_chat("alice", 600), &ed_key(ED25519_KEY));
         assert!(v.verify(&good).is_ok(), "the control token must verify");
         let other_key = eddsa(
             Some("ed-1"),
-            &claims("alice", 600),
+            &for_chat("alice", 600),
             &ed_key(OTHER_ED25519_KEY),
         );
         let tampered = {
-            let other = eddsa(Some("ed-1"), &claims("mallory", 600), &ed_key(ED25519_KEY));
+            let other = eddsa(
+                Some("ed-1"),
+                &for_chat("mallory", 600),
+                &ed_key(ED25519_KEY),
+            );
             let parts: Vec<_> = good.split('.').collect();
             let payload = other.split('.').nth(1).unwrap();
             format!("{}.{}.{}", parts[0], payload, parts[2])
         };
-        let no_kid = eddsa(None, &claims("alice", 600), &ed_key(ED25519_KEY));
-        let unknown_kid = eddsa(Some("ed-2"), &claims("alice", 600), &ed_key(ED25519_KEY));
+        let no_kid = eddsa(None, &for_chat("alice", 600), &ed_key(ED25519_KEY));
+        let unknown_kid = eddsa(Some("ed-2"), &for_chat("alice", 600), &ed_key(ED25519_KEY));
         for (what, token) in [
             ("signed by another key", other_key),
             ("tampered payload", tampered),
@@ -451,5 +537,107 @@ MC4CAQAwBQYDK2VwBCIEIEtQpJxeYUVy3Ul6ArqE7OmBkKv1KOO1EwwZUEnv7lii
         let mut no_iss = good.clone();
         no_iss.iss = None;
         assert!(v.verify(&hs(&no_iss)).is_err());
+    }
+
+    #[test]
+    fn a_jwk_set_needs_an_audience_and_tokens_must_carry_it() {
+        let v = eddsa_verifier();
+        let key = ed_key(ED25519_KEY);
+        assert!(v
+            .verify(&eddsa(Some("ed-1"), &for_chat("alice", 600), &key))
+            .is_ok());
+        let no_aud = eddsa(Some("ed-1"), &claims("alice", 600), &key);
+        let mut other = for_chat("alice", 600);
+        other.aud = Some(serde_json::json!("billing"));
+        let other_aud = eddsa(Some("ed-1"), &other, &key);
+        for (what, token) in [("no aud", no_aud), ("another aud", other_aud)] {
+            assert!(
+                matches!(v.verify(&token), Err(AuthError::Invalid(_))),
+                "{what} accepted"
+            );
+        }
+        // Configured without an audience, the edge does not start.
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = dir.path().join("empty.json");
+        std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+        let config = Config {
+            jwt_jwks_file: Some(jwks),
+            jwt_secret: Some(SECRET.into()),
+            ..Config::default()
+        };
+        assert!(matches!(
+            Verifier::from_config(&config),
+            Err(KeyError::NoAudience)
+        ));
+    }
+
+    #[test]
+    fn secrets_under_32_bytes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("short");
+        std::fs::write(&file, "0123456789abcdef0123456789abcde\n").unwrap();
+        for config in [
+            Config {
+                jwt_secret: Some("secret".into()),
+                ..Config::default()
+            },
+            Config {
+                jwt_secret_file: Some(file),
+                ..Config::default()
+            },
+        ] {
+            let refused = Verifier::from_config(&config).err();
+            assert!(
+                matches!(refused, Some(KeyError::ShortSecret { bytes, .. }) if bytes < 32),
+                "{refused:?}"
+            );
+            assert!(dev_secret(&config).is_err());
+        }
+        let config = Config {
+            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
+            ..Config::default()
+        };
+        assert!(Verifier::from_config(&config).is_ok());
+    }
+
+    #[test]
+    fn the_default_secret_file_is_read_only_without_a_jwk_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("jwt_secret");
+        std::fs::write(&default, format!("{SECRET}\n")).unwrap();
+        let plain = Config::default();
+        let (secret, source) = shared_secret_or(&plain, &default).unwrap().unwrap();
+        assert_eq!(secret, SECRET);
+        assert!(source.contains("default file"), "{source}");
+        let with_jwks = Config {
+            jwt_jwks_file: Some(dir.path().join("jwks.json")),
+            ..Config::default()
+        };
+        assert!(shared_secret_or(&with_jwks, &default).unwrap().is_none());
+        // Named, it is read with a JWK set too; a named file that is missing
+        // is an error, not a silent fallback.
+        let named = Config {
+            jwt_secret_file: Some(default.clone()),
+            ..with_jwks.clone()
+        };
+        let (_, source) = shared_secret_or(&named, &default).unwrap().unwrap();
+        assert!(source.contains("CHAT_JWT_SECRET_FILE"), "{source}");
+        let missing = Config {
+            jwt_secret_file: Some(dir.path().join("nope")),
+            ..Config::default()
+        };
+        assert!(matches!(
+            shared_secret_or(&missing, &default),
+            Err(KeyError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn the_verifier_names_its_key_sources() {
+        let v = eddsa_verifier();
+        assert_eq!(v.sources().len(), 1);
+        assert!(v.sources()[0].starts_with("JWK set "), "{:?}", v.sources());
+        assert!(v.sources()[0].contains("ed-1"), "{:?}", v.sources());
+        assert_eq!(verifier().sources(), ["HS256 secret from CHAT_JWT_SECRET"]);
     }
 }

@@ -29,12 +29,16 @@ pub struct Config {
     /// `CHAT_JWT_SECRET`: HS256 secret (local/dev).
     pub jwt_secret: Option<String>,
     /// `CHAT_JWT_SECRET_FILE`: file holding the HS256 secret, used when
-    /// `CHAT_JWT_SECRET` is unset (`./scripts/dev` writes `.chat/jwt_secret`).
-    pub jwt_secret_file: PathBuf,
+    /// `CHAT_JWT_SECRET` is unset. Unnamed, [`DEFAULT_JWT_SECRET_FILE`]
+    /// (which `./scripts/dev` writes) is read only when no JWK set is
+    /// configured: a production edge never picks up a stray dev secret.
+    pub jwt_secret_file: Option<PathBuf>,
     /// `CHAT_JWT_JWKS_FILE`: a JWK set of public keys (RS256, ES256, EdDSA)
     /// selected by `kid`, for production issuers.
     pub jwt_jwks_file: Option<PathBuf>,
-    /// `CHAT_JWT_ISSUER` / `CHAT_JWT_AUDIENCE`: checked when set.
+    /// `CHAT_JWT_ISSUER` / `CHAT_JWT_AUDIENCE`: checked when set. With a
+    /// JWK set the audience is required (a token minted by the same issuer
+    /// for another service must not open a session here).
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// `CHAT_JWT_LEEWAY_SECS`: clock skew allowed on `exp`/`nbf`.
@@ -43,6 +47,14 @@ pub struct Config {
     /// name (`POST /v1/dev/token`, for the web client in local runs). Off
     /// unless set to exactly `true`; never in production.
     pub dev_tokens: bool,
+    /// `CHAT_DEV_TOKENS_PUBLIC`: `true` lets an edge with dev tokens listen
+    /// on a non-loopback address (a LAN demo); without it such an edge
+    /// refuses to start, since anyone who reaches it could sign in as anyone.
+    pub dev_tokens_public: bool,
+    /// `CHAT_DEV`: `true` marks a local run (`./scripts/dev`, the tests):
+    /// only then does a service accept the dev NATS passwords checked in to
+    /// nats/users.conf.
+    pub dev: bool,
     /// `CHAT_HEARTBEAT_SECS`: the `heartbeat` announced in `welcome`.
     pub heartbeat: Duration,
     /// `CHAT_HEARTBEAT_GRACE_SECS`: a connection silent for
@@ -237,6 +249,10 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
 }
 
+/// The HS256 secret file of a local run (`./scripts/dev` writes it); see
+/// [`Config::jwt_secret_file`].
+pub const DEFAULT_JWT_SECRET_FILE: &str = ".chat/jwt_secret";
+
 /// The largest frame (PROTOCOL.md: 1 MiB): a live queue must hold one.
 const LARGEST_FRAME_BYTES: usize = 1024 * 1024;
 /// Queue lengths beyond this are a mistake (and near `usize::MAX` a panic
@@ -416,12 +432,14 @@ impl Default for Config {
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             edge_id: None,
             jwt_secret: None,
-            jwt_secret_file: PathBuf::from(".chat/jwt_secret"),
+            jwt_secret_file: None,
             jwt_jwks_file: None,
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
             dev_tokens: false,
+            dev_tokens_public: false,
+            dev: false,
             heartbeat: Duration::from_secs(25),
             heartbeat_grace: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
@@ -483,14 +501,14 @@ impl Config {
         reader.parse("CHAT_EDGE_ADDR", &mut config.edge_addr);
         config.edge_id = reader.optional("CHAT_EDGE_ID");
         config.jwt_secret = reader.optional("CHAT_JWT_SECRET");
-        if let Some(path) = reader.optional("CHAT_JWT_SECRET_FILE") {
-            config.jwt_secret_file = PathBuf::from(path);
-        }
+        config.jwt_secret_file = reader.optional("CHAT_JWT_SECRET_FILE").map(PathBuf::from);
         config.jwt_jwks_file = reader.optional("CHAT_JWT_JWKS_FILE").map(PathBuf::from);
         config.jwt_issuer = reader.optional("CHAT_JWT_ISSUER");
         config.jwt_audience = reader.optional("CHAT_JWT_AUDIENCE");
         reader.seconds("CHAT_JWT_LEEWAY_SECS", &mut config.jwt_leeway);
         reader.parse("CHAT_DEV_TOKENS", &mut config.dev_tokens);
+        reader.parse("CHAT_DEV_TOKENS_PUBLIC", &mut config.dev_tokens_public);
+        reader.parse("CHAT_DEV", &mut config.dev);
         reader.seconds("CHAT_HEARTBEAT_SECS", &mut config.heartbeat);
         reader.seconds("CHAT_HEARTBEAT_GRACE_SECS", &mut config.heartbeat_grace);
         reader.seconds("CHAT_HELLO_TIMEOUT_SECS", &mut config.hello_timeout);
@@ -939,6 +957,27 @@ mod tests {
         for sloppy in ["1", "yes", "TRUE", "on"] {
             assert!(from(&[("CHAT_DEV_TOKENS", sloppy)]).is_err(), "{sloppy}");
         }
+    }
+
+    #[test]
+    fn dev_switches_are_off_unless_exactly_true() {
+        let config = from(&[]).unwrap();
+        assert!(!config.dev && !config.dev_tokens_public);
+        let config = from(&[("CHAT_DEV", "true"), ("CHAT_DEV_TOKENS_PUBLIC", "true")]).unwrap();
+        assert!(config.dev && config.dev_tokens_public);
+        for key in ["CHAT_DEV", "CHAT_DEV_TOKENS_PUBLIC"] {
+            assert!(from(&[(key, "1")]).is_err(), "{key}");
+        }
+    }
+
+    #[test]
+    fn the_jwt_secret_file_is_none_unless_named() {
+        assert_eq!(from(&[]).unwrap().jwt_secret_file, None);
+        let config = from(&[("CHAT_JWT_SECRET_FILE", "/run/secrets/jwt")]).unwrap();
+        assert_eq!(
+            config.jwt_secret_file.as_deref(),
+            Some(std::path::Path::new("/run/secrets/jwt"))
+        );
     }
 
     #[test]

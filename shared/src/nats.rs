@@ -17,6 +17,69 @@ pub enum ConnectError {
         "nats-server {found} at {url} is older than {MIN_SERVER_VERSION}, the oldest this system runs on"
     )]
     ServerTooOld { url: String, found: String },
+    #[error(
+        "CHAT_NATS_PASSWORD of NATS user {user:?} is a dev password checked in to nats/users.conf: \
+         set a secret of your own (and the same in the server's users.conf), or CHAT_DEV=true for a local run"
+    )]
+    DevPassword { user: String },
+    #[error(
+        "CHAT_NATS_USER {user:?}: only letters, digits, '-' and '_' (it names the inbox prefix)"
+    )]
+    BadUser { user: String },
+}
+
+/// `nats/users.conf`, compiled in: its `<USER>_PASSWORD = "..."` lines are
+/// the checked-in dev passwords, which a service refuses outside a dev run
+/// ([`Config::dev`]). One source of truth: scripts/lib.sh and the test
+/// harness read the same lines.
+const USERS_CONF: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/users.conf"));
+
+/// Every `(user, password)` of a `<USER>_PASSWORD = "..."` line of `conf`,
+/// the user in lower case (comments, which mention that format, are not
+/// such lines).
+fn password_lines(conf: &str) -> impl Iterator<Item = (String, &str)> {
+    conf.lines().filter_map(|line| {
+        let (key, value) = line.trim().split_once('=')?;
+        let user = key.trim().strip_suffix("_PASSWORD")?;
+        if user.is_empty() || !user.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        let password = value.trim().strip_prefix('"')?.split('"').next()?;
+        Some((user.to_ascii_lowercase(), password))
+    })
+}
+
+/// The checked-in dev password of NATS user `user` (`edge`, `router`,
+/// `persister`, `presence`, `pushd`, `admin`), if `nats/users.conf` has one.
+pub fn dev_password(user: &str) -> Option<&'static str> {
+    password_lines(USERS_CONF)
+        .find(|(name, _)| name.eq_ignore_ascii_case(user))
+        .map(|(_, password)| password)
+}
+
+fn is_dev_password(password: &str) -> bool {
+    password_lines(USERS_CONF).any(|(_, dev)| dev == password)
+}
+
+/// The prefix of this user's reply subjects (`_INBOX_<user>`, or NATS's
+/// `_INBOX` without a user). Each service's replies, PubAcks and consumer
+/// deliveries arrive under its own prefix, so nats/users.conf can let each
+/// user subscribe to its own inboxes only: a compromised edge cannot read
+/// another service's replies or answer its requests (no prefix is under
+/// another one or under `_INBOX.>`).
+pub fn inbox_prefix(user: Option<&str>) -> Result<String, ConnectError> {
+    match user {
+        None => Ok("_INBOX".into()),
+        Some(user)
+            if !user.is_empty()
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            Ok(format!("_INBOX_{user}"))
+        }
+        Some(user) => Err(ConnectError::BadUser { user: user.into() }),
+    }
 }
 
 /// The oldest nats-server accepted. JetStream releases before 2.14 lost
@@ -69,7 +132,7 @@ pub async fn connect_watched(
         connected: true,
         gaps: 0,
     });
-    let options = options(config, name).event_callback(move |event| {
+    let options = options(config, name)?.event_callback(move |event| {
         let tx = tx.clone();
         async move {
             match event {
@@ -90,7 +153,7 @@ pub async fn connect_watched(
 /// unbounded; requests (and PubAcks) time out after `request_timeout`, so a
 /// NATS outage turns into a fast `unavailable` instead of a hang.
 pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
-    open(options(config, name), config).await
+    open(options(config, name)?, config).await
 }
 
 /// Connects with `options` and checks the server's version.
@@ -132,9 +195,15 @@ fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError>
     Ok(addrs)
 }
 
-fn options(config: &Config, name: &str) -> async_nats::ConnectOptions {
+fn options(config: &Config, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
+    if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+        if !config.dev && is_dev_password(password) {
+            return Err(ConnectError::DevPassword { user: user.clone() });
+        }
+    }
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(inbox_prefix(config.nats_user.as_deref())?)
         .request_timeout(Some(config.request_timeout))
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
@@ -145,7 +214,7 @@ fn options(config: &Config, name: &str) -> async_nats::ConnectOptions {
     if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
-    options
+    Ok(options)
 }
 
 /// Sends what the client still buffers (acks, naks handing work back, last
@@ -179,6 +248,57 @@ mod tests {
         assert!(version_triple("2.9.25") < version_triple(MIN_SERVER_VERSION));
         assert!(version_triple("2.14.0") >= version_triple(MIN_SERVER_VERSION));
         assert!(version_triple("3.0.0") > version_triple(MIN_SERVER_VERSION));
+    }
+
+    #[test]
+    fn dev_passwords_come_from_users_conf() {
+        for user in ["edge", "router", "persister", "presence", "pushd", "admin"] {
+            let password = dev_password(user).unwrap();
+            assert_eq!(password, format!("{user}-dev-password"));
+            assert!(is_dev_password(password));
+        }
+        assert_eq!(dev_password("nobody"), None);
+        assert!(!is_dev_password("a-real-secret"));
+        // users.conf's comments quote the format; they are not passwords.
+        assert!(!is_dev_password("..."));
+    }
+
+    fn as_user(user: &str, password: &str, dev: bool) -> Config {
+        Config {
+            nats_user: Some(user.into()),
+            nats_password: Some(password.into()),
+            dev,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn dev_passwords_are_refused_unless_chat_dev() {
+        let dev = dev_password("router").unwrap();
+        let refused = options(&as_user("router", dev, false), "router").unwrap_err();
+        assert!(matches!(refused, ConnectError::DevPassword { .. }));
+        assert!(refused.to_string().contains("CHAT_DEV=true"), "{refused}");
+        // Another user's dev password is just as public.
+        assert!(options(
+            &as_user("router", dev_password("edge").unwrap(), false),
+            "r"
+        )
+        .is_err());
+        assert!(options(&as_user("router", dev, true), "router").is_ok());
+        assert!(options(&as_user("router", "a-real-secret", false), "router").is_ok());
+    }
+
+    #[test]
+    fn each_user_has_its_own_inbox_prefix() {
+        assert_eq!(inbox_prefix(None).unwrap(), "_INBOX");
+        assert_eq!(inbox_prefix(Some("edge")).unwrap(), "_INBOX_edge");
+        assert_eq!(inbox_prefix(Some("push_d-2")).unwrap(), "_INBOX_push_d-2");
+        for bad in ["", "a.b", "a*", ">", "a b"] {
+            assert!(
+                matches!(inbox_prefix(Some(bad)), Err(ConnectError::BadUser { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 pub use process::{Service, ServiceProcess};
 pub use servers::{fresh_database, nats_password, NatsServer};
 
-pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret";
+pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret-e2e";
 /// How long a test waits for any one expected frame.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -671,6 +671,8 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
         nats_url,
         database_url,
         jwt_secret: Some(JWT_SECRET.into()),
+        // The dev NATS passwords of nats/users.conf are accepted only so.
+        dev: true,
         database_pool_size: 4,
         presence_heartbeat: Duration::from_millis(300),
         presence_timeout: Duration::from_millis(1500),

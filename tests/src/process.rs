@@ -47,6 +47,7 @@ fn environment(config: &Config) -> Vec<(&'static str, String)> {
             "CHAT_NATS_PASSWORD",
             config.nats_password.clone().unwrap_or_default(),
         ),
+        ("CHAT_DEV", config.dev.to_string()),
         ("CHAT_DATABASE_URL", config.database_url.clone()),
         ("CHAT_DATABASE_POOL", config.database_pool_size.to_string()),
         ("CHAT_JWT_SECRET", JWT_SECRET.into()),

@@ -31,28 +31,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-/// `nats/users.conf`, compiled in so the passwords can be `&'static str`.
-const USERS_CONF: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/users.conf"));
-
 const POLL: Duration = Duration::from_millis(20);
 const NATS_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The dev password of NATS user `user` (`edge`, `router`, `persister`,
 /// `presence`, `pushd`, `admin`), as set in `nats/users.conf` by a line
-/// `<USER>_PASSWORD = "..."`.
+/// `<USER>_PASSWORD = "..."` (read by [`chat_shared::nats::dev_password`],
+/// the same lines a service refuses without `CHAT_DEV=true`).
 ///
 /// # Panics
 /// If `nats/users.conf` has no such line (an unknown user).
 pub fn nats_password(user: &str) -> &'static str {
-    let key = format!("{}_PASSWORD", user.to_ascii_uppercase());
-    USERS_CONF
-        .lines()
-        .find_map(|line| {
-            let rest = line.trim().strip_prefix(key.as_str())?;
-            let value = rest.trim_start().strip_prefix('=')?.trim();
-            value.strip_prefix('"')?.split('"').next()
-        })
-        .unwrap_or_else(|| panic!("no NATS user {user:?}: no {key} line in nats/users.conf"))
+    chat_shared::nats::dev_password(user)
+        .unwrap_or_else(|| panic!("no NATS user {user:?}: no _PASSWORD line in nats/users.conf"))
 }
 
 pub(crate) fn repo_root() -> PathBuf {
@@ -319,6 +310,9 @@ if ! alive "$1"; then kill -9 "$2" 2>/dev/null; rm -rf "$3"; fi"#,
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop_child();
+        for start in 1..=self.starts {
+            print_violations(&self.dir.path().join(format!("nats-{start}.log")));
+        }
         // self.dir (TempDir) is removed after this.
     }
 }
@@ -558,6 +552,20 @@ impl Drop for NatsCluster {
         for index in 0..self.nodes.len() {
             let _ = self.resume(index);
             self.kill(index);
+            for start in 1..=self.nodes[index].starts {
+                print_violations(&self.dir.path().join(format!("n{}-{start}.log", index + 1)));
+            }
+        }
+    }
+}
+
+/// Prints the permission violations in a nats-server log. A service refused
+/// by nats/users.conf shows here first: its error may be only a warning in
+/// its own log, or a timeout in the test.
+fn print_violations(log: &Path) {
+    for line in fs::read_to_string(log).unwrap_or_default().lines() {
+        if line.contains(" Violation") {
+            eprintln!("nats-server: {line}");
         }
     }
 }

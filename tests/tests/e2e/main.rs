@@ -12,6 +12,7 @@ mod metrics;
 mod moderation;
 mod operators;
 mod presence;
+mod privilege;
 mod push;
 mod replies;
 mod resume;

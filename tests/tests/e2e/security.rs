@@ -99,10 +99,9 @@ async fn jwks_system(dir: &Path) -> anyhow::Result<System> {
             (EC_KID, Algorithm::ES256, ec_key()),
         ],
     );
-    let no_secret = dir.join("no-secret");
+    // No secret: with a JWK set the default secret file is not read either.
     System::start_with(|c| {
         c.jwt_secret = None;
-        c.jwt_secret_file = no_secret;
         c.jwt_jwks_file = Some(jwks);
         c.jwt_issuer = Some(ISSUER.into());
         c.jwt_audience = Some(AUDIENCE.into());

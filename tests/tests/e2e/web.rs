@@ -137,6 +137,50 @@ async fn dev_tokens_sign_in_by_name_and_refuse_bad_input() -> Result<()> {
 }
 
 #[tokio::test]
+async fn dev_tokens_on_a_public_address_need_the_override() -> Result<()> {
+    let system = System::start().await?;
+    let public_edge = |override_set: bool| {
+        let mut config = system.config_for("edge");
+        config.dev_tokens = true;
+        config.dev_tokens_public = override_set;
+        async move {
+            // Every interface: reachable from other hosts.
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+            let port = listener.local_addr()?.port();
+            let running = tokio::spawn(chat_edge::run(
+                config,
+                listener,
+                Box::pin(std::future::pending()),
+            ));
+            anyhow::Ok((port, running))
+        }
+    };
+    let (_, refused) = public_edge(false).await?;
+    let refused = tokio::time::timeout(chat_tests::WAIT, refused).await??;
+    match refused {
+        Err(chat_edge::EdgeError::PublicDevTokens { addr }) => {
+            assert!(addr.ip().is_unspecified(), "{addr}");
+        }
+        other => bail!("the edge started with public dev tokens: {other:?}"),
+    }
+    // With the override it serves them (here reached over loopback).
+    let (port, running) = public_edge(true).await?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(|| async { http_get(addr, "/readyz").await.is_ok_and(|(s, _)| s == 200) }).await?;
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/dev/token",
+        &[("Content-Type", "application/json")],
+        r#"{"user":"alice"}"#,
+    )
+    .await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    running.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_web_client_is_served_with_types_a_csp_and_etags() -> Result<()> {
     let system = System::start().await?;
     for (path, content_type) in [
