@@ -9,6 +9,7 @@
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
+pub mod db;
 mod deadletter;
 mod error;
 mod metrics;
@@ -39,8 +40,7 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), PersisterError> {
-    let pool = chat_shared::db::connect_pool(&config)
-        .map_err(|e| PersisterError::Database(e.to_string()))?;
+    let pool = db::connect_pool(&config).map_err(|e| PersisterError::Database(e.to_string()))?;
     migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let consumer = consume::durable(
