@@ -11,6 +11,4 @@ pub enum EdgeError {
     Lease(#[from] lease::LeaseError),
     #[error("invalid edge id: {0}")]
     EdgeId(#[from] chat_shared::ids::InvalidId),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
 }

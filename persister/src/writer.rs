@@ -303,7 +303,7 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
     if !inserted.is_empty() {
         let mut newest: HashMap<String, i64> = HashMap::new();
         for row in &inserted {
-            let (conversation, id): (String, i64) = (row.get(0), row.get(1));
+            let (conversation, id): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
             let entry = newest.entry(conversation).or_insert(id);
             *entry = (*entry).max(id);
         }
