@@ -27,13 +27,6 @@ use tokio::net::TcpListener;
 pub use error::PersisterError;
 
 /// Runs the persister until `shutdown` completes, serving `/metrics` on
-/// `CHAT_METRICS_ADDR` when it is set.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
-    let metrics_listener = chat_shared::metrics::bind(&config).await?;
-    run_with(config, metrics_listener, shutdown).await
-}
-
-/// Runs the persister until `shutdown` completes, serving `/metrics` on
 /// `metrics_listener` when given.
 pub async fn run_with(
     config: Config,

@@ -11,7 +11,7 @@ use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, FriendState, ServerFrame};
 use deadpool_postgres::GenericClient;
 
-use super::{column, corrupt, now_ms, unavailable, Service};
+use super::{begin, column, corrupt, now_ms, unavailable, Service};
 
 /// Friends and open requests one user may have: the presence fan-out of a
 /// user is one pass over this many.
@@ -109,10 +109,7 @@ impl Service {
             ));
         }
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         let change = match self.relation(&tx, &user, &other).await? {
             // Asking again changes nothing and tells nobody twice.
@@ -161,10 +158,7 @@ impl Service {
     ) -> Result<FriendState, RpcError> {
         let rpc::FriendRequest { user, other } = request;
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         match self.relation(&tx, &user, &other).await? {
             FriendState::Friends => Ok(FriendState::Friends),
@@ -188,10 +182,7 @@ impl Service {
     pub(super) async fn friend_remove(&self, request: rpc::FriendRequest) -> Result<(), RpcError> {
         let rpc::FriendRequest { user, other } = request;
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         let removed = tx
             .execute(

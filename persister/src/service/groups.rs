@@ -9,7 +9,9 @@ use chat_shared::rpc::{self, RpcError};
 use chat_shared::wire::{ErrorCode, GroupView, MembershipChange};
 use deadpool_postgres::GenericClient;
 
-use super::{activity_of, column, corrupt, now_ms, unavailable, Service, MAX_GROUP_NAME_CHARS};
+use super::{
+    activity_of, begin, column, corrupt, now_ms, unavailable, Service, MAX_GROUP_NAME_CHARS,
+};
 
 impl Service {
     pub(super) async fn group_members(
@@ -100,10 +102,7 @@ impl Service {
             .map_err(|_| corrupt("group id"))?;
         let now = now_ms();
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         tx.execute(
             "INSERT INTO groups (id, name, owner, created_at) VALUES ($1, $2, $3, $4)",
             &[&group.as_str(), &name, &request.user.as_str(), &now],
@@ -199,10 +198,7 @@ impl Service {
             ));
         }
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         let (name, owner) = self.group_row(&tx, &request.group, true).await?;
         let before = self.group_members(&tx, &request.group).await?;
         let before_set: HashSet<&UserId> = before.iter().collect();
@@ -283,10 +279,7 @@ impl Service {
 
     pub(super) async fn group_leave(&self, request: rpc::GroupRequest) -> Result<(), RpcError> {
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         let (_, owner) = self.group_row(&tx, &request.group, true).await?;
         let removed = tx
             .execute(

@@ -83,6 +83,15 @@ fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
     })
 }
 
+/// A transaction on `db`.
+async fn begin(
+    db: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, RpcError> {
+    db.transaction()
+        .await
+        .map_err(unavailable("begin a transaction"))
+}
+
 fn corrupt(what: &str) -> RpcError {
     RpcError::new(ErrorCode::Internal, format!("stored {what} is invalid"))
 }
@@ -265,10 +274,7 @@ impl Service {
         let mut db = self.client().await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         // Nobody reads past the newest message: a larger `up_to` would hide
         // messages not sent yet.
         let newest: Option<i64> = tx

@@ -10,7 +10,7 @@ use chat_shared::rpc::{self, RpcError};
 use chat_shared::wire::ErrorCode;
 use deadpool_postgres::tokio_postgres::error::SqlState;
 
-use super::{column, now_ms, unavailable, Service};
+use super::{begin, column, now_ms, unavailable, Service};
 
 fn held_by_another() -> RpcError {
     RpcError::new(
@@ -32,10 +32,7 @@ impl Service {
         let device = request.device.as_str();
         let platform = request.platform.as_str();
         let mut db = self.client().await?;
-        let tx = db
-            .transaction()
-            .await
-            .map_err(unavailable("begin a transaction"))?;
+        let tx = begin(&mut db).await?;
         // One registration of a user at a time, so two at once cannot both
         // stay under a cap.
         tx.execute(
