@@ -2,4 +2,5 @@
 //! graph allows and that docs/architecture.md names what exists. They need
 //! no servers, so they live apart from the end-to-end binary.
 
+mod codemap;
 mod crates;
