@@ -16,9 +16,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::Percentiles;
+use crate::bench::common::Percentiles;
+use crate::bench::common::{connect_paced, request, PING_EVERY};
 use crate::client::Socket;
-use crate::presence_bench::{connect_paced, request, PING_EVERY};
 
 /// Connections opened at once while setting up.
 const CONNECT_CONCURRENCY: usize = 16;
@@ -51,6 +51,53 @@ pub struct GroupReport {
     pub deliveries_per_second: f64,
     /// Milliseconds, send -> each member's `message` frame.
     pub delivered_latency: Percentiles,
+}
+
+impl GroupOptions {
+    /// Refuses a load that cannot run (the same for us and for ejabberd).
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        let GroupOptions {
+            groups,
+            members,
+            senders,
+            messages,
+            window,
+            ..
+        } = *self;
+        if groups == 0 || members < 2 || senders == 0 || messages == 0 || window == 0 {
+            bail!("groups, senders, messages and window must be positive, members at least 2");
+        }
+        if senders > members {
+            bail!("senders ({senders}) cannot exceed members ({members})");
+        }
+        Ok(())
+    }
+}
+
+impl GroupReport {
+    /// The report of a run of `options` whose sends were all answered after
+    /// `sent_seconds` and whose deliveries (latencies in µs) ended after
+    /// `seconds`.
+    pub(crate) fn of_run(
+        options: &GroupOptions,
+        sent_seconds: f64,
+        seconds: f64,
+        latencies: Vec<u64>,
+    ) -> Self {
+        let total = options.groups * options.senders * options.messages;
+        let deliveries = latencies.len();
+        Self {
+            groups: options.groups,
+            members: options.members,
+            senders: options.senders,
+            messages: total,
+            deliveries,
+            seconds,
+            sent_per_second: crate::bench::common::per_second(total, sent_seconds),
+            deliveries_per_second: crate::bench::common::per_second(deliveries, seconds),
+            delivered_latency: Percentiles::of(latencies),
+        }
+    }
 }
 
 /// Deliveries one run should produce: every message reaches every member
@@ -86,12 +133,7 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
         window,
         ..
     } = options;
-    if groups == 0 || members < 2 || senders == 0 || messages == 0 || window == 0 {
-        bail!("groups, senders, messages and window must be positive, members at least 2");
-    }
-    if senders > members {
-        bail!("senders ({senders}) cannot exceed members ({members})");
-    }
+    options.check()?;
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -199,18 +241,12 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
     if let Some(e) = failure {
         return Err(e);
     }
-    let deliveries = latencies.len();
-    Ok(GroupReport {
-        groups,
-        members,
-        senders,
-        messages: total,
-        deliveries,
+    Ok(GroupReport::of_run(
+        &options,
+        sent_seconds,
         seconds,
-        sent_per_second: crate::raw_bench::per_second(total, sent_seconds),
-        deliveries_per_second: crate::raw_bench::per_second(deliveries, seconds),
-        delivered_latency: Percentiles::of(latencies),
-    })
+        latencies,
+    ))
 }
 
 struct Member {

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 
-use crate::bench::{DmOptions, DmReport, Percentiles};
+use crate::bench::common::per_second;
+use crate::bench::common::Percentiles;
+use crate::bench::{DmOptions, DmReport};
 use crate::group_bench::{expected_deliveries, GroupOptions, GroupReport};
-use crate::raw_bench::per_second;
 use crate::xmpp::{Event, Session, MUC_DOMAIN};
 
 /// Logins in flight while setting up.
@@ -346,12 +347,7 @@ pub async fn group(addr: SocketAddr, options: &GroupOptions) -> anyhow::Result<G
         window,
         ..
     } = *options;
-    if groups == 0 || members < 2 || senders == 0 || messages == 0 || window == 0 {
-        bail!("groups, senders, messages and window must be positive, members at least 2");
-    }
-    if senders > members {
-        bail!("senders ({senders}) cannot exceed members ({members})");
-    }
+    options.check()?;
     let run = crate::client::unique_u64();
     let room = |g: usize| format!("bench{run:x}g{g}@{MUC_DOMAIN}");
     eprintln!(
@@ -418,18 +414,12 @@ pub async fn group(addr: SocketAddr, options: &GroupOptions) -> anyhow::Result<G
     if let Some(e) = failure {
         return Err(e);
     }
-    let deliveries = latencies.len();
-    Ok(GroupReport {
-        groups,
-        members,
-        senders,
-        messages: total,
-        deliveries,
+    Ok(GroupReport::of_run(
+        options,
+        sent_seconds,
         seconds,
-        sent_per_second: per_second(total, sent_seconds),
-        deliveries_per_second: per_second(deliveries, seconds),
-        delivered_latency: Percentiles::of(latencies),
-    })
+        latencies,
+    ))
 }
 
 fn print_ratios(

@@ -93,7 +93,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
     let filling = Instant::now();
     let (socket, _) = connect(config, &options.edge, &sender, "bench", None).await?;
     let sent_at = Arc::new((0..options.backlog).map(|_| AtomicU64::new(0)).collect());
-    crate::bench::send(
+    crate::bench::common::send(
         socket,
         receiver.clone(),
         options.backlog,
@@ -159,7 +159,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         welcome_ms: welcome.unwrap_or_default().as_secs_f64() * 1000.0,
         synced_ms: synced.as_secs_f64() * 1000.0,
         before_synced: seen.len(),
-        messages_per_second: crate::raw_bench::per_second(seen.len(), synced.as_secs_f64()),
+        messages_per_second: crate::bench::common::per_second(seen.len(), synced.as_secs_f64()),
     })
 }
 
