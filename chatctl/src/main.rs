@@ -5,16 +5,13 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, UserId};
-use chat_shared::wire::{ClientFrame, SendRequest, ServerFrame};
+use chat_shared::ids::{ConversationId, Cursor, UserId};
 use chat_shared::{schema, streams, Config};
-use chatctl::client::{connect, parse_duration, token, unique_u64};
+use chatctl::client::{self, parse_duration, token, Target};
 use chatctl::moderation::{self, Moderator};
 use chatctl::replay::{self, Entry, Replay, ReplayName, ReplayOptions, Republisher, Start};
 use chatctl::{bench, status};
 use clap::{Args, Parser, Subcommand};
-use futures::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
 #[command(name = "chatctl", about = "Operate and try the chat backend", version)]
@@ -358,20 +355,7 @@ async fn main() -> anyhow::Result<()> {
                     println!("streams and buckets applied");
                 }
                 StreamsAction::Ls => {
-                    let mut names = js.stream_names();
-                    while let Some(name) = names.next().await {
-                        let name = name?;
-                        let mut stream = js.get_stream(&name).await?;
-                        let info = stream.info().await?;
-                        println!(
-                            "{name:<16} messages={:<10} bytes={:<12} first={} last={} consumers={}",
-                            info.state.messages,
-                            info.state.bytes,
-                            info.state.first_sequence,
-                            info.state.last_sequence,
-                            info.state.consumer_count
-                        );
-                    }
+                    print!("{}", status::render_list(&status::collect(&js).await?))
                 }
             }
         }
@@ -404,41 +388,16 @@ async fn main() -> anyhow::Result<()> {
             text,
             edge,
         } => {
-            let (mut socket, handshake) =
-                connect(&config, &edge.url, &user, "chatctl-send", None).await?;
-            for frame in handshake {
-                eprintln!("{frame}");
-            }
-            let request = SendRequest {
-                reference: Some("1".into()),
-                to: to.map(UserId::parse).transpose()?,
-                conversation: conversation
-                    .map(|c| ConversationId::parse(&c))
-                    .transpose()?,
-                text,
-                client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", unique_u64()))?,
+            let target = match (to, conversation) {
+                (Some(to), None) => Target::User(UserId::parse(to)?),
+                (None, Some(c)) => Target::Conversation(ConversationId::parse(&c)?),
+                _ => bail!("give exactly one of --to and --conversation"),
             };
-            socket
-                .send(Message::Text(
-                    serde_json::to_string(&ClientFrame::Send(request))?.into(),
-                ))
-                .await?;
-            while let Some(message) = socket.next().await {
-                if let Message::Text(text) = message? {
-                    let frame: ServerFrame = serde_json::from_str(&text)?;
-                    match frame {
-                        ServerFrame::Sent { .. } => {
-                            println!("{text}");
-                            return Ok(());
-                        }
-                        ServerFrame::Error(error) => {
-                            bail!("{}: {}", serde_json::to_string(&error.code)?, error.message)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            bail!("connection closed before `sent`");
+            let sent = client::send(&config, &edge.url, &user, target, text, |frame| {
+                eprintln!("{frame}")
+            })
+            .await?;
+            println!("{}", sent.to_json());
         }
         Command::Bench {
             scenario:
@@ -588,36 +547,12 @@ async fn main() -> anyhow::Result<()> {
             cursor,
             edge,
         } => {
-            let (mut socket, handshake) =
-                connect(&config, &edge.url, &user, &device, cursor.map(Cursor)).await?;
-            for frame in handshake {
-                println!("{frame}");
-            }
-            let mut ping = tokio::time::interval(Duration::from_secs(20));
-            loop {
-                tokio::select! {
-                    _ = ping.tick() => socket.send(Message::Text(r#"{"type":"ping"}"#.into())).await?,
-                    message = socket.next() => {
-                        let Some(message) = message else { break };
-                        match message? {
-                            Message::Text(text) => {
-                                println!("{text}");
-                                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
-                                    if let Some(cursor) = value.get("cursor").and_then(|c| c.as_str()) {
-                                        let ack = serde_json::json!({"type": "ack", "cursor": cursor});
-                                        socket.send(Message::Text(ack.to_string().into())).await?;
-                                    }
-                                }
-                            }
-                            Message::Close(frame) => {
-                                eprintln!("closed: {frame:?}");
-                                break;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
+            let cursor = cursor.map(Cursor);
+            let closed = client::tail(&config, &edge.url, &user, &device, cursor, |frame| {
+                println!("{frame}")
+            })
+            .await?;
+            eprintln!("closed: {closed:?}");
         }
     }
     Ok(())
