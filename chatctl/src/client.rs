@@ -11,6 +11,9 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Where client commands connect unless told otherwise (`scripts/dev`'s edge).
+pub const DEFAULT_EDGE: &str = "ws://127.0.0.1:8080/v1/ws";
+
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

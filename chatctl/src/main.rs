@@ -76,6 +76,9 @@ enum Command {
     },
     /// Load a running system and measure it.
     Bench {
+        /// Print the report as JSON (before or after the scenario).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         scenario: BenchScenario,
     },
@@ -97,50 +100,15 @@ enum Command {
 enum BenchScenario {
     /// One user with many online friends goes online and offline; fan-out
     /// latency and presence frames per second.
-    Presence {
-        #[arg(long, default_value_t = 500)]
-        friends: usize,
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Presence(chatctl::presence_bench::PresenceOptions),
     /// The ceiling on this box: async JetStream publishes into a temporary
     /// R1 stream (BENCH_RAW, deleted after) and core NATS pub -> sub.
-    Raw {
-        /// Messages per part.
-        #[arg(long, default_value_t = 200_000)]
-        messages: usize,
-        /// PubAcks in flight.
-        #[arg(long, default_value_t = 512)]
-        window: usize,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Raw(chatctl::raw_bench::RawOptions),
     /// Groups made with group.create, every member connected, a few
     /// senders per group; deliveries per second and latency.
     Group {
-        #[arg(long, default_value_t = 5)]
-        groups: usize,
-        /// Members per group, the owner included.
-        #[arg(long, default_value_t = 100)]
-        members: usize,
-        /// Senders per group.
-        #[arg(long, default_value_t = 2)]
-        senders: usize,
-        /// Messages per sender.
-        #[arg(long, default_value_t = 100)]
-        messages: usize,
-        /// Sends in flight per sender.
-        #[arg(long, default_value_t = 32)]
-        window: usize,
+        #[command(flatten)]
+        options: chatctl::group_bench::GroupOptions,
         /// Also run the same load against this server (started here, on
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
@@ -148,29 +116,9 @@ enum BenchScenario {
         /// The peer's message archive (ejabberd mod_mam).
         #[arg(long, value_enum, default_value = "on", requires = "peer")]
         mam: chatctl::peer_bench::Mam,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// An offline user accumulates a backlog, then resumes; hello -> synced.
-    Resume {
-        /// Messages in the backlog.
-        #[arg(long, default_value_t = 10_000)]
-        backlog: usize,
-        /// Sends in flight while building the backlog.
-        #[arg(long, default_value_t = 64)]
-        window: usize,
-        /// Resume without a cursor (from the device's acked point).
-        #[arg(long)]
-        no_cursor: bool,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Resume(chatctl::resume_bench::ResumeOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -194,9 +142,6 @@ enum BenchScenario {
         hold_secs: u64,
         #[command(flatten)]
         edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Pairs of users sending direct messages; rates and latencies.
     Dm {
@@ -227,9 +172,6 @@ enum BenchScenario {
         mam: chatctl::peer_bench::Mam,
         #[command(flatten)]
         edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -294,7 +236,7 @@ struct EdgeArg {
         long = "edge",
         value_name = "EDGE",
         env = "CHAT_EDGE_URL",
-        default_value = "ws://127.0.0.1:8080/v1/ws"
+        default_value = chatctl::client::DEFAULT_EDGE
     )]
     url: String,
 }
@@ -399,19 +341,36 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             println!("{}", sent.to_json());
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Dm {
-                    pairs,
-                    messages,
-                    window,
-                    rate,
-                    rss_every,
-                    peer,
-                    mam,
-                    edge,
-                    json,
-                },
+        Command::Bench { json, scenario } => bench(&config, scenario, json).await?,
+        Command::Tail {
+            user,
+            device,
+            cursor,
+            edge,
+        } => {
+            let cursor = cursor.map(Cursor);
+            let closed = client::tail(&config, &edge.url, &user, &device, cursor, |frame| {
+                println!("{frame}")
+            })
+            .await?;
+            eprintln!("closed: {closed:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs one bench scenario and shows its report.
+async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::Result<()> {
+    match scenario {
+        BenchScenario::Dm {
+            pairs,
+            messages,
+            window,
+            rate,
+            rss_every,
+            peer,
+            mam,
+            edge,
         } => {
             let options = bench::DmOptions {
                 edge: edge.url,
@@ -430,63 +389,16 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Presence {
-                    friends,
-                    rounds,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::presence_bench::PresenceOptions {
-                edge: edge.url,
-                friends,
-                rounds,
-            };
-            let report = chatctl::presence_bench::presence(&config, options).await?;
+        BenchScenario::Presence(options) => {
+            let report = chatctl::presence_bench::presence(config, options).await?;
             show(&report, json, chatctl::presence_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Raw {
-                    messages,
-                    window,
-                    size,
-                    json,
-                },
-        } => {
-            let options = chatctl::raw_bench::RawOptions {
-                messages,
-                window,
-                size,
-            };
-            let report = chatctl::raw_bench::raw(&config, options).await?;
+        BenchScenario::Raw(options) => {
+            let report = chatctl::raw_bench::raw(config, options).await?;
             show(&report, json, chatctl::raw_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Group {
-                    groups,
-                    members,
-                    senders,
-                    messages,
-                    window,
-                    peer,
-                    mam,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::group_bench::GroupOptions {
-                edge: edge.url,
-                groups,
-                members,
-                senders,
-                messages,
-                window,
-            };
-            let report = chatctl::group_bench::group(&config, options.clone()).await?;
+        BenchScenario::Group { options, peer, mam } => {
+            let report = chatctl::group_bench::group(config, options.clone()).await?;
             match peer {
                 None => show(&report, json, chatctl::group_bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
@@ -496,37 +408,18 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Resume {
-                    backlog,
-                    window,
-                    no_cursor,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::resume_bench::ResumeOptions {
-                edge: edge.url,
-                backlog,
-                window,
-                no_cursor,
-            };
-            let report = chatctl::resume_bench::resume(&config, options).await?;
+        BenchScenario::Resume(options) => {
+            let report = chatctl::resume_bench::resume(config, options).await?;
             show(&report, json, chatctl::resume_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Connect {
-                    connections,
-                    rate,
-                    sources,
-                    edge_pid,
-                    idle_secs,
-                    hold_secs,
-                    edge,
-                    json,
-                },
+        BenchScenario::Connect {
+            connections,
+            rate,
+            sources,
+            edge_pid,
+            idle_secs,
+            hold_secs,
+            edge,
         } => {
             let options = chatctl::connect_bench::ConnectOptions {
                 edge: edge.url,
@@ -540,19 +433,6 @@ async fn main() -> anyhow::Result<()> {
             show(&report, json, chatctl::connect_bench::print)?;
             tokio::time::sleep(Duration::from_secs(hold_secs)).await;
             drop(held);
-        }
-        Command::Tail {
-            user,
-            device,
-            cursor,
-            edge,
-        } => {
-            let cursor = cursor.map(Cursor);
-            let closed = client::tail(&config, &edge.url, &user, &device, cursor, |frame| {
-                println!("{frame}")
-            })
-            .await?;
-            eprintln!("closed: {closed:?}");
         }
     }
     Ok(())

@@ -14,9 +14,13 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::bench::common::{connect_paced, request, Percentiles, PING_EVERY};
 use crate::client::Socket;
 
+#[derive(clap::Args)]
 pub struct PresenceOptions {
+    #[arg(long, env = "CHAT_EDGE_URL", default_value = crate::client::DEFAULT_EDGE)]
     pub edge: String,
+    #[arg(long, default_value_t = 500)]
     pub friends: usize,
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 

@@ -18,12 +18,16 @@ use crate::bench::common::{per_second, Percentiles};
 pub const STREAM: &str = "BENCH_RAW";
 const SUBJECTS: &str = "bench.raw.>";
 
+#[derive(clap::Args)]
 pub struct RawOptions {
     /// Messages per part (JetStream, then core NATS).
+    #[arg(long, default_value_t = 200_000)]
     pub messages: usize,
     /// PubAcks in flight.
+    #[arg(long, default_value_t = 512)]
     pub window: usize,
     /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
     pub size: usize,
 }
 

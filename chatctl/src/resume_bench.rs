@@ -19,14 +19,19 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, token, websocket_url};
 
+#[derive(clap::Args)]
 pub struct ResumeOptions {
+    #[arg(long, env = "CHAT_EDGE_URL", default_value = crate::client::DEFAULT_EDGE)]
     pub edge: String,
     /// Messages in the backlog.
+    #[arg(long, default_value_t = 10_000)]
     pub backlog: usize,
     /// Sends in flight while building the backlog.
+    #[arg(long, default_value_t = 64)]
     pub window: usize,
     /// Resume without a cursor (from the device's acked point) instead of
     /// the cursor of the last `synced`.
+    #[arg(long)]
     pub no_cursor: bool,
 }
 

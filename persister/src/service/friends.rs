@@ -224,8 +224,8 @@ impl Service {
         rows.iter()
             .map(|row| {
                 Ok(rpc::FriendEntry {
-                    user: UserId::parse(column::<&str>(&row, 0)?).map_err(|_| corrupt("friend"))?,
-                    state: parse_state(column(&row, 1)?)?,
+                    user: UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend"))?,
+                    state: parse_state(column(row, 1)?)?,
                 })
             })
             .collect()
@@ -244,7 +244,7 @@ impl Service {
             .await
             .map_err(unavailable("read friendships"))?;
         rows.iter()
-            .map(|row| UserId::parse(column::<&str>(&row, 0)?).map_err(|_| corrupt("friend")))
+            .map(|row| UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend")))
             .collect()
     }
 

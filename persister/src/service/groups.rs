@@ -27,7 +27,7 @@ impl Service {
             .await
             .map_err(unavailable("read group_members"))?;
         rows.iter()
-            .map(|row| UserId::parse(column::<String>(&row, 0)?).map_err(|_| corrupt("member")))
+            .map(|row| UserId::parse(column::<String>(row, 0)?).map_err(|_| corrupt("member")))
             .collect()
     }
 

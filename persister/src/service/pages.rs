@@ -116,11 +116,11 @@ impl Service {
             .map(|row| {
                 message_from_row(
                     request.conversation.clone(),
-                    column(&row, 0)?,
-                    column(&row, 1)?,
-                    column(&row, 2)?,
-                    column(&row, 3)?,
-                    column(&row, 4)?,
+                    column(row, 0)?,
+                    column(row, 1)?,
+                    column(row, 2)?,
+                    column(row, 3)?,
+                    column(row, 4)?,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -183,24 +183,24 @@ impl Service {
         let mut items = Vec::with_capacity(rows.len());
         let mut tokens = Vec::with_capacity(rows.len());
         for row in rows.iter().take(limit as usize) {
-            let conversation = ConversationId::parse(column::<&str>(&row, 0)?)
+            let conversation = ConversationId::parse(column::<&str>(row, 0)?)
                 .map_err(|_| corrupt("conversation"))?;
-            let read_up_to: Option<i64> = column(&row, 1)?;
-            let unread: i64 = column(&row, 2)?;
-            let last_id: Option<i64> = column(&row, 3)?;
+            let read_up_to: Option<i64> = column(row, 1)?;
+            let unread: i64 = column(row, 2)?;
+            let last_id: Option<i64> = column(row, 3)?;
             let last = match last_id {
                 Some(id) => Some(message_from_row(
                     conversation.clone(),
                     id,
-                    column(&row, 4)?,
-                    column(&row, 5)?,
-                    column(&row, 6)?,
-                    column(&row, 7)?,
+                    column(row, 4)?,
+                    column(row, 5)?,
+                    column(row, 6)?,
+                    column(row, 7)?,
                 )?),
                 None => None,
             };
             tokens.push(PageToken {
-                activity: column(&row, 9)?,
+                activity: column(row, 9)?,
                 conversation: conversation.to_string(),
             });
             items.push(ConversationSummary {
