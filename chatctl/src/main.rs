@@ -380,7 +380,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                 rate,
                 rss_every: rss_every.map(Duration::from_secs),
             };
-            let report = bench::dm(&config, options.clone()).await?;
+            let report = bench::dm(config, options.clone()).await?;
             match peer {
                 None => show(&report, json, bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
@@ -429,7 +429,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                 edge_pid,
                 idle: Duration::from_secs(idle_secs),
             };
-            let (report, held) = chatctl::connect_bench::connect(&config, options).await?;
+            let (report, held) = chatctl::connect_bench::connect(config, options).await?;
             show(&report, json, chatctl::connect_bench::print)?;
             tokio::time::sleep(Duration::from_secs(hold_secs)).await;
             drop(held);
