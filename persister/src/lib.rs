@@ -33,7 +33,7 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), PersisterError> {
-    let pool = db::connect_pool(&config).map_err(|e| PersisterError::Database(e.to_string()))?;
+    let pool = db::connect_pool(&config)?;
     migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let consumer = consume::durable(
