@@ -27,7 +27,7 @@ impl Service {
         request
             .platform
             .validate_token(&request.token)
-            .map_err(|reason| RpcError::new(ErrorCode::BadRequest, reason))?;
+            .map_err(|reason| RpcError::new(ErrorCode::BadRequest, reason.to_string()))?;
         let user = request.user.as_str();
         let device = request.device.as_str();
         let platform = request.platform.as_str();
