@@ -4,11 +4,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_shared::auth;
-use chat_shared::ids::{Cursor, DeviceId, UserId};
-use chat_shared::wire::{ClientFrame, ServerFrame};
+use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, DeviceId, UserId};
+use chat_shared::wire::{ClientFrame, SendRequest, ServerFrame};
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Where client commands connect unless told otherwise (`scripts/dev`'s edge).
+pub const DEFAULT_EDGE: &str = "ws://127.0.0.1:8080/v1/ws";
 
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -98,6 +102,105 @@ pub async fn connect(
         }
     }
     bail!("connection closed during the handshake")
+}
+
+async fn send_frame(socket: &mut Socket, frame: &ClientFrame) -> anyhow::Result<()> {
+    let text = serde_json::to_string(frame)?;
+    socket.send(Message::Text(text.into())).await?;
+    Ok(())
+}
+
+/// Where `chatctl send` writes: a user (their DM) or a conversation.
+pub enum Target {
+    User(UserId),
+    Conversation(ConversationId),
+}
+
+/// `chatctl send`: sends `text` as `user` and waits for the answer; the
+/// `sent` frame, or the refusal as an error. `seen` gets the handshake's
+/// frames.
+pub async fn send(
+    config: &Config,
+    edge: &str,
+    user: &str,
+    target: Target,
+    text: String,
+    mut seen: impl FnMut(&str),
+) -> anyhow::Result<ServerFrame> {
+    let (mut socket, handshake) = connect(config, edge, user, "chatctl-send", None).await?;
+    handshake.iter().for_each(|frame| seen(frame));
+    let (to, conversation) = match target {
+        Target::User(to) => (Some(to), None),
+        Target::Conversation(conversation) => (None, Some(conversation)),
+    };
+    let request = SendRequest {
+        reference: Some("1".into()),
+        to,
+        conversation,
+        text,
+        client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", unique_u64()))?,
+    };
+    send_frame(&mut socket, &ClientFrame::Send(request)).await?;
+    while let Some(message) = socket.next().await {
+        let Message::Text(text) = message? else {
+            continue;
+        };
+        match serde_json::from_str::<ServerFrame>(&text)? {
+            sent @ ServerFrame::Sent { .. } => return Ok(sent),
+            ServerFrame::Error(error) => {
+                bail!("{}: {}", serde_json::to_string(&error.code)?, error.message)
+            }
+            _ => {}
+        }
+    }
+    bail!("connection closed before `sent`")
+}
+
+/// How often `tail` pings: well within the edge's heartbeat (25 s).
+const TAIL_PING: Duration = Duration::from_secs(20);
+
+/// `chatctl tail`: follows `user`'s frames as `device` from `cursor`,
+/// acking each cursor as a client would; `each` gets every frame's text
+/// (the handshake's first). Returns when the edge closes the connection,
+/// with its close frame if it sent one (a ban's 4001 says why).
+pub async fn tail(
+    config: &Config,
+    edge: &str,
+    user: &str,
+    device: &str,
+    cursor: Option<Cursor>,
+    mut each: impl FnMut(&str),
+) -> anyhow::Result<Option<CloseFrame>> {
+    let (mut socket, handshake) = connect(config, edge, user, device, cursor).await?;
+    handshake.iter().for_each(|frame| each(frame));
+    let mut ping = tokio::time::interval(TAIL_PING);
+    loop {
+        let message = tokio::select! {
+            _ = ping.tick() => {
+                send_frame(&mut socket, &ClientFrame::Ping { reference: None }).await?;
+                continue;
+            }
+            message = socket.next() => message,
+        };
+        let Some(message) = message else {
+            return Ok(None);
+        };
+        let text = match message? {
+            Message::Text(text) => text,
+            Message::Close(frame) => return Ok(frame),
+            _ => continue,
+        };
+        each(&text);
+        let cursor = match serde_json::from_str::<ServerFrame>(&text) {
+            Ok(ServerFrame::Message { cursor, .. } | ServerFrame::Membership { cursor, .. }) => {
+                cursor
+            }
+            _ => None,
+        };
+        if let Some(cursor) = cursor {
+            send_frame(&mut socket, &ClientFrame::Ack { cursor }).await?;
+        }
+    }
 }
 
 /// A value unlikely to repeat across runs, for client message ids.

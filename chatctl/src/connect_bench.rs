@@ -18,8 +18,8 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::common::{vm_rss_kib, PING_EVERY};
 use crate::client::{token, websocket_url};
-use crate::presence_bench::PING_EVERY;
 
 /// Handshakes in progress at once.
 const CONCURRENCY: usize = 64;
@@ -67,15 +67,6 @@ pub struct ConnectReport {
     /// Handshakes answered `unavailable` (a busy backend) and tried again,
     /// as a real client does after a pause.
     pub retried_handshakes: usize,
-}
-
-/// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
-pub fn vm_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
 }
 
 /// KiB per connection between two RSS readings.
@@ -230,7 +221,7 @@ pub async fn connect(
     let report = ConnectReport {
         connections: options.connections,
         seconds,
-        connects_per_second: crate::raw_bench::per_second(options.connections, seconds),
+        connects_per_second: crate::bench::common::per_second(options.connections, seconds),
         edge_pid,
         edge_rss_before_kib: rss_before,
         edge_rss_after_kib: rss_after,
@@ -371,13 +362,6 @@ pub fn print(report: &ConnectReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rss_is_read_from_proc_status() {
-        let status = "Name:\tchat-edge\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
-        assert_eq!(vm_rss_kib(status), Some(12345));
-        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
-    }
 
     #[test]
     fn cpu_ticks_are_read_after_the_command_name() {

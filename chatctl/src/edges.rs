@@ -16,7 +16,7 @@ pub async fn list(js: &jetstream::Context, ttl: Duration) -> anyhow::Result<Vec<
         .context("the edges bucket")?;
     discovery::list(&store, ttl, chat_shared::clock::now_ms())
         .await
-        .map_err(|e| anyhow::anyhow!("listing edges: {e}"))
+        .context("listing edges")
 }
 
 pub fn render(edges: &[EdgeEntry]) -> String {

@@ -16,24 +16,30 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::Percentiles;
+use crate::bench::common::Percentiles;
+use crate::bench::common::{connect_paced, request, PING_EVERY};
 use crate::client::Socket;
-use crate::presence_bench::{connect_paced, request, PING_EVERY};
 
 /// Connections opened at once while setting up.
 const CONNECT_CONCURRENCY: usize = 16;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GroupOptions {
+    #[arg(long, env = "CHAT_EDGE_URL", default_value = crate::client::DEFAULT_EDGE)]
     pub edge: String,
+    #[arg(long, default_value_t = 5)]
     pub groups: usize,
     /// Members per group, the owner included.
+    #[arg(long, default_value_t = 100)]
     pub members: usize,
     /// Senders per group (the first members).
+    #[arg(long, default_value_t = 2)]
     pub senders: usize,
     /// Messages per sender.
+    #[arg(long, default_value_t = 100)]
     pub messages: usize,
     /// Sends in flight per sender.
+    #[arg(long, default_value_t = 32)]
     pub window: usize,
 }
 
@@ -51,6 +57,81 @@ pub struct GroupReport {
     pub deliveries_per_second: f64,
     /// Milliseconds, send -> each member's `message` frame.
     pub delivered_latency: Percentiles,
+}
+
+impl GroupOptions {
+    /// Refuses a load that cannot run (the same for us and for ejabberd).
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        let (members, senders) = (self.members, self.senders);
+        let empty = [self.groups, senders, self.messages, self.window].contains(&0);
+        if empty || members < 2 {
+            bail!("groups, senders, messages and window must be positive, members at least 2");
+        }
+        if senders > members {
+            bail!("senders ({senders}) cannot exceed members ({members})");
+        }
+        Ok(())
+    }
+}
+
+impl GroupReport {
+    /// The report of a run of `options` whose sends were all answered after
+    /// `sent_seconds` and whose deliveries (latencies in µs) ended after
+    /// `seconds`.
+    pub(crate) fn of_run(
+        options: &GroupOptions,
+        sent_seconds: f64,
+        seconds: f64,
+        latencies: Vec<u64>,
+    ) -> Self {
+        let total = options.groups * options.senders * options.messages;
+        let deliveries = latencies.len();
+        Self {
+            groups: options.groups,
+            members: options.members,
+            senders: options.senders,
+            messages: total,
+            deliveries,
+            seconds,
+            sent_per_second: crate::bench::common::per_second(total, sent_seconds),
+            deliveries_per_second: crate::bench::common::per_second(deliveries, seconds),
+            delivered_latency: Percentiles::of(latencies),
+        }
+    }
+}
+
+/// Waits for every member's task, each `measure`d as when its last send
+/// was answered and its delivery latencies: returns the seconds until the
+/// last send was answered, until every task ended, and every latency; or
+/// the first failure.
+pub(crate) async fn gather<T>(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<T>>>,
+    began: Instant,
+    expected: usize,
+    measure: impl Fn(T) -> (Option<Instant>, Vec<u64>),
+) -> anyhow::Result<(f64, f64, Vec<u64>)> {
+    let mut latencies = Vec::with_capacity(expected);
+    let mut sent_seconds = 0.0;
+    let mut failure = None;
+    for task in tasks {
+        match task.await.context("member task")? {
+            Ok(measured) => {
+                let (sent_done, delivered) = measure(measured);
+                if let Some(done) = sent_done {
+                    sent_seconds = f64::max(sent_seconds, done.duration_since(began).as_secs_f64());
+                }
+                latencies.extend(delivered);
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    match failure {
+        Some(e) => Err(e),
+        None => Ok((sent_seconds, seconds, latencies)),
+    }
 }
 
 /// Deliveries one run should produce: every message reaches every member
@@ -86,12 +167,7 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
         window,
         ..
     } = options;
-    if groups == 0 || members < 2 || senders == 0 || messages == 0 || window == 0 {
-        bail!("groups, senders, messages and window must be positive, members at least 2");
-    }
-    if senders > members {
-        bail!("senders ({senders}) cannot exceed members ({members})");
-    }
+    options.check()?;
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -176,41 +252,18 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
     }
     eprintln!("sending {total} messages");
     let began = Instant::now();
-    let mut latencies = Vec::with_capacity(expected_deliveries(groups, members, senders, messages));
-    let mut sent_seconds = 0.0;
-    let mut failure = None;
-    for reader in readers {
-        match reader.await.context("member task")? {
-            Ok((sent_done, delivered)) => {
-                if let Some(done) = sent_done {
-                    sent_seconds = f64::max(sent_seconds, done.duration_since(began).as_secs_f64());
-                }
-                latencies.extend(delivered);
-            }
-            Err(e) => {
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    let seconds = began.elapsed().as_secs_f64();
+    let expected = expected_deliveries(groups, members, senders, messages);
+    let gathered = gather(readers, began, expected, |measured| measured).await;
     for writer in writers {
         writer.abort();
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let deliveries = latencies.len();
-    Ok(GroupReport {
-        groups,
-        members,
-        senders,
-        messages: total,
-        deliveries,
+    let (sent_seconds, seconds, latencies) = gathered?;
+    Ok(GroupReport::of_run(
+        &options,
+        sent_seconds,
         seconds,
-        sent_per_second: crate::raw_bench::per_second(total, sent_seconds),
-        deliveries_per_second: crate::raw_bench::per_second(deliveries, seconds),
-        delivered_latency: Percentiles::of(latencies),
-    })
+        latencies,
+    ))
 }
 
 struct Member {

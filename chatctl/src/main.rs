@@ -5,16 +5,13 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use chat_shared::ids::{ClientMsgId, ConversationId, Cursor, UserId};
-use chat_shared::wire::{ClientFrame, SendRequest, ServerFrame};
+use chat_shared::ids::{ConversationId, Cursor, UserId};
 use chat_shared::{schema, streams, Config};
-use chatctl::client::{connect, parse_duration, token, unique_u64};
+use chatctl::client::{self, parse_duration, token, Target};
 use chatctl::moderation::{self, Moderator};
 use chatctl::replay::{self, Entry, Replay, ReplayName, ReplayOptions, Republisher, Start};
 use chatctl::{bench, status};
 use clap::{Args, Parser, Subcommand};
-use futures::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
 #[command(name = "chatctl", about = "Operate and try the chat backend", version)]
@@ -79,6 +76,9 @@ enum Command {
     },
     /// Load a running system and measure it.
     Bench {
+        /// Print the report as JSON (before or after the scenario).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         scenario: BenchScenario,
     },
@@ -100,50 +100,15 @@ enum Command {
 enum BenchScenario {
     /// One user with many online friends goes online and offline; fan-out
     /// latency and presence frames per second.
-    Presence {
-        #[arg(long, default_value_t = 500)]
-        friends: usize,
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Presence(chatctl::presence_bench::PresenceOptions),
     /// The ceiling on this box: async JetStream publishes into a temporary
     /// R1 stream (BENCH_RAW, deleted after) and core NATS pub -> sub.
-    Raw {
-        /// Messages per part.
-        #[arg(long, default_value_t = 200_000)]
-        messages: usize,
-        /// PubAcks in flight.
-        #[arg(long, default_value_t = 512)]
-        window: usize,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Raw(chatctl::raw_bench::RawOptions),
     /// Groups made with group.create, every member connected, a few
     /// senders per group; deliveries per second and latency.
     Group {
-        #[arg(long, default_value_t = 5)]
-        groups: usize,
-        /// Members per group, the owner included.
-        #[arg(long, default_value_t = 100)]
-        members: usize,
-        /// Senders per group.
-        #[arg(long, default_value_t = 2)]
-        senders: usize,
-        /// Messages per sender.
-        #[arg(long, default_value_t = 100)]
-        messages: usize,
-        /// Sends in flight per sender.
-        #[arg(long, default_value_t = 32)]
-        window: usize,
+        #[command(flatten)]
+        options: chatctl::group_bench::GroupOptions,
         /// Also run the same load against this server (started here, on
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
@@ -151,29 +116,9 @@ enum BenchScenario {
         /// The peer's message archive (ejabberd mod_mam).
         #[arg(long, value_enum, default_value = "on", requires = "peer")]
         mam: chatctl::peer_bench::Mam,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// An offline user accumulates a backlog, then resumes; hello -> synced.
-    Resume {
-        /// Messages in the backlog.
-        #[arg(long, default_value_t = 10_000)]
-        backlog: usize,
-        /// Sends in flight while building the backlog.
-        #[arg(long, default_value_t = 64)]
-        window: usize,
-        /// Resume without a cursor (from the device's acked point).
-        #[arg(long)]
-        no_cursor: bool,
-        #[command(flatten)]
-        edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Resume(chatctl::resume_bench::ResumeOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -197,9 +142,6 @@ enum BenchScenario {
         hold_secs: u64,
         #[command(flatten)]
         edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Pairs of users sending direct messages; rates and latencies.
     Dm {
@@ -230,9 +172,6 @@ enum BenchScenario {
         mam: chatctl::peer_bench::Mam,
         #[command(flatten)]
         edge: EdgeArg,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -297,7 +236,7 @@ struct EdgeArg {
         long = "edge",
         value_name = "EDGE",
         env = "CHAT_EDGE_URL",
-        default_value = "ws://127.0.0.1:8080/v1/ws"
+        default_value = chatctl::client::DEFAULT_EDGE
     )]
     url: String,
 }
@@ -358,20 +297,7 @@ async fn main() -> anyhow::Result<()> {
                     println!("streams and buckets applied");
                 }
                 StreamsAction::Ls => {
-                    let mut names = js.stream_names();
-                    while let Some(name) = names.next().await {
-                        let name = name?;
-                        let mut stream = js.get_stream(&name).await?;
-                        let info = stream.info().await?;
-                        println!(
-                            "{name:<16} messages={:<10} bytes={:<12} first={} last={} consumers={}",
-                            info.state.messages,
-                            info.state.bytes,
-                            info.state.first_sequence,
-                            info.state.last_sequence,
-                            info.state.consumer_count
-                        );
-                    }
+                    print!("{}", status::render_list(&status::collect(&js).await?))
                 }
             }
         }
@@ -404,55 +330,47 @@ async fn main() -> anyhow::Result<()> {
             text,
             edge,
         } => {
-            let (mut socket, handshake) =
-                connect(&config, &edge.url, &user, "chatctl-send", None).await?;
-            for frame in handshake {
-                eprintln!("{frame}");
-            }
-            let request = SendRequest {
-                reference: Some("1".into()),
-                to: to.map(UserId::parse).transpose()?,
-                conversation: conversation
-                    .map(|c| ConversationId::parse(&c))
-                    .transpose()?,
-                text,
-                client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", unique_u64()))?,
+            let target = match (to, conversation) {
+                (Some(to), None) => Target::User(UserId::parse(to)?),
+                (None, Some(c)) => Target::Conversation(ConversationId::parse(&c)?),
+                _ => bail!("give exactly one of --to and --conversation"),
             };
-            socket
-                .send(Message::Text(
-                    serde_json::to_string(&ClientFrame::Send(request))?.into(),
-                ))
-                .await?;
-            while let Some(message) = socket.next().await {
-                if let Message::Text(text) = message? {
-                    let frame: ServerFrame = serde_json::from_str(&text)?;
-                    match frame {
-                        ServerFrame::Sent { .. } => {
-                            println!("{text}");
-                            return Ok(());
-                        }
-                        ServerFrame::Error(error) => {
-                            bail!("{}: {}", serde_json::to_string(&error.code)?, error.message)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            bail!("connection closed before `sent`");
+            let sent = client::send(&config, &edge.url, &user, target, text, |frame| {
+                eprintln!("{frame}")
+            })
+            .await?;
+            println!("{}", sent.to_json());
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Dm {
-                    pairs,
-                    messages,
-                    window,
-                    rate,
-                    rss_every,
-                    peer,
-                    mam,
-                    edge,
-                    json,
-                },
+        Command::Bench { json, scenario } => bench(&config, scenario, json).await?,
+        Command::Tail {
+            user,
+            device,
+            cursor,
+            edge,
+        } => {
+            let cursor = cursor.map(Cursor);
+            let closed = client::tail(&config, &edge.url, &user, &device, cursor, |frame| {
+                println!("{frame}")
+            })
+            .await?;
+            eprintln!("closed: {closed:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs one bench scenario and shows its report.
+async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::Result<()> {
+    match scenario {
+        BenchScenario::Dm {
+            pairs,
+            messages,
+            window,
+            rate,
+            rss_every,
+            peer,
+            mam,
+            edge,
         } => {
             let options = bench::DmOptions {
                 edge: edge.url,
@@ -462,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 rss_every: rss_every.map(Duration::from_secs),
             };
-            let report = bench::dm(&config, options.clone()).await?;
+            let report = bench::dm(config, options.clone()).await?;
             match peer {
                 None => show(&report, json, bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
@@ -471,63 +389,16 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Presence {
-                    friends,
-                    rounds,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::presence_bench::PresenceOptions {
-                edge: edge.url,
-                friends,
-                rounds,
-            };
-            let report = chatctl::presence_bench::presence(&config, options).await?;
+        BenchScenario::Presence(options) => {
+            let report = chatctl::presence_bench::presence(config, options).await?;
             show(&report, json, chatctl::presence_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Raw {
-                    messages,
-                    window,
-                    size,
-                    json,
-                },
-        } => {
-            let options = chatctl::raw_bench::RawOptions {
-                messages,
-                window,
-                size,
-            };
-            let report = chatctl::raw_bench::raw(&config, options).await?;
+        BenchScenario::Raw(options) => {
+            let report = chatctl::raw_bench::raw(config, options).await?;
             show(&report, json, chatctl::raw_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Group {
-                    groups,
-                    members,
-                    senders,
-                    messages,
-                    window,
-                    peer,
-                    mam,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::group_bench::GroupOptions {
-                edge: edge.url,
-                groups,
-                members,
-                senders,
-                messages,
-                window,
-            };
-            let report = chatctl::group_bench::group(&config, options.clone()).await?;
+        BenchScenario::Group { options, peer, mam } => {
+            let report = chatctl::group_bench::group(config, options.clone()).await?;
             match peer {
                 None => show(&report, json, chatctl::group_bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
@@ -537,37 +408,18 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Resume {
-                    backlog,
-                    window,
-                    no_cursor,
-                    edge,
-                    json,
-                },
-        } => {
-            let options = chatctl::resume_bench::ResumeOptions {
-                edge: edge.url,
-                backlog,
-                window,
-                no_cursor,
-            };
-            let report = chatctl::resume_bench::resume(&config, options).await?;
+        BenchScenario::Resume(options) => {
+            let report = chatctl::resume_bench::resume(config, options).await?;
             show(&report, json, chatctl::resume_bench::print)?;
         }
-        Command::Bench {
-            scenario:
-                BenchScenario::Connect {
-                    connections,
-                    rate,
-                    sources,
-                    edge_pid,
-                    idle_secs,
-                    hold_secs,
-                    edge,
-                    json,
-                },
+        BenchScenario::Connect {
+            connections,
+            rate,
+            sources,
+            edge_pid,
+            idle_secs,
+            hold_secs,
+            edge,
         } => {
             let options = chatctl::connect_bench::ConnectOptions {
                 edge: edge.url,
@@ -577,47 +429,10 @@ async fn main() -> anyhow::Result<()> {
                 edge_pid,
                 idle: Duration::from_secs(idle_secs),
             };
-            let (report, held) = chatctl::connect_bench::connect(&config, options).await?;
+            let (report, held) = chatctl::connect_bench::connect(config, options).await?;
             show(&report, json, chatctl::connect_bench::print)?;
             tokio::time::sleep(Duration::from_secs(hold_secs)).await;
             drop(held);
-        }
-        Command::Tail {
-            user,
-            device,
-            cursor,
-            edge,
-        } => {
-            let (mut socket, handshake) =
-                connect(&config, &edge.url, &user, &device, cursor.map(Cursor)).await?;
-            for frame in handshake {
-                println!("{frame}");
-            }
-            let mut ping = tokio::time::interval(Duration::from_secs(20));
-            loop {
-                tokio::select! {
-                    _ = ping.tick() => socket.send(Message::Text(r#"{"type":"ping"}"#.into())).await?,
-                    message = socket.next() => {
-                        let Some(message) = message else { break };
-                        match message? {
-                            Message::Text(text) => {
-                                println!("{text}");
-                                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
-                                    if let Some(cursor) = value.get("cursor").and_then(|c| c.as_str()) {
-                                        let ack = serde_json::json!({"type": "ack", "cursor": cursor});
-                                        socket.send(Message::Text(ack.to_string().into())).await?;
-                                    }
-                                }
-                            }
-                            Message::Close(frame) => {
-                                eprintln!("closed: {frame:?}");
-                                break;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::connect_bench::vm_rss_kib;
+use crate::bench::common::vm_rss_kib;
 
 /// The processes sampled (names as in `/proc/<pid>/comm`).
 const PROCESSES: [&str; 6] = [

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 
-use crate::bench::{DmOptions, DmReport, Percentiles};
-use crate::group_bench::{expected_deliveries, GroupOptions, GroupReport};
-use crate::raw_bench::per_second;
+use crate::bench::common::per_second;
+use crate::bench::common::Percentiles;
+use crate::bench::{DmOptions, DmReport};
+use crate::group_bench::{expected_deliveries, gather, GroupOptions, GroupReport};
 use crate::xmpp::{Event, Session, MUC_DOMAIN};
 
 /// Logins in flight while setting up.
@@ -338,20 +339,9 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
 /// The `group` workload over XMPP: one MUC room per group, every member
 /// joined, the first `senders` members send `messages` each.
 pub async fn group(addr: SocketAddr, options: &GroupOptions) -> anyhow::Result<GroupReport> {
-    let GroupOptions {
-        groups,
-        members,
-        senders,
-        messages,
-        window,
-        ..
-    } = *options;
-    if groups == 0 || members < 2 || senders == 0 || messages == 0 || window == 0 {
-        bail!("groups, senders, messages and window must be positive, members at least 2");
-    }
-    if senders > members {
-        bail!("senders ({senders}) cannot exceed members ({members})");
-    }
+    let (groups, members, senders) = (options.groups, options.members, options.senders);
+    let (messages, window) = (options.messages, options.window);
+    options.check()?;
     let run = crate::client::unique_u64();
     let room = |g: usize| format!("bench{run:x}g{g}@{MUC_DOMAIN}");
     eprintln!(
@@ -398,38 +388,15 @@ pub async fn group(addr: SocketAddr, options: &GroupOptions) -> anyhow::Result<G
     }
     eprintln!("xmpp: sending {total} messages");
     let began = Instant::now();
-    let mut latencies = Vec::with_capacity(expected_deliveries(groups, members, senders, messages));
-    let mut sent_seconds = 0.0;
-    let mut failure = None;
-    for task in tasks {
-        match task.await.context("member task")? {
-            Ok(measured) => {
-                if let Some(done) = measured.sent_done {
-                    sent_seconds = f64::max(sent_seconds, done.duration_since(began).as_secs_f64());
-                }
-                latencies.extend(measured.delivered);
-            }
-            Err(e) => {
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    let seconds = began.elapsed().as_secs_f64();
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let deliveries = latencies.len();
-    Ok(GroupReport {
-        groups,
-        members,
-        senders,
-        messages: total,
-        deliveries,
+    let expected = expected_deliveries(groups, members, senders, messages);
+    let measure = |m: Measured| (m.sent_done, m.delivered);
+    let (sent_seconds, seconds, latencies) = gather(tasks, began, expected, measure).await?;
+    Ok(GroupReport::of_run(
+        options,
+        sent_seconds,
         seconds,
-        sent_per_second: per_second(total, sent_seconds),
-        deliveries_per_second: per_second(deliveries, seconds),
-        delivered_latency: Percentiles::of(latencies),
-    })
+        latencies,
+    ))
 }
 
 fn print_ratios(

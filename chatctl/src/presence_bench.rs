@@ -11,15 +11,16 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::Percentiles;
-use crate::client::{connect, Socket};
+use crate::bench::common::{connect_paced, request, Percentiles, PING_EVERY};
+use crate::client::Socket;
 
-/// Well within the edge's default heartbeat (25 s).
-pub(crate) const PING_EVERY: Duration = Duration::from_secs(10);
-
+#[derive(clap::Args)]
 pub struct PresenceOptions {
+    #[arg(long, env = "CHAT_EDGE_URL", default_value = crate::client::DEFAULT_EDGE)]
     pub edge: String,
+    #[arg(long, default_value_t = 500)]
     pub friends: usize,
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 
@@ -35,54 +36,6 @@ pub struct PresenceReport {
     /// Presence frames delivered per second while a change fans out
     /// (friends / time from first to last frame), median over rounds.
     pub frames_per_second: f64,
-}
-
-/// Connects, retrying while the edge's per-IP connect limit says wait.
-pub(crate) async fn connect_paced(
-    config: &Config,
-    edge: &str,
-    user: &str,
-) -> anyhow::Result<Socket> {
-    for _ in 0..600 {
-        match connect(config, edge, user, "bench", None).await {
-            Ok((socket, _)) => return Ok(socket),
-            Err(e) if format!("{e:#}").contains("429") => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    bail!("{user}: the edge kept refusing connections")
-}
-
-/// Sends a request and waits for its reply, waiting out `rate_limited`.
-pub(crate) async fn request(
-    socket: &mut Socket,
-    mut frame: Value,
-    reference: &str,
-) -> anyhow::Result<Value> {
-    frame["ref"] = json!(reference);
-    loop {
-        socket.send(Message::Text(frame.to_string().into())).await?;
-        loop {
-            let Some(message) = socket.next().await else {
-                bail!("connection closed");
-            };
-            let Message::Text(text) = message? else {
-                continue;
-            };
-            let reply: Value = serde_json::from_str(&text)?;
-            if reply["ref"] != reference {
-                continue;
-            }
-            if reply["code"] == "rate_limited" {
-                let wait = reply["retry_after_ms"].as_u64().unwrap_or(100);
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                break;
-            }
-            return Ok(reply);
-        }
-    }
 }
 
 pub async fn presence(config: &Config, options: PresenceOptions) -> anyhow::Result<PresenceReport> {

@@ -12,18 +12,22 @@ use chat_shared::Config;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use crate::bench::Percentiles;
+use crate::bench::common::{per_second, Percentiles};
 
 /// The temporary stream; no chat stream listens on `bench.raw.>`.
 pub const STREAM: &str = "BENCH_RAW";
 const SUBJECTS: &str = "bench.raw.>";
 
+#[derive(clap::Args)]
 pub struct RawOptions {
     /// Messages per part (JetStream, then core NATS).
+    #[arg(long, default_value_t = 200_000)]
     pub messages: usize,
     /// PubAcks in flight.
+    #[arg(long, default_value_t = 512)]
     pub window: usize,
     /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
     pub size: usize,
 }
 
@@ -151,14 +155,6 @@ async fn core_part(
     Ok((per_second(received, seconds), count - received))
 }
 
-/// `count / seconds`, 0 for an empty or instant run.
-pub fn per_second(count: usize, seconds: f64) -> f64 {
-    if seconds <= 0.0 {
-        return 0.0;
-    }
-    count as f64 / seconds
-}
-
 pub fn print(report: &RawReport) {
     println!(
         "raw: {} messages of {} bytes per part, {} PubAcks in flight",
@@ -178,16 +174,4 @@ pub fn print(report: &RawReport) {
         "publish -> PubAck {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}",
         p.p50, p.p90, p.p99, p.p999, p.max
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_divide_and_survive_zero_time() {
-        assert_eq!(per_second(1000, 0.5), 2000.0);
-        assert_eq!(per_second(1000, 0.0), 0.0);
-        assert_eq!(per_second(0, 1.0), 0.0);
-    }
 }

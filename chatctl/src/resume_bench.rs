@@ -19,14 +19,19 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, token, websocket_url};
 
+#[derive(clap::Args)]
 pub struct ResumeOptions {
+    #[arg(long, env = "CHAT_EDGE_URL", default_value = crate::client::DEFAULT_EDGE)]
     pub edge: String,
     /// Messages in the backlog.
+    #[arg(long, default_value_t = 10_000)]
     pub backlog: usize,
     /// Sends in flight while building the backlog.
+    #[arg(long, default_value_t = 64)]
     pub window: usize,
     /// Resume without a cursor (from the device's acked point) instead of
     /// the cursor of the last `synced`.
+    #[arg(long)]
     pub no_cursor: bool,
 }
 
@@ -93,7 +98,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
     let filling = Instant::now();
     let (socket, _) = connect(config, &options.edge, &sender, "bench", None).await?;
     let sent_at = Arc::new((0..options.backlog).map(|_| AtomicU64::new(0)).collect());
-    crate::bench::send(
+    crate::bench::common::send(
         socket,
         receiver.clone(),
         options.backlog,
@@ -159,7 +164,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         welcome_ms: welcome.unwrap_or_default().as_secs_f64() * 1000.0,
         synced_ms: synced.as_secs_f64() * 1000.0,
         before_synced: seen.len(),
-        messages_per_second: crate::raw_bench::per_second(seen.len(), synced.as_secs_f64()),
+        messages_per_second: crate::bench::common::per_second(seen.len(), synced.as_secs_f64()),
     })
 }
 

@@ -51,6 +51,24 @@ pub struct ConsumerState {
     pub last_delivered_time: Option<OffsetDateTime>,
 }
 
+/// `chatctl streams ls`: one line per stream.
+pub fn render_list(streams: &[StreamState]) -> String {
+    streams
+        .iter()
+        .map(|s| {
+            format!(
+                "{:<16} messages={:<10} bytes={:<12} first={} last={} consumers={}\n",
+                s.name,
+                s.messages,
+                s.bytes,
+                s.first_seq,
+                s.last_seq,
+                s.consumers.len()
+            )
+        })
+        .collect()
+}
+
 /// Reads every stream (KV buckets' streams included) and its consumers,
 /// sorted by name.
 pub async fn collect(js: &jetstream::Context) -> anyhow::Result<Vec<StreamState>> {

@@ -16,6 +16,4 @@ pub enum EdgeError {
          loopback address, or set CHAT_DEV_TOKENS_PUBLIC=true to mean it"
     )]
     PublicDevTokens { addr: std::net::SocketAddr },
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
 }

@@ -255,24 +255,39 @@ pub async fn start(
     Ok((moderation, task))
 }
 
+/// Why the moderation bucket could not be read (start-up retries).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("watching the bucket: {0}")]
+    Watch(#[from] kv::WatchError),
+    #[error("reading the bucket's status: {0}")]
+    Status(#[from] kv::StatusError),
+    #[error("reading an entry: {0}")]
+    Entry(#[from] kv::WatcherError),
+    #[error("no entry in time")]
+    Slow,
+    #[error("the watcher ended")]
+    Ended,
+}
+
 /// A watcher of every key, after it delivered the bucket as it is now.
-async fn load(store: &kv::Store, moderation: &Moderation, hub: &Hub) -> Result<kv::Watch, String> {
-    let mut watch = store
-        .watch_with_history(">")
-        .await
-        .map_err(|e| e.to_string())?;
+async fn load(
+    store: &kv::Store,
+    moderation: &Moderation,
+    hub: &Hub,
+) -> Result<kv::Watch, LoadError> {
+    let mut watch = store.watch_with_history(">").await?;
     // An empty bucket delivers nothing to wait for. Asked after the watcher
     // exists: anything stored by then is delivered to it.
-    let stored = store.status().await.map_err(|e| e.to_string())?.values();
+    let stored = store.status().await?.values();
     if stored == 0 {
         return Ok(watch);
     }
     loop {
         let entry = tokio::time::timeout(LOAD_TIMEOUT, watch.next())
             .await
-            .map_err(|_| "no entry in time".to_string())?
-            .ok_or("the watcher ended")?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| LoadError::Slow)?
+            .ok_or(LoadError::Ended)??;
         moderation.entry(hub, &entry);
         if entry.delta == 0 {
             return Ok(watch);

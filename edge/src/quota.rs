@@ -118,18 +118,23 @@ pub enum QuotaError {
 }
 
 impl QuotaError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Exhausted { .. } => ErrorCode::RateLimited,
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::Unavailable => ErrorCode::Unavailable,
+        }
+    }
+
     /// The reply to a request refused by a quota.
     pub fn frame(&self, reference: Option<&str>) -> ServerFrame {
-        let (code, retry_after_ms) = match self {
-            Self::Exhausted { retry_after_ms, .. } => {
-                (ErrorCode::RateLimited, Some(*retry_after_ms))
-            }
-            Self::TooLarge { .. } => (ErrorCode::TooLarge, None),
-            Self::Unavailable => (ErrorCode::Unavailable, None),
+        let retry_after_ms = match self {
+            Self::Exhausted { retry_after_ms, .. } => Some(*retry_after_ms),
+            Self::TooLarge { .. } | Self::Unavailable => None,
         };
         ServerFrame::Error(ErrorFrame {
             reference: reference.map(str::to_string),
-            code,
+            code: self.code(),
             message: self.to_string(),
             retry_after_ms,
         })

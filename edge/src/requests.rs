@@ -16,6 +16,9 @@ use chat_shared::wire::{
 };
 use tokio::sync::Semaphore;
 
+use crate::quota::QuotaError;
+use crate::send::SendError;
+
 use crate::session::Outbox;
 use crate::Edge;
 
@@ -27,16 +30,47 @@ const DEFAULT_CONVERSATIONS_LIMIT: u32 = 100;
 /// The largest `limit` of `history` and `conversations`.
 const MAX_PAGE_LIMIT: u32 = 200;
 
+/// Why a request is answered with an error. [`RequestError::frame`] is the
+/// one place it becomes what the client reads.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("limit must be 1..={MAX_PAGE_LIMIT}")]
+    Limit,
+    /// The persister's (or the presence bucket's) answer, meant for clients.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// `typing` where the user may not write.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
+    /// Our own frame did not encode; the client learns nothing more.
+    #[error("cannot encode {0}")]
+    Encode(&'static str, #[source] serde_json::Error),
+}
+
+impl RequestError {
+    fn frame(&self, reference: Option<&str>) -> ServerFrame {
+        match self {
+            Self::Limit => ServerFrame::error(reference, ErrorCode::BadRequest, self.to_string()),
+            Self::Rpc(e) => ServerFrame::error(reference, e.code, e.message.clone()),
+            Self::Send(e) => e.frame(reference),
+            Self::Quota(e) => e.frame(reference),
+            Self::Encode(..) => {
+                tracing::error!(error = %self, "request failed");
+                ServerFrame::error(reference, ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
 /// `limit`, or the default, if it is 1..=[`MAX_PAGE_LIMIT`].
-fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, RpcError> {
+fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, RequestError> {
     let limit = limit.unwrap_or(default);
     if (1..=MAX_PAGE_LIMIT).contains(&limit) {
         Ok(limit)
     } else {
-        Err(RpcError::new(
-            ErrorCode::BadRequest,
-            format!("limit must be 1..={MAX_PAGE_LIMIT}"),
-        ))
+        Err(RequestError::Limit)
     }
 }
 
@@ -80,7 +114,7 @@ impl Requests {
             let reply = match answer(&edge, user, &device, frame).await {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return,
-                Err(e) => ServerFrame::error(reference.as_deref(), e.code, e.message),
+                Err(e) => e.frame(reference.as_deref()),
             };
             out.frame(&reply).await;
             drop(permit);
@@ -143,7 +177,7 @@ async fn answer(
     user: UserId,
     device: &DeviceId,
     frame: ClientFrame,
-) -> Result<Option<ServerFrame>, RpcError> {
+) -> Result<Option<ServerFrame>, RequestError> {
     let nats = &edge.nats;
     let reply = match frame {
         ClientFrame::History {
@@ -195,13 +229,9 @@ async fn answer(
         } => {
             // Counted when asked, created or not: a refused create still
             // cost the persister a transaction.
-            if let Err(e) = edge
-                .quotas
+            edge.quotas
                 .spend(&user, &[(crate::quota::Kind::GroupsPerDay, 1)])
-                .await
-            {
-                return Ok(Some(e.frame(reference.as_deref())));
-            }
+                .await?;
             let request = rpc::GroupCreateRequest {
                 user,
                 name,
@@ -260,15 +290,12 @@ async fn answer(
             active,
             ..
         } => {
-            crate::send::check_may_write(edge, &user, &conversation)
-                .await
-                .map_err(|(code, message)| RpcError::new(code, message))?;
+            crate::send::check_may_write(edge, &user, &conversation).await?;
             let event = TypingEvent {
                 conversation,
                 active,
             };
-            let body = serde_json::to_vec(&event)
-                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+            let body = serde_json::to_vec(&event).map_err(|e| RequestError::Encode("typing", e))?;
             // Typing is best effort: it is not stored, and a lost frame is
             // refreshed by the client within seconds.
             if let Err(e) = nats.publish(subjects::typing(&user), body.into()).await {

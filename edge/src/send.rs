@@ -23,6 +23,7 @@ use async_nats::HeaderMap;
 use chat_shared::consume::Scan;
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
@@ -52,10 +53,7 @@ pub async fn send_worker(
         let reference = request.reference.clone();
         let reply = match accept(&edge, &user, request).await {
             Ok(sent) => sent,
-            Err(SendError::Refused((code, message))) => {
-                ServerFrame::error(reference.as_deref(), code, message)
-            }
-            Err(SendError::Quota(e)) => e.frame(reference.as_deref()),
+            Err(e) => e.frame(reference.as_deref()),
         };
         edge.metrics.send_answered(started.elapsed());
         if !out.frame(&reply).await {
@@ -64,48 +62,85 @@ pub async fn send_worker(
     }
 }
 
-type Refusal = (ErrorCode, String);
-
-/// Why a send was not accepted.
-enum SendError {
-    Refused(Refusal),
-    Quota(QuotaError),
+/// Why a send was not accepted. [`SendError::frame`] is the one place a
+/// refusal becomes what the client reads; the texts are written for it.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("text must not be empty")]
+    EmptyText,
+    #[error("text is longer than {MAX_TEXT_CHARS} characters")]
+    TextTooLong,
+    /// PostgreSQL's text type cannot hold NUL.
+    #[error("text must not contain NUL characters")]
+    NulInText,
+    #[error("give exactly one of `to` and `conversation`")]
+    Addressing,
+    #[error("you cannot send a direct message to yourself")]
+    DmToSelf,
+    #[error("you are not part of this conversation")]
+    NotInConversation,
+    #[error("you are not a member of this group")]
+    NotInGroup,
+    /// The group's members could not be read (the persister's answer).
+    #[error("{}", .0.message)]
+    Members(RpcError),
+    #[error("client_msg_id was already used for another message; use a new one")]
+    Reused,
+    #[error("message store unavailable, retry later; nothing was accepted")]
+    Unavailable,
+    /// The PubAck may have been lost rather than the publish.
+    #[error("timed out; the message may or may not be stored: retry with the same client_msg_id")]
+    TimedOut,
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
-impl From<Refusal> for SendError {
-    fn from(refusal: Refusal) -> Self {
-        Self::Refused(refusal)
+impl SendError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::EmptyText
+            | Self::NulInText
+            | Self::Addressing
+            | Self::DmToSelf
+            | Self::Reused => ErrorCode::BadRequest,
+            Self::TextTooLong => ErrorCode::TooLarge,
+            Self::NotInConversation | Self::NotInGroup => ErrorCode::Forbidden,
+            Self::Members(e) => e.code,
+            Self::Unavailable | Self::TimedOut => ErrorCode::Unavailable,
+            Self::Quota(e) => e.code(),
+        }
+    }
+
+    /// The error frame answering a refused send.
+    pub fn frame(&self, reference: Option<&str>) -> ServerFrame {
+        match self {
+            // Quotas add `retry_after_ms`.
+            Self::Quota(e) => e.frame(reference),
+            _ => ServerFrame::error(reference, self.code(), self.to_string()),
+        }
     }
 }
 
 /// Checks a text before its send is queued, so a text that can never be
 /// accepted costs no place in the queue.
-pub fn check_text(text: &str) -> Result<(), Refusal> {
+pub fn validate_text(text: &str) -> Result<(), SendError> {
     let chars = text.chars().count();
     if chars == 0 {
-        return Err((ErrorCode::BadRequest, "text must not be empty".into()));
+        return Err(SendError::EmptyText);
     }
     if chars > MAX_TEXT_CHARS {
-        return Err((
-            ErrorCode::TooLarge,
-            format!("text is longer than {MAX_TEXT_CHARS} characters"),
-        ));
+        return Err(SendError::TextTooLong);
     }
     if text.contains('\0') {
-        // PostgreSQL's text type cannot hold NUL.
-        return Err((
-            ErrorCode::BadRequest,
-            "text must not contain NUL characters".into(),
-        ));
+        return Err(SendError::NulInText);
     }
     Ok(())
 }
 
-fn unavailable() -> Refusal {
-    (
-        ErrorCode::Unavailable,
-        "message store unavailable, retry later; nothing was accepted".into(),
-    )
+/// [`validate_text`] as the session calls it today (it destructures a
+/// code and a message); goes once the session matches [`SendError`].
+pub fn check_text(text: &str) -> Result<(), (ErrorCode, String)> {
+    validate_text(text).map_err(|e| (e.code(), e.to_string()))
 }
 
 async fn accept(
@@ -114,27 +149,18 @@ async fn accept(
     request: SendRequest,
 ) -> Result<ServerFrame, SendError> {
     let conversation = match (request.to, request.conversation) {
-        (Some(to), None) => ConversationId::dm(user.clone(), to).map_err(|_| {
-            (
-                ErrorCode::BadRequest,
-                "you cannot send a direct message to yourself".to_string(),
-            )
-        })?,
-        (None, Some(conversation)) => conversation,
-        _ => {
-            return Err((
-                ErrorCode::BadRequest,
-                "give exactly one of `to` and `conversation`".into(),
-            )
-                .into())
+        (Some(to), None) => {
+            ConversationId::dm(user.clone(), to).map_err(|_| SendError::DmToSelf)?
         }
+        (None, Some(conversation)) => conversation,
+        _ => return Err(SendError::Addressing),
     };
     // The session checked it before queueing; a send that reaches the
     // worker some other way must not skip it.
-    check_text(&request.text)?;
+    validate_text(&request.text)?;
     let recipients = recipients(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
-        return Err(unavailable().into());
+        return Err(SendError::Unavailable);
     }
     // Before anything is stored: a refused send leaves no trace.
     let bytes = json_bytes(&request.text);
@@ -149,8 +175,7 @@ async fn accept(
                 (Kind::FanoutBytesPerMinute, bytes.saturating_mul(recipients)),
             ],
         )
-        .await
-        .map_err(SendError::Quota)?;
+        .await?;
     let event = MessageEvent {
         id: MessageId(0),
         conversation,
@@ -170,15 +195,9 @@ async fn accept(
             ts: event.ts,
             duplicate,
         }),
-        Ok(Err(refusal)) => Err(refusal.into()),
-        // The PubAck may have been lost rather than the publish: say so, and
-        // let the client's retry (same client_msg_id) settle it.
-        Err(_) => Err((
-            ErrorCode::Unavailable,
-            "timed out; the message may or may not be stored: retry with the same client_msg_id"
-                .into(),
-        )
-            .into()),
+        Ok(Err(refusal)) => Err(refusal),
+        // Let the client's retry (same client_msg_id) settle it.
+        Err(_) => Err(SendError::TimedOut),
     }
 }
 
@@ -186,7 +205,7 @@ pub(crate) async fn check_may_write(
     edge: &Edge,
     user: &UserId,
     conversation: &ConversationId,
-) -> Result<(), Refusal> {
+) -> Result<(), SendError> {
     recipients(edge, user, conversation).await.map(|_| ())
 }
 
@@ -196,26 +215,20 @@ async fn recipients(
     edge: &Edge,
     user: &UserId,
     conversation: &ConversationId,
-) -> Result<u64, Refusal> {
+) -> Result<u64, SendError> {
     match conversation {
         ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(2),
-        ConversationId::Dm { .. } => Err((
-            ErrorCode::Forbidden,
-            "you are not part of this conversation".into(),
-        )),
+        ConversationId::Dm { .. } => Err(SendError::NotInConversation),
         ConversationId::Group(group) => {
             let members = edge
                 .groups
                 .members(group)
                 .await
-                .map_err(|e| (e.code, e.message))?;
+                .map_err(SendError::Members)?;
             if members.contains(user) {
                 Ok(members.len() as u64)
             } else {
-                Err((
-                    ErrorCode::Forbidden,
-                    "you are not a member of this group".into(),
-                ))
+                Err(SendError::NotInGroup)
             }
         }
     }
@@ -227,11 +240,11 @@ async fn publish(
     edge: &Edge,
     mut event: MessageEvent,
     trace: TraceId,
-) -> Result<(MessageEvent, bool), Refusal> {
+) -> Result<(MessageEvent, bool), SendError> {
     let claim_key = subjects::sent_key(&event.from, &event.client_msg_id);
     let fresh = edge.ids.next_id().map_err(|e| {
         tracing::error!(error = %e, "cannot assign a message id");
-        unavailable()
+        SendError::Unavailable
     })?;
     let digest = Claim::digest(&event);
     let claim = Claim {
@@ -245,12 +258,12 @@ async fn publish(
                 .claims
                 .get(&claim_key)
                 .await
-                .map_err(|_| unavailable())?;
+                .map_err(|_| SendError::Unavailable)?;
             match entry.and_then(|v| Claim::decode(&v)) {
                 Some(Claim {
                     digest: Some(theirs),
                     ..
-                }) if theirs != digest => return Err(reused()),
+                }) if theirs != digest => return Err(SendError::Reused),
                 Some(claim) => Some(claim.id),
                 None => None,
             }
@@ -282,16 +295,16 @@ async fn publish(
         subjects::send_dedup_id(&event.from, &event.client_msg_id).as_str(),
     );
     trace.add_to(&mut headers);
-    let body = serde_json::to_vec(&event).map_err(|_| unavailable())?;
+    let body = serde_json::to_vec(&event).map_err(|_| SendError::Unavailable)?;
     let ack = edge
         .js
         .publish_with_headers(subjects::message(&event.conversation), headers, body.into())
         .await
-        .map_err(|_| unavailable())?
+        .map_err(|_| SendError::Unavailable)?
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "publish not acknowledged");
-            unavailable()
+            SendError::Unavailable
         })?;
     if ack.duplicate {
         // JetStream kept an earlier copy; answer with its id, which differs
@@ -301,11 +314,11 @@ async fn publish(
                 .messages
                 .direct_get(ack.sequence)
                 .await
-                .map_err(|_| unavailable())?;
+                .map_err(|_| SendError::Unavailable)?;
             let original: MessageEvent =
-                serde_json::from_slice(&original.payload).map_err(|_| unavailable())?;
+                serde_json::from_slice(&original.payload).map_err(|_| SendError::Unavailable)?;
             if Claim::digest(&original) != digest {
-                return Err(reused());
+                return Err(SendError::Reused);
             }
             return Ok((original, true));
         }
@@ -314,13 +327,6 @@ async fn publish(
     // Stored now for the first time (also when an earlier attempt claimed
     // the id but never got to publish).
     Ok((event, false))
-}
-
-fn reused() -> Refusal {
-    (
-        ErrorCode::BadRequest,
-        "client_msg_id was already used for another message; use a new one".into(),
-    )
 }
 
 /// The value of a send claim: `<message id>` (claims written before the
@@ -368,11 +374,11 @@ impl Claim {
 /// Whether MESSAGES holds `event.id`. A claimed message is published within
 /// the request timeout after its claim, so only that stretch of the
 /// conversation's subject is read.
-async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, Refusal> {
+async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendError> {
     const SLACK_MS: u64 = 5_000;
     let claimed_at_ns = i128::from(event.ts.saturating_sub(SLACK_MS)) * 1_000_000;
     let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(claimed_at_ns)
-        .map_err(|_| unavailable())?;
+        .map_err(|_| SendError::Unavailable)?;
     let window_end_ms = event.ts + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
     let mut scan = Scan::open(
         &edge.messages,
@@ -380,9 +386,9 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, Refusa
         DeliverPolicy::ByStartTime { start_time },
     )
     .await
-    .map_err(|_| unavailable())?;
+    .map_err(|_| SendError::Unavailable)?;
     let found = async {
-        while let Some(message) = scan.next().await.map_err(|_| unavailable())? {
+        while let Some(message) = scan.next().await.map_err(|_| SendError::Unavailable)? {
             if serde_json::from_slice::<MessageEvent>(&message.payload)
                 .is_ok_and(|stored| stored.id == event.id)
             {
@@ -452,10 +458,14 @@ mod tests {
 
     #[test]
     fn texts_are_checked_before_queueing() {
-        assert!(check_text("hi").is_ok());
-        assert_eq!(check_text("").unwrap_err().0, ErrorCode::BadRequest);
-        let long = "x".repeat(MAX_TEXT_CHARS + 1);
-        assert_eq!(check_text(&long).unwrap_err().0, ErrorCode::TooLarge);
-        assert_eq!(check_text("a\0b").unwrap_err().0, ErrorCode::BadRequest);
+        let code = |text: &str| validate_text(text).map_err(|e| e.code());
+        assert_eq!(code("hi"), Ok(()));
+        assert_eq!(code(""), Err(ErrorCode::BadRequest));
+        assert_eq!(code(&"x".repeat(MAX_TEXT_CHARS)), Ok(()));
+        assert_eq!(
+            code(&"x".repeat(MAX_TEXT_CHARS + 1)),
+            Err(ErrorCode::TooLarge)
+        );
+        assert_eq!(code("a\0b"), Err(ErrorCode::BadRequest));
     }
 }

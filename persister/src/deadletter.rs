@@ -54,12 +54,22 @@ struct Exhausted {
     deliveries: i64,
 }
 
-fn parse(payload: &[u8]) -> Result<Exhausted, String> {
-    let advisory: MaxDeliveries = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    let stream = WATCHED
-        .into_iter()
-        .find(|s| *s == advisory.stream)
-        .ok_or_else(|| format!("not a watched stream: {}", advisory.stream))?;
+/// Why an advisory names nothing to move.
+#[derive(Debug, thiserror::Error)]
+enum AdvisoryError {
+    #[error("malformed advisory: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("not a watched stream: {0}")]
+    Unwatched(String),
+    #[error("unusable consumer name {0:?}")]
+    Consumer(String),
+}
+
+fn parse(payload: &[u8]) -> Result<Exhausted, AdvisoryError> {
+    let advisory: MaxDeliveries = serde_json::from_slice(payload)?;
+    let Some(stream) = WATCHED.into_iter().find(|s| *s == advisory.stream) else {
+        return Err(AdvisoryError::Unwatched(advisory.stream));
+    };
     // The server refuses such names already; checked again because the
     // name becomes a subject token.
     let consumer = advisory.consumer;
@@ -68,7 +78,7 @@ fn parse(payload: &[u8]) -> Result<Exhausted, String> {
             .chars()
             .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
     {
-        return Err(format!("unusable consumer name {consumer:?}"));
+        return Err(AdvisoryError::Consumer(consumer));
     }
     Ok(Exhausted {
         stream,
@@ -227,8 +237,8 @@ mod tests {
             "timestamp":"2026-01-01T00:00:00Z","stream":"MESSAGES","consumer":"persister",
             "stream_seq":42,"deliveries":20}"#;
         assert_eq!(
-            parse(advisory),
-            Ok(Exhausted {
+            parse(advisory).ok(),
+            Some(Exhausted {
                 stream: subjects::MESSAGES_STREAM,
                 consumer: "persister".into(),
                 sequence: 42,

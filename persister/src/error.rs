@@ -3,6 +3,14 @@
 pub enum PersisterError {
     #[error(transparent)]
     Start(#[from] chat_shared::StartError),
-    #[error("PostgreSQL: {0}")]
-    Database(String),
+    #[error("PostgreSQL pool: {0}")]
+    Pool(#[from] deadpool_postgres::CreatePoolError),
+    #[error("no PostgreSQL connection: {0}")]
+    Connection(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL, {what}: {source}")]
+    Database {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }

@@ -9,6 +9,7 @@
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
+pub mod db;
 mod deadletter;
 mod error;
 mod metrics;
@@ -26,21 +27,13 @@ use tokio::net::TcpListener;
 pub use error::PersisterError;
 
 /// Runs the persister until `shutdown` completes, serving `/metrics` on
-/// `CHAT_METRICS_ADDR` when it is set.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PersisterError> {
-    let metrics_listener = chat_shared::metrics::bind(&config).await?;
-    run_with(config, metrics_listener, shutdown).await
-}
-
-/// Runs the persister until `shutdown` completes, serving `/metrics` on
 /// `metrics_listener` when given.
 pub async fn run_with(
     config: Config,
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), PersisterError> {
-    let pool = chat_shared::db::connect_pool(&config)
-        .map_err(|e| PersisterError::Database(e.to_string()))?;
+    let pool = db::connect_pool(&config)?;
     migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let consumer = consume::durable(

@@ -15,19 +15,19 @@ const MIGRATIONS: &[(i32, &str)] = &[
 const LOCK_KEY: i64 = 0x6368_6174;
 
 pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
-    let db = |e: &dyn std::fmt::Display| PersisterError::Database(e.to_string());
-    let mut client = pool.get().await.map_err(|e| db(&e))?;
-    let tx = client.transaction().await.map_err(|e| db(&e))?;
+    let db = |what| move |source| PersisterError::Database { what, source };
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await.map_err(db("begin migrations"))?;
     // Everything, the bookkeeping table included, under the lock: two
     // persisters starting together must not race on it.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await
-        .map_err(|e| db(&e))?;
+        .map_err(db("lock migrations"))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )
     .await
-    .map_err(|e| db(&e))?;
+    .map_err(db("create schema_migrations"))?;
     for (version, sql) in MIGRATIONS {
         let applied = tx
             .query_opt(
@@ -35,18 +35,20 @@ pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
                 &[version],
             )
             .await
-            .map_err(|e| db(&e))?
+            .map_err(db("read schema_migrations"))?
             .is_some();
         if !applied {
-            tx.batch_execute(sql).await.map_err(|e| db(&e))?;
+            tx.batch_execute(sql)
+                .await
+                .map_err(db("apply a migration"))?;
             tx.execute(
                 "INSERT INTO schema_migrations (version) VALUES ($1)",
                 &[version],
             )
             .await
-            .map_err(|e| db(&e))?;
+            .map_err(db("record a migration"))?;
             tracing::info!(version, "migration applied");
         }
     }
-    tx.commit().await.map_err(|e| db(&e))
+    tx.commit().await.map_err(db("commit migrations"))
 }

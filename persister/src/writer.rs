@@ -84,9 +84,9 @@ impl Batch {
         &mut self,
         conversation: &ConversationId,
         event: MessageEvent,
-    ) -> Result<(), &'static str> {
-        let id = i64::try_from(event.id.get()).map_err(|_| "id out of range")?;
-        let ts = i64::try_from(event.ts).map_err(|_| "ts out of range")?;
+    ) -> Result<(), Unwritable> {
+        let id = i64::try_from(event.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?;
+        let ts = i64::try_from(event.ts).map_err(|_| Unwritable::OutOfRange("ts"))?;
         let name = conversation.to_string();
         if let ConversationId::Dm { low, high } = conversation {
             for party in [low, high] {
@@ -109,12 +109,27 @@ impl Batch {
     }
 }
 
-fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessageEvent), String> {
-    let conversation = subjects::parse_message(&message.subject).ok_or("unexpected subject")?;
-    let event: MessageEvent =
-        serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+/// Why a MESSAGES event is dead-lettered (the text is the dead letter's
+/// reason).
+#[derive(Debug, thiserror::Error)]
+enum Unwritable {
+    #[error("unexpected subject")]
+    Subject,
+    #[error("malformed event: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("event conversation does not match its subject")]
+    Conversation,
+    #[error("{0} out of range")]
+    OutOfRange(&'static str),
+    #[error("the database refuses it: {0}")]
+    Refused(#[source] tokio_postgres::Error),
+}
+
+fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessageEvent), Unwritable> {
+    let conversation = subjects::parse_message(&message.subject).ok_or(Unwritable::Subject)?;
+    let event: MessageEvent = serde_json::from_slice(&message.payload)?;
     if event.conversation != conversation {
-        return Err("event conversation does not match its subject".into());
+        return Err(Unwritable::Conversation);
     }
     Ok((conversation, event))
 }
@@ -122,18 +137,21 @@ fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessageEvent)
 /// Why an insert failed: a database that is away (retry), or rows it will
 /// never take (PostgreSQL error classes 22 "data exception" and 23
 /// "integrity constraint violation").
+#[derive(Debug, thiserror::Error)]
 enum InsertError {
-    Transient(String),
-    Permanent(String),
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Transient(tokio_postgres::Error),
+    #[error(transparent)]
+    Permanent(tokio_postgres::Error),
 }
 
 impl From<tokio_postgres::Error> for InsertError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.code().map(|c| c.code()) {
-            Some(code) if code.starts_with("22") || code.starts_with("23") => {
-                Self::Permanent(e.to_string())
-            }
-            _ => Self::Transient(e.to_string()),
+            Some(code) if code.starts_with("22") || code.starts_with("23") => Self::Permanent(e),
+            _ => Self::Transient(e),
         }
     }
 }
@@ -182,9 +200,8 @@ async fn store_events(
     let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
-        let pushed = decode(&message).and_then(|(conversation, event)| {
-            rows.push(&conversation, event).map_err(str::to_string)
-        });
+        let pushed =
+            decode(&message).and_then(|(conversation, event)| rows.push(&conversation, event));
         match pushed {
             Ok(()) => good.push(message),
             Err(reason) => terminate(js, &message, &reason, metrics).await,
@@ -233,13 +250,13 @@ async fn insert_until_settled(
     pool: &Pool,
     rows: &Batch,
     messages: &[jetstream::Message],
-) -> Result<u64, String> {
+) -> Result<u64, Unwritable> {
     let mut backoff = Backoff::default();
     loop {
         match insert(pool, rows).await {
             Ok(written) => return Ok(written),
-            Err(InsertError::Permanent(reason)) => return Err(reason),
-            Err(InsertError::Transient(reason)) => {
+            Err(InsertError::Permanent(e)) => return Err(Unwritable::Refused(e)),
+            Err(reason) => {
                 tracing::warn!(
                     error = %reason,
                     rows = rows.len(),
@@ -261,7 +278,7 @@ async fn insert_until_settled(
 async fn terminate(
     js: &jetstream::Context,
     message: &jetstream::Message,
-    reason: &str,
+    reason: &Unwritable,
     metrics: &PersisterMetrics,
 ) {
     let trace_id = TraceId::from_headers(message.headers.as_ref());
@@ -271,7 +288,7 @@ async fn terminate(
         trace_id = trace_id.map(tracing::field::display),
         "dead-lettering a MESSAGES event the database will never take"
     );
-    if consume::dead_letter(js, message, reason).await {
+    if consume::dead_letter(js, message, &reason.to_string()).await {
         metrics.event_dropped();
     }
 }
@@ -286,10 +303,7 @@ async fn ack_all(messages: Vec<jetstream::Message>) {
 
 /// Inserts the rows in one transaction; returns how many were new.
 async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|e| InsertError::Transient(e.to_string()))?;
+    let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let inserted = tx
         .query(
@@ -303,7 +317,7 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
     if !inserted.is_empty() {
         let mut newest: HashMap<String, i64> = HashMap::new();
         for row in &inserted {
-            let (conversation, id): (String, i64) = (row.get(0), row.get(1));
+            let (conversation, id): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
             let entry = newest.entry(conversation).or_insert(id);
             *entry = (*entry).max(id);
         }

@@ -58,13 +58,6 @@ fn decode<T: DeserializeOwned>(message: &async_nats::Message) -> Option<T> {
 }
 
 /// Runs the service until `shutdown` completes, serving `/metrics` on
-/// `CHAT_METRICS_ADDR` when it is set.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), PresenceError> {
-    let metrics_listener = chat_shared::metrics::bind(&config).await?;
-    run_with(config, metrics_listener, shutdown).await
-}
-
-/// Runs the service until `shutdown` completes, serving `/metrics` on
 /// `metrics_listener` when given.
 pub async fn run_with(
     config: Config,

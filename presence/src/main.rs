@@ -1,13 +1,6 @@
-use chat_shared::{bin, shutdown};
+//! A thin main: everything is in the library.
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match bin::start() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    bin::finish(
-        "presence",
-        chat_presence::run(config, shutdown::signal()).await,
-    )
+    chat_shared::bin::serve("presence", chat_presence::run_with).await
 }

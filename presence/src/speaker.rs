@@ -58,6 +58,7 @@ impl Speaker {
     }
 
     /// One KV write, one public event, one frame per online friend.
+    #[tracing::instrument(skip_all, fields(user = %change.user))]
     async fn announce_one(&mut self, tracker: &Tracker, change: Change) {
         let record = PresenceRecord {
             status: change.status,
@@ -136,6 +137,7 @@ impl Speaker {
 
     /// Forgets both friend lists; new friends learn each other's presence
     /// at once rather than at the next change.
+    #[tracing::instrument(skip_all, fields(users = ?change.users))]
     pub async fn friends_changed(&mut self, change: &FriendChange, is_leader: bool) {
         for user in &change.users {
             self.friends.remove(user);
@@ -169,6 +171,7 @@ impl Speaker {
 
     /// Forwards `user`'s typing in a conversation to its other members'
     /// online devices.
+    #[tracing::instrument(skip_all, fields(%user, conversation = %event.conversation))]
     pub async fn typing(
         &mut self,
         tracker: &Tracker,

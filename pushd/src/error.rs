@@ -3,8 +3,8 @@
 pub enum PushdError {
     #[error(transparent)]
     Start(#[from] chat_shared::StartError),
-    #[error("PostgreSQL: {0}")]
-    Database(String),
+    #[error("PostgreSQL pool: {0}")]
+    Database(#[from] deadpool_postgres::CreatePoolError),
     /// A provider's settings or key files are unusable.
     #[error("{provider}: {reason}")]
     Provider {

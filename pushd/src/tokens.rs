@@ -7,12 +7,32 @@ use deadpool_postgres::Pool;
 
 use crate::providers::Token;
 
+/// Why the tokens could not be read or removed; the worker retries or
+/// leaves the token for the next notification.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{what}: {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+const ROW: &str = "reading a push_tokens row";
+
+fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> TokenError {
+    move |source| TokenError::Query { what, source }
+}
+
 /// The `most` recently registered tokens of `user`: the persister keeps
 /// no more than that, and rows from before the cap (or a lowered cap) do
 /// not turn one message into more notifications. A platform the database
 /// knows but this build does not (its CHECK allows only ours) is skipped.
-pub async fn of_user(pool: &Pool, user: &UserId, most: usize) -> Result<Vec<Token>, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+pub async fn of_user(pool: &Pool, user: &UserId, most: usize) -> Result<Vec<Token>, TokenError> {
+    let client = pool.get().await?;
     let rows = client
         .query(
             "SELECT platform, token, updated_at FROM push_tokens WHERE user_id = $1
@@ -20,29 +40,32 @@ pub async fn of_user(pool: &Pool, user: &UserId, most: usize) -> Result<Vec<Toke
             &[&user.as_str(), &(most as i64)],
         )
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(rows
-        .iter()
-        .filter_map(|row| {
-            Some(Token {
-                platform: Platform::parse(row.get::<_, &str>(0))?,
-                token: row.get(1),
-                updated_at: row.get(2),
-            })
-        })
-        .collect())
+        .map_err(query("reading push tokens"))?;
+    let mut tokens = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let platform: &str = row.try_get(0).map_err(query(ROW))?;
+        let Some(platform) = Platform::parse(platform) else {
+            continue;
+        };
+        tokens.push(Token {
+            platform,
+            token: row.try_get(1).map_err(query(ROW))?,
+            updated_at: row.try_get(2).map_err(query(ROW))?,
+        });
+    }
+    Ok(tokens)
 }
 
 /// Deletes `token` unless it was registered again after we read it (a
 /// reinstalled app may get the same token back, valid again).
-pub async fn remove(pool: &Pool, token: &Token) -> Result<bool, String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+pub async fn remove(pool: &Pool, token: &Token) -> Result<bool, TokenError> {
+    let client = pool.get().await?;
     let deleted = client
         .execute(
             "DELETE FROM push_tokens WHERE platform = $1 AND token = $2 AND updated_at <= $3",
             &[&token.platform.as_str(), &token.token, &token.updated_at],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(query("deleting a push token"))?;
     Ok(deleted > 0)
 }

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::UserId;
 use chat_shared::push::PushJob;
+use chat_shared::telemetry::TraceId;
 use chat_shared::{shutdown, streams, subjects};
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -124,16 +125,22 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
+    #[tracing::instrument(skip_all, fields(subject = %message.subject, user, trace_id))]
     async fn dispatch(&mut self, message: jetstream::Message) {
+        let span = tracing::Span::current();
+        if let Some(trace) = TraceId::from_headers(message.headers.as_ref()) {
+            span.record("trace_id", tracing::field::display(trace));
+        }
         let job = match decode(&message) {
             Ok(job) => job,
             Err(reason) => {
-                tracing::error!(subject = %message.subject, %reason, "dead-lettering a malformed push job");
+                tracing::error!(%reason, "dead-lettering a malformed push job");
                 // Copied to `chat.dead.pushd` before it is terminated.
-                consume::dead_letter(&self.shared.js, &message, &reason).await;
+                consume::dead_letter(&self.shared.js, &message, &reason.to_string()).await;
                 return;
             }
         };
+        span.record("user", tracing::field::display(&job.user));
         let key = ledger::key(&job);
         match self.shared.ledger.claim(&key) {
             Claim::New => {}
@@ -192,10 +199,19 @@ impl Dispatcher {
     }
 }
 
-fn decode(message: &jetstream::Message) -> Result<PushJob, String> {
-    let job: PushJob = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+/// Why a PUSH message is no job; it is dead-lettered with this reason.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("malformed push job: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("a job for {0} on another user's subject")]
+    WrongSubject(UserId),
+}
+
+fn decode(message: &jetstream::Message) -> Result<PushJob, DecodeError> {
+    let job: PushJob = serde_json::from_slice(&message.payload)?;
     if message.subject.as_str() != subjects::push(&job.user) {
-        return Err(format!("a job for {} on another user's subject", job.user));
+        return Err(DecodeError::WrongSubject(job.user));
     }
     Ok(job)
 }

@@ -1,10 +1,6 @@
-use chat_shared::{bin, shutdown};
+//! A thin main: everything is in the library.
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match bin::start() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    bin::finish("router", chat_router::run(config, shutdown::signal()).await)
+    chat_shared::bin::run("router", chat_router::run).await
 }

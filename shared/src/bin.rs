@@ -1,8 +1,12 @@
 //! The start and end of every service binary, so each `main.rs` stays thin.
 
+use std::future::Future;
 use std::process::ExitCode;
 
-use crate::{telemetry, Config};
+use tokio::net::TcpListener;
+
+use crate::shutdown::{self, Shutdown};
+use crate::{metrics, telemetry, Config};
 
 /// Reads the configuration and sets up logging. Bad configuration prints
 /// every problem and exits 64 (EX_USAGE).
@@ -31,6 +35,40 @@ fn service_name() -> String {
         Some(service) => service.to_string(),
         None => name,
     }
+}
+
+/// The whole `main` of a service that binds its metrics listener and
+/// nothing else: configuration, the listener (`CHAT_METRICS_ADDR`), the run
+/// until SIGINT/SIGTERM, the exit code.
+pub async fn serve<E, F, Fut>(service: &str, run_with: F) -> ExitCode
+where
+    F: FnOnce(Config, Option<TcpListener>, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    run(service, |config, shutdown| async move {
+        match metrics::bind(&config).await {
+            Ok(listener) => run_with(config, listener, shutdown)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// The whole `main` of a service that binds what it needs itself.
+pub async fn run<E, F, Fut>(service: &str, run: F) -> ExitCode
+where
+    F: FnOnce(Config, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let config = match start() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    finish(service, run(config, shutdown::signal()).await)
 }
 
 /// The exit code for a service's result.

@@ -34,15 +34,30 @@ pub struct EdgeEntry {
     pub updated_at: u64,
 }
 
+/// Why the edges bucket could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("listing the edges bucket's keys: {0}")]
+    Keys(#[from] kv::HistoryError),
+    #[error("reading the edges bucket's keys: {0}")]
+    Watch(#[from] kv::WatcherError),
+    #[error("reading an edge entry: {0}")]
+    Entry(#[from] kv::EntryError),
+}
+
 /// Every edge entry younger than `ttl` (the bucket expires older ones too;
 /// the age check covers a bucket created with a longer max age), least
 /// loaded first, draining edges last.
-pub async fn list(store: &kv::Store, ttl: Duration, now_ms: u64) -> Result<Vec<EdgeEntry>, String> {
-    let mut keys = store.keys().await.map_err(|e| e.to_string())?;
+pub async fn list(
+    store: &kv::Store,
+    ttl: Duration,
+    now_ms: u64,
+) -> Result<Vec<EdgeEntry>, ListError> {
+    let mut keys = store.keys().await?;
     let mut entries = Vec::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| e.to_string())?;
-        let Some(bytes) = store.get(&key).await.map_err(|e| e.to_string())? else {
+        let key = key?;
+        let Some(bytes) = store.get(&key).await? else {
             continue;
         };
         if let Some(entry) = parse(&key, &bytes) {

@@ -20,7 +20,7 @@ pub enum LeaseError {
     #[error("all {0} node ids are taken")]
     Exhausted(u32),
     #[error("node lease bucket: {0}")]
-    Store(String),
+    Store(#[from] kv::CreateError),
 }
 
 pub struct NodeLease {
@@ -67,7 +67,7 @@ impl NodeLease {
                     return Ok((node, revision));
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(LeaseError::Store(e.to_string())),
+                Err(e) => return Err(LeaseError::Store(e)),
             }
         }
         Err(LeaseError::Exhausted(count))

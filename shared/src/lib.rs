@@ -7,7 +7,6 @@ pub mod bin;
 pub mod clock;
 pub mod config;
 pub mod consume;
-pub mod db;
 pub mod delivery;
 pub mod discovery;
 pub mod error;

@@ -262,13 +262,21 @@ async fn consumer_info(
     js: &jetstream::Context,
     stream: &str,
     consumer: &str,
-) -> Result<jetstream::consumer::Info, String> {
-    js.get_stream_no_info(stream)
-        .await
-        .map_err(|e| e.to_string())?
+) -> Result<jetstream::consumer::Info, LagError> {
+    Ok(js
+        .get_stream_no_info(stream)
+        .await?
         .consumer_info(consumer)
-        .await
-        .map_err(|e| e.to_string())
+        .await?)
+}
+
+/// Why a consumer's lag could not be read.
+#[derive(Debug, thiserror::Error)]
+enum LagError {
+    #[error("the stream: {0}")]
+    Stream(#[from] jetstream::context::GetStreamError),
+    #[error("the consumer: {0}")]
+    Consumer(#[from] jetstream::context::ConsumerInfoError),
 }
 
 #[cfg(test)]

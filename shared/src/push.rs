@@ -72,7 +72,7 @@ impl Platform {
     ///   warns the length may grow);
     /// - webhook: an opaque id for the receiver, 1..=256 printable ASCII
     ///   characters without spaces.
-    pub fn validate_token(self, token: &str) -> Result<(), String> {
+    pub fn validate_token(self, token: &str) -> Result<(), BadToken> {
         let ok = match self {
             Platform::Fcm => {
                 (1..=4096).contains(&token.len())
@@ -90,16 +90,20 @@ impl Platform {
         if ok {
             Ok(())
         } else {
-            Err(match self {
-                Platform::Fcm => "an fcm token is 1-4096 of A-Z a-z 0-9 _ : -".into(),
-                Platform::Apns => "an apns token is 64-200 hex digits".into(),
-                Platform::Webhook => {
-                    "a webhook token is 1-256 printable ASCII characters, no spaces".into()
-                }
-            })
+            Err(BadToken(self))
         }
     }
 }
+
+/// A token that is not of its platform's form; the text tells the client
+/// what the form is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", match .0 {
+    Platform::Fcm => "an fcm token is 1-4096 of A-Z a-z 0-9 _ : -",
+    Platform::Apns => "an apns token is 64-200 hex digits",
+    Platform::Webhook => "a webhook token is 1-256 printable ASCII characters, no spaces",
+})]
+pub struct BadToken(pub Platform);
 
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 use crate::push::Platform;
 use crate::subjects;
+use crate::telemetry::TraceId;
 use crate::wire::{ConversationSummary, ErrorCode, FriendState, GroupView, MessageEvent};
 
 /// A method: its subject name and its request and response types.
@@ -209,13 +210,19 @@ pub async fn call<M: Method>(
     client: &async_nats::Client,
     request: &M::Request,
 ) -> Result<M::Response, RpcError> {
-    let body = serde_json::to_vec(request)
-        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+    let body = serde_json::to_vec(request).map_err(|e| {
+        tracing::error!(method = M::NAME, error = %e, "cannot encode an rpc request");
+        RpcError::new(ErrorCode::Internal, "internal error")
+    })?;
+    // The persister's span for this request carries the same trace id.
+    let trace = TraceId::random();
+    let mut headers = async_nats::HeaderMap::new();
+    trace.add_to(&mut headers);
     let reply = client
-        .request(subjects::rpc(M::NAME), body.into())
+        .request_with_headers(subjects::rpc(M::NAME), headers, body.into())
         .await
         .map_err(|e| {
-            tracing::warn!(method = M::NAME, error = %e, "rpc failed");
+            tracing::warn!(method = M::NAME, trace_id = %trace, error = %e, "rpc failed");
             RpcError::new(
                 ErrorCode::Unavailable,
                 "history service unavailable, retry later",
@@ -224,10 +231,10 @@ pub async fn call<M: Method>(
     match serde_json::from_slice::<Reply<M::Response>>(&reply.payload) {
         Ok(Reply::Ok(response)) => Ok(response),
         Ok(Reply::Err(error)) => Err(error),
-        Err(e) => Err(RpcError::new(
-            ErrorCode::Internal,
-            format!("bad rpc reply: {e}"),
-        )),
+        Err(e) => {
+            tracing::error!(method = M::NAME, trace_id = %trace, error = %e, "bad rpc reply");
+            Err(RpcError::new(ErrorCode::Internal, "internal error"))
+        }
     }
 }
 

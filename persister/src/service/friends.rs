@@ -11,7 +11,7 @@ use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, FriendState, ServerFrame};
 use deadpool_postgres::GenericClient;
 
-use super::{corrupt, now_ms, unavailable, Service};
+use super::{begin, column, corrupt, now_ms, unavailable, Service};
 
 /// Friends and open requests one user may have: the presence fan-out of a
 /// user is one pass over this many.
@@ -57,7 +57,7 @@ impl Service {
             &[&format!("friends:{low}:{high}")],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable("lock the friendship"))?;
         Ok(())
     }
 
@@ -73,9 +73,9 @@ impl Service {
                 &[&user.as_str(), &other.as_str()],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read friendships"))?;
         match row {
-            Some(row) => parse_state(row.get(0)),
+            Some(row) => parse_state(column(&row, 0)?),
             None => Ok(FriendState::None),
         }
     }
@@ -93,7 +93,7 @@ impl Service {
             &[&user.as_str(), &other.as_str(), &state_name(state), &now_ms()],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable("upsert friendships"))?;
         Ok(())
     }
 
@@ -109,7 +109,7 @@ impl Service {
             ));
         }
         let mut db = self.client().await?;
-        let tx = db.transaction().await.map_err(unavailable)?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         let change = match self.relation(&tx, &user, &other).await? {
             // Asking again changes nothing and tells nobody twice.
@@ -131,8 +131,8 @@ impl Service {
                         &[&user.as_str(), &other.as_str(), &MAX_FRIENDS],
                     )
                     .await
-                    .map_err(unavailable)?;
-                let (mine_full, theirs_full): (bool, bool) = (full.get(0), full.get(1));
+                    .map_err(unavailable("read friendships"))?;
+                let (mine_full, theirs_full): (bool, bool) = (column(&full, 0)?, column(&full, 1)?);
                 if mine_full || theirs_full {
                     let whose = if mine_full { "you have" } else { "they have" };
                     return Err(RpcError::new(
@@ -158,7 +158,7 @@ impl Service {
     ) -> Result<FriendState, RpcError> {
         let rpc::FriendRequest { user, other } = request;
         let mut db = self.client().await?;
-        let tx = db.transaction().await.map_err(unavailable)?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         match self.relation(&tx, &user, &other).await? {
             FriendState::Friends => Ok(FriendState::Friends),
@@ -182,7 +182,7 @@ impl Service {
     pub(super) async fn friend_remove(&self, request: rpc::FriendRequest) -> Result<(), RpcError> {
         let rpc::FriendRequest { user, other } = request;
         let mut db = self.client().await?;
-        let tx = db.transaction().await.map_err(unavailable)?;
+        let tx = begin(&mut db).await?;
         self.lock_pair(&tx, &user, &other).await?;
         let removed = tx
             .execute(
@@ -190,11 +190,11 @@ impl Service {
                 &[&user.as_str(), &other.as_str()],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("delete from friendships"))?;
         if removed == 0 {
             return Ok(());
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable("commit"))?;
         self.announce(&Change {
             user,
             other,
@@ -220,12 +220,12 @@ impl Service {
                 &[&request.user.as_str(), &MAX_FRIENDS],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read friendships"))?;
         rows.iter()
             .map(|row| {
                 Ok(rpc::FriendEntry {
-                    user: UserId::parse(row.get::<_, &str>(0)).map_err(|_| corrupt("friend"))?,
-                    state: parse_state(row.get(1))?,
+                    user: UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend"))?,
+                    state: parse_state(column(row, 1)?)?,
                 })
             })
             .collect()
@@ -242,9 +242,9 @@ impl Service {
                 &[&request.user.as_str()],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read friendships"))?;
         rows.iter()
-            .map(|row| UserId::parse(row.get::<_, &str>(0)).map_err(|_| corrupt("friend")))
+            .map(|row| UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend")))
             .collect()
     }
 
@@ -257,7 +257,7 @@ impl Service {
             .await?;
         self.set_relation(&tx, &change.other, &change.user, change.other_state)
             .await?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable("commit"))?;
         self.announce(change).await;
         Ok(())
     }

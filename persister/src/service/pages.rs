@@ -13,7 +13,7 @@ use chat_shared::rpc::{self, RpcError, MAX_REACHABLE_CONVERSATIONS, REPLY_ITEMS_
 use chat_shared::wire::{ConversationSummary, ErrorCode, PREVIEW_CHARS};
 use serde::Serialize;
 
-use super::{corrupt, message_from_row, unavailable, Service, ID_TIME_SHIFT};
+use super::{column, corrupt, message_from_row, unavailable, Service, ID_TIME_SHIFT};
 
 /// Counts what a value serializes to without keeping it.
 struct ByteCount(usize);
@@ -108,19 +108,19 @@ impl Service {
                 ],
             )
             .await
-            .map_err(unavailable)?;
-        let found = rows.first().map_or(0, |row| row.get::<_, i64>(5));
+            .map_err(unavailable("read a history page"))?;
+        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 5))?;
         let messages = rows
             .iter()
             .take(limit as usize)
             .map(|row| {
                 message_from_row(
                     request.conversation.clone(),
-                    row.get(0),
-                    row.get(1),
-                    row.get(2),
-                    row.get(3),
-                    row.get(4),
+                    column(row, 0)?,
+                    column(row, 1)?,
+                    column(row, 2)?,
+                    column(row, 3)?,
+                    column(row, 4)?,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -179,28 +179,28 @@ impl Service {
                 ],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read a conversations page"))?;
         let mut items = Vec::with_capacity(rows.len());
         let mut tokens = Vec::with_capacity(rows.len());
         for row in rows.iter().take(limit as usize) {
-            let conversation = ConversationId::parse(row.get::<_, &str>(0))
+            let conversation = ConversationId::parse(column::<&str>(row, 0)?)
                 .map_err(|_| corrupt("conversation"))?;
-            let read_up_to: Option<i64> = row.get(1);
-            let unread: i64 = row.get(2);
-            let last_id: Option<i64> = row.get(3);
+            let read_up_to: Option<i64> = column(row, 1)?;
+            let unread: i64 = column(row, 2)?;
+            let last_id: Option<i64> = column(row, 3)?;
             let last = match last_id {
                 Some(id) => Some(message_from_row(
                     conversation.clone(),
                     id,
-                    row.get(4),
-                    row.get(5),
-                    row.get(6),
-                    row.get(7),
+                    column(row, 4)?,
+                    column(row, 5)?,
+                    column(row, 6)?,
+                    column(row, 7)?,
                 )?),
                 None => None,
             };
             tokens.push(PageToken {
-                activity: row.get(9),
+                activity: column(row, 9)?,
                 conversation: conversation.to_string(),
             });
             items.push(ConversationSummary {

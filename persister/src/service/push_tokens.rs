@@ -10,7 +10,7 @@ use chat_shared::rpc::{self, RpcError};
 use chat_shared::wire::ErrorCode;
 use deadpool_postgres::tokio_postgres::error::SqlState;
 
-use super::{now_ms, unavailable, Service};
+use super::{begin, column, now_ms, unavailable, Service};
 
 fn held_by_another() -> RpcError {
     RpcError::new(
@@ -27,12 +27,12 @@ impl Service {
         request
             .platform
             .validate_token(&request.token)
-            .map_err(|reason| RpcError::new(ErrorCode::BadRequest, reason))?;
+            .map_err(|reason| RpcError::new(ErrorCode::BadRequest, reason.to_string()))?;
         let user = request.user.as_str();
         let device = request.device.as_str();
         let platform = request.platform.as_str();
         let mut db = self.client().await?;
-        let tx = db.transaction().await.map_err(unavailable)?;
+        let tx = begin(&mut db).await?;
         // One registration of a user at a time, so two at once cannot both
         // stay under a cap.
         tx.execute(
@@ -40,7 +40,7 @@ impl Service {
             &[&format!("push:{user}")],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable("lock the user's push tokens"))?;
         let holder = tx
             .query_opt(
                 "SELECT user_id, device FROM push_tokens \
@@ -48,9 +48,10 @@ impl Service {
                 &[&platform, &request.token],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read push_tokens"))?;
         if let Some(holder) = holder {
-            let (holder_user, holder_device): (&str, &str) = (holder.get(0), holder.get(1));
+            let (holder_user, holder_device): (&str, &str) =
+                (column(&holder, 0)?, column(&holder, 1)?);
             if holder_user != user {
                 return Err(held_by_another());
             }
@@ -61,7 +62,7 @@ impl Service {
                     &[&user, &holder_device, &platform],
                 )
                 .await
-                .map_err(unavailable)?;
+                .map_err(unavailable("delete from push_tokens"))?;
             }
         }
         let inserted = tx
@@ -79,10 +80,10 @@ impl Service {
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 return Err(held_by_another())
             }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => return Err(unavailable("insert into push_tokens")(e)),
         }
         self.enforce_caps(&tx, &request).await?;
-        tx.commit().await.map_err(unavailable)
+        tx.commit().await.map_err(unavailable("commit"))
     }
 
     /// Drops the user's least recently registered devices, then tokens,
@@ -107,7 +108,7 @@ impl Service {
                 &[&user, &device, &other_devices],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read push_tokens"))?;
         let other_tokens = caps.per_user.saturating_sub(1) as i64;
         let tokens = tx
             .execute(
@@ -118,7 +119,7 @@ impl Service {
                 &[&user, &device, &platform, &other_tokens],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("read push_tokens"))?;
         if devices + tokens > 0 {
             tracing::info!(
                 %user,
@@ -145,7 +146,7 @@ impl Service {
             ],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable("delete from push_tokens"))?;
         Ok(())
     }
 }

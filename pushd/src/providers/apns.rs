@@ -52,7 +52,7 @@ impl Apns {
     /// the key id, team id and topic are then set too).
     pub(super) fn load(
         config: &PushConfig,
-        client: impl FnOnce() -> Result<reqwest::Client, String>,
+        client: impl FnOnce() -> Result<reqwest::Client, super::ClientError>,
     ) -> Result<Option<Self>, PushdError> {
         let Some(path) = &config.apns_key_file else {
             return Ok(None);

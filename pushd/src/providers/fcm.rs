@@ -74,7 +74,7 @@ impl Fcm {
     /// FCM, if `fcm_credentials` is set.
     pub(super) fn load(
         config: &PushConfig,
-        client: impl FnOnce() -> Result<reqwest::Client, String>,
+        client: impl FnOnce() -> Result<reqwest::Client, super::ClientError>,
     ) -> Result<Option<Self>, PushdError> {
         let Some(path) = &config.fcm_credentials else {
             return Ok(None);

@@ -136,13 +136,20 @@ enum Protocols {
 /// An HTTP client on rustls with the *ring* provider (aws-lc-rs is not
 /// built: it needs cmake and minutes of C compilation), verifying servers
 /// with the platform's trust store.
-fn client(protocols: Protocols) -> Result<reqwest::Client, String> {
+/// Why a provider's HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+fn client(protocols: Protocols) -> Result<reqwest::Client, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_platform_verifier()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
         .with_no_client_auth();
     let builder = reqwest::Client::builder()
         .timeout(CALL_TIMEOUT)
@@ -158,10 +165,7 @@ fn client(protocols: Protocols) -> Result<reqwest::Client, String> {
             builder.http2_prior_knowledge()
         }
     };
-    builder
-        .tls_backend_preconfigured(tls)
-        .build()
-        .map_err(|e| e.to_string())
+    Ok(builder.tls_backend_preconfigured(tls).build()?)
 }
 
 /// A provider's answer, read whole (they are small).

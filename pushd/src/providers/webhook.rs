@@ -33,7 +33,7 @@ impl Webhook {
     /// sure the secret is then set too).
     pub(super) fn load(
         config: &PushConfig,
-        client: impl FnOnce() -> Result<reqwest::Client, String>,
+        client: impl FnOnce() -> Result<reqwest::Client, super::ClientError>,
     ) -> Result<Option<Self>, PushdError> {
         let Some(url) = &config.webhook_url else {
             return Ok(None);

@@ -28,9 +28,11 @@ async fn bench_dm_counts_every_message() -> Result<()> {
         },
     )
     .await?;
-    assert_eq!(report.messages, 50);
+    // Counted by the bench and by the system: every message reached its
+    // recipient and the history store.
     assert_eq!(report.delivered, 50);
-    assert!(report.delivered_latency.max >= report.delivered_latency.p50);
+    assert!(report.sent_latency.p50 > 0.0, "{:?}", report.sent_latency);
+    wait_stored(&system, 50).await?;
     Ok(())
 }
 
@@ -49,11 +51,11 @@ async fn bench_group_counts_every_delivery() -> Result<()> {
         },
     )
     .await?;
-    assert_eq!(report.messages, 2 * 2 * 10);
     assert_eq!(
         report.deliveries,
         group_bench::expected_deliveries(2, 5, 2, 10)
     );
+    wait_stored(&system, 2 * 2 * 10).await?;
     Ok(())
 }
 
@@ -92,7 +94,8 @@ async fn bench_presence_sees_every_friend_come_and_go() -> Result<()> {
         },
     )
     .await?;
-    assert_eq!((report.friends, report.rounds), (4, 2));
+    // Measured, not echoed: an empty sample reads as 0.
+    assert!(report.online_fanout.p50 > 0.0, "{:?}", report.online_fanout);
     assert!(report.frames_per_second > 0.0);
     Ok(())
 }
@@ -109,8 +112,12 @@ async fn bench_raw_acks_every_publish() -> Result<()> {
         },
     )
     .await?;
-    assert_eq!(report.messages, 2_000);
     assert_eq!(report.core_lost, 0);
+    assert!(
+        report.puback_latency.p50 > 0.0,
+        "{:?}",
+        report.puback_latency
+    );
     assert!(report.jetstream_per_second > 0.0);
     Ok(())
 }
@@ -131,10 +138,8 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
         },
     )
     .await?;
-    assert_eq!(report.connections, 40);
-    assert_eq!(report.edge_pid, std::process::id());
     assert!(report.edge_rss_after_kib > 0);
-    assert!(report.idle_seconds >= 1.0);
+    assert!(report.connects_per_second > 0.0);
     // The connections are still open while held: the edge counts them.
     let connections = edge_connections(&system).await?;
     assert!(
@@ -143,6 +148,15 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
     );
     drop(held);
     Ok(())
+}
+
+/// Waits until PostgreSQL holds `count` messages: the bench's messages
+/// went all the way to the history store.
+async fn wait_stored(system: &System, count: i64) -> Result<()> {
+    let db = system.database().await?;
+    let rows = || db.query_one("SELECT count(*) FROM messages", &[]);
+    chat_tests::wait_until(|| async { rows().await.is_ok_and(|r| r.get::<_, i64>(0) == count) })
+        .await
 }
 
 /// The edge's `edge_connections` gauge.

@@ -358,3 +358,77 @@ async fn operators_streams_show_consumers_and_their_lag() -> anyhow::Result<()> 
     assert!(table.contains("persister"));
     Ok(())
 }
+
+/// `chatctl send` and `chatctl tail` through the library: the tail sees
+/// the sent message live and acks its cursor, which the edge stores as the
+/// device's.
+#[tokio::test]
+async fn chatctl_send_reaches_a_tail_that_acks_it() -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use chat_shared::ids::{DeviceId, UserId};
+    use chat_shared::wire::ServerFrame;
+    use chatctl::client::{self, Target};
+
+    let system = System::start().await?;
+    let (config, edge) = (system.config.clone(), system.ws_url());
+    let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let tail = tokio::spawn(async move {
+        client::tail(&config, &edge, "bob", "tail-1", None, |frame| {
+            let _ = frames_tx.send(frame.to_string());
+        })
+        .await
+    });
+    // The tail's handshake ends with `synced`: only then is it live.
+    let synced = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = frames.recv().await {
+            if frame.contains("\"synced\"") {
+                return true;
+            }
+        }
+        false
+    })
+    .await?;
+    ensure!(synced, "the tail ended before synced");
+    let sent = client::send(
+        &system.config,
+        &system.ws_url(),
+        "alice",
+        Target::User(UserId::parse("bob")?),
+        "from chatctl".into(),
+        |_| {},
+    )
+    .await?;
+    let ServerFrame::Sent { id, .. } = sent else {
+        bail!("send answered {sent:?}");
+    };
+    let cursor = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = frames.recv().await {
+            let value: Value = serde_json::from_str(&frame)?;
+            if value["type"] == "message" && value["id"] == id.to_string() {
+                ensure!(value["text"] == "from chatctl", "{value}");
+                return Ok(value["cursor"].as_str().map(str::to_owned));
+            }
+        }
+        bail!("the tail ended before the message")
+    })
+    .await??
+    .context("a live message carries its cursor")?;
+    // The edge writes a device's acked cursor every 2 s at most.
+    let cursors = jetstream::new(system.admin().await?)
+        .get_key_value(subjects::CURSORS_BUCKET)
+        .await?;
+    let key = subjects::device_cursor_key(&UserId::parse("bob")?, &DeviceId::parse("tail-1")?);
+    wait_until(|| {
+        let (cursors, key, cursor) = (cursors.clone(), key.clone(), cursor.clone());
+        async move {
+            let stored = cursors.get(&key).await.ok().flatten();
+            stored.is_some_and(|v| v.as_ref() == cursor.as_bytes())
+        }
+    })
+    .await
+    .context("the tail's ack was not stored as the device's cursor")?;
+    ensure!(!tail.is_finished(), "the tail stopped: {:?}", tail.await?);
+    tail.abort();
+    Ok(())
+}

@@ -1,10 +1,12 @@
 //! The PostgreSQL pool of the services that own tables (persister, pushd).
-//! Edges never call this: they reach PostgreSQL only through the
-//! persister's request/reply service.
+//! It lives in the persister's library, not in `chat-shared`, so the crate
+//! graph keeps the database driver out of every edge, router and presence
+//! build: they reach PostgreSQL only through the persister's request/reply
+//! service.
 
 use std::time::Duration;
 
-use crate::Config;
+use chat_shared::Config;
 
 pub use deadpool_postgres::{CreatePoolError, Pool};
 

@@ -1,7 +1,7 @@
 //! `chatctl bench dm`: pairs of users exchanging direct messages over real
 //! WebSockets against a running system; reports rates and latencies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,10 +9,13 @@ use anyhow::{bail, Context};
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, Socket};
+
+pub mod common;
+
+use common::{latency, send, Percentiles};
 
 #[derive(Debug, Clone)]
 pub struct DmOptions {
@@ -51,33 +54,6 @@ pub struct DmReport {
     pub offered_per_second: Option<f64>,
     /// Resident memory of each process over the run, when sampled.
     pub memory: Vec<crate::memory::Footprint>,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct Percentiles {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-impl Percentiles {
-    pub fn of(mut micros: Vec<u64>) -> Self {
-        micros.sort_unstable();
-        let at = |q: f64| {
-            let index =
-                ((micros.len() as f64 * q).ceil() as usize).clamp(1, micros.len().max(1)) - 1;
-            micros.get(index).copied().unwrap_or(0) as f64 / 1000.0
-        };
-        Self {
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: micros.last().copied().unwrap_or(0) as f64 / 1000.0,
-        }
-    }
 }
 
 pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport> {
@@ -160,96 +136,6 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     })
 }
 
-fn micros_since(start: Instant) -> u64 {
-    start.elapsed().as_micros() as u64
-}
-
-/// µs from the send of message `seq` until now.
-fn latency(sent_at: &[AtomicU64], seq: usize, start: Instant) -> u64 {
-    let at = sent_at
-        .get(seq)
-        .map(|a| a.load(Ordering::Relaxed))
-        .unwrap_or(0);
-    micros_since(start).saturating_sub(at.saturating_sub(1))
-}
-
-/// Sends `count` messages with at most `window` unanswered, one every
-/// `interval` when given (else flat out); returns each send -> `sent`
-/// latency in µs.
-pub(crate) async fn send(
-    socket: Socket,
-    to: String,
-    count: usize,
-    window: usize,
-    interval: Option<Duration>,
-    sent_at: Arc<Vec<AtomicU64>>,
-    start: Instant,
-) -> anyhow::Result<Vec<u64>> {
-    let (mut write, mut read) = socket.split();
-    let window = Arc::new(Semaphore::new(window));
-    let reader_window = window.clone();
-    let reader_sent_at = sent_at.clone();
-    let reader = tokio::spawn(async move {
-        let mut latencies = Vec::with_capacity(count);
-        while latencies.len() < count {
-            let Some(message) = read.next().await else {
-                bail!("sender connection closed");
-            };
-            let Message::Text(text) = message? else {
-                continue;
-            };
-            let frame: Value = serde_json::from_str(&text)?;
-            match frame["type"].as_str() {
-                Some("sent") => {
-                    let seq: usize = frame["ref"]
-                        .as_str()
-                        .and_then(|r| r.parse().ok())
-                        .unwrap_or(usize::MAX);
-                    latencies.push(latency(&reader_sent_at, seq, start));
-                    reader_window.add_permits(1);
-                }
-                Some("error") => {
-                    // Stop the sending loop too, instead of leaving it
-                    // waiting for a window that will never open.
-                    reader_window.close();
-                    if frame["code"] == "rate_limited" {
-                        bail!(
-                            "send refused by the edge's rate limit: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* (see the README)"
-                        );
-                    }
-                    bail!("send refused: {frame}");
-                }
-                _ => {}
-            }
-        }
-        Ok(latencies)
-    });
-    let began = Instant::now();
-    for seq in 0..count {
-        // Paced: the message is due at its slot, and its latency counts
-        // from there even if the window held it back (no coordinated
-        // omission).
-        let due = interval.map(|interval| began + interval.mul_f64(seq as f64));
-        if let Some(due) = due {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let Ok(permit) = window.acquire().await else {
-            break;
-        };
-        permit.forget();
-        let sent = due.map_or_else(
-            || micros_since(start),
-            |due| due.saturating_duration_since(start).as_micros() as u64,
-        );
-        sent_at[seq].store(sent + 1, Ordering::Relaxed);
-        let frame = json!({"type":"send","ref":seq.to_string(),"to":to,"text":format!("bench message {seq}"),"client_msg_id":format!("b{seq}")});
-        write.send(Message::Text(frame.to_string().into())).await?;
-    }
-    let latencies = reader.await??;
-    let _ = write.close().await;
-    Ok(latencies)
-}
-
 /// How long a receiver waits for the next message before the run fails.
 const RECEIVE_STALL: Duration = Duration::from_secs(60);
 
@@ -316,18 +202,4 @@ pub fn print(report: &DmReport) {
         );
     }
     crate::memory::print(&report.memory);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_pick_ranks() {
-        let p = Percentiles::of((1..=1000).map(|ms| ms * 1000).collect());
-        assert_eq!(
-            (p.p50, p.p90, p.p99, p.p999, p.max),
-            (500.0, 900.0, 990.0, 999.0, 1000.0)
-        );
-    }
 }
