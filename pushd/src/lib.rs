@@ -63,7 +63,7 @@ async fn run_exposed(
     let pool =
         chat_shared::db::connect_pool(&config).map_err(|e| PushdError::Database(e.to_string()))?;
     let (nats, js) = consume::connect_and_provision(&config, "pushd").await?;
-    let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await?;
+    let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await;
     let stop = shutdown::fan_out(shutdown);
     let exposition = chat_shared::metrics::expose(
         metrics_listener,

@@ -49,15 +49,15 @@ pub async fn run_with(
 ) -> Result<(), StartError> {
     let (nats, js) = consume::connect_and_provision(&config, "router").await?;
     let messages =
-        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await?;
+        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await;
     let events = consume::durable(
         &js,
         subjects::EVENTS_STREAM,
         streams::router_events_consumer(),
     )
-    .await?;
+    .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
-    let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
+    let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));

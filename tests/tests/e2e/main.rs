@@ -12,6 +12,7 @@ mod metrics;
 mod moderation;
 mod operators;
 mod presence;
+mod provisioning;
 mod push;
 mod replies;
 mod resume;
