@@ -85,6 +85,7 @@ pub async fn run_with(
         router.clone(),
         messages,
         stop.clone(),
+        config.shutdown_grace,
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let nats_for_exit = nats.clone();
