@@ -8,9 +8,11 @@
 //! cursor on `chat.deliver.<user>`. The MESSAGES event is acked last.
 //!
 //! Order: one router process is active at a time (the consumer's pinned
-//! client); inside it, events are spread over lanes by conversation and each
-//! lane handles its events one after another, so a conversation's messages
-//! enter every inbox in stream order.
+//! client); inside it, events are spread over lanes by conversation. A lane
+//! has several events' appends on their way at once but sends a user's item
+//! only after that user's previous one in the lane is stored, and completes
+//! its events in order, so a conversation's messages enter every inbox in
+//! stream order.
 //!
 //! Members other than the sender who are offline (per the presence bucket)
 //! get a push job (`push`).
