@@ -123,6 +123,21 @@ impl Default for Order {
 }
 
 impl Order {
+    /// Whether `user`'s previous item in this lane is stored, if that is
+    /// known without waiting (or there is none).
+    fn ready_now(&mut self, user: &UserId) -> Option<bool> {
+        let Some(stored) = self.last.get_mut(user) else {
+            return Some(true);
+        };
+        let ready = match stored.try_recv() {
+            Ok(stored) => stored,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => false,
+        };
+        self.last.remove(user);
+        Some(ready)
+    }
+
     /// Whether `user`'s previous item in this lane is stored (or there is none).
     async fn ready(&mut self, user: &UserId) -> bool {
         match self.last.remove(user) {
@@ -250,65 +265,87 @@ impl InboxWriter {
         });
         // Whole KiB, at least one, never more than the bound holds.
         let kib = (frame.len() / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
-        for user in recipients {
-            if !order.ready(user).await {
-                event.failed.store(true, Ordering::Relaxed);
-                order.blocked(user);
-                continue;
-            }
-            let (stored, stored_rx) = oneshot::channel();
-            order.after(user, stored_rx);
-            let outcome = Outcome {
-                event: event.clone(),
-                stored: Some(stored),
-                appended: false,
-                delivered: false,
-            };
-            // Dropped on failure, the outcome reports it.
-            if let Err(e) = self.send(user, event_id, &frame, &base, kib, outcome).await {
-                tracing::warn!(error = %e, "inbox append not sent");
+        let mut users = recipients.iter().peekable();
+        while let Some(first) = users.next() {
+            // Wait for this user's previous item; then send theirs and every
+            // following one that need not wait, under one lock, so an event
+            // whose predecessors are stored leaves in one burst.
+            let mut ready = order.ready(first).await;
+            let queue = self.queue.lock().await;
+            let mut user = first;
+            loop {
+                self.send(
+                    &queue, user, ready, event_id, &frame, &base, kib, &event, order,
+                )
+                .await;
+                let Some(next) = users.peek() else { break };
+                let Some(now) = order.ready_now(next) else {
+                    break;
+                };
+                (user, ready) = (*next, now);
+                users.next();
             }
         }
         Appending { done: done_rx }
     }
 
+    /// Sends `user`'s append if `ready` (their previous item is stored), or
+    /// marks it blocked; `queue` is the held lock.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
+        queue: &mpsc::Sender<Pending>,
         user: &UserId,
+        ready: bool,
         event_id: &str,
         frame: &Bytes,
         base: &HeaderMap,
         kib: u32,
-        outcome: Outcome,
-    ) -> Result<(), String> {
-        let queue = self.queue.lock().await;
-        let bytes = self
-            .bytes
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .map_err(|_| "delivery task stopped".to_string())?;
+        event: &Arc<Event>,
+        order: &mut Order,
+    ) {
+        if !ready {
+            event.failed.store(true, Ordering::Relaxed);
+            order.blocked(user);
+            return;
+        }
+        let (stored, stored_rx) = oneshot::channel();
+        order.after(user, stored_rx);
+        // Dropped unsent, the outcome reports the failure.
+        let outcome = Outcome {
+            event: event.clone(),
+            stored: Some(stored),
+            appended: false,
+            delivered: false,
+        };
+        let Ok(bytes) = self.bytes.clone().acquire_many_owned(kib).await else {
+            return;
+        };
         let mut headers = base.clone();
         headers.insert(
             subjects::MSG_ID_HEADER,
             subjects::inbox_dedup_id(event_id, user).as_str(),
         );
-        let ack = self
+        let ack = match self
             .js
             .publish_with_headers(subjects::inbox(user), headers, frame.clone())
             .await
-            .map_err(|e| e.to_string())?;
-        queue
-            .send(Pending {
-                user: user.clone(),
-                frame: frame.clone(),
-                headers: base.clone(),
-                ack,
-                outcome,
-                _bytes: bytes,
-            })
-            .await
-            .map_err(|_| "delivery task stopped".to_string())
+        {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox append not sent");
+                return;
+            }
+        };
+        let pending = Pending {
+            user: user.clone(),
+            frame: frame.clone(),
+            headers: base.clone(),
+            ack,
+            outcome,
+            _bytes: bytes,
+        };
+        let _ = queue.send(pending).await;
     }
 }
 

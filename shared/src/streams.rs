@@ -590,7 +590,8 @@ mod tests {
     fn each_field_we_set_is_compared() {
         let config = Config::default();
         let wanted = inbox(&config);
-        let changed: [(&str, fn(&mut stream::Config)); 14] = [
+        type Change = fn(&mut stream::Config);
+        let changed: [(&str, Change); 14] = [
             ("subjects", |c| c.subjects.push("chat.other.>".into())),
             ("storage", |c| c.storage = stream::StorageType::Memory),
             ("num_replicas", |c| c.num_replicas = 3),
