@@ -131,10 +131,10 @@ pub async fn run(
     };
     let inbox = stream(subjects::INBOX_STREAM).await?;
     let messages = stream(subjects::MESSAGES_STREAM).await?;
-    let cursors = bucket(subjects::CURSORS_BUCKET).await?;
-    let claims = bucket(subjects::SENT_BUCKET).await?;
+    let cursors = bucket(subjects::CURSORS_BUCKET).await;
+    let claims = bucket(subjects::SENT_BUCKET).await;
     let lease = NodeLease::new(
-        bucket(subjects::NODES_BUCKET).await?,
+        bucket(subjects::NODES_BUCKET).await,
         id.to_string(),
         config.node_lease_ttl,
     );
@@ -152,8 +152,8 @@ pub async fn run(
     let (stop_tx, stop) = watch::channel(false);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
-    let presence_store = bucket(subjects::PRESENCE_BUCKET).await?;
-    let edges = bucket(subjects::EDGES_BUCKET).await?;
+    let presence_store = bucket(subjects::PRESENCE_BUCKET).await;
+    let edges = bucket(subjects::EDGES_BUCKET).await;
     let directory = Directory::default();
     let directory_task = tokio::spawn(directory.clone().follow(
         edges.clone(),
@@ -181,7 +181,7 @@ pub async fn run(
     // Before the listener: a banned user is refused from the first connection.
     let (moderation, moderation_task) = moderation::start(
         nats.clone(),
-        bucket(subjects::MODERATION_BUCKET).await?,
+        bucket(subjects::MODERATION_BUCKET).await,
         hub.clone(),
         link.clone(),
         stop.clone(),

@@ -41,7 +41,7 @@ pub async fn run_with(
         subjects::MESSAGES_STREAM,
         streams::persister_consumer(),
     )
-    .await?;
+    .await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));

@@ -65,8 +65,8 @@ pub async fn run_with(
     shutdown: Shutdown,
 ) -> Result<(), PresenceError> {
     let (nats, js) = consume::connect_and_provision(&config, "presence").await?;
-    let store = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
-    let leaders = consume::bucket(&js, subjects::LEADERS_BUCKET).await?;
+    let store = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
+    let leaders = consume::bucket(&js, subjects::LEADERS_BUCKET).await;
     let subscribe = |subject: &'static str| {
         let nats = nats.clone();
         async move {

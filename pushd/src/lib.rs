@@ -62,7 +62,7 @@ async fn run_exposed(
     let providers = providers::Providers::from_config(&config.push, metrics.clone())?;
     let pool = chat_persister::db::connect_pool(&config)?;
     let (nats, js) = consume::connect_and_provision(&config, "pushd").await?;
-    let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await?;
+    let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await;
     let stop = shutdown::fan_out(shutdown);
     let exposition = chat_shared::metrics::expose(
         metrics_listener,

@@ -1,6 +1,8 @@
 use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, message::StreamMessage, AckKind};
 use async_nats::HeaderMap;
@@ -18,17 +20,21 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument;
 
 use crate::gaps::Sequence;
-use crate::inbox::InboxWriter;
+use crate::inbox::{Appending, InboxWriter, Order};
 use crate::metrics::RouterMetrics;
 use crate::push::PushJobs;
 
-/// Lanes per router: conversations hash onto them; each lane is sequential
-/// (one event's appends acknowledged before the next event's go out), so
-/// lanes are what lets the router wait on many PubAcks at once. A lane is a
-/// task and a queue, cheap enough to have many: with 16, the router capped
-/// a few dozen busy conversations at 16 round trips to JetStream at a time.
+/// Lanes per router: conversations hash onto them, and a lane handles its
+/// events in order. A lane is a task and a queue, cheap enough to have
+/// many: with 16, the router capped a few dozen busy conversations at 16
+/// round trips to JetStream at a time.
 const LANES: usize = 64;
 const LANE_QUEUE: usize = 256;
+/// Events of one lane whose appends are on their way at once: the next
+/// event's appends leave while the previous ones' PubAcks are awaited (each
+/// user's in order, see `inbox::Order`), so a busy group is not one round
+/// trip per message.
+const LANE_WINDOW: usize = 16;
 const PULL_BATCH: usize = 512;
 
 /// Why one event could not be routed.
@@ -83,6 +89,167 @@ impl Fanout {
         }
     }
 
+    /// Routes an event read back after it was lost in flight (see
+    /// `gaps`), retrying in place like a delivery until routed (`true`) or
+    /// stopped.
+    /// It is not acked: its redelivery, routed again and de-duplicated, is.
+    async fn settle_recovered(&self, source: Source, event: StreamMessage, stop: &Stop) -> bool {
+        let trace = TraceId::from_headers(Some(&event.headers));
+        let mut backoff = Backoff::default();
+        loop {
+            match self
+                .route(source, event.subject.as_str(), &event.payload, trace)
+                .await
+            {
+                Ok(()) => return true,
+                Err(RouteError::Poison(reason)) => {
+                    // Its redelivery is dead-lettered.
+                    tracing::warn!(subject = %event.subject, %reason, "a recovered event cannot be routed");
+                    return true;
+                }
+                Err(RouteError::Transient(reason)) => {
+                    tracing::warn!(subject = %event.subject, %reason, "routing a recovered event failed; retrying");
+                    self.metrics.retried(source.stream());
+                    if stop.wait(&mut backoff).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one event until it is routed or found to be poison, then
+    /// acks it; its logs carry the event's trace id. On shutdown it stops
+    /// retrying and hands the event back: `false`.
+    async fn settle(&self, source: Source, message: jetstream::Message, stop: &Stop) -> bool {
+        let trace = TraceId::from_headers(message.headers.as_ref());
+        self.settle_traced(source, message, trace, stop)
+            .instrument(route_span(source, trace))
+            .await
+    }
+
+    async fn settle_traced(
+        &self,
+        source: Source,
+        message: jetstream::Message,
+        trace: Option<TraceId>,
+        stop: &Stop,
+    ) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match self
+                .route(source, message.subject.as_str(), &message.payload, trace)
+                .await
+            {
+                Ok(()) => break,
+                Err(RouteError::Poison(reason)) => {
+                    self.dead_letter(source, &message, &reason).await;
+                    return true;
+                }
+                Err(RouteError::Transient(reason)) => {
+                    tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
+                    self.metrics.retried(source.stream());
+                    // Keep the event ours while we retry, instead of letting it be
+                    // redelivered behind later events of its conversation.
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    if stop.wait(&mut backoff).await {
+                        release(&message).await;
+                        return false;
+                    }
+                }
+            }
+        }
+        self.acked(source, &message).await;
+        true
+    }
+
+    async fn dead_letter(&self, source: Source, message: &jetstream::Message, reason: &str) {
+        tracing::error!(subject = %message.subject, %reason, "dead-lettering an event that cannot be routed");
+        // Not routed, but not lost: the copy is stored before the event is
+        // terminated (else it comes back later).
+        if consume::dead_letter(&self.js, message, reason).await {
+            self.metrics.dropped(source.stream());
+        }
+    }
+
+    async fn acked(&self, source: Source, message: &jetstream::Message) {
+        self.metrics.routed(source.stream());
+        if let Err(e) = message.ack().await {
+            tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
+        }
+    }
+
+    /// Starts routing a MESSAGES event in a lane: its appends are sent and
+    /// [`Fanout::finish`] completes it. An event that cannot start now is
+    /// handed back to be settled in place.
+    async fn start(
+        &self,
+        message: jetstream::Message,
+        order: &mut Order,
+    ) -> Result<Option<InFlight>, jetstream::Message> {
+        let trace = TraceId::from_headers(message.headers.as_ref());
+        let prepared = self
+            .prepare_message(message.subject.as_str(), &message.payload, trace)
+            .await;
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(RouteError::Poison(reason)) => {
+                self.dead_letter(Source::Messages, &message, &reason)
+                    .instrument(route_span(Source::Messages, trace))
+                    .await;
+                return Ok(None);
+            }
+            Err(RouteError::Transient(_)) => return Err(message),
+        };
+        let appending = self
+            .inbox
+            .submit(
+                &prepared.recipients,
+                &prepared.event_id,
+                prepared.frame.clone(),
+                prepared.headers.clone(),
+                order,
+            )
+            .await;
+        Ok(Some(InFlight {
+            message,
+            prepared,
+            appending,
+            trace,
+        }))
+    }
+
+    /// Completes a started event once its appends are done: its push jobs,
+    /// then the ack. Anything that failed is retried in place (routing the
+    /// event again; the appends de-duplicate); `false` if it was handed
+    /// back at shutdown instead.
+    async fn finish(&self, event: InFlight, appended: bool, stop: &Stop) -> bool {
+        let InFlight {
+            message,
+            prepared,
+            trace,
+            ..
+        } = event;
+        if appended {
+            let pushed = self
+                .push
+                .emit(&prepared.event, &prepared.recipients, trace)
+                .instrument(route_span(Source::Messages, trace))
+                .await;
+            match pushed {
+                Ok(()) => {
+                    self.acked(Source::Messages, &message).await;
+                    return true;
+                }
+                Err(reason) => {
+                    tracing::warn!(subject = %message.subject, %reason, "push jobs failed; retrying")
+                }
+            }
+        }
+        self.metrics.retried(Source::Messages.stream());
+        self.settle(Source::Messages, message, stop).await
+    }
+
     async fn route(
         &self,
         source: Source,
@@ -96,90 +263,33 @@ impl Fanout {
         }
     }
 
-    /// Routes an event read back after it was lost in flight (see
-    /// `gaps`), retrying in place like a delivery. It is not acked: its
-    /// redelivery, routed again and de-duplicated, is.
-    async fn settle_recovered(&self, source: Source, event: StreamMessage) {
-        let trace = TraceId::from_headers(Some(&event.headers));
-        let mut backoff = Backoff::default();
-        loop {
-            match self
-                .route(source, event.subject.as_str(), &event.payload, trace)
-                .await
-            {
-                Ok(()) => return,
-                Err(RouteError::Poison(reason)) => {
-                    // Its redelivery is dead-lettered.
-                    tracing::warn!(subject = %event.subject, %reason, "a recovered event cannot be routed");
-                    return;
-                }
-                Err(RouteError::Transient(reason)) => {
-                    tracing::warn!(subject = %event.subject, %reason, "routing a recovered event failed; retrying");
-                    self.metrics.retried(source.stream());
-                    backoff.wait().await;
-                }
-            }
-        }
-    }
-
-    /// Handles one event until it is routed or found to be poison, then
-    /// acks it; its logs carry the event's trace id.
-    async fn settle(&self, source: Source, message: jetstream::Message) {
-        let trace = TraceId::from_headers(message.headers.as_ref());
-        let span = tracing::info_span!(
-            "route",
-            stream = source.stream(),
-            trace_id = trace.map(tracing::field::display)
-        );
-        self.settle_traced(source, message, trace)
-            .instrument(span)
-            .await
-    }
-
-    async fn settle_traced(
-        &self,
-        source: Source,
-        message: jetstream::Message,
-        trace: Option<TraceId>,
-    ) {
-        let mut backoff = Backoff::default();
-        loop {
-            match self
-                .route(source, message.subject.as_str(), &message.payload, trace)
-                .await
-            {
-                Ok(()) => break,
-                Err(RouteError::Poison(reason)) => {
-                    tracing::error!(subject = %message.subject, %reason, "dead-lettering an event that cannot be routed");
-                    // Not routed, but not lost: the copy is stored before
-                    // the event is terminated (else it comes back later).
-                    if consume::dead_letter(&self.js, &message, &reason).await {
-                        self.metrics.dropped(source.stream());
-                    }
-                    return;
-                }
-                Err(RouteError::Transient(reason)) => {
-                    tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
-                    self.metrics.retried(source.stream());
-                    // Keep the event ours while we retry, instead of letting it be
-                    // redelivered behind later events of its conversation.
-                    let _ = message.ack_with(AckKind::Progress).await;
-                    backoff.wait().await;
-                }
-            }
-        }
-        self.metrics.routed(source.stream());
-        if let Err(e) = message.ack().await {
-            tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
-        }
-    }
-
     async fn route_message(
         &self,
         subject: &str,
         payload: &[u8],
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
+        let prepared = self.prepare_message(subject, payload, trace).await?;
+        self.append(
+            &prepared.recipients,
+            &prepared.event_id,
+            prepared.frame,
+            prepared.headers,
+        )
+        .await?;
+        self.push
+            .emit(&prepared.event, &prepared.recipients, trace)
+            .await
+            .map_err(RouteError::Transient)
+    }
+
+    /// Checks a MESSAGES event and resolves its members and frame.
+    async fn prepare_message(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        trace: Option<TraceId>,
+    ) -> Result<Prepared, RouteError> {
         let conversation = subjects::parse_message(subject)
             .ok_or_else(|| RouteError::Poison(format!("unexpected subject {subject}")))?;
         let event: MessageEvent = serde_json::from_slice(payload)
@@ -199,7 +309,6 @@ impl Fanout {
                 Err(e) => return Err(RouteError::Transient(e.to_string())),
             },
         };
-        let event_id = event.id.to_string();
         let mut headers = HeaderMap::new();
         MessageMeta {
             conversation,
@@ -214,12 +323,13 @@ impl Fanout {
             cursor: None,
             message: event.clone(),
         };
-        self.append(&recipients, &event_id, frame.to_json().into(), headers)
-            .await?;
-        self.push
-            .emit(&event, &recipients, trace)
-            .await
-            .map_err(RouteError::Transient)
+        Ok(Prepared {
+            recipients,
+            event_id: event.id.to_string(),
+            frame: frame.to_json().into(),
+            headers,
+            event,
+        })
     }
 
     async fn route_group_event(&self, payload: &[u8]) -> Result<(), RouteError> {
@@ -258,7 +368,61 @@ impl Fanout {
         self.inbox
             .append(recipients, event_id, frame, headers)
             .await
-            .map_err(RouteError::Transient)
+            .map_err(|e| RouteError::Transient(e.to_string()))
+    }
+}
+
+/// A MESSAGES event ready to append.
+struct Prepared {
+    recipients: Vec<UserId>,
+    event_id: String,
+    frame: Bytes,
+    /// Headers every copy carries.
+    headers: HeaderMap,
+    event: MessageEvent,
+}
+
+/// A MESSAGES event whose appends are on their way.
+struct InFlight {
+    message: jetstream::Message,
+    prepared: Prepared,
+    appending: Appending,
+    trace: Option<TraceId>,
+}
+
+fn route_span(source: Source, trace: Option<TraceId>) -> tracing::Span {
+    tracing::info_span!(
+        "route",
+        stream = source.stream(),
+        trace_id = trace.map(tracing::field::display)
+    )
+}
+
+/// Hands an event back at shutdown so the next router gets it at once
+/// rather than after the ack wait.
+async fn release(message: &jetstream::Message) {
+    let _ = message
+        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+        .await;
+}
+
+/// The shutdown signal as lanes and retry loops see it.
+#[derive(Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits out `backoff`'s next delay; `true` (at once) if the router is
+    /// stopping, so a retry loop ends instead of holding shutdown up.
+    async fn wait(&self, backoff: &mut Backoff) -> bool {
+        let mut stop = self.0.clone();
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => true,
+            _ = backoff.wait() => self.is_set(),
+        }
     }
 }
 
@@ -280,24 +444,22 @@ enum Work {
 }
 
 /// The stream sequences a consumer has seen, shared by the futures of its
-/// pull loop (which runs them one at a time).
+/// pull loop (which runs them one at a time). Read at start, waiting while
+/// JetStream cannot answer (a node down or paused).
 async fn sequence_of(
     router: &Fanout,
     source: Source,
-    consumer: &mut PullConsumer,
-) -> Result<Arc<Mutex<Sequence>>, StartError> {
-    let stream = router
-        .js
-        .get_stream_no_info(source.stream())
-        .await
-        .map_err(|e| StartError::JetStream(format!("stream {}: {e}", source.stream())))?;
-    let ack_floor = consumer
-        .info()
-        .await
-        .map_err(|e| StartError::JetStream(format!("consumer on {}: {e}", source.stream())))?
-        .ack_floor
-        .stream_sequence;
-    Ok(Arc::new(Mutex::new(Sequence::new(stream, ack_floor))))
+    consumer: &PullConsumer,
+) -> Arc<Mutex<Sequence>> {
+    let what = format!("the {} stream and consumer", source.stream());
+    let (stream, ack_floor) = consume::until_ready(&what, || async {
+        let stream = router.js.get_stream_no_info(source.stream()).await?;
+        let mut consumer = consumer.clone();
+        let ack_floor = consumer.info().await?.ack_floor.stream_sequence;
+        Ok::<_, async_nats::Error>((stream, ack_floor))
+    })
+    .await;
+    Arc::new(Mutex::new(Sequence::new(stream, ack_floor)))
 }
 
 /// The events lost in flight before `message`, read back from the stream.
@@ -315,50 +477,165 @@ async fn missing_before(
 }
 
 /// Pulls MESSAGES (as the pinned client of the router priority group) and
-/// spreads events over the lanes by conversation.
+/// spreads events over the lanes by conversation. On shutdown it stops
+/// pulling, lets each lane finish what it has in flight and hand back what
+/// it has not started, and waits for them at most `grace`.
 pub async fn consume_messages(
     router: Arc<Fanout>,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
+    grace: Duration,
 ) -> Result<(), StartError> {
-    let mut consumer = consumer;
-    let sequence = sequence_of(&router, Source::Messages, &mut consumer).await?;
+    let sequence = sequence_of(&router, Source::Messages, &consumer).await;
+    let mut tasks = tokio::task::JoinSet::new();
     let lanes: Arc<Vec<mpsc::Sender<Work>>> = Arc::new(
         (0..LANES)
             .map(|_| {
-                let (tx, mut rx) = mpsc::channel::<Work>(LANE_QUEUE);
-                let router = router.clone();
-                tokio::spawn(async move {
-                    while let Some(work) = rx.recv().await {
-                        match work {
-                            Work::Delivered(message) => {
-                                router.settle(Source::Messages, message).await
-                            }
-                            Work::Recovered(event) => {
-                                router.settle_recovered(Source::Messages, event).await
-                            }
-                        }
-                    }
-                });
+                let (tx, rx) = mpsc::channel::<Work>(LANE_QUEUE);
+                tasks.spawn(lane(router.clone(), rx, Stop(stop.clone())));
                 tx
             })
             .collect(),
     );
-    pull(consumer, stop, |message| {
+    let pulled = pull(consumer, stop, {
         let lanes = lanes.clone();
-        let sequence = sequence.clone();
-        async move {
-            for event in missing_before(&sequence, &message).await {
-                let lane = &lanes[lane_of(event.subject.as_str())];
-                if lane.send(Work::Recovered(event)).await.is_err() {
-                    return false;
+        move |message| {
+            let lanes = lanes.clone();
+            let sequence = sequence.clone();
+            async move {
+                for event in missing_before(&sequence, &message).await {
+                    let lane = &lanes[lane_of(event.subject.as_str())];
+                    if lane.send(Work::Recovered(event)).await.is_err() {
+                        return false;
+                    }
                 }
+                let lane = &lanes[lane_of(&message.subject)];
+                lane.send(Work::Delivered(message)).await.is_ok()
             }
-            let lane = &lanes[lane_of(&message.subject)];
-            lane.send(Work::Delivered(message)).await.is_ok()
         }
     })
-    .await
+    .await;
+    // Closing the queues ends each lane once it has emptied its own.
+    drop(lanes);
+    let joined =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if joined.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "lanes still busy after the shutdown grace; their events return by redelivery"
+        );
+    }
+    pulled
+}
+
+/// One lane: starts its events in order, up to [`LANE_WINDOW`] with appends
+/// on their way, and completes them in the same order. An event that must
+/// be retried (its members could not be read, an append failed) is retried
+/// in place with nothing later completed meanwhile, so a conversation's
+/// events enter every inbox in stream order. Once the router stops, what
+/// is in flight is finished and what is queued is handed back; after one
+/// event is handed back, every later one is too (acking a later one would
+/// let the next router append it first).
+async fn lane(router: Arc<Fanout>, mut queue: mpsc::Receiver<Work>, stop: Stop) {
+    let mut lane = Lane {
+        router,
+        stop,
+        order: Order::default(),
+        in_flight: VecDeque::new(),
+        handed_back: false,
+    };
+    loop {
+        let next = tokio::select! {
+            biased;
+            appended = oldest(&mut lane.in_flight) => {
+                lane.finish_oldest(appended).await;
+                continue;
+            }
+            next = queue.recv(), if lane.in_flight.len() < LANE_WINDOW => next,
+        };
+        let Some(work) = next else { break };
+        lane.handle(work).await;
+    }
+    lane.finish_all().await;
+}
+
+struct Lane {
+    router: Arc<Fanout>,
+    stop: Stop,
+    order: Order,
+    in_flight: VecDeque<InFlight>,
+    /// An event was handed back unrouted (shutdown).
+    handed_back: bool,
+}
+
+impl Lane {
+    async fn handle(&mut self, work: Work) {
+        if self.stop.is_set() || self.handed_back {
+            if let Work::Delivered(message) = work {
+                release(&message).await;
+            }
+            self.handed_back = true;
+            return;
+        }
+        match work {
+            Work::Delivered(message) => match self.router.start(message, &mut self.order).await {
+                Ok(Some(event)) => self.in_flight.push_back(event),
+                Ok(None) => {}
+                Err(message) => {
+                    self.finish_all().await;
+                    if self.handed_back {
+                        release(&message).await;
+                    } else {
+                        self.handed_back = !self
+                            .router
+                            .settle(Source::Messages, message, &self.stop)
+                            .await;
+                    }
+                }
+            },
+            Work::Recovered(event) => {
+                self.finish_all().await;
+                if !self.handed_back {
+                    self.handed_back = !self
+                        .router
+                        .settle_recovered(Source::Messages, event, &self.stop)
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn finish_oldest(&mut self, appended: bool) {
+        let Some(event) = self.in_flight.pop_front() else {
+            return;
+        };
+        if self.handed_back {
+            release(&event.message).await;
+        } else {
+            self.handed_back = !self.router.finish(event, appended, &self.stop).await;
+        }
+        if self.in_flight.is_empty() {
+            self.order.clear();
+        } else {
+            self.order.forget_stored();
+        }
+    }
+
+    async fn finish_all(&mut self) {
+        while let Some(front) = self.in_flight.front_mut() {
+            let appended = front.appending.wait().await.is_ok();
+            self.finish_oldest(appended).await;
+        }
+    }
+}
+
+/// Whether the oldest event in flight got all its appends through; pending
+/// forever when nothing is in flight.
+async fn oldest(in_flight: &mut VecDeque<InFlight>) -> bool {
+    match in_flight.front_mut() {
+        Some(event) => event.appending.wait().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Pulls EVENTS in one lane: membership changes are few and must stay ordered.
@@ -367,17 +644,19 @@ pub async fn consume_events(
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
-    let mut consumer = consumer;
-    let sequence = sequence_of(&router, Source::Events, &mut consumer).await?;
+    let sequence = sequence_of(&router, Source::Events, &consumer).await;
+    let halt = Stop(stop.clone());
     pull(consumer, stop, |message| {
-        let router = router.clone();
-        let sequence = sequence.clone();
+        let (router, sequence, halt) = (router.clone(), sequence.clone(), halt.clone());
         async move {
             for event in missing_before(&sequence, &message).await {
-                router.settle_recovered(Source::Events, event).await;
+                if !router.settle_recovered(Source::Events, event, &halt).await {
+                    release(&message).await;
+                    return false;
+                }
             }
-            router.settle(Source::Events, message).await;
-            true
+            // Handed back at shutdown: nothing after it may be routed first.
+            router.settle(Source::Events, message, &halt).await
         }
     })
     .await

@@ -7,6 +7,12 @@
 //! the same order; one task awaits the PubAcks in that order and publishes
 //! each delivery. The queue also bounds the PubAcks in flight.
 //!
+//! A lane submits the next event's appends before the previous event's are
+//! acknowledged ([`Order`]), but a user's item of the later event leaves
+//! only once that user's item of the earlier one is stored: sent before,
+//! it could be stored while the earlier one is lost (a reconnect, a leader
+//! change) and retried behind it.
+//!
 //! Live deliveries travel on core NATS, which may lose one (a NATS node
 //! dies with it in flight). So each names the user's item before it
 //! (`Chat-Prev-Cursor`, see [`Chain`]): an edge that never sent that one
@@ -35,17 +41,172 @@ const IN_FLIGHT: usize = 4096;
 /// this much data, whoever sent it.
 const IN_FLIGHT_KIB: usize = 64 * 1024;
 
+/// Why an event's appends did not all go through; the caller retries the
+/// whole event (the appends de-duplicate).
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("an inbox append or delivery failed")]
+    Failed,
+    #[error("the delivery task stopped")]
+    Stopped,
+}
+
 struct Pending {
     user: UserId,
     frame: Bytes,
     /// Headers every copy carries (a message's receipt metadata, its trace id).
     headers: HeaderMap,
     ack: PublishAckFuture,
-    failed: Arc<AtomicBool>,
-    /// Set on an event's last append: told whether the whole event went through.
-    done: Option<oneshot::Sender<bool>>,
+    outcome: Outcome,
     /// Its share of [`IN_FLIGHT_KIB`], given back once its PubAck is handled.
     _bytes: OwnedSemaphorePermit,
+}
+
+/// One event's appends: when the last reference goes (its submitter's and
+/// every append's [`Outcome`]), it tells whether all of them went through.
+struct Event {
+    failed: AtomicBool,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(!self.failed.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// What one append reports, to its event and to the lane's next append
+/// for the same user. Dropped unhandled (the delivery task is gone), it
+/// reports a failure.
+struct Outcome {
+    event: Arc<Event>,
+    stored: Option<oneshot::Sender<bool>>,
+    /// Its PubAck arrived: the item is in the inbox.
+    appended: bool,
+    /// And its live delivery was published.
+    delivered: bool,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !(self.appended && self.delivered) {
+            self.event.failed.store(true, Ordering::Relaxed);
+        }
+        if let Some(stored) = self.stored.take() {
+            let _ = stored.send(self.appended);
+        }
+    }
+}
+
+/// A lane's last append per user: the next one for that user leaves only
+/// once it is stored. Cleared when the lane has nothing in flight, and
+/// rid of stored entries as it grows, so it holds about what is in flight.
+pub struct Order {
+    last: HashMap<UserId, oneshot::Receiver<bool>>,
+    /// Size at which [`Order::forget_stored`] next sweeps.
+    sweep_at: usize,
+}
+
+/// The smallest [`Order::sweep_at`]: a lane's window of events to groups of
+/// 100 stays below it.
+const ORDER_SWEEP_MIN: usize = 4096;
+
+impl Default for Order {
+    fn default() -> Self {
+        Self {
+            last: HashMap::new(),
+            sweep_at: ORDER_SWEEP_MIN,
+        }
+    }
+}
+
+impl Order {
+    /// Whether `user`'s previous item in this lane is stored, if that is
+    /// known without waiting (or there is none).
+    fn ready_now(&mut self, user: &UserId) -> Option<bool> {
+        let Some(stored) = self.last.get_mut(user) else {
+            return Some(true);
+        };
+        let ready = match stored.try_recv() {
+            Ok(stored) => stored,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => false,
+        };
+        self.last.remove(user);
+        Some(ready)
+    }
+
+    /// Whether `user`'s previous item in this lane is stored (or there is none).
+    async fn ready(&mut self, user: &UserId) -> bool {
+        match self.last.remove(user) {
+            Some(stored) => stored.await.unwrap_or(false),
+            None => true,
+        }
+    }
+
+    fn after(&mut self, user: &UserId, stored: oneshot::Receiver<bool>) {
+        self.last.insert(user.clone(), stored);
+    }
+
+    /// `user`'s item was not sent: every later one of theirs in the lane
+    /// waits for the retry too.
+    fn blocked(&mut self, user: &UserId) {
+        self.last.insert(user.clone(), failed());
+    }
+
+    pub fn clear(&mut self) {
+        self.last.clear();
+    }
+
+    /// Drops the entries whose item is stored (a later item of that user
+    /// would not wait anyway), once the map has grown; a failed one stays.
+    pub fn forget_stored(&mut self) {
+        if self.last.len() < self.sweep_at {
+            return;
+        }
+        self.last.retain(|_, stored| match stored.try_recv() {
+            Ok(true) => false,
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            // Read now, so it must answer `false` from here on.
+            Ok(false) | Err(oneshot::error::TryRecvError::Closed) => {
+                *stored = failed();
+                true
+            }
+        });
+        self.sweep_at = (self.last.len() * 2).max(ORDER_SWEEP_MIN);
+    }
+}
+
+/// An answer that is already "not stored".
+fn failed() -> oneshot::Receiver<bool> {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(false);
+    rx
+}
+
+/// One event's appends, submitted; [`Appending::done`] resolves once every
+/// one is handled.
+pub struct Appending {
+    done: oneshot::Receiver<bool>,
+}
+
+impl Appending {
+    /// Waits for the appends and their deliveries.
+    pub async fn done(self) -> Result<(), AppendError> {
+        let mut done = self;
+        done.wait().await
+    }
+
+    /// Like [`Appending::done`], as a future that can be polled again.
+    pub async fn wait(&mut self) -> Result<(), AppendError> {
+        match (&mut self.done).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AppendError::Failed),
+            Err(_) => Err(AppendError::Stopped),
+        }
+    }
 }
 
 pub struct InboxWriter {
@@ -71,63 +232,120 @@ impl InboxWriter {
 
     /// Appends `frame` to every recipient's inbox (de-duplicated by
     /// `<event_id>:<user>`) and delivers each item live with its cursor;
-    /// both carry `headers`.
-    /// Returns once all of it is done; an error means some of it may not be,
-    /// and the caller retries the whole event (the appends de-duplicate).
+    /// both carry `headers`. Returns once all of it is done; an error means
+    /// some of it may not be, and the caller retries the whole event.
     pub async fn append(
         &self,
         recipients: &[UserId],
         event_id: &str,
         frame: Bytes,
         base: HeaderMap,
-    ) -> Result<(), String> {
-        let Some(last) = recipients.len().checked_sub(1) else {
-            return Ok(());
-        };
-        let failed = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = oneshot::channel();
-        let mut done_tx = Some(done_tx);
-        {
+    ) -> Result<(), AppendError> {
+        self.submit(recipients, event_id, frame, base, &mut Order::default())
+            .await
+            .done()
+            .await
+    }
+
+    /// Sends the appends of [`InboxWriter::append`] without waiting for
+    /// their PubAcks; each user's item after that user's previous one in
+    /// `order` is stored.
+    pub async fn submit(
+        &self,
+        recipients: &[UserId],
+        event_id: &str,
+        frame: Bytes,
+        base: HeaderMap,
+        order: &mut Order,
+    ) -> Appending {
+        let (done, done_rx) = oneshot::channel();
+        let event = Arc::new(Event {
+            failed: AtomicBool::new(false),
+            done: Some(done),
+        });
+        // Whole KiB, at least one, never more than the bound holds.
+        let kib = (frame.len() / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
+        let mut users = recipients.iter().peekable();
+        while let Some(first) = users.next() {
+            // Wait for this user's previous item; then send theirs and every
+            // following one that need not wait, under one lock, so an event
+            // whose predecessors are stored leaves in one burst.
+            let mut ready = order.ready(first).await;
             let queue = self.queue.lock().await;
-            // Whole KiB, at least one, never more than the bound holds.
-            let kib = (frame.len() / 1024 + 1).min(IN_FLIGHT_KIB) as u32;
-            for (index, user) in recipients.iter().enumerate() {
-                let bytes = self
-                    .bytes
-                    .clone()
-                    .acquire_many_owned(kib)
-                    .await
-                    .map_err(|_| "delivery task stopped".to_string())?;
-                let mut headers = base.clone();
-                headers.insert(
-                    subjects::MSG_ID_HEADER,
-                    subjects::inbox_dedup_id(event_id, user).as_str(),
-                );
-                let ack = self
-                    .js
-                    .publish_with_headers(subjects::inbox(user), headers, frame.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let pending = Pending {
-                    user: user.clone(),
-                    frame: frame.clone(),
-                    headers: base.clone(),
-                    ack,
-                    failed: failed.clone(),
-                    done: if index == last { done_tx.take() } else { None },
-                    _bytes: bytes,
+            let mut user = first;
+            loop {
+                self.send(
+                    &queue, user, ready, event_id, &frame, &base, kib, &event, order,
+                )
+                .await;
+                let Some(next) = users.peek() else { break };
+                let Some(now) = order.ready_now(next) else {
+                    break;
                 };
-                queue
-                    .send(pending)
-                    .await
-                    .map_err(|_| "delivery task stopped".to_string())?;
+                (user, ready) = (*next, now);
+                users.next();
             }
         }
-        match done_rx.await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("an inbox append or delivery failed".into()),
-            Err(_) => Err("delivery task stopped".into()),
+        Appending { done: done_rx }
+    }
+
+    /// Sends `user`'s append if `ready` (their previous item is stored), or
+    /// marks it blocked; `queue` is the held lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        queue: &mpsc::Sender<Pending>,
+        user: &UserId,
+        ready: bool,
+        event_id: &str,
+        frame: &Bytes,
+        base: &HeaderMap,
+        kib: u32,
+        event: &Arc<Event>,
+        order: &mut Order,
+    ) {
+        if !ready {
+            event.failed.store(true, Ordering::Relaxed);
+            order.blocked(user);
+            return;
         }
+        let (stored, stored_rx) = oneshot::channel();
+        order.after(user, stored_rx);
+        // Dropped unsent, the outcome reports the failure.
+        let outcome = Outcome {
+            event: event.clone(),
+            stored: Some(stored),
+            appended: false,
+            delivered: false,
+        };
+        let Ok(bytes) = self.bytes.clone().acquire_many_owned(kib).await else {
+            return;
+        };
+        let mut headers = base.clone();
+        headers.insert(
+            subjects::MSG_ID_HEADER,
+            subjects::inbox_dedup_id(event_id, user).as_str(),
+        );
+        let ack = match self
+            .js
+            .publish_with_headers(subjects::inbox(user), headers, frame.clone())
+            .await
+        {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox append not sent");
+                return;
+            }
+        };
+        let pending = Pending {
+            user: user.clone(),
+            frame: frame.clone(),
+            headers: base.clone(),
+            ack,
+            outcome,
+            _bytes: bytes,
+        };
+        let _ = queue.send(pending).await;
     }
 }
 
@@ -138,9 +356,11 @@ async fn deliver_in_order(
 ) {
     let mut chain = Chain::default();
     while let Some(pending) = queue.recv().await {
+        let mut outcome = pending.outcome;
         match pending.ack.await {
             Ok(ack) => {
                 metrics.inbox_appended();
+                outcome.appended = true;
                 // A duplicate ack carries the original sequence: delivering it
                 // again is harmless (connections drop cursors they already
                 // sent) and covers a crash between the append and the delivery.
@@ -151,13 +371,15 @@ async fn deliver_in_order(
                     .appended(&pending.user, ack.sequence)
                     .add_to(&mut headers);
                 let frame = with_cursor(&pending.frame, cursor);
-                if let Err(e) = nats
+                match nats
                     .publish_with_headers(subjects::deliver(&pending.user), headers, frame.into())
                     .await
                 {
-                    tracing::warn!(error = %e, "live delivery failed");
-                    chain.failed(&pending.user);
-                    pending.failed.store(true, Ordering::Relaxed);
+                    Ok(()) => outcome.delivered = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "live delivery failed");
+                        chain.failed(&pending.user);
+                    }
                 }
             }
             Err(e) => {
@@ -165,11 +387,7 @@ async fn deliver_in_order(
                 // The write may still have happened (only its PubAck was
                 // lost) and be committed behind items delivered meanwhile.
                 chain.failed(&pending.user);
-                pending.failed.store(true, Ordering::Relaxed);
             }
-        }
-        if let Some(done) = pending.done {
-            let _ = done.send(!pending.failed.load(Ordering::Relaxed));
         }
     }
 }
@@ -232,6 +450,49 @@ mod tests {
 
     fn user(name: &str) -> UserId {
         UserId::parse(name).unwrap()
+    }
+
+    fn answered(stored: bool) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(stored);
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_users_next_item_waits_for_the_previous_one_to_be_stored() {
+        let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+        let mut order = Order::default();
+        assert!(order.ready(&alice).await, "nothing before it");
+        order.after(&alice, answered(true));
+        order.after(&bob, answered(false));
+        let (carol_stored, carol_rx) = oneshot::channel();
+        order.after(&carol, carol_rx);
+        assert!(order.ready(&alice).await);
+        assert!(!order.ready(&bob).await, "bob's previous item was lost");
+        // Carol's is still on its way: her next item waits for it.
+        let waiting = tokio::spawn(async move { order.ready(&carol).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let _ = carol_stored.send(true);
+        assert!(waiting.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn forgetting_stored_items_keeps_failed_and_pending_ones() {
+        let mut order = Order::default();
+        let users: Vec<UserId> = (0..ORDER_SWEEP_MIN)
+            .map(|i| user(&format!("u{i}")))
+            .collect();
+        for user in &users {
+            order.after(user, answered(true));
+        }
+        order.blocked(&users[0]);
+        let (_pending, rx) = oneshot::channel();
+        order.after(&users[1], rx);
+        order.forget_stored();
+        assert_eq!(order.last.len(), 2);
+        assert!(!order.ready(&users[0]).await, "a failed item still blocks");
+        assert!(order.ready(&users[2]).await);
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! cursor on `chat.deliver.<user>`. The MESSAGES event is acked last.
 //!
 //! Order: one router process is active at a time (the consumer's pinned
-//! client); inside it, events are spread over lanes by conversation and each
-//! lane handles its events one after another, so a conversation's messages
-//! enter every inbox in stream order.
+//! client); inside it, events are spread over lanes by conversation. A lane
+//! has several events' appends on their way at once but sends a user's item
+//! only after that user's previous one in the lane is stored, and completes
+//! its events in order, so a conversation's messages enter every inbox in
+//! stream order.
 //!
 //! Members other than the sender who are offline (per the presence bucket)
 //! get a push job (`push`).
@@ -49,15 +51,15 @@ pub async fn run_with(
 ) -> Result<(), StartError> {
     let (nats, js) = consume::connect_and_provision(&config, "router").await?;
     let messages =
-        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await?;
+        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await;
     let events = consume::durable(
         &js,
         subjects::EVENTS_STREAM,
         streams::router_events_consumer(),
     )
-    .await?;
+    .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
-    let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await?;
+    let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
@@ -85,6 +87,7 @@ pub async fn run_with(
         router.clone(),
         messages,
         stop.clone(),
+        config.shutdown_grace,
     ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let nats_for_exit = nats.clone();

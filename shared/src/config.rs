@@ -127,6 +127,10 @@ pub struct Config {
     pub bounds: StoreBounds,
     /// Per-user quotas over all edges (edge).
     pub quota: QuotaConfig,
+    /// `CHAT_SHUTDOWN_GRACE_MS`: how long a stopping router waits for the
+    /// events its lanes have in flight; what is not done by then comes back
+    /// by redelivery.
+    pub shutdown_grace: Duration,
 }
 
 const MIB: i64 = 1024 * 1024;
@@ -469,6 +473,7 @@ impl Default for Config {
             push_tokens: PushTokenLimits::default(),
             bounds: StoreBounds::default(),
             quota: QuotaConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -523,6 +528,7 @@ impl Config {
         );
         reader.seconds("CHAT_NODE_LEASE_SECS", &mut config.node_lease_ttl);
         reader.millis("CHAT_REQUEST_TIMEOUT_MS", &mut config.request_timeout);
+        reader.millis("CHAT_SHUTDOWN_GRACE_MS", &mut config.shutdown_grace);
         if let Some(format) = reader.optional("CHAT_LOG_FORMAT") {
             match format.as_str() {
                 "json" => config.log_json = true,
@@ -618,6 +624,9 @@ impl Config {
     /// Cross-field rules.
     fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&self.shutdown_grace) {
+            problems.push("CHAT_SHUTDOWN_GRACE_MS: between 100 and 600000".into());
+        }
         if !(2..=10_000).contains(&self.max_group_members) {
             problems.push("CHAT_MAX_GROUP_MEMBERS: must be between 2 and 10000".into());
         }
@@ -947,6 +956,16 @@ mod tests {
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn shutdown_grace_is_a_bounded_setting() {
+        assert_eq!(from(&[]).unwrap().shutdown_grace, Duration::from_secs(10));
+        let config = from(&[("CHAT_SHUTDOWN_GRACE_MS", "2500")]).unwrap();
+        assert_eq!(config.shutdown_grace, Duration::from_millis(2500));
+        for bad in ["0", "600001"] {
+            assert!(from(&[("CHAT_SHUTDOWN_GRACE_MS", bad)]).is_err(), "{bad}");
+        }
     }
 
     #[test]

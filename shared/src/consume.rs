@@ -39,25 +39,40 @@ impl Default for Backoff {
     }
 }
 
-/// Connects as `service`, then creates or updates every stream and bucket.
+/// Connects as `service`, then creates or updates every stream and bucket,
+/// waiting while JetStream cannot ([`streams::provision`]).
 pub async fn connect_and_provision(
     config: &Config,
     service: &str,
 ) -> Result<(async_nats::Client, jetstream::Context), StartError> {
     let client = crate::nats::connect(config, service).await?;
     let js = crate::nats::jetstream(client.clone(), config);
-    streams::apply(&js, config).await?;
+    streams::provision(&js, config).await;
     Ok((client, js))
 }
 
+/// Runs `attempt` until it succeeds, logging what it waits for: start-up
+/// steps that a NATS node down or paused fails for a while (no leader yet,
+/// a request timing out) are waited out, never a reason to exit.
+pub async fn until_ready<T, E, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(e) => tracing::warn!(waiting_for = what, error = %e, "not ready yet; retrying"),
+        }
+        backoff.wait().await;
+    }
+}
+
 /// A handle on the KV bucket `name` (provisioned by [`connect_and_provision`]).
-pub async fn bucket(
-    js: &jetstream::Context,
-    name: &str,
-) -> Result<jetstream::kv::Store, StartError> {
-    js.get_key_value(name)
-        .await
-        .map_err(|e| StartError::JetStream(format!("bucket {name}: {e}")))
+pub async fn bucket(js: &jetstream::Context, name: &str) -> jetstream::kv::Store {
+    until_ready(&format!("bucket {name}"), || js.get_key_value(name)).await
 }
 
 /// The durable pull consumer `config` on `stream`, created if missing and
@@ -66,12 +81,21 @@ pub async fn durable(
     js: &jetstream::Context,
     stream: &str,
     config: consumer::pull::Config,
-) -> Result<consumer::PullConsumer, StartError> {
+) -> consumer::PullConsumer {
     let name = config.durable_name.clone().unwrap_or_default();
-    let handle = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| StartError::JetStream(format!("stream {stream}: {e}")))?;
+    until_ready(&format!("consumer {name} on {stream}"), || {
+        durable_once(js, stream, config.clone(), &name)
+    })
+    .await
+}
+
+async fn durable_once(
+    js: &jetstream::Context,
+    stream: &str,
+    config: consumer::pull::Config,
+    name: &str,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let handle = js.get_stream(stream).await?;
     // Create or update, so a deployment picks up a changed definition (an
     // ack wait, a limit). A change the server cannot apply in place keeps
     // the existing consumer, loudly.
@@ -79,10 +103,7 @@ pub async fn durable(
         Ok(consumer) => Ok(consumer),
         Err(e) => {
             tracing::warn!(consumer = %name, error = %e, "cannot update the consumer; using it as it is");
-            handle
-                .get_consumer(&name)
-                .await
-                .map_err(|e| StartError::JetStream(format!("consumer {name}: {e}")))
+            Ok(handle.get_consumer(name).await?)
         }
     }
 }

@@ -14,6 +14,11 @@ const MAX_EVENT_BYTES: i32 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
+    #[error("reading stream {name}: {source}")]
+    Read {
+        name: String,
+        source: jetstream::context::GetStreamError,
+    },
     #[error("stream {name}: {source}")]
     Stream {
         name: String,
@@ -240,22 +245,167 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
     ]
 }
 
-/// Creates or updates every stream and bucket. Safe to run concurrently from
-/// many processes: the server treats an identical create as a no-op.
+/// Creates every stream and bucket that is missing and updates those whose
+/// definition changed. Safe to run concurrently from many processes. One
+/// that exists as defined is left alone: an update is a cluster-wide
+/// proposal that a replicated stream refuses while one of its peers is
+/// offline ("no suitable peers for placement"), so a service starting
+/// while a node is down must not ask for one it does not need.
 pub async fn apply(js: &jetstream::Context, config: &Config) -> Result<(), ProvisionError> {
     for definition in all_streams(config) {
+        if unchanged(js, &definition).await? {
+            continue;
+        }
         let name = definition.name.clone();
+        tracing::info!(stream = %name, "creating or updating the stream");
         js.create_or_update_stream(definition)
             .await
             .map_err(|source| ProvisionError::Stream { name, source })?;
     }
     for definition in buckets(config) {
+        let wanted = bucket_as_stream(&definition);
+        if unchanged(js, &wanted).await? {
+            continue;
+        }
         let name = definition.bucket.clone();
+        tracing::info!(bucket = %name, "creating or updating the bucket");
         js.create_or_update_key_value(definition)
             .await
             .map_err(|source| ProvisionError::Bucket { name, source })?;
     }
     Ok(())
+}
+
+/// Whether the stream `wanted.name` exists with every field of `wanted`
+/// that we set; `false` when it is missing or differs (it gets created or
+/// updated).
+async fn unchanged(
+    js: &jetstream::Context,
+    wanted: &stream::Config,
+) -> Result<bool, ProvisionError> {
+    let name = &wanted.name;
+    match js.get_stream(name).await {
+        Ok(stream) => match drift(wanted, &stream.cached_info().config) {
+            None => Ok(true),
+            Some(field) => {
+                tracing::info!(stream = %name, field, "the stream's definition changed");
+                Ok(false)
+            }
+        },
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref error)
+                    if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(ProvisionError::Read {
+            name: name.clone(),
+            source,
+        }),
+    }
+}
+
+/// Runs [`apply`] until it succeeds, waiting with backoff while JetStream
+/// cannot do it (a node down or paused, no leader yet, no quorum): a
+/// service that starts during an outage waits for the cluster instead of
+/// exiting, and says what it waits for.
+pub async fn provision(js: &jetstream::Context, config: &Config) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let mut attempt = 1u32;
+    while let Err(e) = apply(js, config).await {
+        tracing::warn!(attempt, error = %e, "cannot provision the streams yet; retrying");
+        attempt = attempt.saturating_add(1);
+        backoff.wait().await;
+    }
+}
+
+/// The KV stream a bucket definition becomes (`KV_<bucket>`), in the fields
+/// [`drift`] compares; async-nats makes the rest of it.
+fn bucket_as_stream(bucket: &kv::Config) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", bucket.bucket),
+        description: Some(bucket.description.clone()),
+        subjects: vec![format!("$KV.{}.>", bucket.bucket)],
+        max_messages_per_subject: bucket.history.max(1),
+        max_bytes: bucket.max_bytes,
+        max_age: bucket.max_age,
+        storage: bucket.storage,
+        num_replicas: bucket.num_replicas,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// The first field we set in `wanted` that `existing` (as the server
+/// reports it) does not have; `None` when no update is needed. The server
+/// writes "no limit" as -1 where we may leave 0, and picks a duplicate
+/// window of its own when we set none.
+pub fn drift(wanted: &stream::Config, existing: &stream::Config) -> Option<&'static str> {
+    fn limit<T: Into<i64>>(value: T) -> i64 {
+        let value = value.into();
+        if value <= 0 {
+            -1
+        } else {
+            value
+        }
+    }
+    fn sorted(subjects: &[String]) -> Vec<&str> {
+        let mut subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        subjects.sort_unstable();
+        subjects
+    }
+    let checks = [
+        (
+            "subjects",
+            sorted(&wanted.subjects) == sorted(&existing.subjects),
+        ),
+        ("storage", wanted.storage == existing.storage),
+        (
+            "num_replicas",
+            wanted.num_replicas.max(1) == existing.num_replicas.max(1),
+        ),
+        ("retention", wanted.retention == existing.retention),
+        ("discard", wanted.discard == existing.discard),
+        (
+            "max_bytes",
+            limit(wanted.max_bytes) == limit(existing.max_bytes),
+        ),
+        (
+            "max_messages",
+            limit(wanted.max_messages) == limit(existing.max_messages),
+        ),
+        (
+            "max_messages_per_subject",
+            limit(wanted.max_messages_per_subject) == limit(existing.max_messages_per_subject),
+        ),
+        (
+            "max_message_size",
+            limit(wanted.max_message_size) == limit(existing.max_message_size),
+        ),
+        ("max_age", wanted.max_age == existing.max_age),
+        (
+            "duplicate_window",
+            wanted.duplicate_window.is_zero()
+                || wanted.duplicate_window == existing.duplicate_window,
+        ),
+        ("allow_direct", wanted.allow_direct == existing.allow_direct),
+        (
+            "allow_message_counter",
+            wanted.allow_message_counter == existing.allow_message_counter,
+        ),
+        (
+            "description",
+            wanted.description.is_none() || wanted.description == existing.description,
+        ),
+    ];
+    checks
+        .into_iter()
+        .find(|(_, same)| !same)
+        .map(|(field, _)| field)
 }
 
 /// Waits until every stream and bucket exists, for services whose NATS user
@@ -391,6 +541,88 @@ mod tests {
         assert_eq!(dead.storage, stream::StorageType::File);
         assert_eq!(dead.subjects, ["chat.dead.>"]);
         assert!(all_streams(&config).iter().any(|s| s.name == "DEADLETTER"));
+    }
+
+    /// A definition as the server reports it back: "no limit" as -1, a
+    /// duplicate window of its own where none was set.
+    fn as_reported(mut config: stream::Config) -> stream::Config {
+        for limit in [
+            &mut config.max_messages,
+            &mut config.max_messages_per_subject,
+        ] {
+            if *limit == 0 {
+                *limit = -1;
+            }
+        }
+        if config.max_message_size == 0 {
+            config.max_message_size = -1;
+        }
+        if config.duplicate_window.is_zero() {
+            config.duplicate_window = Duration::from_secs(120);
+        }
+        config.subjects.reverse();
+        config
+    }
+
+    #[test]
+    fn a_stream_as_defined_needs_no_update() {
+        let config = Config::default();
+        for wanted in all_streams(&config) {
+            assert_eq!(
+                drift(&wanted, &as_reported(wanted.clone())),
+                None,
+                "{}",
+                wanted.name
+            );
+        }
+        for bucket in buckets(&config) {
+            let wanted = bucket_as_stream(&bucket);
+            assert_eq!(
+                drift(&wanted, &as_reported(wanted.clone())),
+                None,
+                "{}",
+                wanted.name
+            );
+        }
+    }
+
+    #[test]
+    fn each_field_we_set_is_compared() {
+        let config = Config::default();
+        let wanted = inbox(&config);
+        type Change = fn(&mut stream::Config);
+        let changed: [(&str, Change); 14] = [
+            ("subjects", |c| c.subjects.push("chat.other.>".into())),
+            ("storage", |c| c.storage = stream::StorageType::Memory),
+            ("num_replicas", |c| c.num_replicas = 3),
+            ("retention", |c| {
+                c.retention = stream::RetentionPolicy::WorkQueue
+            }),
+            ("discard", |c| c.discard = stream::DiscardPolicy::New),
+            ("max_bytes", |c| c.max_bytes += 1),
+            ("max_messages", |c| c.max_messages = 5),
+            ("max_messages_per_subject", |c| {
+                c.max_messages_per_subject += 1
+            }),
+            ("max_message_size", |c| c.max_message_size = 10),
+            ("max_age", |c| c.max_age += Duration::from_secs(1)),
+            ("duplicate_window", |c| {
+                c.duplicate_window += Duration::from_secs(1)
+            }),
+            ("allow_direct", |c| c.allow_direct = false),
+            ("allow_message_counter", |c| c.allow_message_counter = true),
+            ("description", |c| c.description = Some("another".into())),
+        ];
+        for (field, change) in changed {
+            let mut existing = as_reported(wanted.clone());
+            change(&mut existing);
+            assert_eq!(drift(&wanted, &existing), Some(field));
+        }
+        // What we leave to the server is not compared.
+        let mut existing = as_reported(wanted.clone());
+        existing.max_consumers = 7;
+        existing.compression = Some(stream::Compression::S2);
+        assert_eq!(drift(&wanted, &existing), None);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub async fn run(config: Config, settings: Settings, shutdown: Shutdown) -> Resu
         subjects::MESSAGES_STREAM,
         consumer_config(&settings.user),
     )
-    .await?;
+    .await;
     let mut bot = Bot {
         config,
         settings,

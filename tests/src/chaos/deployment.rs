@@ -172,6 +172,18 @@ impl Deployment {
         Ok(())
     }
 
+    /// SIGTERM of a backend service (not an edge), as an orchestrator
+    /// stops it; its exit code, once it exited within `within`. It stays
+    /// down until [`Deployment::restart`].
+    pub async fn stop(&mut self, service: Service, within: Duration) -> Result<Option<i32>> {
+        let mut process = self
+            .services
+            .remove(service.name())
+            .with_context(|| format!("{} is not running", service.name()))?;
+        process.terminate()?;
+        process.wait(within).await
+    }
+
     /// How many times `service` was killed (every edge counts as `Edge`).
     pub fn kills(&self, service: Service) -> u32 {
         self.kills.get(service.name()).copied().unwrap_or(0)

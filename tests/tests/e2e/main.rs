@@ -13,6 +13,7 @@ mod moderation;
 mod operators;
 mod presence;
 mod privilege;
+mod provisioning;
 mod push;
 mod replies;
 mod resume;
