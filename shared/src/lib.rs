@@ -9,6 +9,7 @@ pub mod config;
 pub mod consume;
 pub mod db;
 pub mod delivery;
+pub mod direct;
 pub mod discovery;
 pub mod error;
 pub mod idgen;
