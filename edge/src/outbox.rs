@@ -121,3 +121,61 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::channel::mpsc as sink;
+    use futures::StreamExt;
+
+    use super::*;
+
+    const STALL: Duration = Duration::from_secs(30);
+
+    fn text(message: &Message) -> String {
+        match message {
+            Message::Text(text) => text.to_string(),
+            Message::Close(Some(frame)) => format!("close {} {}", frame.code, frame.reason),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_are_written_in_order_and_nothing_after_a_close() {
+        let (socket, written) = sink::unbounded();
+        let (queue, rx) = mpsc::channel(8);
+        for frame in ["a", "b"] {
+            let _ = queue.send(Outbound::Frame(frame.into())).await;
+        }
+        let _ = queue.send(Outbound::Close(1013, "unavailable")).await;
+        let _ = queue.send(Outbound::Frame("late".into())).await;
+        write_loop(socket, rx, STALL).await;
+        let written: Vec<String> = written.map(|m| text(&m)).collect().await;
+        assert_eq!(written, ["a", "b", "close 1013 unavailable"]);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_with_its_queue() {
+        let (socket, written) = sink::unbounded();
+        let (queue, rx) = mpsc::channel(8);
+        let _ = queue.send(Outbound::Frame("a".into())).await;
+        drop(queue);
+        write_loop(socket, rx, STALL).await;
+        let written: Vec<String> = written.map(|m| text(&m)).collect().await;
+        assert_eq!(written, ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_stall() {
+        // Room for one message, and nobody reads it: the next write waits.
+        let (socket, _unread) = sink::channel::<Message>(0);
+        let (queue, rx) = mpsc::channel(8);
+        for frame in ["a", "b", "c"] {
+            let _ = queue.send(Outbound::Frame(frame.into())).await;
+        }
+        let started = tokio::time::Instant::now();
+        // It ends although its queue is still open, after the stall.
+        write_loop(socket, rx, STALL).await;
+        assert!(started.elapsed() >= STALL);
+        assert!(queue.is_closed(), "the writer let go of its queue");
+    }
+}
