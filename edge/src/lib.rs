@@ -5,6 +5,7 @@
 //! **the edge never touches PostgreSQL**; history, groups and the like are
 //! asked of the persister over NATS request/reply.
 
+mod access;
 mod drain;
 mod error;
 mod forwarded;

@@ -1,12 +1,11 @@
 //! One WebSocket connection: handshake, resume, then requests and live
 //! frames. Its outbound queue and writer are in `outbox`, the resume rules
-//! in `resume`.
+//! in `resume`, the token and moderation rules in `access`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use chat_shared::auth::AuthError;
 use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
 use chat_shared::receipts::MessageMeta;
@@ -19,11 +18,11 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
+use crate::access::{self, AccessError, Stage};
 use crate::drain::Ticket;
 use crate::hub::{Delivery, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::INVALID_FRAME;
-use crate::moderation::Refusal;
 pub(crate) use crate::outbox::Outbox;
 use crate::receipts::DeliveredTracker;
 use crate::resume::{self, Replay, ResumeError};
@@ -146,33 +145,16 @@ where
                 device,
                 cursor,
             }) => {
-                return match edge.verifier.verify(&token) {
-                    Ok(identity) => {
-                        if let Err(refusal) =
-                            edge.moderation.admits(&identity.user, identity.issued_at)
-                        {
-                            shut_out(out, None, refusal).await;
-                            return None;
-                        }
-                        Some(Hello {
-                            user: identity.user,
-                            valid_until: identity.valid_until,
-                            issued_at: identity.issued_at,
-                            device,
-                            cursor,
-                        })
-                    }
-                    Err(AuthError::Expired) => {
-                        out.error(None, ErrorCode::TokenExpired, "token expired")
-                            .await;
-                        out.close(close::UNAUTHORIZED, "token expired").await;
-                        None
-                    }
-                    Err(AuthError::Invalid(reason)) => {
-                        tracing::debug!(%reason, "token refused");
-                        out.error(None, ErrorCode::Unauthorized, "invalid token")
-                            .await;
-                        out.close(close::UNAUTHORIZED, "unauthorized").await;
+                return match access::admit(edge, &token) {
+                    Ok(identity) => Some(Hello {
+                        user: identity.user,
+                        valid_until: identity.valid_until,
+                        issued_at: identity.issued_at,
+                        device,
+                        cursor,
+                    }),
+                    Err(error) => {
+                        deny(out, None, &error, Stage::Hello).await;
                         None
                     }
                 };
@@ -189,12 +171,20 @@ where
     }
 }
 
-/// Refuses a user an operator banned, or a token issued before an
-/// operator's revocation: `unauthorized`, then close 4001.
-async fn shut_out(out: &Outbox, reference: Option<&str>, refusal: Refusal) {
-    out.error(reference, ErrorCode::Unauthorized, refusal.to_string())
-        .await;
-    out.close(close::UNAUTHORIZED, refusal.reason()).await;
+/// Tells the client why its token gives no access, and closes the
+/// connection (4001) when `error` ends it at `stage`; true if it goes on.
+async fn deny(out: &Outbox, reference: Option<&str>, error: &AccessError, stage: Stage) -> bool {
+    if let AccessError::Invalid(reason) = error {
+        tracing::debug!(%reason, "token refused");
+    }
+    out.error(reference, error.code(), error.to_string()).await;
+    match error.closes(stage) {
+        Some(reason) => {
+            out.close(close::UNAUTHORIZED, reason).await;
+            false
+        }
+        None => true,
+    }
 }
 
 async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>, ticket: Ticket)
@@ -254,7 +244,7 @@ async fn authenticated<S, E>(
     // Checked again now that a kick would reach this session: a ban that
     // landed since `hello` was checked is either seen here or kicks it.
     if let Err(refusal) = edge.moderation.admits(&hello.user, hello.issued_at) {
-        shut_out(&out, None, refusal).await;
+        deny(&out, None, &refusal.into(), Stage::Hello).await;
         return;
     }
     let mut session = Session {
@@ -688,48 +678,13 @@ impl Session {
     /// Any other token is refused and closes the connection: it was
     /// authenticated as someone the new token does not vouch for.
     async fn refresh(&mut self, reference: Option<String>, token: &str) -> bool {
-        match self.edge.verifier.verify(token) {
-            Ok(identity) if identity.user == self.user => {
-                if let Err(refusal) = self.edge.moderation.admits(&self.user, identity.issued_at) {
-                    shut_out(&self.out, reference.as_deref(), refusal).await;
-                    return false;
-                }
+        match access::renew(self.edge.as_ref(), &self.user, token) {
+            Ok(identity) => {
                 self.valid_until = deadline_of(identity.valid_until);
                 self.out.frame(&ServerFrame::Ok { reference }).await;
                 true
             }
-            Ok(_) => {
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::Unauthorized,
-                        "the token is for another user",
-                    )
-                    .await;
-                self.out.close(close::UNAUTHORIZED, "unauthorized").await;
-                false
-            }
-            Err(AuthError::Expired) => {
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::TokenExpired,
-                        "token expired",
-                    )
-                    .await;
-                true
-            }
-            Err(AuthError::Invalid(reason)) => {
-                tracing::debug!(%reason, "refresh token refused");
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::Unauthorized,
-                        "invalid token",
-                    )
-                    .await;
-                true
-            }
+            Err(error) => deny(&self.out, reference.as_deref(), &error, Stage::Refresh).await,
         }
     }
 
