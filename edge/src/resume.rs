@@ -21,7 +21,7 @@ use crate::Edge;
 /// Messages asked for per direct get.
 pub const REPLAY_BATCH: usize = 500;
 /// Bytes asked for per direct get: a page of inbox items is held in memory
-/// while it is forwarded.
+/// while it is forwarded (plus at most one item past this bound).
 pub const REPLAY_BYTES: usize = 4 * 1024 * 1024;
 /// An inbox read whose next reply does not come for this long fails
 /// instead of waiting: a stream that lost its leader (a cluster without

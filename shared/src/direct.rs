@@ -130,9 +130,10 @@ impl DirectReader {
         }
     }
 
-    /// Up to `batch` messages of `subject` from sequence `from` on, and at
-    /// most about `max_bytes` of them (the server always sends at least
-    /// one).
+    /// Up to `batch` messages of `subject` from sequence `from` on, ending
+    /// with the first one that brings the page to `max_bytes` (the server
+    /// checks after sending, so a page passes the bound by at most one
+    /// message, and always holds one if any is left).
     pub async fn page(
         &self,
         subject: &str,

@@ -1,7 +1,10 @@
 //! Resume with a backlog larger than one fetch from JetStream.
 
 use anyhow::{ensure, Context};
+use std::time::Duration;
+
 use chat_shared::consume::Scan;
+use chat_shared::direct::{DirectReader, Page};
 use chat_shared::ids::UserId;
 use chat_shared::subjects;
 use chat_tests::System;
@@ -302,5 +305,40 @@ async fn a_thousand_resumes_create_no_consumer() -> anyhow::Result<()> {
         0,
         "consumers created by {RESUMES} resumes"
     );
+    Ok(())
+}
+
+/// The reader against the real server: pages end on their count or their
+/// bytes with what is left after them, only the user's subject is read,
+/// and past the end is an empty page, not an error.
+#[tokio::test]
+async fn direct_gets_page_a_users_inbox_by_count_and_bytes() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let admin = system.admin().await?;
+    let js = async_nats::jetstream::new(admin.clone());
+    let bob = subjects::inbox(&UserId::parse("bob")?);
+    let alice = subjects::inbox(&UserId::parse("alice")?);
+    let mut bobs = Vec::new();
+    for i in 0..5 {
+        let text = format!("{i}{}", "x".repeat(3000));
+        bobs.push(js.publish(bob.clone(), text.into()).await?.await?.sequence);
+        js.publish(alice.clone(), "other".into()).await?.await?;
+    }
+    let reader = DirectReader::new(admin, subjects::INBOX_STREAM, Duration::from_secs(5));
+    let sequences = |page: &Page| page.items.iter().map(|i| i.sequence).collect::<Vec<_>>();
+
+    let first = reader.page(&bob, 1, 3, 1 << 20).await?;
+    assert_eq!((sequences(&first), first.pending), (bobs[..3].to_vec(), 2));
+    assert!(first.items[0].payload.starts_with(b"0xxx"));
+    let rest = reader.page(&bob, bobs[2] + 1, 3, 1 << 20).await?;
+    assert_eq!((sequences(&rest), rest.pending), (bobs[3..].to_vec(), 0));
+
+    // Less than two items' bytes: the page ends with the item that passes
+    // the bound (the server checks after sending), and says what is left.
+    let small = reader.page(&bob, 1, 500, 5_000).await?;
+    assert_eq!((sequences(&small), small.pending), (bobs[..2].to_vec(), 3));
+
+    let past = reader.page(&bob, bobs[4] + 1, 500, 1 << 20).await?;
+    assert_eq!((sequences(&past), past.pending), (vec![], 0));
     Ok(())
 }
