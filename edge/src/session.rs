@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::access::{self, AccessError, Stage};
 use crate::drain::Ticket;
-use crate::hub::{Delivery, Registration};
+use crate::hub::{Delivery, HubError, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::INVALID_FRAME;
 pub(crate) use crate::outbox::Outbox;
@@ -229,15 +229,8 @@ async fn authenticated<S, E>(
     // Subscribe first, so nothing published from here on can be missed.
     let mut registration = match edge.hub.register(&hello.user).await {
         Ok(registration) => registration,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot subscribe");
-            out.error(
-                None,
-                ErrorCode::Unavailable,
-                "service unavailable, retry later",
-            )
-            .await;
-            out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+        Err(error) => {
+            unavailable(&out, error.into()).await;
             return;
         }
     };
@@ -265,7 +258,7 @@ async fn authenticated<S, E>(
     let (start, resumed) = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
         Err(error) => {
-            inbox_unavailable(&out, error).await;
+            unavailable(&out, error).await;
             return;
         }
     };
@@ -281,7 +274,7 @@ async fn authenticated<S, E>(
     }
     session.sent_up_to = start;
     if let Err(error) = session.replay_backlog().await {
-        inbox_unavailable(&out, error).await;
+        unavailable(&out, error).await;
         return;
     }
     if !out
@@ -306,24 +299,32 @@ async fn authenticated<S, E>(
     session.flush_ack().await;
 }
 
+/// What keeps a session from starting or going on; the client is told
+/// only that it is unavailable.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
+    #[error(transparent)]
+    Subscribe(#[from] HubError),
     #[error("reading the device's stored cursor: {0}")]
     StoredCursor(String),
     #[error(transparent)]
     Resume(#[from] ResumeError),
 }
 
-/// Ends a session whose inbox cannot be read: `unavailable`, then close
-/// 1013; the client resumes from its cursor later.
-async fn inbox_unavailable(out: &Outbox, error: SessionError) {
-    tracing::warn!(%error, "cannot read the inbox");
-    out.error(
-        None,
-        ErrorCode::Unavailable,
-        "inbox unavailable, retry later",
-    )
-    .await;
+impl SessionError {
+    fn told(&self) -> &'static str {
+        match self {
+            Self::Subscribe(_) => "service unavailable, retry later",
+            Self::StoredCursor(_) | Self::Resume(_) => "inbox unavailable, retry later",
+        }
+    }
+}
+
+/// Ends a session that cannot go on: `unavailable`, then close 1013; the
+/// client resumes from its cursor later.
+async fn unavailable(out: &Outbox, error: SessionError) {
+    tracing::warn!(%error, "session unavailable");
+    out.error(None, ErrorCode::Unavailable, error.told()).await;
     out.close(close::TRY_AGAIN_LATER, "unavailable").await;
 }
 
@@ -574,7 +575,7 @@ impl Session {
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
                         if let Err(error) = self.replay_backlog().await {
-                            inbox_unavailable(&self.out, error).await;
+                            unavailable(&self.out, error).await;
                             break;
                         }
                         paused = false;
