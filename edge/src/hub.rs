@@ -33,11 +33,7 @@ impl Delivery {
     /// an item before this one (a live frame lost on the way, or an item
     /// stored after its PubAck was lost): it must read the inbox again.
     pub fn follows_a_gap(&self, sent_up_to: Cursor) -> bool {
-        match (self.previous, self.cursor) {
-            (Previous::At(previous), _) => previous > sent_up_to,
-            (Previous::Unknown, Some(cursor)) => cursor > sent_up_to,
-            _ => false,
-        }
+        crate::resume::follows_a_gap(self.previous, self.cursor, sent_up_to)
     }
 }
 

@@ -5,6 +5,7 @@
 //! **the edge never touches PostgreSQL**; history, groups and the like are
 //! asked of the persister over NATS request/reply.
 
+mod access;
 mod drain;
 mod error;
 mod forwarded;
@@ -13,10 +14,12 @@ mod hub;
 mod limits;
 mod metrics;
 mod moderation;
+mod outbox;
 mod presence;
 mod quota;
 mod receipts;
 mod requests;
+mod resume;
 mod send;
 mod session;
 mod web;
@@ -30,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chat_shared::auth::Verifier;
+use chat_shared::direct::DirectReader;
 use chat_shared::discovery::Directory;
 use chat_shared::idgen::IdGenerator;
 use chat_shared::ids::EdgeId;
@@ -63,6 +67,8 @@ pub(crate) struct Edge {
     pub js: jetstream::Context,
     /// Handles (no round trip to make) on the streams the edge reads.
     pub inbox: jetstream::stream::Stream<()>,
+    /// Reads a user's inbox after a cursor without a consumer.
+    pub direct: DirectReader,
     pub messages: jetstream::stream::Stream<()>,
     pub cursors: kv::Store,
     pub claims: kv::Store,
@@ -130,6 +136,7 @@ pub async fn run(
         }
     };
     let inbox = stream(subjects::INBOX_STREAM).await?;
+    let direct = DirectReader::new(nats.clone(), subjects::INBOX_STREAM, resume::INBOX_STALL);
     let messages = stream(subjects::MESSAGES_STREAM).await?;
     let cursors = bucket(subjects::CURSORS_BUCKET).await;
     let claims = bucket(subjects::SENT_BUCKET).await;
@@ -207,6 +214,7 @@ pub async fn run(
         verifier,
         nats,
         js,
+        direct,
         inbox,
         messages,
         cursors,

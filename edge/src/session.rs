@@ -1,15 +1,11 @@
-//! One WebSocket connection: handshake, resume, then requests and live frames.
-//!
-//! One task owns the socket's writer; everything else reaches it through a
-//! bounded channel, so a client that does not read cannot grow our memory.
+//! One WebSocket connection: handshake, resume, then requests and live
+//! frames. Its outbound queue and writer are in `outbox`, the resume rules
+//! in `resume`, the token and moderation rules in `access`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::DeliverPolicy;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use chat_shared::auth::AuthError;
-use chat_shared::consume::Scan;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, DeviceId, UserId};
 use chat_shared::receipts::MessageMeta;
@@ -17,17 +13,19 @@ use chat_shared::subjects;
 use chat_shared::wire::{
     close, with_cursor, ClientFrame, ErrorCode, RefOnly, SendRequest, ServerFrame,
 };
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::Instrument;
 
+use crate::access::{self, AccessError, Stage};
 use crate::drain::Ticket;
-use crate::hub::{Delivery, Registration};
+use crate::hub::{Delivery, HubError, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
-use crate::metrics::{live_kind, EdgeMetrics, INVALID_FRAME};
-use crate::moderation::Refusal;
+use crate::metrics::INVALID_FRAME;
+pub(crate) use crate::outbox::Outbox;
 use crate::receipts::DeliveredTracker;
+use crate::resume::{self, Replay, ResumeError};
 use crate::Edge;
 
 /// How long a session waits before it tries a failed refill again.
@@ -35,120 +33,20 @@ const REFILL_RETRY: Duration = Duration::from_secs(1);
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
-pub enum Outbound {
-    Frame(Utf8Bytes),
-    Close(u16, &'static str),
-}
-
-/// Sends frames to the writer task, counting them in the edge's metrics.
-#[derive(Clone)]
-pub struct Outbox(mpsc::Sender<Outbound>, Arc<EdgeMetrics>);
-
-impl Outbox {
-    pub async fn frame(&self, frame: &ServerFrame) -> bool {
-        self.1.frame_out(frame.kind());
-        self.0
-            .send(Outbound::Frame(frame.to_json().into()))
-            .await
-            .is_ok()
-    }
-
-    /// A frame serialized by another service (a live delivery or an inbox item).
-    pub async fn raw(&self, frame: Utf8Bytes) -> bool {
-        self.1.frame_out(live_kind(&frame));
-        self.0.send(Outbound::Frame(frame)).await.is_ok()
-    }
-
-    fn metrics(&self) -> &EdgeMetrics {
-        &self.1
-    }
-
-    pub async fn error(
-        &self,
-        reference: Option<&str>,
-        code: ErrorCode,
-        message: impl Into<String>,
-    ) -> bool {
-        self.frame(&ServerFrame::error(reference, code, message))
-            .await
-    }
-
-    pub async fn close(&self, code: u16, reason: &'static str) {
-        self.1.session_closed(code);
-        let _ = self.0.send(Outbound::Close(code, reason)).await;
-    }
-}
-
 pub async fn serve(socket: WebSocket, edge: Arc<Edge>, ticket: Ticket) {
     let (sink, stream) = socket.split();
     let _open = edge.metrics.connection_opened();
     // Frames queued for the writer (CHAT_LIMIT_OUTBOUND_QUEUE). Replies wait
     // for room; live frames go through the hub's own bounded queue first.
     let (tx, rx) = mpsc::channel(edge.config.limits.outbound_queue.max(1));
-    let writer = tokio::spawn(write_loop(sink, rx, edge.config.idle_timeout()));
-    run_session(stream, Outbox(tx, edge.metrics.clone()), edge, ticket).await;
+    let writer = tokio::spawn(crate::outbox::write_loop(
+        sink,
+        rx,
+        edge.config.idle_timeout(),
+    ));
+    run_session(stream, Outbox::new(tx, edge.metrics.clone()), edge, ticket).await;
     // The outbox is dropped here; the writer sends what is queued, then ends.
     let _ = writer.await;
-}
-
-/// Frames written before one flush: under load several are queued, and one
-/// write (one syscall, one TCP segment train) for all of them costs far less
-/// than one each. Bounded so a busy socket still flushes often.
-const WRITE_BATCH: usize = 64;
-
-/// Writes frames until the session ends. A client that takes nothing for
-/// `stall` (it stopped reading; its TCP window is full) is dropped: the
-/// queues in front of the writer are bounded, and this bounds the time.
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outbound>, stall: Duration)
-where
-    S: Sink<Message> + Unpin,
-{
-    'session: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut fed = 0;
-        while let Some(item) = next.take() {
-            match item {
-                Outbound::Frame(text) => {
-                    if !within(stall, sink.feed(Message::Text(text))).await {
-                        return;
-                    }
-                    fed += 1;
-                    if fed < WRITE_BATCH {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                Outbound::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    };
-                    // `send` flushes the frames fed before the close.
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break 'session;
-                }
-            }
-        }
-        if !within(stall, sink.flush()).await {
-            return;
-        }
-    }
-    let _ = sink.close().await;
-}
-
-/// Runs one write of the socket, bounded by `stall`; false if the socket
-/// failed or the client stopped taking data.
-async fn within<F, E>(stall: Duration, write: F) -> bool
-where
-    F: std::future::Future<Output = Result<(), E>>,
-{
-    match tokio::time::timeout(stall, write).await {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => false,
-        Err(_) => {
-            tracing::info!("client stopped reading; dropping the connection");
-            false
-        }
-    }
 }
 
 /// A connection's send worker and its queue: sends are handled one at a
@@ -247,33 +145,16 @@ where
                 device,
                 cursor,
             }) => {
-                return match edge.verifier.verify(&token) {
-                    Ok(identity) => {
-                        if let Err(refusal) =
-                            edge.moderation.admits(&identity.user, identity.issued_at)
-                        {
-                            shut_out(out, None, refusal).await;
-                            return None;
-                        }
-                        Some(Hello {
-                            user: identity.user,
-                            valid_until: identity.valid_until,
-                            issued_at: identity.issued_at,
-                            device,
-                            cursor,
-                        })
-                    }
-                    Err(AuthError::Expired) => {
-                        out.error(None, ErrorCode::TokenExpired, "token expired")
-                            .await;
-                        out.close(close::UNAUTHORIZED, "token expired").await;
-                        None
-                    }
-                    Err(AuthError::Invalid(reason)) => {
-                        tracing::debug!(%reason, "token refused");
-                        out.error(None, ErrorCode::Unauthorized, "invalid token")
-                            .await;
-                        out.close(close::UNAUTHORIZED, "unauthorized").await;
+                return match access::admit(edge, &token) {
+                    Ok(identity) => Some(Hello {
+                        user: identity.user,
+                        valid_until: identity.valid_until,
+                        issued_at: identity.issued_at,
+                        device,
+                        cursor,
+                    }),
+                    Err(error) => {
+                        deny(out, None, &error, Stage::Hello).await;
                         None
                     }
                 };
@@ -290,12 +171,20 @@ where
     }
 }
 
-/// Refuses a user an operator banned, or a token issued before an
-/// operator's revocation: `unauthorized`, then close 4001.
-async fn shut_out(out: &Outbox, reference: Option<&str>, refusal: Refusal) {
-    out.error(reference, ErrorCode::Unauthorized, refusal.to_string())
-        .await;
-    out.close(close::UNAUTHORIZED, refusal.reason()).await;
+/// Tells the client why its token gives no access, and closes the
+/// connection (4001) when `error` ends it at `stage`; true if it goes on.
+async fn deny(out: &Outbox, reference: Option<&str>, error: &AccessError, stage: Stage) -> bool {
+    if let AccessError::Invalid(reason) = error {
+        tracing::debug!(%reason, "token refused");
+    }
+    out.error(reference, error.code(), error.to_string()).await;
+    match error.closes(stage) {
+        Some(reason) => {
+            out.close(close::UNAUTHORIZED, reason).await;
+            false
+        }
+        None => true,
+    }
 }
 
 async fn run_session<S, E>(mut stream: S, out: Outbox, edge: Arc<Edge>, ticket: Ticket)
@@ -340,22 +229,15 @@ async fn authenticated<S, E>(
     // Subscribe first, so nothing published from here on can be missed.
     let mut registration = match edge.hub.register(&hello.user).await {
         Ok(registration) => registration,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot subscribe");
-            out.error(
-                None,
-                ErrorCode::Unavailable,
-                "service unavailable, retry later",
-            )
-            .await;
-            out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+        Err(error) => {
+            unavailable(&out, error.into()).await;
             return;
         }
     };
     // Checked again now that a kick would reach this session: a ban that
     // landed since `hello` was checked is either seen here or kicks it.
     if let Err(refusal) = edge.moderation.admits(&hello.user, hello.issued_at) {
-        shut_out(&out, None, refusal).await;
+        deny(&out, None, &refusal.into(), Stage::Hello).await;
         return;
     }
     let mut session = Session {
@@ -375,9 +257,8 @@ async fn authenticated<S, E>(
     };
     let (start, resumed) = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
-        Err(message) => {
-            out.error(None, ErrorCode::Unavailable, message).await;
-            out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+        Err(error) => {
+            unavailable(&out, error).await;
             return;
         }
     };
@@ -392,9 +273,8 @@ async fn authenticated<S, E>(
         return;
     }
     session.sent_up_to = start;
-    if let Err(message) = session.replay_backlog().await {
-        out.error(None, ErrorCode::Unavailable, message).await;
-        out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+    if let Err(error) = session.replay_backlog().await {
+        unavailable(&out, error).await;
         return;
     }
     if !out
@@ -417,6 +297,35 @@ async fn authenticated<S, E>(
         .main_loop(&mut stream, &mut registration, &mut ticket)
         .await;
     session.flush_ack().await;
+}
+
+/// What keeps a session from starting or going on; the client is told
+/// only that it is unavailable.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Subscribe(#[from] HubError),
+    #[error("reading the device's stored cursor: {0}")]
+    StoredCursor(String),
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
+}
+
+impl SessionError {
+    fn told(&self) -> &'static str {
+        match self {
+            Self::Subscribe(_) => "service unavailable, retry later",
+            Self::StoredCursor(_) | Self::Resume(_) => "inbox unavailable, retry later",
+        }
+    }
+}
+
+/// Ends a session that cannot go on: `unavailable`, then close 1013; the
+/// client resumes from its cursor later.
+async fn unavailable(out: &Outbox, error: SessionError) {
+    tracing::warn!(%error, "session unavailable");
+    out.error(None, ErrorCode::Unavailable, error.told()).await;
+    out.close(close::TRY_AGAIN_LATER, "unavailable").await;
 }
 
 struct Session {
@@ -455,108 +364,56 @@ enum Exit {
 }
 
 impl Session {
-    /// Where the backlog starts, and whether everything after it still exists.
+    /// Where the backlog starts, and whether everything after it still
+    /// exists: after the cursor of `hello`, else the device's acked one.
     async fn start_cursor(
         &mut self,
         given: Option<Cursor>,
-    ) -> Result<(Cursor, bool), &'static str> {
-        const UNAVAILABLE: &str = "inbox unavailable, retry later";
-        let key = subjects::device_cursor_key(&self.user, &self.device);
+    ) -> Result<(Cursor, bool), SessionError> {
         let cursor = match given {
             Some(cursor) => Some(cursor),
-            None => match self.edge.cursors.get(&key).await {
-                Ok(Some(value)) => std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|v| Cursor::parse(v).ok()),
-                Ok(None) => None,
-                Err(_) => return Err(UNAVAILABLE),
-            },
-        };
-        match cursor {
-            Some(cursor) => {
-                let info = self
-                    .edge
-                    .js
-                    .get_stream(subjects::INBOX_STREAM)
-                    .await
-                    .map_err(|_| UNAVAILABLE)?
-                    .cached_info()
-                    .state
-                    .clone();
-                // Items after `cursor` up to first_seq - 1 have expired: some may
-                // have been this user's. A cursor beyond the end was never
-                // handed out; it would hide every later item, so it is not
-                // trusted either.
-                let in_range = cursor.0 <= info.last_sequence;
-                let resumed = in_range && cursor.0.saturating_add(1) >= info.first_sequence;
-                let start = if in_range {
-                    cursor
-                } else {
-                    Cursor(info.last_sequence)
-                };
-                self.acked_flushed = given.is_none().then_some(start);
-                Ok((start, resumed))
-            }
             None => {
-                // A new device starts at the head: after the user's last item.
-                let head = match self
-                    .edge
-                    .inbox
-                    .direct_get_last_for_subject(subjects::inbox(&self.user))
-                    .await
-                {
-                    Ok(message) => message.sequence,
-                    Err(e)
-                        if e.kind()
-                            == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-                    {
-                        0
-                    }
-                    Err(_) => return Err(UNAVAILABLE),
-                };
-                Ok((Cursor(head), true))
+                let key = subjects::device_cursor_key(&self.user, &self.device);
+                match self.edge.cursors.get(&key).await {
+                    Ok(Some(value)) => std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|v| Cursor::parse(v).ok()),
+                    Ok(None) => None,
+                    Err(e) => return Err(SessionError::StoredCursor(e.to_string())),
+                }
             }
+        };
+        let (start, resumed) = resume::start(self.edge.as_ref(), &self.user, cursor).await?;
+        // A cursor read from KV is stored already (as `start` corrects it).
+        if given.is_none() && cursor.is_some() {
+            self.acked_flushed = Some(start);
         }
+        Ok((start, resumed))
     }
 
     /// Sends every inbox item after `sent_up_to`, oldest first.
-    async fn replay_backlog(&mut self) -> Result<(), &'static str> {
-        const UNAVAILABLE: &str = "inbox unavailable, retry later";
-        let from = DeliverPolicy::ByStartSequence {
-            start_sequence: self.sent_up_to.0.saturating_add(1),
-        };
-        let unavailable = |e: String| {
-            tracing::warn!(error = %e, "cannot read the inbox");
-            UNAVAILABLE
-        };
-        let mut scan = Scan::open(&self.edge.inbox, subjects::inbox(&self.user), from)
-            .await
-            .map_err(unavailable)?;
-        let result = async {
-            while let Some(message) = scan.next().await.map_err(unavailable)? {
-                let cursor = Cursor(message.info().map_err(|_| UNAVAILABLE)?.stream_sequence);
-                let Ok(frame) = Utf8Bytes::try_from(with_cursor(&message.payload, cursor)) else {
-                    tracing::error!("skipping an inbox item that is not UTF-8");
-                    continue;
-                };
-                if !self
-                    .forward(Delivery {
-                        cursor: Some(cursor),
-                        previous: Previous::Unstated,
-                        meta: message.headers.as_ref().and_then(MessageMeta::from_headers),
-                        frame,
-                    })
-                    .await
-                {
-                    // The client is gone.
-                    break;
-                }
+    async fn replay_backlog(&mut self) -> Result<(), SessionError> {
+        let edge = self.edge.clone();
+        let user = self.user.clone();
+        let mut replay = Replay::after(edge.as_ref(), &user, self.sent_up_to);
+        while let Some(item) = replay.next().await? {
+            let cursor = Cursor(item.sequence);
+            let Ok(frame) = Utf8Bytes::try_from(with_cursor(&item.payload, cursor)) else {
+                tracing::error!("skipping an inbox item that is not UTF-8");
+                continue;
+            };
+            let delivery = Delivery {
+                cursor: Some(cursor),
+                previous: Previous::Unstated,
+                meta: MessageMeta::from_headers(&item.headers),
+                frame,
+            };
+            if !self.forward(delivery).await {
+                // The client is gone.
+                break;
             }
-            Ok(())
         }
-        .await;
-        scan.close().await;
-        result
+        Ok(())
     }
 
     /// Sends one delivery unless this connection already sent it.
@@ -717,9 +574,8 @@ impl Session {
                     }
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
-                        if let Err(message) = self.replay_backlog().await {
-                            self.out.error(None, ErrorCode::Unavailable, message).await;
-                            self.out.close(close::TRY_AGAIN_LATER, "unavailable").await;
+                        if let Err(error) = self.replay_backlog().await {
+                            unavailable(&self.out, error).await;
                             break;
                         }
                         paused = false;
@@ -732,7 +588,8 @@ impl Session {
                     Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
-                        if self.replay_backlog().await.is_err() {
+                        if let Err(error) = self.replay_backlog().await {
+                            tracing::warn!(%error, "cannot refill after a gap; trying again");
                             paused = true;
                             refill_retry = Some(Instant::now() + REFILL_RETRY);
                         }
@@ -750,10 +607,12 @@ impl Session {
                 },
                 _ = sleep_until(refill_retry.unwrap_or(deadline)), if refill_retry.is_some() => {
                     refill_retry = None;
-                    if self.replay_backlog().await.is_ok() {
-                        paused = false;
-                    } else {
-                        refill_retry = Some(Instant::now() + REFILL_RETRY);
+                    match self.replay_backlog().await {
+                        Ok(()) => paused = false,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot refill after a gap; trying again");
+                            refill_retry = Some(Instant::now() + REFILL_RETRY);
+                        }
                     }
                 }
                 _ = flush.tick() => self.flush_ack().await,
@@ -820,48 +679,13 @@ impl Session {
     /// Any other token is refused and closes the connection: it was
     /// authenticated as someone the new token does not vouch for.
     async fn refresh(&mut self, reference: Option<String>, token: &str) -> bool {
-        match self.edge.verifier.verify(token) {
-            Ok(identity) if identity.user == self.user => {
-                if let Err(refusal) = self.edge.moderation.admits(&self.user, identity.issued_at) {
-                    shut_out(&self.out, reference.as_deref(), refusal).await;
-                    return false;
-                }
+        match access::renew(self.edge.as_ref(), &self.user, token) {
+            Ok(identity) => {
                 self.valid_until = deadline_of(identity.valid_until);
                 self.out.frame(&ServerFrame::Ok { reference }).await;
                 true
             }
-            Ok(_) => {
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::Unauthorized,
-                        "the token is for another user",
-                    )
-                    .await;
-                self.out.close(close::UNAUTHORIZED, "unauthorized").await;
-                false
-            }
-            Err(AuthError::Expired) => {
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::TokenExpired,
-                        "token expired",
-                    )
-                    .await;
-                true
-            }
-            Err(AuthError::Invalid(reason)) => {
-                tracing::debug!(%reason, "refresh token refused");
-                self.out
-                    .error(
-                        reference.as_deref(),
-                        ErrorCode::Unauthorized,
-                        "invalid token",
-                    )
-                    .await;
-                true
-            }
+            Err(error) => deny(&self.out, reference.as_deref(), &error, Stage::Refresh).await,
         }
     }
 

@@ -307,8 +307,10 @@ pub async fn dead_letter(
 
 /// Reads one subject of a stream from a starting point, oldest first,
 /// through a short-lived in-memory consumer, until nothing is left. Used to
-/// replay an inbox and to look for a message; cheap to open, and bounded in
-/// messages and bytes per request.
+/// look for a message from a point in time and by `chatctl replay`; bounded
+/// in messages and bytes per request. It creates a consumer each time, so
+/// nothing a client triggers at scale should use it: resumes read the inbox
+/// with direct gets (`direct`).
 pub struct Scan {
     stream: jetstream::stream::Stream<()>,
     consumer: consumer::PullConsumer,

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod delivery;
+pub mod direct;
 pub mod discovery;
 pub mod error;
 pub mod idgen;

@@ -51,6 +51,17 @@ pub const MODERATION_BUCKET: &str = "chat_moderation";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 
+/// The batched direct get of a stream (ADR-31): any of its replicas answers,
+/// and no consumer is created (see `direct`).
+pub fn direct_get(stream: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{stream}")
+}
+/// On each message of a direct get: its stream sequence.
+pub const DIRECT_SEQUENCE_HEADER: &str = "Nats-Sequence";
+/// On each message of a batched direct get and on its end: how many
+/// messages matching the request the stream holds after it.
+pub const DIRECT_PENDING_HEADER: &str = "Nats-Num-Pending";
+
 /// JetStream's de-duplication header; every event carries it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// The inbox cursor of a live delivery, so edges can order it against a backlog
@@ -318,6 +329,7 @@ mod tests {
         let group = ConversationId::Group(GroupId::parse("team").unwrap());
         assert_eq!(message(&dm), "chat.msg.dm.alice.bob");
         assert_eq!(message(&group), "chat.msg.group.team");
+        assert_eq!(direct_get(INBOX_STREAM), "$JS.API.DIRECT.GET.INBOX");
         assert_eq!(inbox(&alice), "chat.inbox.alice");
         assert_eq!(deliver(&alice), "chat.deliver.alice");
         assert_eq!(push(&alice), "chat.push.alice");

@@ -1,6 +1,14 @@
 //! Resume with a backlog larger than one fetch from JetStream.
 
+use anyhow::{ensure, Context};
+use std::time::Duration;
+
+use chat_shared::consume::Scan;
+use chat_shared::direct::{DirectReader, Page};
+use chat_shared::ids::UserId;
+use chat_shared::subjects;
 use chat_tests::System;
+use futures::StreamExt;
 use serde_json::json;
 
 /// Texts of the largest size a send allows (100,000 characters): 60 of them
@@ -188,5 +196,149 @@ async fn live_deliveries_name_the_users_previous_item() -> anyhow::Result<()> {
         links.iter().all(|(cursor, _)| cursor.is_some()),
         "{links:?}"
     );
+    Ok(())
+}
+
+/// Every consumer-create request on any stream, as nats-server receives
+/// it (the ephemeral and the named form of the API subject), and a marker
+/// to know when all earlier ones have arrived.
+struct ConsumerCreates {
+    admin: async_nats::Client,
+    marker: String,
+    requests: async_nats::Subscriber,
+}
+
+impl ConsumerCreates {
+    async fn watch(system: &System) -> anyhow::Result<Self> {
+        let admin = system.admin().await?;
+        let requests = admin.subscribe("$JS.API.CONSUMER.CREATE.>").await?;
+        admin.flush().await?;
+        Ok(Self {
+            admin,
+            marker: format!("$JS.API.CONSUMER.CREATE.{}", subjects::INBOX_STREAM),
+            requests,
+        })
+    }
+
+    /// The create requests seen since the last count: each one caused by a
+    /// resume was answered before the resume ended, so it reached the
+    /// server before a marker published now.
+    async fn count(&mut self) -> anyhow::Result<usize> {
+        self.admin
+            .publish(self.marker.clone(), "marker".into())
+            .await?;
+        self.admin.flush().await?;
+        let mut seen = 0;
+        loop {
+            let request = tokio::time::timeout(chat_tests::WAIT, self.requests.next())
+                .await
+                .context("the marker never arrived")?
+                .context("subscription ended")?;
+            if request.payload.as_ref() == b"marker" {
+                return Ok(seen);
+            }
+            // The presence leader lists its whole bucket once when it takes
+            // the lead, whenever that happens; a read for a session would
+            // name the user.
+            let whole_bucket =
+                format!("\"filter_subject\":\"$KV.{}.>\"", subjects::PRESENCE_BUCKET);
+            if String::from_utf8_lossy(&request.payload).contains(&whole_bucket) {
+                continue;
+            }
+            seen += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_resumes_create_no_consumer() -> anyhow::Result<()> {
+    const RESUMES: usize = 1000;
+    const BACKLOG: usize = 3;
+    let system = System::start_with(|c| c.limits.connects_per_ip = 1_000_000).await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let bob = system.connect("bob", "phone").await?;
+    let start = bob.synced["cursor"]
+        .as_str()
+        .map(str::to_string)
+        .context("synced without a cursor")?;
+    bob.close().await?;
+    for i in 0..BACKLOG {
+        let sent = alice
+            .send_message(json!({"to":"bob"}), &format!("m{i}"), &format!("c{i}"))
+            .await?;
+        ensure!(sent["type"] == "sent", "send {i}: {sent}");
+    }
+    let mut creates = ConsumerCreates::watch(&system).await?;
+
+    // The control: the counter sees the consumer a scan of the inbox creates.
+    let js = async_nats::jetstream::new(creates.admin.clone());
+    let inbox = js.get_stream_no_info(subjects::INBOX_STREAM).await?;
+    let bob_id = UserId::parse("bob")?;
+    let scan = Scan::open(
+        &inbox,
+        subjects::inbox(&bob_id),
+        async_nats::jetstream::consumer::DeliverPolicy::All,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    scan.close().await;
+    ensure!(creates.count().await? == 1, "the counter missed a scan");
+
+    // Resumes from the cursor before the backlog (each replays it whole)
+    // and, every tenth, from the device's stored cursor.
+    for i in 0..RESUMES {
+        let cursor = (i % 10 != 0).then_some(start.as_str());
+        let bob = system.connect_from("bob", "tablet", cursor).await?;
+        if cursor.is_some() {
+            let texts: Vec<&str> = bob
+                .backlog
+                .iter()
+                .filter(|f| f["type"] == "message")
+                .filter_map(|f| f["text"].as_str())
+                .collect();
+            ensure!(texts == ["m0", "m1", "m2"], "resume {i}: {:?}", bob.backlog);
+        }
+        bob.close().await?;
+    }
+    assert_eq!(
+        creates.count().await?,
+        0,
+        "consumers created by {RESUMES} resumes"
+    );
+    Ok(())
+}
+
+/// The reader against the real server: pages end on their count or their
+/// bytes with what is left after them, only the user's subject is read,
+/// and past the end is an empty page, not an error.
+#[tokio::test]
+async fn direct_gets_page_a_users_inbox_by_count_and_bytes() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let admin = system.admin().await?;
+    let js = async_nats::jetstream::new(admin.clone());
+    let bob = subjects::inbox(&UserId::parse("bob")?);
+    let alice = subjects::inbox(&UserId::parse("alice")?);
+    let mut bobs = Vec::new();
+    for i in 0..5 {
+        let text = format!("{i}{}", "x".repeat(3000));
+        bobs.push(js.publish(bob.clone(), text.into()).await?.await?.sequence);
+        js.publish(alice.clone(), "other".into()).await?.await?;
+    }
+    let reader = DirectReader::new(admin, subjects::INBOX_STREAM, Duration::from_secs(5));
+    let sequences = |page: &Page| page.items.iter().map(|i| i.sequence).collect::<Vec<_>>();
+
+    let first = reader.page(&bob, 1, 3, 1 << 20).await?;
+    assert_eq!((sequences(&first), first.pending), (bobs[..3].to_vec(), 2));
+    assert!(first.items[0].payload.starts_with(b"0xxx"));
+    let rest = reader.page(&bob, bobs[2] + 1, 3, 1 << 20).await?;
+    assert_eq!((sequences(&rest), rest.pending), (bobs[3..].to_vec(), 0));
+
+    // Less than two items' bytes: the page ends with the item that passes
+    // the bound (the server checks after sending), and says what is left.
+    let small = reader.page(&bob, 1, 500, 5_000).await?;
+    assert_eq!((sequences(&small), small.pending), (bobs[..2].to_vec(), 3));
+
+    let past = reader.page(&bob, bobs[4] + 1, 500, 1 << 20).await?;
+    assert_eq!((sequences(&past), past.pending), (vec![], 0));
     Ok(())
 }
