@@ -115,7 +115,10 @@ pub async fn run(
     let verifier = Verifier::from_config(&config)?;
     tracing::info!(sources = %verifier.sources().join("; "), "JWT key sources");
     // The web client, and the dev token endpoint when CHAT_DEV_TOKENS=true.
-    let web = web::routes(&config, listener.local_addr()?)?;
+    let web = web::routes(
+        &config,
+        listener.local_addr().map_err(EdgeError::ListenerAddress)?,
+    )?;
     let id = match &config.edge_id {
         Some(id) => EdgeId::parse(id.clone())?,
         None => EdgeId::parse(format!("edge-{:08x}", rand::random::<u32>()))?,
