@@ -302,8 +302,12 @@ async fn the_edge_nats_user_can_still_meter_watch_and_hear_moderation() -> Resul
     let edge = chat_shared::nats::connect(&system.config_for("edge"), "test-edge-jobs").await?;
     let js = chat_shared::nats::jetstream(edge.clone(), &system.config);
     // A quota increment and its PubAck.
+    // The system's QUOTAS stream counts (`allow_msg_counter`): a publish
+    // without `Nats-Incr` would be refused whatever the user's rights.
+    let mut increment = async_nats::HeaderMap::new();
+    increment.insert("Nats-Incr", "1");
     let ack = js
-        .publish("chat.quota.alice.msgs.min", "1".into())
+        .publish_with_headers("chat.quota.alice.msgs.min", increment, "".into())
         .await?
         .await?;
     assert_eq!(ack.stream, "QUOTAS");

@@ -21,11 +21,14 @@ async fn admin(config: &Config) -> anyhow::Result<(async_nats::Client, jetstream
 
 /// The JetStream API subjects requested while `run` ran, as the server's
 /// audit advisories report them. An account-info request after `run`
-/// marks the end: advisories leave in order, so once its own arrives,
-/// every earlier one has.
+/// marks the end, but the server sends advisories from several goroutines,
+/// so one of `run`'s may arrive after the marker's: reading goes on until
+/// the marker arrived and `complete` holds of what did (otherwise a late
+/// one would count against the next window).
 async fn api_requests_during<F>(
     client: &async_nats::Client,
     js: &jetstream::Context,
+    complete: impl Fn(&[String]) -> bool,
     run: F,
 ) -> anyhow::Result<Vec<String>>
 where
@@ -36,6 +39,7 @@ where
     run.await?;
     js.query_account().await?;
     let mut requests = Vec::new();
+    let mut marked = false;
     loop {
         let advisory = tokio::time::timeout(Duration::from_secs(10), audit.next())
             .await
@@ -48,9 +52,13 @@ where
             .context("an API advisory without a subject")?
             .to_string();
         if subject == "$JS.API.INFO" {
+            marked = true;
+        } else {
+            requests.push(subject);
+        }
+        if marked && complete(&requests) {
             return Ok(requests);
         }
-        requests.push(subject);
     }
 }
 
@@ -66,17 +74,29 @@ async fn provisioning_an_unchanged_system_writes_nothing() -> anyhow::Result<()>
     let nats = NatsServer::start().await?;
     let mut config = test_config(nats.url(), String::new());
     let (client, js) = admin(&config).await?;
-    let first = api_requests_during(&client, &js, async {
+    let names: Vec<String> = streams::all_streams(&config)
+        .into_iter()
+        .map(|s| s.name)
+        .chain(
+            streams::buckets(&config)
+                .into_iter()
+                .map(|b| format!("KV_{}", b.bucket)),
+        )
+        .collect();
+    let created = |requests: &[String], name: &str| {
+        requests
+            .iter()
+            .any(|s| s.as_str() == format!("$JS.API.STREAM.CREATE.{name}"))
+    };
+    let every_created = |requests: &[String]| names.iter().all(|name| created(requests, name));
+    // The first run creates every stream and bucket: the window waits for
+    // each create (a missing one fails it after 10 s).
+    api_requests_during(&client, &js, every_created, async {
         Ok(streams::apply(&js, &config).await?)
     })
     .await?;
-    let created = writes(&first);
-    assert!(
-        created.len() >= streams::all_streams(&config).len(),
-        "the first run creates every stream and bucket: {first:?}"
-    );
 
-    let again = api_requests_during(&client, &js, async {
+    let again = api_requests_during(&client, &js, |_| true, async {
         Ok(streams::apply(&js, &config).await?)
     })
     .await?;
@@ -88,7 +108,9 @@ async fn provisioning_an_unchanged_system_writes_nothing() -> anyhow::Result<()>
 
     // A changed bound is one update, of that stream only.
     config.bounds.inbox += 1024;
-    let changed = api_requests_during(&client, &js, async {
+    let inbox_update = format!("$JS.API.STREAM.UPDATE.{}", subjects::INBOX_STREAM);
+    let updated = |requests: &[String]| requests.contains(&inbox_update);
+    let changed = api_requests_during(&client, &js, updated, async {
         Ok(streams::apply(&js, &config).await?)
     })
     .await?;
