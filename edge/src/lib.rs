@@ -135,7 +135,7 @@ pub async fn run(
         async move {
             js.get_stream_no_info(name)
                 .await
-                .map_err(|e| StartError::JetStream(format!("stream {name}: {e}")))
+                .map_err(|source| StartError::Stream { name, source })
         }
     };
     let inbox = stream(subjects::INBOX_STREAM).await?;

@@ -52,10 +52,7 @@ pub async fn bind(config: &Config) -> Result<Option<TcpListener>, StartError> {
     TcpListener::bind(addr)
         .await
         .map(Some)
-        .map_err(|e| StartError::Listen {
-            addr,
-            reason: e.to_string(),
-        })
+        .map_err(|source| StartError::Listen { addr, source })
 }
 
 /// The tasks behind a service's `/metrics`.
