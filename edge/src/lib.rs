@@ -257,6 +257,8 @@ pub async fn run(
     let _ = heartbeat_task.await;
     let _ = directory_task.await;
     let _ = moderation_task.await;
+    // The last acks, cursor writes and device-gone reports of the sessions.
+    chat_shared::nats::flush_before_exit(&edge.nats, &edge.config).await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }

@@ -163,6 +163,8 @@ pub async fn run_with(
     }
     let _ = campaign.await;
     exposition.stopped().await;
+    // The last announcements and the lease release.
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("presence stopped");
     Ok(())
 }
