@@ -199,7 +199,7 @@ pub async fn run(
     .await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = metrics::EdgeMetrics::new(&mut registry);
+    let metrics = Arc::new(metrics::EdgeMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("edge"));
     let edge = Arc::new(Edge {
         hub,

@@ -135,6 +135,11 @@ pub async fn move_dead_letters(
 }
 
 /// Copies one exhausted event to `chat.dead.<consumer>`, retrying a while.
+#[tracing::instrument(skip_all, fields(
+    stream = exhausted.stream,
+    consumer = %exhausted.consumer,
+    sequence = exhausted.sequence,
+))]
 async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &PersisterMetrics) {
     let reason = format!("max deliveries: {}", exhausted.deliveries);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -144,9 +149,6 @@ async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &Pers
         match copy(js, exhausted, &reason).await {
             Ok(subject) => {
                 tracing::error!(
-                    stream = exhausted.stream,
-                    consumer = %exhausted.consumer,
-                    sequence = exhausted.sequence,
                     deliveries = exhausted.deliveries,
                     %subject,
                     dead_letter = %subjects::dead_letter(&exhausted.consumer),
@@ -157,21 +159,12 @@ async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &Pers
             }
             Err(e) if e.is_final() || attempts == MOVE_ATTEMPTS => break e,
             Err(e) => {
-                tracing::warn!(
-                    stream = exhausted.stream,
-                    consumer = %exhausted.consumer,
-                    sequence = exhausted.sequence,
-                    error = %e,
-                    "cannot move a dead letter yet; retrying"
-                );
+                tracing::warn!(error = %e, "cannot move a dead letter yet; retrying");
                 backoff.wait().await;
             }
         }
     };
     tracing::error!(
-        stream = exhausted.stream,
-        consumer = %exhausted.consumer,
-        sequence = exhausted.sequence,
         error = %error,
         "giving up moving an event that reached max deliveries"
     );

@@ -1,6 +1,7 @@
 //! nats-server: one per test ([`NatsServer`]), or a 3-node cluster
 //! ([`NatsCluster`]).
 
+use std::ffi::OsStr;
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,28 @@ pub fn nats_password(user: &str) -> &'static str {
     chat_shared::nats::dev_password(user)
         .unwrap_or_else(|| panic!("no NATS user {user:?}: no _PASSWORD line in nats/users.conf"))
 }
+/// The nats-server binary, and a new temporary directory for its stores.
+fn binary_and_dir(prefix: &str) -> Result<(PathBuf, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temp dir for nats-server")?;
+    Ok((nats_server_bin()?, dir))
+}
+
+/// nats-server with config file `conf` and `args`, its log (stderr) to `log`.
+fn spawn_server(bin: &Path, conf: &Path, args: &[&OsStr], log: fs::File) -> Result<Child> {
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))
+}
+
 fn nats_server_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
@@ -70,11 +93,7 @@ impl NatsServer {
     /// port read back from its log) with a temporary JetStream store dir, and
     /// waits until it is ready.
     pub async fn start() -> Result<NatsServer> {
-        let bin = nats_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("chat-nats-")
-            .tempdir()
-            .context("creating a temp dir for nats-server")?;
+        let (bin, dir) = binary_and_dir("chat-nats-")?;
         let mut server = NatsServer {
             bin,
             dir,
@@ -148,16 +167,14 @@ impl NatsServer {
             self.port.to_string()
         };
         // Logs go to stderr, so config errors and the log end up together.
-        let mut child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-p", &port_arg, "-sd"])
-            .arg(self.dir.path().join("store"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let store = self.dir.path().join("store");
+        let args = [
+            "-p".as_ref(),
+            port_arg.as_ref(),
+            "-sd".as_ref(),
+            store.as_os_str(),
+        ];
+        let mut child = spawn_server(&self.bin, &conf, &args, log)?;
         let pid = child.id().to_string();
 
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
@@ -247,11 +264,7 @@ const META_LEADER_LOG: &str = "metadata leader";
 
 impl NatsCluster {
     pub async fn start() -> Result<NatsCluster> {
-        let bin = nats_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("chat-nats-cluster-")
-            .tempdir()
-            .context("creating a temp dir for the NATS cluster")?;
+        let (bin, dir) = binary_and_dir("chat-nats-cluster-")?;
         let client_ports = [free_port()?, free_port()?, free_port()?];
         let route_ports = [free_port()?, free_port()?, free_port()?];
         // nats-server resolves `include` relative to the including file,
@@ -384,14 +397,7 @@ impl NatsCluster {
         let log_path = self.log_path(index);
         let log = fs::File::create(&log_path).context("creating a node log file")?;
         let node = &mut self.nodes[index];
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let child = spawn_server(&self.bin, &node.config, &[], log)?;
         let pid = child.id().to_string();
         node.child = Some(child);
         let dir = self.dir.path().to_string_lossy().into_owned();
