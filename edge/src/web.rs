@@ -65,6 +65,15 @@ static ASSETS: &[Asset] = &[
     asset!("/", "index.html", "text/html; charset=utf-8"),
     asset!("/app.js", "app.js", "text/javascript; charset=utf-8"),
     asset!("/client.js", "client.js", "text/javascript; charset=utf-8"),
+    asset!("/composer.js", "composer.js", "text/javascript; charset=utf-8"),
+    asset!("/frames.js", "frames.js", "text/javascript; charset=utf-8"),
+    asset!("/history.js", "history.js", "text/javascript; charset=utf-8"),
+    asset!("/list.js", "list.js", "text/javascript; charset=utf-8"),
+    asset!("/messages.js", "messages.js", "text/javascript; charset=utf-8"),
+    asset!("/nav.js", "nav.js", "text/javascript; charset=utf-8"),
+    asset!("/people.js", "people.js", "text/javascript; charset=utf-8"),
+    asset!("/signin.js", "signin.js", "text/javascript; charset=utf-8"),
+    asset!("/state.js", "state.js", "text/javascript; charset=utf-8"),
     asset!("/ui.js", "ui.js", "text/javascript; charset=utf-8"),
     asset!("/style.css", "style.css", "text/css; charset=utf-8"),
     asset!("/icon.svg", "icon.svg", "image/svg+xml"),
@@ -248,6 +257,24 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A module the page imports but the edge does not serve would only
+    /// show as a blank page.
+    #[test]
+    fn every_file_of_the_web_client_is_served() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/public");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let path = match name.as_str() {
+                "index.html" => "/".to_string(),
+                _ => format!("/{name}"),
+            };
+            assert!(ASSETS.iter().any(|a| a.path == path), "{name} is not served");
+            files += 1;
+        }
+        assert_eq!(files, ASSETS.len());
+    }
 
     #[test]
     fn dev_tokens_stay_on_loopback_unless_overridden() {
