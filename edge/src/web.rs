@@ -52,7 +52,7 @@ struct Asset {
 }
 
 macro_rules! asset {
-    ($path:literal, $file:literal, $content_type:literal) => {
+    ($path:literal, $file:literal, $content_type:expr) => {
         Asset {
             path: $path,
             content_type: $content_type,
@@ -61,20 +61,22 @@ macro_rules! asset {
     };
 }
 
+const JS: &str = "text/javascript; charset=utf-8";
+
 static ASSETS: &[Asset] = &[
     asset!("/", "index.html", "text/html; charset=utf-8"),
-    asset!("/app.js", "app.js", "text/javascript; charset=utf-8"),
-    asset!("/client.js", "client.js", "text/javascript; charset=utf-8"),
-    asset!("/composer.js", "composer.js", "text/javascript; charset=utf-8"),
-    asset!("/frames.js", "frames.js", "text/javascript; charset=utf-8"),
-    asset!("/history.js", "history.js", "text/javascript; charset=utf-8"),
-    asset!("/list.js", "list.js", "text/javascript; charset=utf-8"),
-    asset!("/messages.js", "messages.js", "text/javascript; charset=utf-8"),
-    asset!("/nav.js", "nav.js", "text/javascript; charset=utf-8"),
-    asset!("/people.js", "people.js", "text/javascript; charset=utf-8"),
-    asset!("/signin.js", "signin.js", "text/javascript; charset=utf-8"),
-    asset!("/state.js", "state.js", "text/javascript; charset=utf-8"),
-    asset!("/ui.js", "ui.js", "text/javascript; charset=utf-8"),
+    asset!("/app.js", "app.js", JS),
+    asset!("/client.js", "client.js", JS),
+    asset!("/composer.js", "composer.js", JS),
+    asset!("/frames.js", "frames.js", JS),
+    asset!("/history.js", "history.js", JS),
+    asset!("/list.js", "list.js", JS),
+    asset!("/messages.js", "messages.js", JS),
+    asset!("/nav.js", "nav.js", JS),
+    asset!("/people.js", "people.js", JS),
+    asset!("/signin.js", "signin.js", JS),
+    asset!("/state.js", "state.js", JS),
+    asset!("/ui.js", "ui.js", JS),
     asset!("/style.css", "style.css", "text/css; charset=utf-8"),
     asset!("/icon.svg", "icon.svg", "image/svg+xml"),
 ];
@@ -270,7 +272,10 @@ mod tests {
                 "index.html" => "/".to_string(),
                 _ => format!("/{name}"),
             };
-            assert!(ASSETS.iter().any(|a| a.path == path), "{name} is not served");
+            assert!(
+                ASSETS.iter().any(|a| a.path == path),
+                "{name} is not served"
+            );
             files += 1;
         }
         assert_eq!(files, ASSETS.len());

@@ -1,7 +1,7 @@
 // The conversation list, the open conversation's header and the connection
 // status.
 
-import { $, h, avatar, when, lastSeen } from './ui.js';
+import { $, h, avatar, when, lastSeen, coalesce } from './ui.js';
 import { state, title, presenceOf, typists, typingText } from './state.js';
 import { renderHistoryStatus } from './history.js';
 import { renderMessages } from './messages.js';
@@ -27,16 +27,7 @@ export function renderStatus() {
 
 // The list is rebuilt at most once per ~30 ms, however many frames arrive
 // (a backlog of hundreds, typing in many conversations).
-let listTimer = null;
-
-export function renderList() {
-  if (listTimer === null) {
-    listTimer = setTimeout(() => {
-      listTimer = null;
-      renderListNow();
-    }, 30);
-  }
-}
+export const renderList = coalesce(renderListNow, 30);
 
 function renderListNow() {
   const ul = $('conv-list');

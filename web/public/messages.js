@@ -2,7 +2,7 @@
 // pending ones; rows are kept across renders.
 
 import { cmpId } from './client.js';
-import { $, h, time, day, dayKey } from './ui.js';
+import { $, h, time, day, dayKey, coalesce } from './ui.js';
 import { state } from './state.js';
 
 function ticks(c, m) {
@@ -118,13 +118,5 @@ export function renderMessages({ keepBottom = true } = {}) {
   if (keepBottom && atBottom) box.scrollTop = box.scrollHeight;
 }
 
-let messagesTimer = null;
-
-export function scheduleMessages() {
-  if (messagesTimer === null) {
-    messagesTimer = setTimeout(() => {
-      messagesTimer = null;
-      renderMessages();
-    }, 16);
-  }
-}
+// Frames that change the open conversation re-render it once per frame time.
+export const scheduleMessages = coalesce(renderMessages, 16);
