@@ -135,7 +135,7 @@ pub async fn run(
         async move {
             js.get_stream_no_info(name)
                 .await
-                .map_err(|e| StartError::JetStream(format!("stream {name}: {e}")))
+                .map_err(|source| StartError::Stream { name, source })
         }
     };
     let inbox = stream(subjects::INBOX_STREAM).await?;
@@ -199,7 +199,7 @@ pub async fn run(
     .await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = metrics::EdgeMetrics::new(&mut registry);
+    let metrics = Arc::new(metrics::EdgeMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("edge"));
     let edge = Arc::new(Edge {
         hub,
@@ -257,6 +257,8 @@ pub async fn run(
     let _ = heartbeat_task.await;
     let _ = directory_task.await;
     let _ = moderation_task.await;
+    // The last acks, cursor writes and device-gone reports of the sessions.
+    chat_shared::nats::flush_before_exit(&edge.nats, &edge.config).await;
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }

@@ -8,7 +8,6 @@
 //! the connection's writer, before a client can see them, so a client that
 //! got an answer finds it counted.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 
 /// The `type` label of inbound frames that did not parse (or were binary).
 pub const INVALID_FRAME: &str = "invalid";
@@ -52,66 +50,26 @@ struct CloseLabels {
     code: u16,
 }
 
-pub struct EdgeMetrics {
-    connections: Gauge,
-    frames_in: Family<FrameLabels, Counter>,
-    frames_out: Family<FrameLabels, Counter>,
-    send_seconds: Histogram,
-    sessions_closed: Family<CloseLabels, Counter>,
-    live_gaps: Counter,
-    ip_table_evictions: Counter,
+chat_shared::metric_set! {
+    pub struct EdgeMetrics in "edge" {
+        /// Open WebSocket connections
+        connections: Gauge,
+        /// Frames received from clients, by type (`invalid`: not a frame)
+        frames_in: Family<FrameLabels, Counter>,
+        /// Frames sent to clients, by type
+        frames_out: Family<FrameLabels, Counter>,
+        /// From taking up a `send` to its answer (`sent` or an error)
+        send_seconds: Histogram = Histogram::new(SEND_BUCKETS),
+        /// Connections the edge closed, by WebSocket close code
+        sessions_closed: Family<CloseLabels, Counter>,
+        /// Live deliveries that named a predecessor the session never sent: the inbox was read again
+        live_gaps: Counter,
+        /// Client addresses whose rate buckets were forgotten because a per-address table was full
+        ip_table_evictions: Counter,
+    }
 }
 
 impl EdgeMetrics {
-    pub fn new(registry: &mut Registry) -> Arc<Self> {
-        let metrics = Self {
-            connections: Gauge::default(),
-            frames_in: Family::default(),
-            frames_out: Family::default(),
-            send_seconds: Histogram::new(SEND_BUCKETS),
-            sessions_closed: Family::default(),
-            live_gaps: Counter::default(),
-            ip_table_evictions: Counter::default(),
-        };
-        let edge = registry.sub_registry_with_prefix("edge");
-        edge.register(
-            "connections",
-            "Open WebSocket connections",
-            metrics.connections.clone(),
-        );
-        edge.register(
-            "frames_in",
-            "Frames received from clients, by type (`invalid`: not a frame)",
-            metrics.frames_in.clone(),
-        );
-        edge.register(
-            "frames_out",
-            "Frames sent to clients, by type",
-            metrics.frames_out.clone(),
-        );
-        edge.register(
-            "send_seconds",
-            "From taking up a `send` to its answer (`sent` or an error)",
-            metrics.send_seconds.clone(),
-        );
-        edge.register(
-            "sessions_closed",
-            "Connections the edge closed, by WebSocket close code",
-            metrics.sessions_closed.clone(),
-        );
-        edge.register(
-            "live_gaps",
-            "Live deliveries that named a predecessor the session never sent: the inbox was read again",
-            metrics.live_gaps.clone(),
-        );
-        edge.register(
-            "ip_table_evictions",
-            "Client addresses whose rate buckets were forgotten because a per-address table was full",
-            metrics.ip_table_evictions.clone(),
-        );
-        Arc::new(metrics)
-    }
-
     /// The counter the per-address tables count their evictions in.
     pub fn ip_table_evictions(&self) -> Counter {
         self.ip_table_evictions.clone()
@@ -187,6 +145,7 @@ mod tests {
     use super::*;
     use chat_shared::ids::{ConversationId, Cursor, MessageId, UserId};
     use chat_shared::wire::{with_cursor, ReceiptKind, ServerFrame};
+    use prometheus_client::registry::Registry;
 
     #[test]
     fn live_frames_are_counted_by_their_type() {

@@ -232,7 +232,10 @@ pub async fn start(
     let notices = nats
         .subscribe(subjects::ALL_MODERATION_NOTICES)
         .await
-        .map_err(|e| StartError::JetStream(format!("subscribing to moderation notices: {e}")))?;
+        .map_err(|source| StartError::Subscribe {
+            subject: subjects::ALL_MODERATION_NOTICES,
+            source,
+        })?;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let watch = loop {
         match load(&store, &moderation, &hub).await {

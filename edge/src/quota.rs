@@ -270,14 +270,12 @@ impl Quotas {
             let total = async {
                 let ack = js
                     .publish_with_headers(subject, headers, bytes::Bytes::new())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?
+                    .await?;
                 ack.value
                     .as_deref()
                     .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| format!("no counter value in the PubAck: {:?}", ack.value))
+                    .ok_or(LeaseError::NoTotal(ack.value))
             }
             .await;
             let granted = match total {
@@ -290,6 +288,15 @@ impl Quotas {
             (kind, window, granted)
         }
     }
+}
+
+/// Why a counter did not answer with its new total.
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    #[error("adding to the counter: {0}")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
+    #[error("no counter value in the PubAck: {0:?}")]
+    NoTotal(Option<String>),
 }
 
 /// What one lease brought.

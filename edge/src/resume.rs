@@ -36,9 +36,9 @@ pub enum ResumeError {
     #[error("reading the inbox: {0}")]
     Read(#[from] DirectError),
     #[error("reading the inbox's bounds: {0}")]
-    Bounds(String),
+    Bounds(#[from] async_nats::jetstream::context::GetStreamError),
     #[error("reading the user's latest inbox item: {0}")]
-    Head(String),
+    Head(async_nats::jetstream::stream::DirectGetError),
     #[error("the inbox said {pending} items follow {after} but sent none")]
     EmptyPage { after: u64, pending: u64 },
 }
@@ -59,11 +59,7 @@ pub trait InboxReader {
 
 impl InboxReader for Edge {
     async fn bounds(&self) -> Result<(u64, u64), ResumeError> {
-        let stream = self
-            .js
-            .get_stream(subjects::INBOX_STREAM)
-            .await
-            .map_err(|e| ResumeError::Bounds(e.to_string()))?;
+        let stream = self.js.get_stream(subjects::INBOX_STREAM).await?;
         let state = &stream.cached_info().state;
         Ok((state.first_sequence, state.last_sequence))
     }
@@ -76,7 +72,7 @@ impl InboxReader for Edge {
         {
             Ok(message) => Ok(message.sequence),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
-            Err(e) => Err(ResumeError::Head(e.to_string())),
+            Err(e) => Err(ResumeError::Head(e)),
         }
     }
 
@@ -235,7 +231,7 @@ mod tests {
             let last = self
                 .items
                 .lock()
-                .map_err(|e| ResumeError::Bounds(e.to_string()))?
+                .expect("the fake inbox's lock")
                 .last()
                 .map_or(0, |(s, _)| *s);
             Ok((self.first, last))

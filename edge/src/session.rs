@@ -306,7 +306,7 @@ enum SessionError {
     #[error(transparent)]
     Subscribe(#[from] HubError),
     #[error("reading the device's stored cursor: {0}")]
-    StoredCursor(String),
+    StoredCursor(#[from] async_nats::jetstream::kv::EntryError),
     #[error(transparent)]
     Resume(#[from] ResumeError),
 }
@@ -379,7 +379,7 @@ impl Session {
                         .ok()
                         .and_then(|v| Cursor::parse(v).ok()),
                     Ok(None) => None,
-                    Err(e) => return Err(SessionError::StoredCursor(e.to_string())),
+                    Err(e) => return Err(SessionError::StoredCursor(e)),
                 }
             }
         };

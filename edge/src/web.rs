@@ -52,7 +52,7 @@ struct Asset {
 }
 
 macro_rules! asset {
-    ($path:literal, $file:literal, $content_type:literal) => {
+    ($path:literal, $file:literal, $content_type:expr) => {
         Asset {
             path: $path,
             content_type: $content_type,
@@ -61,11 +61,22 @@ macro_rules! asset {
     };
 }
 
+const JS: &str = "text/javascript; charset=utf-8";
+
 static ASSETS: &[Asset] = &[
     asset!("/", "index.html", "text/html; charset=utf-8"),
-    asset!("/app.js", "app.js", "text/javascript; charset=utf-8"),
-    asset!("/client.js", "client.js", "text/javascript; charset=utf-8"),
-    asset!("/ui.js", "ui.js", "text/javascript; charset=utf-8"),
+    asset!("/app.js", "app.js", JS),
+    asset!("/client.js", "client.js", JS),
+    asset!("/composer.js", "composer.js", JS),
+    asset!("/frames.js", "frames.js", JS),
+    asset!("/history.js", "history.js", JS),
+    asset!("/list.js", "list.js", JS),
+    asset!("/messages.js", "messages.js", JS),
+    asset!("/nav.js", "nav.js", JS),
+    asset!("/people.js", "people.js", JS),
+    asset!("/signin.js", "signin.js", JS),
+    asset!("/state.js", "state.js", JS),
+    asset!("/ui.js", "ui.js", JS),
     asset!("/style.css", "style.css", "text/css; charset=utf-8"),
     asset!("/icon.svg", "icon.svg", "image/svg+xml"),
 ];
@@ -248,6 +259,27 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A module the page imports but the edge does not serve would only
+    /// show as a blank page.
+    #[test]
+    fn every_file_of_the_web_client_is_served() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/public");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let path = match name.as_str() {
+                "index.html" => "/".to_string(),
+                _ => format!("/{name}"),
+            };
+            assert!(
+                ASSETS.iter().any(|a| a.path == path),
+                "{name} is not served"
+            );
+            files += 1;
+        }
+        assert_eq!(files, ASSETS.len());
+    }
 
     #[test]
     fn dev_tokens_stay_on_loopback_unless_overridden() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
-use chat_shared::consume::{Backoff, DeadLetter};
+use chat_shared::consume::{Backoff, DeadLetter, DeadLetterError};
 use chat_shared::{shutdown, subjects};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -135,17 +135,20 @@ pub async fn move_dead_letters(
 }
 
 /// Copies one exhausted event to `chat.dead.<consumer>`, retrying a while.
+#[tracing::instrument(skip_all, fields(
+    stream = exhausted.stream,
+    consumer = %exhausted.consumer,
+    sequence = exhausted.sequence,
+))]
 async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &PersisterMetrics) {
     let reason = format!("max deliveries: {}", exhausted.deliveries);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut last_error = String::new();
-    for _ in 0..MOVE_ATTEMPTS {
+    let mut attempts = 0;
+    let error = loop {
+        attempts += 1;
         match copy(js, exhausted, &reason).await {
             Ok(subject) => {
                 tracing::error!(
-                    stream = exhausted.stream,
-                    consumer = %exhausted.consumer,
-                    sequence = exhausted.sequence,
                     deliveries = exhausted.deliveries,
                     %subject,
                     dead_letter = %subjects::dead_letter(&exhausted.consumer),
@@ -154,43 +157,38 @@ async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &Pers
                 metrics.dead_lettered(exhausted.stream);
                 return;
             }
-            Err(Copy::Gone(e)) => {
-                tracing::error!(
-                    stream = exhausted.stream,
-                    consumer = %exhausted.consumer,
-                    sequence = exhausted.sequence,
-                    error = %e,
-                    "an event reached max deliveries but is no longer in its stream"
-                );
-                return;
-            }
-            Err(Copy::Failed(e)) => {
-                tracing::warn!(
-                    stream = exhausted.stream,
-                    consumer = %exhausted.consumer,
-                    sequence = exhausted.sequence,
-                    error = %e,
-                    "cannot move a dead letter yet; retrying"
-                );
-                last_error = e;
+            Err(e) if e.is_final() || attempts == MOVE_ATTEMPTS => break e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot move a dead letter yet; retrying");
                 backoff.wait().await;
             }
         }
-    }
+    };
     tracing::error!(
-        stream = exhausted.stream,
-        consumer = %exhausted.consumer,
-        sequence = exhausted.sequence,
-        error = %last_error,
-        "giving up moving an event that reached max deliveries; it stays in its stream"
+        error = %error,
+        "giving up moving an event that reached max deliveries"
     );
 }
 
-enum Copy {
-    /// The event is not in the stream any more (aged out, deleted).
-    Gone(String),
-    /// NATS or the stream is away; worth another try.
-    Failed(String),
+/// Why an exhausted event was not copied.
+#[derive(Debug, thiserror::Error)]
+enum CopyError {
+    #[error("the event is no longer in its stream (aged out, deleted): {0}")]
+    Gone(jetstream::stream::DirectGetError),
+    #[error("the stream: {0}")]
+    Stream(#[from] jetstream::context::GetStreamError),
+    #[error("reading the event: {0}")]
+    Read(jetstream::stream::DirectGetError),
+    #[error(transparent)]
+    Store(#[from] DeadLetterError),
+}
+
+impl CopyError {
+    /// Whether another try cannot help; anything else is NATS or the stream
+    /// being away for a while.
+    fn is_final(&self) -> bool {
+        matches!(self, Self::Gone(_))
+    }
 }
 
 /// Reads the event and stores its dead letter; returns its subject.
@@ -198,18 +196,15 @@ async fn copy(
     js: &jetstream::Context,
     exhausted: &Exhausted,
     reason: &str,
-) -> Result<String, Copy> {
-    let stream = js
-        .get_stream_no_info(exhausted.stream)
-        .await
-        .map_err(|e| Copy::Failed(e.to_string()))?;
+) -> Result<String, CopyError> {
+    let stream = js.get_stream_no_info(exhausted.stream).await?;
     // A direct get may answer from any replica; every stream allows it.
     let original = stream
         .direct_get(exhausted.sequence)
         .await
         .map_err(|e| match e.kind() {
-            DirectGetErrorKind::NotFound => Copy::Gone(e.to_string()),
-            _ => Copy::Failed(e.to_string()),
+            DirectGetErrorKind::NotFound => CopyError::Gone(e),
+            _ => CopyError::Read(e),
         })?;
     DeadLetter {
         stream: exhausted.stream,
@@ -222,8 +217,7 @@ async fn copy(
         payload: original.payload.clone(),
     }
     .publish(js)
-    .await
-    .map_err(Copy::Failed)?;
+    .await?;
     Ok(original.subject.to_string())
 }
 

@@ -8,7 +8,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 
 /// Events per batch: one at a time when idle, up to `MAX_BATCH` (1000)
 /// under load.
@@ -43,68 +42,27 @@ struct StreamLabels {
     stream: &'static str,
 }
 
-pub struct PersisterMetrics {
-    batch_size: Histogram,
-    batch_seconds: Histogram,
-    rows_written: Counter,
-    events_dropped: Counter,
-    /// Events some consumer reached max deliveries on, moved to the dead
-    /// letters, by the stream they were in.
-    max_deliveries_moved: Family<StreamLabels, Counter>,
-    rpc_requests: Family<RpcLabels, Counter>,
-    rpc_seconds: Family<MethodLabels, Histogram>,
+chat_shared::metric_set! {
+    pub struct PersisterMetrics in "persister" {
+        /// MESSAGES events per batch written
+        batch_size: Histogram = Histogram::new(BATCH_SIZES),
+        /// Time to write a batch and ack its events (retries included)
+        batch_seconds: Histogram = Histogram::new(BATCH_SECONDS),
+        /// Message rows inserted (rows already there, from redeliveries, not counted)
+        rows_written: Counter,
+        /// MESSAGES events the database will never take, copied to the dead letters and terminated
+        events_dropped: Counter,
+        /// Events a consumer reached max deliveries on, copied to the dead letters, by stream
+        max_deliveries_moved: Family<StreamLabels, Counter>,
+        /// chat.rpc.* requests answered, by method and outcome (ok or the error code)
+        rpc_requests: Family<RpcLabels, Counter>,
+        /// Time to answer a chat.rpc.* request, by method
+        rpc_seconds: Family<MethodLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(RPC_SECONDS)),
+    }
 }
 
 impl PersisterMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            batch_size: Histogram::new(BATCH_SIZES),
-            batch_seconds: Histogram::new(BATCH_SECONDS),
-            rows_written: Counter::default(),
-            events_dropped: Counter::default(),
-            max_deliveries_moved: Family::default(),
-            rpc_requests: Family::default(),
-            rpc_seconds: Family::new_with_constructor(|| Histogram::new(RPC_SECONDS)),
-        };
-        let persister = registry.sub_registry_with_prefix("persister");
-        persister.register(
-            "batch_size",
-            "MESSAGES events per batch written",
-            metrics.batch_size.clone(),
-        );
-        persister.register(
-            "batch_seconds",
-            "Time to write a batch and ack its events (retries included)",
-            metrics.batch_seconds.clone(),
-        );
-        persister.register(
-            "rows_written",
-            "Message rows inserted (rows already there, from redeliveries, not counted)",
-            metrics.rows_written.clone(),
-        );
-        persister.register(
-            "events_dropped",
-            "MESSAGES events the database will never take, copied to the dead letters and terminated",
-            metrics.events_dropped.clone(),
-        );
-        persister.register(
-            "max_deliveries_moved",
-            "Events a consumer reached max deliveries on, copied to the dead letters, by stream",
-            metrics.max_deliveries_moved.clone(),
-        );
-        persister.register(
-            "rpc_requests",
-            "chat.rpc.* requests answered, by method and outcome (ok or the error code)",
-            metrics.rpc_requests.clone(),
-        );
-        persister.register(
-            "rpc_seconds",
-            "Time to answer a chat.rpc.* request, by method",
-            metrics.rpc_seconds.clone(),
-        );
-        metrics
-    }
-
     pub fn batch_stored(&self, events: usize, took: Duration) {
         self.batch_size.observe(events as f64);
         self.batch_seconds.observe(took.as_secs_f64());
@@ -147,6 +105,7 @@ impl PersisterMetrics {
 mod tests {
     use super::*;
     use chat_shared::wire::ErrorCode;
+    use prometheus_client::registry::Registry;
 
     #[test]
     fn requests_are_counted_by_method_and_outcome() {

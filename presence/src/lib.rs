@@ -35,11 +35,6 @@ use crate::tracker::Tracker;
 pub enum PresenceError {
     #[error(transparent)]
     Start(#[from] StartError),
-    #[error("subscribing to {subject}: {reason}")]
-    Subscribe {
-        subject: &'static str,
-        reason: String,
-    },
 }
 
 /// How often debounces, dead edges and typing lapses are checked.
@@ -72,10 +67,7 @@ pub async fn run_with(
         async move {
             nats.subscribe(subject)
                 .await
-                .map_err(|e| PresenceError::Subscribe {
-                    subject,
-                    reason: e.to_string(),
-                })
+                .map_err(|source| StartError::Subscribe { subject, source })
         }
     };
     let mut devices = subscribe(subjects::EDGE_DEVICES).await?;
@@ -171,6 +163,8 @@ pub async fn run_with(
     }
     let _ = campaign.await;
     exposition.stopped().await;
+    // The last announcements and the lease release.
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("presence stopped");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! pushd's counters, per provider (`provider` = `fcm` | `apns` | `webhook`).
 //!
-//! Registered into a [`Registry`] the caller owns, so whoever serves
+//! Registered into a `Registry` the caller owns, so whoever serves
 //! `/metrics` (or a test) reads them from there; [`PushMetrics`] is also a
 //! cheap handle (its families are shared) with getters for tests.
 
@@ -8,7 +8,6 @@ use chat_shared::push::Platform;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabel {
@@ -21,50 +20,28 @@ fn label(platform: Platform) -> ProviderLabel {
     }
 }
 
-/// Counters of notifications per provider. Cloning shares the counters.
-#[derive(Debug, Clone, Default)]
-pub struct PushMetrics {
-    sent: Family<ProviderLabel, Counter>,
-    failed: Family<ProviderLabel, Counter>,
-    retried: Family<ProviderLabel, Counter>,
-    coalesced: Family<ProviderLabel, Counter>,
-    tokens_removed: Family<ProviderLabel, Counter>,
+/// A counter per provider.
+type PerProvider = Family<ProviderLabel, Counter>;
+
+chat_shared::metric_set! {
+    /// Counters of notifications per provider, registered with the prefix
+    /// `push_` (the text format adds `_total`). Cloning shares the counters.
+    #[derive(Debug, Clone, Default)]
+    pub struct PushMetrics in "push" {
+        /// Notifications a provider accepted
+        sent: PerProvider,
+        /// Notifications given up on: refused for good, an invalid token, or out of retries
+        failed: PerProvider,
+        /// Provider calls retried after a 429, a 5xx or a transport error
+        retried: PerProvider,
+        /// Jobs folded into another job's notification (n jobs in one notification count n-1)
+        coalesced: PerProvider,
+        /// Device tokens deleted because the provider called them invalid
+        tokens_removed: PerProvider,
+    }
 }
 
 impl PushMetrics {
-    /// New counters, registered into `registry` (prefixed `push_`; the text
-    /// format adds `_total`).
-    pub fn new(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
-        let push = registry.sub_registry_with_prefix("push");
-        push.register(
-            "sent",
-            "Notifications a provider accepted",
-            metrics.sent.clone(),
-        );
-        push.register(
-            "failed",
-            "Notifications given up on: refused for good, an invalid token, or out of retries",
-            metrics.failed.clone(),
-        );
-        push.register(
-            "retried",
-            "Provider calls retried after a 429, a 5xx or a transport error",
-            metrics.retried.clone(),
-        );
-        push.register(
-            "coalesced",
-            "Jobs folded into another job's notification (n jobs in one notification count n-1)",
-            metrics.coalesced.clone(),
-        );
-        push.register(
-            "tokens_removed",
-            "Device tokens deleted because the provider called them invalid",
-            metrics.tokens_removed.clone(),
-        );
-        metrics
-    }
-
     pub fn sent(&self, platform: Platform) -> u64 {
         self.sent.get_or_create(&label(platform)).get()
     }
@@ -109,6 +86,7 @@ impl PushMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::registry::Registry;
 
     #[test]
     fn counters_are_exposed_per_provider() {

@@ -280,7 +280,7 @@ impl Fanout {
         self.push
             .emit(&prepared.event, &prepared.recipients, trace)
             .await
-            .map_err(RouteError::Transient)
+            .map_err(|e| RouteError::Transient(e.to_string()))
     }
 
     /// Checks a MESSAGES event and resolves its members and frame.

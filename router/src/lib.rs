@@ -35,9 +35,18 @@ use chat_shared::{consume, streams, subjects, Config, StartError};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// Why the router could not start, or stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("a consumer task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Runs the router until `shutdown` completes, serving `/metrics` on
 /// `CHAT_METRICS_ADDR` when it is set.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RouterError> {
     let metrics_listener = chat_shared::metrics::bind(&config).await?;
     run_with(config, metrics_listener, shutdown).await
 }
@@ -48,7 +57,7 @@ pub async fn run_with(
     config: Config,
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
-) -> Result<(), StartError> {
+) -> Result<(), RouterError> {
     let (nats, js) = consume::connect_and_provision(&config, "router").await?;
     let messages =
         consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await;
@@ -94,11 +103,7 @@ pub async fn run_with(
     let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
     let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, exposition.stopped());
     for result in [a, b] {
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(StartError::JetStream(format!("router task failed: {e}"))),
-        }
+        result??;
     }
     chat_shared::nats::flush_before_exit(&nats_for_exit, &config).await;
     tracing::info!("router stopped");

@@ -27,6 +27,18 @@ const PRESENCE_CACHE: Duration = Duration::from_secs(2);
 /// Bound on cached answers, so the cache cannot grow with the user base.
 const PRESENCE_CACHE_MAX: usize = 100_000;
 
+/// Why the push jobs of a message were not all stored; the router retries
+/// the message.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("encoding a push job: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("publishing a push job: {0}")]
+    Publish(jetstream::context::PublishError),
+    #[error("a push job was not acknowledged: {0}")]
+    Unacknowledged(jetstream::context::PublishError),
+}
+
 pub struct PushJobs {
     js: jetstream::Context,
     presence: kv::Store,
@@ -54,7 +66,7 @@ impl PushJobs {
         event: &MessageEvent,
         members: &[UserId],
         trace: Option<TraceId>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PushError> {
         let candidates = push_candidates(members, &event.from);
         let (presence, cache) = (self.presence.clone(), self.online.clone());
         // Owned futures only: a stream of futures borrowing `self` trips
@@ -82,7 +94,7 @@ impl PushJobs {
                 text: text.clone(),
                 ts: event.ts as i64,
             };
-            let body = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&job)?;
             let mut headers = HeaderMap::new();
             headers.insert(
                 subjects::MSG_ID_HEADER,
@@ -95,14 +107,13 @@ impl PushJobs {
                 .js
                 .publish_with_headers(subjects::push(user), headers, body.into())
                 .await
-                .map_err(|e| format!("push job: {e}"))?;
+                .map_err(PushError::Publish)?;
             acks.push(ack);
         }
         // At most a group's worth (100) in flight: bounded by the group limit.
         let jobs = acks.len() as u64;
         for ack in acks {
-            ack.await
-                .map_err(|e| format!("push job not acknowledged: {e}"))?;
+            ack.await.map_err(PushError::Unacknowledged)?;
         }
         self.metrics.push_jobs_emitted(jobs);
         Ok(())

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use tokio::net::TcpListener;
 
 use crate::shutdown::{self, Shutdown};
-use crate::{metrics, telemetry, Config};
+use crate::{metrics, telemetry, Config, StartError};
 
 /// Reads the configuration and sets up logging. Bad configuration prints
 /// every problem and exits 64 (EX_USAGE).
@@ -44,15 +44,11 @@ pub async fn serve<E, F, Fut>(service: &str, run_with: F) -> ExitCode
 where
     F: FnOnce(Config, Option<TcpListener>, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: std::fmt::Display + From<StartError>,
 {
     run(service, |config, shutdown| async move {
-        match metrics::bind(&config).await {
-            Ok(listener) => run_with(config, listener, shutdown)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+        let listener = metrics::bind(&config).await?;
+        run_with(config, listener, shutdown).await
     })
     .await
 }

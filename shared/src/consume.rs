@@ -242,18 +242,25 @@ impl DeadLetter<'_> {
 
     /// Publishes the copy and waits for its PubAck (the context's request
     /// timeout bounds it); only then is the original safe to give up.
-    pub async fn publish(&self, js: &jetstream::Context) -> Result<(), String> {
+    pub async fn publish(&self, js: &jetstream::Context) -> Result<(), DeadLetterError> {
         js.publish_with_headers(
             subjects::dead_letter(self.consumer),
             self.headers(),
             self.payload.clone(),
         )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?
+        .await?;
         Ok(())
     }
+}
+
+/// Why a dead letter was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("the message has no delivery info: {0}")]
+    NoDeliveryInfo(async_nats::Error),
+    #[error("publishing the copy: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
 }
 
 /// When a message whose dead letter could not be stored comes back.
@@ -284,7 +291,7 @@ pub async fn dead_letter(
             .publish(js)
             .await
         }
-        Err(e) => Err(format!("no delivery info: {e}")),
+        Err(e) => Err(DeadLetterError::NoDeliveryInfo(e)),
     };
     match copied {
         Ok(()) => {
@@ -337,12 +344,25 @@ fn ends_batch_on_size(error: &str) -> bool {
     error.contains("409") && error.contains("Message Size Exceeds MaxBytes")
 }
 
+/// Why a scan could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("creating the scan's consumer: {0}")]
+    Consumer(#[from] jetstream::stream::ConsumerError),
+    #[error("no answer from the stream within {SCAN_STALL:?}")]
+    Stalled,
+    #[error("asking for messages: {0}")]
+    Fetch(#[from] consumer::pull::BatchError),
+    #[error("reading a message: {0}")]
+    Read(async_nats::Error),
+}
+
 impl Scan {
     pub async fn open(
         stream: &jetstream::stream::Stream<()>,
         subject: String,
         from: consumer::DeliverPolicy,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ScanError> {
         let consumer = stream
             .create_consumer(consumer::pull::Config {
                 deliver_policy: from,
@@ -354,8 +374,7 @@ impl Scan {
                 num_replicas: 1,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Self {
             stream: stream.clone(),
             consumer,
@@ -366,7 +385,7 @@ impl Scan {
     }
 
     /// The next message, or `None` when the subject has nothing more.
-    pub async fn next(&mut self) -> Result<Option<jetstream::Message>, String> {
+    pub async fn next(&mut self) -> Result<Option<jetstream::Message>, ScanError> {
         use futures::StreamExt;
         loop {
             if self.done {
@@ -375,11 +394,11 @@ impl Scan {
             if let Some(batch) = &mut self.batch {
                 let next = tokio::time::timeout(SCAN_STALL, batch.next())
                     .await
-                    .map_err(|_| format!("no answer from the stream within {SCAN_STALL:?}"))?;
+                    .map_err(|_| ScanError::Stalled)?;
                 match next {
                     Some(Ok(message)) => {
                         self.yielded += 1;
-                        let info = message.info().map_err(|e| e.to_string())?;
+                        let info = message.info().map_err(ScanError::Read)?;
                         self.done = info.pending == 0;
                         return Ok(Some(message));
                     }
@@ -390,7 +409,7 @@ impl Scan {
                         self.batch = None;
                         continue;
                     }
-                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Err(e)) => return Err(ScanError::Read(e)),
                     None => {
                         // A request that brought nothing: the subject is drained.
                         self.done = self.yielded == 0;
@@ -408,8 +427,7 @@ impl Scan {
                 .messages();
             let batch = tokio::time::timeout(SCAN_STALL, fetch)
                 .await
-                .map_err(|_| format!("no answer from the stream within {SCAN_STALL:?}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| ScanError::Stalled)??;
             self.batch = Some(batch);
         }
     }

@@ -42,9 +42,9 @@ pub enum DirectError {
     #[error("no answer from the stream within {0:?}")]
     Stalled(Duration),
     #[error("subscribing to the reply subject: {0}")]
-    Subscribe(String),
+    Subscribe(#[from] async_nats::SubscribeError),
     #[error("sending the request: {0}")]
-    Request(String),
+    Request(#[from] async_nats::PublishError),
     #[error("the reply subject closed before the end of the batch")]
     Closed,
     #[error("the stream answered {status} {description}")]
@@ -151,15 +151,10 @@ impl DirectReader {
         let reply = self.client.new_inbox();
         // Subscribed before the request goes out, on the same connection:
         // the server sees the interest before it answers.
-        let mut replies = self
-            .client
-            .subscribe(reply.clone())
-            .await
-            .map_err(|e| DirectError::Subscribe(e.to_string()))?;
+        let mut replies = self.client.subscribe(reply.clone()).await?;
         self.client
             .publish_with_reply(self.api.clone(), reply, body.into())
-            .await
-            .map_err(|e| DirectError::Request(e.to_string()))?;
+            .await?;
         let mut page = Page::default();
         loop {
             let message = tokio::time::timeout(self.stall, replies.next())

@@ -7,11 +7,19 @@ use crate::nats;
 pub enum StartError {
     #[error(transparent)]
     Nats(#[from] nats::ConnectError),
-    #[error("JetStream: {0}")]
-    JetStream(String),
-    #[error("listening on {addr}: {reason}")]
+    #[error("subscribing to {subject}: {source}")]
+    Subscribe {
+        subject: &'static str,
+        source: async_nats::SubscribeError,
+    },
+    #[error("stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
-        reason: String,
+        source: std::io::Error,
     },
 }

@@ -163,10 +163,11 @@ impl GroupCache {
                 metrics: CacheMetrics::default(),
             }),
         };
+        let subject = subjects::EVENTS_SUBJECTS[0];
         let changes = nats
-            .subscribe(subjects::EVENTS_SUBJECTS[0])
+            .subscribe(subject)
             .await
-            .map_err(|e| StartError::JetStream(format!("subscribing to group events: {e}")))?;
+            .map_err(|source| StartError::Subscribe { subject, source })?;
         tokio::spawn(maintain(Arc::downgrade(&cache.inner), changes, config.ttl));
         Ok(cache)
     }

@@ -18,7 +18,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -33,6 +33,58 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// the server, and Prometheus scrapes every 15 s or so: fresher values
 /// would not be seen.
 pub const CONSUMER_POLL: Duration = Duration::from_secs(5);
+
+/// Declares a set of metrics: the struct, and `new`, which creates each
+/// metric and registers it as `<prefix>_<field>` with the field's doc
+/// comment as its help text, so a metric's name and meaning are written
+/// once. A field starts as `Default::default()` unless `= <expr>` builds it
+/// (a histogram's buckets).
+///
+/// ```ignore
+/// chat_shared::metric_set! {
+///     pub struct RouterMetrics in "router" {
+///         /// Inbox items appended
+///         inbox_appends: Counter,
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! metric_set {
+    (
+        $(#[$attr:meta])*
+        $vis:vis struct $name:ident in $prefix:literal {
+            $(
+                $(#[doc = $help:literal])+
+                $field:ident: $ty:ty $(= $init:expr)?,
+            )*
+        }
+    ) => {
+        $(#[$attr])*
+        $vis struct $name {
+            $( $(#[doc = $help])+ $field: $ty, )*
+        }
+
+        impl $name {
+            /// The metrics, registered into `registry`.
+            $vis fn new(registry: &mut $crate::metrics::Registry) -> Self {
+                let metrics = Self {
+                    $( $field: $crate::metric_set!(@init $($init)?), )*
+                };
+                let scope = registry.sub_registry_with_prefix($prefix);
+                $(
+                    scope.register(
+                        stringify!($field),
+                        concat!($($help),+).trim(),
+                        metrics.$field.clone(),
+                    );
+                )*
+                metrics
+            }
+        }
+    };
+    (@init) => { ::core::default::Default::default() };
+    (@init $init:expr) => { $init };
+}
 
 /// The `GET /metrics` answer: `registry` as text.
 pub fn respond(registry: &Registry) -> Response {
@@ -52,10 +104,7 @@ pub async fn bind(config: &Config) -> Result<Option<TcpListener>, StartError> {
     TcpListener::bind(addr)
         .await
         .map(Some)
-        .map_err(|e| StartError::Listen {
-            addr,
-            reason: e.to_string(),
-        })
+        .map_err(|source| StartError::Listen { addr, source })
 }
 
 /// The tasks behind a service's `/metrics`.
@@ -133,62 +182,36 @@ struct ConsumerLabels {
     consumer: &'static str,
 }
 
-/// What JetStream's consumer info says, per consumer.
-#[derive(Default)]
-struct ConsumerGauges {
-    pending: Family<ConsumerLabels, Gauge>,
-    ack_pending: Family<ConsumerLabels, Gauge>,
-    redelivered: Family<ConsumerLabels, Gauge>,
-    waiting: Family<ConsumerLabels, Gauge>,
-    delivered: Family<ConsumerLabels, Gauge>,
-    ack_floor: Family<ConsumerLabels, Gauge>,
+/// A gauge per consumer.
+type PerConsumer = Family<ConsumerLabels, Gauge>;
+
+metric_set! {
+    /// What JetStream's consumer info says, per consumer.
+    struct ConsumerGauges in "jetstream_consumer" {
+        /// Messages in the stream the consumer has not delivered yet (its lag)
+        pending: PerConsumer,
+        /// Messages delivered and not acked yet
+        ack_pending: PerConsumer,
+        /// Messages delivered again because no ack came in time
+        redelivered: PerConsumer,
+        /// Pull requests waiting for messages
+        waiting: PerConsumer,
+        /// The last stream sequence delivered
+        delivered_stream_sequence: PerConsumer,
+        /// The stream sequence below which everything is acked
+        ack_floor_stream_sequence: PerConsumer,
+    }
 }
 
 impl ConsumerGauges {
-    fn register(registry: &mut Registry) -> Self {
-        let gauges = Self::default();
-        let registry = registry.sub_registry_with_prefix("jetstream_consumer");
-        registry.register(
-            "pending",
-            "Messages in the stream the consumer has not delivered yet (its lag)",
-            gauges.pending.clone(),
-        );
-        registry.register(
-            "ack_pending",
-            "Messages delivered and not acked yet",
-            gauges.ack_pending.clone(),
-        );
-        registry.register(
-            "redelivered",
-            "Messages delivered again because no ack came in time",
-            gauges.redelivered.clone(),
-        );
-        registry.register(
-            "waiting",
-            "Pull requests waiting for messages",
-            gauges.waiting.clone(),
-        );
-        registry.register(
-            "delivered_stream_sequence",
-            "The last stream sequence delivered",
-            gauges.delivered.clone(),
-        );
-        registry.register(
-            "ack_floor_stream_sequence",
-            "The stream sequence below which everything is acked",
-            gauges.ack_floor.clone(),
-        );
-        gauges
-    }
-
-    fn families(&self) -> [&Family<ConsumerLabels, Gauge>; 6] {
+    fn families(&self) -> [&PerConsumer; 6] {
         [
             &self.pending,
             &self.ack_pending,
             &self.redelivered,
             &self.waiting,
-            &self.delivered,
-            &self.ack_floor,
+            &self.delivered_stream_sequence,
+            &self.ack_floor_stream_sequence,
         ]
     }
 
@@ -207,10 +230,10 @@ impl ConsumerGauges {
         self.waiting
             .get_or_create(labels)
             .set(count(info.num_waiting));
-        self.delivered
+        self.delivered_stream_sequence
             .get_or_create(labels)
             .set(gauge(info.delivered.stream_sequence));
-        self.ack_floor
+        self.ack_floor_stream_sequence
             .get_or_create(labels)
             .set(gauge(info.ack_floor.stream_sequence));
     }
@@ -233,7 +256,7 @@ fn watch_consumers(
     consumers: Vec<(&'static str, &'static str)>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let gauges = ConsumerGauges::register(registry);
+    let gauges = ConsumerGauges::new(registry);
     tokio::spawn(async move {
         let stopped = shutdown::wait(stop);
         tokio::pin!(stopped);
@@ -322,7 +345,7 @@ mod tests {
     #[test]
     fn consumer_values_appear_per_consumer_and_vanish_when_unknown() {
         let mut registry = Registry::default();
-        let gauges = ConsumerGauges::register(&mut registry);
+        let gauges = ConsumerGauges::new(&mut registry);
         let labels = ConsumerLabels {
             stream: "MESSAGES",
             consumer: "router",

@@ -108,3 +108,16 @@ export function announce(text) {
     el.textContent = text;
   }, 50);
 }
+
+/** A function that runs `fn` once, `ms` after its first call, however often
+ * it is called meanwhile: a burst of frames costs one render. */
+export function coalesce(fn, ms) {
+  let timer = null;
+  return () => {
+    if (timer !== null) return;
+    timer = setTimeout(() => {
+      timer = null;
+      fn();
+    }, ms);
+  };
+}

