@@ -137,12 +137,6 @@ pub fn validate_text(text: &str) -> Result<(), SendError> {
     Ok(())
 }
 
-/// [`validate_text`] as the session calls it today (it destructures a
-/// code and a message); goes once the session matches [`SendError`].
-pub fn check_text(text: &str) -> Result<(), (ErrorCode, String)> {
-    validate_text(text).map_err(|e| (e.code(), e.to_string()))
-}
-
 async fn accept(
     edge: &Edge,
     user: &UserId,
