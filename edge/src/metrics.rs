@@ -60,6 +60,7 @@ pub struct EdgeMetrics {
     sessions_closed: Family<CloseLabels, Counter>,
     live_gaps: Counter,
     ip_table_evictions: Counter,
+    send_claims: Counter,
 }
 
 impl EdgeMetrics {
@@ -72,6 +73,7 @@ impl EdgeMetrics {
             sessions_closed: Family::default(),
             live_gaps: Counter::default(),
             ip_table_evictions: Counter::default(),
+            send_claims: Counter::default(),
         };
         let edge = registry.sub_registry_with_prefix("edge");
         edge.register(
@@ -109,7 +111,16 @@ impl EdgeMetrics {
             "Client addresses whose rate buckets were forgotten because a per-address table was full",
             metrics.ip_table_evictions.clone(),
         );
+        edge.register(
+            "send_claims_written",
+            "client_msg_id claims written to chat_sent: sends whose answer the client may not have read",
+            metrics.send_claims.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    pub fn send_claims_written(&self, claims: u64) {
+        self.send_claims.inc_by(claims);
     }
 
     /// The counter the per-address tables count their evictions in.
