@@ -45,7 +45,21 @@ pub async fn send_worker(
     mut requests: mpsc::Receiver<Box<SendRequest>>,
 ) {
     let mut claims = SenderClaims::new(user.clone(), &edge.config);
-    while let Some(request) = requests.recv().await {
+    loop {
+        // The session holds the queue's sender while its connection is open
+        // and drops it as the connection ends: open now, the sends answered
+        // long enough ago were read.
+        let open = !requests.is_closed();
+        if open {
+            claims.still_open();
+        }
+        let Some(request) = requests.recv().await else {
+            if open {
+                // It closed while this worker waited: open until now.
+                claims.still_open();
+            }
+            break;
+        };
         let request = *request;
         let started = Instant::now();
         let reference = request.reference.clone();
@@ -56,11 +70,6 @@ pub async fn send_worker(
         edge.metrics.send_answered(started.elapsed());
         let answered = out.frame(&reply).await;
         claims.write_unsure(&edge).await;
-        // The session holds the queue's sender while it runs (it drops it
-        // as the connection ends, then waits for this worker).
-        if !requests.is_closed() {
-            claims.still_open();
-        }
         if !answered {
             break;
         }
