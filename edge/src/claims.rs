@@ -168,7 +168,10 @@ impl SenderClaims {
         {
             self.known = read(reader, &self.sender).await?;
             for (key, claim) in &self.unsure {
-                self.known.entry(key.clone()).or_default().push(claim.clone());
+                self.known
+                    .entry(key.clone())
+                    .or_default()
+                    .push(claim.clone());
             }
             // When the read began: what was written after may be missing.
             self.read_at = Some(now);
@@ -216,7 +219,10 @@ impl SenderClaims {
     /// failure they wait for the next call or the connection's end.
     pub async fn write_unsure(&mut self, edge: &Edge) {
         if let Some((key, claim)) = self.trying.take() {
-            self.known.entry(key.clone()).or_default().push(claim.clone());
+            self.known
+                .entry(key.clone())
+                .or_default()
+                .push(claim.clone());
             self.unsure.push((key, claim));
         }
         if self.unsure.is_empty() {
@@ -238,7 +244,11 @@ impl SenderClaims {
             self.unsure.push(trying);
         }
         let mut owed = std::mem::take(&mut self.unsure);
-        owed.extend(self.answered.into_iter().map(|(_, key, claim)| (key, claim)));
+        owed.extend(
+            self.answered
+                .into_iter()
+                .map(|(_, key, claim)| (key, claim)),
+        );
         if owed.is_empty() {
             return;
         }
@@ -384,7 +394,10 @@ mod tests {
             id: MessageId(9),
             digest: Some("ab".into()),
         };
-        let batch = encode_batch(&[("6331".into(), claim.clone()), ("6332".into(), other.clone())]);
+        let batch = encode_batch(&[
+            ("6331".into(), claim.clone()),
+            ("6332".into(), other.clone()),
+        ]);
         assert_eq!(
             parse("batch.00ff", &format!("{batch}junk\n")),
             vec![("6331".to_string(), claim), ("6332".to_string(), other)]

@@ -38,7 +38,10 @@ async fn claim_lines(system: &System, user: &str) -> anyhow::Result<Vec<String>>
     let bucket = js.get_key_value("chat_sent").await?;
     let mut lines = Vec::new();
     for key in claim_keys(system, user).await? {
-        let value = bucket.get(&key).await?.context("a listed key has no value")?;
+        let value = bucket
+            .get(&key)
+            .await?
+            .context("a listed key has no value")?;
         lines.extend(String::from_utf8(value.to_vec())?.lines().map(String::from));
     }
     Ok(lines)
@@ -55,15 +58,18 @@ async fn send(client: &mut Client, text: &str, client_msg_id: &str) -> anyhow::R
 }
 
 #[tokio::test]
-async fn a_retry_inside_and_beyond_the_dedup_window_answers_the_first_message(
-) -> anyhow::Result<()> {
+async fn a_retry_inside_and_beyond_the_dedup_window_answers_the_first_message() -> anyhow::Result<()>
+{
     // A window short enough to wait out (the default is 15 minutes).
     const WINDOW: Duration = Duration::from_secs(6);
     let system = System::start_with(|config| config.dedup_window = WINDOW).await?;
     let mut bob = system.connect("bob", "phone").await?;
     let mut first_connection = system.connect("alice", "phone").await?;
     let first = send(&mut first_connection, "once", "late-1").await?;
-    ensure!(first["type"] == "sent" && first["duplicate"] == false, "{first}");
+    ensure!(
+        first["type"] == "sent" && first["duplicate"] == false,
+        "{first}"
+    );
     // The connection ends right after the answer, as if it had been lost
     // with the answer in flight.
     first_connection.close().await?;
@@ -96,7 +102,10 @@ async fn a_retry_inside_and_beyond_the_dedup_window_answers_the_first_message(
     let message = bob.recv_type("message").await?;
     assert_eq!(message["id"], first["id"]);
     let late = bob.next_within(Duration::from_millis(500)).await?;
-    assert!(late.as_ref().is_none_or(|f| f["type"] != "message"), "{late:?}");
+    assert!(
+        late.as_ref().is_none_or(|f| f["type"] != "message"),
+        "{late:?}"
+    );
     Ok(())
 }
 
@@ -127,7 +136,11 @@ async fn only_sends_answered_shortly_before_their_connection_ended_are_claimed(
     ensure!(unread["type"] == "sent", "{unread}");
     alice.close().await?;
 
-    let claimed = format!("{} {}:", hex("closed-at-once"), unread["id"].as_str().unwrap_or("?"));
+    let claimed = format!(
+        "{} {}:",
+        hex("closed-at-once"),
+        unread["id"].as_str().unwrap_or("?")
+    );
     chat_tests::wait_until(|| async {
         claim_lines(&system, "alice")
             .await
