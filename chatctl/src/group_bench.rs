@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::broker::{BrokerCost, Meter};
 use crate::bench::common::Percentiles;
 use crate::bench::common::{connect_paced, request, PING_EVERY};
 use crate::client::Socket;
@@ -41,6 +42,10 @@ pub struct GroupOptions {
     /// Sends in flight per sender.
     #[arg(long, default_value_t = 32)]
     pub window: usize,
+    /// nats-server's HTTP monitor (`http://host:port`), for the messages
+    /// the broker took in and handed out per group message.
+    #[arg(long, env = "CHAT_NATS_MONITOR_URL")]
+    pub nats_monitor: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -57,6 +62,9 @@ pub struct GroupReport {
     pub deliveries_per_second: f64,
     /// Milliseconds, send -> each member's `message` frame.
     pub delivered_latency: Percentiles,
+    /// What the run cost the broker per group message (`None` for a
+    /// peer's run).
+    pub broker: Option<BrokerCost>,
 }
 
 impl GroupOptions {
@@ -96,6 +104,7 @@ impl GroupReport {
             sent_per_second: crate::bench::common::per_second(total, sent_seconds),
             deliveries_per_second: crate::bench::common::per_second(deliveries, seconds),
             delivered_latency: Percentiles::of(latencies),
+            broker: None,
         }
     }
 }
@@ -251,6 +260,7 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
         )));
     }
     eprintln!("sending {total} messages");
+    let meter = Meter::start(config, options.nats_monitor.clone()).await?;
     let began = Instant::now();
     let expected = expected_deliveries(groups, members, senders, messages);
     let gathered = gather(readers, began, expected, |measured| measured).await;
@@ -258,12 +268,11 @@ pub async fn group(config: &Config, options: GroupOptions) -> anyhow::Result<Gro
         writer.abort();
     }
     let (sent_seconds, seconds, latencies) = gathered?;
-    Ok(GroupReport::of_run(
-        &options,
-        sent_seconds,
-        seconds,
-        latencies,
-    ))
+    let broker = meter.finish(total).await?;
+    Ok(GroupReport {
+        broker: Some(broker),
+        ..GroupReport::of_run(&options, sent_seconds, seconds, latencies)
+    })
 }
 
 struct Member {
@@ -405,6 +414,9 @@ pub fn print(report: &GroupReport) {
         "send -> delivered {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}",
         p.p50, p.p90, p.p99, p.p999, p.max
     );
+    if let Some(broker) = &report.broker {
+        crate::bench::broker::print(broker);
+    }
 }
 
 #[cfg(test)]

@@ -163,6 +163,10 @@ enum BenchScenario {
         /// for the minutes wanted).
         #[arg(long, value_name = "SECONDS")]
         rss_every: Option<u64>,
+        /// nats-server's HTTP monitor (`http://host:port`), for the
+        /// messages the broker took in and handed out per DM.
+        #[arg(long, env = "CHAT_NATS_MONITOR_URL")]
+        nats_monitor: Option<String>,
         /// Also run the same load against this server (started here, on
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
@@ -368,6 +372,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
             window,
             rate,
             rss_every,
+            nats_monitor,
             peer,
             mam,
             edge,
@@ -379,6 +384,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                 window,
                 rate,
                 rss_every: rss_every.map(Duration::from_secs),
+                nats_monitor,
             };
             let report = bench::dm(config, options.clone()).await?;
             match peer {

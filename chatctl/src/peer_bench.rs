@@ -333,6 +333,7 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: None,
         memory: Vec::new(),
+        broker: None,
     })
 }
 

@@ -22,6 +22,7 @@ async fn tiny_runs(mam: bool) {
             window: 8,
             rate: None,
             rss_every: None,
+            nats_monitor: None,
         },
     )
     .await
@@ -38,6 +39,7 @@ async fn tiny_runs(mam: bool) {
             senders,
             messages,
             window: 8,
+            nats_monitor: None,
         },
     )
     .await

@@ -6,6 +6,7 @@
 //! asked of the persister over NATS request/reply.
 
 mod access;
+mod claims;
 mod drain;
 mod error;
 mod forwarded;
@@ -71,7 +72,10 @@ pub(crate) struct Edge {
     pub direct: DirectReader,
     pub messages: jetstream::stream::Stream<()>,
     pub cursors: kv::Store,
+    /// Where sends' `client_msg_id` claims are written (see `claims`)...
     pub claims: kv::Store,
+    /// ...and read, without a consumer.
+    pub sent: DirectReader,
     pub ids: IdGenerator,
     pub hub: Arc<hub::Hub>,
     pub groups: GroupCache,
@@ -143,6 +147,11 @@ pub async fn run(
     let messages = stream(subjects::MESSAGES_STREAM).await?;
     let cursors = bucket(subjects::CURSORS_BUCKET).await;
     let claims = bucket(subjects::SENT_BUCKET).await;
+    let sent = DirectReader::new(
+        nats.clone(),
+        &subjects::bucket_stream(subjects::SENT_BUCKET),
+        config.request_timeout,
+    );
     let lease = NodeLease::new(
         bucket(subjects::NODES_BUCKET).await,
         id.to_string(),
@@ -222,6 +231,7 @@ pub async fn run(
         messages,
         cursors,
         claims,
+        sent,
         ids,
         groups,
         presence: presence_store,

@@ -66,10 +66,16 @@ chat_shared::metric_set! {
         live_gaps: Counter,
         /// Client addresses whose rate buckets were forgotten because a per-address table was full
         ip_table_evictions: Counter,
+        /// client_msg_id claims written to chat_sent: sends whose answer the client may not have read
+        send_claims_written: Counter,
     }
 }
 
 impl EdgeMetrics {
+    pub fn send_claims_written(&self, claims: u64) {
+        self.send_claims_written.inc_by(claims);
+    }
+
     /// The counter the per-address tables count their evictions in.
     pub fn ip_table_evictions(&self) -> Counter {
         self.ip_table_evictions.clone()

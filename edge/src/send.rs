@@ -1,36 +1,33 @@
-//! `send`: check, claim the client's id, publish to MESSAGES, answer `sent`
-//! only after JetStream's PubAck (the message is durable).
+//! `send`: check, publish to MESSAGES, answer `sent` only after
+//! JetStream's PubAck (the message is durable). One JetStream write per send.
 //!
-//! Idempotency has two layers. JetStream drops a second publish with the same
-//! `Nats-Msg-Id` within its duplicate window. Beyond the window, the claim in
-//! the `chat_sent` KV bucket (key sender + client_msg_id, created before the
-//! first publish) remembers the id for days: a retry reuses it. A retry that
-//! comes after the window reads the conversation's MESSAGES around the claim's
-//! time: found, it is a duplicate; not found (the first attempt died between
-//! claim and PubAck), it is published now. PostgreSQL's unique (sender,
+//! Idempotency: JetStream drops a second publish with the same `Nats-Msg-Id`
+//! (`<sender>:<client_msg_id>`) within its duplicate window and names the
+//! stored copy, which is read back for its id (and refused as `bad_request`
+//! if it was another conversation or text). Beyond the window the sender's
+//! claims (`claims`, written lazily: only for sends whose answer the client
+//! may have missed) name the id an earlier attempt used: a retry reuses it,
+//! and past the window first reads the conversation's MESSAGES around that
+//! id's time: found, it is a duplicate; not found (the first attempt never
+//! got through), it is published now. PostgreSQL's unique (sender,
 //! client_msg_id) is the last net for history.
-//!
-//! A claim also holds a digest of the conversation and text, so a request
-//! that reuses a `client_msg_id` for another message is refused
-//! (`bad_request`) instead of being answered as a duplicate of the first.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use chat_shared::consume::Scan;
 use chat_shared::idgen::timestamp_ms;
-use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::claims::{Claim, SenderClaims};
 use crate::quota::{json_bytes, Kind, QuotaError};
 use crate::session::Outbox;
 use crate::Edge;
@@ -47,19 +44,37 @@ pub async fn send_worker(
     out: Outbox,
     mut requests: mpsc::Receiver<Box<SendRequest>>,
 ) {
-    while let Some(request) = requests.recv().await {
+    let mut claims = SenderClaims::new(user.clone(), &edge.config);
+    loop {
+        // The session holds the queue's sender while its connection is open
+        // and drops it as the connection ends: open now, the sends answered
+        // long enough ago were read.
+        let open = !requests.is_closed();
+        if open {
+            claims.still_open();
+        }
+        let Some(request) = requests.recv().await else {
+            if open {
+                // It closed while this worker waited: open until now.
+                claims.still_open();
+            }
+            break;
+        };
         let request = *request;
         let started = Instant::now();
         let reference = request.reference.clone();
-        let reply = match accept(&edge, &user, request).await {
+        let reply = match accept(&edge, &mut claims, &user, request).await {
             Ok(sent) => sent,
             Err(e) => e.frame(reference.as_deref()),
         };
         edge.metrics.send_answered(started.elapsed());
-        if !out.frame(&reply).await {
+        let answered = out.frame(&reply).await;
+        claims.write_unsure(&edge).await;
+        if !answered {
             break;
         }
     }
+    claims.finish(&edge).await;
 }
 
 /// Why a send was not accepted. [`SendError::frame`] is the one place a
@@ -137,14 +152,9 @@ pub fn validate_text(text: &str) -> Result<(), SendError> {
     Ok(())
 }
 
-/// [`validate_text`] as the session calls it today (it destructures a
-/// code and a message); goes once the session matches [`SendError`].
-pub fn check_text(text: &str) -> Result<(), (ErrorCode, String)> {
-    validate_text(text).map_err(|e| (e.code(), e.to_string()))
-}
-
 async fn accept(
     edge: &Edge,
+    claims: &mut SenderClaims,
     user: &UserId,
     request: SendRequest,
 ) -> Result<ServerFrame, SendError> {
@@ -176,27 +186,35 @@ async fn accept(
             ],
         )
         .await?;
+    let id = edge.ids.next_id().map_err(|e| {
+        tracing::error!(error = %e, "cannot assign a message id");
+        SendError::Unavailable
+    })?;
     let event = MessageEvent {
-        id: MessageId(0),
+        id,
         conversation,
         from: user.clone(),
         text: request.text,
-        ts: 0,
+        ts: timestamp_ms(id),
         client_msg_id: request.client_msg_id,
     };
     let trace = TraceId::random();
-    let publish =
-        publish(edge, event, trace).instrument(tracing::info_span!("send", trace_id = %trace));
+    let publish = publish(edge, claims, event, trace)
+        .instrument(tracing::info_span!("send", trace_id = %trace));
     match tokio::time::timeout(edge.config.request_timeout, publish).await {
-        Ok(Ok((event, duplicate))) => Ok(ServerFrame::Sent {
-            reference: request.reference,
-            id: event.id,
-            conversation: event.conversation,
-            ts: event.ts,
-            duplicate,
-        }),
+        Ok(Ok((event, duplicate))) => {
+            claims.answered(&event);
+            Ok(ServerFrame::Sent {
+                reference: request.reference,
+                id: event.id,
+                conversation: event.conversation,
+                ts: event.ts,
+                duplicate,
+            })
+        }
         Ok(Err(refusal)) => Err(refusal),
-        // Let the client's retry (same client_msg_id) settle it.
+        // Let the client's retry (same client_msg_id) settle it; the
+        // attempt stays in `claims` as one whose outcome is unknown.
         Err(_) => Err(SendError::TimedOut),
     }
 }
@@ -234,59 +252,44 @@ async fn recipients(
     }
 }
 
-/// Claims the client id, then publishes. Returns the stored event and
-/// whether it was stored before. `trace` goes along in a header.
+/// Publishes `event` (under the id an earlier attempt claimed, if any).
+/// Returns the stored event and whether it was stored before. `trace` goes
+/// along in a header.
 async fn publish(
     edge: &Edge,
+    claims: &mut SenderClaims,
     mut event: MessageEvent,
     trace: TraceId,
 ) -> Result<(MessageEvent, bool), SendError> {
-    let claim_key = subjects::sent_key(&event.from, &event.client_msg_id);
-    let fresh = edge.ids.next_id().map_err(|e| {
-        tracing::error!(error = %e, "cannot assign a message id");
-        SendError::Unavailable
-    })?;
     let digest = Claim::digest(&event);
-    let claim = Claim {
-        id: fresh,
-        digest: Some(digest.clone()),
-    };
-    let claimed = match edge.claims.create(&claim_key, claim.encode().into()).await {
-        Ok(_) => None,
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            let entry = edge
-                .claims
-                .get(&claim_key)
-                .await
-                .map_err(|_| SendError::Unavailable)?;
-            match entry.and_then(|v| Claim::decode(&v)) {
-                Some(Claim {
-                    digest: Some(theirs),
-                    ..
-                }) if theirs != digest => return Err(SendError::Reused),
-                Some(claim) => Some(claim.id),
-                None => None,
-            }
+    let claimed = match claims.find(&edge.sent, &event.client_msg_id).await {
+        Ok(claimed) if claimed.iter().any(|claim| !claim.allows(&digest)) => {
+            return Err(SendError::Reused)
         }
+        Ok(claimed) => claimed,
         Err(e) => {
-            // A full (or failing) claims bucket must not stop sends: without
-            // a claim a retry is still recognised within JetStream's window.
-            tracing::warn!(error = %e, "claim failed; sending without one");
-            None
+            // Unreadable claims must not stop sends: a retry is still
+            // recognised within JetStream's window.
+            tracing::warn!(error = %e, "send claims unreadable; sending without them");
+            Vec::new()
         }
     };
-    event.id = claimed.unwrap_or(fresh);
-    // The timestamp is the id's: a retry that reuses the id reproduces it.
-    event.ts = timestamp_ms(event.id);
-    if claimed.is_some() {
-        let age_ms = timestamp_ms(fresh).saturating_sub(event.ts);
-        // Past JetStream's window a republish would be stored twice if the
-        // first attempt got through; look for it instead (rare: a retry
+    if let Some(first) = claimed.iter().map(|claim| claim.id).min() {
+        // The timestamp is the id's: a retry that reuses the id reproduces it.
+        let age_ms = event.ts.saturating_sub(timestamp_ms(first));
+        event.id = first;
+        event.ts = timestamp_ms(first);
+        // Past JetStream's window a republish would be stored twice if an
+        // earlier attempt got through; look for it instead (rare: a retry
         // minutes after the first try).
-        if age_ms > edge.config.dedup_window.as_millis() as u64 * 9 / 10
-            && was_published(edge, &event).await?
-        {
-            return Ok((event, true));
+        if age_ms > edge.config.dedup_window.as_millis() as u64 * 9 / 10 {
+            let last = claimed.iter().map(|claim| claim.id).max().unwrap_or(first);
+            if let Some(stored) = find_published(edge, &event, timestamp_ms(last)).await? {
+                if Claim::digest(&stored) != digest {
+                    return Err(SendError::Reused);
+                }
+                return Ok((stored, true));
+            }
         }
     }
     let mut headers = HeaderMap::new();
@@ -296,6 +299,7 @@ async fn publish(
     );
     trace.add_to(&mut headers);
     let body = serde_json::to_vec(&event).map_err(|_| SendError::Unavailable)?;
+    claims.trying(&event);
     let ack = edge
         .js
         .publish_with_headers(subjects::message(&event.conversation), headers, body.into())
@@ -307,79 +311,41 @@ async fn publish(
             SendError::Unavailable
         })?;
     if ack.duplicate {
-        // JetStream kept an earlier copy; answer with its id, which differs
-        // from ours only if the claim was lost.
-        if claimed.is_none() {
-            let original = edge
-                .messages
-                .direct_get(ack.sequence)
-                .await
-                .map_err(|_| SendError::Unavailable)?;
-            let original: MessageEvent =
-                serde_json::from_slice(&original.payload).map_err(|_| SendError::Unavailable)?;
-            if Claim::digest(&original) != digest {
-                return Err(SendError::Reused);
-            }
-            return Ok((original, true));
+        // JetStream kept an earlier attempt, under the id that attempt
+        // chose (ours only if it was claimed): answer with that one.
+        claims.settled();
+        let original = edge
+            .messages
+            .direct_get(ack.sequence)
+            .await
+            .map_err(|_| SendError::Unavailable)?;
+        let original: MessageEvent =
+            serde_json::from_slice(&original.payload).map_err(|_| SendError::Unavailable)?;
+        if Claim::digest(&original) != digest {
+            return Err(SendError::Reused);
         }
-        return Ok((event, true));
+        return Ok((original, true));
     }
     // Stored now for the first time (also when an earlier attempt claimed
     // the id but never got to publish).
     Ok((event, false))
 }
 
-/// The value of a send claim: `<message id>` (claims written before the
-/// digest existed) or `<message id>:<digest>`.
-#[derive(Debug, PartialEq, Eq)]
-struct Claim {
-    id: MessageId,
-    digest: Option<String>,
-}
-
-impl Claim {
-    /// What identifies the request a `client_msg_id` was first used for:
-    /// its conversation and text (SHA-256, first 16 bytes in hex).
-    fn digest(event: &MessageEvent) -> String {
-        let mut hash = Sha256::new();
-        hash.update(event.conversation.to_string().as_bytes());
-        hash.update([0]);
-        hash.update(event.text.as_bytes());
-        hash.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
-    fn encode(&self) -> String {
-        match &self.digest {
-            Some(digest) => format!("{}:{digest}", self.id),
-            None => self.id.to_string(),
-        }
-    }
-
-    fn decode(value: &[u8]) -> Option<Self> {
-        let value = std::str::from_utf8(value).ok()?;
-        let (id, digest) = match value.split_once(':') {
-            Some((id, digest)) => (id, Some(digest.to_string())),
-            None => (value, None),
-        };
-        Some(Self {
-            id: MessageId::parse(id).ok()?,
-            digest,
-        })
-    }
-}
-
-/// Whether MESSAGES holds `event.id`. A claimed message is published within
-/// the request timeout after its claim, so only that stretch of the
-/// conversation's subject is read.
-async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendError> {
+/// The earlier attempt of `event` (same sender and `client_msg_id`) that
+/// MESSAGES holds, if any. An attempt is published within the request
+/// timeout after its id was made, so only the conversation's subject from
+/// the first claimed id's time (`event.ts`) to the last one's
+/// (`last_ms`) plus that timeout is read.
+async fn find_published(
+    edge: &Edge,
+    event: &MessageEvent,
+    last_ms: u64,
+) -> Result<Option<MessageEvent>, SendError> {
     const SLACK_MS: u64 = 5_000;
     let claimed_at_ns = i128::from(event.ts.saturating_sub(SLACK_MS)) * 1_000_000;
     let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(claimed_at_ns)
         .map_err(|_| SendError::Unavailable)?;
-    let window_end_ms = event.ts + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
+    let window_end_ms = last_ms + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
     let mut scan = Scan::open(
         &edge.messages,
         subjects::message(&event.conversation),
@@ -389,10 +355,10 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendEr
     .map_err(|_| SendError::Unavailable)?;
     let found = async {
         while let Some(message) = scan.next().await.map_err(|_| SendError::Unavailable)? {
-            if serde_json::from_slice::<MessageEvent>(&message.payload)
-                .is_ok_and(|stored| stored.id == event.id)
-            {
-                return Ok(true);
+            if let Ok(stored) = serde_json::from_slice::<MessageEvent>(&message.payload) {
+                if stored.from == event.from && stored.client_msg_id == event.client_msg_id {
+                    return Ok(Some(stored));
+                }
             }
             let published_ms = message
                 .info()
@@ -402,7 +368,7 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendEr
                 break;
             }
         }
-        Ok(false)
+        Ok(None)
     }
     .await;
     scan.close().await;
@@ -412,49 +378,6 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendEr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event(conversation: &str, text: &str) -> MessageEvent {
-        MessageEvent {
-            id: MessageId(7),
-            conversation: ConversationId::parse(conversation).unwrap(),
-            from: UserId::parse("alice").unwrap(),
-            text: text.into(),
-            ts: 0,
-            client_msg_id: chat_shared::ids::ClientMsgId::parse("c1").unwrap(),
-        }
-    }
-
-    #[test]
-    fn claims_read_back_old_and_new() {
-        let digest = Claim::digest(&event("group:g", "hi"));
-        let claim = Claim {
-            id: MessageId(42),
-            digest: Some(digest),
-        };
-        assert_eq!(Claim::decode(claim.encode().as_bytes()), Some(claim));
-        // A claim written before digests: the id alone.
-        assert_eq!(
-            Claim::decode(b"42"),
-            Some(Claim {
-                id: MessageId(42),
-                digest: None
-            })
-        );
-        assert_eq!(Claim::decode(b"x:y"), None);
-    }
-
-    #[test]
-    fn the_digest_tells_conversation_and_text_apart() {
-        let base = Claim::digest(&event("group:g", "hi"));
-        assert_eq!(base, Claim::digest(&event("group:g", "hi")));
-        assert_ne!(base, Claim::digest(&event("group:h", "hi")));
-        assert_ne!(base, Claim::digest(&event("group:g", "hi!")));
-        // The separator keeps conversation and text from running together.
-        assert_ne!(
-            Claim::digest(&event("group:g", "ab")),
-            Claim::digest(&event("group:ga", "b"))
-        );
-    }
 
     #[test]
     fn texts_are_checked_before_queueing() {

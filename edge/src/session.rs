@@ -517,10 +517,10 @@ impl Session {
                                 if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
                                     break;
                                 }
-                            } else if let Err((code, message)) = crate::send::check_text(&request.text) {
+                            } else if let Err(refusal) = crate::send::validate_text(&request.text) {
                                 // Refused at once: a text that can never be
                                 // accepted takes no place in the send queue.
-                                self.out.error(request.reference.as_deref(), code, message).await;
+                                self.out.frame(&refusal.frame(request.reference.as_deref())).await;
                             } else {
                                 let queue = sends.get_or_insert_with(|| self.start_send_worker());
                                 if queue.requests.send(Box::new(request)).await.is_err() {

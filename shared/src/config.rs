@@ -636,6 +636,16 @@ impl Config {
         if self.dedup_window < Duration::from_secs(60) {
             problems.push("CHAT_DEDUP_WINDOW_SECS: must be at least 60".into());
         }
+        // A send's claim is written up to twice the idle timeout after its
+        // answer (edge/src/claims.rs); it must be stored before the window
+        // that covers the send without it ends.
+        if self.dedup_window <= self.idle_timeout() * 2 {
+            problems.push(
+                "CHAT_DEDUP_WINDOW_SECS: must be longer than twice the idle timeout \
+                 (2 x (2 x CHAT_HEARTBEAT_SECS + CHAT_HEARTBEAT_GRACE_SECS))"
+                    .into(),
+            );
+        }
         if self.heartbeat.is_zero() {
             problems.push("CHAT_HEARTBEAT_SECS: must be positive".into());
         }
@@ -956,6 +966,18 @@ mod tests {
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn the_dedup_window_outlasts_twice_the_idle_timeout() {
+        // Idle 2 x 300 + 5 s: a send's claim may be written 1,210 s after it.
+        let err = from(&[("CHAT_HEARTBEAT_SECS", "300")]).unwrap_err();
+        assert!(err.to_string().contains("CHAT_DEDUP_WINDOW_SECS"), "{err}");
+        assert!(from(&[
+            ("CHAT_HEARTBEAT_SECS", "300"),
+            ("CHAT_DEDUP_WINDOW_SECS", "1300")
+        ])
+        .is_ok());
     }
 
     #[test]

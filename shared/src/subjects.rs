@@ -61,6 +61,14 @@ pub const DIRECT_SEQUENCE_HEADER: &str = "Nats-Sequence";
 /// On each message of a batched direct get and on its end: how many
 /// messages matching the request the stream holds after it.
 pub const DIRECT_PENDING_HEADER: &str = "Nats-Num-Pending";
+/// On each message of a direct get: the subject it was stored under.
+pub const DIRECT_SUBJECT_HEADER: &str = "Nats-Subject";
+/// On a KV entry that is a deletion (`DEL`) or purge (`PURGE`) marker.
+pub const KV_OPERATION_HEADER: &str = "KV-Operation";
+/// The stream behind a KV bucket.
+pub fn bucket_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
 
 /// JetStream's de-duplication header; every event carries it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -314,6 +322,18 @@ pub fn sent_key(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
     format!("{sender}.{}", client_msg_id.hex())
 }
 
+/// Key of a batch of send claims in [`SENT_BUCKET`] (one per connection
+/// that had some to write; `nonce` keeps connections apart). Three tokens,
+/// so it never reads as a [`sent_key`].
+pub fn sent_batch_key(sender: &UserId, nonce: u64) -> String {
+    format!("{sender}.batch.{nonce:016x}")
+}
+
+/// Every claim of `sender`, either form, as a subject of the bucket's stream.
+pub fn sent_claims(sender: &UserId) -> String {
+    format!("$KV.{SENT_BUCKET}.{sender}.>")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +368,9 @@ mod tests {
         let cmid = ClientMsgId::parse("m.1").unwrap();
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
+        assert_eq!(sent_batch_key(&alice, 255), "alice.batch.00000000000000ff");
+        assert_eq!(sent_claims(&alice), "$KV.chat_sent.alice.>");
+        assert_eq!(bucket_stream(SENT_BUCKET), "KV_chat_sent");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
         assert_eq!(
             quota(&alice, "messages", "d20424"),

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{connect, Socket};
 
+pub mod broker;
 pub mod common;
 
 use common::{latency, send, Percentiles};
@@ -31,6 +32,9 @@ pub struct DmOptions {
     /// machine (edge, router, persister, presence, pushd, nats-server)
     /// every this often during the run: a soak.
     pub rss_every: Option<Duration>,
+    /// nats-server's HTTP monitor (`http://host:port`), for the messages
+    /// the broker took in and handed out per DM.
+    pub nats_monitor: Option<String>,
 }
 
 /// What one run measured.
@@ -54,6 +58,8 @@ pub struct DmReport {
     pub offered_per_second: Option<f64>,
     /// Resident memory of each process over the run, when sampled.
     pub memory: Vec<crate::memory::Footprint>,
+    /// What the run cost the broker per DM (`None` for a peer's run).
+    pub broker: Option<broker::BrokerCost>,
 }
 
 pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport> {
@@ -92,6 +98,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     // Every connection is made before any sender starts: rates count the
     // sending only, not the (sequential) connection set-up of the pairs.
+    let meter = broker::Meter::start(config, options.nats_monitor.clone()).await?;
     let began = Instant::now();
     let senders: Vec<_> = ready
         .into_iter()
@@ -122,6 +129,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         Some(sampler) => sampler.finish().await,
         None => Vec::new(),
     };
+    let broker = meter.finish(total).await?;
     Ok(DmReport {
         pairs: options.pairs,
         messages: total,
@@ -133,6 +141,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: options.rate,
         memory,
+        broker: Some(broker),
     })
 }
 
@@ -202,4 +211,7 @@ pub fn print(report: &DmReport) {
         );
     }
     crate::memory::print(&report.memory);
+    if let Some(broker) = &report.broker {
+        broker::print(broker);
+    }
 }

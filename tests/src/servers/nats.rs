@@ -83,6 +83,8 @@ pub struct NatsServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
+    /// Its HTTP monitor (`/varz`, `/jsz`).
+    monitor_port: u16,
     child: Option<Child>,
     watchdog: Option<Child>,
     starts: u32,
@@ -98,6 +100,7 @@ impl NatsServer {
             bin,
             dir,
             port: 0,
+            monitor_port: 0,
             child: None,
             watchdog: None,
             starts: 0,
@@ -113,6 +116,11 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `http://127.0.0.1:PORT` of the HTTP monitor.
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
     }
 
     /// The server's temporary dir (JetStream store in `store/`, logs
@@ -161,16 +169,21 @@ impl NatsServer {
         let log_path = self.log_path();
         let log = fs::File::create(&log_path).context("creating nats-server log file")?;
         let conf = repo_root().join("nats/dev.conf");
-        let port_arg = if self.port == 0 {
-            "-1".to_string()
-        } else {
-            self.port.to_string()
+        let free_or = |port: u16| {
+            if port == 0 {
+                "-1".to_string()
+            } else {
+                port.to_string()
+            }
         };
+        let (port_arg, monitor_arg) = (free_or(self.port), free_or(self.monitor_port));
         // Logs go to stderr, so config errors and the log end up together.
         let store = self.dir.path().join("store");
         let args = [
             "-p".as_ref(),
             port_arg.as_ref(),
+            "-m".as_ref(),
+            monitor_arg.as_ref(),
             "-sd".as_ref(),
             store.as_os_str(),
         ];
@@ -187,9 +200,10 @@ impl NatsServer {
             }
             let text = fs::read_to_string(&log_path).unwrap_or_default();
             if text.contains("Server is ready") {
-                if let Some(port) = parse_listen_port(&text) {
+                let ports = parse_port(&text, LISTENING).zip(parse_port(&text, MONITORING));
+                if let Some((port, monitor)) = ports {
                     if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                        break port;
+                        break (port, monitor);
                     }
                 }
             }
@@ -203,7 +217,7 @@ impl NatsServer {
             }
             tokio::time::sleep(POLL).await;
         };
-        self.port = port;
+        (self.port, self.monitor_port) = port;
         self.child = Some(child);
 
         // If the test process dies without dropping us (killed by a timeout),
@@ -483,10 +497,14 @@ fn print_violations(log: &Path) {
     }
 }
 
-/// The port of "Listening for client connections on 127.0.0.1:PORT".
-fn parse_listen_port(log: &str) -> Option<u16> {
+/// What the log says before the client port and the monitor's port.
+const LISTENING: &str = "Listening for client connections on ";
+const MONITORING: &str = "Starting http monitor on ";
+
+/// The port of the last `<what><host>:<port>` line of a nats-server log.
+fn parse_port(log: &str, what: &str) -> Option<u16> {
     log.lines()
-        .filter_map(|l| l.split("Listening for client connections on ").nth(1))
+        .filter_map(|l| l.split(what).nth(1))
         .filter_map(|addr| addr.trim().rsplit(':').next()?.parse().ok())
         .next_back()
 }
@@ -558,10 +576,11 @@ mod tests {
     }
 
     #[test]
-    fn listen_port_is_parsed_from_log() {
-        let log = "[1] [INF] Starting\n[1] 2026/01/01 [INF] Listening for client connections on 127.0.0.1:40123\n[1] [INF] Server is ready\n";
-        assert_eq!(parse_listen_port(log), Some(40123));
-        assert_eq!(parse_listen_port("nothing"), None);
+    fn ports_are_parsed_from_log() {
+        let log = "[1] [INF] Starting\n[1] [INF] Starting http monitor on 127.0.0.1:40124\n[1] 2026/01/01 [INF] Listening for client connections on 127.0.0.1:40123\n[1] [INF] Server is ready\n";
+        assert_eq!(parse_port(log, LISTENING), Some(40123));
+        assert_eq!(parse_port(log, MONITORING), Some(40124));
+        assert_eq!(parse_port("nothing", LISTENING), None);
     }
 
     #[tokio::test]

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use chat_tests::System;
+use chatctl::bench::broker::BrokerCost;
 use chatctl::bench::{self, DmOptions};
 use chatctl::connect_bench::{self, ConnectOptions};
 use chatctl::group_bench::{self, GroupOptions};
@@ -17,7 +18,8 @@ use chatctl::resume_bench::{self, ResumeOptions};
 async fn bench_dm_counts_every_message() -> Result<()> {
     let system = System::start().await?;
     let report = bench::dm(
-        &system.config,
+        // The broker's counters are read as `admin` (it lists the streams).
+        &system.config_for("admin"),
         DmOptions {
             edge: system.ws_url(),
             pairs: 2,
@@ -25,6 +27,7 @@ async fn bench_dm_counts_every_message() -> Result<()> {
             window: 4,
             rate: None,
             rss_every: None,
+            nats_monitor: Some(system.nats.monitor_url()),
         },
     )
     .await?;
@@ -33,6 +36,11 @@ async fn bench_dm_counts_every_message() -> Result<()> {
     assert_eq!(report.delivered, 50);
     assert!(report.sent_latency.p50 > 0.0, "{:?}", report.sent_latency);
     wait_stored(&system, 50).await?;
+    // A DM is one MESSAGES write and one inbox item each for its sender
+    // and its recipient; no claim per send (one batch per connection at
+    // most, as it closes).
+    let broker = report.broker.context("no broker counters")?;
+    check_broker(&broker, 2.0, 2.0 / 50.0)?;
     Ok(())
 }
 
@@ -40,7 +48,7 @@ async fn bench_dm_counts_every_message() -> Result<()> {
 async fn bench_group_counts_every_delivery() -> Result<()> {
     let system = System::start().await?;
     let report = group_bench::group(
-        &system.config,
+        &system.config_for("admin"),
         GroupOptions {
             edge: system.ws_url(),
             groups: 2,
@@ -48,6 +56,7 @@ async fn bench_group_counts_every_delivery() -> Result<()> {
             senders: 2,
             messages: 10,
             window: 4,
+            nats_monitor: Some(system.nats.monitor_url()),
         },
     )
     .await?;
@@ -56,6 +65,34 @@ async fn bench_group_counts_every_delivery() -> Result<()> {
         group_bench::expected_deliveries(2, 5, 2, 10)
     );
     wait_stored(&system, 2 * 2 * 10).await?;
+    // One inbox item per member, the sender included.
+    let broker = report.broker.context("no broker counters")?;
+    check_broker(&broker, 5.0, 4.0 / 40.0)?;
+    Ok(())
+}
+
+/// The broker's counters of a run whose messages each have `inboxes`
+/// recipients, sender included, and whose sending connections, one batch
+/// of claims each at most, make `batches` per message: exact for the data
+/// path's own streams, bounded for what the rest of the system wrote
+/// meanwhile.
+fn check_broker(broker: &BrokerCost, inboxes: f64, batches: f64) -> Result<()> {
+    let of = |stream: &str| broker.writes_by_stream.get(stream).copied().unwrap_or(0.0);
+    anyhow::ensure!(of("MESSAGES") == 1.0, "{broker:?}");
+    anyhow::ensure!(of("INBOX") == inboxes, "{broker:?}");
+    anyhow::ensure!(of("KV_chat_sent") <= batches, "claims per send: {broker:?}");
+    let sum: f64 = broker.writes_by_stream.values().sum();
+    anyhow::ensure!(
+        (broker.writes_per_message - sum).abs() < 1e-9 && sum >= 1.0 + inboxes,
+        "{broker:?}"
+    );
+    // The monitor counts at least the publish and the appends going in,
+    // and as many PubAcks coming out.
+    let (into, out) = broker
+        .in_msgs_per_message
+        .zip(broker.out_msgs_per_message)
+        .context("no message counts from the monitor")?;
+    anyhow::ensure!(into >= 1.0 + inboxes && out >= 1.0 + inboxes, "{broker:?}");
     Ok(())
 }
 

@@ -17,5 +17,6 @@ mod provisioning;
 mod push;
 mod replies;
 mod resume;
+mod retries;
 mod security;
 mod web;
