@@ -298,7 +298,14 @@ async fn publish(
     let body = serde_json::to_vec(&event).map_err(|_| SendError::Unavailable)?;
     let ack = edge
         .js
-        .publish_with_headers(subjects::message(&event.conversation), headers, body.into())
+        .publish_with_headers(
+            subjects::message_in(
+                &event.conversation,
+                edge.messages_of(&event.conversation).partition,
+            ),
+            headers,
+            body.into(),
+        )
         .await
         .map_err(|_| SendError::Unavailable)?
         .await
@@ -311,6 +318,7 @@ async fn publish(
         // from ours only if the claim was lost.
         if claimed.is_none() {
             let original = edge
+                .messages_of(&event.conversation)
                 .messages
                 .direct_get(ack.sequence)
                 .await
@@ -381,7 +389,7 @@ async fn was_published(edge: &Edge, event: &MessageEvent) -> Result<bool, SendEr
         .map_err(|_| SendError::Unavailable)?;
     let window_end_ms = event.ts + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
     let mut scan = Scan::open(
-        &edge.messages,
+        &edge.messages_of(&event.conversation).messages,
         subjects::message(&event.conversation),
         DeliverPolicy::ByStartTime { start_time },
     )
