@@ -152,6 +152,8 @@ fn tail(path: &Path, lines: usize) -> String {
 pub struct NatsServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// The configuration file it runs with.
+    conf: PathBuf,
     port: u16,
     child: Option<Child>,
     watchdog: Option<Child>,
@@ -163,14 +165,38 @@ impl NatsServer {
     /// port read back from its log) with a temporary JetStream store dir, and
     /// waits until it is ready.
     pub async fn start() -> Result<NatsServer> {
-        let bin = nats_server_bin()?;
         let dir = tempfile::Builder::new()
             .prefix("chat-nats-")
             .tempdir()
             .context("creating a temp dir for nats-server")?;
+        Self::start_in(dir, repo_root().join("nats/dev.conf")).await
+    }
+
+    /// Like [`NatsServer::start`], with `extra` (e.g. account `mappings`)
+    /// appended to `nats/dev.conf`.
+    pub async fn start_with_config(extra: &str) -> Result<NatsServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("chat-nats-")
+            .tempdir()
+            .context("creating a temp dir for nats-server")?;
+        // `include` is resolved next to the including file.
+        fs::copy(
+            repo_root().join("nats/users.conf"),
+            dir.path().join("users.conf"),
+        )
+        .context("copying nats/users.conf")?;
+        let dev = fs::read_to_string(repo_root().join("nats/dev.conf"))
+            .context("reading nats/dev.conf")?;
+        let conf = dir.path().join("nats.conf");
+        fs::write(&conf, format!("{dev}\n{extra}\n")).context("writing the server config")?;
+        Self::start_in(dir, conf).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, conf: PathBuf) -> Result<NatsServer> {
         let mut server = NatsServer {
-            bin,
+            bin: nats_server_bin()?,
             dir,
+            conf,
             port: 0,
             child: None,
             watchdog: None,
@@ -234,7 +260,6 @@ impl NatsServer {
         self.starts += 1;
         let log_path = self.log_path();
         let log = fs::File::create(&log_path).context("creating nats-server log file")?;
-        let conf = repo_root().join("nats/dev.conf");
         let port_arg = if self.port == 0 {
             "-1".to_string()
         } else {
@@ -243,7 +268,7 @@ impl NatsServer {
         // Logs go to stderr, so config errors and the log end up together.
         let mut child = Command::new(&self.bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(&self.conf)
             .args(["-p", &port_arg, "-sd"])
             .arg(self.dir.path().join("store"))
             .stdin(Stdio::null())

@@ -1,0 +1,265 @@
+//! MESSAGES and INBOX split into partitions (`CHAT_PARTITIONS`), on one
+//! server, whatever `CHAT_PARTITIONS` the suite runs with.
+
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::{ensure, Context};
+use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::partitions::Partitions;
+use chat_shared::subjects;
+use chat_tests::{Client, NatsServer, System};
+use serde_json::{json, Value};
+
+fn three() -> anyhow::Result<Partitions> {
+    Partitions::new(3).context("3 partitions")
+}
+
+fn user(name: &str) -> anyhow::Result<UserId> {
+    Ok(UserId::parse(name)?)
+}
+
+fn cursor(frame: &Value) -> u64 {
+    frame["cursor"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Message frames of `client` until `count` arrived, backlog first.
+async fn messages(client: &mut Client, count: usize) -> anyhow::Result<Vec<Value>> {
+    let mut got: Vec<Value> = client
+        .backlog
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .cloned()
+        .collect();
+    while got.len() < count {
+        let frame = client.recv().await?;
+        if frame["type"] == "message" {
+            got.push(frame);
+        }
+    }
+    Ok(got)
+}
+
+/// Each conversation's texts in the order `frames` has them.
+fn per_conversation(frames: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut texts: HashMap<String, Vec<String>> = HashMap::new();
+    for frame in frames {
+        texts
+            .entry(
+                frame["conversation"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_default()
+            .push(frame["text"].as_str().unwrap_or_default().to_string());
+    }
+    texts
+}
+
+/// Cursors only grow, and no item comes twice.
+fn strictly_increasing(frames: &[Value]) -> anyhow::Result<()> {
+    for pair in frames.windows(2) {
+        ensure!(
+            cursor(&pair[0]) < cursor(&pair[1]),
+            "cursor {} then {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    Ok(())
+}
+
+/// DMs and a group's messages on three partitions: each member gets every
+/// conversation in the order sent, cursors (sequences of the member's own
+/// INBOX partition) only grow, a resume from a cursor misses nothing and
+/// repeats nothing, and history has everything (the persister reads every
+/// partition). The streams hold the unpartitioned subjects.
+#[tokio::test]
+async fn split_streams_keep_dms_groups_and_resumes_in_order() -> anyhow::Result<()> {
+    const ROUNDS: usize = 15;
+    let partitions = three()?;
+    // bob and dave live in different INBOX partitions, alice's DMs with
+    // them in different MESSAGES partitions.
+    let (alice, bob, dave) = (user("alice")?, user("bob")?, user("dave")?);
+    ensure!(partitions.of_user(&bob) != partitions.of_user(&dave));
+    let (with_bob, with_dave) = (
+        ConversationId::dm(alice.clone(), bob.clone())?,
+        ConversationId::dm(alice.clone(), dave.clone())?,
+    );
+    ensure!(partitions.of_conversation(&with_bob) != partitions.of_conversation(&with_dave));
+
+    let system = System::start_with(|c| c.partitions = partitions).await?;
+    let mut sender = system.connect("alice", "phone").await?;
+    let mut dave_live = system.connect("dave", "phone").await?;
+    let bob_first = system.connect("bob", "phone").await?;
+    let bob_start = bob_first.synced["cursor"]
+        .as_str()
+        .context("synced cursor")?
+        .to_string();
+    drop(bob_first);
+    let created = sender
+        .request(json!({"type":"group.create","name":"p","members":["bob","dave","erin"]}))
+        .await?;
+    let group = format!(
+        "group:{}",
+        created["group"]["id"].as_str().context("group id")?
+    );
+    for i in 0..ROUNDS {
+        for (to, label) in [
+            (json!({"to":"bob"}), "b"),
+            (json!({"to":"dave"}), "d"),
+            (json!({"conversation":group}), "g"),
+        ] {
+            let sent = sender
+                .send_message(to, &format!("{label}{i}"), &format!("{label}-{i}"))
+                .await?;
+            ensure!(sent["type"] == "sent", "{sent}");
+        }
+    }
+    let expected =
+        |label: &str| -> Vec<String> { (0..ROUNDS).map(|i| format!("{label}{i}")).collect() };
+
+    // Live, across two MESSAGES partitions into dave's INBOX partition.
+    let dave_got = messages(&mut dave_live, 2 * ROUNDS).await?;
+    strictly_increasing(&dave_got)?;
+    let texts = per_conversation(&dave_got);
+    assert_eq!(texts.get(&with_dave.to_string()), Some(&expected("d")));
+    assert_eq!(texts.get(&group), Some(&expected("g")));
+
+    // Resumed from before all of it, then again from the middle.
+    let mut bob_phone = system
+        .connect_from("bob", "phone", Some(&bob_start))
+        .await?;
+    ensure!(
+        bob_phone.welcome["resumed"] == true,
+        "{}",
+        bob_phone.welcome
+    );
+    let bob_got = messages(&mut bob_phone, 2 * ROUNDS).await?;
+    strictly_increasing(&bob_got)?;
+    let texts = per_conversation(&bob_got);
+    assert_eq!(texts.get(&with_bob.to_string()), Some(&expected("b")));
+    assert_eq!(texts.get(&group), Some(&expected("g")));
+    drop(bob_phone);
+    let middle = bob_got[ROUNDS - 1]["cursor"]
+        .as_str()
+        .context("cursor")?
+        .to_string();
+    let bob_again = system.connect_from("bob", "phone", Some(&middle)).await?;
+    ensure!(
+        bob_again.welcome["resumed"] == true,
+        "{}",
+        bob_again.welcome
+    );
+    let rest: Vec<Value> = bob_again
+        .backlog
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .cloned()
+        .collect();
+    assert_eq!(
+        rest,
+        bob_got[ROUNDS..].to_vec(),
+        "the resume from the middle"
+    );
+
+    // History comes from PostgreSQL: every partition was persisted.
+    for (conversation, label) in [(with_bob.to_string(), "b"), (group.clone(), "g")] {
+        let history = sender
+            .request(json!({"type":"history","conversation":conversation,"limit":100}))
+            .await?;
+        let mut texts: Vec<String> = history["messages"]
+            .as_array()
+            .context("history")?
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        texts.sort_by_key(|t| t[1..].parse::<usize>().unwrap_or(usize::MAX));
+        assert_eq!(texts, expected(label), "history of {conversation}");
+    }
+
+    // The streams: split, each event in its conversation's partition and
+    // each item in its user's, under the subjects PROTOCOL.md names.
+    let js = async_nats::jetstream::new(system.admin().await?);
+    for gone in [subjects::MESSAGES_STREAM, subjects::INBOX_STREAM] {
+        ensure!(js.get_stream(gone).await.is_err(), "{gone} exists");
+    }
+    let mut stored = 0;
+    for partition in partitions.all() {
+        let mut stream = js.get_stream(partition.messages_stream()).await?;
+        stored += stream.info().await?.state.messages;
+    }
+    ensure!(stored == 3 * ROUNDS as u64, "{stored} events stored");
+    let event = js
+        .get_stream(partitions.of_conversation(&with_bob).messages_stream())
+        .await?
+        .direct_get_last_for_subject(subjects::message(&with_bob))
+        .await?;
+    ensure!(event.subject.as_str() == subjects::message(&with_bob));
+    let item = js
+        .get_stream(partitions.of_user(&bob).inbox_stream())
+        .await?
+        .direct_get_last_for_subject(subjects::inbox(&bob))
+        .await?;
+    ensure!(item.subject.as_str() == subjects::inbox(&bob));
+    ensure!(item.sequence == cursor(&bob_got[2 * ROUNDS - 1]));
+    Ok(())
+}
+
+/// The account mapping an operator adds so that a publisher sending to the
+/// unpartitioned subjects reaches the same partitions (docs/scaling.md).
+fn server_mapping(count: u32) -> String {
+    format!(
+        "mappings {{\n\
+         \"chat.msg.dm.*.*\": \"chat.msg.{{{{partition({count},1,2)}}}}.dm.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}\"\n\
+         \"chat.msg.group.*\": \"chat.msg.{{{{partition({count},1)}}}}.group.{{{{wildcard(1)}}}}\"\n\
+         \"chat.inbox.*\": \"chat.inbox.{{{{partition({count},1)}}}}.{{{{wildcard(1)}}}}\"\n\
+         }}"
+    )
+}
+
+/// The partition shared/ computes is the one nats-server's `partition()`
+/// picks: through the account mapping, an event published on its plain
+/// subject lands in the stream `partitions` names, stored under that plain
+/// subject.
+#[tokio::test]
+async fn partition_agrees_with_the_server_mapping() -> anyhow::Result<()> {
+    let partitions = three()?;
+    let nats = NatsServer::start_with_config(&server_mapping(partitions.count())).await?;
+    let config = chat_shared::Config {
+        partitions,
+        ..chat_tests::config_as(&chat_tests::test_config(nats.url(), String::new()), "admin")
+    };
+    let client = chat_shared::nats::connect(&config, "test-admin").await?;
+    let js = async_nats::jetstream::new(client);
+    chat_shared::streams::apply(&js, &config).await?;
+    let mut seen = BTreeSet::new();
+    for n in 0..60 {
+        let (a, b) = (user(&format!("u{n}"))?, user(&format!("v{}", n * 7))?);
+        let dm = ConversationId::dm(a.clone(), b)?;
+        let group = ConversationId::parse(&format!("group:g{n}"))?;
+        for conversation in [dm, group] {
+            let ack = js
+                .publish(subjects::message(&conversation), "{}".into())
+                .await?
+                .await?;
+            let partition = partitions.of_conversation(&conversation);
+            assert_eq!(ack.stream, partition.messages_stream(), "{conversation}");
+            seen.insert(ack.stream);
+        }
+        let ack = js.publish(subjects::inbox(&a), "{}".into()).await?.await?;
+        assert_eq!(ack.stream, partitions.of_user(&a).inbox_stream(), "{a}");
+        seen.insert(ack.stream);
+    }
+    ensure!(seen.len() == 6, "every partition was used: {seen:?}");
+    let stored = js
+        .get_stream(partitions.of_user(&user("u0")?).inbox_stream())
+        .await?
+        .direct_get_last_for_subject(subjects::inbox(&user("u0")?))
+        .await?;
+    ensure!(stored.subject.as_str() == "chat.inbox.u0");
+    Ok(())
+}
