@@ -8,6 +8,7 @@ use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::partitions::Partitions;
 use chat_shared::subjects;
 use chat_tests::{Client, NatsServer, System};
+use chatctl::replay::{Entry, Replay, ReplayOptions, Replayed, Start};
 use serde_json::{json, Value};
 
 fn three() -> anyhow::Result<Partitions> {
@@ -76,7 +77,8 @@ fn strictly_increasing(frames: &[Value]) -> anyhow::Result<()> {
 /// conversation in the order sent, cursors (sequences of the member's own
 /// INBOX partition) only grow, a resume from a cursor misses nothing and
 /// repeats nothing, and history has everything (the persister reads every
-/// partition). The streams hold the unpartitioned subjects.
+/// partition). The streams hold the unpartitioned subjects; `chatctl
+/// replay` merges them and `chatctl streams` shows each one's lag.
 #[tokio::test]
 async fn split_streams_keep_dms_groups_and_resumes_in_order() -> anyhow::Result<()> {
     const ROUNDS: usize = 15;
@@ -166,21 +168,6 @@ async fn split_streams_keep_dms_groups_and_resumes_in_order() -> anyhow::Result<
         "the resume from the middle"
     );
 
-    // History comes from PostgreSQL: every partition was persisted.
-    for (conversation, label) in [(with_bob.to_string(), "b"), (group.clone(), "g")] {
-        let history = sender
-            .request(json!({"type":"history","conversation":conversation,"limit":100}))
-            .await?;
-        let mut texts: Vec<String> = history["messages"]
-            .as_array()
-            .context("history")?
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect();
-        texts.sort_by_key(|t| t[1..].parse::<usize>().unwrap_or(usize::MAX));
-        assert_eq!(texts, expected(label), "history of {conversation}");
-    }
-
     // The streams: split, each event in its conversation's partition and
     // each item in its user's, under the subjects PROTOCOL.md names.
     let js = async_nats::jetstream::new(system.admin().await?);
@@ -206,7 +193,106 @@ async fn split_streams_keep_dms_groups_and_resumes_in_order() -> anyhow::Result<
         .await?;
     ensure!(item.subject.as_str() == subjects::inbox(&bob));
     ensure!(item.sequence == cursor(&bob_got[2 * ROUNDS - 1]));
+
+    // `chatctl replay` merges the partitions in id order; one conversation
+    // is read from its own partition.
+    let all = replayed(&js, None, Start::Oldest, partitions).await?;
+    ensure!(all.len() == 3 * ROUNDS, "{} replayed", all.len());
+    ensure!(
+        all.windows(2).all(|w| w[0].event.id < w[1].event.id),
+        "not in id order"
+    );
+    let streams: BTreeSet<&str> = all.iter().map(|r| r.stream.as_str()).collect();
+    ensure!(streams.len() >= 2, "from one partition only: {streams:?}");
+    let texts = per_conversation(
+        &all.iter()
+            .map(
+                |r| json!({"conversation": r.event.conversation.to_string(), "text": r.event.text}),
+            )
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(texts.get(&with_dave.to_string()), Some(&expected("d")));
+    let one = replayed(&js, Some(with_bob.clone()), Start::Sequence(1), partitions).await?;
+    let texts: Vec<&str> = one.iter().map(|r| r.event.text.as_str()).collect();
+    assert_eq!(texts, expected("b"));
+    let by_sequence = ReplayOptions {
+        conversation: None,
+        start: Start::Sequence(1),
+        to_seq: None,
+        until: None,
+    };
+    ensure!(
+        Replay::open(&js, &by_sequence, partitions).await.is_err(),
+        "sequences of which partition?"
+    );
+
+    // `chatctl streams`: each partition with its router's and persister's lag.
+    chat_tests::wait_until(|| async {
+        let Ok(states) = chatctl::status::collect(&js).await else {
+            return false;
+        };
+        partitions.all().all(|partition| {
+            states
+                .iter()
+                .find(|s| s.name == partition.messages_stream())
+                .is_some_and(|s| {
+                    ["persister", "router"].iter().all(|name| {
+                        s.consumers.iter().any(|c| {
+                            c.name == *name && c.num_pending == 0 && c.num_ack_pending == 0
+                        })
+                    })
+                })
+        })
+    })
+    .await
+    .context("every partition's consumers caught up")?;
+
+    // History comes from PostgreSQL: every partition was persisted (and
+    // acked, as just seen).
+    for (conversation, label) in [(with_bob.to_string(), "b"), (group.clone(), "g")] {
+        let history = sender
+            .request(json!({"type":"history","conversation":conversation,"limit":100}))
+            .await?;
+        let mut texts: Vec<String> = history["messages"]
+            .as_array()
+            .context("history")?
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        texts.sort_by_key(|t| t[1..].parse::<usize>().unwrap_or(usize::MAX));
+        assert_eq!(texts, expected(label), "history of {conversation}");
+    }
+
     Ok(())
+}
+
+/// Every event `chatctl replay` yields for `conversation` (all when `None`).
+async fn replayed(
+    js: &async_nats::jetstream::Context,
+    conversation: Option<ConversationId>,
+    start: Start,
+    partitions: Partitions,
+) -> anyhow::Result<Vec<Replayed>> {
+    let options = ReplayOptions {
+        conversation,
+        start,
+        to_seq: None,
+        until: None,
+    };
+    let mut replay = Replay::open(js, &options, partitions).await?;
+    let mut items = Vec::new();
+    let outcome = async {
+        while let Some(entry) = replay.next().await? {
+            match entry {
+                Entry::Event(item) => items.push(item),
+                Entry::Malformed { stream, seq, .. } => anyhow::bail!("{stream} {seq} malformed"),
+            }
+        }
+        Ok(())
+    }
+    .await;
+    replay.close().await;
+    outcome.map(|()| items)
 }
 
 /// The account mapping an operator adds so that a publisher sending to the
