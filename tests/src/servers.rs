@@ -343,8 +343,8 @@ impl Drop for NatsServer {
 }
 
 /// A 3-node JetStream cluster on loopback for fault tests: the settings of
-/// `nats/cluster-{1,2,3}.conf` (`sync_interval: 1s` included) on free
-/// ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
+/// `nats/cluster-{1,2,3}.conf` (`sync_interval: 1s`, one `az:<n>` tag per
+/// node and `unique_tag: "az"` included) on free ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
 /// killed (and the dir removed) on drop.
 pub struct NatsCluster {
     bin: PathBuf,
@@ -388,8 +388,9 @@ impl NatsCluster {
                 .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             let text = format!(
-                "server_name: n{n}\nlisten: 127.0.0.1:{port}\nmax_payload: 2MB\n\
-                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: 1s\n}}\n\
+                "server_name: n{n}\nserver_tags: [\"az:{n}\"]\n\
+                 listen: 127.0.0.1:{port}\nmax_payload: 2MB\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: 1s\n  unique_tag: \"az\"\n}}\n\
                  cluster {{\n  name: chaos\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
                  include \"users.conf\"\n",
                 n = index + 1,
@@ -440,6 +441,17 @@ impl NatsCluster {
     /// info name their RAFT leader.
     pub fn node_name(&self, index: usize) -> String {
         format!("n{}", index + 1)
+    }
+
+    /// The `az:` tag of the node named `name`, read from its configuration.
+    pub fn zone_of(&self, name: &str) -> Option<String> {
+        let index = (0..self.nodes.len()).find(|&index| self.node_name(index) == name)?;
+        let text = fs::read_to_string(&self.nodes[index].config).ok()?;
+        let tags = text.lines().find_map(|l| l.strip_prefix("server_tags: "))?;
+        tags.trim_matches(|c| matches!(c, '[' | ']' | '"'))
+            .split("\", \"")
+            .find(|tag| tag.starts_with("az:"))
+            .map(str::to_string)
     }
 
     pub fn is_empty(&self) -> bool {
