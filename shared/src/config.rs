@@ -146,9 +146,11 @@ const GIB: i64 = 1024 * MIB;
 #[derive(Debug, Clone)]
 pub struct StoreBounds {
     /// `CHAT_MESSAGES_MAX_BYTES`: the log of record; full, it refuses new
-    /// sends (`unavailable`) and never drops an unrouted event.
+    /// sends (`unavailable`) and never drops an unrouted event. Split into
+    /// partitions, each gets an equal share.
     pub messages: i64,
     /// `CHAT_INBOX_MAX_BYTES`: inbox items; full, the oldest go first.
+    /// Split into partitions, each gets an equal share.
     pub inbox: i64,
     /// `CHAT_INBOX_MAX_ITEMS_PER_USER`: one user's inbox keeps at most this
     /// many items, so one flooded inbox cannot push everyone else's out.
