@@ -473,14 +473,21 @@ async fn sequence_of(
     consumer: &PullConsumer,
 ) -> Arc<Mutex<Sequence>> {
     let what = format!("the {} stream and consumer", source.stream());
-    let (stream, ack_floor) = consume::until_ready(&what, || async {
+    let (stream, ack_floor, first) = consume::until_ready(&what, || async {
         let stream = router.js.get_stream_no_info(source.stream()).await?;
         let mut consumer = consumer.clone();
         let ack_floor = consumer.info().await?.ack_floor.stream_sequence;
-        Ok::<_, async_nats::Error>((stream, ack_floor))
+        let first = router
+            .js
+            .get_stream(source.stream())
+            .await?
+            .cached_info()
+            .state
+            .first_sequence;
+        Ok::<_, async_nats::Error>((stream, ack_floor, first))
     })
     .await;
-    Arc::new(Mutex::new(Sequence::new(stream, ack_floor)))
+    Arc::new(Mutex::new(Sequence::new(stream, ack_floor, first)))
 }
 
 /// The events lost in flight before `message`, read back from the stream.
