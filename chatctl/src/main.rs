@@ -505,7 +505,7 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
         Some(name) => Some(Republisher::create(&js, name, config).await?),
         None => None,
     };
-    let mut replay = Replay::open(&js, &options).await?;
+    let mut replay = Replay::open(&js, &options, config.partitions).await?;
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let (mut events, mut malformed) = (0u64, 0u64);
     let outcome: anyhow::Result<()> = async {
@@ -520,11 +520,12 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
                     events += 1;
                 }
                 Entry::Malformed {
+                    stream,
                     seq,
                     subject,
                     reason,
                 } => {
-                    eprintln!("seq {seq} ({subject}) is not a message event: {reason}");
+                    eprintln!("{stream} seq {seq} ({subject}) is not a message event: {reason}");
                     malformed += 1;
                 }
             }

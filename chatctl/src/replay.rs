@@ -7,6 +7,11 @@
 //! edge replays inboxes with) and stops at the end of its range or at the
 //! stream's last sequence when it started, whichever comes first: it never
 //! waits for new messages.
+//!
+//! Split into partitions (`CHAT_PARTITIONS`), one conversation is read from
+//! its partition's stream; every conversation from all of them at once,
+//! merged in message id order (ids are time-sortable). Sequences are per
+//! partition, so a sequence range needs a conversation.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -16,7 +21,8 @@ use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::consume::Scan;
-use chat_shared::ids::ConversationId;
+use chat_shared::ids::{ConversationId, MessageId};
+use chat_shared::partitions::Partitions;
 use chat_shared::wire::MessageEvent;
 use chat_shared::{subjects, Config};
 use serde::Serialize;
@@ -34,10 +40,10 @@ pub enum ReplayError {
     Republish { stream: String, reason: String },
 }
 
-fn read_error(reason: impl fmt::Display) -> ReplayError {
-    ReplayError::Read {
-        stream: subjects::MESSAGES_STREAM.into(),
-        reason: reason.to_string(),
+fn read_error(stream: &str) -> impl Fn(String) -> ReplayError + '_ {
+    move |reason| ReplayError::Read {
+        stream: stream.to_string(),
+        reason,
     }
 }
 
@@ -66,7 +72,9 @@ pub struct ReplayOptions {
 /// One stored message event, as replay prints it (a JSON line).
 #[derive(Debug, Clone, Serialize)]
 pub struct Replayed {
-    /// Its MESSAGES stream sequence.
+    /// The stream it is in: MESSAGES, or its partition `MESSAGES_<k>`.
+    pub stream: String,
+    /// Its sequence in that stream.
     pub seq: u64,
     /// When JetStream stored it.
     #[serde(with = "time::serde::rfc3339")]
@@ -92,24 +100,50 @@ impl Replayed {
 pub enum Entry {
     Event(Replayed),
     Malformed {
+        stream: String,
         seq: u64,
         subject: String,
         reason: String,
     },
 }
 
+impl Entry {
+    /// Where the merge of partitions puts it: by message id; a malformed
+    /// entry (no id) as soon as it is read.
+    fn order(&self) -> Option<MessageId> {
+        match self {
+            Self::Event(item) => Some(item.event.id),
+            Self::Malformed { .. } => None,
+        }
+    }
+}
+
 /// An open replay; call [`Replay::close`] when done.
 pub struct Replay {
-    scan: Option<Scan>,
+    /// One read per stream (partition), each with its next entry.
+    parts: Vec<Part>,
+}
+
+/// The read of one stream.
+struct Part {
+    stream: String,
+    scan: Scan,
     /// The last sequence to yield, inclusive.
     last_seq: u64,
     until: Option<OffsetDateTime>,
+    /// Its next entry, read ahead for the merge.
+    head: Option<Entry>,
+    /// Read to the end of its range.
+    done: bool,
 }
 
 impl Replay {
+    /// Opens a replay of `options` over the MESSAGES partitions of
+    /// `partitions`.
     pub async fn open(
         js: &jetstream::Context,
         options: &ReplayOptions,
+        partitions: Partitions,
     ) -> Result<Self, ReplayError> {
         if let (Start::Sequence(from), Some(to)) = (options.start, options.to_seq) {
             if from > to {
@@ -123,24 +157,75 @@ impl Replay {
                 return Err(ReplayError::Range("--since is after --until".into()));
             }
         }
-        let mut stream = js
-            .get_stream(subjects::MESSAGES_STREAM)
+        let streams: Vec<String> = match &options.conversation {
+            Some(conversation) => vec![partitions.of_conversation(conversation).messages_stream()],
+            None => partitions.all().map(|p| p.messages_stream()).collect(),
+        };
+        let by_sequence = matches!(options.start, Start::Sequence(_)) || options.to_seq.is_some();
+        if streams.len() > 1 && by_sequence {
+            return Err(ReplayError::Range(
+                "MESSAGES is split into partitions, each with its own sequences: \
+                 a sequence range needs --conversation"
+                    .into(),
+            ));
+        }
+        let mut parts = Vec::with_capacity(streams.len());
+        for stream in streams {
+            if let Some(part) = Part::open(js, stream, options).await? {
+                parts.push(part);
+            }
+        }
+        Ok(Self { parts })
+    }
+
+    /// The next entry (in stream order; across partitions in message id
+    /// order), or `None` at the end of the range.
+    pub async fn next(&mut self) -> Result<Option<Entry>, ReplayError> {
+        for part in &mut self.parts {
+            part.read_ahead().await?;
+        }
+        let next = self
+            .parts
+            .iter_mut()
+            .filter(|part| part.head.is_some())
+            .min_by_key(|part| part.head.as_ref().and_then(Entry::order));
+        Ok(next.and_then(|part| part.head.take()))
+    }
+
+    /// Deletes the replay's consumers.
+    pub async fn close(self) {
+        for part in self.parts {
+            part.scan.close().await;
+        }
+    }
+}
+
+impl Part {
+    /// `None` when the stream holds nothing in the range.
+    async fn open(
+        js: &jetstream::Context,
+        stream: String,
+        options: &ReplayOptions,
+    ) -> Result<Option<Self>, ReplayError> {
+        let error = read_error(&stream);
+        let mut handle = js
+            .get_stream(&stream)
             .await
-            .map_err(read_error)?;
-        let state = stream.info().await.map_err(read_error)?.state.clone();
+            .map_err(|e| error(e.to_string()))?;
+        let state = handle
+            .info()
+            .await
+            .map_err(|e| error(e.to_string()))?
+            .state
+            .clone();
         let last_seq = options
             .to_seq
             .map_or(state.last_sequence, |to| to.min(state.last_sequence));
         let empty = state.messages == 0
             || last_seq < state.first_sequence
             || matches!(options.start, Start::Sequence(from) if from > last_seq);
-        let mut replay = Self {
-            scan: None,
-            last_seq,
-            until: options.until,
-        };
         if empty {
-            return Ok(replay);
+            return Ok(None);
         }
         let deliver_policy = match options.start {
             Start::Oldest => consumer::DeliverPolicy::All,
@@ -156,33 +241,47 @@ impl Replay {
             .map(subjects::message)
             .unwrap_or_default();
         let handle = js
-            .get_stream_no_info(subjects::MESSAGES_STREAM)
+            .get_stream_no_info(&stream)
             .await
-            .map_err(read_error)?;
-        replay.scan = Some(
-            Scan::open(&handle, filter, deliver_policy)
-                .await
-                .map_err(read_error)?,
-        );
-        Ok(replay)
+            .map_err(|e| error(e.to_string()))?;
+        let scan = Scan::open(&handle, filter, deliver_policy)
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(error)?;
+        Ok(Some(Self {
+            stream,
+            scan,
+            last_seq,
+            until: options.until,
+            head: None,
+            done: false,
+        }))
     }
 
-    /// The next entry in stream order, or `None` at the end of the range.
-    pub async fn next(&mut self) -> Result<Option<Entry>, ReplayError> {
-        let Some(scan) = &mut self.scan else {
+    /// Reads its next entry unless it holds one or is done.
+    async fn read_ahead(&mut self) -> Result<(), ReplayError> {
+        if self.head.is_none() && !self.done {
+            self.head = self.read().await?;
+            self.done = self.head.is_none();
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Option<Entry>, ReplayError> {
+        let error = read_error(&self.stream);
+        let Some(message) = self.scan.next().await.map_err(|e| error(e.to_string()))? else {
             return Ok(None);
         };
-        let Some(message) = scan.next().await.map_err(read_error)? else {
-            return Ok(None);
-        };
-        let info = message.info().map_err(read_error)?;
+        let info = message.info().map_err(|e| error(e.to_string()))?;
         let (seq, time) = (info.stream_sequence, info.published);
         if seq > self.last_seq || self.until.is_some_and(|until| time > until) {
             return Ok(None);
         }
         let subject = message.subject.to_string();
+        let stream = self.stream.clone();
         let entry = match serde_json::from_slice::<MessageEvent>(&message.payload) {
             Ok(event) => Entry::Event(Replayed {
+                stream,
                 seq,
                 time,
                 subject,
@@ -195,19 +294,13 @@ impl Replay {
                 payload: message.payload.clone(),
             }),
             Err(e) => Entry::Malformed {
+                stream,
                 seq,
                 subject,
                 reason: e.to_string(),
             },
         };
         Ok(Some(entry))
-    }
-
-    /// Deletes the replay's consumer.
-    pub async fn close(self) {
-        if let Some(scan) = self.scan {
-            scan.close().await;
-        }
     }
 }
 
@@ -269,7 +362,9 @@ impl fmt::Display for ReplayName {
     }
 }
 
-/// The MESSAGES sequence of a re-published event.
+/// The MESSAGES stream (partition) of a re-published event.
+pub const REPLAY_STREAM_HEADER: &str = "Chat-Replay-Stream";
+/// Its sequence there.
 pub const REPLAY_SEQ_HEADER: &str = "Chat-Replay-Seq";
 /// When MESSAGES stored the re-published event (RFC 3339).
 pub const REPLAY_TIME_HEADER: &str = "Chat-Replay-Time";
@@ -359,6 +454,7 @@ impl Republisher {
         if let Some(msg_id) = item.msg_id() {
             headers.insert(subjects::MSG_ID_HEADER, msg_id);
         }
+        headers.insert(REPLAY_STREAM_HEADER, item.stream.as_str());
         headers.insert(REPLAY_SEQ_HEADER, item.seq.to_string().as_str());
         let time = item.time.format(&Rfc3339).map_err(|e| self.error(e))?;
         headers.insert(REPLAY_TIME_HEADER, time.as_str());

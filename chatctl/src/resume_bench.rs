@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chat_shared::ids::{Cursor, DeviceId};
-use chat_shared::subjects::{MESSAGES_STREAM, ROUTER_CONSUMER};
+use chat_shared::subjects::ROUTER_CONSUMER;
 use chat_shared::wire::ClientFrame;
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
@@ -168,26 +168,32 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
     })
 }
 
-/// Waits until the router has fanned out everything in MESSAGES, so the
-/// whole backlog is in the receiver's inbox before it connects.
+/// Waits until the router has fanned out everything in MESSAGES (every
+/// partition), so the whole backlog is in the receiver's inbox before it
+/// connects.
 async fn wait_for_router(config: &Config) -> anyhow::Result<()> {
     let client = chat_shared::nats::connect(config, "chatctl-bench-resume").await?;
     let js = chat_shared::nats::jetstream(client, config);
-    let stream = js
-        .get_stream(MESSAGES_STREAM)
-        .await
-        .context("MESSAGES stream")?;
-    for _ in 0..600 {
-        let info = stream
-            .consumer_info(ROUTER_CONSUMER)
-            .await
-            .context("router consumer")?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return Ok(());
+    for partition in config.partitions.all() {
+        let name = partition.messages_stream();
+        let stream = js.get_stream(&name).await.context(name)?;
+        let mut drained = false;
+        for _ in 0..600 {
+            let info = stream
+                .consumer_info(ROUTER_CONSUMER)
+                .await
+                .context("router consumer")?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                drained = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !drained {
+            bail!("the router still had messages pending after 60 s");
+        }
     }
-    bail!("the router still had messages pending after 60 s")
+    Ok(())
 }
 
 pub fn print(report: &ResumeReport) {

@@ -37,9 +37,10 @@ use chat_shared::auth::Verifier;
 use chat_shared::direct::DirectReader;
 use chat_shared::discovery::Directory;
 use chat_shared::idgen::IdGenerator;
-use chat_shared::ids::EdgeId;
+use chat_shared::ids::{ConversationId, EdgeId, UserId};
 use chat_shared::lease::NodeLease;
 use chat_shared::membership::GroupCache;
+use chat_shared::partitions::Partition;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{streams, subjects, Config, StartError};
 use tokio::net::TcpListener;
@@ -66,11 +67,8 @@ pub(crate) struct Edge {
     pub verifier: Verifier,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
-    /// Handles (no round trip to make) on the streams the edge reads.
-    pub inbox: jetstream::stream::Stream<()>,
-    /// Reads a user's inbox after a cursor without a consumer.
-    pub direct: DirectReader,
-    pub messages: jetstream::stream::Stream<()>,
+    /// The streams the edge reads, one set per partition (index order).
+    partitions: Vec<PartitionStreams>,
     pub cursors: kv::Store,
     /// Where sends' `client_msg_id` claims are written (see `claims`)...
     pub claims: kv::Store,
@@ -103,6 +101,36 @@ pub(crate) struct Edge {
     pub link: watch::Receiver<chat_shared::nats::Link>,
 }
 
+/// Handles (no round trip to make) on one partition's streams.
+pub(crate) struct PartitionStreams {
+    pub partition: Partition,
+    pub inbox: jetstream::stream::Stream<()>,
+    /// Reads a user's inbox after a cursor without a consumer.
+    pub direct: DirectReader,
+    pub messages: jetstream::stream::Stream<()>,
+}
+
+impl Edge {
+    /// The streams of `partition`, one of `config.partitions`.
+    fn partition(&self, partition: Partition) -> &PartitionStreams {
+        // Built for every partition of the configured count, and a
+        // partition's index is below it: the fallback is never taken.
+        self.partitions
+            .get(partition.index() as usize)
+            .unwrap_or(&self.partitions[0])
+    }
+
+    /// The streams holding `user`'s inbox.
+    pub fn inbox_of(&self, user: &UserId) -> &PartitionStreams {
+        self.partition(self.config.partitions.of_user(user))
+    }
+
+    /// The streams holding `conversation`'s events.
+    pub fn messages_of(&self, conversation: &ConversationId) -> &PartitionStreams {
+        self.partition(self.config.partitions.of_conversation(conversation))
+    }
+}
+
 /// Runs an edge on `listener` until `shutdown` completes.
 pub async fn run(
     mut config: Config,
@@ -132,19 +160,26 @@ pub async fn run(
         .map_err(StartError::from)?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
     // The edge's NATS user may not create streams; the router and persister do.
-    streams::wait_until_provisioned(&js).await;
+    streams::wait_until_provisioned(&js, &config).await;
     let bucket = |name: &'static str| chat_shared::consume::bucket(&js, name);
-    let stream = |name: &'static str| {
+    let stream = |name: String| {
         let js = js.clone();
         async move {
-            js.get_stream_no_info(name)
+            js.get_stream_no_info(&name)
                 .await
                 .map_err(|source| StartError::Stream { name, source })
         }
     };
-    let inbox = stream(subjects::INBOX_STREAM).await?;
-    let direct = DirectReader::new(nats.clone(), subjects::INBOX_STREAM, resume::INBOX_STALL);
-    let messages = stream(subjects::MESSAGES_STREAM).await?;
+    let mut partitions = Vec::new();
+    for partition in config.partitions.all() {
+        let inbox = partition.inbox_stream();
+        partitions.push(PartitionStreams {
+            partition,
+            direct: DirectReader::new(nats.clone(), &inbox, resume::INBOX_STALL),
+            inbox: stream(inbox).await?,
+            messages: stream(partition.messages_stream()).await?,
+        });
+    }
     let cursors = bucket(subjects::CURSORS_BUCKET).await;
     let claims = bucket(subjects::SENT_BUCKET).await;
     let sent = DirectReader::new(
@@ -226,9 +261,7 @@ pub async fn run(
         verifier,
         nats,
         js,
-        direct,
-        inbox,
-        messages,
+        partitions,
         cursors,
         claims,
         sent,

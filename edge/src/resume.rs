@@ -45,8 +45,10 @@ pub enum ResumeError {
 
 /// What a session needs of the inbox stream.
 pub trait InboxReader {
-    /// The stream's first and last sequence.
-    fn bounds(&self) -> impl Future<Output = Result<(u64, u64), ResumeError>> + Send;
+    /// The first and last sequence of the stream holding `user`'s inbox
+    /// (their partition of INBOX).
+    fn bounds(&self, user: &UserId)
+        -> impl Future<Output = Result<(u64, u64), ResumeError>> + Send;
     /// The sequence of `user`'s latest item, 0 if there is none.
     fn head(&self, user: &UserId) -> impl Future<Output = Result<u64, ResumeError>> + Send;
     /// The next page of `user`'s items from sequence `from` on.
@@ -58,14 +60,18 @@ pub trait InboxReader {
 }
 
 impl InboxReader for Edge {
-    async fn bounds(&self) -> Result<(u64, u64), ResumeError> {
-        let stream = self.js.get_stream(subjects::INBOX_STREAM).await?;
+    async fn bounds(&self, user: &UserId) -> Result<(u64, u64), ResumeError> {
+        let stream = self
+            .js
+            .get_stream(self.inbox_of(user).partition.inbox_stream())
+            .await?;
         let state = &stream.cached_info().state;
         Ok((state.first_sequence, state.last_sequence))
     }
 
     async fn head(&self, user: &UserId) -> Result<u64, ResumeError> {
         match self
+            .inbox_of(user)
             .inbox
             .direct_get_last_for_subject(subjects::inbox(user))
             .await
@@ -78,6 +84,7 @@ impl InboxReader for Edge {
 
     async fn page(&self, user: &UserId, from: u64) -> Result<Page, ResumeError> {
         Ok(self
+            .inbox_of(user)
             .direct
             .page(&subjects::inbox(user), from, REPLAY_BATCH, REPLAY_BYTES)
             .await?)
@@ -108,7 +115,7 @@ pub async fn start<R: InboxReader>(
 ) -> Result<(Cursor, bool), ResumeError> {
     match cursor {
         Some(cursor) => {
-            let (first, last) = reader.bounds().await?;
+            let (first, last) = reader.bounds(user).await?;
             Ok(start_at(cursor, first, last))
         }
         None => Ok((Cursor(reader.head(user).await?), true)),
@@ -227,7 +234,7 @@ mod tests {
     }
 
     impl InboxReader for FakeInbox {
-        async fn bounds(&self) -> Result<(u64, u64), ResumeError> {
+        async fn bounds(&self, _user: &UserId) -> Result<(u64, u64), ResumeError> {
             let last = self
                 .items
                 .lock()

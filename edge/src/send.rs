@@ -302,7 +302,14 @@ async fn publish(
     claims.trying(&event);
     let ack = edge
         .js
-        .publish_with_headers(subjects::message(&event.conversation), headers, body.into())
+        .publish_with_headers(
+            subjects::message_in(
+                &event.conversation,
+                edge.messages_of(&event.conversation).partition,
+            ),
+            headers,
+            body.into(),
+        )
         .await
         .map_err(|_| SendError::Unavailable)?
         .await
@@ -315,6 +322,7 @@ async fn publish(
         // chose (ours only if it was claimed): answer with that one.
         claims.settled();
         let original = edge
+            .messages_of(&event.conversation)
             .messages
             .direct_get(ack.sequence)
             .await
@@ -347,7 +355,7 @@ async fn find_published(
         .map_err(|_| SendError::Unavailable)?;
     let window_end_ms = last_ms + edge.config.request_timeout.as_millis() as u64 + SLACK_MS;
     let mut scan = Scan::open(
-        &edge.messages,
+        &edge.messages_of(&event.conversation).messages,
         subjects::message(&event.conversation),
         DeliverPolicy::ByStartTime { start_time },
     )

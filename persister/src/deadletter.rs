@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
 use chat_shared::consume::{Backoff, DeadLetter, DeadLetterError};
+use chat_shared::partitions::Partitions;
 use chat_shared::{shutdown, subjects};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -23,12 +24,18 @@ use tokio::sync::watch;
 use crate::metrics::PersisterMetrics;
 
 /// The streams whose consumers' advisories are moved: every stream a
-/// backend consumer reads (not DEADLETTER itself).
-const WATCHED: [&str; 3] = [
-    subjects::MESSAGES_STREAM,
-    subjects::EVENTS_STREAM,
-    subjects::PUSH_STREAM,
-];
+/// backend consumer reads (not DEADLETTER itself), each partition of
+/// MESSAGES on its own, with the family metrics count them under.
+fn watched(partitions: Partitions) -> Vec<(String, &'static str)> {
+    let mut watched: Vec<(String, &'static str)> = partitions
+        .all()
+        .map(|p| (p.messages_stream(), subjects::MESSAGES_STREAM))
+        .collect();
+    for stream in [subjects::EVENTS_STREAM, subjects::PUSH_STREAM] {
+        watched.push((stream.to_string(), stream));
+    }
+    watched
+}
 
 /// Tries per advisory. An advisory is a core NATS message and is not sent
 /// again, so a copy is retried for a while (about half a minute, NATS or a
@@ -48,7 +55,9 @@ struct MaxDeliveries {
 /// consumer's name is a single subject token.
 #[derive(Debug, PartialEq)]
 struct Exhausted {
-    stream: &'static str,
+    stream: String,
+    /// The stream's family (`MESSAGES` for each of its partitions).
+    family: &'static str,
     consumer: String,
     sequence: u64,
     deliveries: i64,
@@ -65,9 +74,9 @@ enum AdvisoryError {
     Consumer(String),
 }
 
-fn parse(payload: &[u8]) -> Result<Exhausted, AdvisoryError> {
+fn parse(payload: &[u8], watched: &[(String, &'static str)]) -> Result<Exhausted, AdvisoryError> {
     let advisory: MaxDeliveries = serde_json::from_slice(payload)?;
-    let Some(stream) = WATCHED.into_iter().find(|s| *s == advisory.stream) else {
+    let Some((stream, family)) = watched.iter().find(|(s, _)| *s == advisory.stream) else {
         return Err(AdvisoryError::Unwatched(advisory.stream));
     };
     // The server refuses such names already; checked again because the
@@ -81,7 +90,8 @@ fn parse(payload: &[u8]) -> Result<Exhausted, AdvisoryError> {
         return Err(AdvisoryError::Consumer(consumer));
     }
     Ok(Exhausted {
-        stream,
+        stream: stream.clone(),
+        family,
         consumer,
         sequence: advisory.stream_seq,
         deliveries: advisory.deliveries,
@@ -92,11 +102,13 @@ fn parse(payload: &[u8]) -> Result<Exhausted, AdvisoryError> {
 pub async fn move_dead_letters(
     nats: async_nats::Client,
     js: jetstream::Context,
+    partitions: Partitions,
     metrics: Arc<PersisterMetrics>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut subscriptions = Vec::with_capacity(WATCHED.len());
-    for stream in WATCHED {
+    let watched = watched(partitions);
+    let mut subscriptions = Vec::with_capacity(watched.len());
+    for (stream, _) in &watched {
         match nats
             .subscribe(subjects::max_deliveries_advisories(stream))
             .await
@@ -104,7 +116,7 @@ pub async fn move_dead_letters(
             Ok(subscriber) => subscriptions.push(subscriber),
             Err(e) => {
                 // Only a closed client fails here; the writer stops too.
-                tracing::error!(error = %e, stream, "cannot watch max-deliveries advisories");
+                tracing::error!(error = %e, %stream, "cannot watch max-deliveries advisories");
                 return;
             }
         }
@@ -120,7 +132,7 @@ pub async fn move_dead_letters(
                 None => return,
             },
         };
-        let exhausted = match parse(&advisory.payload) {
+        let exhausted = match parse(&advisory.payload, &watched) {
             Ok(exhausted) => exhausted,
             Err(reason) => {
                 tracing::warn!(subject = %advisory.subject, %reason, "ignoring a max-deliveries advisory");
@@ -136,7 +148,7 @@ pub async fn move_dead_letters(
 
 /// Copies one exhausted event to `chat.dead.<consumer>`, retrying a while.
 #[tracing::instrument(skip_all, fields(
-    stream = exhausted.stream,
+    stream = %exhausted.stream,
     consumer = %exhausted.consumer,
     sequence = exhausted.sequence,
 ))]
@@ -154,7 +166,7 @@ async fn move_one(js: &jetstream::Context, exhausted: &Exhausted, metrics: &Pers
                     dead_letter = %subjects::dead_letter(&exhausted.consumer),
                     "an event reached max deliveries; moved to the dead letters"
                 );
-                metrics.dead_lettered(exhausted.stream);
+                metrics.dead_lettered(exhausted.family);
                 return;
             }
             Err(e) if e.is_final() || attempts == MOVE_ATTEMPTS => break e,
@@ -197,7 +209,7 @@ async fn copy(
     exhausted: &Exhausted,
     reason: &str,
 ) -> Result<String, CopyError> {
-    let stream = js.get_stream_no_info(exhausted.stream).await?;
+    let stream = js.get_stream_no_info(&exhausted.stream).await?;
     // A direct get may answer from any replica; every stream allows it.
     let original = stream
         .direct_get(exhausted.sequence)
@@ -207,7 +219,7 @@ async fn copy(
             _ => CopyError::Read(e),
         })?;
     DeadLetter {
-        stream: exhausted.stream,
+        stream: &exhausted.stream,
         consumer: &exhausted.consumer,
         sequence: exhausted.sequence,
         subject: original.subject.as_str(),
@@ -230,14 +242,28 @@ mod tests {
         let advisory = br#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x",
             "timestamp":"2026-01-01T00:00:00Z","stream":"MESSAGES","consumer":"persister",
             "stream_seq":42,"deliveries":20}"#;
+        let one = watched(Partitions::default());
         assert_eq!(
-            parse(advisory).ok(),
+            parse(advisory, &one).ok(),
             Some(Exhausted {
-                stream: subjects::MESSAGES_STREAM,
+                stream: subjects::MESSAGES_STREAM.into(),
+                family: subjects::MESSAGES_STREAM,
                 consumer: "persister".into(),
                 sequence: 42,
                 deliveries: 20,
             })
+        );
+        let three = watched(Partitions::new(3).unwrap());
+        let partitioned =
+            br#"{"stream":"MESSAGES_2","consumer":"router","stream_seq":7,"deliveries":20}"#;
+        let exhausted = parse(partitioned, &three).unwrap();
+        assert_eq!(
+            (exhausted.stream.as_str(), exhausted.family),
+            ("MESSAGES_2", "MESSAGES")
+        );
+        assert!(
+            parse(advisory, &three).is_err(),
+            "MESSAGES is not a stream when split"
         );
         for bad in [
             br#"{"stream":"DEADLETTER","consumer":"x","stream_seq":1,"deliveries":2}"#.as_slice(),
@@ -246,7 +272,11 @@ mod tests {
             br#"{"stream":"MESSAGES","consumer":">","stream_seq":1,"deliveries":2}"#,
             b"not json",
         ] {
-            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse(bad, &one).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -36,12 +36,11 @@ pub async fn run_with(
     let pool = db::connect_pool(&config)?;
     migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
-    let consumer = consume::durable(
-        &js,
-        subjects::MESSAGES_STREAM,
-        streams::persister_consumer(),
-    )
-    .await;
+    let mut consumers = Vec::new();
+    for partition in config.partitions.all() {
+        let stream = partition.messages_stream();
+        consumers.push(consume::durable(&js, &stream, streams::persister_consumer()).await);
+    }
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
@@ -49,7 +48,11 @@ pub async fn run_with(
         metrics_listener,
         registry,
         &js,
-        &[(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER)],
+        &config
+            .partitions
+            .all()
+            .map(|p| (p.messages_stream(), subjects::PERSISTER_CONSUMER))
+            .collect::<Vec<_>>(),
         &stop,
     );
     let service = service::Service::new(
@@ -65,10 +68,24 @@ pub async fn run_with(
     let mover = tokio::spawn(deadletter::move_dead_letters(
         nats.clone(),
         js.clone(),
+        config.partitions,
         metrics.clone(),
         stop.clone(),
     ));
-    let written = writer::write_messages(pool, js, consumer, metrics, stop).await;
+    // One writer per MESSAGES partition, each pulling its own consumer.
+    let writers = consumers.into_iter().map(|consumer| {
+        writer::write_messages(
+            pool.clone(),
+            js.clone(),
+            consumer,
+            metrics.clone(),
+            stop.clone(),
+        )
+    });
+    let written: Result<(), PersisterError> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .collect();
     let _ = rpc.await;
     let _ = mover.await;
     exposition.stopped().await;

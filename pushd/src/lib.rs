@@ -68,7 +68,7 @@ async fn run_exposed(
         metrics_listener,
         registry,
         &js,
-        &[(subjects::PUSH_STREAM, subjects::PUSHD_CONSUMER)],
+        &[(subjects::PUSH_STREAM.into(), subjects::PUSHD_CONSUMER)],
         &stop,
     );
     let shared = Arc::new(worker::Shared {

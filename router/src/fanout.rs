@@ -10,6 +10,7 @@ use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
+use chat_shared::partitions::{Partition, Partitions};
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
@@ -47,18 +48,35 @@ enum RouteError {
     Transient(String),
 }
 
-/// Which stream an event came from.
+/// Which stream an event came from: a partition of MESSAGES, or EVENTS.
 #[derive(Clone, Copy)]
-enum Source {
-    Messages,
+pub enum Source {
+    Messages(Partition),
     Events,
 }
 
 impl Source {
-    fn stream(self) -> &'static str {
+    /// The stream family, as metrics label it.
+    fn family(self) -> &'static str {
         match self {
-            Self::Messages => subjects::MESSAGES_STREAM,
+            Self::Messages(_) => subjects::MESSAGES_STREAM,
             Self::Events => subjects::EVENTS_STREAM,
+        }
+    }
+
+    /// The MESSAGES partition's index.
+    fn partition(self) -> Option<u32> {
+        match self {
+            Self::Messages(partition) => Some(partition.index()),
+            Self::Events => None,
+        }
+    }
+
+    /// The stream itself.
+    fn stream(self) -> String {
+        match self {
+            Self::Messages(partition) => partition.messages_stream(),
+            Self::Events => subjects::EVENTS_STREAM.to_string(),
         }
     }
 }
@@ -76,12 +94,13 @@ impl Fanout {
     pub fn new(
         nats: async_nats::Client,
         js: jetstream::Context,
+        partitions: Partitions,
         groups: GroupCache,
         push: PushJobs,
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         Self {
-            inbox: InboxWriter::new(nats, js.clone(), metrics.clone()),
+            inbox: InboxWriter::new(nats, js.clone(), partitions, metrics.clone()),
             js,
             groups,
             push,
@@ -109,7 +128,7 @@ impl Fanout {
                 }
                 Err(RouteError::Transient(reason)) => {
                     tracing::warn!(subject = %event.subject, %reason, "routing a recovered event failed; retrying");
-                    self.metrics.retried(source.stream());
+                    self.metrics.retried(source.family());
                     if stop.wait(&mut backoff).await {
                         return false;
                     }
@@ -148,7 +167,7 @@ impl Fanout {
                 }
                 Err(RouteError::Transient(reason)) => {
                     tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
-                    self.metrics.retried(source.stream());
+                    self.metrics.retried(source.family());
                     // Keep the event ours while we retry, instead of letting it be
                     // redelivered behind later events of its conversation.
                     let _ = message.ack_with(AckKind::Progress).await;
@@ -168,12 +187,12 @@ impl Fanout {
         // Not routed, but not lost: the copy is stored before the event is
         // terminated (else it comes back later).
         if consume::dead_letter(&self.js, message, reason).await {
-            self.metrics.dropped(source.stream());
+            self.metrics.dropped(source.family());
         }
     }
 
     async fn acked(&self, source: Source, message: &jetstream::Message) {
-        self.metrics.routed(source.stream());
+        self.metrics.routed(source.family());
         if let Err(e) = message.ack().await {
             tracing::warn!(error = %e, "ack failed; the event will be redelivered and de-duplicated");
         }
@@ -184,6 +203,7 @@ impl Fanout {
     /// handed back to be settled in place.
     async fn start(
         &self,
+        source: Source,
         message: jetstream::Message,
         order: &mut Order,
     ) -> Result<Option<InFlight>, jetstream::Message> {
@@ -194,8 +214,8 @@ impl Fanout {
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(RouteError::Poison(reason)) => {
-                self.dead_letter(Source::Messages, &message, &reason)
-                    .instrument(route_span(Source::Messages, trace))
+                self.dead_letter(source, &message, &reason)
+                    .instrument(route_span(source, trace))
                     .await;
                 return Ok(None);
             }
@@ -223,7 +243,7 @@ impl Fanout {
     /// then the ack. Anything that failed is retried in place (routing the
     /// event again; the appends de-duplicate); `false` if it was handed
     /// back at shutdown instead.
-    async fn finish(&self, event: InFlight, appended: bool, stop: &Stop) -> bool {
+    async fn finish(&self, source: Source, event: InFlight, appended: bool, stop: &Stop) -> bool {
         let InFlight {
             message,
             prepared,
@@ -234,11 +254,11 @@ impl Fanout {
             let pushed = self
                 .push
                 .emit(&prepared.event, &prepared.recipients, trace)
-                .instrument(route_span(Source::Messages, trace))
+                .instrument(route_span(source, trace))
                 .await;
             match pushed {
                 Ok(()) => {
-                    self.acked(Source::Messages, &message).await;
+                    self.acked(source, &message).await;
                     return true;
                 }
                 Err(reason) => {
@@ -246,8 +266,8 @@ impl Fanout {
                 }
             }
         }
-        self.metrics.retried(Source::Messages.stream());
-        self.settle(Source::Messages, message, stop).await
+        self.metrics.retried(source.family());
+        self.settle(source, message, stop).await
     }
 
     async fn route(
@@ -258,7 +278,7 @@ impl Fanout {
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
         match source {
-            Source::Messages => self.route_message(subject, payload, trace).await,
+            Source::Messages(_) => self.route_message(subject, payload, trace).await,
             Source::Events => self.route_group_event(payload).await,
         }
     }
@@ -393,7 +413,8 @@ struct InFlight {
 fn route_span(source: Source, trace: Option<TraceId>) -> tracing::Span {
     tracing::info_span!(
         "route",
-        stream = source.stream(),
+        stream = source.family(),
+        partition = source.partition(),
         trace_id = trace.map(tracing::field::display)
     )
 }
@@ -452,14 +473,21 @@ async fn sequence_of(
     consumer: &PullConsumer,
 ) -> Arc<Mutex<Sequence>> {
     let what = format!("the {} stream and consumer", source.stream());
-    let (stream, ack_floor) = consume::until_ready(&what, || async {
+    let (stream, ack_floor, first) = consume::until_ready(&what, || async {
         let stream = router.js.get_stream_no_info(source.stream()).await?;
         let mut consumer = consumer.clone();
         let ack_floor = consumer.info().await?.ack_floor.stream_sequence;
-        Ok::<_, async_nats::Error>((stream, ack_floor))
+        let first = router
+            .js
+            .get_stream(source.stream())
+            .await?
+            .cached_info()
+            .state
+            .first_sequence;
+        Ok::<_, async_nats::Error>((stream, ack_floor, first))
     })
     .await;
-    Arc::new(Mutex::new(Sequence::new(stream, ack_floor)))
+    Arc::new(Mutex::new(Sequence::new(stream, ack_floor, first)))
 }
 
 /// The events lost in flight before `message`, read back from the stream.
@@ -476,23 +504,26 @@ async fn missing_before(
     }
 }
 
-/// Pulls MESSAGES (as the pinned client of the router priority group) and
-/// spreads events over the lanes by conversation. On shutdown it stops
-/// pulling, lets each lane finish what it has in flight and hand back what
-/// it has not started, and waits for them at most `grace`.
+/// Pulls one partition of MESSAGES (as the pinned client of the router
+/// priority group on that partition's consumer) and spreads events over
+/// the lanes by conversation. On shutdown it stops pulling, lets each lane
+/// finish what it has in flight and hand back what it has not started, and
+/// waits for them at most `grace`.
 pub async fn consume_messages(
     router: Arc<Fanout>,
+    partition: Partition,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> Result<(), StartError> {
-    let sequence = sequence_of(&router, Source::Messages, &consumer).await;
+    let source = Source::Messages(partition);
+    let sequence = sequence_of(&router, source, &consumer).await;
     let mut tasks = tokio::task::JoinSet::new();
     let lanes: Arc<Vec<mpsc::Sender<Work>>> = Arc::new(
         (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel::<Work>(LANE_QUEUE);
-                tasks.spawn(lane(router.clone(), rx, Stop(stop.clone())));
+                tasks.spawn(lane(router.clone(), source, rx, Stop(stop.clone())));
                 tx
             })
             .collect(),
@@ -536,9 +567,10 @@ pub async fn consume_messages(
 /// is in flight is finished and what is queued is handed back; after one
 /// event is handed back, every later one is too (acking a later one would
 /// let the next router append it first).
-async fn lane(router: Arc<Fanout>, mut queue: mpsc::Receiver<Work>, stop: Stop) {
+async fn lane(router: Arc<Fanout>, source: Source, mut queue: mpsc::Receiver<Work>, stop: Stop) {
     let mut lane = Lane {
         router,
+        source,
         stop,
         order: Order::default(),
         in_flight: VecDeque::new(),
@@ -561,6 +593,8 @@ async fn lane(router: Arc<Fanout>, mut queue: mpsc::Receiver<Work>, stop: Stop) 
 
 struct Lane {
     router: Arc<Fanout>,
+    /// The MESSAGES partition it routes.
+    source: Source,
     stop: Stop,
     order: Order,
     in_flight: VecDeque<InFlight>,
@@ -578,7 +612,11 @@ impl Lane {
             return;
         }
         match work {
-            Work::Delivered(message) => match self.router.start(message, &mut self.order).await {
+            Work::Delivered(message) => match self
+                .router
+                .start(self.source, message, &mut self.order)
+                .await
+            {
                 Ok(Some(event)) => self.in_flight.push_back(event),
                 Ok(None) => {}
                 Err(message) => {
@@ -586,10 +624,8 @@ impl Lane {
                     if self.handed_back {
                         release(&message).await;
                     } else {
-                        self.handed_back = !self
-                            .router
-                            .settle(Source::Messages, message, &self.stop)
-                            .await;
+                        self.handed_back =
+                            !self.router.settle(self.source, message, &self.stop).await;
                     }
                 }
             },
@@ -598,7 +634,7 @@ impl Lane {
                 if !self.handed_back {
                     self.handed_back = !self
                         .router
-                        .settle_recovered(Source::Messages, event, &self.stop)
+                        .settle_recovered(self.source, event, &self.stop)
                         .await;
                 }
             }
@@ -612,7 +648,10 @@ impl Lane {
         if self.handed_back {
             release(&event.message).await;
         } else {
-            self.handed_back = !self.router.finish(event, appended, &self.stop).await;
+            self.handed_back = !self
+                .router
+                .finish(self.source, event, appended, &self.stop)
+                .await;
         }
         if self.in_flight.is_empty() {
             self.order.clear();

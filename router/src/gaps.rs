@@ -26,8 +26,7 @@ const READ_ATTEMPTS: u32 = 3;
 pub struct Sequence {
     stream: jetstream::stream::Stream<()>,
     /// The sequence after the highest one delivered (or the ack floor at
-    /// start); `None` for a consumer that never acked anything, whose
-    /// first delivery may follow events that aged out of the stream.
+    /// start).
     next: Option<u64>,
 }
 
@@ -36,11 +35,15 @@ impl Sequence {
     /// is still unacknowledged was delivered to a router that is gone (a
     /// kill, a takeover) and would come back only after its ack wait,
     /// behind newer events. Expecting the next delivery right above the
-    /// floor makes them a hole, read back and routed first.
-    pub fn new(stream: jetstream::stream::Stream<()>, ack_floor: u64) -> Self {
+    /// floor makes them a hole, read back and routed first. A consumer
+    /// that never acked anything (a new partition, a standby that started
+    /// before the first event was routed) expects the stream's `first`
+    /// sequence at start: what it holds from there on may have been
+    /// delivered to a router that is gone.
+    pub fn new(stream: jetstream::stream::Stream<()>, ack_floor: u64, first: u64) -> Self {
         Self {
             stream,
-            next: (ack_floor > 0).then_some(ack_floor + 1),
+            next: Some(expected_first(ack_floor, first)),
         }
     }
 
@@ -94,6 +97,16 @@ impl Sequence {
     }
 }
 
+/// The first sequence a consumer at `ack_floor` expects from a stream
+/// whose first sequence is `first` (0 when it never held anything).
+fn expected_first(ack_floor: u64, first: u64) -> u64 {
+    if ack_floor > 0 {
+        ack_floor + 1
+    } else {
+        first.max(1)
+    }
+}
+
 /// The sequences between the next expected one and a delivered one, if
 /// the delivery skipped any.
 fn hole(next: Option<u64>, delivered: u64) -> Option<std::ops::Range<u64>> {
@@ -111,5 +124,16 @@ mod tests {
         assert_eq!(hole(Some(7), 7), None, "the next one");
         assert_eq!(hole(Some(7), 10), Some(7..10));
         assert_eq!(hole(Some(10), 4), None, "a redelivery");
+    }
+
+    #[test]
+    fn a_consumer_that_never_acked_expects_the_streams_first_event() {
+        assert_eq!(expected_first(41, 1), 42, "above the ack floor");
+        assert_eq!(expected_first(0, 0), 1, "an empty new stream");
+        assert_eq!(expected_first(0, 1), 1);
+        assert_eq!(expected_first(0, 500), 500, "older events aged out");
+        // The events a gone router was given before the first ack are a
+        // hole once a later one is delivered.
+        assert_eq!(hole(Some(expected_first(0, 1)), 6), Some(1..6));
     }
 }

@@ -27,6 +27,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, UserId};
+use chat_shared::partitions::Partitions;
 use chat_shared::subjects;
 use chat_shared::wire::with_cursor;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -211,6 +212,8 @@ impl Appending {
 
 pub struct InboxWriter {
     js: jetstream::Context,
+    /// Which INBOX partition holds each user.
+    partitions: Partitions,
     queue: Mutex<mpsc::Sender<Pending>>,
     bytes: Arc<Semaphore>,
 }
@@ -219,12 +222,14 @@ impl InboxWriter {
     pub fn new(
         nats: async_nats::Client,
         js: jetstream::Context,
+        partitions: Partitions,
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(deliver_in_order(nats, rx, metrics));
         Self {
             js,
+            partitions,
             queue: Mutex::new(tx),
             bytes: Arc::new(Semaphore::new(IN_FLIGHT_KIB)),
         }
@@ -328,7 +333,11 @@ impl InboxWriter {
         );
         let ack = match self
             .js
-            .publish_with_headers(subjects::inbox(user), headers, frame.clone())
+            .publish_with_headers(
+                subjects::inbox_in(user, self.partitions.of_user(user)),
+                headers,
+                frame.clone(),
+            )
             .await
         {
             Ok(ack) => ack,

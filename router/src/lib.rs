@@ -59,8 +59,12 @@ pub async fn run_with(
     shutdown: Shutdown,
 ) -> Result<(), RouterError> {
     let (nats, js) = consume::connect_and_provision(&config, "router").await?;
-    let messages =
-        consume::durable(&js, subjects::MESSAGES_STREAM, streams::router_consumer()).await;
+    let mut messages = Vec::new();
+    for partition in config.partitions.all() {
+        let stream = partition.messages_stream();
+        let consumer = consume::durable(&js, &stream, streams::router_consumer()).await;
+        messages.push((partition, consumer));
+    }
     let events = consume::durable(
         &js,
         subjects::EVENTS_STREAM,
@@ -73,36 +77,51 @@ pub async fn run_with(
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("router"));
-    let exposition = chat_shared::metrics::expose(
-        metrics_listener,
-        registry,
-        &js,
-        &[
-            (subjects::MESSAGES_STREAM, subjects::ROUTER_CONSUMER),
-            (subjects::EVENTS_STREAM, subjects::ROUTER_EVENTS_CONSUMER),
-        ],
-        &stop,
-    );
+    let mut consumers: Vec<(String, &str)> = config
+        .partitions
+        .all()
+        .map(|p| (p.messages_stream(), subjects::ROUTER_CONSUMER))
+        .collect();
+    consumers.push((
+        subjects::EVENTS_STREAM.into(),
+        subjects::ROUTER_EVENTS_CONSUMER,
+    ));
+    let exposition =
+        chat_shared::metrics::expose(metrics_listener, registry, &js, &consumers, &stop);
     let push = push::PushJobs::new(js.clone(), presence, metrics.clone());
     let router = Arc::new(fanout::Fanout::new(
         nats.clone(),
         js,
+        config.partitions,
         groups.clone(),
         push,
         metrics,
     ));
     tracing::info!("router running");
-    let message_loop = tokio::spawn(fanout::consume_messages(
-        router.clone(),
-        messages,
-        stop.clone(),
-        config.shutdown_grace,
-    ));
+    // One pull loop per MESSAGES partition, each the pinned client of its
+    // own consumer (or a standby for it); all append through one writer.
+    let message_loops: Vec<_> = messages
+        .into_iter()
+        .map(|(partition, consumer)| {
+            tokio::spawn(fanout::consume_messages(
+                router.clone(),
+                partition,
+                consumer,
+                stop.clone(),
+                config.shutdown_grace,
+            ))
+        })
+        .collect();
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let nats_for_exit = nats.clone();
     let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
-    let (a, b, _, _) = tokio::join!(message_loop, event_loop, receipts, exposition.stopped());
-    for result in [a, b] {
+    let (messages, events, _, _) = tokio::join!(
+        futures::future::join_all(message_loops),
+        event_loop,
+        receipts,
+        exposition.stopped()
+    );
+    for result in messages.into_iter().chain([events]) {
         result??;
     }
     chat_shared::nats::flush_before_exit(&nats_for_exit, &config).await;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::netaddr::IpRange;
+use crate::partitions::{Partitions, MAX_PARTITIONS};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -66,6 +67,10 @@ pub struct Config {
     pub max_group_members: usize,
     /// `CHAT_STREAM_REPLICAS`: 1 on one node, 3 on the cluster.
     pub stream_replicas: usize,
+    /// `CHAT_PARTITIONS`: how many streams MESSAGES and INBOX are split
+    /// into (1 to 16, default 1; see `partitions`). Every service of a
+    /// deployment must use the same number.
+    pub partitions: Partitions,
     /// `CHAT_INBOX_MAX_AGE_SECS`: how long inbox items stay resumable.
     pub inbox_max_age: Duration,
     /// `CHAT_MESSAGES_MAX_AGE_SECS`: how long MESSAGES stays replayable (0 = forever).
@@ -141,9 +146,11 @@ const GIB: i64 = 1024 * MIB;
 #[derive(Debug, Clone)]
 pub struct StoreBounds {
     /// `CHAT_MESSAGES_MAX_BYTES`: the log of record; full, it refuses new
-    /// sends (`unavailable`) and never drops an unrouted event.
+    /// sends (`unavailable`) and never drops an unrouted event. Split into
+    /// partitions, each gets an equal share.
     pub messages: i64,
     /// `CHAT_INBOX_MAX_BYTES`: inbox items; full, the oldest go first.
+    /// Split into partitions, each gets an equal share.
     pub inbox: i64,
     /// `CHAT_INBOX_MAX_ITEMS_PER_USER`: one user's inbox keeps at most this
     /// many items, so one flooded inbox cannot push everyone else's out.
@@ -449,6 +456,7 @@ impl Default for Config {
             hello_timeout: Duration::from_secs(10),
             max_group_members: 100,
             stream_replicas: 1,
+            partitions: Partitions::default(),
             inbox_max_age: Duration::from_secs(7 * 24 * 3600),
             messages_max_age: Duration::from_secs(30 * 24 * 3600),
             dedup_window: Duration::from_secs(15 * 60),
@@ -519,6 +527,14 @@ impl Config {
         reader.seconds("CHAT_HELLO_TIMEOUT_SECS", &mut config.hello_timeout);
         reader.parse("CHAT_MAX_GROUP_MEMBERS", &mut config.max_group_members);
         reader.parse("CHAT_STREAM_REPLICAS", &mut config.stream_replicas);
+        let mut partitions = config.partitions.count();
+        reader.parse("CHAT_PARTITIONS", &mut partitions);
+        match Partitions::new(partitions) {
+            Some(valid) => config.partitions = valid,
+            None => reader.problems.push(format!(
+                "CHAT_PARTITIONS: must be between 1 and {MAX_PARTITIONS}"
+            )),
+        }
         reader.seconds("CHAT_INBOX_MAX_AGE_SECS", &mut config.inbox_max_age);
         reader.seconds("CHAT_MESSAGES_MAX_AGE_SECS", &mut config.messages_max_age);
         reader.seconds("CHAT_DEDUP_WINDOW_SECS", &mut config.dedup_window);
@@ -950,9 +966,10 @@ mod tests {
             ("CHAT_STREAM_REPLICAS", "2"),
             ("CHAT_LOG_FORMAT", "xml"),
             ("CHAT_INBOX_MAX_AGE_SECS", "18446744073709551615"),
+            ("CHAT_PARTITIONS", "17"),
         ])
         .unwrap_err();
-        assert_eq!(err.problems.len(), 5, "{err}");
+        assert_eq!(err.problems.len(), 6, "{err}");
     }
 
     #[test]
@@ -961,8 +978,10 @@ mod tests {
             ("CHAT_NATS_URL", "nats://10.0.0.1:4222"),
             ("CHAT_HEARTBEAT_SECS", "5"),
             ("CHAT_REQUEST_TIMEOUT_MS", "700"),
+            ("CHAT_PARTITIONS", "3"),
         ])
         .unwrap();
+        assert_eq!(config.partitions.count(), 3);
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));

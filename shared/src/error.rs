@@ -14,7 +14,7 @@ pub enum StartError {
     },
     #[error("stream {name}: {source}")]
     Stream {
-        name: &'static str,
+        name: String,
         source: async_nats::jetstream::context::GetStreamError,
     },
     #[error("listening on {addr}: {source}")]

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod moderation;
 pub mod nats;
 pub mod netaddr;
+pub mod partitions;
 pub mod presence;
 pub mod push;
 pub mod receipts;

@@ -130,7 +130,7 @@ pub fn expose(
     listener: Option<TcpListener>,
     mut registry: Registry,
     js: &jetstream::Context,
-    consumers: &[(&'static str, &'static str)],
+    consumers: &[(String, &'static str)],
     stop: &watch::Receiver<bool>,
 ) -> Exposition {
     let Some(listener) = listener else {
@@ -178,7 +178,7 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
 /// A durable consumer, named by its stream and its own name.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConsumerLabels {
-    stream: &'static str,
+    stream: String,
     consumer: &'static str,
 }
 
@@ -253,7 +253,7 @@ impl ConsumerGauges {
 fn watch_consumers(
     registry: &mut Registry,
     js: jetstream::Context,
-    consumers: Vec<(&'static str, &'static str)>,
+    consumers: Vec<(String, &'static str)>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let gauges = ConsumerGauges::new(registry);
@@ -267,12 +267,15 @@ fn watch_consumers(
                 _ = &mut stopped => return,
                 _ = poll.tick() => {}
             }
-            for &(stream, consumer) in &consumers {
-                let labels = ConsumerLabels { stream, consumer };
+            for (stream, consumer) in &consumers {
+                let labels = ConsumerLabels {
+                    stream: stream.clone(),
+                    consumer,
+                };
                 match consumer_info(&js, stream, consumer).await {
                     Ok(info) => gauges.set(&labels, &info),
                     Err(reason) => {
-                        tracing::debug!(stream, consumer, %reason, "no consumer info");
+                        tracing::debug!(%stream, consumer, %reason, "no consumer info");
                         gauges.forget(&labels);
                     }
                 }
@@ -347,7 +350,7 @@ mod tests {
         let mut registry = Registry::default();
         let gauges = ConsumerGauges::new(&mut registry);
         let labels = ConsumerLabels {
-            stream: "MESSAGES",
+            stream: "MESSAGES".into(),
             consumer: "router",
         };
         let info: jetstream::consumer::Info = serde_json::from_value(serde_json::json!({

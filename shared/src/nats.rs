@@ -263,6 +263,25 @@ mod tests {
         assert!(!is_dev_password("..."));
     }
 
+    #[test]
+    fn users_conf_names_every_partition_stream() {
+        // A partition's stream missing from a right shows only as a
+        // timeout; users.conf spells them out up to the largest count.
+        let partitions = crate::partitions::Partitions::new(crate::partitions::MAX_PARTITIONS)
+            .unwrap_or_default();
+        for partition in partitions.all() {
+            let (inbox, messages) = (partition.inbox_stream(), partition.messages_stream());
+            for right in [
+                format!("$JS.API.DIRECT.GET.{inbox}.>"),
+                format!("$JS.API.DIRECT.GET.{messages}.>"),
+                format!("$JS.API.CONSUMER.CREATE.{messages}.>"),
+                format!("$JS.API.STREAM.MSG.GET.{messages}"),
+            ] {
+                assert!(USERS_CONF.contains(&format!("\"{right}\"")), "{right}");
+            }
+        }
+    }
+
     fn as_user(user: &str, password: &str, dev: bool) -> Config {
         Config {
             nats_user: Some(user.into()),

@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 
 use crate::config::Config;
 use crate::consume::Backoff;
+use crate::partitions::Partition;
 use crate::subjects;
 
 /// The largest event; a 100,000-character text is at most 400 KB of UTF-8.
@@ -45,35 +46,62 @@ fn base(name: &str, subjects: &[&str], config: &Config) -> stream::Config {
     }
 }
 
-/// The log of record: one event per accepted message. Full, it refuses
-/// new publishes (the edge answers `unavailable`): dropping the oldest
-/// could drop an event not yet routed or stored in PostgreSQL.
-pub fn messages(config: &Config) -> stream::Config {
+/// A partition's stream: the subjects it captures and the transform that
+/// stores them under the unpartitioned subjects (see `partitions`), with
+/// its share of the byte bound.
+fn partition_of(
+    name: String,
+    (subjects, transform): (Vec<String>, Option<subjects::Transform>),
+    max_bytes: i64,
+    config: &Config,
+) -> stream::Config {
+    let shares = i64::from(config.partitions.count());
+    stream::Config {
+        subjects,
+        subject_transform: transform.map(|t| stream::SubjectTransform {
+            source: t.src,
+            destination: t.dest,
+        }),
+        max_bytes: max_bytes / shares,
+        ..base(&name, &[], config)
+    }
+}
+
+/// The log of record: one event per accepted message, in `partition`.
+/// Full, it refuses new publishes (the edge answers `unavailable`):
+/// dropping the oldest could drop an event not yet routed or stored in
+/// PostgreSQL.
+pub fn messages(config: &Config, partition: Partition) -> stream::Config {
     stream::Config {
         description: Some("one event per accepted message (PROTOCOL.md)".into()),
         max_age: config.messages_max_age,
-        max_bytes: config.bounds.messages,
         discard: stream::DiscardPolicy::New,
-        ..base(
-            subjects::MESSAGES_STREAM,
-            &subjects::MESSAGES_SUBJECTS,
+        ..partition_of(
+            partition.messages_stream(),
+            subjects::messages_partition(partition),
+            config.bounds.messages,
             config,
         )
     }
 }
 
-/// Per-user inboxes; the stream sequence is the cursor. A cache of
-/// deliveries that history can rebuild: full, the oldest items go (a resume
-/// from before the first kept item answers `resumed:false`), and each
-/// user's inbox is capped on its own so one flooded inbox cannot push
-/// everyone else's items out.
-pub fn inbox(config: &Config) -> stream::Config {
+/// Per-user inboxes of `partition`; the stream sequence is the cursor (a
+/// user's items are all in their partition, so it grows per user). A
+/// cache of deliveries that history can rebuild: full, the oldest items
+/// go (a resume from before the first kept item answers `resumed:false`),
+/// and each user's inbox is capped on its own so one flooded inbox cannot
+/// push everyone else's items out.
+pub fn inbox(config: &Config, partition: Partition) -> stream::Config {
     stream::Config {
         description: Some("per-user inbox items; the sequence is the cursor".into()),
         max_age: config.inbox_max_age,
-        max_bytes: config.bounds.inbox,
         max_messages_per_subject: config.bounds.inbox_items_per_user,
-        ..base(subjects::INBOX_STREAM, &subjects::INBOX_SUBJECTS, config)
+        ..partition_of(
+            partition.inbox_stream(),
+            subjects::inbox_partition(partition),
+            config.bounds.inbox,
+            config,
+        )
     }
 }
 
@@ -232,17 +260,21 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
     ]
 }
 
-/// Every stream, in the order they are applied.
+/// Every stream, in the order they are applied: each partition of
+/// MESSAGES and INBOX, then the rest.
 pub fn all_streams(config: &Config) -> Vec<stream::Config> {
-    vec![
-        messages(config),
-        inbox(config),
+    let partitions = config.partitions.all();
+    let mut all: Vec<stream::Config> = partitions
+        .flat_map(|p| [messages(config, p), inbox(config, p)])
+        .collect();
+    all.extend([
         push(config),
         events(config),
         deadletter(config),
         audit(config),
         quotas(config),
-    ]
+    ]);
+    all
 }
 
 /// Creates every stream and bucket that is missing and updates those whose
@@ -363,6 +395,10 @@ pub fn drift(wanted: &stream::Config, existing: &stream::Config) -> Option<&'sta
             "subjects",
             sorted(&wanted.subjects) == sorted(&existing.subjects),
         ),
+        (
+            "subject_transform",
+            wanted.subject_transform == existing.subject_transform,
+        ),
         ("storage", wanted.storage == existing.storage),
         (
             "num_replicas",
@@ -410,19 +446,18 @@ pub fn drift(wanted: &stream::Config, existing: &stream::Config) -> Option<&'sta
 
 /// Waits until every stream and bucket exists, for services whose NATS user
 /// may not create them (the edge): the router and persister provision them.
-pub async fn wait_until_provisioned(js: &jetstream::Context) {
-    let config = Config::default();
+pub async fn wait_until_provisioned(js: &jetstream::Context, config: &Config) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let mut missing = None;
-        for definition in all_streams(&config) {
+        for definition in all_streams(config) {
             if js.get_stream(&definition.name).await.is_err() {
                 missing = Some(definition.name);
                 break;
             }
         }
         if missing.is_none() {
-            for bucket in buckets(&config) {
+            for bucket in buckets(config) {
                 if js.get_key_value(&bucket.bucket).await.is_err() {
                     missing = Some(bucket.bucket);
                     break;
@@ -505,13 +540,19 @@ pub fn persister_consumer() -> consumer::pull::Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partitions::Partitions;
+
+    /// The one partition of an unsplit deployment.
+    fn only() -> Partition {
+        Partitions::default().all().next().unwrap()
+    }
 
     #[test]
     fn dedup_window_is_at_least_ten_minutes_by_default() {
         let config = Config::default();
         for definition in [
-            messages(&config),
-            inbox(&config),
+            messages(&config, only()),
+            inbox(&config, only()),
             events(&config),
             deadletter(&config),
         ] {
@@ -589,10 +630,16 @@ mod tests {
     #[test]
     fn each_field_we_set_is_compared() {
         let config = Config::default();
-        let wanted = inbox(&config);
+        let wanted = inbox(&config, only());
         type Change = fn(&mut stream::Config);
-        let changed: [(&str, Change); 14] = [
+        let changed: [(&str, Change); 15] = [
             ("subjects", |c| c.subjects.push("chat.other.>".into())),
+            ("subject_transform", |c| {
+                c.subject_transform = Some(stream::SubjectTransform {
+                    source: "chat.inbox.1.>".into(),
+                    destination: "chat.inbox.>".into(),
+                })
+            }),
             ("storage", |c| c.storage = stream::StorageType::Memory),
             ("num_replicas", |c| c.num_replicas = 3),
             ("retention", |c| {
@@ -626,6 +673,50 @@ mod tests {
     }
 
     #[test]
+    fn partitions_split_messages_and_inbox_and_their_bounds() {
+        let config = Config {
+            partitions: Partitions::new(3).unwrap(),
+            ..Config::default()
+        };
+        let names: Vec<String> = all_streams(&config).into_iter().map(|s| s.name).collect();
+        for name in [
+            "MESSAGES_0",
+            "INBOX_0",
+            "MESSAGES_1",
+            "INBOX_1",
+            "MESSAGES_2",
+            "INBOX_2",
+            "PUSH",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "MESSAGES" || n == "INBOX"));
+        let second = config.partitions.all().nth(1).unwrap();
+        let inbox = inbox(&config, second);
+        assert_eq!(inbox.subjects, ["chat.inbox.1.*"]);
+        assert_eq!(
+            inbox
+                .subject_transform
+                .as_ref()
+                .map(|t| t.destination.as_str()),
+            Some("chat.inbox.>")
+        );
+        assert_eq!(inbox.max_bytes, config.bounds.inbox / 3);
+        assert_eq!(
+            inbox.max_messages_per_subject, config.bounds.inbox_items_per_user,
+            "the cap is per user, whatever the partition"
+        );
+        assert_eq!(
+            messages(&config, second).max_bytes,
+            config.bounds.messages / 3
+        );
+        // Unsplit, nothing is transformed.
+        assert!(all_streams(&Config::default())
+            .iter()
+            .all(|s| s.subject_transform.is_none()));
+    }
+
+    #[test]
     fn every_stream_and_bucket_is_bounded_in_bytes() {
         let config = Config::default();
         for stream in all_streams(&config) {
@@ -636,9 +727,12 @@ mod tests {
         }
         // The log of record refuses rather than drops; the inbox cache drops
         // the oldest, and per user.
-        assert_eq!(messages(&config).discard, stream::DiscardPolicy::New);
-        assert_eq!(inbox(&config).discard, stream::DiscardPolicy::Old);
-        assert!(inbox(&config).max_messages_per_subject > 0);
+        assert_eq!(
+            messages(&config, only()).discard,
+            stream::DiscardPolicy::New
+        );
+        assert_eq!(inbox(&config, only()).discard, stream::DiscardPolicy::Old);
+        assert!(inbox(&config, only()).max_messages_per_subject > 0);
         let quotas = quotas(&config);
         assert!(quotas.allow_message_counter);
         assert!(quotas.max_age > Duration::from_secs(24 * 3600));

@@ -5,6 +5,7 @@
 //! user and a conversation or an edge with the same id can never collide.
 
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MessageId, UserId};
+use crate::partitions::Partition;
 use crate::wire::PresenceStatus;
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
@@ -128,6 +129,71 @@ pub fn parse_message(subject: &str) -> Option<ConversationId> {
 /// One user's durable inbox (stream INBOX); the sequence is the cursor.
 pub fn inbox(user: &UserId) -> String {
     format!("chat.inbox.{user}")
+}
+
+/// Where an event of `conversation` is published: [`message`] itself when
+/// MESSAGES is one stream; split, `chat.msg.<k>.dm.<a>.<b>` or
+/// `chat.msg.<k>.group.<g>` (`partition` is the conversation's), which
+/// `MESSAGES_<k>` captures and stores as [`message`] (see `partitions`).
+pub fn message_in(conversation: &ConversationId, partition: Partition) -> String {
+    if !partition.is_split() {
+        return message(conversation);
+    }
+    match conversation {
+        ConversationId::Dm { low, high } => format!("chat.msg.{partition}.dm.{low}.{high}"),
+        ConversationId::Group(group) => format!("chat.msg.{partition}.group.{group}"),
+    }
+}
+
+/// Where an item of `user`'s inbox is appended: [`inbox`] itself when
+/// INBOX is one stream; split, `chat.inbox.<k>.<user>` (`partition` is the
+/// user's), which `INBOX_<k>` captures and stores as [`inbox`].
+pub fn inbox_in(user: &UserId, partition: Partition) -> String {
+    if partition.is_split() {
+        format!("chat.inbox.{partition}.{user}")
+    } else {
+        inbox(user)
+    }
+}
+
+/// A subject transform of a partition's stream: what it captures (`src`)
+/// is stored under `dest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transform {
+    pub src: String,
+    pub dest: String,
+}
+
+/// The subjects MESSAGES partition `partition` captures, and the transform
+/// that stores them under [`MESSAGES_SUBJECTS`] (none on one stream).
+pub fn messages_partition(partition: Partition) -> (Vec<String>, Option<Transform>) {
+    partition_subjects(partition, "chat.msg", &MESSAGES_SUBJECTS)
+}
+
+/// The subjects INBOX partition `partition` captures, and the transform
+/// that stores them under [`INBOX_SUBJECTS`] (none on one stream).
+pub fn inbox_partition(partition: Partition) -> (Vec<String>, Option<Transform>) {
+    partition_subjects(partition, "chat.inbox", &INBOX_SUBJECTS)
+}
+
+fn partition_subjects(
+    partition: Partition,
+    family: &str,
+    plain: &[&str],
+) -> (Vec<String>, Option<Transform>) {
+    if !partition.is_split() {
+        return (plain.iter().map(|s| s.to_string()).collect(), None);
+    }
+    let subjects = plain
+        .iter()
+        .filter_map(|s| s.strip_prefix(family))
+        .map(|rest| format!("{family}.{partition}{rest}"))
+        .collect();
+    let transform = Transform {
+        src: format!("{family}.{partition}.>"),
+        dest: format!("{family}.>"),
+    };
+    (subjects, Some(transform))
 }
 
 /// Live deliveries for every connection of one user (core NATS).
@@ -435,6 +501,39 @@ mod tests {
     }
 
     #[test]
+    fn partitioned_subjects_carry_the_index_and_are_stored_plain() {
+        let three = crate::partitions::Partitions::new(3).unwrap();
+        let one = crate::partitions::Partitions::default();
+        let dm = ConversationId::parse("dm:alice:bob").unwrap();
+        let p = three.of_conversation(&dm);
+        assert_eq!(message_in(&dm, p), format!("chat.msg.{p}.dm.alice.bob"));
+        assert_eq!(message_in(&dm, one.of_conversation(&dm)), message(&dm));
+        let (captured, transform) = messages_partition(p);
+        assert_eq!(
+            captured,
+            [
+                format!("chat.msg.{p}.dm.*.*"),
+                format!("chat.msg.{p}.group.*")
+            ]
+        );
+        assert_eq!(
+            transform,
+            Some(Transform {
+                src: format!("chat.msg.{p}.>"),
+                dest: "chat.msg.>".into()
+            })
+        );
+        let bob = user("bob");
+        let q = three.of_user(&bob);
+        assert_eq!(inbox_in(&bob, q), format!("chat.inbox.{q}.bob"));
+        assert_eq!(inbox_partition(q).0, [format!("chat.inbox.{q}.*")]);
+        assert_eq!(
+            inbox_partition(one.of_user(&bob)),
+            (vec!["chat.inbox.*".to_string()], None)
+        );
+    }
+
+    #[test]
     fn group_event_subjects_parse_back() {
         let group = GroupId::parse("g1").unwrap();
         assert_eq!(parse_group_event(&group_event(&group)), Some(group));
@@ -457,6 +556,16 @@ mod tests {
             .iter()
             .any(|p| matches(p, &message(&group))));
         assert!(matches(INBOX_SUBJECTS[0], &inbox(&user("a"))));
+        let partitions = crate::partitions::Partitions::new(3).unwrap();
+        for conversation in [&dm, &group] {
+            let partition = partitions.of_conversation(conversation);
+            let (captured, _) = messages_partition(partition);
+            let subject = message_in(conversation, partition);
+            assert!(captured.iter().any(|p| matches(p, &subject)), "{subject}");
+        }
+        let partition = partitions.of_user(&user("a"));
+        let (captured, _) = inbox_partition(partition);
+        assert!(matches(&captured[0], &inbox_in(&user("a"), partition)));
         assert!(matches(PUSH_SUBJECTS[0], &push(&user("a"))));
         assert!(matches(
             EVENTS_SUBJECTS[0],

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chat_shared::ids::UserId;
+use chat_shared::partitions::Partitions;
 use chat_shared::Config;
 use chat_shared::{auth, rpc};
 use futures::{SinkExt, StreamExt};
@@ -689,7 +690,26 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             ..Default::default()
         },
         quota: QUOTA_OFF_SCALE,
+        partitions: partitions_under_test(),
         ..Config::default()
+    }
+}
+
+/// How many partitions MESSAGES and INBOX have in the systems tests start:
+/// `CHAT_PARTITIONS` of the test process (`CHAT_PARTITIONS=3 cargo nextest
+/// run …` runs the suites split), else one.
+///
+/// # Panics
+/// If `CHAT_PARTITIONS` is set to anything but a valid count: a typo must
+/// not quietly test the unsplit system.
+pub fn partitions_under_test() -> Partitions {
+    match std::env::var("CHAT_PARTITIONS") {
+        Ok(count) => count
+            .parse()
+            .ok()
+            .and_then(Partitions::new)
+            .unwrap_or_else(|| panic!("CHAT_PARTITIONS={count:?} is not a partition count")),
+        Err(_) => Partitions::default(),
     }
 }
 

@@ -53,6 +53,7 @@ fn environment(config: &Config) -> Vec<(&'static str, String)> {
         ("CHAT_JWT_SECRET", JWT_SECRET.into()),
         ("CHAT_EDGE_ADDR", "127.0.0.1:0".into()),
         ("CHAT_STREAM_REPLICAS", config.stream_replicas.to_string()),
+        ("CHAT_PARTITIONS", config.partitions.count().to_string()),
         ("CHAT_REQUEST_TIMEOUT_MS", millis(config.request_timeout)),
         ("CHAT_SHUTDOWN_GRACE_MS", millis(config.shutdown_grace)),
         (

@@ -9,7 +9,7 @@ use chat_shared::ids::{ClientMsgId, ConversationId, DeviceId, UserId};
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::Shutdown;
 use chat_shared::wire::{ErrorCode, MessageEvent};
-use chat_shared::{auth, subjects, Config, StartError};
+use chat_shared::{auth, Config, StartError};
 use futures::StreamExt;
 
 use crate::edge::{Edge, SendOutcome};
@@ -75,14 +75,15 @@ fn consumer_config(bot: &UserId) -> consumer::pull::Config {
 pub async fn run(config: Config, settings: Settings, shutdown: Shutdown) -> Result<(), StartError> {
     let nats = chat_shared::nats::connect(&config, "echo-bot").await?;
     let js = chat_shared::nats::jetstream(nats.clone(), &config);
-    chat_shared::streams::wait_until_provisioned(&js).await;
+    chat_shared::streams::wait_until_provisioned(&js, &config).await;
     let groups = GroupCache::start(nats, &config.group_cache).await?;
-    let consumer = consume::durable(
-        &js,
-        subjects::MESSAGES_STREAM,
-        consumer_config(&settings.user),
-    )
-    .await;
+    // One consumer per partition of MESSAGES (one stream unless
+    // CHAT_PARTITIONS splits it).
+    let mut consumers = Vec::new();
+    for partition in config.partitions.all() {
+        let stream = partition.messages_stream();
+        consumers.push(consume::durable(&js, &stream, consumer_config(&settings.user)).await);
+    }
     let mut bot = Bot {
         config,
         settings,
@@ -92,9 +93,7 @@ pub async fn run(config: Config, settings: Settings, shutdown: Shutdown) -> Resu
     let mut stopped = shutdown;
     let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
     tracing::info!(user = %bot.settings.user, "echo bot listening");
-    'pull: while let Some(mut messages) =
-        consume::open_pull(&consumer, 16, None, &mut stopped).await
-    {
+    'pull: while let Some(mut messages) = open_all(&consumers, &mut stopped).await {
         loop {
             tokio::select! {
                 _ = &mut stopped => break 'pull,
@@ -112,6 +111,19 @@ pub async fn run(config: Config, settings: Settings, shutdown: Shutdown) -> Resu
         }
     }
     Ok(())
+}
+
+/// One pull stream over the consumers of every partition; `None` once
+/// stopped.
+async fn open_all(
+    consumers: &[consumer::PullConsumer],
+    stopped: &mut Shutdown,
+) -> Option<futures::stream::SelectAll<consumer::pull::Stream>> {
+    let mut streams = Vec::with_capacity(consumers.len());
+    for consumer in consumers {
+        streams.push(consume::open_pull(consumer, 16, None, stopped).await?);
+    }
+    Some(futures::stream::select_all(streams))
 }
 
 /// Reads the edge's next frame; never completes without a connection.

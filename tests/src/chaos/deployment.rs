@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chat_shared::ids::UserId;
+use chat_shared::partitions::Partitions;
 use chat_shared::{auth, Config};
 use serde::Serialize;
 use serde_json::json;
@@ -74,6 +75,9 @@ pub struct DeadLetter {
     pub payload: String,
 }
 
+/// How many partitions MESSAGES and INBOX have on the cluster.
+pub const CLUSTER_PARTITIONS: u32 = 3;
+
 /// The mark a fault schedule sets once its fault is in full effect, and
 /// the one it sets just before it starts to heal it: [`scenario`] reports
 /// the answers in between as [`Report::during_fault`].
@@ -85,12 +89,18 @@ impl Deployment {
     /// `env!("CARGO_BIN_EXE_service-under-test")`.
     pub async fn start(binary: &str, nats: Nats) -> Result<Self> {
         let database_url = fresh_database().await?;
-        let stream_replicas = match &nats {
-            Nats::Single(_) => 1,
-            Nats::Cluster(cluster) => cluster.len(),
+        // The cluster is where partitions matter: its scenarios always run
+        // with MESSAGES and INBOX split in CLUSTER_PARTITIONS.
+        let (stream_replicas, partitions) = match &nats {
+            Nats::Single(_) => (1, crate::partitions_under_test()),
+            Nats::Cluster(cluster) => (
+                cluster.len(),
+                Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default(),
+            ),
         };
         let config = Config {
             stream_replicas,
+            partitions,
             ..crate::test_config(nats.url(), database_url)
         };
         let mut deployment = Self {
@@ -250,19 +260,21 @@ impl Deployment {
             return Ok(0);
         }
         let js = self.admin_js().await?;
-        let mut stream = js.get_stream(chat_shared::subjects::INBOX_STREAM).await?;
-        let state = stream.info().await?.state.clone();
         let mut items: HashSet<(String, u64)> = HashSet::new();
-        for seq in state.first_sequence..=state.last_sequence {
-            let Ok(item) = stream.get_raw_message(seq).await else {
-                continue;
-            };
-            let Some(msg_id) = item.headers.get(chat_shared::subjects::MSG_ID_HEADER) else {
-                continue;
-            };
-            if let Some((id, user)) = msg_id.as_str().rsplit_once(':') {
-                if let Ok(id) = id.parse() {
-                    items.insert((user.to_string(), id));
+        for partition in self.config.partitions.all() {
+            let mut stream = js.get_stream(partition.inbox_stream()).await?;
+            let state = stream.info().await?.state.clone();
+            for seq in state.first_sequence..=state.last_sequence {
+                let Ok(item) = stream.get_raw_message(seq).await else {
+                    continue;
+                };
+                let Some(msg_id) = item.headers.get(chat_shared::subjects::MSG_ID_HEADER) else {
+                    continue;
+                };
+                if let Some((id, user)) = msg_id.as_str().rsplit_once(':') {
+                    if let Ok(id) = id.parse() {
+                        items.insert((user.to_string(), id));
+                    }
                 }
             }
         }

@@ -82,6 +82,8 @@ fn nats_server_bin() -> Result<PathBuf> {
 pub struct NatsServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// The configuration file it runs with.
+    conf: PathBuf,
     port: u16,
     /// Its HTTP monitor (`/varz`, `/jsz`).
     monitor_port: u16,
@@ -96,9 +98,31 @@ impl NatsServer {
     /// waits until it is ready.
     pub async fn start() -> Result<NatsServer> {
         let (bin, dir) = binary_and_dir("chat-nats-")?;
+        Self::start_in(bin, dir, repo_root().join("nats/dev.conf")).await
+    }
+
+    /// Like [`NatsServer::start`], with `extra` (e.g. account `mappings`)
+    /// appended to `nats/dev.conf`.
+    pub async fn start_with_config(extra: &str) -> Result<NatsServer> {
+        let (bin, dir) = binary_and_dir("chat-nats-")?;
+        // `include` is resolved next to the including file.
+        fs::copy(
+            repo_root().join("nats/users.conf"),
+            dir.path().join("users.conf"),
+        )
+        .context("copying nats/users.conf")?;
+        let dev = fs::read_to_string(repo_root().join("nats/dev.conf"))
+            .context("reading nats/dev.conf")?;
+        let conf = dir.path().join("nats.conf");
+        fs::write(&conf, format!("{dev}\n{extra}\n")).context("writing the server config")?;
+        Self::start_in(bin, dir, conf).await
+    }
+
+    async fn start_in(bin: PathBuf, dir: tempfile::TempDir, conf: PathBuf) -> Result<NatsServer> {
         let mut server = NatsServer {
             bin,
             dir,
+            conf,
             port: 0,
             monitor_port: 0,
             child: None,
@@ -168,7 +192,6 @@ impl NatsServer {
         self.starts += 1;
         let log_path = self.log_path();
         let log = fs::File::create(&log_path).context("creating nats-server log file")?;
-        let conf = repo_root().join("nats/dev.conf");
         let free_or = |port: u16| {
             if port == 0 {
                 "-1".to_string()
@@ -187,7 +210,7 @@ impl NatsServer {
             "-sd".as_ref(),
             store.as_os_str(),
         ];
-        let mut child = spawn_server(&self.bin, &conf, &args, log)?;
+        let mut child = spawn_server(&self.bin, &self.conf, &args, log)?;
         let pid = child.id().to_string();
 
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
@@ -256,8 +279,8 @@ impl Drop for NatsServer {
 }
 
 /// A 3-node JetStream cluster on loopback for fault tests: the settings of
-/// `nats/cluster-{1,2,3}.conf` (`sync_interval: 1s` included) on free
-/// ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
+/// `nats/cluster-{1,2,3}.conf` (`sync_interval: 1s`, one `az:<n>` tag per
+/// node and `unique_tag: "az"` included) on free ports, each node with its own store in a temporary dir. Nodes can be killed, restarted and paused; all are
 /// killed (and the dir removed) on drop.
 pub struct NatsCluster {
     bin: PathBuf,
@@ -297,8 +320,9 @@ impl NatsCluster {
                 .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             let text = format!(
-                "server_name: n{n}\nlisten: 127.0.0.1:{port}\nmax_payload: 2MB\n\
-                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: 1s\n}}\n\
+                "server_name: n{n}\nserver_tags: [\"az:{n}\"]\n\
+                 listen: 127.0.0.1:{port}\nmax_payload: 2MB\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: 1s\n  unique_tag: \"az\"\n}}\n\
                  cluster {{\n  name: chaos\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
                  include \"users.conf\"\n",
                 n = index + 1,
@@ -349,6 +373,17 @@ impl NatsCluster {
     /// info name their RAFT leader.
     pub fn node_name(&self, index: usize) -> String {
         format!("n{}", index + 1)
+    }
+
+    /// The `az:` tag of the node named `name`, read from its configuration.
+    pub fn zone_of(&self, name: &str) -> Option<String> {
+        let index = (0..self.nodes.len()).find(|&index| self.node_name(index) == name)?;
+        let text = fs::read_to_string(&self.nodes[index].config).ok()?;
+        let tags = text.lines().find_map(|l| l.strip_prefix("server_tags: "))?;
+        tags.trim_matches(|c| matches!(c, '[' | ']' | '"'))
+            .split("\", \"")
+            .find(|tag| tag.starts_with("az:"))
+            .map(str::to_string)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::partitions::Partitions;
 use chat_shared::subjects;
 use chat_tests::chaos::{self, Deployment, Nats, Workload};
 use chat_tests::servers::NatsCluster;
@@ -463,6 +464,62 @@ async fn cluster() -> Result<Deployment> {
     Deployment::start(BINARY, Nats::Cluster(NatsCluster::start().await?)).await
 }
 
+/// The partitions of MESSAGES and INBOX on the 3-node cluster: R3, each
+/// stream's replicas in three distinct zones (`az:` tags, `unique_tag`),
+/// and the partitions' leaders spread over more than one node.
+#[tokio::test]
+async fn cluster_partitions_spread_over_nodes_and_zones() -> Result<()> {
+    let cluster = NatsCluster::start().await?;
+    let config = chat_shared::Config {
+        stream_replicas: cluster.len(),
+        partitions: Partitions::new(chat_tests::chaos::CLUSTER_PARTITIONS).context("partitions")?,
+        ..chat_tests::config_as(
+            &chat_tests::test_config(cluster.url(), String::new()),
+            "admin",
+        )
+    };
+    let js = async_nats::jetstream::new(chat_shared::nats::connect(&config, "placement").await?);
+    chat_shared::streams::provision(&js, &config).await;
+    let streams: Vec<String> = config
+        .partitions
+        .all()
+        .flat_map(|p| [p.messages_stream(), p.inbox_stream()])
+        .collect();
+    let mut leaders = std::collections::BTreeSet::new();
+    for name in &streams {
+        let mut placed = None;
+        for _ in 0..100 {
+            let mut stream = js.get_stream(name).await?;
+            let info = stream.info().await?.clone();
+            let cluster_info = info.cluster.context("no cluster info")?;
+            if let Some(leader) = cluster_info.leader.clone() {
+                let mut nodes = vec![leader.clone()];
+                nodes.extend(cluster_info.replicas.iter().map(|r| r.name.clone()));
+                if nodes.len() == 3 {
+                    placed = Some((leader, nodes));
+                    break;
+                }
+            }
+            pause(0.1).await;
+        }
+        let (leader, nodes) =
+            placed.with_context(|| format!("{name} has no leader and 2 peers"))?;
+        let zones: std::collections::BTreeSet<String> =
+            nodes.iter().filter_map(|n| cluster.zone_of(n)).collect();
+        ensure!(
+            zones.len() == 3,
+            "{name}'s replicas {nodes:?} are in zones {zones:?}"
+        );
+        leaders.insert(leader);
+    }
+    println!("partition leaders on {leaders:?}");
+    ensure!(
+        leaders.len() >= 2,
+        "every partition is led by {leaders:?}: one node takes every write"
+    );
+    Ok(())
+}
+
 /// The 3-node cluster with R3 streams: kill -9 one node every few seconds
 /// for a minute (each restarted before the next goes).
 #[tokio::test]
@@ -559,12 +616,18 @@ async fn cluster_loses_quorum() -> Result<()> {
     Ok(())
 }
 
-/// The streams every send writes: a leader of these frozen stalls sends.
-const SEND_PATH_STREAMS: [&str; 3] = [
-    subjects::MESSAGES_STREAM,
-    subjects::INBOX_STREAM,
-    "KV_chat_sent",
-];
+/// The streams every send writes (every partition of MESSAGES and INBOX):
+/// a leader of these frozen stalls sends.
+fn send_path_streams(d: &Deployment) -> Vec<String> {
+    let mut streams: Vec<String> = d
+        .config
+        .partitions
+        .all()
+        .flat_map(|p| [p.messages_stream(), p.inbox_stream()])
+        .collect();
+    streams.push("KV_chat_sent".into());
+    streams
+}
 
 /// An admin connection to node `index` of the cluster only.
 async fn admin_on(d: &Deployment, index: usize) -> Result<async_nats::Client> {
@@ -593,7 +656,7 @@ async fn stream_leader(nats: &async_nats::Client, stream: &str) -> Result<Option
     Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
 }
 
-/// Moves the leaders of [`SEND_PATH_STREAMS`] to node `index` (a stepdown
+/// Moves the leaders of [`send_path_streams`] to node `index` (a stepdown
 /// with that node preferred, repeated until it leads).
 async fn lead_on(d: &Deployment, index: usize) -> Result<()> {
     let Nats::Cluster(cluster) = &d.nats else {
@@ -601,7 +664,8 @@ async fn lead_on(d: &Deployment, index: usize) -> Result<()> {
     };
     let name = cluster.node_name(index);
     let admin = admin_on(d, index).await?;
-    for stream in SEND_PATH_STREAMS {
+    for stream in send_path_streams(d) {
+        let stream = stream.as_str();
         let mut moved = false;
         for _ in 0..10 {
             if leads(&admin, stream, &name).await {
@@ -640,8 +704,8 @@ async fn cluster_node_paused() -> Result<()> {
             pause(5.0).await;
             // Still the leader of what every send writes.
             let other = admin_on(d, 1).await?;
-            for stream in SEND_PATH_STREAMS {
-                let leader = stream_leader(&other, stream).await?;
+            for stream in send_path_streams(d) {
+                let leader = stream_leader(&other, &stream).await?;
                 ensure!(
                     leader.as_deref() == Some("n1"),
                     "{stream} is led by {leader:?}, not by the node to pause"
@@ -652,11 +716,19 @@ async fn cluster_node_paused() -> Result<()> {
             };
             cluster.pause(0)?;
             let paused = d.mark(chaos::FAULT);
-            // Another node takes over MESSAGES while n1 is frozen.
+            // Another node takes over (a partition of) MESSAGES while n1
+            // is frozen.
+            let messages = d
+                .config
+                .partitions
+                .all()
+                .next()
+                .map(|p| p.messages_stream())
+                .context("no MESSAGES partition")?;
             let mut elected = None;
             while d.now_ms() < paused + 25_000 {
                 pause(0.25).await;
-                let leader = stream_leader(&other, subjects::MESSAGES_STREAM).await;
+                let leader = stream_leader(&other, &messages).await;
                 if let Ok(Some(leader)) = leader {
                     if leader != "n1" {
                         elected = Some(leader);
@@ -664,9 +736,10 @@ async fn cluster_node_paused() -> Result<()> {
                     }
                 }
             }
-            let elected = elected.context("no new MESSAGES leader while n1 was frozen")?;
-            let took = d.mark(&format!("MESSAGES led by {elected}")) - paused;
-            println!("cluster-node-paused: {elected} leads MESSAGES {took} ms after the pause");
+            let elected =
+                elected.with_context(|| format!("no new {messages} leader while n1 was frozen"))?;
+            let took = d.mark(&format!("{messages} led by {elected}")) - paused;
+            println!("cluster-node-paused: {elected} leads {messages} {took} ms after the pause");
             tokio::time::sleep(Duration::from_millis(
                 (paused + 30_000).saturating_sub(d.now_ms()),
             ))

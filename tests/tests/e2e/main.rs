@@ -11,6 +11,7 @@ mod messaging;
 mod metrics;
 mod moderation;
 mod operators;
+mod partitions;
 mod presence;
 mod privilege;
 mod provisioning;

@@ -249,17 +249,29 @@ async fn an_expired_cursor_is_not_resumed() -> anyhow::Result<()> {
     // Expire the inbox: everything up to now is gone.
     let admin = system.admin().await?;
     let js = async_nats::jetstream::new(admin);
+    let inboxes: Vec<String> = system
+        .config
+        .partitions
+        .all()
+        .map(|p| p.inbox_stream())
+        .collect();
     wait_until(|| {
-        let js = js.clone();
+        let (js, inboxes) = (js.clone(), inboxes.clone());
         async move {
-            match js.get_stream("INBOX").await {
-                Ok(stream) => stream.cached_info().state.messages >= 6,
-                Err(_) => false,
+            let mut items = 0;
+            for inbox in &inboxes {
+                match js.get_stream(inbox).await {
+                    Ok(stream) => items += stream.cached_info().state.messages,
+                    Err(_) => return false,
+                }
             }
+            items >= 6
         }
     })
     .await?;
-    js.get_stream("INBOX").await?.purge().await?;
+    for inbox in &inboxes {
+        js.get_stream(inbox).await?.purge().await?;
+    }
     let bob = system.connect_from("bob", "phone", Some("1")).await?;
     assert_eq!(bob.welcome["resumed"], false);
     Ok(())
@@ -869,10 +881,11 @@ async fn a_cursor_from_the_future_is_not_trusted() -> anyhow::Result<()> {
     send_to_bob(&mut alice, 0..2).await?;
     // `sent` means stored in MESSAGES; wait until the router has put both
     // into bob's inbox, so neither can arrive live after the hello below.
+    let bob_id = chat_shared::ids::UserId::parse("bob")?;
     let inbox = async_nats::jetstream::new(system.admin().await?)
-        .get_stream(chat_shared::subjects::INBOX_STREAM)
+        .get_stream(system.config.partitions.of_user(&bob_id).inbox_stream())
         .await?;
-    let bob_inbox = chat_shared::subjects::inbox(&chat_shared::ids::UserId::parse("bob")?);
+    let bob_inbox = chat_shared::subjects::inbox(&bob_id);
     wait_until(|| async {
         inbox
             .direct_get_last_for_subject(bob_inbox.clone())
@@ -928,8 +941,13 @@ async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Resul
     let admin = async_nats::jetstream::new(system.admin().await?);
     let poison = json!({"id":"1","conversation":"dm:alice:bob","from":"alice","text":"a\u{0}b","ts":1,"client_msg_id":"poison"})
         .to_string();
+    let alice_bob = chat_shared::ids::ConversationId::parse("dm:alice:bob")?;
+    let messages = system.config.partitions.of_conversation(&alice_bob);
     let poison_seq = admin
-        .publish("chat.msg.dm.alice.bob", poison.clone().into())
+        .publish(
+            subjects::message_in(&alice_bob, messages),
+            poison.clone().into(),
+        )
         .await?
         .await?
         .sequence;
@@ -972,7 +990,7 @@ async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Resul
         "refused by the database, not given up on: {reason:?}"
     );
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = admin
-        .get_stream(subjects::MESSAGES_STREAM)
+        .get_stream(messages.messages_stream())
         .await?
         .get_consumer(subjects::PERSISTER_CONSUMER)
         .await

@@ -81,7 +81,7 @@ fn options(conversation: Option<&str>, start: Start) -> anyhow::Result<ReplayOpt
 
 /// Runs a replay to its end; a malformed entry fails the test.
 async fn replay(js: &jetstream::Context, options: ReplayOptions) -> anyhow::Result<Vec<Replayed>> {
-    let mut replay = Replay::open(js, &options).await?;
+    let mut replay = Replay::open(js, &options, chat_tests::partitions_under_test()).await?;
     let mut items = Vec::new();
     let outcome = async {
         while let Some(entry) = replay.next().await? {
@@ -220,7 +220,11 @@ async fn operators_replay_reproduces_the_sent_messages_in_order() -> anyhow::Res
         to_seq: Some(1),
         ..options(None, Start::Sequence(2))?
     };
-    assert!(Replay::open(&js, &backwards).await.is_err());
+    assert!(
+        Replay::open(&js, &backwards, chat_tests::partitions_under_test())
+            .await
+            .is_err()
+    );
 
     // One JSON line per event: its sequence, time, subject and the event.
     let line = serde_json::to_value(&all[0])?;

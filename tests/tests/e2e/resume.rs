@@ -100,8 +100,9 @@ async fn a_live_frame_lost_on_the_way_is_read_from_the_inbox() -> anyhow::Result
     let mut appended = Vec::new();
     for (text, id) in [("lost", 1_000_001), ("after", 1_000_002)] {
         let item = inbox_item(&first, text, id)?;
+        let partition = system.config.partitions.of_user(&bob_id);
         let ack = js
-            .publish(subjects::inbox(&bob_id), item.clone().into())
+            .publish(subjects::inbox_in(&bob_id, partition), item.clone().into())
             .await?
             .await?;
         appended.push((Cursor(ack.sequence), item));
@@ -215,6 +216,7 @@ impl ConsumerCreates {
         admin.flush().await?;
         Ok(Self {
             admin,
+            // A prefix of every INBOX partition's name too (`INBOX_<k>`).
             marker: format!("$JS.API.CONSUMER.CREATE.{}", subjects::INBOX_STREAM),
             requests,
         })
@@ -272,8 +274,10 @@ async fn a_thousand_resumes_create_no_consumer() -> anyhow::Result<()> {
 
     // The control: the counter sees the consumer a scan of the inbox creates.
     let js = async_nats::jetstream::new(creates.admin.clone());
-    let inbox = js.get_stream_no_info(subjects::INBOX_STREAM).await?;
     let bob_id = UserId::parse("bob")?;
+    let inbox = js
+        .get_stream_no_info(system.config.partitions.of_user(&bob_id).inbox_stream())
+        .await?;
     let scan = Scan::open(
         &inbox,
         subjects::inbox(&bob_id),
@@ -316,15 +320,29 @@ async fn direct_gets_page_a_users_inbox_by_count_and_bytes() -> anyhow::Result<(
     let system = System::start().await?;
     let admin = system.admin().await?;
     let js = async_nats::jetstream::new(admin.clone());
-    let bob = subjects::inbox(&UserId::parse("bob")?);
-    let alice = subjects::inbox(&UserId::parse("alice")?);
+    let partitions = system.config.partitions;
+    let (bob_id, alice_id) = (UserId::parse("bob")?, UserId::parse("alice")?);
+    let bob = subjects::inbox(&bob_id);
+    let publish_bob = subjects::inbox_in(&bob_id, partitions.of_user(&bob_id));
+    let publish_alice = subjects::inbox_in(&alice_id, partitions.of_user(&alice_id));
     let mut bobs = Vec::new();
     for i in 0..5 {
         let text = format!("{i}{}", "x".repeat(3000));
-        bobs.push(js.publish(bob.clone(), text.into()).await?.await?.sequence);
-        js.publish(alice.clone(), "other".into()).await?.await?;
+        bobs.push(
+            js.publish(publish_bob.clone(), text.into())
+                .await?
+                .await?
+                .sequence,
+        );
+        js.publish(publish_alice.clone(), "other".into())
+            .await?
+            .await?;
     }
-    let reader = DirectReader::new(admin, subjects::INBOX_STREAM, Duration::from_secs(5));
+    let reader = DirectReader::new(
+        admin,
+        &partitions.of_user(&bob_id).inbox_stream(),
+        Duration::from_secs(5),
+    );
     let sequences = |page: &Page| page.items.iter().map(|i| i.sequence).collect::<Vec<_>>();
 
     let first = reader.page(&bob, 1, 3, 1 << 20).await?;
