@@ -12,6 +12,7 @@ mod forwarded;
 mod http;
 mod hub;
 mod limits;
+mod livelink;
 mod metrics;
 mod moderation;
 mod outbox;
@@ -49,9 +50,11 @@ pub use http::{HEADER_READ_TIMEOUT, MAX_HEAD_BYTES};
 
 /// The largest frame or message a client may send (PROTOCOL.md: 1 MiB).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
-/// Per-socket read buffer. tungstenite's default is 128 KiB, which would cost
-/// 128 KiB of memory per idle connection.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Per-socket read buffer, held for the connection's life. tungstenite's
+/// default is 128 KiB, which would cost 128 KiB per idle connection; clients
+/// send small frames (a ping, an ack, a message), and a larger frame has its
+/// whole length reserved when its header arrives, whatever this size.
+const READ_BUFFER_BYTES: usize = 1024;
 /// Bytes written to the socket in one go.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Beyond this much unsent data the socket counts as stuck and writes fail
@@ -94,9 +97,6 @@ pub(crate) struct Edge {
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
     pub stop: watch::Receiver<bool>,
-    /// The NATS connection's state: sessions refill from INBOX what live
-    /// delivery may have missed while it was down.
-    pub link: watch::Receiver<chat_shared::nats::Link>,
 }
 
 /// Runs an edge on `listener` until `shutdown` completes.
@@ -182,12 +182,16 @@ pub async fn run(
 
     // Live frames (and their bytes) waiting for one session before it
     // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
+    // Deliveries arrive on a connection of their own (see `livelink`).
+    let (live, deliveries) =
+        livelink::LiveLink::connect(&config, &format!("edge {id} deliveries")).await?;
     let hub = hub::Hub::new(
-        nats.clone(),
+        live,
         config.limits.live_queue,
         config.limits.live_queue_bytes,
         config.request_timeout,
     );
+    let deliveries_task = tokio::spawn(deliveries.run(Arc::downgrade(&hub)));
     // Before the listener: a banned user is refused from the first connection.
     let (moderation, moderation_task) = moderation::start(
         nats.clone(),
@@ -230,7 +234,6 @@ pub async fn run(
         edges: edges.clone(),
         directory,
         stop: stop.clone(),
-        link,
     });
     let advertiser = tokio::spawn(drain::advertise(edge.clone(), edges, stop.clone()));
     let drainer = tokio::spawn({
@@ -257,6 +260,7 @@ pub async fn run(
     let _ = heartbeat_task.await;
     let _ = directory_task.await;
     let _ = moderation_task.await;
+    deliveries_task.abort();
     tracing::info!(edge = %edge.id, "edge stopped");
     Ok(())
 }

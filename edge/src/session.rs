@@ -255,7 +255,7 @@ async fn authenticated<S, E>(
         acked_flushed: None,
         delivered: DeliveredTracker::default(),
     };
-    let (start, resumed) = match session.start_cursor(hello.cursor).await {
+    let (start, resumed) = match Box::pin(session.start_cursor(hello.cursor)).await {
         Ok(start) => start,
         Err(error) => {
             unavailable(&out, error).await;
@@ -273,7 +273,7 @@ async fn authenticated<S, E>(
         return;
     }
     session.sent_up_to = start;
-    if let Err(error) = session.replay_backlog().await {
+    if let Err(error) = Box::pin(session.replay_backlog()).await {
         unavailable(&out, error).await;
         return;
     }
@@ -292,11 +292,11 @@ async fn authenticated<S, E>(
         session.user.clone(),
         session.device.clone(),
     );
-    session.send_presence_snapshot().await;
+    Box::pin(session.send_presence_snapshot()).await;
     session
         .main_loop(&mut stream, &mut registration, &mut ticket)
         .await;
-    session.flush_ack().await;
+    Box::pin(session.flush_ack()).await;
 }
 
 /// What keeps a session from starting or going on; the client is told
@@ -441,6 +441,10 @@ impl Session {
         Sends { requests, worker }
     }
 
+    /// Waits for whatever comes next until the session ends. What it does
+    /// then (a refill, a request, an ack flush) runs boxed: a future is as
+    /// large as its largest state, and tens of thousands of idle sessions
+    /// would each carry the largest of those all the time.
     async fn main_loop<S, E>(
         &mut self,
         stream: &mut S,
@@ -459,7 +463,7 @@ impl Session {
         // The send worker starts with the first send: most connections are
         // idle most of the time, and a queue and a task each cost memory.
         let mut sends: Option<Sends> = None;
-        let mut link = self.edge.link.clone();
+        let mut link = self.edge.hub.link();
         let mut gaps_seen = link.borrow_and_update().gaps;
         // While NATS is away live frames may be missing; until the inbox has
         // been read again none is forwarded, so no later cursor is sent (and
@@ -555,11 +559,11 @@ impl Session {
                                     self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
                                 }
                                 ClientFrame::Refresh { reference, token } => {
-                                    if !self.refresh(reference, &token).await {
+                                    if !Box::pin(self.refresh(reference, &token)).await {
                                         break;
                                     }
                                 }
-                                other => requests.handle(other).await,
+                                other => Box::pin(requests.handle(other)).await,
                             }
                         }
                     }
@@ -574,7 +578,7 @@ impl Session {
                     }
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
-                        if let Err(error) = self.replay_backlog().await {
+                        if let Err(error) = Box::pin(self.replay_backlog()).await {
                             unavailable(&self.out, error).await;
                             break;
                         }
@@ -588,7 +592,7 @@ impl Session {
                     Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
-                        if let Err(error) = self.replay_backlog().await {
+                        if let Err(error) = Box::pin(self.replay_backlog()).await {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
                             paused = true;
                             refill_retry = Some(Instant::now() + REFILL_RETRY);
@@ -607,7 +611,7 @@ impl Session {
                 },
                 _ = sleep_until(refill_retry.unwrap_or(deadline)), if refill_retry.is_some() => {
                     refill_retry = None;
-                    match self.replay_backlog().await {
+                    match Box::pin(self.replay_backlog()).await {
                         Ok(()) => paused = false,
                         Err(error) => {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
@@ -615,7 +619,7 @@ impl Session {
                         }
                     }
                 }
-                _ = flush.tick() => self.flush_ack().await,
+                _ = flush.tick() => Box::pin(self.flush_ack()).await,
             }
         }
         if let Some(Sends { requests, worker }) = sends {
