@@ -690,4 +690,111 @@ mod tests {
         );
         assert!(server_addrs(" , ").is_err());
     }
+
+    /// A NATS server that plays a script over one accepted connection.
+    struct FakeServer {
+        lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        write: tokio::net::tcp::OwnedWriteHalf,
+    }
+
+    impl FakeServer {
+        async fn accept(listener: &tokio::net::TcpListener) -> Self {
+            use tokio::io::AsyncBufReadExt;
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, write) = socket.into_split();
+            let mut server = Self {
+                lines: tokio::io::BufReader::new(read).lines(),
+                write,
+            };
+            server.send("INFO {\"server_id\":\"fake\",\"headers\":true}\r\n").await;
+            let connect = server.line().await;
+            assert!(connect.starts_with("CONNECT {"), "{connect}");
+            assert!(connect.contains("\"user\":\"edge\""), "{connect}");
+            assert!(connect.contains("\"headers\":true"), "{connect}");
+            server.expect("PING").await;
+            server.send("PONG\r\n").await;
+            server
+        }
+
+        async fn line(&mut self) -> String {
+            let next = tokio::time::timeout(Duration::from_secs(5), self.lines.next_line());
+            next.await.unwrap().unwrap().unwrap()
+        }
+
+        async fn expect(&mut self, line: &str) {
+            assert_eq!(self.line().await, line);
+        }
+
+        async fn send(&mut self, text: &str) {
+            self.write.write_all(text.as_bytes()).await.unwrap();
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(u64, Option<String>, Bytes)>>);
+
+    impl Dispatch for Recorder {
+        fn dispatch(&self, sid: u64, headers: Option<HeaderMap>, payload: Bytes) {
+            let cursor = headers.and_then(|h| h.get("Chat-Cursor").map(|v| v.to_string()));
+            self.0.lock().unwrap().push((sid, cursor, payload));
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_confirmed_dispatched_and_made_again_after_a_reconnect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = Config {
+            nats_url: format!("nats://{}", listener.local_addr().unwrap()),
+            nats_user: Some("edge".into()),
+            nats_password: Some("secret".into()),
+            ..Config::default()
+        };
+        let (accepted, connected) =
+            tokio::join!(FakeServer::accept(&listener), LiveLink::connect(&config, "test"));
+        let mut server = accepted;
+        let (link, connection) = connected.unwrap();
+        let recorder = std::sync::Arc::new(Recorder::default());
+        let task = tokio::spawn(connection.run(std::sync::Arc::downgrade(&recorder)));
+
+        link.subscribe(1, "chat.deliver.bob".into());
+        let flushed = tokio::spawn({
+            let link = link.clone();
+            async move { link.flush().await }
+        });
+        server.expect("SUB chat.deliver.bob 1").await;
+        server.expect("PING").await;
+        server.send("PONG\r\n").await;
+        assert!(flushed.await.unwrap(), "the flush is answered by the PONG");
+
+        server
+            .send("HMSG chat.deliver.bob 1 29 31\r\nNATS/1.0\r\nChat-Cursor: 42\r\n\r\nhi\r\nPING\r\n")
+            .await;
+        server.expect("PONG").await;
+        assert_eq!(
+            recorder.0.lock().unwrap().as_slice(),
+            [(1, Some("42".to_string()), Bytes::from_static(b"hi"))]
+        );
+
+        // The server goes away: the link reconnects, subscribes again and
+        // tells sessions that live frames may be missing.
+        let mut state = link.state();
+        assert_eq!(state.borrow_and_update().gaps, 0);
+        drop(server);
+        let mut server = FakeServer::accept(&listener).await;
+        server.expect("SUB chat.deliver.bob 1").await;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|link| link.connected && link.gaps == 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+
+        link.unsubscribe(1);
+        server.expect("UNSUB 1").await;
+        // Without a dispatcher the connection has no one to serve.
+        drop(recorder);
+        server.send("MSG chat.deliver.bob 1 2\r\nhi\r\n").await;
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    }
 }
