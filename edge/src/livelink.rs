@@ -706,7 +706,9 @@ mod tests {
                 lines: tokio::io::BufReader::new(read).lines(),
                 write,
             };
-            server.send("INFO {\"server_id\":\"fake\",\"headers\":true}\r\n").await;
+            server
+                .send("INFO {\"server_id\":\"fake\",\"headers\":true}\r\n")
+                .await;
             let connect = server.line().await;
             assert!(connect.starts_with("CONNECT {"), "{connect}");
             assert!(connect.contains("\"user\":\"edge\""), "{connect}");
@@ -749,8 +751,10 @@ mod tests {
             nats_password: Some("secret".into()),
             ..Config::default()
         };
-        let (accepted, connected) =
-            tokio::join!(FakeServer::accept(&listener), LiveLink::connect(&config, "test"));
+        let (accepted, connected) = tokio::join!(
+            FakeServer::accept(&listener),
+            LiveLink::connect(&config, "test")
+        );
         let mut server = accepted;
         let (link, connection) = connected.unwrap();
         let recorder = std::sync::Arc::new(Recorder::default());
@@ -795,6 +799,9 @@ mod tests {
         // Without a dispatcher the connection has no one to serve.
         drop(recorder);
         server.send("MSG chat.deliver.bob 1 2\r\nhi\r\n").await;
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -65,7 +65,8 @@ enum Inbound {
     Closed,
 }
 
-/// Reads one message and turns it into a frame, answering protocol errors.
+/// Reads one message and turns it into a frame, answering protocol errors
+/// (boxed: this future is part of every idle session's state).
 async fn read_one<S, E>(stream: &mut S, out: &Outbox) -> Inbound
 where
     S: Stream<Item = Result<Message, E>> + Unpin,
@@ -78,7 +79,7 @@ where
             // tungstenite reports an oversized frame or message as a capacity
             // error ("Space limit exceeded: …"); PROTOCOL.md answers it with 1009.
             if text.starts_with("Space limit exceeded") {
-                out.close(close::TOO_BIG, "frame too big").await;
+                Box::pin(out.close(close::TOO_BIG, "frame too big")).await;
             }
             tracing::debug!(error = %text, "socket read failed");
             Inbound::Closed
@@ -94,18 +95,18 @@ where
                     .ok()
                     .and_then(|r| r.reference)
                     .and_then(|r| r.as_str().map(str::to_string));
-                out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string())
+                Box::pin(out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string()))
                     .await;
                 Inbound::Handled
             }
         },
         Some(Ok(Message::Binary(_))) => {
             out.metrics().frame_in(INVALID_FRAME);
-            out.error(
+            Box::pin(out.error(
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text frames",
-            )
+            ))
             .await;
             Inbound::Handled
         }
@@ -192,7 +193,9 @@ where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let Some(hello) = handshake(&mut stream, &out, &edge).await else {
+    // Boxed, like the rest of the set-up: only the main loop's state should
+    // stay with a connection for its life (see `Session::main_loop`).
+    let Some(hello) = Box::pin(handshake(&mut stream, &out, &edge)).await else {
         return;
     };
     let span = tracing::info_span!("session", user = %hello.user, device = %hello.device);
@@ -213,6 +216,23 @@ async fn authenticated<S, E>(
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let Some((mut session, mut registration, _online)) = Box::pin(open(&out, &edge, hello)).await
+    else {
+        return;
+    };
+    session
+        .main_loop(&mut stream, &mut registration, &mut ticket)
+        .await;
+    Box::pin(session.flush_ack()).await;
+}
+
+/// Everything from `hello` to `synced`: the hub, the backlog, presence.
+/// `None` if the session ends before it is live (the client was told why).
+async fn open(
+    out: &Outbox,
+    edge: &Arc<Edge>,
+    hello: Hello,
+) -> Option<(Session, Registration, crate::presence::DevicePresence)> {
     let Some(slot) = edge.limits.admit_user(&hello.user, Instant::now()) else {
         out.error(
             None,
@@ -224,21 +244,21 @@ async fn authenticated<S, E>(
         )
         .await;
         out.close(close::ABUSE, "too many connections").await;
-        return;
+        return None;
     };
     // Subscribe first, so nothing published from here on can be missed.
-    let mut registration = match edge.hub.register(&hello.user).await {
+    let registration = match edge.hub.register(&hello.user).await {
         Ok(registration) => registration,
         Err(error) => {
-            unavailable(&out, error.into()).await;
-            return;
+            unavailable(out, error.into()).await;
+            return None;
         }
     };
     // Checked again now that a kick would reach this session: a ban that
     // landed since `hello` was checked is either seen here or kicks it.
     if let Err(refusal) = edge.moderation.admits(&hello.user, hello.issued_at) {
-        deny(&out, None, &refusal.into(), Stage::Hello).await;
-        return;
+        deny(out, None, &refusal.into(), Stage::Hello).await;
+        return None;
     }
     let mut session = Session {
         valid_until: deadline_of(hello.valid_until),
@@ -255,11 +275,11 @@ async fn authenticated<S, E>(
         acked_flushed: None,
         delivered: DeliveredTracker::default(),
     };
-    let (start, resumed) = match Box::pin(session.start_cursor(hello.cursor)).await {
+    let (start, resumed) = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
         Err(error) => {
-            unavailable(&out, error).await;
-            return;
+            unavailable(out, error).await;
+            return None;
         }
     };
     let welcome = ServerFrame::Welcome {
@@ -270,12 +290,12 @@ async fn authenticated<S, E>(
         resumed,
     };
     if !out.frame(&welcome).await {
-        return;
+        return None;
     }
     session.sent_up_to = start;
-    if let Err(error) = Box::pin(session.replay_backlog()).await {
-        unavailable(&out, error).await;
-        return;
+    if let Err(error) = session.replay_backlog().await {
+        unavailable(out, error).await;
+        return None;
     }
     if !out
         .frame(&ServerFrame::Synced {
@@ -283,20 +303,17 @@ async fn authenticated<S, E>(
         })
         .await
     {
-        return;
+        return None;
     }
-    let _online = crate::presence::DevicePresence::connect(
+    let online = crate::presence::DevicePresence::connect(
         edge.nats.clone(),
         edge.devices.clone(),
         edge.id.clone(),
         session.user.clone(),
         session.device.clone(),
     );
-    Box::pin(session.send_presence_snapshot()).await;
-    session
-        .main_loop(&mut stream, &mut registration, &mut ticket)
-        .await;
-    Box::pin(session.flush_ack()).await;
+    session.send_presence_snapshot().await;
+    Some((session, registration, online))
 }
 
 /// What keeps a session from starting or going on; the client is told
@@ -518,7 +535,7 @@ impl Session {
                             let now = Instant::now();
                             let limited = self.sends.take(now).and_then(|()| self.slot.take_send(now));
                             if let Err(wait) = limited {
-                                if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
+                                if !Box::pin(self.refuse(request.reference.as_deref(), wait, "sending too fast")).await {
                                     break;
                                 }
                             } else if let Err((code, message)) = crate::send::check_text(&request.text) {
@@ -536,7 +553,7 @@ impl Session {
                         // included, takes a request token: each costs work.
                         Inbound::Frame(frame) => {
                             if let Err(wait) = self.requests.take(Instant::now()) {
-                                if !self.refuse(frame.reference(), wait, "too many requests").await {
+                                if !Box::pin(self.refuse(frame.reference(), wait, "too many requests")).await {
                                     break;
                                 }
                                 continue;
@@ -579,7 +596,7 @@ impl Session {
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
                         if let Err(error) = Box::pin(self.replay_backlog()).await {
-                            unavailable(&self.out, error).await;
+                            Box::pin(unavailable(&self.out, error)).await;
                             break;
                         }
                         paused = false;
