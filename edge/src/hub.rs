@@ -59,6 +59,19 @@ struct Queued {
     bytes: usize,
     /// Cut loose: what is queued is still taken, then the session ends.
     closed: bool,
+    /// An operator shut the user out: the session ends with this reason,
+    /// before anything still queued.
+    kicked: Option<&'static str>,
+}
+
+/// What a session's live queue has for it next.
+pub enum Live {
+    Delivery(Delivery),
+    /// An operator's kick, ban or revocation (see [`Hub::kick`]); the
+    /// reason is [`Registration::kicked`].
+    Kicked,
+    /// Cut loose: it fell too far behind.
+    CutLoose,
 }
 
 /// Past this many slots an emptied queue is shrunk.
@@ -97,21 +110,30 @@ impl SessionQueue {
         self.ready.notify_one();
     }
 
-    /// The next delivery; `None` once cut loose and emptied.
-    async fn next(&self) -> Option<Delivery> {
+    fn kick(&self, reason: &'static str) {
+        lock(&self.items).kicked = Some(reason);
+        self.ready.notify_one();
+    }
+
+    /// A kick first, then the next delivery, then the end of a queue cut
+    /// loose and emptied.
+    async fn next(&self) -> Live {
         loop {
             {
                 let mut queued = lock(&self.items);
+                if queued.kicked.is_some() {
+                    return Live::Kicked;
+                }
                 if let Some(delivery) = queued.frames.pop_front() {
                     queued.bytes -= delivery.frame.len();
                     if queued.frames.is_empty() && queued.frames.capacity() > IDLE_QUEUE_SLOTS {
                         queued.frames = VecDeque::new();
                     }
                     drop(queued);
-                    return Some(Arc::unwrap_or_clone(delivery));
+                    return Live::Delivery(Arc::unwrap_or_clone(delivery));
                 }
                 if queued.closed {
-                    return None;
+                    return Live::CutLoose;
                 }
             }
             self.ready.notified().await;
@@ -123,9 +145,6 @@ struct UserFeed {
     /// The subscription's id on the live-delivery connection.
     sid: u64,
     sessions: Mutex<Vec<Arc<SessionQueue>>>,
-    /// An operator's kick, ban or revocation: every session of the user on
-    /// this edge closes with 4001 and this reason (see `Hub::kick`).
-    kicks: watch::Sender<Option<&'static str>>,
     /// Set once the server has confirmed the subscription.
     subscribed: OnceCell<()>,
 }
@@ -154,38 +173,18 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: UserId,
     live: Arc<SessionQueue>,
-    kicks: watch::Receiver<Option<&'static str>>,
 }
 
 impl Registration {
-    /// The next live delivery; `None` once the hub cut this session loose.
-    pub async fn recv(&mut self) -> Option<Delivery> {
+    /// What the hub has for this session next: an operator's kick of the
+    /// user from the registration on, a live delivery, or the end.
+    pub async fn recv(&mut self) -> Live {
         self.live.next().await
     }
 
-    /// The operator's kicks of this user from the registration on.
-    pub fn kicks(&self) -> Kicks {
-        Kicks(self.kicks.clone())
-    }
-}
-
-/// An operator's kicks of one user (a clone keeps what its original has
-/// seen, so a kick between registering and asking is not missed).
-pub struct Kicks(watch::Receiver<Option<&'static str>>);
-
-impl Kicks {
-    /// Completes when an operator shuts the user out, with the reason.
-    pub async fn next(&mut self) -> &'static str {
-        loop {
-            if self.0.changed().await.is_err() {
-                // The feed is gone, and with it the session's live queue,
-                // which ends the session.
-                return std::future::pending().await;
-            }
-            if let Some(reason) = *self.0.borrow_and_update() {
-                return reason;
-            }
-        }
+    /// Whether an operator has shut the user out since the registration.
+    pub fn kicked(&self) -> Option<&'static str> {
+        lock(&self.live.items).kicked
     }
 }
 
@@ -236,7 +235,6 @@ impl Hub {
                     let feed = Arc::new(UserFeed {
                         sid: feeds.next_sid,
                         sessions: Mutex::default(),
-                        kicks: watch::Sender::new(None),
                         subscribed: OnceCell::new(),
                     });
                     feeds.users.insert(user.clone(), feed.clone());
@@ -252,7 +250,6 @@ impl Hub {
             hub: self.clone(),
             user: user.clone(),
             live,
-            kicks: feed.kicks.subscribe(),
         };
         feed.subscribed
             .get_or_try_init(|| async {
@@ -266,10 +263,13 @@ impl Hub {
         Ok(registration)
     }
 
-    /// Closes every session of `user` on this edge (4001, `reason`).
+    /// Closes every session of `user` on this edge (4001, `reason`); a
+    /// session registered later is not affected.
     pub fn kick(&self, user: &UserId, reason: &'static str) {
         if let Some(feed) = lock(&self.feeds).users.get(user) {
-            feed.kicks.send_replace(Some(reason));
+            for session in lock(&feed.sessions).iter() {
+                session.kick(reason);
+            }
         }
     }
 
@@ -323,5 +323,74 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.live.close();
         self.hub.leave(&self.user, &self.live);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(cursor: u64, text: &'static str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            cursor: Some(Cursor(cursor)),
+            previous: Previous::Unstated,
+            meta: None,
+            frame: Utf8Bytes::from_static(text),
+        })
+    }
+
+    async fn cursor_of(queue: &SessionQueue) -> Option<u64> {
+        match queue.next().await {
+            Live::Delivery(delivery) => delivery.cursor.map(|c| c.0),
+            Live::Kicked | Live::CutLoose => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_come_in_order_and_an_emptied_queue_gives_its_memory_back() {
+        let queue = SessionQueue::default();
+        for cursor in 1..=100 {
+            assert!(queue.offer(&delivery(cursor, "x"), 1000, 1 << 20));
+        }
+        for cursor in 1..=100 {
+            assert_eq!(cursor_of(&queue).await, Some(cursor));
+        }
+        let queued = lock(&queue.items);
+        assert_eq!((queued.bytes, queued.frames.capacity()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_session_too_far_behind_in_frames_or_bytes_is_cut_loose_after_what_it_has() {
+        let by_count = SessionQueue::default();
+        assert!(by_count.offer(&delivery(1, "a"), 2, 1 << 20));
+        assert!(by_count.offer(&delivery(2, "b"), 2, 1 << 20));
+        assert!(!by_count.offer(&delivery(3, "c"), 2, 1 << 20));
+        assert!(!by_count.offer(&delivery(4, "d"), 2, 1 << 20), "stays cut loose");
+        assert_eq!(cursor_of(&by_count).await, Some(1));
+        assert_eq!(cursor_of(&by_count).await, Some(2));
+        assert!(matches!(by_count.next().await, Live::CutLoose));
+
+        let by_bytes = SessionQueue::default();
+        assert!(by_bytes.offer(&delivery(1, "12345"), 100, 8));
+        assert!(!by_bytes.offer(&delivery(2, "6789"), 100, 8));
+        assert_eq!(cursor_of(&by_bytes).await, Some(1));
+        assert!(matches!(by_bytes.next().await, Live::CutLoose));
+    }
+
+    #[tokio::test]
+    async fn a_kick_comes_before_what_is_queued_and_wakes_a_waiting_session() {
+        let queue = Arc::new(SessionQueue::default());
+        assert!(queue.offer(&delivery(1, "a"), 10, 1 << 20));
+        queue.kick("banned");
+        assert!(matches!(queue.next().await, Live::Kicked));
+
+        let idle = Arc::new(SessionQueue::default());
+        let waiting = tokio::spawn({
+            let idle = idle.clone();
+            async move { matches!(idle.next().await, Live::Kicked) }
+        });
+        tokio::task::yield_now().await;
+        idle.kick("kicked");
+        assert!(waiting.await.unwrap());
     }
 }

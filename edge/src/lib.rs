@@ -54,7 +54,7 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// default is 128 KiB, which would cost 128 KiB per idle connection; clients
 /// send small frames (a ping, an ack, a message), and a larger frame has its
 /// whole length reserved when its header arrives, whatever this size.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 512;
 /// Bytes written to the socket in one go.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Beyond this much unsent data the socket counts as stuck and writes fail

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::access::{self, AccessError, Stage};
 use crate::drain::Ticket;
-use crate::hub::{Delivery, HubError, Registration};
+use crate::hub::{Delivery, HubError, Live, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::INVALID_FRAME;
 pub(crate) use crate::outbox::Outbox;
@@ -492,7 +492,6 @@ impl Session {
         // under load, closing sessions would add reconnects to the load.
         let mut refill_retry: Option<Instant> = None;
         let mut exit = Exit::Done;
-        let mut kicks = registration.kicks();
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
             self.user.clone(),
@@ -500,6 +499,12 @@ impl Session {
             self.out.clone(),
         );
         loop {
+            // Checked first, so a kick is not kept waiting by a busy socket.
+            if let Some(reason) = registration.kicked() {
+                Box::pin(self.out.error(None, ErrorCode::Unauthorized, reason)).await;
+                Box::pin(self.out.close(close::UNAUTHORIZED, reason)).await;
+                break;
+            }
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
@@ -508,11 +513,6 @@ impl Session {
                 }
                 _ = sleep_until(deadline) => {
                     self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
-                    break;
-                }
-                reason = kicks.next() => {
-                    self.out.error(None, ErrorCode::Unauthorized, reason).await;
-                    self.out.close(close::UNAUTHORIZED, reason).await;
                     break;
                 }
                 _ = sleep_until(self.valid_until) => {
@@ -603,10 +603,12 @@ impl Session {
                         refill_retry = None;
                     }
                 }
-                delivery = registration.recv() => match delivery {
+                live = registration.recv() => match live {
+                    // Handled at the top of the loop.
+                    Live::Kicked => {}
                     // Paused, the frame is in the inbox and comes with the refill.
-                    Some(_) if paused => {}
-                    Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
+                    Live::Delivery(_) if paused => {}
+                    Live::Delivery(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
                         if let Err(error) = Box::pin(self.replay_backlog()).await {
@@ -615,12 +617,14 @@ impl Session {
                             refill_retry = Some(Instant::now() + REFILL_RETRY);
                         }
                     }
-                    Some(delivery) => {
-                        if !self.forward(delivery).await {
+                    Live::Delivery(delivery) => {
+                        // Boxed: the live path is frequent, but its state
+                        // would otherwise sit in every idle session.
+                        if !Box::pin(self.forward(delivery)).await {
                             break;
                         }
                     }
-                    None => {
+                    Live::CutLoose => {
                         // The hub cut us loose: we fell too far behind.
                         self.out.close(close::TRY_AGAIN_LATER, "too slow; resume from your cursor").await;
                         break;
