@@ -365,7 +365,10 @@ mod tests {
         assert!(by_count.offer(&delivery(1, "a"), 2, 1 << 20));
         assert!(by_count.offer(&delivery(2, "b"), 2, 1 << 20));
         assert!(!by_count.offer(&delivery(3, "c"), 2, 1 << 20));
-        assert!(!by_count.offer(&delivery(4, "d"), 2, 1 << 20), "stays cut loose");
+        assert!(
+            !by_count.offer(&delivery(4, "d"), 2, 1 << 20),
+            "stays cut loose"
+        );
         assert_eq!(cursor_of(&by_count).await, Some(1));
         assert_eq!(cursor_of(&by_count).await, Some(2));
         assert!(matches!(by_count.next().await, Live::CutLoose));

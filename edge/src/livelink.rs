@@ -195,14 +195,9 @@ impl Connection {
             if let Some(op) = next_op(&mut buffer)? {
                 break op;
             }
-            if socket
-                .read_buf(&mut buffer)
+            read_more(&mut socket, &mut buffer, "before INFO")
                 .await
-                .map_err(|e| failed(e.to_string()))?
-                == 0
-            {
-                return Err(failed("closed before INFO".into()));
-            }
+                .map_err(failed)?;
         };
         let Op::Info(info) = info else {
             return Err(LinkError::Protocol(
@@ -239,16 +234,9 @@ impl Connection {
                 Some(Op::Err(message)) => return Err(failed(message)),
                 Some(Op::Info(info)) => self.learn(&info.connect_urls),
                 Some(_) => {}
-                None => {
-                    if socket
-                        .read_buf(&mut buffer)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?
-                        == 0
-                    {
-                        return Err(failed("closed during CONNECT".into()));
-                    }
-                }
+                None => read_more(&mut socket, &mut buffer, "during CONNECT")
+                    .await
+                    .map_err(failed)?,
             }
         }
     }
@@ -416,6 +404,19 @@ impl Connected {
             });
             tracing::info!("live-delivery connection back; sessions refill from INBOX");
         }
+    }
+}
+
+/// Reads more of the handshake into `buffer`; why not, if it cannot.
+async fn read_more(
+    socket: &mut TcpStream,
+    buffer: &mut BytesMut,
+    when: &str,
+) -> Result<(), String> {
+    match socket.read_buf(buffer).await {
+        Ok(0) => Err(format!("closed {when}")),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
