@@ -16,6 +16,8 @@ pub enum EdgeError {
          loopback address, or set CHAT_DEV_TOKENS_PUBLIC=true to mean it"
     )]
     PublicDevTokens { addr: std::net::SocketAddr },
+    #[error(transparent)]
+    LiveLink(#[from] crate::livelink::LinkError),
     #[error("reading the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
 }

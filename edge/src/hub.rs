@@ -1,19 +1,23 @@
 //! Live deliveries: one `chat.deliver.<user>` subscription per connected user
-//! on this edge, shared by all of that user's devices here.
+//! on this edge, shared by all of that user's devices here, on the edge's
+//! live-delivery connection (`livelink`), which hands every message to
+//! [`Hub::dispatch`] by subscription id.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use chat_shared::delivery::Previous;
 use chat_shared::ids::{Cursor, UserId};
+use chat_shared::nats::Link;
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
-use futures::StreamExt;
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{watch, Notify, OnceCell};
+
+use crate::livelink::{Dispatch, LiveLink};
 
 /// One frame for the user's devices, already serialized. Inbox items carry
 /// their cursor so a session can drop what its backlog already sent.
@@ -39,26 +43,122 @@ impl Delivery {
 
 #[derive(Debug, thiserror::Error)]
 #[error("subscribing to live deliveries: {0}")]
-pub struct HubError(String);
+pub struct HubError(&'static str);
 
-/// A session's live queue: the sender and the bytes waiting in it. Boxed:
-/// a channel allocates its first 32 slots up front, which for an idle
-/// connection is pure overhead (32 pointers instead of 32 deliveries).
-type Sessions = Mutex<Vec<(u64, mpsc::Sender<Box<Delivery>>, Arc<AtomicUsize>)>>;
+/// One session's live queue. Not a channel: an idle session's queue holds
+/// no buffer at all, and one that emptied gives its memory back.
+#[derive(Default)]
+struct SessionQueue {
+    items: Mutex<Queued>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    frames: VecDeque<Arc<Delivery>>,
+    bytes: usize,
+    /// Cut loose: what is queued is still taken, then the session ends.
+    closed: bool,
+    /// An operator shut the user out: the session ends with this reason,
+    /// before anything still queued.
+    kicked: Option<&'static str>,
+}
+
+/// What a session's live queue has for it next.
+pub enum Live {
+    Delivery(Delivery),
+    /// An operator's kick, ban or revocation (see [`Hub::kick`]); the
+    /// reason is [`Registration::kicked`].
+    Kicked,
+    /// Cut loose: it fell too far behind.
+    CutLoose,
+}
+
+/// Past this many slots an emptied queue is shrunk.
+const IDLE_QUEUE_SLOTS: usize = 8;
+
+impl SessionQueue {
+    /// Queues `delivery` unless the session is too far behind (`frames`
+    /// queued, or `budget` bytes), in which case it is cut loose: false.
+    fn offer(&self, delivery: &Arc<Delivery>, frames: usize, budget: usize) -> bool {
+        let size = delivery.frame.len();
+        let kept = {
+            let mut queued = lock(&self.items);
+            if queued.closed {
+                false
+            } else if queued.frames.len() >= frames {
+                tracing::warn!("session too slow for live deliveries; disconnecting it");
+                queued.closed = true;
+                false
+            } else if queued.bytes + size > budget {
+                tracing::warn!("session too slow for live deliveries (bytes); disconnecting it");
+                queued.closed = true;
+                false
+            } else {
+                queued.frames.push_back(delivery.clone());
+                queued.bytes += size;
+                true
+            }
+        };
+        // A stored permit if the session is not waiting: nothing is missed.
+        self.ready.notify_one();
+        kept
+    }
+
+    fn close(&self) {
+        lock(&self.items).closed = true;
+        self.ready.notify_one();
+    }
+
+    fn kick(&self, reason: &'static str) {
+        lock(&self.items).kicked = Some(reason);
+        self.ready.notify_one();
+    }
+
+    /// A kick first, then the next delivery, then the end of a queue cut
+    /// loose and emptied.
+    async fn next(&self) -> Live {
+        loop {
+            {
+                let mut queued = lock(&self.items);
+                if queued.kicked.is_some() {
+                    return Live::Kicked;
+                }
+                if let Some(delivery) = queued.frames.pop_front() {
+                    queued.bytes -= delivery.frame.len();
+                    if queued.frames.is_empty() && queued.frames.capacity() > IDLE_QUEUE_SLOTS {
+                        queued.frames = VecDeque::new();
+                    }
+                    drop(queued);
+                    return Live::Delivery(Arc::unwrap_or_clone(delivery));
+                }
+                if queued.closed {
+                    return Live::CutLoose;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
 
 struct UserFeed {
-    sessions: Sessions,
-    /// An operator's kick, ban or revocation: every session of the user on
-    /// this edge closes with 4001 and this reason (see `Hub::kick`).
-    kicks: watch::Sender<Option<&'static str>>,
-    /// Set once the subscription is confirmed by the server; holds the pump.
-    subscribed: OnceCell<tokio::task::AbortHandle>,
+    /// The subscription's id on the live-delivery connection.
+    sid: u64,
+    sessions: Mutex<Vec<Arc<SessionQueue>>>,
+    /// Set once the server has confirmed the subscription.
+    subscribed: OnceCell<()>,
+}
+
+#[derive(Default)]
+struct Feeds {
+    users: HashMap<UserId, Arc<UserFeed>>,
+    by_sid: HashMap<u64, Arc<UserFeed>>,
+    next_sid: u64,
 }
 
 pub struct Hub {
-    client: async_nats::Client,
-    users: Mutex<HashMap<UserId, Arc<UserFeed>>>,
-    next_session: std::sync::atomic::AtomicU64,
+    link: LiveLink,
+    feeds: Mutex<Feeds>,
     /// Live frames a session may have waiting before it counts as too slow.
     queue: usize,
     /// Bytes of live frames a session may have waiting (frames are up to
@@ -72,44 +172,19 @@ pub struct Hub {
 pub struct Registration {
     hub: Arc<Hub>,
     user: UserId,
-    session: u64,
-    live: mpsc::Receiver<Box<Delivery>>,
-    queued_bytes: Arc<AtomicUsize>,
-    kicks: watch::Receiver<Option<&'static str>>,
+    live: Arc<SessionQueue>,
 }
 
 impl Registration {
-    /// The next live delivery; `None` once the hub cut this session loose.
-    pub async fn recv(&mut self) -> Option<Delivery> {
-        let delivery = self.live.recv().await?;
-        self.queued_bytes
-            .fetch_sub(delivery.frame.len(), Ordering::Relaxed);
-        Some(*delivery)
+    /// What the hub has for this session next: an operator's kick of the
+    /// user from the registration on, a live delivery, or the end.
+    pub async fn recv(&mut self) -> Live {
+        self.live.next().await
     }
 
-    /// The operator's kicks of this user from the registration on.
-    pub fn kicks(&self) -> Kicks {
-        Kicks(self.kicks.clone())
-    }
-}
-
-/// An operator's kicks of one user (a clone keeps what its original has
-/// seen, so a kick between registering and asking is not missed).
-pub struct Kicks(watch::Receiver<Option<&'static str>>);
-
-impl Kicks {
-    /// Completes when an operator shuts the user out, with the reason.
-    pub async fn next(&mut self) -> &'static str {
-        loop {
-            if self.0.changed().await.is_err() {
-                // The feed is gone, and with it the session's live queue,
-                // which ends the session.
-                return std::future::pending().await;
-            }
-            if let Some(reason) = *self.0.borrow_and_update() {
-                return reason;
-            }
-        }
+    /// Whether an operator has shut the user out since the registration.
+    pub fn kicked(&self) -> Option<&'static str> {
+        lock(&self.live.items).kicked
     }
 }
 
@@ -123,171 +198,202 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(
-        client: async_nats::Client,
+        link: LiveLink,
         queue: usize,
         queue_bytes: usize,
         confirm_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
-            client,
-            users: Mutex::new(HashMap::new()),
-            next_session: Default::default(),
-            // A channel of 0 would panic; configuration refuses it, and a
-            // `Config` built in code gets the smallest working queue.
+            link,
+            feeds: Mutex::default(),
+            // A queue of 0 would cut every session loose; configuration
+            // refuses it, and a `Config` built in code gets the smallest.
             queue: queue.max(1),
             queue_bytes,
             confirm_timeout,
         })
     }
 
+    /// The live-delivery connection's state: a gap means frames may have
+    /// been lost, and sessions refill from INBOX.
+    pub fn link(&self) -> watch::Receiver<Link> {
+        self.link.state()
+    }
+
     /// Joins the user's feed. When this returns, every delivery published
-    /// from now on reaches the returned receiver: the subscription has been
+    /// from now on reaches the registration: the subscription has been
     /// confirmed by the server (flush), which is what makes backlog + live
     /// gapless.
     pub async fn register(self: &Arc<Self>, user: &UserId) -> Result<Registration, HubError> {
-        let (tx, live) = mpsc::channel(self.queue);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let session = self
-            .next_session
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let live = Arc::new(SessionQueue::default());
         let feed = {
-            let mut users = lock(&self.users);
-            let feed = users
-                .entry(user.clone())
-                .or_insert_with(|| {
-                    Arc::new(UserFeed {
-                        sessions: Mutex::new(Vec::new()),
-                        kicks: watch::Sender::new(None),
+            let mut feeds = lock(&self.feeds);
+            let feed = match feeds.users.get(user) {
+                Some(feed) => feed.clone(),
+                None => {
+                    feeds.next_sid += 1;
+                    let feed = Arc::new(UserFeed {
+                        sid: feeds.next_sid,
+                        sessions: Mutex::default(),
                         subscribed: OnceCell::new(),
-                    })
-                })
-                .clone();
-            lock(&feed.sessions).push((session, tx, queued_bytes.clone()));
+                    });
+                    feeds.users.insert(user.clone(), feed.clone());
+                    feeds.by_sid.insert(feed.sid, feed.clone());
+                    self.link.subscribe(feed.sid, subjects::deliver(user));
+                    feed
+                }
+            };
+            lock(&feed.sessions).push(live.clone());
             feed
         };
         let registration = Registration {
             hub: self.clone(),
             user: user.clone(),
-            session,
             live,
-            queued_bytes,
-            kicks: feed.kicks.subscribe(),
         };
         feed.subscribed
             .get_or_try_init(|| async {
-                let subscriber = self
-                    .client
-                    .subscribe(subjects::deliver(user))
-                    .await
-                    .map_err(|e| HubError(e.to_string()))?;
-                tokio::time::timeout(self.confirm_timeout, self.client.flush())
-                    .await
-                    .map_err(|_| HubError("NATS did not confirm the subscription in time".into()))?
-                    .map_err(|e| HubError(e.to_string()))?;
-                let task = tokio::spawn(pump(
-                    subscriber,
-                    Arc::downgrade(self),
-                    self.queue_bytes,
-                    user.clone(),
-                    Arc::downgrade(&feed),
-                ));
-                Ok::<_, HubError>(task.abort_handle())
+                match tokio::time::timeout(self.confirm_timeout, self.link.flush()).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(HubError("the NATS connection dropped")),
+                    Err(_) => Err(HubError("NATS did not confirm the subscription in time")),
+                }
             })
             .await?;
         Ok(registration)
     }
 
-    /// Closes every session of `user` on this edge (4001, `reason`).
+    /// Closes every session of `user` on this edge (4001, `reason`); a
+    /// session registered later is not affected.
     pub fn kick(&self, user: &UserId, reason: &'static str) {
-        if let Some(feed) = lock(&self.users).get(user) {
-            feed.kicks.send_replace(Some(reason));
+        if let Some(feed) = lock(&self.feeds).users.get(user) {
+            for session in lock(&feed.sessions).iter() {
+                session.kick(reason);
+            }
         }
     }
 
-    fn leave(&self, user: &UserId, session: u64) {
-        let mut users = lock(&self.users);
-        let Some(feed) = users.get(user) else { return };
+    fn leave(&self, user: &UserId, live: &Arc<SessionQueue>) {
+        let mut feeds = lock(&self.feeds);
+        let Some(feed) = feeds.users.get(user) else {
+            return;
+        };
         let now_empty = {
             let mut sessions = lock(&feed.sessions);
-            sessions.retain(|(id, _, _)| *id != session);
+            sessions.retain(|queue| !Arc::ptr_eq(queue, live));
             sessions.is_empty()
         };
         if now_empty {
-            if let Some(feed) = users.remove(user) {
-                if let Some(task) = feed.subscribed.get() {
-                    task.abort();
-                }
+            if let Some(feed) = feeds.users.remove(user) {
+                feeds.by_sid.remove(&feed.sid);
+                self.link.unsubscribe(feed.sid);
             }
         }
+    }
+}
+
+/// Copies each delivery to every session of its user. A session whose
+/// queue is full (in frames, or in bytes) is cut loose (its queue closes and
+/// it disconnects; the client resumes from its cursor) so one slow device
+/// never holds up the others.
+impl Dispatch for Hub {
+    fn dispatch(&self, sid: u64, headers: Option<HeaderMap>, payload: Bytes) {
+        // A message for a subscription just dropped has no one to go to.
+        let Some(feed) = lock(&self.feeds).by_sid.get(&sid).cloned() else {
+            return;
+        };
+        let headers = headers.as_ref();
+        let Ok(frame) = Utf8Bytes::try_from(payload) else {
+            tracing::error!("dropping a delivery that is not UTF-8");
+            return;
+        };
+        let delivery = Arc::new(Delivery {
+            cursor: headers
+                .and_then(|h| h.get(subjects::CURSOR_HEADER))
+                .and_then(|v| Cursor::parse(v.as_str()).ok()),
+            previous: Previous::from_headers(headers),
+            meta: headers.and_then(MessageMeta::from_headers),
+            frame,
+        });
+        lock(&feed.sessions).retain(|queue| queue.offer(&delivery, self.queue, self.queue_bytes));
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.leave(&self.user, self.session);
+        self.live.close();
+        self.hub.leave(&self.user, &self.live);
     }
 }
 
-/// Copies each delivery to every session of the user. A session whose queue
-/// is full (in frames, or past `budget` bytes) is cut loose (its receiver
-/// closes and it disconnects; the client resumes from its cursor) so one
-/// slow device never holds up the others.
-/// If the subscription itself ends, every session of the user is cut loose
-/// the same way, and the next connection subscribes afresh.
-async fn pump(
-    mut subscriber: async_nats::Subscriber,
-    hub: std::sync::Weak<Hub>,
-    budget: usize,
-    user: UserId,
-    feed: std::sync::Weak<UserFeed>,
-) {
-    while let Some(message) = subscriber.next().await {
-        let Some(feed) = feed.upgrade() else { return };
-        let headers = message.headers.as_ref();
-        let cursor = headers
-            .and_then(|h| h.get(subjects::CURSOR_HEADER))
-            .and_then(|v| Cursor::parse(v.as_str()).ok());
-        let previous = Previous::from_headers(headers);
-        let meta = headers.and_then(MessageMeta::from_headers);
-        let Ok(frame) = Utf8Bytes::try_from(message.payload) else {
-            tracing::error!("dropping a delivery that is not UTF-8");
-            continue;
-        };
-        let delivery = Delivery {
-            cursor,
-            previous,
-            meta,
-            frame,
-        };
-        let size = delivery.frame.len();
-        lock(&feed.sessions).retain(|(_, tx, queued)| {
-            if queued.load(Ordering::Relaxed) + size > budget {
-                tracing::warn!("session too slow for live deliveries (bytes); disconnecting it");
-                return false;
-            }
-            match tx.try_send(Box::new(delivery.clone())) {
-                Ok(()) => {
-                    queued.fetch_add(size, Ordering::Relaxed);
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!("session too slow for live deliveries; disconnecting it");
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(cursor: u64, text: &'static str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            cursor: Some(Cursor(cursor)),
+            previous: Previous::Unstated,
+            meta: None,
+            frame: Utf8Bytes::from_static(text),
+        })
+    }
+
+    async fn cursor_of(queue: &SessionQueue) -> Option<u64> {
+        match queue.next().await {
+            Live::Delivery(delivery) => delivery.cursor.map(|c| c.0),
+            Live::Kicked | Live::CutLoose => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_come_in_order_and_an_emptied_queue_gives_its_memory_back() {
+        let queue = SessionQueue::default();
+        for cursor in 1..=100 {
+            assert!(queue.offer(&delivery(cursor, "x"), 1000, 1 << 20));
+        }
+        for cursor in 1..=100 {
+            assert_eq!(cursor_of(&queue).await, Some(cursor));
+        }
+        let queued = lock(&queue.items);
+        assert_eq!((queued.bytes, queued.frames.capacity()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_session_too_far_behind_in_frames_or_bytes_is_cut_loose_after_what_it_has() {
+        let by_count = SessionQueue::default();
+        assert!(by_count.offer(&delivery(1, "a"), 2, 1 << 20));
+        assert!(by_count.offer(&delivery(2, "b"), 2, 1 << 20));
+        assert!(!by_count.offer(&delivery(3, "c"), 2, 1 << 20));
+        assert!(
+            !by_count.offer(&delivery(4, "d"), 2, 1 << 20),
+            "stays cut loose"
+        );
+        assert_eq!(cursor_of(&by_count).await, Some(1));
+        assert_eq!(cursor_of(&by_count).await, Some(2));
+        assert!(matches!(by_count.next().await, Live::CutLoose));
+
+        let by_bytes = SessionQueue::default();
+        assert!(by_bytes.offer(&delivery(1, "12345"), 100, 8));
+        assert!(!by_bytes.offer(&delivery(2, "6789"), 100, 8));
+        assert_eq!(cursor_of(&by_bytes).await, Some(1));
+        assert!(matches!(by_bytes.next().await, Live::CutLoose));
+    }
+
+    #[tokio::test]
+    async fn a_kick_comes_before_what_is_queued_and_wakes_a_waiting_session() {
+        let queue = Arc::new(SessionQueue::default());
+        assert!(queue.offer(&delivery(1, "a"), 10, 1 << 20));
+        queue.kick("banned");
+        assert!(matches!(queue.next().await, Live::Kicked));
+
+        let idle = Arc::new(SessionQueue::default());
+        let waiting = tokio::spawn({
+            let idle = idle.clone();
+            async move { matches!(idle.next().await, Live::Kicked) }
         });
+        tokio::task::yield_now().await;
+        idle.kick("kicked");
+        assert!(waiting.await.unwrap());
     }
-    tracing::warn!(%user, "live delivery subscription ended; disconnecting the user's sessions");
-    let (Some(hub), Some(feed)) = (hub.upgrade(), feed.upgrade()) else {
-        return;
-    };
-    let mut users = lock(&hub.users);
-    if users
-        .get(&user)
-        .is_some_and(|current| Arc::ptr_eq(current, &feed))
-    {
-        users.remove(&user);
-    }
-    lock(&feed.sessions).clear();
 }

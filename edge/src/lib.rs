@@ -13,6 +13,7 @@ mod forwarded;
 mod http;
 mod hub;
 mod limits;
+mod livelink;
 mod metrics;
 mod moderation;
 mod outbox;
@@ -51,9 +52,11 @@ pub use http::{HEADER_READ_TIMEOUT, MAX_HEAD_BYTES};
 
 /// The largest frame or message a client may send (PROTOCOL.md: 1 MiB).
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
-/// Per-socket read buffer. tungstenite's default is 128 KiB, which would cost
-/// 128 KiB of memory per idle connection.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Per-socket read buffer, held for the connection's life. tungstenite's
+/// default is 128 KiB, which would cost 128 KiB per idle connection; clients
+/// send small frames (a ping, an ack, a message), and a larger frame has its
+/// whole length reserved when its header arrives, whatever this size.
+const READ_BUFFER_BYTES: usize = 512;
 /// Bytes written to the socket in one go.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Beyond this much unsent data the socket counts as stuck and writes fail
@@ -96,9 +99,6 @@ pub(crate) struct Edge {
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
     pub stop: watch::Receiver<bool>,
-    /// The NATS connection's state: sessions refill from INBOX what live
-    /// delivery may have missed while it was down.
-    pub link: watch::Receiver<chat_shared::nats::Link>,
 }
 
 /// Handles (no round trip to make) on one partition's streams.
@@ -226,12 +226,16 @@ pub async fn run(
 
     // Live frames (and their bytes) waiting for one session before it
     // counts as too slow: CHAT_LIMIT_LIVE_QUEUE, CHAT_LIMIT_LIVE_QUEUE_BYTES.
+    // Deliveries arrive on a connection of their own (see `livelink`).
+    let (live, deliveries) =
+        livelink::LiveLink::connect(&config, &format!("edge {id} deliveries")).await?;
     let hub = hub::Hub::new(
-        nats.clone(),
+        live,
         config.limits.live_queue,
         config.limits.live_queue_bytes,
         config.request_timeout,
     );
+    let deliveries_task = tokio::spawn(deliveries.run(Arc::downgrade(&hub)));
     // Before the listener: a banned user is refused from the first connection.
     let (moderation, moderation_task) = moderation::start(
         nats.clone(),
@@ -273,7 +277,6 @@ pub async fn run(
         edges: edges.clone(),
         directory,
         stop: stop.clone(),
-        link,
     });
     let advertiser = tokio::spawn(drain::advertise(edge.clone(), edges, stop.clone()));
     let drainer = tokio::spawn({
@@ -300,6 +303,7 @@ pub async fn run(
     let _ = heartbeat_task.await;
     let _ = directory_task.await;
     let _ = moderation_task.await;
+    deliveries_task.abort();
     // The last acks, cursor writes and device-gone reports of the sessions.
     chat_shared::nats::flush_before_exit(&edge.nats, &edge.config).await;
     tracing::info!(edge = %edge.id, "edge stopped");

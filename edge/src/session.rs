@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::access::{self, AccessError, Stage};
 use crate::drain::Ticket;
-use crate::hub::{Delivery, HubError, Registration};
+use crate::hub::{Delivery, HubError, Live, Registration};
 use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::INVALID_FRAME;
 pub(crate) use crate::outbox::Outbox;
@@ -65,7 +65,8 @@ enum Inbound {
     Closed,
 }
 
-/// Reads one message and turns it into a frame, answering protocol errors.
+/// Reads one message and turns it into a frame, answering protocol errors
+/// (boxed: this future is part of every idle session's state).
 async fn read_one<S, E>(stream: &mut S, out: &Outbox) -> Inbound
 where
     S: Stream<Item = Result<Message, E>> + Unpin,
@@ -78,7 +79,7 @@ where
             // tungstenite reports an oversized frame or message as a capacity
             // error ("Space limit exceeded: …"); PROTOCOL.md answers it with 1009.
             if text.starts_with("Space limit exceeded") {
-                out.close(close::TOO_BIG, "frame too big").await;
+                Box::pin(out.close(close::TOO_BIG, "frame too big")).await;
             }
             tracing::debug!(error = %text, "socket read failed");
             Inbound::Closed
@@ -94,18 +95,18 @@ where
                     .ok()
                     .and_then(|r| r.reference)
                     .and_then(|r| r.as_str().map(str::to_string));
-                out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string())
+                Box::pin(out.error(reference.as_deref(), ErrorCode::BadRequest, e.to_string()))
                     .await;
                 Inbound::Handled
             }
         },
         Some(Ok(Message::Binary(_))) => {
             out.metrics().frame_in(INVALID_FRAME);
-            out.error(
+            Box::pin(out.error(
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text frames",
-            )
+            ))
             .await;
             Inbound::Handled
         }
@@ -192,7 +193,9 @@ where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let Some(hello) = handshake(&mut stream, &out, &edge).await else {
+    // Boxed, like the rest of the set-up: only the main loop's state should
+    // stay with a connection for its life (see `Session::main_loop`).
+    let Some(hello) = Box::pin(handshake(&mut stream, &out, &edge)).await else {
         return;
     };
     let span = tracing::info_span!("session", user = %hello.user, device = %hello.device);
@@ -213,6 +216,23 @@ async fn authenticated<S, E>(
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let Some((mut session, mut registration, _online)) = Box::pin(open(&out, &edge, hello)).await
+    else {
+        return;
+    };
+    session
+        .main_loop(&mut stream, &mut registration, &mut ticket)
+        .await;
+    Box::pin(session.flush_ack()).await;
+}
+
+/// Everything from `hello` to `synced`: the hub, the backlog, presence.
+/// `None` if the session ends before it is live (the client was told why).
+async fn open(
+    out: &Outbox,
+    edge: &Arc<Edge>,
+    hello: Hello,
+) -> Option<(Session, Registration, crate::presence::DevicePresence)> {
     let Some(slot) = edge.limits.admit_user(&hello.user, Instant::now()) else {
         out.error(
             None,
@@ -224,21 +244,21 @@ async fn authenticated<S, E>(
         )
         .await;
         out.close(close::ABUSE, "too many connections").await;
-        return;
+        return None;
     };
     // Subscribe first, so nothing published from here on can be missed.
-    let mut registration = match edge.hub.register(&hello.user).await {
+    let registration = match edge.hub.register(&hello.user).await {
         Ok(registration) => registration,
         Err(error) => {
-            unavailable(&out, error.into()).await;
-            return;
+            unavailable(out, error.into()).await;
+            return None;
         }
     };
     // Checked again now that a kick would reach this session: a ban that
     // landed since `hello` was checked is either seen here or kicks it.
     if let Err(refusal) = edge.moderation.admits(&hello.user, hello.issued_at) {
-        deny(&out, None, &refusal.into(), Stage::Hello).await;
-        return;
+        deny(out, None, &refusal.into(), Stage::Hello).await;
+        return None;
     }
     let mut session = Session {
         valid_until: deadline_of(hello.valid_until),
@@ -258,8 +278,8 @@ async fn authenticated<S, E>(
     let (start, resumed) = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
         Err(error) => {
-            unavailable(&out, error).await;
-            return;
+            unavailable(out, error).await;
+            return None;
         }
     };
     let welcome = ServerFrame::Welcome {
@@ -270,12 +290,12 @@ async fn authenticated<S, E>(
         resumed,
     };
     if !out.frame(&welcome).await {
-        return;
+        return None;
     }
     session.sent_up_to = start;
     if let Err(error) = session.replay_backlog().await {
-        unavailable(&out, error).await;
-        return;
+        unavailable(out, error).await;
+        return None;
     }
     if !out
         .frame(&ServerFrame::Synced {
@@ -283,9 +303,9 @@ async fn authenticated<S, E>(
         })
         .await
     {
-        return;
+        return None;
     }
-    let _online = crate::presence::DevicePresence::connect(
+    let online = crate::presence::DevicePresence::connect(
         edge.nats.clone(),
         edge.devices.clone(),
         edge.id.clone(),
@@ -293,10 +313,7 @@ async fn authenticated<S, E>(
         session.device.clone(),
     );
     session.send_presence_snapshot().await;
-    session
-        .main_loop(&mut stream, &mut registration, &mut ticket)
-        .await;
-    session.flush_ack().await;
+    Some((session, registration, online))
 }
 
 /// What keeps a session from starting or going on; the client is told
@@ -441,6 +458,10 @@ impl Session {
         Sends { requests, worker }
     }
 
+    /// Waits for whatever comes next until the session ends. What it does
+    /// then (a refill, a request, an ack flush) runs boxed: a future is as
+    /// large as its largest state, and tens of thousands of idle sessions
+    /// would each carry the largest of those all the time.
     async fn main_loop<S, E>(
         &mut self,
         stream: &mut S,
@@ -459,7 +480,7 @@ impl Session {
         // The send worker starts with the first send: most connections are
         // idle most of the time, and a queue and a task each cost memory.
         let mut sends: Option<Sends> = None;
-        let mut link = self.edge.link.clone();
+        let mut link = self.edge.hub.link();
         let mut gaps_seen = link.borrow_and_update().gaps;
         // While NATS is away live frames may be missing; until the inbox has
         // been read again none is forwarded, so no later cursor is sent (and
@@ -471,7 +492,6 @@ impl Session {
         // under load, closing sessions would add reconnects to the load.
         let mut refill_retry: Option<Instant> = None;
         let mut exit = Exit::Done;
-        let mut kicks = registration.kicks();
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
             self.user.clone(),
@@ -479,6 +499,12 @@ impl Session {
             self.out.clone(),
         );
         loop {
+            // Checked first, so a kick is not kept waiting by a busy socket.
+            if let Some(reason) = registration.kicked() {
+                Box::pin(self.out.error(None, ErrorCode::Unauthorized, reason)).await;
+                Box::pin(self.out.close(close::UNAUTHORIZED, reason)).await;
+                break;
+            }
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
@@ -487,11 +513,6 @@ impl Session {
                 }
                 _ = sleep_until(deadline) => {
                     self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
-                    break;
-                }
-                reason = kicks.next() => {
-                    self.out.error(None, ErrorCode::Unauthorized, reason).await;
-                    self.out.close(close::UNAUTHORIZED, reason).await;
                     break;
                 }
                 _ = sleep_until(self.valid_until) => {
@@ -514,7 +535,7 @@ impl Session {
                             let now = Instant::now();
                             let limited = self.sends.take(now).and_then(|()| self.slot.take_send(now));
                             if let Err(wait) = limited {
-                                if !self.refuse(request.reference.as_deref(), wait, "sending too fast").await {
+                                if !Box::pin(self.refuse(request.reference.as_deref(), wait, "sending too fast")).await {
                                     break;
                                 }
                             } else if let Err(refusal) = crate::send::validate_text(&request.text) {
@@ -532,7 +553,7 @@ impl Session {
                         // included, takes a request token: each costs work.
                         Inbound::Frame(frame) => {
                             if let Err(wait) = self.requests.take(Instant::now()) {
-                                if !self.refuse(frame.reference(), wait, "too many requests").await {
+                                if !Box::pin(self.refuse(frame.reference(), wait, "too many requests")).await {
                                     break;
                                 }
                                 continue;
@@ -555,11 +576,11 @@ impl Session {
                                     self.out.error(None, ErrorCode::BadRequest, "already said hello").await;
                                 }
                                 ClientFrame::Refresh { reference, token } => {
-                                    if !self.refresh(reference, &token).await {
+                                    if !Box::pin(self.refresh(reference, &token)).await {
                                         break;
                                     }
                                 }
-                                other => requests.handle(other).await,
+                                other => Box::pin(requests.handle(other)).await,
                             }
                         }
                     }
@@ -574,32 +595,36 @@ impl Session {
                     }
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
-                        if let Err(error) = self.replay_backlog().await {
-                            unavailable(&self.out, error).await;
+                        if let Err(error) = Box::pin(self.replay_backlog()).await {
+                            Box::pin(unavailable(&self.out, error)).await;
                             break;
                         }
                         paused = false;
                         refill_retry = None;
                     }
                 }
-                delivery = registration.recv() => match delivery {
+                live = registration.recv() => match live {
+                    // Handled at the top of the loop.
+                    Live::Kicked => {}
                     // Paused, the frame is in the inbox and comes with the refill.
-                    Some(_) if paused => {}
-                    Some(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
+                    Live::Delivery(_) if paused => {}
+                    Live::Delivery(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
-                        if let Err(error) = self.replay_backlog().await {
+                        if let Err(error) = Box::pin(self.replay_backlog()).await {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
                             paused = true;
                             refill_retry = Some(Instant::now() + REFILL_RETRY);
                         }
                     }
-                    Some(delivery) => {
-                        if !self.forward(delivery).await {
+                    Live::Delivery(delivery) => {
+                        // Boxed: the live path is frequent, but its state
+                        // would otherwise sit in every idle session.
+                        if !Box::pin(self.forward(delivery)).await {
                             break;
                         }
                     }
-                    None => {
+                    Live::CutLoose => {
                         // The hub cut us loose: we fell too far behind.
                         self.out.close(close::TRY_AGAIN_LATER, "too slow; resume from your cursor").await;
                         break;
@@ -607,7 +632,7 @@ impl Session {
                 },
                 _ = sleep_until(refill_retry.unwrap_or(deadline)), if refill_retry.is_some() => {
                     refill_retry = None;
-                    match self.replay_backlog().await {
+                    match Box::pin(self.replay_backlog()).await {
                         Ok(()) => paused = false,
                         Err(error) => {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
@@ -615,7 +640,7 @@ impl Session {
                         }
                     }
                 }
-                _ = flush.tick() => self.flush_ack().await,
+                _ = flush.tick() => Box::pin(self.flush_ack()).await,
             }
         }
         if let Some(Sends { requests, worker }) = sends {
