@@ -252,19 +252,20 @@ impl SenderClaims {
         if owed.is_empty() {
             return;
         }
-        let mut error = String::new();
-        for attempt in 0..WRITE_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-            }
+        let mut attempt = 1;
+        let error = loop {
             match write(edge, &self.sender, &owed).await {
                 Ok(()) => {
                     edge.metrics.send_claims_written(owed.len() as u64);
                     return;
                 }
-                Err(e) => error = e,
+                Err(e) if attempt >= WRITE_ATTEMPTS => break e,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    attempt += 1;
+                }
             }
-        }
+        };
         tracing::error!(
             %error,
             claims = owed.len(),
@@ -274,16 +275,24 @@ impl SenderClaims {
 }
 
 /// Writes `claims` as batches under fresh keys.
-async fn write(edge: &Edge, sender: &UserId, claims: &[(String, Claim)]) -> Result<(), String> {
+async fn write(edge: &Edge, sender: &UserId, claims: &[(String, Claim)]) -> Result<(), WriteError> {
     for chunk in claims.chunks(BATCH_LINES) {
         let key = subjects::sent_batch_key(sender, rand::random());
         let put = edge.claims.put(key, encode_batch(chunk).into());
         tokio::time::timeout(edge.config.request_timeout, put)
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| WriteError::TimedOut)??;
     }
     Ok(())
+}
+
+/// Why a batch of claims was not stored.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("no answer within the request timeout")]
+    TimedOut,
+    #[error(transparent)]
+    Put(#[from] async_nats::jetstream::kv::PutError),
 }
 
 fn encode_batch(claims: &[(String, Claim)]) -> String {

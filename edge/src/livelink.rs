@@ -53,8 +53,22 @@ pub enum LinkError {
     NoServer(String),
     #[error("NATS server {0} asks for TLS; the live-delivery connection speaks plain NATS only")]
     Tls(String),
-    #[error("connecting to NATS at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    #[error("connecting to NATS at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("NATS at {addr} did not finish the handshake in time")]
+    TimedOut { addr: String },
+    #[error("NATS at {addr} closed the connection {when}")]
+    Closed { addr: String, when: &'static str },
+    #[error("NATS at {addr} refused the connection: {message}")]
+    Refused { addr: String, message: String },
+    #[error("the live-delivery connection failed: {0}")]
+    Lost(std::io::Error),
+    #[error("the live-delivery connection dropped: {0}")]
+    Dropped(&'static str),
+    /// What the server sent is not NATS as we read it.
     #[error("NATS protocol: {0}")]
     Protocol(String),
 }
@@ -164,9 +178,8 @@ impl Connection {
                 Ok(Ok(socket)) => return Ok(socket),
                 Ok(Err(error)) => last = error,
                 Err(_) => {
-                    last = LinkError::Connect {
+                    last = LinkError::TimedOut {
                         addr: describe(&server),
-                        reason: "timed out".into(),
                     }
                 }
             }
@@ -178,16 +191,16 @@ impl Connection {
     /// `PONG` (an authorization error arrives before it).
     async fn handshake(&mut self, server: &ServerAddr) -> Result<TcpStream, LinkError> {
         let addr = describe(server);
-        let failed = |reason: String| LinkError::Connect {
+        let failed = |source: std::io::Error| LinkError::Connect {
             addr: addr.clone(),
-            reason,
+            source,
         };
         if server.tls_required() {
             return Err(LinkError::Tls(addr));
         }
         let mut socket = TcpStream::connect((server.host(), server.port()))
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(failed)?;
         // Deliveries are latency-bound and small.
         let _ = socket.set_nodelay(true);
         let mut buffer = BytesMut::with_capacity(4096);
@@ -195,9 +208,7 @@ impl Connection {
             if let Some(op) = next_op(&mut buffer)? {
                 break op;
             }
-            read_more(&mut socket, &mut buffer, "before INFO")
-                .await
-                .map_err(failed)?;
+            read_more(&mut socket, &mut buffer, &addr, "before INFO").await?;
         };
         let Op::Info(info) = info else {
             return Err(LinkError::Protocol(
@@ -227,16 +238,14 @@ impl Connection {
         socket
             .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(failed)?;
         loop {
             match next_op(&mut buffer)? {
                 Some(Op::Pong) => return Ok(socket),
-                Some(Op::Err(message)) => return Err(failed(message)),
+                Some(Op::Err(message)) => return Err(LinkError::Refused { addr, message }),
                 Some(Op::Info(info)) => self.learn(&info.connect_urls),
                 Some(_) => {}
-                None => read_more(&mut socket, &mut buffer, "during CONNECT")
-                    .await
-                    .map_err(failed)?,
+                None => read_more(&mut socket, &mut buffer, &addr, "during CONNECT").await?,
             }
         }
     }
@@ -270,13 +279,12 @@ impl Connection {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.tick().await;
-        let io = |e: std::io::Error| LinkError::Protocol(e.to_string());
         loop {
             let mut out = Vec::new();
             tokio::select! {
                 read = socket.read_buf(&mut buffer) => {
-                    if read.map_err(io)? == 0 {
-                        return Err(LinkError::Protocol("the server closed the connection".into()));
+                    if read.map_err(LinkError::Lost)? == 0 {
+                        return Err(LinkError::Dropped("the server closed it"));
                     }
                     while let Some(op) = next_op(&mut buffer)? {
                         match op {
@@ -318,14 +326,14 @@ impl Connection {
                 }
                 _ = keepalive.tick() => {
                     if pongs.len() >= 2 {
-                        return Err(LinkError::Protocol("the server stopped answering PINGs".into()));
+                        return Err(LinkError::Dropped("the server stopped answering PINGs"));
                     }
                     pongs.push_back(None);
                     out.extend_from_slice(b"PING\r\n");
                 }
             }
             if !out.is_empty() {
-                socket.write_all(&out).await.map_err(io)?;
+                socket.write_all(&out).await.map_err(LinkError::Lost)?;
             }
         }
     }
@@ -411,12 +419,19 @@ impl Connected {
 async fn read_more(
     socket: &mut TcpStream,
     buffer: &mut BytesMut,
-    when: &str,
-) -> Result<(), String> {
+    addr: &str,
+    when: &'static str,
+) -> Result<(), LinkError> {
     match socket.read_buf(buffer).await {
-        Ok(0) => Err(format!("closed {when}")),
+        Ok(0) => Err(LinkError::Closed {
+            addr: addr.to_string(),
+            when,
+        }),
         Ok(_) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(source) => Err(LinkError::Connect {
+            addr: addr.to_string(),
+            source,
+        }),
     }
 }
 

@@ -8,10 +8,11 @@ use async_nats::jetstream::{self, consumer::PullConsumer, message::StreamMessage
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chat_shared::consume::{self, Backoff};
-use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::ids::{ConversationId, GroupId, UserId};
 use chat_shared::membership::GroupCache;
 use chat_shared::partitions::{Partition, Partitions};
 use chat_shared::receipts::MessageMeta;
+use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
@@ -21,9 +22,9 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument;
 
 use crate::gaps::Sequence;
-use crate::inbox::{Appending, InboxWriter, Order};
+use crate::inbox::{AppendError, Appending, InboxWriter, Order};
 use crate::metrics::RouterMetrics;
-use crate::push::PushJobs;
+use crate::push::{PushError, PushJobs};
 
 /// Lanes per router: conversations hash onto them, and a lane handles its
 /// events in order. A lane is a task and a queue, cheap enough to have
@@ -38,14 +39,41 @@ const LANE_QUEUE: usize = 256;
 const LANE_WINDOW: usize = 16;
 const PULL_BATCH: usize = 512;
 
-/// Why one event could not be routed.
-#[derive(Debug)]
+/// Why one event could not be routed. Poison ([`RouteError::is_poison`])
+/// can never succeed: it is copied to `chat.dead.<consumer>` and
+/// terminated, with a log. The rest is NATS or the persister failing,
+/// retried in place so order holds.
+#[derive(Debug, thiserror::Error)]
 enum RouteError {
-    /// It can never succeed (malformed event, unknown group): copied to
-    /// `chat.dead.<consumer>` and terminated, with a log.
-    Poison(String),
-    /// NATS or the persister failed; retried in place so order holds.
-    Transient(String),
+    #[error("unexpected subject {0}")]
+    Subject(String),
+    #[error("malformed message event: {0}")]
+    MalformedMessage(serde_json::Error),
+    #[error("the event's conversation does not match its subject")]
+    WrongConversation,
+    #[error("unknown group {0}")]
+    UnknownGroup(GroupId),
+    #[error("malformed group event: {0}")]
+    MalformedGroupEvent(serde_json::Error),
+    #[error("group members: {0}")]
+    Members(RpcError),
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    #[error(transparent)]
+    Push(#[from] PushError),
+}
+
+impl RouteError {
+    fn is_poison(&self) -> bool {
+        match self {
+            Self::Subject(_)
+            | Self::MalformedMessage(_)
+            | Self::WrongConversation
+            | Self::UnknownGroup(_)
+            | Self::MalformedGroupEvent(_) => true,
+            Self::Members(_) | Self::Append(_) | Self::Push(_) => false,
+        }
+    }
 }
 
 /// Which stream an event came from: a partition of MESSAGES, or EVENTS.
@@ -121,13 +149,13 @@ impl Fanout {
                 .await
             {
                 Ok(()) => return true,
-                Err(RouteError::Poison(reason)) => {
+                Err(e) if e.is_poison() => {
                     // Its redelivery is dead-lettered.
-                    tracing::warn!(subject = %event.subject, %reason, "a recovered event cannot be routed");
+                    tracing::warn!(subject = %event.subject, error = %e, "a recovered event cannot be routed");
                     return true;
                 }
-                Err(RouteError::Transient(reason)) => {
-                    tracing::warn!(subject = %event.subject, %reason, "routing a recovered event failed; retrying");
+                Err(e) => {
+                    tracing::warn!(subject = %event.subject, error = %e, "routing a recovered event failed; retrying");
                     self.metrics.retried(source.family());
                     if stop.wait(&mut backoff).await {
                         return false;
@@ -161,12 +189,12 @@ impl Fanout {
                 .await
             {
                 Ok(()) => break,
-                Err(RouteError::Poison(reason)) => {
-                    self.dead_letter(source, &message, &reason).await;
+                Err(e) if e.is_poison() => {
+                    self.dead_letter(source, &message, &e.to_string()).await;
                     return true;
                 }
-                Err(RouteError::Transient(reason)) => {
-                    tracing::warn!(subject = %message.subject, %reason, "routing failed; retrying");
+                Err(e) => {
+                    tracing::warn!(subject = %message.subject, error = %e, "routing failed; retrying");
                     self.metrics.retried(source.family());
                     // Keep the event ours while we retry, instead of letting it be
                     // redelivered behind later events of its conversation.
@@ -213,13 +241,13 @@ impl Fanout {
             .await;
         let prepared = match prepared {
             Ok(prepared) => prepared,
-            Err(RouteError::Poison(reason)) => {
-                self.dead_letter(source, &message, &reason)
+            Err(e) if e.is_poison() => {
+                self.dead_letter(source, &message, &e.to_string())
                     .instrument(route_span(source, trace))
                     .await;
                 return Ok(None);
             }
-            Err(RouteError::Transient(_)) => return Err(message),
+            Err(_) => return Err(message),
         };
         let appending = self
             .inbox
@@ -297,10 +325,10 @@ impl Fanout {
             prepared.headers,
         )
         .await?;
-        self.push
+        Ok(self
+            .push
             .emit(&prepared.event, &prepared.recipients, trace)
-            .await
-            .map_err(|e| RouteError::Transient(e.to_string()))
+            .await?)
     }
 
     /// Checks a MESSAGES event and resolves its members and frame.
@@ -311,22 +339,20 @@ impl Fanout {
         trace: Option<TraceId>,
     ) -> Result<Prepared, RouteError> {
         let conversation = subjects::parse_message(subject)
-            .ok_or_else(|| RouteError::Poison(format!("unexpected subject {subject}")))?;
-        let event: MessageEvent = serde_json::from_slice(payload)
-            .map_err(|e| RouteError::Poison(format!("malformed message event: {e}")))?;
+            .ok_or_else(|| RouteError::Subject(subject.to_string()))?;
+        let event: MessageEvent =
+            serde_json::from_slice(payload).map_err(RouteError::MalformedMessage)?;
         if event.conversation != conversation {
-            return Err(RouteError::Poison(
-                "event conversation does not match its subject".into(),
-            ));
+            return Err(RouteError::WrongConversation);
         }
         let recipients: Vec<UserId> = match &conversation {
             ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
             ConversationId::Group(group) => match self.groups.members(group).await {
                 Ok(members) => members.iter().cloned().collect(),
                 Err(e) if e.code == ErrorCode::NotFound => {
-                    return Err(RouteError::Poison(format!("unknown group {group}")))
+                    return Err(RouteError::UnknownGroup(group.clone()))
                 }
-                Err(e) => return Err(RouteError::Transient(e.to_string())),
+                Err(e) => return Err(RouteError::Members(e)),
             },
         };
         let mut headers = HeaderMap::new();
@@ -353,8 +379,8 @@ impl Fanout {
     }
 
     async fn route_group_event(&self, payload: &[u8]) -> Result<(), RouteError> {
-        let event: GroupEvent = serde_json::from_slice(payload)
-            .map_err(|e| RouteError::Poison(format!("malformed group event: {e}")))?;
+        let event: GroupEvent =
+            serde_json::from_slice(payload).map_err(RouteError::MalformedGroupEvent)?;
         self.groups.invalidate(&event.group);
         let mut recipients = event.members.clone();
         for user in &event.users {
@@ -385,10 +411,10 @@ impl Fanout {
         frame: Bytes,
         headers: HeaderMap,
     ) -> Result<(), RouteError> {
-        self.inbox
+        Ok(self
+            .inbox
             .append(recipients, event_id, frame, headers)
-            .await
-            .map_err(|e| RouteError::Transient(e.to_string()))
+            .await?)
     }
 }
 
