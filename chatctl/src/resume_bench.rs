@@ -1,7 +1,8 @@
 //! `chatctl bench resume`: a receiver goes offline, another user sends it
 //! K messages, then the receiver connects again (with its last cursor, or
 //! none) and the bench times `hello` -> `synced` and checks that all K
-//! arrived before `synced`.
+//! arrived before `synced`. It also counts the JetStream consumers the
+//! resume created (none: an inbox is read with batched direct gets).
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
@@ -17,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::broker::{ConsumerWatch, Consumers};
 use crate::client::{connect, token, websocket_url};
 
 #[derive(clap::Args)]
@@ -51,6 +53,9 @@ pub struct ResumeReport {
     pub before_synced: usize,
     /// Backlog messages per second during the resume.
     pub messages_per_second: f64,
+    /// JetStream consumers before and after the resume, and created
+    /// during it (from hello until the connection is closed).
+    pub consumers: Consumers,
 }
 
 /// Whether a resume delivered the whole backlog before `synced`.
@@ -123,6 +128,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         cursor: if options.no_cursor { None } else { cursor },
     };
     let hello = Message::Text(serde_json::to_string(&hello)?.into());
+    let consumers = ConsumerWatch::start(config).await?;
     let started = Instant::now();
     socket.send(hello).await?;
     let mut seen = HashSet::with_capacity(options.backlog);
@@ -156,6 +162,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         }
     };
     let _ = socket.close(None).await;
+    let consumers = consumers.finish().await?;
     Ok(ResumeReport {
         backlog: options.backlog,
         with_cursor: !options.no_cursor && cursor.is_some(),
@@ -165,6 +172,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         synced_ms: synced.as_secs_f64() * 1000.0,
         before_synced: seen.len(),
         messages_per_second: crate::bench::common::per_second(seen.len(), synced.as_secs_f64()),
+        consumers,
     })
 }
 
@@ -218,6 +226,11 @@ pub fn print(report: &ResumeReport) {
         report.backlog,
         if complete(report) { "" } else { ": INCOMPLETE" }
     );
+    let c = &report.consumers;
+    println!(
+        "JetStream consumers: {} created by the resume ({} before, {} after)",
+        c.created, c.before, c.after
+    );
 }
 
 #[cfg(test)]
@@ -235,6 +248,11 @@ mod tests {
             synced_ms: 2.0,
             before_synced: 10,
             messages_per_second: 5000.0,
+            consumers: Consumers {
+                before: 9,
+                after: 9,
+                created: 0,
+            },
         };
         assert!(complete(&report));
         report.before_synced = 9;

@@ -15,6 +15,7 @@ use crate::client::{connect, Socket};
 
 pub mod broker;
 pub mod common;
+pub mod cpu;
 
 use common::{latency, send, Percentiles};
 
@@ -35,6 +36,9 @@ pub struct DmOptions {
     /// nats-server's HTTP monitor (`http://host:port`), for the messages
     /// the broker took in and handed out per DM.
     pub nats_monitor: Option<String>,
+    /// The system's processes on this machine whose CPU time (with their
+    /// descendants') the run measures, with the load generator's.
+    pub cpu_of: Vec<cpu::Watched>,
 }
 
 /// What one run measured.
@@ -60,6 +64,10 @@ pub struct DmReport {
     pub memory: Vec<crate::memory::Footprint>,
     /// What the run cost the broker per DM (`None` for a peer's run).
     pub broker: Option<broker::BrokerCost>,
+    /// CPU per DM over the watched processes and the load generator,
+    /// from the first send until a moment after the last delivery (`None`
+    /// without `cpu_of`, and for a peer's run).
+    pub cpu: Option<cpu::CpuCost>,
 }
 
 pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport> {
@@ -99,6 +107,10 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     // Every connection is made before any sender starts: rates count the
     // sending only, not the (sequential) connection set-up of the pairs.
     let meter = broker::Meter::start(config, options.nats_monitor.clone()).await?;
+    let cpu_meter = match options.cpu_of.as_slice() {
+        [] => None,
+        watched => Some(cpu::CpuMeter::start(watched.to_vec())?),
+    };
     let began = Instant::now();
     let senders: Vec<_> = ready
         .into_iter()
@@ -129,7 +141,10 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         Some(sampler) => sampler.finish().await,
         None => Vec::new(),
     };
+    // After the broker's settling moment: the persister's last batches
+    // and what closing the connections causes count too.
     let broker = meter.finish(total).await?;
+    let cpu = cpu_meter.map(|m| m.finish(total)).transpose()?;
     Ok(DmReport {
         pairs: options.pairs,
         messages: total,
@@ -142,6 +157,7 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         offered_per_second: options.rate,
         memory,
         broker: Some(broker),
+        cpu,
     })
 }
 
@@ -213,5 +229,8 @@ pub fn print(report: &DmReport) {
     crate::memory::print(&report.memory);
     if let Some(broker) = &report.broker {
         broker::print(broker);
+    }
+    if let Some(cost) = &report.cpu {
+        cpu::print(cost);
     }
 }
