@@ -351,6 +351,8 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
         seconds,
         sent_per_second: per_second(total, sent_seconds),
         delivered_per_second: per_second(delivered_latency.len(), seconds),
+        persisted_seconds: None,
+        persisted_per_second: None,
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: None,

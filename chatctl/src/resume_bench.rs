@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::broker::{ConsumerWatch, Consumers};
+use crate::bench::common::wait_consumed;
 use crate::client::{connect, token, websocket_url};
 
 #[derive(clap::Args)]
@@ -182,26 +183,8 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
 async fn wait_for_router(config: &Config) -> anyhow::Result<()> {
     let client = chat_shared::nats::connect(config, "chatctl-bench-resume").await?;
     let js = chat_shared::nats::jetstream(client, config);
-    for partition in config.partitions.all() {
-        let name = partition.messages_stream();
-        let stream = js.get_stream(&name).await.context(name)?;
-        let mut drained = false;
-        for _ in 0..600 {
-            let info = stream
-                .consumer_info(ROUTER_CONSUMER)
-                .await
-                .context("router consumer")?;
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                drained = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !drained {
-            bail!("the router still had messages pending after 60 s");
-        }
-    }
-    Ok(())
+    let (poll, limit) = (Duration::from_millis(100), Duration::from_secs(60));
+    wait_consumed(&js, config.partitions, ROUTER_CONSUMER, poll, limit).await
 }
 
 pub fn print(report: &ResumeReport) {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -38,7 +38,42 @@ pub(crate) async fn connect_paced(
     bail!("{user}: the edge kept refusing connections")
 }
 
-/// Sends a request and waits for its reply, waiting out `rate_limited`.
+/// Waits until `consumer` (the router's, the persister's) has taken and
+/// acked everything in MESSAGES, every partition; polls every `poll`,
+/// fails after `limit`.
+pub(crate) async fn wait_consumed(
+    js: &async_nats::jetstream::Context,
+    partitions: chat_shared::partitions::Partitions,
+    consumer: &str,
+    poll: Duration,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    for partition in partitions.all() {
+        let name = partition.messages_stream();
+        let stream = js.get_stream(&name).await.context(name)?;
+        loop {
+            let info = stream
+                .consumer_info(consumer)
+                .await
+                .with_context(|| format!("consumer {consumer}"))?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{consumer} still had messages pending after {limit:?}");
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+    Ok(())
+}
+
+/// A `rate_limited` that asks to wait longer than this (ms) is a quota.
+const QUOTA_WAIT_MS: u64 = 10_000;
+
+/// Sends a request and waits for its reply, waiting out `rate_limited`
+/// unless it is a quota's.
 pub(crate) async fn request(
     socket: &mut Socket,
     mut frame: Value,
@@ -60,6 +95,11 @@ pub(crate) async fn request(
             }
             if reply["code"] == "rate_limited" {
                 let wait = reply["retry_after_ms"].as_u64().unwrap_or(100);
+                // A rate limit clears in moments; a per-user quota only
+                // with its minute or day: a benchmark must not wait that.
+                if wait > QUOTA_WAIT_MS {
+                    bail!("{reference}: refused for {wait} ms, a per-user quota: {reply}; for benchmarks start the system with higher CHAT_QUOTA_* (scripts/bench does)");
+                }
                 tokio::time::sleep(Duration::from_millis(wait)).await;
                 break;
             }
@@ -251,7 +291,7 @@ pub(crate) async fn send(
                     reader_window.close();
                     if frame["code"] == "rate_limited" {
                         bail!(
-                            "send refused by the edge's rate limit: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* (see the README)"
+                            "send refused by the edge's rate limit or a per-user quota: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* and CHAT_QUOTA_* (see the README; scripts/bench does)"
                         );
                     }
                     bail!("send refused: {frame}");

@@ -17,7 +17,8 @@ pub mod broker;
 pub mod common;
 pub mod cpu;
 
-use common::{latency, send, Percentiles};
+use chat_shared::subjects::PERSISTER_CONSUMER;
+use common::{latency, send, wait_consumed, Percentiles};
 
 #[derive(Debug, Clone)]
 pub struct DmOptions {
@@ -52,6 +53,12 @@ pub struct DmReport {
     pub seconds: f64,
     pub sent_per_second: f64,
     pub delivered_per_second: f64,
+    /// Seconds from the first send until every message was delivered and
+    /// the persister had acked it on every partition (after COMMIT: in
+    /// PostgreSQL), and the messages per second over that (`None` for a
+    /// peer's run).
+    pub persisted_seconds: Option<f64>,
+    pub persisted_per_second: Option<f64>,
     /// Milliseconds, send -> `sent`.
     pub sent_latency: Percentiles,
     /// Milliseconds, send -> the recipient's `message` frame.
@@ -106,6 +113,12 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     // Every connection is made before any sender starts: rates count the
     // sending only, not the (sequential) connection set-up of the pairs.
+    let persister = chat_shared::nats::jetstream(
+        chat_shared::nats::connect(config, "chatctl-bench-persisted")
+            .await
+            .context("connecting to NATS to follow the persister")?,
+        config,
+    );
     let meter = broker::Meter::start(config, options.nats_monitor.clone()).await?;
     let cpu_meter = match options.cpu_of.as_slice() {
         [] => None,
@@ -137,6 +150,16 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     let seconds = began.elapsed().as_secs_f64();
     let total = options.pairs * options.messages;
+    // Delivered is not yet stored: the persister's batches may trail.
+    wait_consumed(
+        &persister,
+        config.partitions,
+        PERSISTER_CONSUMER,
+        PERSISTED_POLL,
+        RECEIVE_STALL,
+    )
+    .await?;
+    let persisted_seconds = began.elapsed().as_secs_f64();
     let memory = match sampler {
         Some(sampler) => sampler.finish().await,
         None => Vec::new(),
@@ -152,6 +175,8 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         seconds,
         sent_per_second: total as f64 / sent_seconds,
         delivered_per_second: total as f64 / seconds,
+        persisted_seconds: Some(persisted_seconds),
+        persisted_per_second: Some(common::per_second(total, persisted_seconds)),
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: options.rate,
@@ -161,8 +186,12 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     })
 }
 
-/// How long a receiver waits for the next message before the run fails.
+/// How long a receiver waits for the next message before the run fails
+/// (and the persister for its last).
 const RECEIVE_STALL: Duration = Duration::from_secs(60);
+/// How often the persister's progress is read after the last delivery:
+/// the persisted rate is exact to about this.
+const PERSISTED_POLL: Duration = Duration::from_millis(20);
 
 /// Reads `count` messages, acking as it goes; returns each send -> delivered
 /// latency in µs.
@@ -216,6 +245,12 @@ pub fn print(report: &DmReport) {
         report.sent_per_second,
         report.delivered_per_second
     );
+    if let Some(rate) = report.persisted_per_second {
+        println!(
+            "delivered and persisted (the persister's last ack) after {:.2} s: {rate:.0}/s",
+            report.persisted_seconds.unwrap_or_default()
+        );
+    }
     println!("latency (ms)        p50      p90      p99    p99.9      max");
     for (name, p) in [
         ("send -> sent", &report.sent_latency),

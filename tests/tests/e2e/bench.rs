@@ -52,6 +52,16 @@ async fn bench_dm_counts_every_message() -> Result<()> {
     // Counted by the bench and by the system: every message reached its
     // recipient and the history store.
     assert_eq!(report.delivered, 50);
+    // Persisted is timed after delivered, and only once PostgreSQL has
+    // every message (the persister acks after COMMIT).
+    let persisted = report.persisted_seconds.context("no persisted time")?;
+    assert!(persisted >= report.seconds, "{report:?}");
+    let stored = system
+        .database()
+        .await?
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await?;
+    assert_eq!(stored.get::<_, i64>(0), 50);
     // Every watched process is in the CPU report, the load generator as
     // part of "system" (the same process, not counted twice), and the
     // split adds up to the total.
