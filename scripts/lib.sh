@@ -269,10 +269,18 @@ log_tail() {
 # ejabberd` and its smoke test (chatctl/tests/peer_bench.rs). The bench runs
 # its own ejabberd from a temporary directory, so the package's service is
 # kept from starting (policy-rc.d during the install) and stopped if a
-# systemd boot started it anyway.
+# systemd boot started it anyway. Its PostgreSQL driver (for `--mam sql`,
+# the archive in PostgreSQL) is a separate package the ejabberd package
+# only suggests: erlang-p1-pgsql.
 _ensure_ejabberd() {
     local app="/usr/lib/*/ejabberd-*/ebin/ejabberd.app" policy=/usr/sbin/policy-rc.d own_policy=0
+    local pgsql="/usr/lib/erlang/lib/p1_pgsql-*/ebin/pgsql.beam"
     if command -v erl >/dev/null 2>&1 && compgen -G "$app" >/dev/null; then
+        if ! compgen -G "$pgsql" >/dev/null; then
+            say "installing ejabberd's PostgreSQL driver (apt: erlang-p1-pgsql)"
+            _apt_install erlang-p1-pgsql
+            compgen -G "$pgsql" >/dev/null || die "erlang-p1-pgsql installed but $pgsql not found"
+        fi
         return 0
     fi
     say "installing ejabberd (apt; its service stays stopped, the bench starts its own)"
@@ -281,7 +289,7 @@ _ensure_ejabberd() {
         own_policy=1
     fi
     # A subshell, so a failed install still removes our policy-rc.d.
-    if ! (_apt_install ejabberd); then
+    if ! (_apt_install ejabberd erlang-p1-pgsql); then
         [ "$own_policy" = 1 ] && _as_root rm -f "$policy"
         die "apt-get install ejabberd failed"
     fi
@@ -289,7 +297,8 @@ _ensure_ejabberd() {
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         _as_root systemctl disable --now ejabberd >/dev/null 2>&1 || true
     fi
-    if ! command -v erl >/dev/null 2>&1 || ! compgen -G "$app" >/dev/null; then
-        die "ejabberd installed but erl or $app not found"
+    if ! command -v erl >/dev/null 2>&1 || ! compgen -G "$app" >/dev/null \
+        || ! compgen -G "$pgsql" >/dev/null; then
+        die "ejabberd installed but erl, $app or $pgsql not found"
     fi
 }

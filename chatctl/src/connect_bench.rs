@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::common::{vm_rss_kib, PING_EVERY};
+use crate::bench::common::{clock_ticks_per_second, cpu_ticks, vm_rss_kib, PING_EVERY};
 use crate::client::{token, websocket_url};
 
 /// Handshakes in progress at once.
@@ -81,34 +81,6 @@ fn edge_rss(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))
-}
-
-/// CPU time (user + system) of `pid` in clock ticks, from `/proc/<pid>/stat`.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    stat_cpu_ticks(&stat).with_context(|| format!("no CPU times in {path}"))
-}
-
-/// utime + stime, the 14th and 15th fields; the command name (2nd, in
-/// parentheses) may hold spaces, so fields are counted after its `)`.
-fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(user + system)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if unknown).
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn find_edge_pid() -> anyhow::Result<u32> {
@@ -362,14 +334,6 @@ pub fn print(report: &ConnectReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ticks_are_read_after_the_command_name() {
-        // A name with spaces and parentheses must not shift the fields.
-        let stat = "4242 (chat (edge) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 100";
-        assert_eq!(stat_cpu_ticks(stat), Some(300));
-        assert_eq!(stat_cpu_ticks("4242 (x) S 1 2"), None);
-    }
 
     #[test]
     fn memory_per_connection() {

@@ -387,7 +387,7 @@ async fn read_member(
                 }
                 if frame["code"] == "rate_limited" {
                     bail!(
-                        "{}: send refused by the edge's rate limit: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* (see the README)",
+                        "{}: send refused by the edge's rate limit or a per-user quota: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* and CHAT_QUOTA_* (see the README; scripts/bench does)",
                         member.me
                     );
                 }

@@ -1,7 +1,8 @@
 //! `chatctl`'s operations, as a library so the end-to-end tests run exactly
 //! what the operator runs: stream and consumer state ([`status`]), replaying
 //! the log of record ([`replay`]), load ([`bench`], what every scenario shares in
-//! [`bench::common`], and one module per further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
+//! [`bench::common`], what a run cost the broker in [`bench::broker`] and
+//! in CPU in [`bench::cpu`], and one module per further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
 //! [`resume_bench`], [`connect_bench`]) and a tiny WebSocket client ([`client`]), the
 //! discovery view and drain requests ([`edges`]), operators' bans, kicks
 //! and token revocations ([`moderation`]). The command line is in

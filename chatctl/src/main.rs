@@ -113,7 +113,9 @@ enum BenchScenario {
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
         peer: Option<chatctl::peer_bench::Peer>,
-        /// The peer's message archive (ejabberd mod_mam).
+        /// The peer's message archive (ejabberd mod_mam): on (Mnesia), off,
+        /// or sql (PostgreSQL: a database of its own on CHAT_DATABASE_URL's
+        /// server).
         #[arg(long, value_enum, default_value = "on", requires = "peer")]
         mam: chatctl::peer_bench::Mam,
     },
@@ -167,11 +169,18 @@ enum BenchScenario {
         /// messages the broker took in and handed out per DM.
         #[arg(long, env = "CHAT_NATS_MONITOR_URL")]
         nats_monitor: Option<String>,
+        /// Measure the CPU time of this process of the system and its
+        /// descendants (e.g. postgres=<postmaster pid>), per DM; repeat
+        /// for every process. The load generator is always included.
+        #[arg(long, value_name = "NAME=PID")]
+        cpu_of: Vec<chatctl::bench::cpu::Watched>,
         /// Also run the same load against this server (started here, on
         /// loopback) and report ours as a ratio to it.
         #[arg(long, value_enum)]
         peer: Option<chatctl::peer_bench::Peer>,
-        /// The peer's message archive (ejabberd mod_mam).
+        /// The peer's message archive (ejabberd mod_mam): on (Mnesia), off,
+        /// or sql (PostgreSQL: a database of its own on CHAT_DATABASE_URL's
+        /// server).
         #[arg(long, value_enum, default_value = "on", requires = "peer")]
         mam: chatctl::peer_bench::Mam,
         #[command(flatten)]
@@ -373,6 +382,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
             rate,
             rss_every,
             nats_monitor,
+            cpu_of,
             peer,
             mam,
             edge,
@@ -385,12 +395,19 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                 rate,
                 rss_every: rss_every.map(Duration::from_secs),
                 nats_monitor,
+                cpu_of,
             };
             let report = bench::dm(config, options.clone()).await?;
             match peer {
                 None => show(&report, json, bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
-                    let comparison = chatctl::peer_bench::compare_dm(report, &options, mam).await?;
+                    let comparison = chatctl::peer_bench::compare_dm(
+                        report,
+                        &options,
+                        mam,
+                        &config.database_url,
+                    )
+                    .await?;
                     show(&comparison, json, chatctl::peer_bench::print_dm)?;
                 }
             }
@@ -408,8 +425,13 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
             match peer {
                 None => show(&report, json, chatctl::group_bench::print)?,
                 Some(chatctl::peer_bench::Peer::Ejabberd) => {
-                    let comparison =
-                        chatctl::peer_bench::compare_group(report, &options, mam).await?;
+                    let comparison = chatctl::peer_bench::compare_group(
+                        report,
+                        &options,
+                        mam,
+                        &config.database_url,
+                    )
+                    .await?;
                     show(&comparison, json, chatctl::peer_bench::print_group)?;
                 }
             }

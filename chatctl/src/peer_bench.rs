@@ -38,13 +38,31 @@ pub enum Peer {
     Ejabberd,
 }
 
-/// ejabberd's message archive (`mod_mam`): on for a fair comparison with
-/// our persisted history, off for its in-memory ceiling.
+/// ejabberd's message archive (`mod_mam`): on (Mnesia, ejabberd's
+/// default) or in PostgreSQL (`sql`: the server ours persists to, a
+/// database of its own) for a comparison with our persisted history, off
+/// for its in-memory ceiling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mam {
     On,
     Off,
+    Sql,
+}
+
+impl Mam {
+    /// The archive to start ejabberd with; `database_url` is our
+    /// PostgreSQL (`CHAT_DATABASE_URL`), used with `sql` only.
+    pub fn archive(self, database_url: &str) -> crate::ejabberd::Archive {
+        use crate::ejabberd::Archive;
+        match self {
+            Self::On => Archive::Mnesia,
+            Self::Off => Archive::Off,
+            Self::Sql => Archive::Sql {
+                server: database_url.to_string(),
+            },
+        }
+    }
 }
 
 /// Our number divided by ejabberd's: rate above 1 means we deliver more
@@ -98,14 +116,16 @@ impl Ratios {
     }
 }
 
-/// Our `dm` run (already measured) next to the same load on ejabberd.
+/// Our `dm` run (already measured) next to the same load on ejabberd;
+/// `database_url` as in [`Mam::archive`].
 pub async fn compare_dm(
     ours: DmReport,
     options: &DmOptions,
     mam: Mam,
+    database_url: &str,
 ) -> anyhow::Result<DmComparison> {
     eprintln!("starting ejabberd (mam {mam:?})");
-    let server = crate::ejabberd::Ejabberd::start(mam == Mam::On).await?;
+    let server = crate::ejabberd::Ejabberd::start(mam.archive(database_url)).await?;
     let theirs = dm(server.addr(), options).await?;
     Ok(DmComparison {
         peer: Peer::Ejabberd,
@@ -121,14 +141,16 @@ pub async fn compare_dm(
     })
 }
 
-/// Our `group` run (already measured) next to the same load on ejabberd.
+/// Our `group` run (already measured) next to the same load on ejabberd;
+/// `database_url` as in [`Mam::archive`].
 pub async fn compare_group(
     ours: GroupReport,
     options: &GroupOptions,
     mam: Mam,
+    database_url: &str,
 ) -> anyhow::Result<GroupComparison> {
     eprintln!("starting ejabberd (mam {mam:?})");
-    let server = crate::ejabberd::Ejabberd::start(mam == Mam::On).await?;
+    let server = crate::ejabberd::Ejabberd::start(mam.archive(database_url)).await?;
     let theirs = group(server.addr(), options).await?;
     Ok(GroupComparison {
         peer: Peer::Ejabberd,
@@ -329,11 +351,14 @@ pub async fn dm(addr: SocketAddr, options: &DmOptions) -> anyhow::Result<DmRepor
         seconds,
         sent_per_second: per_second(total, sent_seconds),
         delivered_per_second: per_second(delivered_latency.len(), seconds),
+        persisted_seconds: None,
+        persisted_per_second: None,
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: None,
         memory: Vec::new(),
         broker: None,
+        cpu: None,
     })
 }
 

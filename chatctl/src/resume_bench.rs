@@ -1,7 +1,8 @@
 //! `chatctl bench resume`: a receiver goes offline, another user sends it
 //! K messages, then the receiver connects again (with its last cursor, or
 //! none) and the bench times `hello` -> `synced` and checks that all K
-//! arrived before `synced`.
+//! arrived before `synced`. It also counts the JetStream consumers the
+//! resume created (none: an inbox is read with batched direct gets).
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
@@ -17,6 +18,8 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::broker::{ConsumerWatch, Consumers};
+use crate::bench::common::wait_consumed;
 use crate::client::{connect, token, websocket_url};
 
 #[derive(clap::Args)]
@@ -51,6 +54,9 @@ pub struct ResumeReport {
     pub before_synced: usize,
     /// Backlog messages per second during the resume.
     pub messages_per_second: f64,
+    /// JetStream consumers before and after the resume, and created
+    /// during it (from hello until the connection is closed).
+    pub consumers: Consumers,
 }
 
 /// Whether a resume delivered the whole backlog before `synced`.
@@ -123,6 +129,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         cursor: if options.no_cursor { None } else { cursor },
     };
     let hello = Message::Text(serde_json::to_string(&hello)?.into());
+    let consumers = ConsumerWatch::start(config).await?;
     let started = Instant::now();
     socket.send(hello).await?;
     let mut seen = HashSet::with_capacity(options.backlog);
@@ -156,6 +163,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         }
     };
     let _ = socket.close(None).await;
+    let consumers = consumers.finish().await?;
     Ok(ResumeReport {
         backlog: options.backlog,
         with_cursor: !options.no_cursor && cursor.is_some(),
@@ -165,6 +173,7 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
         synced_ms: synced.as_secs_f64() * 1000.0,
         before_synced: seen.len(),
         messages_per_second: crate::bench::common::per_second(seen.len(), synced.as_secs_f64()),
+        consumers,
     })
 }
 
@@ -174,26 +183,8 @@ pub async fn resume(config: &Config, options: ResumeOptions) -> anyhow::Result<R
 async fn wait_for_router(config: &Config) -> anyhow::Result<()> {
     let client = chat_shared::nats::connect(config, "chatctl-bench-resume").await?;
     let js = chat_shared::nats::jetstream(client, config);
-    for partition in config.partitions.all() {
-        let name = partition.messages_stream();
-        let stream = js.get_stream(&name).await.context(name)?;
-        let mut drained = false;
-        for _ in 0..600 {
-            let info = stream
-                .consumer_info(ROUTER_CONSUMER)
-                .await
-                .context("router consumer")?;
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                drained = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !drained {
-            bail!("the router still had messages pending after 60 s");
-        }
-    }
-    Ok(())
+    let (poll, limit) = (Duration::from_millis(100), Duration::from_secs(60));
+    wait_consumed(&js, config.partitions, ROUTER_CONSUMER, poll, limit).await
 }
 
 pub fn print(report: &ResumeReport) {
@@ -218,6 +209,11 @@ pub fn print(report: &ResumeReport) {
         report.backlog,
         if complete(report) { "" } else { ": INCOMPLETE" }
     );
+    let c = &report.consumers;
+    println!(
+        "JetStream consumers: {} created by the resume ({} before, {} after)",
+        c.created, c.before, c.after
+    );
 }
 
 #[cfg(test)]
@@ -235,6 +231,11 @@ mod tests {
             synced_ms: 2.0,
             before_synced: 10,
             messages_per_second: 5000.0,
+            consumers: Consumers {
+                before: 9,
+                after: 9,
+                created: 0,
+            },
         };
         assert!(complete(&report));
         report.before_synced = 9;

@@ -5,12 +5,12 @@
 //! how fast anything is.
 
 use chatctl::bench::DmOptions;
-use chatctl::ejabberd::Ejabberd;
+use chatctl::ejabberd::{Archive, Ejabberd};
 use chatctl::group_bench::{expected_deliveries, GroupOptions};
 use chatctl::peer_bench;
 
-async fn tiny_runs(mam: bool) {
-    let server = Ejabberd::start(mam)
+async fn tiny_runs(archive: Archive) {
+    let server = Ejabberd::start(archive)
         .await
         .expect("ejabberd starts (apt-get install ejabberd; scripts/test does it)");
     let dm = peer_bench::dm(
@@ -23,6 +23,7 @@ async fn tiny_runs(mam: bool) {
             rate: None,
             rss_every: None,
             nats_monitor: None,
+            cpu_of: Vec::new(),
         },
     )
     .await
@@ -53,10 +54,10 @@ async fn tiny_runs(mam: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_and_group_against_ejabberd_with_mam() {
-    tiny_runs(true).await;
+    tiny_runs(Archive::Mnesia).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_and_group_against_ejabberd_without_mam() {
-    tiny_runs(false).await;
+    tiny_runs(Archive::Off).await;
 }

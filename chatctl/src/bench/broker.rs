@@ -3,7 +3,14 @@
 //! and every background writer included) and, given nats-server's HTTP
 //! monitor, the messages it took in and handed out (`/varz` `in_msgs` and
 //! `out_msgs`: publishes, requests and their replies, PubAcks, acks, pulls,
-//! deliveries). Each is divided by the messages the run sent.
+//! deliveries). Each is divided by the messages the run sent. A cluster's
+//! monitors are given as a comma-separated list and added up (each node
+//! counts only what passed through it).
+//!
+//! Also the JetStream consumers a step creates ([`ConsumerWatch`]): how
+//! many existed before and after, and how many the server announced
+//! creating in between (a consumer created and deleted again shows only
+//! there).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_nats::jetstream;
 use chat_shared::Config;
+use futures::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Between the end of a run and the second reading: what a run's end
@@ -81,10 +89,29 @@ async fn read(js: &jetstream::Context, monitor: Option<&str>) -> anyhow::Result<
         .map(|stream| (stream.name, stream.last_seq))
         .collect();
     let varz = match monitor {
-        Some(url) => Some(varz(url).await.with_context(|| format!("{url}/varz"))?),
+        Some(urls) => Some(varz_sum(urls).await?),
         None => None,
     };
     Ok(Reading { streams, varz })
+}
+
+/// `/varz` of every monitor in the comma-separated `urls`, added up.
+async fn varz_sum(urls: &str) -> anyhow::Result<Varz> {
+    let mut sum = Varz {
+        in_msgs: 0,
+        out_msgs: 0,
+    };
+    for url in monitor_urls(urls) {
+        let one = varz(url).await.with_context(|| format!("{url}/varz"))?;
+        sum.in_msgs += one.in_msgs;
+        sum.out_msgs += one.out_msgs;
+    }
+    Ok(sum)
+}
+
+/// The URLs of a comma-separated list, blanks dropped.
+fn monitor_urls(urls: &str) -> impl Iterator<Item = &str> {
+    urls.split(',').map(str::trim).filter(|url| !url.is_empty())
 }
 
 /// `GET /varz` of the monitor at `http://host:port`.
@@ -133,6 +160,85 @@ fn cost(before: &Reading, after: &Reading, messages: usize) -> BrokerCost {
         in_msgs_per_message: varz.map(|(b, a)| per(a.in_msgs.saturating_sub(b.in_msgs))),
         out_msgs_per_message: varz.map(|(b, a)| per(a.out_msgs.saturating_sub(b.out_msgs))),
     }
+}
+
+/// The subject of nats-server's consumer-created advisories (every
+/// stream, every consumer).
+const CONSUMER_CREATED: &str = "$JS.EVENT.ADVISORY.CONSUMER.CREATED.>";
+/// Advisories leave the server after the API reply: how long to wait for
+/// a step's last ones.
+const ADVISORY_SETTLE: Duration = Duration::from_millis(500);
+
+/// The consumers around one step; see [`ConsumerWatch::finish`].
+pub struct ConsumerWatch {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    before: usize,
+    created: async_nats::Subscriber,
+}
+
+/// JetStream consumers around a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Consumers {
+    /// Consumers on every stream before the step.
+    pub before: usize,
+    /// ... and after it.
+    pub after: usize,
+    /// Consumers nats-server announced creating during the step.
+    pub created: usize,
+}
+
+impl ConsumerWatch {
+    /// Counts the consumers and starts listening for creations, as
+    /// `config`'s user (one that may list streams and read advisories:
+    /// `admin`).
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let client = chat_shared::nats::connect(config, "chatctl-bench-consumers")
+            .await
+            .context("connecting to NATS to count consumers")?;
+        let created = client
+            .subscribe(CONSUMER_CREATED)
+            .await
+            .context("subscribing to consumer advisories")?;
+        // The subscription is in place before the first count.
+        client.flush().await.context("flushing")?;
+        let js = chat_shared::nats::jetstream(client.clone(), config);
+        let before = consumer_count(&js).await?;
+        Ok(Self {
+            client,
+            js,
+            before,
+            created,
+        })
+    }
+
+    /// Counts again, and the advisories seen since [`ConsumerWatch::start`].
+    pub async fn finish(mut self) -> anyhow::Result<Consumers> {
+        tokio::time::sleep(ADVISORY_SETTLE).await;
+        let after = consumer_count(&self.js).await?;
+        self.client.flush().await.context("flushing")?;
+        let mut created = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(50), self.created.next()).await
+        {
+            created += 1;
+        }
+        Ok(Consumers {
+            before: self.before,
+            after,
+            created,
+        })
+    }
+}
+
+/// Consumers over every stream (KV buckets' included).
+async fn consumer_count(js: &jetstream::Context) -> anyhow::Result<usize> {
+    let infos: Vec<jetstream::stream::Info> = js
+        .streams()
+        .try_collect()
+        .await
+        .context("listing streams (the `admin` NATS user may)")?;
+    Ok(infos.iter().map(|info| info.state.consumer_count).sum())
 }
 
 pub fn print(cost: &BrokerCost) {
@@ -195,5 +301,13 @@ mod tests {
         // Without a monitor there are no message counts.
         let blind = super::cost(&reading(&[], None), &reading(&[("MESSAGES", 1)], None), 1);
         assert_eq!(blind.in_msgs_per_message, None);
+    }
+
+    #[test]
+    fn monitors_are_a_comma_separated_list() {
+        let urls: Vec<&str> =
+            monitor_urls("http://127.0.0.1:8231, http://127.0.0.1:8232,,").collect();
+        assert_eq!(urls, ["http://127.0.0.1:8231", "http://127.0.0.1:8232"]);
+        assert_eq!(monitor_urls("http://h:1").count(), 1);
     }
 }

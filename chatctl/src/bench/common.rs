@@ -1,13 +1,14 @@
 //! What every bench scenario shares: latency percentiles, rates, paced
 //! sending, connecting and requests that wait out the edge's limits, and
-//! reading a process's resident memory. Scenarios depend on this module,
-//! never on each other.
+//! reading a process's resident memory and CPU time from `/proc` (the one
+//! reader of `/proc/<pid>/stat`). Scenarios depend on this module, never
+//! on each other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use chat_shared::Config;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -37,7 +38,42 @@ pub(crate) async fn connect_paced(
     bail!("{user}: the edge kept refusing connections")
 }
 
-/// Sends a request and waits for its reply, waiting out `rate_limited`.
+/// Waits until `consumer` (the router's, the persister's) has taken and
+/// acked everything in MESSAGES, every partition; polls every `poll`,
+/// fails after `limit`.
+pub(crate) async fn wait_consumed(
+    js: &async_nats::jetstream::Context,
+    partitions: chat_shared::partitions::Partitions,
+    consumer: &str,
+    poll: Duration,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    for partition in partitions.all() {
+        let name = partition.messages_stream();
+        let stream = js.get_stream(&name).await.context(name)?;
+        loop {
+            let info = stream
+                .consumer_info(consumer)
+                .await
+                .with_context(|| format!("consumer {consumer}"))?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{consumer} still had messages pending after {limit:?}");
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+    Ok(())
+}
+
+/// A `rate_limited` that asks to wait longer than this (ms) is a quota.
+const QUOTA_WAIT_MS: u64 = 10_000;
+
+/// Sends a request and waits for its reply, waiting out `rate_limited`
+/// unless it is a quota's.
 pub(crate) async fn request(
     socket: &mut Socket,
     mut frame: Value,
@@ -59,6 +95,11 @@ pub(crate) async fn request(
             }
             if reply["code"] == "rate_limited" {
                 let wait = reply["retry_after_ms"].as_u64().unwrap_or(100);
+                // A rate limit clears in moments; a per-user quota only
+                // with its minute or day: a benchmark must not wait that.
+                if wait > QUOTA_WAIT_MS {
+                    bail!("{reference}: refused for {wait} ms, a per-user quota: {reply}; for benchmarks start the system with higher CHAT_QUOTA_* (scripts/bench does)");
+                }
                 tokio::time::sleep(Duration::from_millis(wait)).await;
                 break;
             }
@@ -109,6 +150,91 @@ pub fn vm_rss_kib(status: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
+}
+
+/// A `/proc/<pid>/stat` that could not be read or made sense of.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no parent pid and CPU times after the command name")]
+    Malformed { path: String },
+}
+
+/// What the bench reads from `/proc/<pid>/stat`: the parent and the CPU
+/// times in clock ticks, the process's own (every thread) and those of
+/// its children it has waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub ppid: u32,
+    pub utime: u64,
+    pub stime: u64,
+    pub cutime: u64,
+    pub cstime: u64,
+}
+
+impl ProcStat {
+    /// Parses the text of `/proc/<pid>/stat`. The command name (2nd
+    /// field, in parentheses) may hold spaces and parentheses, so fields
+    /// are counted after its last `)`: state, ppid, ..., utime (14th
+    /// field), stime, cutime, cstime (17th).
+    pub fn parse(stat: &str) -> Option<Self> {
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = after_name.split_whitespace().take(15).collect();
+        let [_state, ppid, _pgrp, _session, _tty, _tpgid, _flags, _minflt, _cminflt, _majflt, _cmajflt, utime, stime, cutime, cstime] =
+            fields.as_slice()
+        else {
+            return None;
+        };
+        Some(Self {
+            ppid: ppid.parse().ok()?,
+            utime: utime.parse().ok()?,
+            stime: stime.parse().ok()?,
+            cutime: cutime.parse().ok()?,
+            cstime: cstime.parse().ok()?,
+        })
+    }
+
+    /// Reads `/proc/<pid>/stat`.
+    pub fn read(pid: u32) -> Result<Self, ProcError> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).map_err(|source| ProcError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&stat).ok_or(ProcError::Malformed { path })
+    }
+
+    /// utime + stime: the process's own CPU time.
+    pub fn own_ticks(&self) -> u64 {
+        self.utime + self.stime
+    }
+
+    /// Its own CPU time and that of the children it has reaped (a
+    /// postmaster's exited backends end up here).
+    pub fn with_reaped_ticks(&self) -> u64 {
+        self.own_ticks() + self.cutime + self.cstime
+    }
+}
+
+/// CPU time (user + system) of `pid` in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64, ProcError> {
+    ProcStat::read(pid).map(|stat| stat.own_ticks())
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if unknown).
+pub fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|ticks: &f64| *ticks > 0.0)
+        .unwrap_or(100.0)
 }
 
 fn micros_since(start: Instant) -> u64 {
@@ -165,7 +291,7 @@ pub(crate) async fn send(
                     reader_window.close();
                     if frame["code"] == "rate_limited" {
                         bail!(
-                            "send refused by the edge's rate limit: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* (see the README)"
+                            "send refused by the edge's rate limit or a per-user quota: {frame}; for benchmarks start the system with higher CHAT_LIMIT_* and CHAT_QUOTA_* (see the README; scripts/bench does)"
                         );
                     }
                     bail!("send refused: {frame}");
@@ -219,6 +345,41 @@ mod tests {
             (p.p50, p.p90, p.p99, p.p999, p.max),
             (500.0, 900.0, 990.0, 999.0, 1000.0)
         );
+    }
+
+    #[test]
+    fn proc_stat_is_read_after_the_command_name() {
+        // A name with spaces and parentheses must not shift the fields.
+        let stat = "4242 (chat (edge) x) S 1 2 3 4 5 6 7 8 9 10 250 50 7 3 20 0 8 0 100";
+        let parsed = ProcStat::parse(stat);
+        assert_eq!(
+            parsed,
+            Some(ProcStat {
+                ppid: 1,
+                utime: 250,
+                stime: 50,
+                cutime: 7,
+                cstime: 3
+            })
+        );
+        assert_eq!(parsed.map(|s| s.own_ticks()), Some(300));
+        assert_eq!(parsed.map(|s| s.with_reaped_ticks()), Some(310));
+        assert_eq!(ProcStat::parse("4242 (x) S 1 2"), None);
+        assert_eq!(ProcStat::parse("no name at all"), None);
+        assert_eq!(
+            ProcStat::parse("1 (x) S 1 2 3 4 5 6 7 8 9 10 -1 50 0 0"),
+            None
+        );
+    }
+
+    #[test]
+    fn this_process_has_a_stat() {
+        let own = ProcStat::read(std::process::id()).unwrap();
+        assert!(own.ppid > 0);
+        assert!(matches!(
+            ProcStat::read(u32::MAX),
+            Err(ProcError::Read { .. })
+        ));
     }
 
     #[test]

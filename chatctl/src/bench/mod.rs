@@ -15,8 +15,10 @@ use crate::client::{connect, Socket};
 
 pub mod broker;
 pub mod common;
+pub mod cpu;
 
-use common::{latency, send, Percentiles};
+use chat_shared::subjects::PERSISTER_CONSUMER;
+use common::{latency, send, wait_consumed, Percentiles};
 
 #[derive(Debug, Clone)]
 pub struct DmOptions {
@@ -35,6 +37,9 @@ pub struct DmOptions {
     /// nats-server's HTTP monitor (`http://host:port`), for the messages
     /// the broker took in and handed out per DM.
     pub nats_monitor: Option<String>,
+    /// The system's processes on this machine whose CPU time (with their
+    /// descendants') the run measures, with the load generator's.
+    pub cpu_of: Vec<cpu::Watched>,
 }
 
 /// What one run measured.
@@ -48,6 +53,12 @@ pub struct DmReport {
     pub seconds: f64,
     pub sent_per_second: f64,
     pub delivered_per_second: f64,
+    /// Seconds from the first send until every message was delivered and
+    /// the persister had acked it on every partition (after COMMIT: in
+    /// PostgreSQL), and the messages per second over that (`None` for a
+    /// peer's run).
+    pub persisted_seconds: Option<f64>,
+    pub persisted_per_second: Option<f64>,
     /// Milliseconds, send -> `sent`.
     pub sent_latency: Percentiles,
     /// Milliseconds, send -> the recipient's `message` frame.
@@ -60,6 +71,10 @@ pub struct DmReport {
     pub memory: Vec<crate::memory::Footprint>,
     /// What the run cost the broker per DM (`None` for a peer's run).
     pub broker: Option<broker::BrokerCost>,
+    /// CPU per DM over the watched processes and the load generator,
+    /// from the first send until a moment after the last delivery (`None`
+    /// without `cpu_of`, and for a peer's run).
+    pub cpu: Option<cpu::CpuCost>,
 }
 
 pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport> {
@@ -98,7 +113,17 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     // Every connection is made before any sender starts: rates count the
     // sending only, not the (sequential) connection set-up of the pairs.
+    let persister = chat_shared::nats::jetstream(
+        chat_shared::nats::connect(config, "chatctl-bench-persisted")
+            .await
+            .context("connecting to NATS to follow the persister")?,
+        config,
+    );
     let meter = broker::Meter::start(config, options.nats_monitor.clone()).await?;
+    let cpu_meter = match options.cpu_of.as_slice() {
+        [] => None,
+        watched => Some(cpu::CpuMeter::start(watched.to_vec())?),
+    };
     let began = Instant::now();
     let senders: Vec<_> = ready
         .into_iter()
@@ -125,11 +150,24 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
     }
     let seconds = began.elapsed().as_secs_f64();
     let total = options.pairs * options.messages;
+    // Delivered is not yet stored: the persister's batches may trail.
+    wait_consumed(
+        &persister,
+        config.partitions,
+        PERSISTER_CONSUMER,
+        PERSISTED_POLL,
+        RECEIVE_STALL,
+    )
+    .await?;
+    let persisted_seconds = began.elapsed().as_secs_f64();
     let memory = match sampler {
         Some(sampler) => sampler.finish().await,
         None => Vec::new(),
     };
+    // After the broker's settling moment: the persister's last batches
+    // and what closing the connections causes count too.
     let broker = meter.finish(total).await?;
+    let cpu = cpu_meter.map(|m| m.finish(total)).transpose()?;
     Ok(DmReport {
         pairs: options.pairs,
         messages: total,
@@ -137,16 +175,23 @@ pub async fn dm(config: &Config, options: DmOptions) -> anyhow::Result<DmReport>
         seconds,
         sent_per_second: total as f64 / sent_seconds,
         delivered_per_second: total as f64 / seconds,
+        persisted_seconds: Some(persisted_seconds),
+        persisted_per_second: Some(common::per_second(total, persisted_seconds)),
         sent_latency: Percentiles::of(sent_latency),
         delivered_latency: Percentiles::of(delivered_latency),
         offered_per_second: options.rate,
         memory,
         broker: Some(broker),
+        cpu,
     })
 }
 
-/// How long a receiver waits for the next message before the run fails.
+/// How long a receiver waits for the next message before the run fails
+/// (and the persister for its last).
 const RECEIVE_STALL: Duration = Duration::from_secs(60);
+/// How often the persister's progress is read after the last delivery:
+/// the persisted rate is exact to about this.
+const PERSISTED_POLL: Duration = Duration::from_millis(20);
 
 /// Reads `count` messages, acking as it goes; returns each send -> delivered
 /// latency in µs.
@@ -200,6 +245,12 @@ pub fn print(report: &DmReport) {
         report.sent_per_second,
         report.delivered_per_second
     );
+    if let Some(rate) = report.persisted_per_second {
+        println!(
+            "delivered and persisted (the persister's last ack) after {:.2} s: {rate:.0}/s",
+            report.persisted_seconds.unwrap_or_default()
+        );
+    }
     println!("latency (ms)        p50      p90      p99    p99.9      max");
     for (name, p) in [
         ("send -> sent", &report.sent_latency),
@@ -213,5 +264,8 @@ pub fn print(report: &DmReport) {
     crate::memory::print(&report.memory);
     if let Some(broker) = &report.broker {
         broker::print(broker);
+    }
+    if let Some(cost) = &report.cpu {
+        cpu::print(cost);
     }
 }

@@ -5,11 +5,16 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use async_nats::jetstream;
+use chat_tests::servers::PgCluster;
 use chat_tests::System;
-use chatctl::bench::broker::BrokerCost;
+use chatctl::bench::broker::{BrokerCost, ConsumerWatch};
+use chatctl::bench::cpu::Watched;
 use chatctl::bench::{self, DmOptions};
 use chatctl::connect_bench::{self, ConnectOptions};
+use chatctl::ejabberd::{Archive, Ejabberd};
 use chatctl::group_bench::{self, GroupOptions};
+use chatctl::peer_bench;
 use chatctl::presence_bench::{self, PresenceOptions};
 use chatctl::raw_bench::{self, RawOptions};
 use chatctl::resume_bench::{self, ResumeOptions};
@@ -17,6 +22,9 @@ use chatctl::resume_bench::{self, ResumeOptions};
 #[tokio::test]
 async fn bench_dm_counts_every_message() -> Result<()> {
     let system = System::start().await?;
+    // The system runs in this process (nats-server a child of it);
+    // PostgreSQL is a postmaster of its own with a backend per connection.
+    let postmaster = postmaster_pid().await?;
     let report = bench::dm(
         // The broker's counters are read as `admin` (it lists the streams).
         &system.config_for("admin"),
@@ -28,12 +36,49 @@ async fn bench_dm_counts_every_message() -> Result<()> {
             rate: None,
             rss_every: None,
             nats_monitor: Some(system.nats.monitor_url()),
+            cpu_of: vec![
+                Watched {
+                    name: "system".into(),
+                    pid: std::process::id(),
+                },
+                Watched {
+                    name: "postgres".into(),
+                    pid: postmaster,
+                },
+            ],
         },
     )
     .await?;
     // Counted by the bench and by the system: every message reached its
     // recipient and the history store.
     assert_eq!(report.delivered, 50);
+    // Persisted is timed after delivered, and only once PostgreSQL has
+    // every message (the persister acks after COMMIT).
+    let persisted = report.persisted_seconds.context("no persisted time")?;
+    assert!(persisted >= report.seconds, "{report:?}");
+    let stored = system
+        .database()
+        .await?
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await?;
+    assert_eq!(stored.get::<_, i64>(0), 50);
+    // Every watched process is in the CPU report, the load generator as
+    // part of "system" (the same process, not counted twice), and the
+    // split adds up to the total.
+    let cpu = report.cpu.context("no CPU report")?;
+    let mut names: Vec<&str> = cpu.by_process.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    anyhow::ensure!(names == ["postgres", "system"], "{cpu:?}");
+    let postgres = cpu.by_process.iter().find(|p| p.name == "postgres");
+    anyhow::ensure!(
+        postgres.is_some_and(|p| p.pid == postmaster && p.processes > 1),
+        "the postmaster's backends are counted: {cpu:?}"
+    );
+    let sum: f64 = cpu.by_process.iter().map(|p| p.micros_per_message).sum();
+    anyhow::ensure!(
+        cpu.micros_per_message > 0.0 && (sum - cpu.micros_per_message).abs() < 1e-6,
+        "{cpu:?}"
+    );
     assert!(report.sent_latency.p50 > 0.0, "{:?}", report.sent_latency);
     wait_stored(&system, 50).await?;
     // A DM is one MESSAGES write and one inbox item each for its sender
@@ -113,9 +158,26 @@ async fn bench_resume_gets_the_whole_backlog_before_synced() -> Result<()> {
         .await?;
         assert!(report.resumed);
         assert!(resume_bench::complete(&report), "{report:?}");
+        // An inbox is read with direct gets: no consumer, not even one
+        // created and deleted again.
+        assert_eq!(report.consumers.created, 0, "{report:?}");
+        assert_eq!(report.consumers.before, report.consumers.after);
+        assert!(report.consumers.before > 0, "the services' own consumers");
         // Each run names its users by the second.
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     }
+    // The count the resume reports is one that sees a consumer made.
+    let admin = system.config_for("admin");
+    let watch = ConsumerWatch::start(&admin).await?;
+    let js = jetstream::new(system.admin().await?);
+    let stream = js.get_stream("EVENTS").await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await?;
+    let seen = watch.finish().await?;
+    assert_eq!(seen.created, 1, "{seen:?}");
+    assert_eq!(seen.after, seen.before + 1, "{seen:?}");
+    drop(consumer);
     Ok(())
 }
 
@@ -185,6 +247,93 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
     );
     drop(held);
     Ok(())
+}
+
+/// ejabberd with its archive in PostgreSQL (`--mam sql`): the same loads
+/// as the other peer runs, and every message is in its archive table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_against_ejabberd_archiving_in_postgres() -> Result<()> {
+    let system = System::start().await?;
+    let server = Ejabberd::start(Archive::Sql {
+        server: system.config.database_url.clone(),
+    })
+    .await?;
+    let archive = server.archive_database().context("no archive database")?;
+    let archive_url = format!(
+        "postgres://{}@{}:{}/{}",
+        archive.user, archive.host, archive.port, archive.database
+    );
+    let dm = peer_bench::dm(
+        server.addr(),
+        &DmOptions {
+            edge: String::new(),
+            pairs: 2,
+            messages: 20,
+            window: 8,
+            rate: None,
+            rss_every: None,
+            nats_monitor: None,
+            cpu_of: Vec::new(),
+        },
+    )
+    .await?;
+    assert_eq!(dm.delivered, 40);
+    let (groups, members, senders, messages) = (1, 4, 2, 5);
+    let group = peer_bench::group(
+        server.addr(),
+        &GroupOptions {
+            edge: String::new(),
+            groups,
+            members,
+            senders,
+            messages,
+            window: 4,
+            nats_monitor: None,
+        },
+    )
+    .await?;
+    assert_eq!(
+        group.deliveries,
+        group_bench::expected_deliveries(groups, members, senders, messages)
+    );
+    // A chat is archived for its sender and its recipient; a room's
+    // message once, for the room.
+    let (db, connection) = tokio_postgres::connect(&archive_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let archived = || db.query_one("SELECT count(*) FROM archive", &[]);
+    let expected = 2 * 40 + (groups * senders * messages) as i64;
+    chat_tests::wait_until(|| async {
+        archived()
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) >= expected)
+    })
+    .await
+    .with_context(|| format!("expected {expected} archived rows"))?;
+    drop(db);
+    // Stopping ejabberd drops its database.
+    let name = archive.database.clone();
+    drop(server);
+    let ours = system.database().await?;
+    let left = ours
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await?;
+    assert_eq!(left.get::<_, i64>(0), 0, "{name} left behind");
+    Ok(())
+}
+
+/// The pid of the tests' PostgreSQL postmaster (first line of
+/// `postmaster.pid` in its data directory).
+async fn postmaster_pid() -> Result<u32> {
+    let cluster = PgCluster::shared().await?;
+    let path = cluster.dir().join("data/postmaster.pid");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    text.lines()
+        .next()
+        .and_then(|pid| pid.trim().parse().ok())
+        .with_context(|| format!("no pid in {}", path.display()))
 }
 
 /// Waits until PostgreSQL holds `count` messages: the bench's messages
