@@ -105,20 +105,45 @@ pub fn start_at(cursor: Cursor, first: u64, last: u64) -> (Cursor, bool) {
     (start, resumed)
 }
 
+/// Where a session's backlog starts, and whether there may be one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    /// The items after it are the backlog.
+    pub cursor: Cursor,
+    /// `welcome.resumed`: nothing after the device's cursor is gone.
+    pub resumed: bool,
+    /// Whether the inbox may hold items after `cursor` now. When it does
+    /// not, the backlog read is skipped: the session subscribed to live
+    /// deliveries before `start` read the inbox, so whatever is stored
+    /// later arrives live (or, if its frame is lost, through the gap rule).
+    /// Most connections are reconnects with nothing new: one read fewer
+    /// each.
+    pub backlog: bool,
+}
+
 /// Where a session's backlog starts: after `cursor` (as [`start_at`]
 /// corrects it), or for a device without one at the user's head, after
-/// their latest item.
+/// their latest item (then there is no backlog).
 pub async fn start<R: InboxReader>(
     reader: &R,
     user: &UserId,
     cursor: Option<Cursor>,
-) -> Result<(Cursor, bool), ResumeError> {
+) -> Result<Start, ResumeError> {
     match cursor {
         Some(cursor) => {
             let (first, last) = reader.bounds(user).await?;
-            Ok(start_at(cursor, first, last))
+            let (cursor, resumed) = start_at(cursor, first, last);
+            Ok(Start {
+                cursor,
+                resumed,
+                backlog: cursor.0 < last,
+            })
         }
-        None => Ok((Cursor(reader.head(user).await?), true)),
+        None => Ok(Start {
+            cursor: Cursor(reader.head(user).await?),
+            resumed: true,
+            backlog: false,
+        }),
     }
 }
 
@@ -365,14 +390,25 @@ mod tests {
     async fn a_device_without_a_cursor_starts_after_its_users_latest_item(
     ) -> Result<(), ResumeError> {
         let inbox = FakeInbox::new(&[(1, "bob"), (2, "alice"), (3, "bob"), (4, "alice")], 3);
-        assert_eq!(start(&inbox, &user("bob"), None).await?, (Cursor(3), true));
+        let at = |cursor, resumed, backlog| Start {
+            cursor: Cursor(cursor),
+            resumed,
+            backlog,
+        };
+        assert_eq!(start(&inbox, &user("bob"), None).await?, at(3, true, false));
         assert_eq!(
             start(&inbox, &user("carol"), None).await?,
-            (Cursor(0), true)
+            at(0, true, false)
         );
+        // Past the end: the end, nothing to read.
         assert_eq!(
             start(&inbox, &user("bob"), Some(Cursor(9))).await?,
-            (Cursor(4), false)
+            at(4, false, false)
+        );
+        // Behind the end: the inbox may hold the user's items after it.
+        assert_eq!(
+            start(&inbox, &user("bob"), Some(Cursor(1))).await?,
+            at(1, true, true)
         );
         Ok(())
     }

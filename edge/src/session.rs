@@ -25,7 +25,7 @@ use crate::limits::{Strikes, TokenBucket, UserSlot};
 use crate::metrics::INVALID_FRAME;
 pub(crate) use crate::outbox::Outbox;
 use crate::receipts::DeliveredTracker;
-use crate::resume::{self, Replay, ResumeError};
+use crate::resume::{self, Replay, ResumeError, Start};
 use crate::Edge;
 
 /// How long a session waits before it tries a failed refill again.
@@ -275,7 +275,7 @@ async fn open(
         acked_flushed: None,
         delivered: DeliveredTracker::default(),
     };
-    let (start, resumed) = match session.start_cursor(hello.cursor).await {
+    let start = match session.start_cursor(hello.cursor).await {
         Ok(start) => start,
         Err(error) => {
             unavailable(out, error).await;
@@ -287,15 +287,17 @@ async fn open(
         device: session.device.clone(),
         edge: edge.id.to_string(),
         heartbeat: edge.config.heartbeat.as_secs(),
-        resumed,
+        resumed: start.resumed,
     };
     if !out.frame(&welcome).await {
         return None;
     }
-    session.sent_up_to = start;
-    if let Err(error) = session.replay_backlog().await {
-        unavailable(out, error).await;
-        return None;
+    session.sent_up_to = start.cursor;
+    if start.backlog {
+        if let Err(error) = session.replay_backlog().await {
+            unavailable(out, error).await;
+            return None;
+        }
     }
     if !out
         .frame(&ServerFrame::Synced {
@@ -383,10 +385,7 @@ enum Exit {
 impl Session {
     /// Where the backlog starts, and whether everything after it still
     /// exists: after the cursor of `hello`, else the device's acked one.
-    async fn start_cursor(
-        &mut self,
-        given: Option<Cursor>,
-    ) -> Result<(Cursor, bool), SessionError> {
+    async fn start_cursor(&mut self, given: Option<Cursor>) -> Result<Start, SessionError> {
         let cursor = match given {
             Some(cursor) => Some(cursor),
             None => {
@@ -400,12 +399,12 @@ impl Session {
                 }
             }
         };
-        let (start, resumed) = resume::start(self.edge.as_ref(), &self.user, cursor).await?;
+        let start = resume::start(self.edge.as_ref(), &self.user, cursor).await?;
         // A cursor read from KV is stored already (as `start` corrects it).
         if given.is_none() && cursor.is_some() {
-            self.acked_flushed = Some(start);
+            self.acked_flushed = Some(start.cursor);
         }
-        Ok((start, resumed))
+        Ok(start)
     }
 
     /// Sends every inbox item after `sent_up_to`, oldest first.
