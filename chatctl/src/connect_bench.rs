@@ -217,11 +217,17 @@ fn client_config() -> WebSocketConfig {
 type Plain = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Connects from `source`, says hello and waits for `synced`.
-/// Handshake tries per connection before the run fails.
-const HANDSHAKE_TRIES: usize = 5;
+/// Handshake tries per connection before the run fails. `unavailable`
+/// means "retry later" (PROTOCOL.md); a saturated box (every edge, load
+/// process and nats-server on two cores) answers it in bursts, so the
+/// load waits longer each time, as a client should.
+const HANDSHAKE_TRIES: usize = 10;
+/// The longest wait between two tries.
+const HANDSHAKE_BACKOFF_MAX: Duration = Duration::from_secs(8);
 
-/// [`open`], trying again after a second when the edge answers
-/// `unavailable`; returns the socket and how many tries were repeated.
+/// [`open`], trying again after 1, 2, 4, 8, 8, ... seconds when the edge
+/// answers `unavailable`; returns the socket and how many tries were
+/// repeated.
 async fn open_retrying(
     url: &str,
     target: SocketAddr,
@@ -233,8 +239,9 @@ async fn open_retrying(
         match open(url, target, source, token.to_string()).await {
             Ok(socket) => return Ok((socket, retries)),
             Err(e) if retries + 1 < HANDSHAKE_TRIES && e.to_string().contains("unavailable") => {
+                let wait = Duration::from_secs(1 << retries.min(3)).min(HANDSHAKE_BACKOFF_MAX);
                 retries += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e),
         }
