@@ -30,6 +30,14 @@ use crate::Edge;
 
 /// How long a session waits before it tries a failed refill again.
 const REFILL_RETRY: Duration = Duration::from_secs(1);
+
+/// When a failed refill is tried again: after [`REFILL_RETRY`] and up to as
+/// long again, at random, so the sessions that failed together (a live
+/// link that came back) do not all ask NATS again in the same instant.
+fn refill_retry_at() -> Instant {
+    let jitter = REFILL_RETRY.mul_f64(rand::random::<f64>());
+    Instant::now() + REFILL_RETRY + jitter
+}
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -594,12 +602,20 @@ impl Session {
                     }
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
-                        if let Err(error) = Box::pin(self.replay_backlog()).await {
-                            Box::pin(unavailable(&self.out, error)).await;
-                            break;
+                        // Every session of the edge refills at once here: one
+                        // that cannot (NATS busy with the others) stays
+                        // paused and tries again later, spread out, rather
+                        // than dropping its client.
+                        match Box::pin(self.replay_backlog()).await {
+                            Ok(()) => {
+                                paused = false;
+                                refill_retry = None;
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot refill after the live link came back; trying again");
+                                refill_retry = Some(refill_retry_at());
+                            }
                         }
-                        paused = false;
-                        refill_retry = None;
                     }
                 }
                 live = registration.recv() => match live {
@@ -613,7 +629,7 @@ impl Session {
                         if let Err(error) = Box::pin(self.replay_backlog()).await {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
                             paused = true;
-                            refill_retry = Some(Instant::now() + REFILL_RETRY);
+                            refill_retry = Some(refill_retry_at());
                         }
                     }
                     Live::Delivery(delivery) => {
@@ -635,7 +651,7 @@ impl Session {
                         Ok(()) => paused = false,
                         Err(error) => {
                             tracing::warn!(%error, "cannot refill after a gap; trying again");
-                            refill_retry = Some(Instant::now() + REFILL_RETRY);
+                            refill_retry = Some(refill_retry_at());
                         }
                     }
                 }
