@@ -433,9 +433,15 @@ impl Chain {
             *last = Last::At(sequence);
             return previous;
         }
+        // A user this router has not delivered to: it cannot name the
+        // predecessor, and one may be missing. A router that took over (or
+        // restarted) re-routes the events its predecessor left half done,
+        // and may deliver newer items before them: if those said nothing,
+        // a session would move its cursor past the older item for good.
+        // `Unknown` makes the session read the inbox once if it is behind.
         self.make_room();
         self.last.insert(user.clone(), Last::At(sequence));
-        Previous::Unstated
+        Previous::Unknown
     }
 
     /// An append or a delivery for `user` failed.
@@ -508,8 +514,10 @@ mod tests {
     fn each_delivery_names_the_users_previous_item() {
         let (alice, bob) = (user("alice"), user("bob"));
         let mut chain = Chain::default();
-        assert_eq!(chain.appended(&alice, 1), Previous::Unstated);
-        assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
+        // The first delivery to a user names no item: this router may not
+        // have seen the one before it.
+        assert_eq!(chain.appended(&alice, 1), Previous::Unknown);
+        assert_eq!(chain.appended(&bob, 2), Previous::Unknown);
         assert_eq!(chain.appended(&alice, 3), Previous::At(Cursor(1)));
         assert_eq!(chain.appended(&bob, 7), Previous::At(Cursor(2)));
         assert_eq!(chain.appended(&alice, 9), Previous::At(Cursor(3)));
@@ -533,7 +541,8 @@ mod tests {
         chain.appended(&alice, 1);
         chain.failed(&alice);
         // Another user is not affected.
-        assert_eq!(chain.appended(&bob, 2), Previous::Unstated);
+        chain.appended(&bob, 2);
+        assert_eq!(chain.appended(&bob, 3), Previous::At(Cursor(2)));
         assert_eq!(chain.appended(&alice, 4), Previous::Unknown);
         assert_eq!(chain.appended(&alice, 6), Previous::At(Cursor(4)));
         // A failure before anything was delivered is remembered too.
