@@ -47,6 +47,33 @@ fn refill_retry_at(failures: u32) -> Instant {
         .min(REFILL_RETRY_MAX);
     Instant::now() + wait + wait.mul_f64(rand::random::<f64>())
 }
+
+/// A live session's refills from INBOX: whether live frames wait for one
+/// (they are in the inbox and come with it), and when a failed one is
+/// tried again.
+#[derive(Default)]
+struct Refill {
+    paused: bool,
+    retry: Option<Instant>,
+    /// Refills that failed in a row; 0 after one succeeds.
+    failures: u32,
+}
+
+impl Refill {
+    /// Takes a refill's outcome: done, live frames flow again; failed,
+    /// they keep waiting and the refill is tried again later.
+    fn settle(&mut self, result: Result<(), SessionError>, when: &'static str) {
+        match result {
+            Ok(()) => *self = Self::default(),
+            Err(error) => {
+                tracing::warn!(%error, when, "cannot refill from the inbox; trying again");
+                self.paused = true;
+                self.retry = Some(refill_retry_at(self.failures));
+                self.failures = self.failures.saturating_add(1);
+            }
+        }
+    }
+}
 /// Acked cursors are written to KV at most this often per device.
 const CURSOR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -500,15 +527,11 @@ impl Session {
         let mut gaps_seen = link.borrow_and_update().gaps;
         // While NATS is away live frames may be missing; until the inbox has
         // been read again none is forwarded, so no later cursor is sent (and
-        // acked) ahead of a missing one.
-        let mut paused = false;
-        // A refill after a gap in the live chain that could not read the
-        // inbox (a busy or leaderless stream) is tried again at this time,
-        // live frames held back meanwhile, instead of closing the session:
-        // under load, closing sessions would add reconnects to the load.
-        let mut refill_retry: Option<Instant> = None;
-        // Refills that failed in a row; 0 after one succeeds.
-        let mut refill_failures = 0u32;
+        // acked) ahead of a missing one. A refill that could not read the
+        // inbox (a busy or leaderless stream) is tried again later, live
+        // frames held back meanwhile, instead of closing the session: under
+        // load, closing sessions would add reconnects to the load.
+        let mut refill = Refill::default();
         let mut exit = Exit::Done;
         let requests = crate::requests::Requests::new(
             self.edge.clone(),
@@ -609,7 +632,7 @@ impl Session {
                     }
                     let now = *link.borrow_and_update();
                     if !now.connected || now.gaps != gaps_seen {
-                        paused = true;
+                        refill.paused = true;
                     }
                     if now.connected && now.gaps != gaps_seen {
                         gaps_seen = now.gaps;
@@ -617,34 +640,20 @@ impl Session {
                         // that cannot (NATS busy with the others) stays
                         // paused and tries again later, spread out, rather
                         // than dropping its client.
-                        match Box::pin(self.replay_backlog()).await {
-                            Ok(()) => {
-                                paused = false;
-                                refill_retry = None;
-                                refill_failures = 0;
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "cannot refill after the live link came back; trying again");
-                                refill_retry = Some(refill_retry_at(refill_failures));
-                                refill_failures = refill_failures.saturating_add(1);
-                            }
-                        }
+                        let result = Box::pin(self.replay_backlog()).await;
+                        refill.settle(result, "after the live link came back");
                     }
                 }
                 live = registration.recv() => match live {
                     // Handled at the top of the loop.
                     Live::Kicked => {}
                     // Paused, the frame is in the inbox and comes with the refill.
-                    Live::Delivery(_) if paused => {}
+                    Live::Delivery(_) if refill.paused => {}
                     Live::Delivery(delivery) if delivery.follows_a_gap(self.sent_up_to) => {
                         // The inbox holds the missed item and this one, in order.
                         self.edge.metrics.live_gap();
-                        if let Err(error) = Box::pin(self.replay_backlog()).await {
-                            tracing::warn!(%error, "cannot refill after a gap; trying again");
-                            paused = true;
-                            refill_retry = Some(refill_retry_at(refill_failures));
-                            refill_failures = refill_failures.saturating_add(1);
-                        }
+                        let result = Box::pin(self.replay_backlog()).await;
+                        refill.settle(result, "after a gap");
                     }
                     Live::Delivery(delivery) => {
                         // Boxed: the live path is frequent, but its state
@@ -659,19 +668,10 @@ impl Session {
                         break;
                     }
                 },
-                _ = sleep_until(refill_retry.unwrap_or(deadline)), if refill_retry.is_some() => {
-                    refill_retry = None;
-                    match Box::pin(self.replay_backlog()).await {
-                        Ok(()) => {
-                            paused = false;
-                            refill_failures = 0;
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "cannot refill after a gap; trying again");
-                            refill_retry = Some(refill_retry_at(refill_failures));
-                            refill_failures = refill_failures.saturating_add(1);
-                        }
-                    }
+                _ = sleep_until(refill.retry.unwrap_or(deadline)), if refill.retry.is_some() => {
+                    refill.retry = None;
+                    let result = Box::pin(self.replay_backlog()).await;
+                    refill.settle(result, "again");
                 }
                 _ = flush.tick() => Box::pin(self.flush_ack()).await,
             }
