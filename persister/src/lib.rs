@@ -61,6 +61,11 @@ pub async fn run_with(
         js.clone(),
         config.max_group_members,
         config.push_tokens.clone(),
+        config.partitions,
+        service::ChangeWindows {
+            edit: config.edit_window,
+            delete: config.delete_window,
+        },
         metrics.clone(),
     );
     tracing::info!("persister running");

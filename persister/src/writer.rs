@@ -1,4 +1,10 @@
 //! MESSAGES -> `messages`, in batches, idempotently, acked after COMMIT.
+//!
+//! A batch's messages are inserted first, then its changes (v1.1 edits,
+//! deletes, reactions) are applied one by one in stream order, in the same
+//! transaction: a change always follows the message it changes on the
+//! stream, so the message is stored by then (or a delete leaves a
+//! tombstone that a late copy of the message cannot overwrite).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -7,11 +13,12 @@ use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
+use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::ConversationId;
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::MessageEvent;
+use chat_shared::wire::{ChangeEvent, ChangeKind, DeleteScope, MessageEvent, MessagesEvent};
 use deadpool_postgres::Pool;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -74,6 +81,12 @@ struct Batch {
     bodies: Vec<String>,
     stamps: Vec<i64>,
     client_ids: Vec<String>,
+    reply_to: Vec<Option<i64>>,
+    /// Each message's mentions as a JSON array (PostgreSQL cannot unnest
+    /// ragged arrays).
+    mentions: Vec<String>,
+    /// Changes, in stream order, applied after the messages.
+    changes: Vec<ChangeEvent>,
     /// One (user, conversation) pair per DM party, for `dm_members`.
     dm_users: Vec<String>,
     dm_conversations: Vec<String>,
@@ -81,6 +94,22 @@ struct Batch {
 
 impl Batch {
     fn push(
+        &mut self,
+        conversation: &ConversationId,
+        event: MessagesEvent,
+    ) -> Result<(), Unwritable> {
+        match event {
+            MessagesEvent::Message(message) => self.push_message(conversation, message),
+            MessagesEvent::Change(change) => {
+                i64::try_from(change.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?;
+                i64::try_from(change.ts).map_err(|_| Unwritable::OutOfRange("ts"))?;
+                self.changes.push(change);
+                Ok(())
+            }
+        }
+    }
+
+    fn push_message(
         &mut self,
         conversation: &ConversationId,
         event: MessageEvent,
@@ -101,11 +130,17 @@ impl Batch {
         self.stamps.push(ts);
         self.client_ids
             .push(event.client_msg_id.as_str().to_string());
+        let reply_to = event
+            .reply_to
+            .map(|r| i64::try_from(r.get()).map_err(|_| Unwritable::OutOfRange("reply_to")))
+            .transpose()?;
+        self.reply_to.push(reply_to);
+        self.mentions.push(serde_json::to_string(&event.mentions)?);
         Ok(())
     }
 
     fn len(&self) -> usize {
-        self.ids.len()
+        self.ids.len() + self.changes.len()
     }
 }
 
@@ -125,10 +160,10 @@ enum Unwritable {
     Refused(#[source] tokio_postgres::Error),
 }
 
-fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessageEvent), Unwritable> {
+fn decode(message: &jetstream::Message) -> Result<(ConversationId, MessagesEvent), Unwritable> {
     let conversation = subjects::parse_message(&message.subject).ok_or(Unwritable::Subject)?;
-    let event: MessageEvent = serde_json::from_slice(&message.payload)?;
-    if event.conversation != conversation {
+    let event = MessagesEvent::parse(&message.payload)?;
+    if *event.conversation() != conversation {
         return Err(Unwritable::Conversation);
     }
     Ok((conversation, event))
@@ -307,11 +342,14 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
     let tx = client.transaction().await?;
     let inserted = tx
         .query(
-            "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+            "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to, mentions)
+             SELECT c, i, s, b, t, m, r, ARRAY(SELECT jsonb_array_elements_text(n::jsonb))
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                         $7::bigint[], $8::text[]) AS u(c, i, s, b, t, m, r, n)
              ON CONFLICT DO NOTHING
              RETURNING conversation, id",
-            &[&rows.conversations, &rows.ids, &rows.senders, &rows.bodies, &rows.stamps, &rows.client_ids],
+            &[&rows.conversations, &rows.ids, &rows.senders, &rows.bodies, &rows.stamps, &rows.client_ids,
+              &rows.reply_to, &rows.mentions],
         )
         .await?;
     if !inserted.is_empty() {
@@ -341,6 +379,87 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
             .await?;
         }
     }
+    for change in &rows.changes {
+        apply(&tx, change).await?;
+    }
     tx.commit().await?;
     Ok(inserted.len() as u64)
+}
+
+/// Applies one change; applying it again (a redelivery) changes nothing
+/// that matters (`version` only has to grow).
+async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    change: &ChangeEvent,
+) -> Result<(), tokio_postgres::Error> {
+    let conversation = change.conversation.to_string();
+    // Checked in `Batch::push`.
+    let id = change.id.get() as i64;
+    let ts = change.ts as i64;
+    let by = change.by.as_str();
+    let bump = "UPDATE messages SET version = version + 1 WHERE conversation = $1 AND id = $2";
+    match (change.kind, change.scope) {
+        (ChangeKind::Edit, _) => {
+            let text = change.text.as_deref().unwrap_or_default();
+            tx.execute(
+                "UPDATE messages SET body = $3, edited_ts = $4, version = version + 1
+                 WHERE conversation = $1 AND id = $2 AND NOT deleted",
+                &[&conversation, &id, &text, &ts],
+            )
+            .await?;
+        }
+        (ChangeKind::Delete, Some(DeleteScope::Me)) => {
+            tx.execute(
+                "INSERT INTO hidden_messages (user_id, conversation, id) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&by, &conversation, &id],
+            )
+            .await?;
+        }
+        (ChangeKind::Delete, _) => {
+            // Erased, not hidden: the text (edited or not) is overwritten.
+            // A message never stored (dead-lettered) gets a tombstone, so a
+            // late copy of it cannot bring the text back.
+            let tombstone_ts = timestamp_ms(change.id) as i64;
+            tx.execute(
+                "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, deleted, version)
+                 VALUES ($1, $2, $3, '', $4, 'deleted:' || $2::text, true, 1)
+                 ON CONFLICT (conversation, id) DO UPDATE
+                   SET body = '', deleted = true, edited_ts = NULL, mentions = '{}',
+                       version = messages.version + 1
+                   WHERE NOT messages.deleted",
+                &[&conversation, &id, &by, &tombstone_ts],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM reactions WHERE conversation = $1 AND id = $2",
+                &[&conversation, &id],
+            )
+            .await?;
+        }
+        (ChangeKind::Reaction, _) => {
+            let emoji = change.emoji.as_deref().unwrap_or_default();
+            let changed = if change.on == Some(true) {
+                tx.execute(
+                    "INSERT INTO reactions (conversation, id, emoji, user_id, ts)
+                     SELECT $1, $2, $3, $4, $5 WHERE EXISTS
+                       (SELECT 1 FROM messages WHERE conversation = $1 AND id = $2 AND NOT deleted)
+                     ON CONFLICT DO NOTHING",
+                    &[&conversation, &id, &emoji, &by, &ts],
+                )
+                .await?
+            } else {
+                tx.execute(
+                    "DELETE FROM reactions
+                     WHERE conversation = $1 AND id = $2 AND emoji = $3 AND user_id = $4",
+                    &[&conversation, &id, &emoji, &by],
+                )
+                .await?
+            };
+            if changed > 0 {
+                tx.execute(bump, &[&conversation, &id]).await?;
+            }
+        }
+    }
+    Ok(())
 }

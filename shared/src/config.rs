@@ -80,6 +80,13 @@ pub struct Config {
     /// `CHAT_SEND_CLAIM_MAX_AGE_SECS`: how long a `client_msg_id` is remembered
     /// for idempotent retries beyond the JetStream window.
     pub send_claim_max_age: Duration,
+    /// `CHAT_EDIT_WINDOW_SECS`: how long after its `ts` the author may edit
+    /// a message (PROTOCOL.md v1.1, default 900).
+    pub edit_window: Duration,
+    /// `CHAT_DELETE_WINDOW_SECS`: how long after its `ts` the author may
+    /// delete a message for everyone (default 172800; a group's owner may
+    /// at any time).
+    pub delete_window: Duration,
     /// `CHAT_NODE_LEASE_SECS`: TTL of a message-id node lease.
     pub node_lease_ttl: Duration,
     /// `CHAT_REQUEST_TIMEOUT_MS`: NATS request/PubAck timeout; past it a
@@ -461,6 +468,8 @@ impl Default for Config {
             messages_max_age: Duration::from_secs(30 * 24 * 3600),
             dedup_window: Duration::from_secs(15 * 60),
             send_claim_max_age: Duration::from_secs(7 * 24 * 3600),
+            edit_window: Duration::from_secs(900),
+            delete_window: Duration::from_secs(172_800),
             node_lease_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(2),
             log_json: false,
@@ -543,6 +552,8 @@ impl Config {
             &mut config.send_claim_max_age,
         );
         reader.seconds("CHAT_NODE_LEASE_SECS", &mut config.node_lease_ttl);
+        reader.seconds("CHAT_EDIT_WINDOW_SECS", &mut config.edit_window);
+        reader.seconds("CHAT_DELETE_WINDOW_SECS", &mut config.delete_window);
         reader.millis("CHAT_REQUEST_TIMEOUT_MS", &mut config.request_timeout);
         reader.millis("CHAT_SHUTDOWN_GRACE_MS", &mut config.shutdown_grace);
         if let Some(format) = reader.optional("CHAT_LOG_FORMAT") {
@@ -679,6 +690,8 @@ impl Config {
             ("CHAT_MESSAGES_MAX_AGE_SECS", self.messages_max_age),
             ("CHAT_DEDUP_WINDOW_SECS", self.dedup_window),
             ("CHAT_SEND_CLAIM_MAX_AGE_SECS", self.send_claim_max_age),
+            ("CHAT_EDIT_WINDOW_SECS", self.edit_window),
+            ("CHAT_DELETE_WINDOW_SECS", self.delete_window),
             ("CHAT_NODE_LEASE_SECS", self.node_lease_ttl),
             ("CHAT_REQUEST_TIMEOUT_MS", self.request_timeout),
             ("CHAT_PRESENCE_HEARTBEAT_MS", self.presence_heartbeat),

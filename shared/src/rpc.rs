@@ -10,7 +10,9 @@ use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 use crate::push::Platform;
 use crate::subjects;
 use crate::telemetry::TraceId;
-use crate::wire::{ConversationSummary, ErrorCode, FriendState, GroupView, MessageEvent};
+use crate::wire::{
+    ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView, MessageEvent,
+};
 
 /// A method: its subject name and its request and response types.
 pub trait Method {
@@ -132,6 +134,51 @@ method!(
     Members, "members", MembersRequest => Vec<UserId>
 );
 method!(Read, "read", ReadRequest => ());
+
+/// What a change request asks (v1.1 `edit`, `delete`, `react`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Change {
+    Edit {
+        text: String,
+    },
+    Delete {
+        #[serde(rename = "for")]
+        scope: DeleteScope,
+    },
+    Reaction {
+        emoji: String,
+        on: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeCheckRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub id: MessageId,
+    pub change: Change,
+}
+
+/// The persister's verdict on a change it allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeVerdict {
+    /// The message is already in the state asked for: answer `ok` and
+    /// publish nothing.
+    pub noop: bool,
+    /// How many changes the message has had: part of the change's
+    /// `Nats-Msg-Id`, so a reaction taken back and given again is a new
+    /// event while the same request repeated at once is not.
+    pub version: u64,
+}
+
+method!(
+    /// Checks a change against the rules and the message's current state,
+    /// once every MESSAGES event of the conversation's partition published
+    /// before the request is in PostgreSQL (`unavailable` if the writer
+    /// does not get there in time). `not_found`, `forbidden` otherwise.
+    CheckChange, "change_check", ChangeCheckRequest => ChangeVerdict
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FriendRequest {

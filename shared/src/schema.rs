@@ -21,6 +21,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             "message-event.json",
             render(schema_for!(wire::MessageEvent)),
         ),
+        ("change-event.json", render(schema_for!(wire::ChangeEvent))),
         (
             "presence-event.json",
             render(schema_for!(wire::PresenceEvent)),

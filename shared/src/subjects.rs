@@ -341,6 +341,21 @@ pub fn send_dedup_id(sender: &UserId, client_msg_id: &ClientMsgId) -> String {
     format!("{sender}:{client_msg_id}")
 }
 
+/// The `Nats-Msg-Id` of a change of a message (v1.1): the same request
+/// made again against the same state (`version`) is dropped by JetStream,
+/// a later one (a reaction given again after being taken back) is not.
+/// `detail` tells apart changes of one kind at one version (another
+/// emoji, another text).
+pub fn change_dedup_id(
+    id: MessageId,
+    version: u64,
+    by: &UserId,
+    kind: &str,
+    detail: &str,
+) -> String {
+    format!("chg:{id}:{version}:{by}:{kind}:{detail}")
+}
+
 /// The `Nats-Msg-Id` of one inbox item, so a redelivered event is appended once.
 pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("{event_id}:{user}")

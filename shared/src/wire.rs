@@ -6,6 +6,8 @@
 //! (see [`crate::schema`]).
 
 use schemars::JsonSchema;
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::{ClientMsgId, ConversationId, Cursor, DeviceId, GroupId, MessageId, UserId};
@@ -148,6 +150,36 @@ pub enum ClientFrame {
         reference: Option<String>,
         token: String,
     },
+    /// v1.1: replaces a message's text (its author, within the edit window).
+    #[serde(rename = "edit")]
+    Edit {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        id: MessageId,
+        text: String,
+    },
+    /// v1.1: deletes a message for everyone (erased everywhere) or hides it
+    /// from the caller's devices.
+    #[serde(rename = "delete")]
+    Delete {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        id: MessageId,
+        #[serde(rename = "for")]
+        scope: DeleteScope,
+    },
+    /// v1.1: adds (`on`) or takes back a reaction.
+    #[serde(rename = "react")]
+    React {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        id: MessageId,
+        emoji: String,
+        on: bool,
+    },
 }
 
 /// A `group` field: the bare group id, or the `group:<id>` conversation form.
@@ -168,7 +200,16 @@ pub struct SendRequest {
     pub conversation: Option<ConversationId>,
     pub text: String,
     pub client_msg_id: ClientMsgId,
+    /// v1.1: the message this one answers (same conversation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    /// v1.1: up to [`MAX_MENTIONS`] users named in the text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<UserId>,
 }
+
+/// The most users one message may mention.
+pub const MAX_MENTIONS: usize = 50;
 
 /// The platform of a push token (one type for the wire and for pushd).
 pub use crate::push::Platform as PushPlatform;
@@ -203,7 +244,10 @@ impl ClientFrame {
             | Self::Friends { reference }
             | Self::PushRegister { reference, .. }
             | Self::PushUnregister { reference, .. }
-            | Self::Refresh { reference, .. } => reference,
+            | Self::Refresh { reference, .. }
+            | Self::Edit { reference, .. }
+            | Self::Delete { reference, .. }
+            | Self::React { reference, .. } => reference,
         };
         reference.as_deref()
     }
@@ -231,6 +275,9 @@ impl ClientFrame {
             Self::PushRegister { .. } => "push.register",
             Self::PushUnregister { .. } => "push.unregister",
             Self::Refresh { .. } => "refresh",
+            Self::Edit { .. } => "edit",
+            Self::Delete { .. } => "delete",
+            Self::React { .. } => "react",
         }
     }
 }
@@ -269,6 +316,14 @@ pub enum ServerFrame {
         cursor: Option<Cursor>,
         #[serde(flatten)]
         message: MessageEvent,
+    },
+    /// v1.1: a message changed (edit, delete, reaction); an inbox item.
+    #[serde(rename = "update")]
+    Update {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
+        #[serde(flatten)]
+        change: ChangeEvent,
     },
     #[serde(rename = "membership")]
     Membership {
@@ -360,6 +415,7 @@ impl ServerFrame {
             Self::Pong { .. } => "pong",
             Self::Sent { .. } => "sent",
             Self::Message { .. } => "message",
+            Self::Update { .. } => "update",
             Self::Membership { .. } => "membership",
             Self::Receipt { .. } => "receipt",
             Self::Presence(_) => "presence",
@@ -463,15 +519,158 @@ pub enum FriendState {
 
 /// One accepted message: the MESSAGES stream event, a `history` item and the
 /// body of a `message` frame.
+///
+/// The fields after `client_msg_id` are v1.1's; the last four describe a
+/// message's current state and appear only in `history` (and in
+/// `conversations`' `last`), never on MESSAGES or in a `message` frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MessageEvent {
     pub id: MessageId,
     pub conversation: ConversationId,
     pub from: UserId,
+    /// Absent only for a message deleted for everyone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub text: String,
     /// ms since the Unix epoch.
     pub ts: u64,
     pub client_msg_id: ClientMsgId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<UserId>,
+    /// When the text was last edited (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ts: Option<u64>,
+    /// Deleted for everyone: the text is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Who reacted with what, by emoji.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, Vec<UserId>>,
+}
+
+impl MessageEvent {
+    /// A message as sent: no edits, reactions or deletion yet.
+    pub fn sent(
+        id: MessageId,
+        conversation: ConversationId,
+        from: UserId,
+        text: String,
+        ts: u64,
+        client_msg_id: ClientMsgId,
+    ) -> Self {
+        Self {
+            id,
+            conversation,
+            from,
+            text,
+            ts,
+            client_msg_id,
+            reply_to: None,
+            mentions: Vec::new(),
+            edited_ts: None,
+            deleted: false,
+            reactions: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a change does (v1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Edit,
+    Delete,
+    Reaction,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Edit => "edit",
+            Self::Delete => "delete",
+            Self::Reaction => "reaction",
+        }
+    }
+}
+
+/// Whom a `delete` is for (v1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteScope {
+    /// Every member: the text is erased everywhere.
+    Everyone,
+    /// Hidden from the caller's devices only.
+    Me,
+}
+
+/// A change of a message (v1.1): an event on MESSAGES (on the subject of
+/// the message's conversation, so it is ordered after the message) and
+/// the body of an `update` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChangeEvent {
+    pub kind: ChangeKind,
+    pub conversation: ConversationId,
+    /// The message changed.
+    pub id: MessageId,
+    pub by: UserId,
+    /// When the change was made, ms since the Unix epoch.
+    pub ts: u64,
+    /// The new text (`edit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `reaction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<String>,
+    /// `reaction`: added (`true`) or taken back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<bool>,
+    /// `delete`: for everyone or only for `by`.
+    #[serde(rename = "for", default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<DeleteScope>,
+}
+
+impl ChangeEvent {
+    /// A delete for `me`: only the caller's inboxes get it.
+    pub fn is_private(&self) -> bool {
+        self.scope == Some(DeleteScope::Me)
+    }
+
+    /// A delete for everyone: the message's text is erased.
+    pub fn erases(&self) -> bool {
+        self.kind == ChangeKind::Delete && self.scope == Some(DeleteScope::Everyone)
+    }
+}
+
+/// One MESSAGES event: a message, or (v1.1) a change of one. Every reader of
+/// MESSAGES decodes with [`MessagesEvent::parse`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessagesEvent {
+    Message(MessageEvent),
+    Change(ChangeEvent),
+}
+
+impl MessagesEvent {
+    /// A payload without `kind` (or with `"kind":"message"`) is a message.
+    pub fn parse(payload: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(default)]
+            kind: Option<String>,
+        }
+        let probe: Kind = serde_json::from_slice(payload)?;
+        match probe.kind.as_deref() {
+            None | Some("message") => serde_json::from_slice(payload).map(Self::Message),
+            Some(_) => serde_json::from_slice(payload).map(Self::Change),
+        }
+    }
+
+    pub fn conversation(&self) -> &ConversationId {
+        match self {
+            Self::Message(message) => &message.conversation,
+            Self::Change(change) => &change.conversation,
+        }
+    }
 }
 
 /// `chat.presence.<user>` and the `presence` frame.
@@ -657,14 +856,14 @@ mod tests {
         );
         let message = ServerFrame::Message {
             cursor: Some(Cursor(9)),
-            message: MessageEvent {
-                id: MessageId(7),
-                conversation: ConversationId::parse("dm:a:b").unwrap(),
-                from: UserId::parse("a").unwrap(),
-                text: "hi".into(),
-                ts: 5,
-                client_msg_id: ClientMsgId::parse("c").unwrap(),
-            },
+            message: MessageEvent::sent(
+                MessageId(7),
+                ConversationId::parse("dm:a:b").unwrap(),
+                UserId::parse("a").unwrap(),
+                "hi".into(),
+                5,
+                ClientMsgId::parse("c").unwrap(),
+            ),
         };
         let value = serde_json::to_value(&message).unwrap();
         assert_eq!(
@@ -675,6 +874,26 @@ mod tests {
             serde_json::from_value::<ServerFrame>(value).unwrap(),
             message
         );
+        let update = ServerFrame::Update {
+            cursor: Some(Cursor(10)),
+            change: ChangeEvent {
+                kind: ChangeKind::Reaction,
+                conversation: ConversationId::parse("dm:a:b").unwrap(),
+                id: MessageId(7),
+                by: UserId::parse("b").unwrap(),
+                ts: 6,
+                text: None,
+                emoji: Some("👍".into()),
+                on: Some(true),
+                scope: None,
+            },
+        };
+        let value = serde_json::to_value(&update).unwrap();
+        assert_eq!(
+            value,
+            json!({"type":"update","cursor":"10","kind":"reaction","conversation":"dm:a:b","id":"7","by":"b","ts":6,"emoji":"👍","on":true})
+        );
+        assert_eq!(serde_json::from_value::<ServerFrame>(value).unwrap(), update);
         let error = ServerFrame::error(None, ErrorCode::BadRequest, "x");
         assert_eq!(
             serde_json::to_value(&error).unwrap(),
@@ -705,6 +924,9 @@ mod tests {
             json!({"type":"push.register","platform":"fcm","token":"t"}),
             json!({"type":"push.unregister","platform":"fcm","token":"t"}),
             json!({"type":"refresh","token":"t"}),
+            json!({"type":"edit","conversation":"dm:a:b","id":"1","text":"x"}),
+            json!({"type":"delete","conversation":"dm:a:b","id":"1","for":"me"}),
+            json!({"type":"react","conversation":"dm:a:b","id":"1","emoji":"x","on":true}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -741,6 +963,29 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
+    }
+
+    #[test]
+    fn messages_events_are_messages_or_changes() {
+        let message = br#"{"id":"1","conversation":"dm:a:b","from":"a","text":"hi","ts":1,"client_msg_id":"c","reply_to":"0","mentions":["b"]}"#;
+        let Ok(MessagesEvent::Message(parsed)) = MessagesEvent::parse(message) else {
+            panic!("not a message");
+        };
+        assert_eq!(parsed.reply_to, Some(MessageId(0)));
+        assert_eq!(parsed.mentions, vec![UserId::parse("b").unwrap()]);
+        let labelled = br#"{"kind":"message","id":"1","conversation":"dm:a:b","from":"a","text":"hi","ts":1,"client_msg_id":"c"}"#;
+        assert!(matches!(
+            MessagesEvent::parse(labelled),
+            Ok(MessagesEvent::Message(_))
+        ));
+        let delete = br#"{"kind":"delete","id":"1","conversation":"dm:a:b","by":"a","ts":2,"for":"everyone"}"#;
+        let Ok(MessagesEvent::Change(change)) = MessagesEvent::parse(delete) else {
+            panic!("not a change");
+        };
+        assert!(change.erases() && !change.is_private());
+        // A change is never mistaken for a message by an older reader.
+        assert!(serde_json::from_slice::<MessageEvent>(delete).is_err());
+        assert!(MessagesEvent::parse(br#"{"kind":"shout","id":"1"}"#).is_err());
     }
 
     #[test]
@@ -813,6 +1058,8 @@ mod tests {
                             conversation,
                             text,
                             client_msg_id: ClientMsgId::parse(cmid).unwrap(),
+                            reply_to: None,
+                            mentions: Vec::new(),
                         })
                     }),
                 (reference(), conversation(), any::<u64>()).prop_map(
@@ -882,6 +1129,60 @@ mod tests {
                 ),
                 (reference(), any::<String>())
                     .prop_map(|(reference, token)| ClientFrame::Refresh { reference, token }),
+                (reference(), conversation(), any::<u64>(), any::<String>()).prop_map(
+                    |(reference, conversation, id, text)| ClientFrame::Edit {
+                        reference,
+                        conversation,
+                        id: MessageId(id),
+                        text,
+                    }
+                ),
+                (reference(), conversation(), any::<u64>(), any::<bool>()).prop_map(
+                    |(reference, conversation, id, everyone)| ClientFrame::Delete {
+                        reference,
+                        conversation,
+                        id: MessageId(id),
+                        scope: if everyone {
+                            DeleteScope::Everyone
+                        } else {
+                            DeleteScope::Me
+                        },
+                    }
+                ),
+                (
+                    reference(),
+                    conversation(),
+                    any::<u64>(),
+                    any::<String>(),
+                    any::<bool>()
+                )
+                    .prop_map(|(reference, conversation, id, emoji, on)| {
+                        ClientFrame::React {
+                            reference,
+                            conversation,
+                            id: MessageId(id),
+                            emoji,
+                            on,
+                        }
+                    }),
+                (
+                    reference(),
+                    conversation(),
+                    any::<u64>(),
+                    proptest::option::of(any::<u64>()),
+                    proptest::collection::vec(user(), 0..3)
+                )
+                    .prop_map(|(reference, conversation, n, reply_to, mentions)| {
+                        ClientFrame::Send(SendRequest {
+                            reference,
+                            to: None,
+                            conversation: Some(conversation),
+                            text: n.to_string(),
+                            client_msg_id: ClientMsgId::parse(n.to_string()).unwrap(),
+                            reply_to: reply_to.map(MessageId),
+                            mentions,
+                        })
+                    }),
             ]
         }
 
@@ -899,7 +1200,7 @@ mod tests {
             fn client_frame_parse_never_panics(
                 text in prop_oneof![
                     any::<String>(),
-                    r#"\{"type":"(hello|send|read|history|group\.add|ack)"(,"[a-z_]{1,12}":("[a-z:0-9.]{0,8}"|[0-9-]{1,4}|null|\[\]))*\}"#,
+                    r#"\{"type":"(hello|send|read|history|group\.add|ack|edit|delete|react)"(,"[a-z_]{1,12}":("[a-z:0-9.]{0,8}"|[0-9-]{1,4}|null|\[\]))*\}"#,
                 ]
             ) {
                 // What the edge does with a text frame (edge/src/session.rs).

@@ -1,5 +1,6 @@
 //! The request/reply service on `chat.rpc.*` (queue group `persister`).
 
+mod changes;
 mod friends;
 mod groups;
 mod outbox;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
+use chat_shared::partitions::Partitions;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, Method, RpcError};
@@ -24,6 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::{PersisterMetrics, UNKNOWN_METHOD};
+pub use changes::ChangeWindows;
 
 /// Requests handled at once by one persister.
 const MAX_IN_FLIGHT: usize = 64;
@@ -41,6 +44,8 @@ pub struct Service {
     js: jetstream::Context,
     max_group_members: usize,
     push_tokens: PushTokenLimits,
+    partitions: Partitions,
+    windows: ChangeWindows,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -168,6 +173,8 @@ impl Service {
         js: jetstream::Context,
         max_group_members: usize,
         push_tokens: PushTokenLimits,
+        partitions: Partitions,
+        windows: ChangeWindows,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
@@ -176,6 +183,8 @@ impl Service {
             js,
             max_group_members,
             push_tokens,
+            partitions,
+            windows,
             outbox: Arc::default(),
             metrics,
         }
@@ -229,6 +238,7 @@ impl Service {
             rpc::FriendsOf => friends_of,
             rpc::PushRegister => push_register,
             rpc::PushUnregister => push_unregister,
+            rpc::CheckChange => change_check,
         )
     }
 
@@ -348,12 +358,12 @@ fn message_from_row(
     ts: i64,
     client_msg_id: String,
 ) -> Result<MessageEvent, RpcError> {
-    Ok(MessageEvent {
-        id: MessageId(id as u64),
+    Ok(MessageEvent::sent(
+        MessageId(id as u64),
         conversation,
-        from: UserId::parse(sender).map_err(|_| corrupt("sender"))?,
-        text: body,
-        ts: ts as u64,
-        client_msg_id: ClientMsgId::parse(client_msg_id).map_err(|_| corrupt("client_msg_id"))?,
-    })
+        UserId::parse(sender).map_err(|_| corrupt("sender"))?,
+        body,
+        ts as u64,
+        ClientMsgId::parse(client_msg_id).map_err(|_| corrupt("client_msg_id"))?,
+    ))
 }

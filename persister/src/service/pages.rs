@@ -8,9 +8,9 @@
 use std::io;
 
 use chat_shared::idgen::EPOCH_MS;
-use chat_shared::ids::{ConversationId, MessageId};
+use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, RpcError, MAX_REACHABLE_CONVERSATIONS, REPLY_ITEMS_BUDGET};
-use chat_shared::wire::{ConversationSummary, ErrorCode, PREVIEW_CHARS};
+use chat_shared::wire::{ConversationSummary, ErrorCode, MessageEvent, PREVIEW_CHARS};
 use serde::Serialize;
 
 use super::{column, corrupt, message_from_row, unavailable, Service, ID_TIME_SHIFT};
@@ -90,43 +90,90 @@ impl Service {
         let rows = db
             .query(
                 "WITH newest AS (
-                     SELECT id, sender, body, ts, client_msg_id FROM messages
+                     SELECT id, sender, body, ts, client_msg_id, reply_to, mentions, edited_ts, deleted
+                     FROM messages m
                      WHERE conversation = $1 AND ($2::bigint IS NULL OR id < $2)
+                       -- v1.1: deleted for me by the reader.
+                       AND NOT EXISTS (SELECT 1 FROM hidden_messages h
+                                       WHERE h.user_id = $5 AND h.conversation = $1 AND h.id = m.id)
                      ORDER BY id DESC LIMIT $3),
                  sized AS (
                      SELECT *, count(*) OVER () AS found,
                             sum(octet_length(body)) OVER (ORDER BY id DESC) - octet_length(body)
                               AS bytes_before
                      FROM newest)
-                 SELECT id, sender, body, ts, client_msg_id, found FROM sized
+                 SELECT id, sender, body, ts, client_msg_id, found,
+                        reply_to, mentions, edited_ts, deleted FROM sized
                  WHERE bytes_before <= $4 ORDER BY id DESC",
                 &[
                     &request.conversation.to_string(),
                     &before,
                     &(limit + 1),
                     &(REPLY_ITEMS_BUDGET as i64),
+                    &request.user.as_str(),
                 ],
             )
             .await
             .map_err(unavailable("read a history page"))?;
         let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 5))?;
-        let messages = rows
+        let mut messages = rows
             .iter()
             .take(limit as usize)
             .map(|row| {
-                message_from_row(
+                let mut message = message_from_row(
                     request.conversation.clone(),
                     column(row, 0)?,
                     column(row, 1)?,
                     column(row, 2)?,
                     column(row, 3)?,
                     column(row, 4)?,
-                )
+                )?;
+                message.reply_to = column::<Option<i64>>(row, 6)?.map(|r| MessageId(r as u64));
+                message.mentions = column::<Vec<String>>(row, 7)?
+                    .into_iter()
+                    .map(|user| UserId::parse(user).map_err(|_| corrupt("mention")))
+                    .collect::<Result<_, _>>()?;
+                message.edited_ts = column::<Option<i64>>(row, 8)?.map(|t| t as u64);
+                message.deleted = column(row, 9)?;
+                Ok(message)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, RpcError>>()?;
+        self.add_reactions(&db, &request.conversation, &mut messages)
+            .await?;
         let (messages, cut) = fit(messages, REPLY_ITEMS_BUDGET);
         let more = cut || (messages.len() as i64) < found;
         Ok(rpc::HistoryPage { messages, more })
+    }
+
+    /// Fills in each message's `reactions` (one query for the page).
+    async fn add_reactions(
+        &self,
+        db: &deadpool_postgres::Object,
+        conversation: &ConversationId,
+        messages: &mut [MessageEvent],
+    ) -> Result<(), RpcError> {
+        let ids: Vec<i64> = messages.iter().map(|m| m.id.get() as i64).collect();
+        let rows = db
+            .query(
+                "SELECT id, emoji, user_id FROM reactions
+                 WHERE conversation = $1 AND id = ANY($2)
+                 ORDER BY id, emoji, ts, user_id",
+                &[&conversation.to_string(), &ids],
+            )
+            .await
+            .map_err(unavailable("read reactions"))?;
+        for row in &rows {
+            let id = MessageId(column::<i64>(row, 0)? as u64);
+            let user = UserId::parse(column::<String>(row, 2)?).map_err(|_| corrupt("reaction"))?;
+            if let Some(message) = messages.iter_mut().find(|m| m.id == id) {
+                message
+                    .reactions
+                    .entry(column(row, 1)?)
+                    .or_default()
+                    .push(user);
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn conversations(
