@@ -372,14 +372,14 @@ mod tests {
     use chat_shared::ids::ConversationId;
 
     fn event(conversation: &str, text: &str) -> MessageEvent {
-        MessageEvent {
-            id: MessageId(7),
-            conversation: ConversationId::parse(conversation).unwrap(),
-            from: UserId::parse("alice").unwrap(),
-            text: text.into(),
-            ts: 0,
-            client_msg_id: ClientMsgId::parse("c1").unwrap(),
-        }
+        MessageEvent::sent(
+            MessageId(7),
+            ConversationId::parse(conversation).unwrap(),
+            UserId::parse("alice").unwrap(),
+            text.into(),
+            0,
+            ClientMsgId::parse("c1").unwrap(),
+        )
     }
 
     #[test]

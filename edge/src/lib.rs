@@ -6,6 +6,7 @@
 //! asked of the persister over NATS request/reply.
 
 mod access;
+mod change;
 mod claims;
 mod drain;
 mod error;

@@ -16,6 +16,7 @@ use chat_shared::wire::{
 };
 use tokio::sync::Semaphore;
 
+use crate::change::{self, ChangeError};
 use crate::quota::QuotaError;
 use crate::send::SendError;
 
@@ -44,6 +45,9 @@ enum RequestError {
     Send(#[from] SendError),
     #[error(transparent)]
     Quota(#[from] QuotaError),
+    /// `edit`, `delete`, `react`.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
     /// Our own frame did not encode; the client learns nothing more.
     #[error("cannot encode {0}")]
     Encode(&'static str, #[source] serde_json::Error),
@@ -56,6 +60,7 @@ impl RequestError {
             Self::Rpc(e) => ServerFrame::error(reference, e.code, e.message.clone()),
             Self::Send(e) => e.frame(reference),
             Self::Quota(e) => e.frame(reference),
+            Self::Change(e) => e.frame(reference),
             Self::Encode(..) => {
                 tracing::error!(error = %self, "request failed");
                 ServerFrame::error(reference, ErrorCode::Internal, "internal error")
@@ -344,6 +349,52 @@ async fn answer(
         } => {
             let request = push_token(user, device, platform, token);
             rpc::call::<rpc::PushUnregister>(nats, &request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Edit {
+            reference,
+            conversation,
+            id,
+            text,
+        } => {
+            let change = rpc::Change::Edit { text };
+            let request = change::Request {
+                conversation,
+                id,
+                change,
+            };
+            change::apply(edge, &user, request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Delete {
+            reference,
+            conversation,
+            id,
+            scope,
+        } => {
+            let change = rpc::Change::Delete { scope };
+            let request = change::Request {
+                conversation,
+                id,
+                change,
+            };
+            change::apply(edge, &user, request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::React {
+            reference,
+            conversation,
+            id,
+            emoji,
+            on,
+        } => {
+            let change = rpc::Change::Reaction { emoji, on };
+            let request = change::Request {
+                conversation,
+                id,
+                change,
+            };
+            change::apply(edge, &user, request).await?;
             ServerFrame::Ok { reference }
         }
         // Handled by the session itself.

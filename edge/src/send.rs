@@ -23,7 +23,7 @@ use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame};
+use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame, MAX_MENTIONS};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -99,6 +99,8 @@ pub enum SendError {
     /// The group's members could not be read (the persister's answer).
     #[error("{}", .0.message)]
     Members(RpcError),
+    #[error("at most {MAX_MENTIONS} mentions")]
+    TooManyMentions,
     #[error("client_msg_id was already used for another message; use a new one")]
     Reused,
     #[error("message store unavailable, retry later; nothing was accepted")]
@@ -117,6 +119,7 @@ impl SendError {
             | Self::NulInText
             | Self::Addressing
             | Self::DmToSelf
+            | Self::TooManyMentions
             | Self::Reused => ErrorCode::BadRequest,
             Self::TextTooLong => ErrorCode::TooLarge,
             Self::NotInConversation | Self::NotInGroup => ErrorCode::Forbidden,
@@ -168,6 +171,9 @@ async fn accept(
     // The session checked it before queueing; a send that reaches the
     // worker some other way must not skip it.
     validate_text(&request.text)?;
+    if request.mentions.len() > MAX_MENTIONS {
+        return Err(SendError::TooManyMentions);
+    }
     let recipients = recipients(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
         return Err(SendError::Unavailable);
@@ -190,14 +196,16 @@ async fn accept(
         tracing::error!(error = %e, "cannot assign a message id");
         SendError::Unavailable
     })?;
-    let event = MessageEvent {
+    let mut event = MessageEvent::sent(
         id,
         conversation,
-        from: user.clone(),
-        text: request.text,
-        ts: timestamp_ms(id),
-        client_msg_id: request.client_msg_id,
-    };
+        user.clone(),
+        request.text,
+        timestamp_ms(id),
+        request.client_msg_id,
+    );
+    event.reply_to = request.reply_to;
+    event.mentions = request.mentions;
     let trace = TraceId::random();
     let publish = publish(edge, claims, event, trace)
         .instrument(tracing::info_span!("send", trace_id = %trace));
