@@ -15,12 +15,13 @@ use chat_shared::receipts::MessageMeta;
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ErrorCode, GroupEvent, MessageEvent, ServerFrame};
+use chat_shared::wire::{ChangeEvent, ErrorCode, GroupEvent, MessageEvent, MessagesEvent, ServerFrame};
 use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument;
 
+use crate::erase::{EraseError, Eraser};
 use crate::gaps::Sequence;
 use crate::inbox::{AppendError, Appending, InboxWriter, Order};
 use crate::metrics::RouterMetrics;
@@ -51,6 +52,8 @@ enum RouteError {
     MalformedMessage(serde_json::Error),
     #[error("the event's conversation does not match its subject")]
     WrongConversation,
+    #[error("a change without a Nats-Msg-Id or a sequence")]
+    Unnamed,
     #[error("unknown group {0}")]
     UnknownGroup(GroupId),
     #[error("malformed group event: {0}")]
@@ -61,6 +64,8 @@ enum RouteError {
     Append(#[from] AppendError),
     #[error(transparent)]
     Push(#[from] PushError),
+    #[error(transparent)]
+    Erase(#[from] EraseError),
 }
 
 impl RouteError {
@@ -69,9 +74,10 @@ impl RouteError {
             Self::Subject(_)
             | Self::MalformedMessage(_)
             | Self::WrongConversation
+            | Self::Unnamed
             | Self::UnknownGroup(_)
             | Self::MalformedGroupEvent(_) => true,
-            Self::Members(_) | Self::Append(_) | Self::Push(_) => false,
+            Self::Members(_) | Self::Append(_) | Self::Push(_) | Self::Erase(_) => false,
         }
     }
 }
@@ -115,6 +121,7 @@ pub struct Fanout {
     inbox: InboxWriter,
     groups: GroupCache,
     push: PushJobs,
+    eraser: Eraser,
     metrics: Arc<RouterMetrics>,
 }
 
@@ -128,7 +135,8 @@ impl Fanout {
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         Self {
-            inbox: InboxWriter::new(nats, js.clone(), partitions, metrics.clone()),
+            inbox: InboxWriter::new(nats.clone(), js.clone(), partitions, metrics.clone()),
+            eraser: Eraser::new(nats, js.clone(), partitions),
             js,
             groups,
             push,
@@ -144,10 +152,13 @@ impl Fanout {
         let trace = TraceId::from_headers(Some(&event.headers));
         let mut backoff = Backoff::default();
         loop {
-            match self
-                .route(source, event.subject.as_str(), &event.payload, trace)
-                .await
-            {
+            let stored = Stored {
+                subject: event.subject.as_str(),
+                payload: &event.payload,
+                headers: Some(&event.headers),
+                sequence: Some(event.sequence),
+            };
+            match self.route(source, stored, trace).await {
                 Ok(()) => return true,
                 Err(e) if e.is_poison() => {
                     // Its redelivery is dead-lettered.
@@ -184,10 +195,7 @@ impl Fanout {
     ) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match self
-                .route(source, message.subject.as_str(), &message.payload, trace)
-                .await
-            {
+            match self.route(source, Stored::of(&message), trace).await {
                 Ok(()) => break,
                 Err(e) if e.is_poison() => {
                     self.dead_letter(source, &message, &e.to_string()).await;
@@ -236,9 +244,7 @@ impl Fanout {
         order: &mut Order,
     ) -> Result<Option<InFlight>, jetstream::Message> {
         let trace = TraceId::from_headers(message.headers.as_ref());
-        let prepared = self
-            .prepare_message(message.subject.as_str(), &message.payload, trace)
-            .await;
+        let prepared = self.prepare_message(Stored::of(&message), trace).await;
         let prepared = match prepared {
             Ok(prepared) => prepared,
             Err(e) if e.is_poison() => {
@@ -279,18 +285,17 @@ impl Fanout {
             ..
         } = event;
         if appended {
-            let pushed = self
-                .push
-                .emit(&prepared.event, &prepared.recipients, trace)
+            let completed = self
+                .complete(&prepared, trace)
                 .instrument(route_span(source, trace))
                 .await;
-            match pushed {
+            match completed {
                 Ok(()) => {
                     self.acked(source, &message).await;
                     return true;
                 }
                 Err(reason) => {
-                    tracing::warn!(subject = %message.subject, %reason, "push jobs failed; retrying")
+                    tracing::warn!(subject = %message.subject, %reason, "push jobs or erasure failed; retrying")
                 }
             }
         }
@@ -301,60 +306,69 @@ impl Fanout {
     async fn route(
         &self,
         source: Source,
-        subject: &str,
-        payload: &[u8],
+        stored: Stored<'_>,
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
         match source {
-            Source::Messages(_) => self.route_message(subject, payload, trace).await,
-            Source::Events => self.route_group_event(payload).await,
+            Source::Messages(_) => self.route_message(stored, trace).await,
+            Source::Events => self.route_group_event(stored.payload).await,
         }
     }
 
     async fn route_message(
         &self,
-        subject: &str,
-        payload: &[u8],
+        stored: Stored<'_>,
         trace: Option<TraceId>,
     ) -> Result<(), RouteError> {
-        let prepared = self.prepare_message(subject, payload, trace).await?;
+        let prepared = self.prepare_message(stored, trace).await?;
         self.append(
             &prepared.recipients,
             &prepared.event_id,
-            prepared.frame,
-            prepared.headers,
+            prepared.frame.clone(),
+            prepared.headers.clone(),
         )
         .await?;
-        Ok(self
-            .push
-            .emit(&prepared.event, &prepared.recipients, trace)
-            .await?)
+        self.complete(&prepared, trace).await
+    }
+
+    /// What follows an event's appends: a message's push jobs; for a
+    /// delete for everyone, erasing the message's text (see `erase`).
+    async fn complete(&self, prepared: &Prepared, trace: Option<TraceId>) -> Result<(), RouteError> {
+        match &prepared.then {
+            Then::Push(event) => Ok(self.push.emit(event, &prepared.recipients, trace).await?),
+            Then::Erase(change, sequence) => {
+                let erased = self
+                    .eraser
+                    .erase(change, *sequence, &prepared.recipients)
+                    .await?;
+                tracing::info!(id = %change.id, erased, "message erased");
+                Ok(())
+            }
+            Then::Nothing => Ok(()),
+        }
     }
 
     /// Checks a MESSAGES event and resolves its members and frame.
     async fn prepare_message(
         &self,
-        subject: &str,
-        payload: &[u8],
+        stored: Stored<'_>,
         trace: Option<TraceId>,
     ) -> Result<Prepared, RouteError> {
+        let subject = stored.subject;
         let conversation = subjects::parse_message(subject)
             .ok_or_else(|| RouteError::Subject(subject.to_string()))?;
-        let event: MessageEvent =
-            serde_json::from_slice(payload).map_err(RouteError::MalformedMessage)?;
-        if event.conversation != conversation {
+        let event =
+            MessagesEvent::parse(stored.payload).map_err(RouteError::MalformedMessage)?;
+        if *event.conversation() != conversation {
             return Err(RouteError::WrongConversation);
         }
-        let recipients: Vec<UserId> = match &conversation {
-            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
-            ConversationId::Group(group) => match self.groups.members(group).await {
-                Ok(members) => members.iter().cloned().collect(),
-                Err(e) if e.code == ErrorCode::NotFound => {
-                    return Err(RouteError::UnknownGroup(group.clone()))
-                }
-                Err(e) => return Err(RouteError::Members(e)),
-            },
+        let event = match event {
+            MessagesEvent::Message(message) => message,
+            MessagesEvent::Change(change) => {
+                return self.prepare_change(change, stored, trace).await
+            }
         };
+        let recipients = self.members(&conversation).await?;
         let mut headers = HeaderMap::new();
         MessageMeta {
             conversation,
@@ -374,7 +388,66 @@ impl Fanout {
             event_id: event.id.to_string(),
             frame: frame.to_json().into(),
             headers,
-            event,
+            then: Then::Push(Box::new(event)),
+        })
+    }
+
+    /// A change of a message (v1.1): an `update` item for every member (for
+    /// a delete for `me`, the caller only), appended like a message so it
+    /// keeps its place in the conversation's order. No push.
+    async fn prepare_change(
+        &self,
+        change: ChangeEvent,
+        stored: Stored<'_>,
+        trace: Option<TraceId>,
+    ) -> Result<Prepared, RouteError> {
+        let recipients = if change.is_private() {
+            vec![change.by.clone()]
+        } else {
+            self.members(&change.conversation).await?
+        };
+        // The change's own Nats-Msg-Id names it uniquely (see
+        // `subjects::change_dedup_id`); one published without it is named
+        // by its sequence.
+        let event_id = stored
+            .headers
+            .and_then(|headers| headers.get(subjects::MSG_ID_HEADER))
+            .map(|id| id.as_str().to_string())
+            .or_else(|| stored.sequence.map(|seq| format!("seq:{subject}:{seq}", subject = stored.subject)))
+            .ok_or(RouteError::Unnamed)?;
+        let mut headers = HeaderMap::new();
+        if let Some(trace) = trace {
+            trace.add_to(&mut headers);
+        }
+        let frame = ServerFrame::Update {
+            cursor: None,
+            change: change.clone(),
+        };
+        let then = if change.erases() {
+            Then::Erase(Box::new(change), stored.sequence)
+        } else {
+            Then::Nothing
+        };
+        Ok(Prepared {
+            recipients,
+            event_id,
+            frame: frame.to_json().into(),
+            headers,
+            then,
+        })
+    }
+
+    /// A conversation's members: a DM's two users, a group's members.
+    async fn members(&self, conversation: &ConversationId) -> Result<Vec<UserId>, RouteError> {
+        Ok(match conversation {
+            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
+            ConversationId::Group(group) => match self.groups.members(group).await {
+                Ok(members) => members.iter().cloned().collect(),
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    return Err(RouteError::UnknownGroup(group.clone()))
+                }
+                Err(e) => return Err(RouteError::Members(e)),
+            },
         })
     }
 
@@ -425,7 +498,36 @@ struct Prepared {
     frame: Bytes,
     /// Headers every copy carries.
     headers: HeaderMap,
-    event: MessageEvent,
+    then: Then,
+}
+
+/// What is done once an event is in every inbox.
+enum Then {
+    /// A message: push jobs for the members offline.
+    Push(Box<MessageEvent>),
+    /// A delete for everyone (with its MESSAGES sequence): erase the text.
+    Erase(Box<ChangeEvent>, Option<u64>),
+    Nothing,
+}
+
+/// A stored event as a delivery or a read-back gives it.
+#[derive(Clone, Copy)]
+struct Stored<'a> {
+    subject: &'a str,
+    payload: &'a [u8],
+    headers: Option<&'a HeaderMap>,
+    sequence: Option<u64>,
+}
+
+impl<'a> Stored<'a> {
+    fn of(message: &'a jetstream::Message) -> Self {
+        Self {
+            subject: message.subject.as_str(),
+            payload: &message.payload,
+            headers: message.headers.as_ref(),
+            sequence: message.info().ok().map(|info| info.stream_sequence),
+        }
+    }
 }
 
 /// A MESSAGES event whose appends are on their way.

@@ -17,9 +17,14 @@
 //! Members other than the sender who are offline (per the presence bucket)
 //! get a push job (`push`).
 //!
+//! A change of a message (v1.1 edit, delete, reaction) on MESSAGES becomes
+//! an `update` item the same way (no push); a delete for everyone then
+//! erases every stored copy of the text (`erase`).
+//!
 //! It also turns edges' delivered-receipt reports into `receipt` frames for
 //! the messages' senders (`receipts`).
 
+mod erase;
 mod fanout;
 mod gaps;
 mod inbox;

@@ -37,8 +37,22 @@ pub struct Page {
     pub pending: u64,
 }
 
+/// `ms` (since the Unix epoch) as RFC 3339.
+fn rfc3339(ms: u64) -> Result<String, DirectError> {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .ok_or(DirectError::Time(ms))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectError {
+    #[error("{0} ms is not a time a stream can be read from")]
+    Time(u64),
     #[error("no answer from the stream within {0:?}")]
     Stalled(Duration),
     #[error("subscribing to the reply subject: {0}")]
@@ -103,7 +117,12 @@ impl Reply {
 
 #[derive(serde::Serialize)]
 struct Request<'a> {
-    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    /// Instead of `seq`: from the first message stored at or after this
+    /// time (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_time: Option<String>,
     next_by_subj: &'a str,
     batch: usize,
     max_bytes: usize,
@@ -142,12 +161,36 @@ impl DirectReader {
         max_bytes: usize,
     ) -> Result<Page, DirectError> {
         let request = Request {
-            seq: from,
+            seq: Some(from),
+            start_time: None,
             next_by_subj: subject,
             batch,
             max_bytes,
         };
-        let body = serde_json::to_vec(&request)?;
+        self.request(&request).await
+    }
+
+    /// Like [`DirectReader::page`], from the first message of `subject`
+    /// stored at or after `since_ms` (ms since the Unix epoch, stream time).
+    pub async fn page_since(
+        &self,
+        subject: &str,
+        since_ms: u64,
+        batch: usize,
+        max_bytes: usize,
+    ) -> Result<Page, DirectError> {
+        let request = Request {
+            seq: None,
+            start_time: Some(rfc3339(since_ms)?),
+            next_by_subj: subject,
+            batch,
+            max_bytes,
+        };
+        self.request(&request).await
+    }
+
+    async fn request(&self, request: &Request<'_>) -> Result<Page, DirectError> {
+        let body = serde_json::to_vec(request)?;
         let reply = self.client.new_inbox();
         // Subscribed before the request goes out, on the same connection:
         // the server sees the interest before it answers.
@@ -255,8 +298,10 @@ mod tests {
 
     #[test]
     fn the_request_is_the_adr_31_batch_form() {
+        assert_eq!(rfc3339(1_500).ok().as_deref(), Some("1970-01-01T00:00:01.5Z"));
         let body = serde_json::to_value(Request {
-            seq: 5,
+            seq: Some(5),
+            start_time: None,
             next_by_subj: "chat.inbox.alice",
             batch: 500,
             max_bytes: 1024,
