@@ -529,7 +529,7 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
     };
     let mut replay = Replay::open(&js, &options, config.partitions).await?;
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    let (mut events, mut malformed) = (0u64, 0u64);
+    let (mut events, mut changes, mut malformed) = (0u64, 0u64, 0u64);
     let outcome: anyhow::Result<()> = async {
         while let Some(entry) = replay.next().await? {
             match entry {
@@ -540,6 +540,19 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
                         republisher.publish(&item).await?;
                     }
                     events += 1;
+                }
+                Entry::Change {
+                    stream,
+                    seq,
+                    subject,
+                    change,
+                } => {
+                    let line = serde_json::json!({
+                        "stream": stream, "seq": seq, "subject": subject, "change": change,
+                    });
+                    serde_json::to_writer(&mut stdout, &line)?;
+                    stdout.write_all(b"\n")?;
+                    changes += 1;
                 }
                 Entry::Malformed {
                     stream,
@@ -558,7 +571,7 @@ async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
     replay.close().await;
     stdout.flush()?;
     outcome?;
-    eprintln!("replayed {events} events ({malformed} malformed)");
+    eprintln!("replayed {events} events and {changes} changes ({malformed} malformed)");
     if let Some(republisher) = republisher {
         let stream = republisher.stream();
         let summary = republisher.finish().await?;

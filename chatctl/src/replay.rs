@@ -23,7 +23,7 @@ use bytes::Bytes;
 use chat_shared::consume::Scan;
 use chat_shared::ids::{ConversationId, MessageId};
 use chat_shared::partitions::Partitions;
-use chat_shared::wire::MessageEvent;
+use chat_shared::wire::{ChangeEvent, MessageEvent, MessagesEvent};
 use chat_shared::{subjects, Config};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -99,6 +99,14 @@ impl Replayed {
 #[derive(Debug, Clone)]
 pub enum Entry {
     Event(Replayed),
+    /// v1.1: an edit, delete or reaction of a message (printed, not
+    /// re-published: it names a message by the id it had here).
+    Change {
+        stream: String,
+        seq: u64,
+        subject: String,
+        change: ChangeEvent,
+    },
     Malformed {
         stream: String,
         seq: u64,
@@ -113,7 +121,8 @@ impl Entry {
     fn order(&self) -> Option<MessageId> {
         match self {
             Self::Event(item) => Some(item.event.id),
-            Self::Malformed { .. } => None,
+            // Its message came before it in the same partition.
+            Self::Change { .. } | Self::Malformed { .. } => None,
         }
     }
 }
@@ -279,8 +288,14 @@ impl Part {
         }
         let subject = message.subject.to_string();
         let stream = self.stream.clone();
-        let entry = match serde_json::from_slice::<MessageEvent>(&message.payload) {
-            Ok(event) => Entry::Event(Replayed {
+        let entry = match MessagesEvent::parse(&message.payload) {
+            Ok(MessagesEvent::Change(change)) => Entry::Change {
+                stream,
+                seq,
+                subject,
+                change,
+            },
+            Ok(MessagesEvent::Message(event)) => Entry::Event(Replayed {
                 stream,
                 seq,
                 time,

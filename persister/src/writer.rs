@@ -421,14 +421,15 @@ async fn apply(
             // A message never stored (dead-lettered) gets a tombstone, so a
             // late copy of it cannot bring the text back.
             let tombstone_ts = timestamp_ms(change.id) as i64;
+            let tombstone_id = format!("deleted:{id}");
             tx.execute(
                 "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, deleted, version)
-                 VALUES ($1, $2, $3, '', $4, 'deleted:' || $2::text, true, 1)
+                 VALUES ($1, $2, $3, '', $4, $5, true, 1)
                  ON CONFLICT (conversation, id) DO UPDATE
                    SET body = '', deleted = true, edited_ts = NULL, mentions = '{}',
                        version = messages.version + 1
                    WHERE NOT messages.deleted",
-                &[&conversation, &id, &by, &tombstone_ts],
+                &[&conversation, &id, &by, &tombstone_ts, &tombstone_id],
             )
             .await?;
             tx.execute(

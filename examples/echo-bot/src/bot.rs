@@ -8,7 +8,7 @@ use chat_shared::consume;
 use chat_shared::ids::{ClientMsgId, ConversationId, DeviceId, UserId};
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::Shutdown;
-use chat_shared::wire::{ErrorCode, MessageEvent};
+use chat_shared::wire::{ErrorCode, MessageEvent, MessagesEvent};
 use chat_shared::{auth, Config, StartError};
 use futures::StreamExt;
 
@@ -149,8 +149,10 @@ enum Verdict {
 
 impl Bot {
     async fn handle(&mut self, message: jetstream::Message) {
-        let verdict = match serde_json::from_slice::<MessageEvent>(&message.payload) {
-            Ok(event) => self.answer(&event).await,
+        let verdict = match MessagesEvent::parse(&message.payload) {
+            Ok(MessagesEvent::Message(event)) => self.answer(&event).await,
+            // Edits, deletes and reactions are not commands.
+            Ok(MessagesEvent::Change(_)) => Verdict::Done,
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "not a message event");
                 Verdict::Done
@@ -263,14 +265,14 @@ mod tests {
     use chat_shared::ids::MessageId;
 
     fn event(from: &str, text: &str) -> MessageEvent {
-        MessageEvent {
-            id: MessageId(1),
-            conversation: ConversationId::parse("dm:alice:echo-bot").unwrap(),
-            from: UserId::parse(from).unwrap(),
-            text: text.into(),
-            ts: 0,
-            client_msg_id: ClientMsgId::parse("c").unwrap(),
-        }
+        MessageEvent::sent(
+            MessageId(1),
+            ConversationId::parse("dm:alice:echo-bot").unwrap(),
+            UserId::parse(from).unwrap(),
+            text.into(),
+            0,
+            ClientMsgId::parse("c").unwrap(),
+        )
     }
 
     #[test]

@@ -94,6 +94,8 @@ impl Edge {
             conversation: Some(conversation),
             text,
             client_msg_id,
+            reply_to: None,
+            mentions: Vec::new(),
         }))
         .await?;
         let reply = async {

@@ -3,6 +3,7 @@
 mod abuse;
 mod bench;
 mod caches;
+mod changes;
 mod deadletter;
 mod discovery;
 mod edges;

@@ -88,6 +88,7 @@ async fn replay(js: &jetstream::Context, options: ReplayOptions) -> anyhow::Resu
             match entry {
                 Entry::Event(item) => items.push(item),
                 Entry::Malformed { seq, reason, .. } => bail!("seq {seq} is malformed: {reason}"),
+                Entry::Change { seq, .. } => bail!("seq {seq}: no test here changes a message"),
             }
         }
         Ok(())

@@ -916,14 +916,14 @@ async fn publish_as_backend(setup: &Setup, from: &str, to: &str, text: &str) -> 
     let (from, to) = (UserId::parse(from)?, UserId::parse(to)?);
     let ids = IdGenerator::new(NodeSlot::fixed(1000));
     let id = ids.next_id()?;
-    let event = MessageEvent {
+    let event = MessageEvent::sent(
         id,
-        conversation: ConversationId::dm(from.clone(), to)?,
-        from: from.clone(),
-        text: text.into(),
-        ts: chat_shared::idgen::timestamp_ms(id),
-        client_msg_id: ClientMsgId::parse(format!("backend-{id}"))?,
-    };
+        ConversationId::dm(from.clone(), to)?,
+        from.clone(),
+        text.into(),
+        chat_shared::idgen::timestamp_ms(id),
+        ClientMsgId::parse(format!("backend-{id}"))?,
+    );
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
         subjects::MSG_ID_HEADER,
