@@ -265,7 +265,8 @@ mod tests {
         assert!(!target.in_inbox(delete));
         assert!(!target.in_inbox(elsewhere));
         assert!(!target.in_inbox(b"{"));
-        let job = br#"{"user":"b","conversation":"dm:a:b","id":"7","from":"a","text":"secret","ts":1}"#;
+        let job =
+            br#"{"user":"b","conversation":"dm:a:b","id":"7","from":"a","text":"secret","ts":1}"#;
         assert!(target.in_push_job(job));
     }
 }

@@ -15,7 +15,9 @@ use chat_shared::receipts::MessageMeta;
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ChangeEvent, ErrorCode, GroupEvent, MessageEvent, MessagesEvent, ServerFrame};
+use chat_shared::wire::{
+    ChangeEvent, ErrorCode, GroupEvent, MessageEvent, MessagesEvent, ServerFrame,
+};
 use chat_shared::{shutdown, StartError};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Mutex};
@@ -333,7 +335,11 @@ impl Fanout {
 
     /// What follows an event's appends: a message's push jobs; for a
     /// delete for everyone, erasing the message's text (see `erase`).
-    async fn complete(&self, prepared: &Prepared, trace: Option<TraceId>) -> Result<(), RouteError> {
+    async fn complete(
+        &self,
+        prepared: &Prepared,
+        trace: Option<TraceId>,
+    ) -> Result<(), RouteError> {
         match &prepared.then {
             Then::Push(event) => Ok(self.push.emit(event, &prepared.recipients, trace).await?),
             Then::Erase(change, sequence) => {
@@ -357,8 +363,7 @@ impl Fanout {
         let subject = stored.subject;
         let conversation = subjects::parse_message(subject)
             .ok_or_else(|| RouteError::Subject(subject.to_string()))?;
-        let event =
-            MessagesEvent::parse(stored.payload).map_err(RouteError::MalformedMessage)?;
+        let event = MessagesEvent::parse(stored.payload).map_err(RouteError::MalformedMessage)?;
         if *event.conversation() != conversation {
             return Err(RouteError::WrongConversation);
         }
@@ -413,7 +418,11 @@ impl Fanout {
             .headers
             .and_then(|headers| headers.get(subjects::MSG_ID_HEADER))
             .map(|id| id.as_str().to_string())
-            .or_else(|| stored.sequence.map(|seq| format!("seq:{subject}:{seq}", subject = stored.subject)))
+            .or_else(|| {
+                stored
+                    .sequence
+                    .map(|seq| format!("seq:{subject}:{seq}", subject = stored.subject))
+            })
             .ok_or(RouteError::Unnamed)?;
         let mut headers = HeaderMap::new();
         if let Some(trace) = trace {

@@ -298,7 +298,10 @@ mod tests {
 
     #[test]
     fn the_request_is_the_adr_31_batch_form() {
-        assert_eq!(rfc3339(1_500).ok().as_deref(), Some("1970-01-01T00:00:01.5Z"));
+        assert_eq!(
+            rfc3339(1_500).ok().as_deref(),
+            Some("1970-01-01T00:00:01.5Z")
+        );
         let body = serde_json::to_value(Request {
             seq: Some(5),
             start_time: None,

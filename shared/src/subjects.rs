@@ -448,6 +448,10 @@ mod tests {
         assert_eq!(rpc("history"), "chat.rpc.history");
         let cmid = ClientMsgId::parse("m.1").unwrap();
         assert_eq!(send_dedup_id(&alice, &cmid), "alice:m.1");
+        assert_eq!(
+            change_dedup_id(MessageId(7), 2, &alice, "reaction", "f09f918d:true"),
+            "chg:7:2:alice:reaction:f09f918d:true"
+        );
         assert_eq!(sent_key(&alice, &cmid), "alice.6d2e31");
         assert_eq!(sent_batch_key(&alice, 255), "alice.batch.00000000000000ff");
         assert_eq!(sent_claims(&alice), "$KV.chat_sent.alice.>");

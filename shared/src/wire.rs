@@ -893,7 +893,10 @@ mod tests {
             value,
             json!({"type":"update","cursor":"10","kind":"reaction","conversation":"dm:a:b","id":"7","by":"b","ts":6,"emoji":"👍","on":true})
         );
-        assert_eq!(serde_json::from_value::<ServerFrame>(value).unwrap(), update);
+        assert_eq!(
+            serde_json::from_value::<ServerFrame>(value).unwrap(),
+            update
+        );
         let error = ServerFrame::error(None, ErrorCode::BadRequest, "x");
         assert_eq!(
             serde_json::to_value(&error).unwrap(),
@@ -1172,17 +1175,19 @@ mod tests {
                     proptest::option::of(any::<u64>()),
                     proptest::collection::vec(user(), 0..3)
                 )
-                    .prop_map(|(reference, conversation, n, reply_to, mentions)| {
-                        ClientFrame::Send(SendRequest {
-                            reference,
-                            to: None,
-                            conversation: Some(conversation),
-                            text: n.to_string(),
-                            client_msg_id: ClientMsgId::parse(n.to_string()).unwrap(),
-                            reply_to: reply_to.map(MessageId),
-                            mentions,
-                        })
-                    }),
+                    .prop_map(
+                        |(reference, conversation, n, reply_to, mentions)| {
+                            ClientFrame::Send(SendRequest {
+                                reference,
+                                to: None,
+                                conversation: Some(conversation),
+                                text: n.to_string(),
+                                client_msg_id: ClientMsgId::parse(n.to_string()).unwrap(),
+                                reply_to: reply_to.map(MessageId),
+                                mentions,
+                            })
+                        }
+                    ),
             ]
         }
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
-use chat_shared::partitions::Partitions;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
+use chat_shared::partitions::Partitions;
 use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;

@@ -63,7 +63,10 @@ async fn copies_of(system: &System, text: &str) -> anyhow::Result<Vec<String>> {
         subjects::message(&dm),
     )];
     for user in [&alice, &bob] {
-        places.push((partitions.of_user(user).inbox_stream(), subjects::inbox(user)));
+        places.push((
+            partitions.of_user(user).inbox_stream(),
+            subjects::inbox(user),
+        ));
         places.push((subjects::PUSH_STREAM.to_string(), subjects::push(user)));
     }
     let mut found = Vec::new();
@@ -384,9 +387,7 @@ async fn repeated_changes_answer_ok_and_update_once() -> anyhow::Result<()> {
         .await?;
     let id = string(&sent, "id")?;
     let dm = "dm:alice:bob";
-    let react = |emoji: &str, on: bool| {
-        json!({"type":"react","conversation":dm,"id":id,"emoji":emoji,"on":on})
-    };
+    let react = |emoji: &str, on: bool| json!({"type":"react","conversation":dm,"id":id,"emoji":emoji,"on":on});
     let edit = json!({"type":"edit","conversation":dm,"id":id,"text":"hello!"});
     for frame in [
         react("👍", true),
@@ -474,7 +475,9 @@ async fn a_delete_for_me_reaches_only_the_callers_devices() -> anyhow::Result<()
     }
     // Bob's next frame after the message is alice's next message, not the
     // delete.
-    let next = phone.send_message(json!({"to":"bob"}), "after", "a1").await?;
+    let next = phone
+        .send_message(json!({"to":"bob"}), "after", "a1")
+        .await?;
     ensure!(next["type"] == "sent", "{next}");
     let mut frames = Vec::new();
     loop {
@@ -508,7 +511,9 @@ async fn replies_and_mentions_round_trip() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut alice = system.connect("alice", "phone").await?;
     let mut bob = system.connect("bob", "phone").await?;
-    let first = alice.send_message(json!({"to":"bob"}), "first", "a1").await?;
+    let first = alice
+        .send_message(json!({"to":"bob"}), "first", "a1")
+        .await?;
     let first = string(&first, "id")?;
     let reply = bob
         .request(json!({

@@ -288,7 +288,9 @@ async fn replayed(
             match entry {
                 Entry::Event(item) => items.push(item),
                 Entry::Malformed { stream, seq, .. } => anyhow::bail!("{stream} {seq} malformed"),
-                Entry::Change { stream, seq, .. } => anyhow::bail!("{stream} {seq}: unexpected change"),
+                Entry::Change { stream, seq, .. } => {
+                    anyhow::bail!("{stream} {seq}: unexpected change")
+                }
             }
         }
         Ok(())
