@@ -61,10 +61,10 @@ pub async fn run_with(
         js.clone(),
         config.max_group_members,
         config.push_tokens.clone(),
-        config.partitions,
-        service::ChangeWindows {
+        service::ChangeRules {
             edit: config.edit_window,
             delete: config.delete_window,
+            partitions: config.partitions,
         },
         metrics.clone(),
     );

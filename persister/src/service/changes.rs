@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chat_shared::clock;
 use chat_shared::ids::ConversationId;
+use chat_shared::partitions::Partitions;
 use chat_shared::rpc::{self, Change, RpcError};
 use chat_shared::subjects;
 use chat_shared::wire::{DeleteScope, ErrorCode};
@@ -22,12 +23,14 @@ use super::{column, unavailable, Service};
 const CATCH_UP: Duration = Duration::from_millis(1500);
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
 
-/// The windows of PROTOCOL.md v1.1 (`CHAT_EDIT_WINDOW_SECS`,
-/// `CHAT_DELETE_WINDOW_SECS`).
+/// What a change is checked with: the windows of PROTOCOL.md v1.1
+/// (`CHAT_EDIT_WINDOW_SECS`, `CHAT_DELETE_WINDOW_SECS`) and where a
+/// conversation's MESSAGES events are.
 #[derive(Debug, Clone, Copy)]
-pub struct ChangeWindows {
+pub struct ChangeRules {
     pub edit: Duration,
     pub delete: Duration,
+    pub partitions: Partitions,
 }
 
 fn forbidden(message: &str) -> RpcError {
@@ -80,7 +83,7 @@ impl Service {
                 if deleted {
                     return verdict(true);
                 }
-                let in_window = author && age_ms <= self.windows.delete.as_millis();
+                let in_window = author && age_ms <= self.rules.delete.as_millis();
                 if !in_window && !self.owns(&db, &request.conversation, &request.user).await? {
                     return Err(forbidden(
                         "only the author (within the delete window) or the group's owner may delete this for everyone",
@@ -107,7 +110,7 @@ impl Service {
                 if !author {
                     return Err(forbidden("only the author may edit a message"));
                 }
-                if age_ms > self.windows.edit.as_millis() {
+                if age_ms > self.rules.edit.as_millis() {
                     return Err(forbidden("the edit window of this message has passed"));
                 }
                 verdict(text == body)
@@ -150,6 +153,7 @@ impl Service {
     /// conversation's MESSAGES partition holds now.
     async fn caught_up(&self, conversation: &ConversationId) -> Result<(), RpcError> {
         let stream = self
+            .rules
             .partitions
             .of_conversation(conversation)
             .messages_stream();

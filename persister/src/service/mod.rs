@@ -14,7 +14,6 @@ use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
-use chat_shared::partitions::Partitions;
 use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;
@@ -26,7 +25,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::{PersisterMetrics, UNKNOWN_METHOD};
-pub use changes::ChangeWindows;
+pub use changes::ChangeRules;
 
 /// Requests handled at once by one persister.
 const MAX_IN_FLIGHT: usize = 64;
@@ -44,8 +43,7 @@ pub struct Service {
     js: jetstream::Context,
     max_group_members: usize,
     push_tokens: PushTokenLimits,
-    partitions: Partitions,
-    windows: ChangeWindows,
+    rules: ChangeRules,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -173,8 +171,7 @@ impl Service {
         js: jetstream::Context,
         max_group_members: usize,
         push_tokens: PushTokenLimits,
-        partitions: Partitions,
-        windows: ChangeWindows,
+        rules: ChangeRules,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
@@ -183,8 +180,7 @@ impl Service {
             js,
             max_group_members,
             push_tokens,
-            partitions,
-            windows,
+            rules,
             outbox: Arc::default(),
             metrics,
         }
