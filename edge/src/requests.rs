@@ -1,6 +1,10 @@
 //! Requests answered by the persister's request/reply service (history,
 //! conversations, groups, read state). Each runs in its own task, at most
 //! [`MAX_IN_FLIGHT`] per connection; replies carry the request's `ref`.
+//! Changes of messages (`edit`, `delete`, `react`) are the exception: one
+//! connection's are handled one at a time in the order sent, since each is
+//! checked against the state the previous one left (a reaction given and
+//! at once taken back must end taken back).
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use chat_shared::wire::{
     ClientFrame, ErrorCode, ErrorFrame, FriendState, FriendView, PresenceEvent, PresenceStatus,
     ServerFrame,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::change::{self, ChangeError};
 use crate::quota::QuotaError;
@@ -85,6 +89,17 @@ pub struct Requests {
     device: DeviceId,
     out: Outbox,
     permits: Arc<Semaphore>,
+    /// The connection's changes, in order (started with the first one).
+    changes: std::sync::OnceLock<mpsc::Sender<(ClientFrame, OwnedSemaphorePermit)>>,
+}
+
+/// Whether `frame` changes a message (and so waits for the connection's
+/// earlier changes).
+fn is_change(frame: &ClientFrame) -> bool {
+    matches!(
+        frame,
+        ClientFrame::Edit { .. } | ClientFrame::Delete { .. } | ClientFrame::React { .. }
+    )
 }
 
 impl Requests {
@@ -95,7 +110,33 @@ impl Requests {
             device,
             out,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            changes: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The queue of this connection's changes, and the task answering them
+    /// one at a time; it ends when the connection's `Requests` is dropped.
+    fn change_queue(&self) -> &mpsc::Sender<(ClientFrame, OwnedSemaphorePermit)> {
+        self.changes.get_or_init(|| {
+            // Each queued change holds a permit: the queue never has more.
+            let (queue, mut changes) =
+                mpsc::channel::<(ClientFrame, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
+            let (edge, user, out) = (self.edge.clone(), self.user.clone(), self.out.clone());
+            let device = self.device.clone();
+            tokio::spawn(async move {
+                while let Some((frame, permit)) = changes.recv().await {
+                    let reference = frame.reference().map(str::to_string);
+                    let reply = match answer(&edge, user.clone(), &device, frame).await {
+                        Ok(Some(reply)) => reply,
+                        Ok(None) => continue,
+                        Err(e) => e.frame(reference.as_deref()),
+                    };
+                    out.frame(&reply).await;
+                    drop(permit);
+                }
+            });
+            queue
+        })
     }
 
     /// Starts answering `frame` in its own task. With every slot taken the
@@ -112,6 +153,11 @@ impl Requests {
             self.out.frame(&refusal).await;
             return;
         };
+        if is_change(&frame) {
+            // The worker is gone only with the connection.
+            let _ = self.change_queue().send((frame, permit)).await;
+            return;
+        }
         let (edge, user, out) = (self.edge.clone(), self.user.clone(), self.out.clone());
         let device = self.device.clone();
         tokio::spawn(async move {

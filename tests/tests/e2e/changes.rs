@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context};
 use chat_shared::direct::DirectReader;
 use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::presence::PresenceRecord;
 use chat_shared::subjects;
 use chat_tests::{wait_until, Client, System};
 use serde_json::{json, Value};
@@ -131,6 +132,25 @@ async fn an_offline_device_resumes_changes_in_order_and_a_deleted_text_is_erased
     let bob = system.connect("bob", "phone").await?;
     let cursor = string(&bob.synced, "cursor")?;
     drop(bob);
+    // Bob offline, so each message leaves a push job for him in PUSH (no
+    // pushd runs here to send it).
+    let js = async_nats::jetstream::new(system.admin().await?);
+    let presence = js.get_key_value(subjects::PRESENCE_BUCKET).await?;
+    let bob_key = subjects::presence_key(&UserId::parse("bob")?);
+    wait_until(|| async {
+        match presence.get(&bob_key).await {
+            Ok(Some(value)) => serde_json::from_slice::<PresenceRecord>(&value)
+                .is_ok_and(|record| !record.is_online()),
+            _ => false,
+        }
+    })
+    .await
+    .context("bob never went offline")?;
+    let jobs = || async {
+        stored(&system, subjects::PUSH_STREAM, "chat.push.bob")
+            .await
+            .unwrap_or_default()
+    };
     let mut ids = Vec::new();
     for i in 0..5 {
         let text = if i == 4 {
@@ -162,11 +182,9 @@ async fn an_offline_device_resumes_changes_in_order_and_a_deleted_text_is_erased
         json!({"type":"react","conversation":dm,"id":ids[2],"emoji":"👍","on":true}),
     )
     .await?;
-    // Push jobs for bob (offline) are in PUSH: no pushd runs here.
-    ensure!(
-        !copies_of(&system, SECRET).await?.is_empty(),
-        "the text was never stored"
-    );
+    wait_until(|| async { jobs().await.iter().any(|job| job.contains(SECRET)) })
+        .await
+        .context("no push job for the message to delete")?;
     ok(
         &mut alice,
         json!({"type":"delete","conversation":dm,"id":ids[4],"for":"everyone"}),
@@ -182,8 +200,12 @@ async fn an_offline_device_resumes_changes_in_order_and_a_deleted_text_is_erased
     .with_context(|| "the text is still stored after the delete")?;
     // Other messages and their jobs are untouched.
     ensure!(
-        !copies_of(&system, "m0").await?.is_empty(),
-        "an unrelated message was erased"
+        jobs().await.iter().any(|job| job.contains("\"m0\"")),
+        "the push job of another message was erased"
+    );
+    ensure!(
+        copies_of(&system, "m3").await?.len() >= 3,
+        "another message was erased"
     );
 
     let bob = system.connect_from("bob", "phone", Some(&cursor)).await?;
@@ -436,6 +458,16 @@ async fn repeated_changes_answer_ok_and_update_once() -> anyhow::Result<()> {
         "{message}"
     );
     ensure!(message["text"] == "hello!", "{message}");
+    // One connection's changes apply in the order sent: given and at once
+    // taken back, a reaction ends taken back.
+    bob.send(react("🔥", true)).await?;
+    bob.send(react("🔥", false)).await?;
+    for on in [true, false] {
+        let update = alice
+            .recv_matching(|f| f["type"] == "update" && f["emoji"] == "🔥")
+            .await?;
+        ensure!(update["on"] == on, "{update}");
+    }
     Ok(())
 }
 
