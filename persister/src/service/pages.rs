@@ -209,7 +209,7 @@ impl Service {
                             AND u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
                             AND u.sender <> $1) AS unread,
                         m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
-                        char_length(m.body) > $8 AS truncated, p.activity
+                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted
                  FROM page p
                  LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
                  LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
@@ -236,14 +236,19 @@ impl Service {
             let unread: i64 = column(row, 2)?;
             let last_id: Option<i64> = column(row, 3)?;
             let last = match last_id {
-                Some(id) => Some(message_from_row(
-                    conversation.clone(),
-                    id,
-                    column(row, 4)?,
-                    column(row, 5)?,
-                    column(row, 6)?,
-                    column(row, 7)?,
-                )?),
+                Some(id) => {
+                    let mut last = message_from_row(
+                        conversation.clone(),
+                        id,
+                        column(row, 4)?,
+                        column(row, 5)?,
+                        column(row, 6)?,
+                        column(row, 7)?,
+                    )?;
+                    // v1.1: the newest message may be deleted for everyone.
+                    last.deleted = column::<Option<bool>>(row, 10)?.unwrap_or(false);
+                    Some(last)
+                }
                 None => None,
             };
             tokens.push(PageToken {

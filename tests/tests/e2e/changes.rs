@@ -290,6 +290,13 @@ async fn an_offline_device_resumes_changes_in_order_and_a_deleted_text_is_erased
     );
     let reacted = by_id(&page, &ids[2])?;
     assert_eq!(reacted["reactions"], json!({"👍":["alice"]}), "{reacted}");
+    // The conversation's newest message is the deleted one.
+    let listed = bob.request(json!({"type":"conversations"})).await?;
+    let last = &listed["items"][0]["last"];
+    ensure!(
+        last["id"] == ids[4].as_str() && last["deleted"] == true && last.get("text").is_none(),
+        "{listed}"
+    );
 
     let db = system.database().await?;
     let pattern = format!("%{SECRET}%");
