@@ -14,6 +14,11 @@
 //!
 //! Erasing is idempotent: a copy already gone answers "no message found",
 //! which counts as done, so a retried delete event erases again safely.
+//!
+//! An edit checked just before the delete but published just after it
+//! comes after the delete in the conversation's lane: the router remembers
+//! the messages it erased lately ([`Erased`]) and erases such an edit from
+//! MESSAGES instead of appending it.
 
 use std::time::Duration;
 
@@ -21,6 +26,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use chat_shared::direct::{DirectError, DirectReader, Item};
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
+use chat_shared::lru::Lru;
 use chat_shared::partitions::Partitions;
 use chat_shared::push::PushJob;
 use chat_shared::subjects;
@@ -55,6 +61,32 @@ pub struct Eraser {
     nats: async_nats::Client,
     js: jetstream::Context,
     partitions: Partitions,
+    erased: Erased,
+}
+
+/// How many erased messages the router remembers, for edits that arrive
+/// after their message's delete (seconds later at most).
+const REMEMBERED: usize = 10_000;
+
+/// The messages erased lately, by conversation and id.
+pub struct Erased(std::sync::Mutex<Lru<(ConversationId, MessageId), ()>>);
+
+impl Erased {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(Lru::new(REMEMBERED, usize::MAX)))
+    }
+
+    fn remember(&self, conversation: &ConversationId, id: MessageId) {
+        if let Ok(mut erased) = self.0.lock() {
+            erased.insert((conversation.clone(), id), (), 1);
+        }
+    }
+
+    fn holds(&self, conversation: &ConversationId, id: MessageId) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|mut erased| erased.get_mut(&(conversation.clone(), id)).is_some())
+    }
 }
 
 /// Which stored copies belong to the erased message.
@@ -114,7 +146,30 @@ impl Eraser {
             nats,
             js,
             partitions,
+            erased: Erased::new(),
         }
+    }
+
+    /// Whether `change` is an edit of a message erased lately (checked
+    /// before the delete, published after it).
+    pub fn is_late_edit(&self, change: &ChangeEvent) -> bool {
+        change.kind == ChangeKind::Edit && self.erased.holds(&change.conversation, change.id)
+    }
+
+    /// Erases a late edit's own event from MESSAGES.
+    pub async fn erase_late_edit(
+        &self,
+        change: &ChangeEvent,
+        sequence: Option<u64>,
+    ) -> Result<(), EraseError> {
+        let Some(sequence) = sequence else {
+            return Ok(());
+        };
+        let stream = self
+            .partitions
+            .of_conversation(&change.conversation)
+            .messages_stream();
+        self.erase_one(&stream, sequence).await
     }
 
     /// Erases every copy of the text of the message `delete` deletes;
@@ -161,6 +216,7 @@ impl Eraser {
                 )
                 .await?;
         }
+        self.erased.remember(&delete.conversation, delete.id);
         Ok(erased)
     }
 
@@ -240,6 +296,17 @@ impl Eraser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erased_messages_are_remembered() {
+        let erased = Erased::new();
+        let dm = ConversationId::parse("dm:a:b").unwrap();
+        let other = ConversationId::parse("dm:a:c").unwrap();
+        erased.remember(&dm, MessageId(7));
+        assert!(erased.holds(&dm, MessageId(7)));
+        assert!(!erased.holds(&other, MessageId(7)));
+        assert!(!erased.holds(&dm, MessageId(8)));
+    }
 
     #[test]
     fn only_copies_of_the_message_text_are_targets() {

@@ -350,6 +350,11 @@ impl Fanout {
                 tracing::info!(id = %change.id, erased, "message erased");
                 Ok(())
             }
+            Then::EraseLateEdit(change, sequence) => {
+                self.eraser.erase_late_edit(change, *sequence).await?;
+                tracing::info!(id = %change.id, "an edit of an erased message erased");
+                Ok(())
+            }
             Then::Nothing => Ok(()),
         }
     }
@@ -406,7 +411,11 @@ impl Fanout {
         stored: Stored<'_>,
         trace: Option<TraceId>,
     ) -> Result<Prepared, RouteError> {
-        let recipients = if change.is_private() {
+        let late = self.eraser.is_late_edit(&change);
+        let recipients = if late {
+            // Nobody gets it: its text belongs to a deleted message.
+            Vec::new()
+        } else if change.is_private() {
             vec![change.by.clone()]
         } else {
             self.members(&change.conversation).await?
@@ -432,7 +441,9 @@ impl Fanout {
             cursor: None,
             change: change.clone(),
         };
-        let then = if change.erases() {
+        let then = if late {
+            Then::EraseLateEdit(Box::new(change), stored.sequence)
+        } else if change.erases() {
             Then::Erase(Box::new(change), stored.sequence)
         } else {
             Then::Nothing
@@ -516,6 +527,8 @@ enum Then {
     Push(Box<MessageEvent>),
     /// A delete for everyone (with its MESSAGES sequence): erase the text.
     Erase(Box<ChangeEvent>, Option<u64>),
+    /// An edit of a message erased before it was routed: erase it too.
+    EraseLateEdit(Box<ChangeEvent>, Option<u64>),
     Nothing,
 }
 

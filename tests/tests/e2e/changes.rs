@@ -584,3 +584,70 @@ async fn replies_and_mentions_round_trip() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// An edit checked before a delete for everyone but stored after it (two
+/// devices racing) is erased by the router, never delivered.
+#[tokio::test]
+async fn an_edit_stored_after_its_delete_is_erased_not_delivered() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "soon gone", "a1")
+        .await?;
+    let id = string(&sent, "id")?;
+    let dm = ConversationId::parse("dm:alice:bob")?;
+    ok(
+        &mut alice,
+        json!({"type":"delete","conversation":"dm:alice:bob","id":id,"for":"everyone"}),
+    )
+    .await?;
+    bob.recv_matching(|f| f["type"] == "update" && f["kind"] == "delete")
+        .await?;
+    // What the losing device's edge publishes after its check passed.
+    let late = chat_shared::wire::ChangeEvent {
+        kind: chat_shared::wire::ChangeKind::Edit,
+        conversation: dm.clone(),
+        id: chat_shared::ids::MessageId(id.parse()?),
+        by: UserId::parse("alice")?,
+        ts: chat_shared::clock::now_ms(),
+        text: Some(SECRET.into()),
+        emoji: None,
+        on: None,
+        scope: None,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::MSG_ID_HEADER, "late-edit");
+    let js = async_nats::jetstream::new(system.admin().await?);
+    let partition = system.config.partitions.of_conversation(&dm);
+    js.publish_with_headers(
+        subjects::message_in(&dm, partition),
+        headers,
+        serde_json::to_vec(&late)?.into(),
+    )
+    .await?
+    .await?;
+    // The next message reaches bob with no edit before it.
+    let marker = alice
+        .send_message(json!({"to":"bob"}), "marker", "a2")
+        .await?;
+    ensure!(marker["type"] == "sent", "{marker}");
+    loop {
+        let frame = bob.recv().await?;
+        ensure!(
+            frame["kind"] != "edit",
+            "the late edit was delivered: {frame}"
+        );
+        if frame["text"] == "marker" {
+            break;
+        }
+    }
+    wait_until(|| async {
+        copies_of(&system, SECRET)
+            .await
+            .is_ok_and(|found| found.is_empty())
+    })
+    .await
+    .context("the late edit is still stored")?;
+    Ok(())
+}
