@@ -101,6 +101,9 @@ impl Batch {
         match event {
             MessagesEvent::Message(message) => self.push_message(conversation, message),
             MessagesEvent::Change(change) => {
+                if !change.is_complete() {
+                    return Err(Unwritable::Incomplete);
+                }
                 i64::try_from(change.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?;
                 i64::try_from(change.ts).map_err(|_| Unwritable::OutOfRange("ts"))?;
                 self.changes.push(change);
@@ -156,6 +159,8 @@ enum Unwritable {
     Conversation,
     #[error("{0} out of range")]
     OutOfRange(&'static str),
+    #[error("a change without what its kind needs")]
+    Incomplete,
     #[error("the database refuses it: {0}")]
     Refused(#[source] tokio_postgres::Error),
 }

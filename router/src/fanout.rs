@@ -56,6 +56,8 @@ enum RouteError {
     WrongConversation,
     #[error("a change without a Nats-Msg-Id or a sequence")]
     Unnamed,
+    #[error("a change without what its kind needs")]
+    IncompleteChange,
     #[error("unknown group {0}")]
     UnknownGroup(GroupId),
     #[error("malformed group event: {0}")]
@@ -77,6 +79,7 @@ impl RouteError {
             | Self::MalformedMessage(_)
             | Self::WrongConversation
             | Self::Unnamed
+            | Self::IncompleteChange
             | Self::UnknownGroup(_)
             | Self::MalformedGroupEvent(_) => true,
             Self::Members(_) | Self::Append(_) | Self::Push(_) | Self::Erase(_) => false,
@@ -411,6 +414,9 @@ impl Fanout {
         stored: Stored<'_>,
         trace: Option<TraceId>,
     ) -> Result<Prepared, RouteError> {
+        if !change.is_complete() {
+            return Err(RouteError::IncompleteChange);
+        }
         let late = self.eraser.is_late_edit(&change);
         let recipients = if late {
             // Nobody gets it: its text belongs to a deleted message.

@@ -640,6 +640,16 @@ impl ChangeEvent {
     pub fn erases(&self) -> bool {
         self.kind == ChangeKind::Delete && self.scope == Some(DeleteScope::Everyone)
     }
+
+    /// Whether it carries what its kind needs (`text`; `emoji` and `on`;
+    /// `for`): readers refuse one that does not rather than guess.
+    pub fn is_complete(&self) -> bool {
+        match self.kind {
+            ChangeKind::Edit => self.text.is_some(),
+            ChangeKind::Reaction => self.emoji.is_some() && self.on.is_some(),
+            ChangeKind::Delete => self.scope.is_some(),
+        }
+    }
 }
 
 /// One MESSAGES event: a message, or (v1.1) a change of one. Every reader of
@@ -657,6 +667,12 @@ impl MessagesEvent {
         struct Kind {
             #[serde(default)]
             kind: Option<String>,
+        }
+        // Messages, the common case, are parsed once: a payload without the
+        // bytes `"kind"` has no such key (inside a JSON string the quotes
+        // would be escaped).
+        if !payload.windows(6).any(|w| w == b"\"kind\"") {
+            return serde_json::from_slice(payload).map(Self::Message);
         }
         let probe: Kind = serde_json::from_slice(payload)?;
         match probe.kind.as_deref() {
@@ -989,6 +1005,22 @@ mod tests {
         // A change is never mistaken for a message by an older reader.
         assert!(serde_json::from_slice::<MessageEvent>(delete).is_err());
         assert!(MessagesEvent::parse(br#"{"kind":"shout","id":"1"}"#).is_err());
+        // A text that names the key is still a message.
+        let quoting = br#"{"id":"1","conversation":"dm:a:b","from":"a","text":"\"kind\": kind","ts":1,"client_msg_id":"c"}"#;
+        assert!(matches!(
+            MessagesEvent::parse(quoting),
+            Ok(MessagesEvent::Message(m)) if m.text == "\"kind\": kind"
+        ));
+        let named = br#"{"id":"1","conversation":"dm:a:b","from":"a","text":"kind","ts":1,"client_msg_id":"c"}"#;
+        assert!(matches!(
+            MessagesEvent::parse(named),
+            Ok(MessagesEvent::Message(_))
+        ));
+        let bare = br#"{"kind":"edit","id":"1","conversation":"dm:a:b","by":"a","ts":2}"#;
+        assert!(matches!(
+            MessagesEvent::parse(bare),
+            Ok(MessagesEvent::Change(c)) if !c.is_complete()
+        ));
     }
 
     #[test]
