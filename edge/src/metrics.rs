@@ -27,13 +27,15 @@ const SEND_BUCKETS: [f64; 13] = [
 
 /// What live frames can be (the frames other services put on
 /// `chat.deliver.<user>` or in inboxes); anything else counts as `other`.
-const LIVE_KINDS: [&str; 6] = [
+const LIVE_KINDS: [&str; 7] = [
     "message",
     "membership",
     "receipt",
     "presence",
     "typing",
     "friend",
+    // v1.1: a change of a message.
+    "update",
 ];
 
 /// How far into a live frame its `type` is looked for: past a spliced-in
