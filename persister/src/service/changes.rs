@@ -157,18 +157,14 @@ impl Service {
             .partitions
             .of_conversation(conversation)
             .messages_stream();
-        let mut info = self
+        // Fetched with its state: one request.
+        let handle = self
             .js
             .get_stream(&stream)
             .await
             .map_err(unavailable("read the MESSAGES stream"))?;
-        let last = info
-            .info()
-            .await
-            .map_err(unavailable("read the MESSAGES stream"))?
-            .state
-            .last_sequence;
-        let mut consumer = info
+        let last = handle.cached_info().state.last_sequence;
+        let mut consumer = handle
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
                 subjects::PERSISTER_CONSUMER,
             )
