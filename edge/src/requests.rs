@@ -285,6 +285,21 @@ async fn answer(
             .await?;
             return Ok(None);
         }
+        ClientFrame::Receipts {
+            reference,
+            conversation,
+        } => {
+            let request = rpc::ConversationRequest {
+                user,
+                conversation: conversation.clone(),
+            };
+            let members = rpc::call::<rpc::Receipts>(nats, &request).await?;
+            ServerFrame::Receipts {
+                reference,
+                conversation,
+                members,
+            }
+        }
         ClientFrame::Typing {
             conversation,
             active,

@@ -6,6 +6,9 @@
 //! request/reply service `chat.rpc.*` (queue group `persister`) for history,
 //! conversations, groups and read state.
 //!
+//! It stores delivered watermarks from stream RECEIPTS (`watermarks`), and
+//! publishes a read's receipt event there once the read is stored.
+//!
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
@@ -15,6 +18,7 @@ mod error;
 mod metrics;
 mod migrations;
 mod service;
+mod watermarks;
 mod writer;
 
 use std::sync::Arc;
@@ -41,6 +45,12 @@ pub async fn run_with(
         let stream = partition.messages_stream();
         consumers.push(consume::durable(&js, &stream, streams::persister_consumer()).await);
     }
+    let delivered = consume::durable(
+        &js,
+        subjects::RECEIPTS_STREAM,
+        streams::persister_receipts_consumer(),
+    )
+    .await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
@@ -52,6 +62,10 @@ pub async fn run_with(
             .partitions
             .all()
             .map(|p| (p.messages_stream(), subjects::PERSISTER_CONSUMER))
+            .chain([(
+                subjects::RECEIPTS_STREAM.to_string(),
+                subjects::PERSISTER_RECEIPTS_CONSUMER,
+            )])
             .collect::<Vec<_>>(),
         &stop,
     );
@@ -72,6 +86,12 @@ pub async fn run_with(
         metrics.clone(),
         stop.clone(),
     ));
+    let watermarks = tokio::spawn(watermarks::store_delivered(
+        pool.clone(),
+        js.clone(),
+        delivered,
+        stop.clone(),
+    ));
     // One writer per MESSAGES partition, each pulling its own consumer.
     let writers = consumers.into_iter().map(|consumer| {
         writer::write_messages(
@@ -88,6 +108,7 @@ pub async fn run_with(
         .collect();
     let _ = rpc.await;
     let _ = mover.await;
+    let _ = watermarks.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

@@ -136,6 +136,16 @@ impl Fanout {
         }
     }
 
+    /// The one inbox writer: every append goes through it, so each user's
+    /// live deliveries leave in cursor order (receipts included).
+    pub fn inbox(&self) -> &InboxWriter {
+        &self.inbox
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// Routes an event read back after it was lost in flight (see
     /// `gaps`), retrying in place like a delivery until routed (`true`) or
     /// stopped.

@@ -17,8 +17,9 @@
 //! Members other than the sender who are offline (per the presence bucket)
 //! get a push job (`push`).
 //!
-//! It also turns edges' delivered-receipt reports into `receipt` frames for
-//! the messages' senders (`receipts`).
+//! It also turns receipt events (stream RECEIPTS: delivered from edges,
+//! read from the persister) into coalesced `receipt` inbox items
+//! (`receipts`).
 
 mod fanout;
 mod gaps;
@@ -71,6 +72,12 @@ pub async fn run_with(
         streams::router_events_consumer(),
     )
     .await;
+    let receipts = consume::durable(
+        &js,
+        subjects::RECEIPTS_STREAM,
+        streams::router_receipts_consumer(),
+    )
+    .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
@@ -85,6 +92,10 @@ pub async fn run_with(
     consumers.push((
         subjects::EVENTS_STREAM.into(),
         subjects::ROUTER_EVENTS_CONSUMER,
+    ));
+    consumers.push((
+        subjects::RECEIPTS_STREAM.into(),
+        subjects::ROUTER_RECEIPTS_CONSUMER,
     ));
     let exposition =
         chat_shared::metrics::expose(metrics_listener, registry, &js, &consumers, &stop);
@@ -112,19 +123,23 @@ pub async fn run_with(
             ))
         })
         .collect();
+    let receipt_loop = tokio::spawn(receipts::consume_receipts(
+        router.clone(),
+        groups,
+        receipts,
+        stop.clone(),
+    ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
-    let nats_for_exit = nats.clone();
-    let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
     let (messages, events, _, _) = tokio::join!(
         futures::future::join_all(message_loops),
         event_loop,
-        receipts,
+        receipt_loop,
         exposition.stopped()
     );
     for result in messages.into_iter().chain([events]) {
         result??;
     }
-    chat_shared::nats::flush_before_exit(&nats_for_exit, &config).await;
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("router stopped");
     Ok(())
 }

@@ -10,7 +10,9 @@ use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
 use crate::push::Platform;
 use crate::subjects;
 use crate::telemetry::TraceId;
-use crate::wire::{ConversationSummary, ErrorCode, FriendState, GroupView, MessageEvent};
+use crate::wire::{
+    ConversationSummary, ErrorCode, FriendState, GroupView, MemberReceipts, MessageEvent,
+};
 
 /// A method: its subject name and its request and response types.
 pub trait Method {
@@ -132,6 +134,18 @@ method!(
     Members, "members", MembersRequest => Vec<UserId>
 );
 method!(Read, "read", ReadRequest => ());
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+}
+
+method!(
+    /// Every member's stored delivered and read watermarks; `forbidden`
+    /// unless `user` is a member.
+    Receipts, "receipts", ConversationRequest => Vec<MemberReceipts>
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FriendRequest {

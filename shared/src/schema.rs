@@ -30,6 +30,10 @@ pub fn all() -> Vec<(&'static str, String)> {
             "delivered-event.json",
             render(schema_for!(crate::receipts::DeliveredEvent)),
         ),
+        (
+            "read-event.json",
+            render(schema_for!(crate::receipts::ReadEvent)),
+        ),
         ("push-job.json", render(schema_for!(crate::push::PushJob))),
         (
             "device-event.json",

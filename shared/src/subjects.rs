@@ -6,7 +6,7 @@
 
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MessageId, UserId};
 use crate::partitions::Partition;
-use crate::wire::PresenceStatus;
+use crate::wire::{PresenceStatus, ReceiptKind};
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
@@ -18,6 +18,9 @@ pub const DEADLETTER_STREAM: &str = "DEADLETTER";
 pub const AUDIT_STREAM: &str = "AUDIT";
 /// Per-user quota counters (a counter stream, see [`quota`]).
 pub const QUOTAS_STREAM: &str = "QUOTAS";
+/// Receipt events on their way to the router (and the persister's
+/// delivered watermarks): [`DELIVERED_RECEIPTS`], [`READ_RECEIPTS`].
+pub const RECEIPTS_STREAM: &str = "RECEIPTS";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
@@ -29,9 +32,12 @@ pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
 pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
 pub const AUDIT_SUBJECTS: [&str; 1] = ["chat.audit.>"];
 pub const QUOTAS_SUBJECTS: [&str; 1] = ["chat.quota.>"];
+pub const RECEIPTS_SUBJECTS: [&str; 1] = ["chat.receipt.*"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
+pub const ROUTER_RECEIPTS_CONSUMER: &str = "router-receipts";
+pub const PERSISTER_RECEIPTS_CONSUMER: &str = "persister-receipts";
 pub const PERSISTER_CONSUMER: &str = "persister";
 pub const PUSHD_CONSUMER: &str = "pushd";
 /// The priority group whose pinned client is the one active router.
@@ -312,10 +318,12 @@ pub fn audit(action: crate::moderation::Action) -> String {
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
-/// Delivered receipts reported by edges, fanned out by the router.
+/// Delivered receipts reported by edges (stream RECEIPTS), fanned out by
+/// the router and stored as watermarks by the persister.
 pub const DELIVERED_RECEIPTS: &str = "chat.receipt.delivered";
-/// The router's queue group for receipts.
-pub const ROUTER_QUEUE: &str = "router";
+/// Read receipts published by the persister once a read is stored (stream
+/// RECEIPTS), fanned out by the router.
+pub const READ_RECEIPTS: &str = "chat.receipt.read";
 
 /// Where `consumer` puts the events it gave up on (stream DEADLETTER).
 /// Consumer names are ours (the `*_CONSUMER` constants) or an operator's,
@@ -351,9 +359,32 @@ pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
 pub fn delivered_event_id(
     conversation: &ConversationId,
     user: &UserId,
+    device: &DeviceId,
     up_to: MessageId,
 ) -> String {
-    format!("delivered:{conversation}:{user}:{up_to}")
+    format!("delivered:{conversation}:{user}:{device}:{up_to}")
+}
+
+/// The `Nats-Msg-Id` of a read-receipt event: a retried `read` that finds
+/// the same stored watermark publishes the same event.
+pub fn read_event_id(conversation: &ConversationId, user: &UserId, up_to: MessageId) -> String {
+    format!("read:{conversation}:{user}:{up_to}")
+}
+
+/// The event id of a coalesced receipt's inbox items (see
+/// [`inbox_dedup_id`]): a window routed again after a router restart
+/// appends nothing twice.
+pub fn receipt_item_id(
+    kind: ReceiptKind,
+    conversation: &ConversationId,
+    user: &UserId,
+    up_to: MessageId,
+) -> String {
+    let kind = match kind {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Read => "read",
+    };
+    format!("receipt:{kind}:{conversation}:{user}:{up_to}")
 }
 
 /// The `Nats-Msg-Id` of a public presence event.

@@ -148,6 +148,13 @@ pub enum ClientFrame {
         reference: Option<String>,
         token: String,
     },
+    /// v1.1: every member's delivered and read watermarks (members only).
+    #[serde(rename = "receipts")]
+    Receipts {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+    },
 }
 
 /// A `group` field: the bare group id, or the `group:<id>` conversation form.
@@ -203,7 +210,8 @@ impl ClientFrame {
             | Self::Friends { reference }
             | Self::PushRegister { reference, .. }
             | Self::PushUnregister { reference, .. }
-            | Self::Refresh { reference, .. } => reference,
+            | Self::Refresh { reference, .. }
+            | Self::Receipts { reference, .. } => reference,
         };
         reference.as_deref()
     }
@@ -231,6 +239,7 @@ impl ClientFrame {
             Self::PushRegister { .. } => "push.register",
             Self::PushUnregister { .. } => "push.unregister",
             Self::Refresh { .. } => "refresh",
+            Self::Receipts { .. } => "receipts",
         }
     }
 }
@@ -279,12 +288,19 @@ pub enum ServerFrame {
         users: Vec<UserId>,
         by: UserId,
     },
+    /// v1.1: an inbox item (with `cursor`, replayed on resume), coalesced
+    /// to at most one per (conversation, user, kind) per second; `device`
+    /// is the device that acked, for `delivered`.
     #[serde(rename = "receipt")]
     Receipt {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
         conversation: ConversationId,
         user: UserId,
         kind: ReceiptKind,
         up_to: MessageId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceId>,
     },
     #[serde(rename = "presence")]
     Presence(PresenceEvent),
@@ -340,6 +356,14 @@ pub enum ServerFrame {
         reference: Option<String>,
         items: Vec<FriendView>,
     },
+    /// v1.1: the answer to `receipts`.
+    #[serde(rename = "receipts")]
+    Receipts {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        members: Vec<MemberReceipts>,
+    },
 }
 
 impl ServerFrame {
@@ -372,6 +396,7 @@ impl ServerFrame {
             Self::Group { .. } => "group",
             Self::Ok { .. } => "ok",
             Self::Friends { .. } => "friends",
+            Self::Receipts { .. } => "receipts",
         }
     }
 
@@ -435,7 +460,7 @@ pub enum MembershipChange {
     Left,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReceiptKind {
     Delivered,
@@ -513,6 +538,15 @@ pub struct ConversationSummary {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
     pub unread: u64,
+    pub read_up_to: Option<MessageId>,
+}
+
+/// One member's watermarks in a conversation (`null`: nothing yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemberReceipts {
+    pub user: UserId,
+    /// The newest message any of their devices acknowledged.
+    pub delivered_up_to: Option<MessageId>,
     pub read_up_to: Option<MessageId>,
 }
 
@@ -705,6 +739,7 @@ mod tests {
             json!({"type":"push.register","platform":"fcm","token":"t"}),
             json!({"type":"push.unregister","platform":"fcm","token":"t"}),
             json!({"type":"refresh","token":"t"}),
+            json!({"type":"receipts","conversation":"dm:a:b"}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -722,6 +757,11 @@ mod tests {
             ServerFrame::Friends {
                 reference: None,
                 items: vec![],
+            },
+            ServerFrame::Receipts {
+                reference: None,
+                conversation: ConversationId::parse("dm:a:b").unwrap(),
+                members: vec![],
             },
         ];
         for frame in server {

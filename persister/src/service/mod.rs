@@ -5,19 +5,21 @@ mod groups;
 mod outbox;
 mod pages;
 mod push_tokens;
+mod receipts;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::{timestamp_ms, EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ErrorCode, MessageEvent, ReceiptKind, ServerFrame};
+use chat_shared::receipts::ReadEvent;
+use chat_shared::wire::{ErrorCode, MessageEvent};
 use deadpool_postgres::{GenericClient, Pool};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -30,6 +32,9 @@ const MAX_IN_FLIGHT: usize = 64;
 const MAX_GROUP_NAME_CHARS: usize = 200;
 /// How long a group change's reply waits for its event to be published.
 const OUTBOX_WAIT: Duration = Duration::from_millis(500);
+/// How far a read's `up_to` may be ahead of this persister's clock: an id
+/// carries the clock of the edge that made it, which may run a little ahead.
+const READ_CLOCK_SKEW_MS: u64 = 2_000;
 /// How often the outbox is drained regardless: at start (a crash between
 /// COMMIT and publish) and then for events whose publish failed.
 const OUTBOX_RETRY: Duration = Duration::from_secs(5);
@@ -222,6 +227,7 @@ impl Service {
             rpc::GroupInfo => group_info,
             rpc::Members => members,
             rpc::Read => read,
+            rpc::Receipts => receipts,
             rpc::FriendAsk => friend_request,
             rpc::FriendAccept => friend_accept,
             rpc::FriendRemove => friend_remove,
@@ -270,32 +276,33 @@ impl Service {
         }
     }
 
+    /// Stores a read and publishes its receipt event (stream RECEIPTS; the
+    /// router fans it out to every member's devices, the reader's too).
     async fn read(&self, request: rpc::ReadRequest) -> Result<(), RpcError> {
-        let mut db = self.client().await?;
+        // Nobody reads past what has been sent: an `up_to` from the future
+        // would hide messages not sent yet. The bound is the clock, not the
+        // newest stored message: delivery runs ahead of this process's
+        // writer, so a device that read a message it had just received live
+        // would lose its read (and stay unread on every device).
+        if timestamp_ms(request.up_to) > chat_shared::clock::now_ms() + READ_CLOCK_SKEW_MS {
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "up_to is not a message id yet",
+            ));
+        }
+        let up_to = i64::try_from(request.up_to.get())
+            .map_err(|_| RpcError::new(ErrorCode::BadRequest, "up_to is not a message id"))?;
+        let db = self.client().await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
-        let tx = begin(&mut db).await?;
-        // Nobody reads past the newest message: a larger `up_to` would hide
-        // messages not sent yet.
-        let newest: Option<i64> = tx
-            .query_opt(
-                "SELECT last_id FROM conversations WHERE conversation = $1",
-                &[&request.conversation.to_string()],
-            )
-            .await
-            .map_err(unavailable("read conversations"))?
-            .map(|row| column::<Option<i64>>(&row, 0))
-            .transpose()?
-            .flatten();
-        let Some(newest) = newest else {
-            return Ok(());
-        };
-        let up_to = (request.up_to.get().min(i64::MAX as u64) as i64).min(newest);
-        let moved = tx
-            .execute(
+        // Stored whether or not the conversation's messages are yet: they
+        // are counted against it once they are.
+        let row = db
+            .query_one(
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
-                 ON CONFLICT (user_id, conversation) DO UPDATE SET read_up_to = EXCLUDED.read_up_to
-                 WHERE read_state.read_up_to < EXCLUDED.read_up_to",
+                 ON CONFLICT (user_id, conversation)
+                 DO UPDATE SET read_up_to = GREATEST(read_state.read_up_to, EXCLUDED.read_up_to)
+                 RETURNING read_up_to",
                 &[
                     &request.user.as_str(),
                     &request.conversation.to_string(),
@@ -304,28 +311,21 @@ impl Service {
             )
             .await
             .map_err(unavailable("upsert read_state"))?;
-        let members = self
-            .conversation_members(&tx, &request.conversation)
-            .await?;
-        tx.commit().await.map_err(unavailable("commit"))?;
-        if moved == 0 {
+        let stored: i64 = column(&row, 0)?;
+        if stored != up_to {
             // Read state only moves forward; an older `read` says nothing new.
             return Ok(());
         }
-        let receipt = ServerFrame::Receipt {
+        // Published for a repeated `read` too, under the same
+        // `Nats-Msg-Id`: a client that retries after `unavailable` (the
+        // read stored, its event not) gets its receipt out, and JetStream
+        // drops the copy otherwise.
+        self.publish_read(ReadEvent {
             conversation: request.conversation,
             user: request.user,
-            kind: ReceiptKind::Read,
-            up_to: MessageId(up_to as u64),
-        }
-        .to_json();
-        for member in members {
-            let _ = self
-                .nats
-                .publish(subjects::deliver(&member), receipt.clone().into())
-                .await;
-        }
-        Ok(())
+            up_to: request.up_to,
+        })
+        .await
     }
 
     async fn conversation_members(
