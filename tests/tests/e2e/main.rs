@@ -16,6 +16,7 @@ mod presence;
 mod privilege;
 mod provisioning;
 mod push;
+mod receipts;
 mod replies;
 mod resume;
 mod retries;
