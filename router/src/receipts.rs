@@ -392,7 +392,12 @@ mod tests {
         assert_eq!(first.map(|b| b.events), Some(vec![1]));
         // Another kind is another key.
         assert!(windows
-            .offer(key(ReceiptKind::Read), receipt(10, "a", "alice"), 2, at(100))
+            .offer(
+                key(ReceiptKind::Read),
+                receipt(10, "a", "alice"),
+                2,
+                at(100)
+            )
             .is_some());
         // Within the window: merged, held; an older one does not win.
         assert!(windows
@@ -437,11 +442,7 @@ mod tests {
     #[test]
     fn reads_reach_every_member_and_delivered_only_the_senders() {
         let members = [user("alice"), user("bob"), user("carol")];
-        let read = recipients(
-            &key(ReceiptKind::Read),
-            &receipt(1, "a", "alice"),
-            &members,
-        );
+        let read = recipients(&key(ReceiptKind::Read), &receipt(1, "a", "alice"), &members);
         assert_eq!(read, members.to_vec());
         let mut merged = receipt(1, "a", "alice");
         merged.merge(receipt(2, "a", "bob"));

@@ -144,7 +144,11 @@ pub fn receipts(config: &Config) -> stream::Config {
         description: Some("delivered and read receipts".into()),
         max_age: RECEIPTS_MAX_AGE,
         max_bytes: RECEIPTS_MAX_BYTES,
-        ..base(subjects::RECEIPTS_STREAM, &subjects::RECEIPTS_SUBJECTS, config)
+        ..base(
+            subjects::RECEIPTS_STREAM,
+            &subjects::RECEIPTS_SUBJECTS,
+            config,
+        )
     }
 }
 

@@ -74,7 +74,10 @@ async fn metrics_are_valid_text_and_move_as_messages_flow() -> Result<()> {
     .await?;
     scrape_until(
         router,
-        lag(subjects::RECEIPTS_STREAM, subjects::ROUTER_RECEIPTS_CONSUMER),
+        lag(
+            subjects::RECEIPTS_STREAM,
+            subjects::ROUTER_RECEIPTS_CONSUMER,
+        ),
     )
     .await?;
     scrape_until(

@@ -118,10 +118,7 @@ async fn an_offline_sender_gets_delivered_and_read_receipts_on_resume() -> anyho
         .await?;
     let id = sent["id"].clone();
     let own = alice.recv_type("message").await?;
-    let from = own["cursor"]
-        .as_str()
-        .context("no cursor")?
-        .to_string();
+    let from = own["cursor"].as_str().context("no cursor")?.to_string();
     alice.close().await?;
 
     let got = bob.recv_type("message").await?;
@@ -193,7 +190,10 @@ async fn a_read_on_one_device_reaches_the_readers_other_devices() -> anyhow::Res
     let created = alice
         .request(json!({"type":"group.create","name":"trio","members":["bob","carol"]}))
         .await?;
-    let conversation = format!("group:{}", created["group"]["id"].as_str().unwrap_or_default());
+    let conversation = format!(
+        "group:{}",
+        created["group"]["id"].as_str().unwrap_or_default()
+    );
     let sent = alice
         .send_message(json!({"conversation":conversation}), "hello all", "g1")
         .await?;
@@ -208,7 +208,11 @@ async fn a_read_on_one_device_reaches_the_readers_other_devices() -> anyhow::Res
     for client in [&mut laptop, &mut phone, &mut alice, &mut carol] {
         let receipt = client.recv_matching(is_read).await?;
         assert_eq!(
-            (&receipt["conversation"], &receipt["user"], &receipt["up_to"]),
+            (
+                &receipt["conversation"],
+                &receipt["user"],
+                &receipt["up_to"]
+            ),
             (&json!(conversation), &json!("bob"), &id),
             "{receipt}"
         );
@@ -232,7 +236,10 @@ async fn receipts_answers_watermarks_and_refuses_non_members() -> anyhow::Result
     let created = alice
         .request(json!({"type":"group.create","name":"trio","members":["bob","carol"]}))
         .await?;
-    let conversation = format!("group:{}", created["group"]["id"].as_str().unwrap_or_default());
+    let conversation = format!(
+        "group:{}",
+        created["group"]["id"].as_str().unwrap_or_default()
+    );
     let mut ids = Vec::new();
     for (n, text) in ["one", "two"].iter().enumerate() {
         let sent = alice
@@ -241,7 +248,10 @@ async fn receipts_answers_watermarks_and_refuses_non_members() -> anyhow::Result
         ids.push(sent["id"].clone());
     }
     // Bob acks both and reads the first; carol acks the first only.
-    let bob_got = [bob.recv_type("message").await?, bob.recv_type("message").await?];
+    let bob_got = [
+        bob.recv_type("message").await?,
+        bob.recv_type("message").await?,
+    ];
     let carol_got = carol.recv_type("message").await?;
     bob.send(json!({"type":"ack","cursor":bob_got[1]["cursor"]}))
         .await?;
