@@ -469,6 +469,22 @@ mod tests {
         assert_eq!(sent_claims(&alice), "$KV.chat_sent.alice.>");
         assert_eq!(bucket_stream(SENT_BUCKET), "KV_chat_sent");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
+        let phone = DeviceId::parse("phone").unwrap();
+        assert_eq!(
+            delivered_event_id(&dm, &alice, &phone, MessageId(7)),
+            "delivered:dm:alice:bob:alice:phone:7"
+        );
+        assert_eq!(
+            read_event_id(&group, &alice, MessageId(7)),
+            "read:group:team:alice:7"
+        );
+        assert_eq!(
+            receipt_item_id(ReceiptKind::Read, &group, &alice, MessageId(7)),
+            "receipt:read:group:team:alice:7"
+        );
+        assert_eq!(RECEIPTS_SUBJECTS, ["chat.receipt.*"]);
+        assert_eq!(DELIVERED_RECEIPTS, "chat.receipt.delivered");
+        assert_eq!(READ_RECEIPTS, "chat.receipt.read");
         assert_eq!(
             quota(&alice, "messages", "d20424"),
             "chat.quota.alice.messages.d20424"

@@ -922,6 +922,12 @@ mod tests {
                 ),
                 (reference(), any::<String>())
                     .prop_map(|(reference, token)| ClientFrame::Refresh { reference, token }),
+                (reference(), conversation()).prop_map(|(reference, conversation)| {
+                    ClientFrame::Receipts {
+                        reference,
+                        conversation,
+                    }
+                }),
             ]
         }
 
