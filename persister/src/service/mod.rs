@@ -284,7 +284,7 @@ impl Service {
         // newest stored message: delivery runs ahead of this process's
         // writer, so a device that read a message it had just received live
         // would lose its read (and stay unread on every device).
-        if timestamp_ms(request.up_to) > chat_shared::clock::now_ms() + READ_CLOCK_SKEW_MS {
+        if not_sent_yet(request.up_to, chat_shared::clock::now_ms()) {
             return Err(RpcError::new(
                 ErrorCode::BadRequest,
                 "up_to is not a message id yet",
@@ -340,6 +340,12 @@ impl Service {
     }
 }
 
+/// Whether `id`'s time is beyond `now_ms` by more than the clock skew
+/// edges may have: no message with that id can have been sent yet.
+fn not_sent_yet(id: MessageId, now_ms: u64) -> bool {
+    timestamp_ms(id) > now_ms.saturating_add(READ_CLOCK_SKEW_MS)
+}
+
 fn message_from_row(
     conversation: ConversationId,
     id: i64,
@@ -356,4 +362,20 @@ fn message_from_row(
         ts: ts as u64,
         client_msg_id: ClientMsgId::parse(client_msg_id).map_err(|_| corrupt("client_msg_id"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_may_name_any_id_up_to_the_clock_and_its_skew() {
+        let now = EPOCH_MS + 1_000_000;
+        let id_at = |ms: u64| MessageId(((ms - EPOCH_MS) << ID_TIME_SHIFT) | 0x3f_ffff);
+        assert!(!not_sent_yet(id_at(EPOCH_MS), now));
+        assert!(!not_sent_yet(id_at(now), now));
+        assert!(!not_sent_yet(id_at(now + READ_CLOCK_SKEW_MS), now));
+        assert!(not_sent_yet(id_at(now + READ_CLOCK_SKEW_MS + 1), now));
+        assert!(not_sent_yet(MessageId(u64::MAX), now));
+    }
 }
