@@ -157,6 +157,7 @@ pub async fn read(store: &kv::Store, users: Vec<UserId>) -> Result<Vec<PresenceE
                 .unwrap_or(PresenceRecord {
                     status: PresenceStatus::Offline,
                     last_active: 0,
+                    devices: None,
                 });
             Ok(PresenceEvent {
                 user,

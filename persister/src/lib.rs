@@ -69,12 +69,14 @@ pub async fn run_with(
             .collect::<Vec<_>>(),
         &stop,
     );
+    let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let service = service::Service::new(
         pool.clone(),
         nats.clone(),
         js.clone(),
         config.max_group_members,
         config.push_tokens.clone(),
+        push_devices,
         metrics.clone(),
     );
     tracing::info!("persister running");

@@ -3,7 +3,8 @@
 //! Every presence process follows the edges' reports (device events and
 //! heartbeats) into a [`tracker::Tracker`], so a standby is always warm; the
 //! one holding the leader lease ([`Leadership`]) speaks: it writes each
-//! change to the presence bucket (one KV write), publishes it on
+//! change to the presence bucket (one KV write, also when only the set of
+//! connected devices changed, which is not announced), publishes it on
 //! `chat.presence.<user>` and sends a `presence` frame to each online
 //! friend's delivery subject (one pass over the friend list). It also fans
 //! `typing` out to the other members' online devices and lapses it.
@@ -110,14 +111,16 @@ pub async fn run_with(
             Some(message) = devices.next() => {
                 if let Some(event) = decode::<DeviceEvent>(&message) {
                     let changes = tracker.device(event, Instant::now(), now_ms());
-                    if is_leader { speaker.announce(&tracker, changes).await; }
+                    let devices = tracker.take_device_changes();
+                    if is_leader { speaker.speak(&tracker, changes, devices).await; }
                 }
             }
             Some(message) = heartbeats.next() => {
                 if let Some(heartbeat) = decode::<EdgeHeartbeat>(&message) {
                     metrics.heartbeat();
                     let changes = tracker.heartbeat(heartbeat, Instant::now(), now_ms());
-                    if is_leader { speaker.announce(&tracker, changes).await; }
+                    let devices = tracker.take_device_changes();
+                    if is_leader { speaker.speak(&tracker, changes, devices).await; }
                 }
             }
             Some(message) = typing.next() => {
@@ -140,8 +143,9 @@ pub async fn run_with(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let changes = tracker.tick(now, now_ms());
+                let devices = tracker.take_device_changes();
                 if is_leader {
-                    speaker.announce(&tracker, changes).await;
+                    speaker.speak(&tracker, changes, devices).await;
                     speaker.lapse_typing(&tracker, now).await;
                     if reconcile_at.is_some_and(|at| now >= at) {
                         reconcile_at = None;

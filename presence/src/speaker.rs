@@ -1,7 +1,7 @@
 //! What the leader says: presence changes to the bucket, the public subject
 //! and online friends; typing to the other members.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,13 +57,44 @@ impl Speaker {
         }
     }
 
-    /// One KV write, one public event, one frame per online friend.
-    #[tracing::instrument(skip_all, fields(user = %change.user))]
-    async fn announce_one(&mut self, tracker: &Tracker, change: Change) {
+    /// Announces `changes`, then rewrites the records of the users whose
+    /// connected devices changed (`devices`, from
+    /// [`Tracker::take_device_changes`]) without telling anyone: friends
+    /// see no presence frame for a second device. A user announced now is
+    /// written once, by the announcement.
+    pub async fn speak(&mut self, tracker: &Tracker, changes: Vec<Change>, devices: Vec<Change>) {
+        let announced: HashSet<UserId> = changes.iter().map(|c| c.user.clone()).collect();
+        self.announce(tracker, changes).await;
+        for change in devices.into_iter().filter(|c| !announced.contains(&c.user)) {
+            self.store(tracker, &change).await;
+        }
+    }
+
+    /// The user's record: `change`'s status with the devices connected now.
+    async fn store(&self, tracker: &Tracker, change: &Change) {
         let record = PresenceRecord {
             status: change.status,
             last_active: change.last_active,
+            devices: Some(tracker.devices_of(&change.user)),
         };
+        match serde_json::to_vec(&record) {
+            Ok(body) => {
+                if let Err(e) = self
+                    .store
+                    .put(subjects::presence_key(&change.user), body.into())
+                    .await
+                {
+                    tracing::warn!(user = %change.user, error = %e, "cannot store presence");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode presence"),
+        }
+    }
+
+    /// One KV write, one public event, one frame per online friend.
+    #[tracing::instrument(skip_all, fields(user = %change.user))]
+    async fn announce_one(&mut self, tracker: &Tracker, change: Change) {
+        self.store(tracker, &change).await;
         let event = PresenceEvent {
             user: change.user,
             status: change.status,
@@ -71,18 +102,6 @@ impl Speaker {
         };
         tracing::debug!(user = %event.user, status = ?event.status, "presence change");
         self.metrics.announced(event.status);
-        match serde_json::to_vec(&record) {
-            Ok(body) => {
-                if let Err(e) = self
-                    .store
-                    .put(subjects::presence_key(&event.user), body.into())
-                    .await
-                {
-                    tracing::warn!(user = %event.user, error = %e, "cannot store presence");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode presence"),
-        }
         if let Ok(body) = serde_json::to_vec(&event) {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
@@ -158,6 +177,7 @@ impl Speaker {
             let record = record.unwrap_or(PresenceRecord {
                 status: PresenceStatus::Offline,
                 last_active: 0,
+                devices: None,
             });
             let frame = ServerFrame::Presence(PresenceEvent {
                 user: about.clone(),
@@ -263,8 +283,9 @@ impl Speaker {
             },
             last_active: now,
         };
-        let mut recorded = std::collections::HashSet::new();
+        let mut recorded = HashSet::new();
         let mut changes = Vec::new();
+        let mut devices = Vec::new();
         for key in keys {
             let Some(user) = subjects::parse_presence_key(&key) else {
                 continue;
@@ -278,6 +299,13 @@ impl Speaker {
             let online = tracker.is_online(&user);
             if record.is_online() != online {
                 changes.push(change(user.clone(), online));
+            } else if online && record.devices.as_ref() != Some(&tracker.devices_of(&user)) {
+                // Devices that came or went while no one led: rewritten
+                // quietly, keeping the announced `last_active`.
+                devices.push(Change {
+                    last_active: record.last_active,
+                    ..change(user.clone(), true)
+                });
             }
             recorded.insert(user);
         }
@@ -288,7 +316,11 @@ impl Speaker {
                 .filter(|user| !recorded.contains(*user))
                 .map(|user| change(user.clone(), true)),
         );
-        tracing::info!(repaired = changes.len(), "presence reconciled");
-        self.announce(tracker, changes).await;
+        tracing::info!(
+            repaired = changes.len(),
+            devices = devices.len(),
+            "presence reconciled"
+        );
+        self.speak(tracker, changes, devices).await;
     }
 }

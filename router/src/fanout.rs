@@ -146,6 +146,11 @@ impl Fanout {
         &self.js
     }
 
+    /// Push jobs and their retractions (a read in receipts.rs, a delete).
+    pub fn push(&self) -> &PushJobs {
+        &self.push
+    }
+
     /// Routes an event read back after it was lost in flight (see
     /// `gaps`), retrying in place like a delivery until routed (`true`) or
     /// stopped.

@@ -14,8 +14,9 @@
 //! its events in order, so a conversation's messages enter every inbox in
 //! stream order.
 //!
-//! Members other than the sender who are offline (per the presence bucket)
-//! get a push job (`push`).
+//! Members other than the sender with devices that hold a push token and
+//! are not connected (per the presence and push buckets) get a push job
+//! naming those devices; a read retracts it (`push`).
 //!
 //! It also turns receipt events (stream RECEIPTS: delivered from edges,
 //! read from the persister) into coalesced `receipt` inbox items
@@ -80,6 +81,7 @@ pub async fn run_with(
     .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
+    let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
@@ -99,7 +101,7 @@ pub async fn run_with(
     ));
     let exposition =
         chat_shared::metrics::expose(metrics_listener, registry, &js, &consumers, &stop);
-    let push = push::PushJobs::new(js.clone(), presence, metrics.clone());
+    let push = push::PushJobs::new(js.clone(), presence, push_devices, metrics.clone());
     let router = Arc::new(fanout::Fanout::new(
         nats.clone(),
         js,

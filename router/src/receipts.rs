@@ -21,6 +21,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
 use chat_shared::ids::{ConversationId, DeviceId, MessageId, UserId};
 use chat_shared::membership::GroupCache;
+use chat_shared::push::RetractReason;
 use chat_shared::receipts::{DeliveredEvent, ReadEvent};
 use chat_shared::wire::{ErrorCode, ReceiptKind, ServerFrame};
 use chat_shared::{consume, shutdown, subjects};
@@ -327,8 +328,8 @@ async fn append(router: &Fanout, groups: &GroupCache, key: Key, batch: Batch<jet
     let event_id = subjects::receipt_item_id(key.kind, &key.conversation, &key.user, up_to);
     let frame = ServerFrame::Receipt {
         cursor: None,
-        conversation: key.conversation,
-        user: key.user,
+        conversation: key.conversation.clone(),
+        user: key.user.clone(),
         kind: key.kind,
         up_to,
         device,
@@ -340,8 +341,21 @@ async fn append(router: &Fanout, groups: &GroupCache, key: Key, batch: Batch<jet
         .await;
     if let Err(e) = &appended {
         tracing::warn!(error = %e, "receipt not appended; retrying");
+        return settle(batch.events, false).await;
     }
-    settle(batch.events, appended.is_ok()).await;
+    // A read withdraws the reader's notification on their devices that are
+    // not connected; coalesced with the receipt, so at most one per second
+    // per conversation. A failure retries the whole receipt (the append and
+    // the job de-duplicate).
+    let retracted = match key.kind {
+        ReceiptKind::Read => router
+            .push()
+            .retract(&key.user, &key.conversation, up_to, RetractReason::Read)
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "retraction not queued; retrying")),
+        ReceiptKind::Delivered => Ok(()),
+    };
+    settle(batch.events, retracted.is_ok()).await;
 }
 
 async fn settle(events: Vec<jetstream::Message>, done: bool) {

@@ -44,18 +44,32 @@ pub struct TypingEvent {
 }
 
 /// A user's record in the presence bucket (key `user.<id>`), written by
-/// the presence leader on every change; read by edges (the presence
-/// snapshot, `friends`) and the router (push only when offline).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// the presence leader on every change of status or of the set of
+/// connected devices; read by edges (the presence snapshot, `friends`) and
+/// the router (push to the devices that are not connected).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PresenceRecord {
     pub status: PresenceStatus,
     /// ms since the epoch: when the user came online, or went offline.
     pub last_active: u64,
+    /// The devices connected now, sorted. Absent in records written before
+    /// presence tracked devices: then only `status` is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceId>>,
 }
 
 impl PresenceRecord {
     pub fn is_online(&self) -> bool {
         self.status == PresenceStatus::Online
+    }
+
+    /// Whether `device` is connected; for a record without a device list,
+    /// whether the user is online at all.
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        match &self.devices {
+            Some(devices) => devices.contains(device),
+            None => self.is_online(),
+        }
     }
 }
 

@@ -36,6 +36,14 @@ pub fn all() -> Vec<(&'static str, String)> {
         ),
         ("push-job.json", render(schema_for!(crate::push::PushJob))),
         (
+            "push-work.json",
+            render(schema_for!(crate::push::PushWork)),
+        ),
+        (
+            "push-devices.json",
+            render(schema_for!(crate::push::PushDevices)),
+        ),
+        (
             "device-event.json",
             render(schema_for!(crate::presence::DeviceEvent)),
         ),

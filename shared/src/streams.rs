@@ -279,6 +279,13 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             Duration::ZERO,
             config,
         ),
+        // Rewritten whole on each registration; kept as long as the tokens.
+        bucket(
+            subjects::PUSH_DEVICES_BUCKET,
+            "devices with a push token per user",
+            Duration::ZERO,
+            config,
+        ),
     ]
 }
 

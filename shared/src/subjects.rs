@@ -55,6 +55,8 @@ pub const EDGES_BUCKET: &str = "chat_edges";
 pub const LEADERS_BUCKET: &str = "chat_leaders";
 /// Bans and token revocations (see [`ban_key`], [`revoke_key`]).
 pub const MODERATION_BUCKET: &str = "chat_moderation";
+/// The devices of each user that hold a push token ([`crate::push::PushDevices`]).
+pub const PUSH_DEVICES_BUCKET: &str = "chat_push_devices";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 
@@ -401,6 +403,22 @@ pub fn push_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("push:{event_id}:{user}")
 }
 
+/// The `Nats-Msg-Id` of a retraction for `user` (a repeated read or delete
+/// of the same message makes no second one).
+pub fn retract_dedup_id(
+    reason: crate::push::RetractReason,
+    conversation: &ConversationId,
+    up_to: MessageId,
+    user: &UserId,
+) -> String {
+    format!("retract:{}:{conversation}:{up_to}:{user}", reason.as_str())
+}
+
+/// Key of a user's [`crate::push::PushDevices`] in [`PUSH_DEVICES_BUCKET`].
+pub fn push_devices_key(user: &UserId) -> String {
+    format!("user.{user}")
+}
+
 /// The counter of one user's quota `kind` (`messages`, `bytes`, …) in one
 /// window (`m<minute>` or `d<day>` since the epoch): a fresh subject per
 /// window, so a window's count starts at zero and ages out with the stream.
@@ -451,6 +469,11 @@ mod tests {
         assert_eq!(deliver(&alice), "chat.deliver.alice");
         assert_eq!(push(&alice), "chat.push.alice");
         assert_eq!(presence_key(&alice), "user.alice");
+        assert_eq!(push_devices_key(&alice), "user.alice");
+        assert_eq!(
+            retract_dedup_id(crate::push::RetractReason::Read, &dm, MessageId(7), &alice),
+            "retract:read:dm:alice:bob:7:alice"
+        );
         assert_eq!(
             parse_presence_key(&presence_key(&alice)),
             Some(alice.clone())

@@ -46,6 +46,8 @@ pub struct Service {
     js: jetstream::Context,
     max_group_members: usize,
     push_tokens: PushTokenLimits,
+    /// Which devices hold a push token, for the router (push_tokens.rs).
+    push_devices: jetstream::kv::Store,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -173,6 +175,7 @@ impl Service {
         js: jetstream::Context,
         max_group_members: usize,
         push_tokens: PushTokenLimits,
+        push_devices: jetstream::kv::Store,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
         Self {
@@ -181,6 +184,7 @@ impl Service {
             js,
             max_group_members,
             push_tokens,
+            push_devices,
             outbox: Arc::default(),
             metrics,
         }
