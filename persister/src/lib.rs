@@ -9,6 +9,9 @@
 //! It stores delivered watermarks from stream RECEIPTS (`watermarks`), and
 //! publishes a read's receipt event there once the read is stored.
 //!
+//! `unread` is the one definition of a user's unread total, shared with
+//! pushd (the badge).
+//!
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
@@ -18,6 +21,7 @@ mod error;
 mod metrics;
 mod migrations;
 mod service;
+pub mod unread;
 mod watermarks;
 mod writer;
 

@@ -166,6 +166,7 @@ fn job(user: &str, from: &str, id: u64, text: &str) -> PushJob {
         from,
         text: text.into(),
         ts,
+        devices: None,
     }
 }
 
