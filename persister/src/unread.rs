@@ -5,17 +5,31 @@
 //! after they joined, over the first [`MAX_REACHABLE_CONVERSATIONS`] by
 //! activity. Each conversation counts at most [`PER_CONVERSATION`], so one
 //! huge unread group costs a bounded scan (a badge shows "99+" long before).
+//!
+//! Delivery runs ahead of this writer: a message being notified may not be
+//! in `messages` yet. The caller names such messages (`pending`); those not
+//! stored yet and not covered by the user's read mark are added.
 
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
-use chat_shared::ids::UserId;
+use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::MAX_REACHABLE_CONVERSATIONS;
 use deadpool_postgres::GenericClient;
 
 /// The most unread messages one conversation adds to the total.
 pub const PER_CONVERSATION: i64 = 1000;
 
-/// `user`'s unread total.
-pub async fn total(db: &impl GenericClient, user: &UserId) -> Result<u64, tokio_postgres::Error> {
+/// `user`'s unread total, counting `pending` messages (of others, to
+/// `user`) that are not stored yet.
+pub async fn total(
+    db: &impl GenericClient,
+    user: &UserId,
+    pending: &[(ConversationId, MessageId)],
+) -> Result<u64, tokio_postgres::Error> {
+    let conversations: Vec<String> = pending.iter().map(|(c, _)| c.to_string()).collect();
+    let ids: Vec<i64> = pending
+        .iter()
+        .map(|(_, id)| i64::try_from(id.get()).unwrap_or(i64::MAX))
+        .collect();
     let row = db
         .query_one(
             "WITH mine AS (
@@ -28,7 +42,7 @@ pub async fn total(db: &impl GenericClient, user: &UserId) -> Result<u64, tokio_
                  FROM mine JOIN conversations c ON c.conversation = mine.conversation
                  ORDER BY c.activity DESC, c.conversation DESC
                  LIMIT $4)
-             SELECT COALESCE(sum(
+             SELECT (SELECT COALESCE(sum(
                  (SELECT count(*) FROM (
                      SELECT 1 FROM messages u
                       WHERE u.conversation = p.conversation
@@ -36,13 +50,21 @@ pub async fn total(db: &impl GenericClient, user: &UserId) -> Result<u64, tokio_
                         AND u.sender <> $1
                       LIMIT $5) unread)), 0)::bigint
              FROM reachable p
-             LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation",
+             LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation)
+             + (SELECT count(*) FROM unnest($6::text[], $7::bigint[]) AS q(conversation, id)
+                 WHERE NOT EXISTS (SELECT 1 FROM messages m
+                                    WHERE m.conversation = q.conversation AND m.id = q.id)
+                   AND q.id > COALESCE((SELECT read_up_to FROM read_state r
+                                         WHERE r.user_id = $1
+                                           AND r.conversation = q.conversation), 0))",
             &[
                 &user.as_str(),
                 &(EPOCH_MS as i64),
                 &((NODE_BITS + SEQUENCE_BITS) as i32),
                 &MAX_REACHABLE_CONVERSATIONS,
                 &PER_CONVERSATION,
+                &conversations,
+                &ids,
             ],
         )
         .await?;

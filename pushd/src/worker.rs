@@ -298,7 +298,7 @@ async fn deliver(shared: &Shared, work: &[PushWork]) -> bool {
         return true;
     };
     let (jobs, retractions) = split(work);
-    let badge = badge(shared, &user).await;
+    let badge = badge(shared, &user, &jobs).await;
     let mut settled = true;
     if let Some(mut notification) = Notification::coalesce(&jobs, shared.preview) {
         notification.badge = badge;
@@ -373,11 +373,13 @@ fn devices_of<'a>(named: impl Iterator<Item = Option<&'a [DeviceId]>>) -> Option
     Some(all)
 }
 
-/// The user's unread total, or `None` if PostgreSQL cannot say now: a
-/// notification without a badge beats a late one.
-async fn badge(shared: &Shared, user: &UserId) -> Option<u64> {
+/// The user's unread total, with `jobs` not yet stored, or `None` if
+/// PostgreSQL cannot say now: a notification without a badge beats a late
+/// one.
+async fn badge(shared: &Shared, user: &UserId, jobs: &[PushJob]) -> Option<u64> {
+    let pending: Vec<_> = jobs.iter().map(|j| (j.conversation.clone(), j.id)).collect();
     let total = match shared.pool.get().await {
-        Ok(db) => chat_persister::unread::total(&db, user)
+        Ok(db) => chat_persister::unread::total(&db, user, &pending)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),

@@ -16,6 +16,7 @@ mod presence;
 mod privilege;
 mod provisioning;
 mod push;
+mod push_devices;
 mod receipts;
 mod replies;
 mod resume;

@@ -23,14 +23,14 @@ use tokio::task::JoinHandle;
 const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
 /// One pushd, run in-process like the harness runs the other services.
-struct Pushd {
+pub(crate) struct Pushd {
     metrics: PushMetrics,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), PushdError>>,
 }
 
 impl Pushd {
-    fn start(config: Config) -> Self {
+    pub(crate) fn start(config: Config) -> Self {
         let metrics = PushMetrics::new(&mut Registry::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = Box::pin(async move {
@@ -45,7 +45,7 @@ impl Pushd {
     }
 
     /// A graceful stop, as on SIGTERM.
-    async fn stop(mut self) -> Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -59,15 +59,15 @@ impl Pushd {
     }
 }
 
-struct Setup {
-    system: System,
-    fakes: Fakes,
-    js: jetstream::Context,
+pub(crate) struct Setup {
+    pub(crate) system: System,
+    pub(crate) fakes: Fakes,
+    pub(crate) js: jetstream::Context,
     db: tokio_postgres::Client,
 }
 
 impl Setup {
-    async fn start() -> Result<Self> {
+    pub(crate) async fn start() -> Result<Self> {
         let system = System::start().await?;
         let fakes = Fakes::start().await?;
         let js = jetstream::new(system.admin().await?);
@@ -81,7 +81,7 @@ impl Setup {
     }
 
     /// pushd's configuration, pointed at the fakes.
-    fn config(&self, coalesce: Duration, preview: bool) -> Config {
+    pub(crate) fn config(&self, coalesce: Duration, preview: bool) -> Config {
         let mut config = self.system.config_for("pushd");
         self.fakes.configure(&mut config);
         config.push.coalesce = coalesce;
@@ -142,7 +142,7 @@ impl Setup {
     }
 
     /// Jobs not yet acked (PUSH is a work queue: an acked job is removed).
-    async fn jobs_left(&self) -> u64 {
+    pub(crate) async fn jobs_left(&self) -> u64 {
         match self.js.get_stream(subjects::PUSH_STREAM).await {
             Ok(mut stream) => match stream.info().await {
                 Ok(info) => info.state.messages,
@@ -723,7 +723,7 @@ async fn push_whole_path_offline_member_gets_one_per_token_online_gets_none() ->
     Ok(())
 }
 
-async fn request_ok(client: &mut chat_tests::Client, frame: Value) -> Result<()> {
+pub(crate) async fn request_ok(client: &mut chat_tests::Client, frame: Value) -> Result<()> {
     let reply = client.request(frame.clone()).await?;
     ensure!(reply["type"] == "ok", "{frame} answered {reply}");
     Ok(())
