@@ -212,11 +212,12 @@ async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> 
         json!({"message": {
             "token": "fcm-bob-phone",
             "notification": {"title": "alice", "body": "lunch?"},
-            "data": {"conversation": "dm:alice:bob", "message_id": "101", "from": "alice", "count": "1"},
-            "android": {"priority": "high", "collapse_key": "dm:alice:bob"},
+            // The badge: bob's unread total, this message not stored yet.
+            "data": {"conversation": "dm:alice:bob", "message_id": "101", "from": "alice", "count": "1", "badge": "1"},
+            "android": {"priority": "high", "collapse_key": "dm:alice:bob", "notification": {"notification_count": 1}},
             "apns": {
                 "headers": {"apns-priority": "10", "apns-collapse-id": "dm:alice:bob"},
-                "payload": {"aps": {"sound": "default", "thread-id": "dm:alice:bob"}}
+                "payload": {"aps": {"sound": "default", "thread-id": "dm:alice:bob", "badge": 1}}
             }
         }})
     );
@@ -243,7 +244,7 @@ async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> 
     assert_eq!(
         pushed.json()?,
         json!({
-            "aps": {"alert": {"title": "alice", "body": "lunch?"}, "sound": "default", "thread-id": "dm:alice:bob"},
+            "aps": {"alert": {"title": "alice", "body": "lunch?"}, "sound": "default", "thread-id": "dm:alice:bob", "badge": 1},
             "conversation": "dm:alice:bob",
             "message_id": "101",
             "from": "alice",
@@ -590,7 +591,8 @@ async fn push_webhook_signature_verifies() -> Result<()> {
             "message_ids": ["701"],
             "title": "alice",
             "body": "ship it",
-            "messages": [{"id": "701", "conversation": "dm:alice:bob", "from": "alice", "ts": ts, "text": "ship it"}]
+            "messages": [{"id": "701", "conversation": "dm:alice:bob", "from": "alice", "ts": ts, "text": "ship it"}],
+            "badge": 1
         })
     );
     assert_eq!(pushd.metrics.sent(Platform::Webhook), 1);
