@@ -368,13 +368,25 @@ mod tests {
         let device = |d: &str| DeviceId::parse(d).unwrap();
         tracker.device(event("e1", "alice", "laptop", true), t0, 1_000);
         // Coming online is announced; the device change adds nothing more.
-        assert!(tracker.take_device_changes().iter().all(|c| c.user == alice));
+        assert!(tracker
+            .take_device_changes()
+            .iter()
+            .all(|c| c.user == alice));
         let phone = tracker.device(event("e2", "alice", "phone", true), t0, 2_000);
         assert!(phone.is_empty(), "a second device is no announcement");
-        assert_eq!(tracker.devices_of(&alice), [device("laptop"), device("phone")]);
+        assert_eq!(
+            tracker.devices_of(&alice),
+            [device("laptop"), device("phone")]
+        );
         let changed = tracker.take_device_changes();
-        assert_eq!(statuses(&changed), [("alice".into(), PresenceStatus::Online)]);
-        assert_eq!(changed[0].last_active, 1_000, "online since the first device");
+        assert_eq!(
+            statuses(&changed),
+            [("alice".into(), PresenceStatus::Online)]
+        );
+        assert_eq!(
+            changed[0].last_active, 1_000,
+            "online since the first device"
+        );
         assert!(tracker.take_device_changes().is_empty());
         // A repeated report changes nothing.
         tracker.heartbeat(heartbeat("e2", &[("alice", "phone")]), t0, 2_000);

@@ -377,7 +377,10 @@ fn devices_of<'a>(named: impl Iterator<Item = Option<&'a [DeviceId]>>) -> Option
 /// PostgreSQL cannot say now: a notification without a badge beats a late
 /// one.
 async fn badge(shared: &Shared, user: &UserId, jobs: &[PushJob]) -> Option<u64> {
-    let pending: Vec<_> = jobs.iter().map(|j| (j.conversation.clone(), j.id)).collect();
+    let pending: Vec<_> = jobs
+        .iter()
+        .map(|j| (j.conversation.clone(), j.id))
+        .collect();
     let total = match shared.pool.get().await {
         Ok(db) => chat_persister::unread::total(&db, user, &pending)
             .await

@@ -70,8 +70,18 @@ struct Lookup {
 impl Lookup {
     async fn target(self, user: UserId) -> (UserId, Target) {
         let (record, devices) = futures::join!(
-            read(&self.presence, &self.online, &user, subjects::presence_key(&user)),
-            read(&self.tokens, &self.token_devices, &user, subjects::push_devices_key(&user)),
+            read(
+                &self.presence,
+                &self.online,
+                &user,
+                subjects::presence_key(&user)
+            ),
+            read(
+                &self.tokens,
+                &self.token_devices,
+                &user,
+                subjects::push_devices_key(&user)
+            ),
         );
         let target = target(record.as_deref(), devices.as_deref());
         (user, target)
@@ -243,9 +253,12 @@ fn push_candidates(members: &[UserId], from: &UserId) -> Vec<UserId> {
     members.iter().filter(|m| *m != from).cloned().collect()
 }
 
+/// A cached answer (`None`: no record) and when it was read.
+type Entry<V> = (Option<Arc<V>>, Instant);
+
 /// Recent answers of one bucket per user, bounded in age and number.
 struct Cache<V> {
-    entries: Arc<Mutex<HashMap<UserId, (Option<Arc<V>>, Instant)>>>,
+    entries: Arc<Mutex<HashMap<UserId, Entry<V>>>>,
     ttl: Duration,
 }
 
@@ -386,7 +399,10 @@ mod tests {
             Target::Devices(devices(&["phone", "tablet"]))
         );
         // An old record without devices: the user's status decides.
-        assert_eq!(target(Some(&record(true, None)), Some(&tokens)), Target::Nobody);
+        assert_eq!(
+            target(Some(&record(true, None)), Some(&tokens)),
+            Target::Nobody
+        );
         // Token devices unknown: as before per-device push.
         assert_eq!(target(Some(&laptop), None), Target::Nobody);
         assert_eq!(target(Some(&record(false, Some(&[]))), None), Target::Every);

@@ -35,10 +35,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             render(schema_for!(crate::receipts::ReadEvent)),
         ),
         ("push-job.json", render(schema_for!(crate::push::PushJob))),
-        (
-            "push-work.json",
-            render(schema_for!(crate::push::PushWork)),
-        ),
+        ("push-work.json", render(schema_for!(crate::push::PushWork))),
         (
             "push-devices.json",
             render(schema_for!(crate::push::PushDevices)),

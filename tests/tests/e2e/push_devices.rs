@@ -171,9 +171,17 @@ async fn push_per_device_offline_phone_gets_one_push_and_a_read_on_the_laptop_re
     router_settled(&setup).await?;
     wait_until(|| async { setup.jobs_left().await == 0 }).await?;
     assert_eq!(fcm.requests().len(), 3);
-    assert_eq!(push_writes(&setup.js).await?, 3, "two pushes, one retraction");
+    assert_eq!(
+        push_writes(&setup.js).await?,
+        3,
+        "two pushes, one retraction"
+    );
     for request in fcm.requests() {
-        assert!(!request.text().contains("fcm-bob-laptop"), "{}", request.text());
+        assert!(
+            !request.text().contains("fcm-bob-laptop"),
+            "{}",
+            request.text()
+        );
     }
     pushd.stop().await
 }
