@@ -224,3 +224,46 @@ async fn push_per_device_all_devices_online_write_no_push_job() -> Result<()> {
     assert!(setup.fakes.all_requests().is_empty());
     Ok(())
 }
+
+/// The persister keeps the push bucket in step with `push_tokens`: an
+/// unregistered device is no longer pushed, even while not connected.
+#[tokio::test]
+async fn push_per_device_unregistered_device_is_not_pushed() -> Result<()> {
+    let setup = Setup::start().await?;
+    let _pushd = Pushd::start(setup.config(Duration::from_millis(200), true));
+    let system = &setup.system;
+    let bucket = setup
+        .js
+        .get_key_value(subjects::PUSH_DEVICES_BUCKET)
+        .await?;
+    let key = subjects::push_devices_key(&UserId::parse("bob")?);
+    let record = || async {
+        let bytes = bucket.get(key.clone()).await?.unwrap_or_default();
+        anyhow::Ok(serde_json::from_slice::<Value>(&bytes)?)
+    };
+
+    let mut phone = system.connect("bob", "phone").await?;
+    let register = json!({"type":"push.register","platform":"fcm","token":"fcm-bob-phone"});
+    request_ok(&mut phone, register.clone()).await?;
+    assert_eq!(record().await?, json!({"devices": ["phone"]}));
+    let mut unregister = register;
+    unregister["type"] = json!("push.unregister");
+    request_ok(&mut phone, unregister).await?;
+    assert_eq!(record().await?, json!({"devices": []}));
+
+    let mut laptop = system.connect("bob", "laptop").await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    phone.close().await?;
+    wait_devices(&setup.js, "bob", &["laptop"]).await?;
+    let message = alice
+        .send_message(json!({"to":"bob"}), "anyone?", "u1")
+        .await?;
+    ensure!(message["type"] == "sent", "{message}");
+    laptop
+        .recv_matching(|f| f["type"] == "message" && f["id"] == message["id"])
+        .await?;
+    router_settled(&setup).await?;
+    assert_eq!(push_writes(&setup.js).await?, 0);
+    assert!(setup.fakes.all_requests().is_empty());
+    Ok(())
+}
