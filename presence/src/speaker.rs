@@ -51,7 +51,7 @@ impl Speaker {
         }
     }
 
-    pub async fn announce(&mut self, tracker: &Tracker, changes: Vec<Change>) {
+    async fn announce(&mut self, tracker: &Tracker, changes: Vec<Change>) {
         for change in changes {
             self.announce_one(tracker, change).await;
         }
