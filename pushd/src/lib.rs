@@ -12,6 +12,7 @@
 mod error;
 mod ledger;
 mod metrics;
+mod mutes;
 mod notification;
 mod providers;
 mod retry;

@@ -26,6 +26,7 @@ use tokio::time::{interval_at, sleep_until, Instant, Interval};
 
 use crate::ledger::{self, Claim, JobKey, Ledger};
 use crate::metrics::PushMetrics;
+use crate::mutes;
 use crate::notification::Notification;
 use crate::providers::{Providers, Token};
 use crate::retry::Outcome;
@@ -290,7 +291,11 @@ async fn window(
 /// once every token is settled (sent, or failed for good); `false` if a
 /// stop interrupted it.
 async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
-    let Some(notification) = Notification::coalesce(jobs, shared.preview) else {
+    let Some(user) = jobs.first().map(|job| job.user.clone()) else {
+        return true;
+    };
+    let jobs = mutes::unmuted(&shared.pool, &user, jobs.to_vec()).await;
+    let Some(notification) = Notification::coalesce(&jobs, shared.preview) else {
         return true;
     };
     let Some(tokens) = user_tokens(shared, &notification.user).await else {

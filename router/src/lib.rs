@@ -29,6 +29,7 @@ mod receipts;
 
 use std::sync::Arc;
 
+use chat_shared::blocks::BlockCache;
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
@@ -72,11 +73,13 @@ pub async fn run_with(
     )
     .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("router"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("router"));
     let mut consumers: Vec<(String, &str)> = config
         .partitions
         .all()
@@ -114,7 +117,12 @@ pub async fn run_with(
         .collect();
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
     let nats_for_exit = nats.clone();
-    let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
+    let receipts = tokio::spawn(receipts::forward_delivered(
+        nats,
+        groups,
+        blocks,
+        stop.clone(),
+    ));
     let (messages, events, _, _) = tokio::join!(
         futures::future::join_all(message_loops),
         event_loop,

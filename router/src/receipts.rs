@@ -2,10 +2,11 @@
 //! (`chat.receipt.delivered`); the router tells the messages' senders.
 //! Edges may not publish to `chat.deliver.>` themselves, so a receipt can
 //! only ever become a `receipt` frame, and only between members of the
-//! conversation.
+//! conversation, and (v1.1) never across a block.
 
-use chat_shared::ids::ConversationId;
-use chat_shared::membership::GroupCache;
+use chat_shared::blocks::BlockCache;
+use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::membership::{GroupCache, Members};
 use chat_shared::receipts::DeliveredEvent;
 use chat_shared::shutdown;
 use chat_shared::subjects;
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 pub async fn forward_delivered(
     nats: async_nats::Client,
     groups: GroupCache,
+    blocks: BlockCache,
     stop: watch::Receiver<bool>,
 ) {
     let mut reports = match nats
@@ -56,6 +58,14 @@ pub async fn forward_delivered(
             tracing::warn!(user = %event.user, "dropping a receipt from a non-member");
             continue;
         }
+        // The one hook of blocks on delivered receipts.
+        let blocked = match blocks.peers(&event.user).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a delivered receipt's blocks");
+                continue;
+            }
+        };
         let frame = ServerFrame::Receipt {
             conversation: event.conversation,
             user: event.user.clone(),
@@ -66,7 +76,7 @@ pub async fn forward_delivered(
         for sender in event
             .senders
             .iter()
-            .filter(|s| **s != event.user && members.contains(s))
+            .filter(|s| sees_delivered_receipt(&event.user, s, &members, &blocked))
         {
             if let Err(e) = nats
                 .publish(subjects::deliver(sender), frame.clone().into())
@@ -76,4 +86,15 @@ pub async fn forward_delivered(
             }
         }
     }
+}
+
+/// Whether `sender` is told that `reader` received their messages: a
+/// member other than the reader, with no block between them.
+fn sees_delivered_receipt(
+    reader: &UserId,
+    sender: &UserId,
+    members: &[UserId],
+    blocked: &Members,
+) -> bool {
+    sender != reader && members.contains(sender) && !blocked.contains(sender)
 }

@@ -142,6 +142,42 @@ pub enum ClientFrame {
         platform: PushPlatform,
         token: String,
     },
+    /// v1.1: blocks `user` (see docs/protocol.md for every effect).
+    #[serde(rename = "block")]
+    Block {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "unblock")]
+    Unblock {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    /// v1.1: the users you blocked.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// v1.1: no push for `conversation` until `until` (ms since the epoch)
+    /// unless you are mentioned; `null` unmutes.
+    #[serde(rename = "mute")]
+    Mute {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        until: Option<u64>,
+    },
+    /// v1.1: changes the given privacy settings (none: reads them).
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        change: SettingsChange,
+    },
     #[serde(rename = "refresh")]
     Refresh {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +239,11 @@ impl ClientFrame {
             | Self::Friends { reference }
             | Self::PushRegister { reference, .. }
             | Self::PushUnregister { reference, .. }
+            | Self::Block { reference, .. }
+            | Self::Unblock { reference, .. }
+            | Self::Blocked { reference }
+            | Self::Mute { reference, .. }
+            | Self::Settings { reference, .. }
             | Self::Refresh { reference, .. } => reference,
         };
         reference.as_deref()
@@ -230,6 +271,11 @@ impl ClientFrame {
             Self::Friends { .. } => "friends",
             Self::PushRegister { .. } => "push.register",
             Self::PushUnregister { .. } => "push.unregister",
+            Self::Block { .. } => "block",
+            Self::Unblock { .. } => "unblock",
+            Self::Blocked { .. } => "blocked",
+            Self::Mute { .. } => "mute",
+            Self::Settings { .. } => "settings",
             Self::Refresh { .. } => "refresh",
         }
     }
@@ -340,6 +386,21 @@ pub enum ServerFrame {
         reference: Option<String>,
         items: Vec<FriendView>,
     },
+    /// v1.1: the reply to `blocked`.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<UserId>,
+    },
+    /// v1.1: the reply to `settings`, every setting.
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        settings: PrivacySettings,
+    },
 }
 
 impl ServerFrame {
@@ -372,6 +433,8 @@ impl ServerFrame {
             Self::Group { .. } => "group",
             Self::Ok { .. } => "ok",
             Self::Friends { .. } => "friends",
+            Self::Blocked { .. } => "blocked",
+            Self::Settings { .. } => "settings",
         }
     }
 
@@ -459,6 +522,55 @@ pub enum FriendState {
     Pending,
     /// No relation (any more): only in `friend` frames, after a removal.
     None,
+}
+
+/// v1.1 `settings.last_seen`: who sees the user's `last_active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LastSeen {
+    #[default]
+    Everyone,
+    Friends,
+    Nobody,
+}
+
+/// v1.1 `settings.group_adds`: who may add the user to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAdds {
+    #[default]
+    Everyone,
+    Friends,
+}
+
+/// v1.1: a user's privacy settings; a user who never set any has the
+/// defaults (everything visible, anyone may add them, read receipts on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PrivacySettings {
+    pub last_seen: LastSeen,
+    pub group_adds: GroupAdds,
+    pub read_receipts: bool,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        Self {
+            last_seen: LastSeen::Everyone,
+            group_adds: GroupAdds::Everyone,
+            read_receipts: true,
+        }
+    }
+}
+
+/// The fields a `settings` request changes; the others keep their value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<LastSeen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_adds: Option<GroupAdds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_receipts: Option<bool>,
 }
 
 /// One accepted message: the MESSAGES stream event, a `history` item and the
@@ -705,6 +817,11 @@ mod tests {
             json!({"type":"push.register","platform":"fcm","token":"t"}),
             json!({"type":"push.unregister","platform":"fcm","token":"t"}),
             json!({"type":"refresh","token":"t"}),
+            json!({"type":"block","user":"b"}),
+            json!({"type":"unblock","user":"b"}),
+            json!({"type":"blocked"}),
+            json!({"type":"mute","conversation":"dm:a:b","until":null}),
+            json!({"type":"settings"}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -722,6 +839,14 @@ mod tests {
             ServerFrame::Friends {
                 reference: None,
                 items: vec![],
+            },
+            ServerFrame::Blocked {
+                reference: None,
+                items: vec![],
+            },
+            ServerFrame::Settings {
+                reference: None,
+                settings: PrivacySettings::default(),
             },
         ];
         for frame in server {

@@ -4,6 +4,7 @@ mod friends;
 mod groups;
 mod outbox;
 mod pages;
+mod privacy;
 mod push_tokens;
 
 use std::sync::Arc;
@@ -155,7 +156,7 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RpcError> {
 }
 
 /// Who is asking, for the request's span: every request but the backend's
-/// `members` and `friends_of` names its user.
+/// `members` names its user.
 #[derive(serde::Deserialize)]
 struct Caller {
     user: Option<UserId>,
@@ -229,6 +230,12 @@ impl Service {
             rpc::FriendsOf => friends_of,
             rpc::PushRegister => push_register,
             rpc::PushUnregister => push_unregister,
+            rpc::Block => block,
+            rpc::Unblock => unblock,
+            rpc::BlockList => blocked,
+            rpc::BlockPeers => block_peers,
+            rpc::Mute => mute,
+            rpc::Settings => settings,
         )
     }
 
@@ -306,6 +313,9 @@ impl Service {
             .map_err(unavailable("upsert read_state"))?;
         let members = self
             .conversation_members(&tx, &request.conversation)
+            .await?;
+        let members = self
+            .read_receipt_audience(&tx, &request.user, members)
             .await?;
         tx.commit().await.map_err(unavailable("commit"))?;
         if moved == 0 {
