@@ -15,8 +15,8 @@ pub mod tracker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_shared::lease::Leadership;
 use chat_shared::blocks::BlockCache;
+use chat_shared::lease::Leadership;
 use chat_shared::membership::GroupCache;
 use chat_shared::presence::{DeviceEvent, EdgeHeartbeat, FriendChange, TypingEvent};
 use chat_shared::shutdown::{self, Shutdown};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::blocks::BlockCache;
+use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
 use chat_shared::presence::{self, FriendChange, PresenceRecord, TypingEvent};
 use chat_shared::rpc;

@@ -506,7 +506,11 @@ mod tests {
             parse_block_event(&block_event(&alice, &bob)),
             Some([alice, bob])
         );
-        for bad in ["chat.event.block.a", "chat.event.block.a.b.c", "chat.event.group.g"] {
+        for bad in [
+            "chat.event.block.a",
+            "chat.event.block.a.b.c",
+            "chat.event.group.g",
+        ] {
             assert_eq!(parse_block_event(bad), None, "{bad}");
         }
     }

@@ -349,8 +349,17 @@ mod tests {
     fn read_receipts_reach_the_reader_always_and_others_only_both_ways_open() {
         assert!(sees_read_receipt(true, false, false, false));
         assert!(sees_read_receipt(false, true, true, false));
-        assert!(!sees_read_receipt(false, false, true, false), "reader shares none");
-        assert!(!sees_read_receipt(false, true, false, false), "member sees none");
-        assert!(!sees_read_receipt(false, true, true, true), "a block hides it");
+        assert!(
+            !sees_read_receipt(false, false, true, false),
+            "reader shares none"
+        );
+        assert!(
+            !sees_read_receipt(false, true, false, false),
+            "member sees none"
+        );
+        assert!(
+            !sees_read_receipt(false, true, true, true),
+            "a block hides it"
+        );
     }
 }

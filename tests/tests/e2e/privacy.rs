@@ -33,7 +33,10 @@ async fn group(owner: &mut Client, members: &[&str]) -> Result<(String, String)>
         .request(json!({"type":"group.create","name":"g","members":members}))
         .await?;
     ensure!(created["type"] == "group", "{created}");
-    let id = created["group"]["id"].as_str().unwrap_or_default().to_string();
+    let id = created["group"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     Ok((format!("group:{id}"), id))
 }
 
@@ -205,10 +208,7 @@ async fn a_block_hides_presence_both_ways_and_unblock_restores_it() -> Result<()
     assert_eq!(users, [&json!("dave")], "{frames:?}");
     let mut bob_tablet = system.connect("bob", "tablet").await?;
     let frames = bob_tablet.drain().await?;
-    assert!(
-        frames.iter().all(|f| f["type"] != "presence"),
-        "{frames:?}"
-    );
+    assert!(frames.iter().all(|f| f["type"] != "presence"), "{frames:?}");
 
     // Live changes: bob goes offline, then (marker) dave does; alice hears
     // only of dave.
@@ -277,8 +277,18 @@ async fn a_block_hides_typing_and_receipts_both_ways_and_unblock_restores_them()
         .recv_matching(|f| f["type"] == "typing" && f["user"] == "bob")
         .await?;
     carol.send(typing(true)).await?;
-    first_without(&mut bob, from_user("typing", "carol"), from_user("typing", "alice")).await?;
-    first_without(&mut alice, from_user("typing", "carol"), from_user("typing", "bob")).await?;
+    first_without(
+        &mut bob,
+        from_user("typing", "carol"),
+        from_user("typing", "alice"),
+    )
+    .await?;
+    first_without(
+        &mut alice,
+        from_user("typing", "carol"),
+        from_user("typing", "bob"),
+    )
+    .await?;
 
     // Delivered receipts: one ack of bob's covers alice's and carol's
     // messages; carol hears of it, alice does not.
@@ -286,7 +296,8 @@ async fn a_block_hides_typing_and_receipts_both_ways_and_unblock_restores_them()
     let from_carol = sent(&mut carol, json!({"conversation":trio}), "c1", "c1").await?;
     message(&mut bob, &from_alice["id"]).await?;
     let last = message(&mut bob, &from_carol["id"]).await?;
-    bob.send(json!({"type":"ack","cursor":last["cursor"]})).await?;
+    bob.send(json!({"type":"ack","cursor":last["cursor"]}))
+        .await?;
     let delivered = |user: &'static str| {
         move |f: &Value| f["type"] == "receipt" && f["kind"] == "delivered" && f["user"] == user
     };
@@ -309,12 +320,11 @@ async fn a_block_hides_typing_and_receipts_both_ways_and_unblock_restores_them()
     ok(&mut bob, json!({"type":"unblock","user":"alice"})).await?;
     let again = sent(&mut alice, json!({"conversation":trio}), "a2", "a2").await?;
     let got = message(&mut bob, &again["id"]).await?;
-    bob.send(json!({"type":"ack","cursor":got["cursor"]})).await?;
-    let receipt = first_without(
-        &mut alice,
-        delivered("bob"),
-        |f| delivered("bob")(f) && f["up_to"] != again["id"],
-    )
+    bob.send(json!({"type":"ack","cursor":got["cursor"]}))
+        .await?;
+    let receipt = first_without(&mut alice, delivered("bob"), |f| {
+        delivered("bob")(f) && f["up_to"] != again["id"]
+    })
     .await?;
     assert_eq!(receipt["up_to"], again["id"]);
     stored(&mut bob, &trio, &again["id"]).await?;
@@ -486,7 +496,9 @@ async fn last_seen_nobody_hides_last_active_from_friends() -> Result<()> {
     let online = presence_of(&mut alice, "bob", "online").await?;
     assert_eq!(online["last_active"], 0);
     let mine = bob.request(json!({"type":"friends"})).await?;
-    assert!(mine["items"][0]["last_active"].as_u64().is_some_and(|t| t > 0));
+    assert!(mine["items"][0]["last_active"]
+        .as_u64()
+        .is_some_and(|t| t > 0));
 
     // `friends` shows it to friends, as `everyone` does: presence is
     // shared between friends only.

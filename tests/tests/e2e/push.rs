@@ -1009,10 +1009,8 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
     let mut bob = system.connect("bob", "phone").await?;
     let register = json!({"type":"push.register","platform":"fcm","token":"fcm-bob"});
     request_ok(&mut bob, register).await?;
-    let hour_from_now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)?
-        .as_millis() as u64
-        + 3_600_000;
+    let hour_from_now =
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 3_600_000;
     let mute = json!({"type":"mute","conversation":"dm:alice:bob","until":hour_from_now});
     request_ok(&mut bob, mute).await?;
     let theirs = json!({"type":"mute","conversation":"dm:alice:carol","until":hour_from_now});
