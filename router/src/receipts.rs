@@ -98,3 +98,46 @@ fn sees_delivered_receipt(
 ) -> bool {
     sender != reader && members.contains(sender) && !blocked.contains(sender)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn delivered_receipts_reach_member_senders_with_no_block_between() {
+        let members = [user("alice"), user("bob"), user("carol")];
+        let blocked: Members = std::sync::Arc::new([user("alice")].into_iter().collect());
+        let none = Members::default();
+        let bob = user("bob");
+        assert!(sees_delivered_receipt(
+            &bob,
+            &user("carol"),
+            &members,
+            &blocked
+        ));
+        assert!(!sees_delivered_receipt(
+            &bob,
+            &user("alice"),
+            &members,
+            &blocked
+        ));
+        assert!(sees_delivered_receipt(
+            &bob,
+            &user("alice"),
+            &members,
+            &none
+        ));
+        assert!(
+            !sees_delivered_receipt(&bob, &bob, &members, &none),
+            "not to the reader"
+        );
+        assert!(
+            !sees_delivered_receipt(&bob, &user("dave"), &members, &none),
+            "members only"
+        );
+    }
+}

@@ -869,6 +869,48 @@ mod tests {
     }
 
     #[test]
+    fn privacy_frames_parse_and_render_flat() {
+        let change: ClientFrame = serde_json::from_value(
+            json!({"type":"settings","ref":"r","last_seen":"nobody","read_receipts":false}),
+        )
+        .unwrap();
+        assert_eq!(
+            change,
+            ClientFrame::Settings {
+                reference: Some("r".into()),
+                change: SettingsChange {
+                    last_seen: Some(LastSeen::Nobody),
+                    group_adds: None,
+                    read_receipts: Some(false),
+                },
+            }
+        );
+        for bad in [
+            json!({"type":"settings","group_adds":"nobody"}),
+            json!({"type":"settings","read_receipts":"no"}),
+            json!({"type":"mute","until":1}),
+            json!({"type":"block"}),
+        ] {
+            assert!(
+                serde_json::from_value::<ClientFrame>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let unmute: ClientFrame =
+            serde_json::from_value(json!({"type":"mute","conversation":"dm:a:b","until":null}))
+                .unwrap();
+        assert!(matches!(unmute, ClientFrame::Mute { until: None, .. }));
+        let settings = ServerFrame::Settings {
+            reference: Some("r".into()),
+            settings: PrivacySettings::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(&settings).unwrap(),
+            json!({"type":"settings","ref":"r","last_seen":"everyone","group_adds":"everyone","read_receipts":true})
+        );
+    }
+
+    #[test]
     fn cursors_are_spliced_into_stored_frames() {
         let stored = br#"{"type":"message","id":"1"}"#;
         let live = with_cursor(stored, Cursor(42));
