@@ -294,7 +294,11 @@ async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
     let Some(user) = jobs.first().map(|job| job.user.clone()) else {
         return true;
     };
-    let jobs = mutes::unmuted(&shared.pool, &user, jobs.to_vec()).await;
+    let unmuted = mutes::unmuted(&shared.pool, &user, jobs.to_vec()).await;
+    shared
+        .metrics
+        .count_muted((jobs.len() - unmuted.len()) as u64);
+    let jobs = unmuted;
     let Some(notification) = Notification::coalesce(&jobs, shared.preview) else {
         return true;
     };

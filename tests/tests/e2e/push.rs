@@ -1003,7 +1003,7 @@ async fn jobs_made(setup: &Setup) -> u64 {
 #[tokio::test]
 async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()> {
     let setup = Setup::start().await?;
-    let _pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
     let system = &setup.system;
     let fcm = &setup.fakes.fcm;
     let mut bob = system.connect("bob", "phone").await?;
@@ -1026,6 +1026,7 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
         .await?;
     ensure!(muted["type"] == "sent", "{muted}");
     wait_until(|| async { jobs_made(&setup).await == 1 && setup.jobs_left().await == 0 }).await?;
+    assert_eq!(pushd.metrics.muted(), 1);
     // Another conversation pushes; it is the only push so far.
     let mut carol = system.connect("carol", "phone").await?;
     let loud = carol
@@ -1064,5 +1065,6 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
     };
     assert_eq!(unread("dm:alice:bob"), Some(json!(2)), "{list}");
     assert_eq!(unread("dm:bob:carol"), Some(json!(1)), "{list}");
-    Ok(())
+    assert_eq!(pushd.metrics.muted(), 1);
+    pushd.stop().await
 }
