@@ -159,11 +159,7 @@ impl Speaker {
         }
         let [a, b] = &change.users;
         for (about, to) in [(a, b), (b, a)] {
-            // What `about` shows: a list that cannot be read shows nothing.
-            let shows = match self.friends_of(about).await {
-                Some(audience) => audience.shows_last_active,
-                None => false,
-            };
+            let shows = !change.hides_last_active.contains(about);
             let record = match self.store.get(subjects::presence_key(about)).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<PresenceRecord>(&bytes).ok(),
                 Ok(None) => None,

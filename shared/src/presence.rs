@@ -82,4 +82,9 @@ pub struct FriendChange {
     pub users: [UserId; 2],
     /// They are friends after the change.
     pub friends: bool,
+    /// v1.1: which of the two hide `last_active` from friends
+    /// (`last_seen: nobody`), so presence shows new friends each other's
+    /// presence at once without asking; only set when `friends`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hides_last_active: Vec<UserId>,
 }

@@ -195,13 +195,13 @@ impl Service {
             return Ok(());
         }
         tx.commit().await.map_err(unavailable("commit"))?;
-        self.announce(&Change {
+        let change = Change {
             user,
             other,
             user_state: FriendState::None,
             other_state: FriendState::None,
-        })
-        .await;
+        };
+        self.announce(&change, Vec::new()).await;
         Ok(())
     }
 
@@ -292,13 +292,19 @@ impl Service {
             .await?;
         self.set_relation(&tx, &change.other, &change.user, change.other_state)
             .await?;
+        let hides_last_active = if change.user_state == FriendState::Friends {
+            self.hiding_last_active(&tx, &change.user, &change.other)
+                .await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(unavailable("commit"))?;
-        self.announce(change).await;
+        self.announce(change, hides_last_active).await;
         Ok(())
     }
 
     /// Tells both sides' devices (the actor's other devices too) and presence.
-    async fn announce(&self, change: &Change) {
+    async fn announce(&self, change: &Change, hides_last_active: Vec<UserId>) {
         let frames = [
             (&change.user, &change.other, change.user_state),
             (&change.other, &change.user, change.other_state),
@@ -319,6 +325,7 @@ impl Service {
         let event = FriendChange {
             users: [change.user.clone(), change.other.clone()],
             friends: change.user_state == FriendState::Friends,
+            hides_last_active,
         };
         self.publish_friend_change(&event).await;
     }

@@ -153,10 +153,19 @@ impl Service {
             .await
             .map_err(unavailable("read friendships"))
             .and_then(|row| column::<bool>(&row, 0));
+        // Unknown (a read failed): presence only forgets both lists.
+        let friends = shared.unwrap_or(false);
+        let hides_last_active = if friends {
+            self.hiding_last_active(db, user, other)
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let change = FriendChange {
             users: [user.clone(), other.clone()],
-            // Unknown (the read failed): presence only forgets both lists.
-            friends: shared.unwrap_or(false),
+            friends,
+            hides_last_active,
         };
         self.publish_friend_change(&change).await;
     }
@@ -264,10 +273,29 @@ impl Service {
             self.publish_friend_change(&FriendChange {
                 users: [user.clone(), user],
                 friends: false,
+                hides_last_active: Vec::new(),
             })
             .await;
         }
         Ok(settings)
+    }
+
+    /// Which of `a` and `b` hide `last_active` from their friends.
+    pub(super) async fn hiding_last_active(
+        &self,
+        db: &impl GenericClient,
+        a: &UserId,
+        b: &UserId,
+    ) -> Result<Vec<UserId>, RpcError> {
+        let rows = db
+            .query(
+                "SELECT user_id FROM privacy_settings
+                 WHERE user_id IN ($1, $2) AND last_seen = 'nobody'",
+                &[&a.as_str(), &b.as_str()],
+            )
+            .await
+            .map_err(unavailable("read privacy_settings"))?;
+        user_rows(&rows)
     }
 
     /// `forbidden` unless `adder` may add every one of `users` to a group:

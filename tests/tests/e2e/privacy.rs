@@ -56,7 +56,8 @@ async fn message(client: &mut Client, id: &Value) -> Result<Value> {
 /// Waits until `id` is in `conversation`'s history (the persister has
 /// it), so a `read` up to it is not clamped below it.
 async fn stored(client: &mut Client, conversation: &str, id: &Value) -> Result<()> {
-    for _ in 0..300 {
+    let deadline = tokio::time::Instant::now() + chat_tests::WAIT;
+    while tokio::time::Instant::now() < deadline {
         let page = client
             .request(json!({"type":"history","conversation":conversation}))
             .await?;
@@ -499,6 +500,18 @@ async fn last_seen_nobody_hides_last_active_from_friends() -> Result<()> {
     assert!(mine["items"][0]["last_active"]
         .as_u64()
         .is_some_and(|t| t > 0));
+
+    // A new friend who hides it is shown with it hidden at once too.
+    let mut carol = system.connect("carol", "phone").await?;
+    let set = carol
+        .request(json!({"type":"settings","last_seen":"nobody"}))
+        .await?;
+    assert_eq!(set["last_seen"], "nobody", "{set}");
+    befriend(&mut alice, &mut carol, "alice", "carol").await?;
+    let met = presence_of(&mut alice, "carol", "online").await?;
+    assert_eq!(met["last_active"], 0, "{met}");
+    let other_way = presence_of(&mut carol, "alice", "online").await?;
+    assert!(other_way["last_active"].as_u64().is_some_and(|t| t > 0));
 
     // `friends` shows it to friends, as `everyone` does: presence is
     // shared between friends only.
