@@ -16,6 +16,7 @@ pub mod tracker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_shared::blocks::BlockCache;
 use chat_shared::lease::Leadership;
 use chat_shared::membership::GroupCache;
 use chat_shared::presence::{DeviceEvent, EdgeHeartbeat, FriendChange, TypingEvent};
@@ -76,11 +77,13 @@ pub async fn run_with(
     let mut typing = subscribe(subjects::ALL_TYPING).await?;
     let mut friend_changes = subscribe(subjects::FRIEND_CHANGES).await?;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
 
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(PresenceMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("presence"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("presence"));
     let exposition = chat_shared::metrics::expose(metrics_listener, registry, &js, &[], &stop);
     let (leading_tx, mut leading) = watch::channel(false);
     let holder = format!("presence-{:08x}", rand::random::<u32>());
@@ -95,7 +98,7 @@ pub async fn run_with(
     );
     let started = Instant::now();
     let mut tracker = Tracker::new(config.presence_timeout, config.presence_debounce);
-    let mut speaker = Speaker::new(nats.clone(), store, groups, metrics.clone());
+    let mut speaker = Speaker::new(nats.clone(), store, groups, blocks, metrics.clone());
     // A new leader compares what it knows with the bucket once it has heard
     // every edge's heartbeat (one timeout after its own start).
     let mut reconcile_at: Option<Instant> = None;

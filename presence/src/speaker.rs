@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use chat_shared::blocks::BlockCache;
 use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
-use chat_shared::presence::{FriendChange, PresenceRecord, TypingEvent};
+use chat_shared::presence::{self, FriendChange, PresenceRecord, TypingEvent};
 use chat_shared::rpc;
 use chat_shared::subjects;
 use chat_shared::wire::{PresenceEvent, PresenceStatus, ServerFrame};
@@ -29,7 +30,10 @@ pub struct Speaker {
     nats: async_nats::Client,
     store: kv::Store,
     groups: GroupCache,
-    friends: HashMap<UserId, (Arc<Vec<UserId>>, Instant)>,
+    blocks: BlockCache,
+    /// Each user's friends with no block between them, and whether the
+    /// user shows them `last_active`.
+    friends: HashMap<UserId, (Arc<rpc::PresenceAudience>, Instant)>,
     typing: HashMap<(ConversationId, UserId), Instant>,
     metrics: Arc<PresenceMetrics>,
 }
@@ -39,12 +43,14 @@ impl Speaker {
         nats: async_nats::Client,
         store: kv::Store,
         groups: GroupCache,
+        blocks: BlockCache,
         metrics: Arc<PresenceMetrics>,
     ) -> Self {
         Self {
             nats,
             store,
             groups,
+            blocks,
             friends: HashMap::new(),
             typing: HashMap::new(),
             metrics,
@@ -116,11 +122,17 @@ impl Speaker {
                 tracing::warn!(error = %e, "cannot publish presence");
             }
         }
-        let Some(friends) = self.friends_of(&event.user).await else {
+        let Some(audience) = self.friends_of(&event.user).await else {
             return;
         };
-        let frame = ServerFrame::Presence(event).to_json();
-        for friend in friends.iter().filter(|f| tracker.is_online(f)) {
+        let frame =
+            ServerFrame::Presence(presence::as_seen(event, audience.shows_last_active)).to_json();
+        for friend in audience
+            .friends
+            .iter()
+            .map(|peer| &peer.user)
+            .filter(|f| tracker.is_online(f))
+        {
             self.publish(subjects::deliver(friend), frame.clone().into_bytes())
                 .await;
         }
@@ -132,7 +144,7 @@ impl Speaker {
         }
     }
 
-    async fn friends_of(&mut self, user: &UserId) -> Option<Arc<Vec<UserId>>> {
+    async fn friends_of(&mut self, user: &UserId) -> Option<Arc<rpc::PresenceAudience>> {
         if let Some((friends, at)) = self.friends.get(user) {
             if at.elapsed() < FRIENDS_TTL {
                 return Some(friends.clone());
@@ -166,6 +178,7 @@ impl Speaker {
         }
         let [a, b] = &change.users;
         for (about, to) in [(a, b), (b, a)] {
+            let shows = !change.hides_last_active.contains(about);
             let record = match self.store.get(subjects::presence_key(about)).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<PresenceRecord>(&bytes).ok(),
                 Ok(None) => None,
@@ -179,11 +192,12 @@ impl Speaker {
                 last_active: 0,
                 devices: None,
             });
-            let frame = ServerFrame::Presence(PresenceEvent {
+            let event = PresenceEvent {
                 user: about.clone(),
                 status: record.status,
                 last_active: record.last_active,
-            });
+            };
+            let frame = ServerFrame::Presence(presence::as_seen(event, shows));
             self.publish(subjects::deliver(to), frame.to_json().into_bytes())
                 .await;
         }
@@ -244,6 +258,14 @@ impl Speaker {
         if !members.contains(&user) {
             return;
         }
+        // Nobody sees the typing of someone across a block from them.
+        let blocked = match self.blocks.peers(&user).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "no blocks; typing dropped");
+                return;
+            }
+        };
         let frame = ServerFrame::Typing {
             conversation,
             user: user.clone(),
@@ -252,7 +274,7 @@ impl Speaker {
         .to_json();
         for member in members
             .iter()
-            .filter(|m| **m != user && tracker.is_online(m))
+            .filter(|m| **m != user && !blocked.contains(*m) && tracker.is_online(m))
         {
             self.publish(subjects::deliver(member), frame.clone().into_bytes())
                 .await;

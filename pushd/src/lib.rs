@@ -15,6 +15,7 @@
 mod error;
 mod ledger;
 mod metrics;
+mod mutes;
 mod notification;
 mod providers;
 mod retry;

@@ -30,6 +30,7 @@ use tokio::time::{interval_at, sleep_until, Instant, Interval};
 
 use crate::ledger::{self, Claim, JobKey, Ledger};
 use crate::metrics::PushMetrics;
+use crate::mutes;
 use crate::notification::{Notification, Push, Retraction};
 use crate::providers::{Providers, Token};
 use crate::retry::Outcome;
@@ -298,7 +299,11 @@ async fn deliver(shared: &Shared, work: &[PushWork]) -> bool {
         return true;
     };
     let (jobs, retractions) = split(work);
+    // Muted conversations still count in the badge, they only send nothing.
     let badge = badge(shared, &user, &jobs).await;
+    let count = jobs.len();
+    let jobs = mutes::unmuted(&shared.pool, &user, jobs).await;
+    shared.metrics.count_muted((count - jobs.len()) as u64);
     let mut settled = true;
     if let Some(mut notification) = Notification::coalesce(&jobs, shared.preview) {
         notification.badge = badge;

@@ -31,6 +31,7 @@ mod receipts;
 
 use std::sync::Arc;
 
+use chat_shared::blocks::BlockCache;
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
@@ -80,12 +81,14 @@ pub async fn run_with(
     )
     .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
     let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("router"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("router"));
     let mut consumers: Vec<(String, &str)> = config
         .partitions
         .all()
@@ -128,6 +131,7 @@ pub async fn run_with(
     let receipt_loop = tokio::spawn(receipts::consume_receipts(
         router.clone(),
         groups,
+        blocks,
         receipts,
         stop.clone(),
     ));

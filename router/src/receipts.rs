@@ -10,7 +10,9 @@
 //! window loses nothing, its events are redelivered.
 //!
 //! Who is told is decided in one place, [`recipients`]; only members of
-//! the conversation ever are.
+//! the conversation ever are, and (v1.1) never across a block or past
+//! someone's `read_receipts: false` (the persister names a read's
+//! audience, where the settings are).
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
@@ -19,8 +21,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
+use chat_shared::blocks::BlockCache;
 use chat_shared::ids::{ConversationId, DeviceId, MessageId, UserId};
-use chat_shared::membership::GroupCache;
+use chat_shared::membership::{GroupCache, Members};
 use chat_shared::push::RetractReason;
 use chat_shared::receipts::{DeliveredEvent, ReadEvent};
 use chat_shared::wire::{ErrorCode, ReceiptKind, ServerFrame};
@@ -57,6 +60,9 @@ struct Receipt {
     device: Option<DeviceId>,
     /// Who wrote the acknowledged messages (delivered receipts only).
     senders: BTreeSet<UserId>,
+    /// Who may see a read receipt, as the persister decided when it stored
+    /// the read (`None`: every member).
+    audience: Option<BTreeSet<UserId>>,
 }
 
 impl Receipt {
@@ -64,6 +70,7 @@ impl Receipt {
         if newer.up_to >= self.up_to {
             self.up_to = newer.up_to;
             self.device = newer.device;
+            self.audience = newer.audience;
         }
         self.senders.extend(newer.senders);
     }
@@ -165,22 +172,35 @@ impl<M> Windows<M> {
 
 /// Who is told about `key`'s receipt among the conversation's `members`
 /// (the one place this is decided):
-/// - `read`: every member, the reader included (their other devices);
+/// - `read`: every member in the read's audience, the reader included
+///   (their other devices);
 /// - `delivered`: the members who wrote the acknowledged messages, never
-///   the user who received them.
+///   the user who received them, and nobody across a block with them
+///   (`blocked`: everyone across a block from the receipt's user).
 ///
 /// Nobody if the receipt's user is not a member.
-fn recipients(key: &Key, receipt: &Receipt, members: &[UserId]) -> Vec<UserId> {
+fn recipients(key: &Key, receipt: &Receipt, members: &[UserId], blocked: &Members) -> Vec<UserId> {
     if !members.contains(&key.user) {
         tracing::warn!(user = %key.user, "dropping a receipt from a non-member");
         return Vec::new();
     }
     match key.kind {
-        ReceiptKind::Read => members.to_vec(),
+        ReceiptKind::Read => members
+            .iter()
+            .filter(|member| {
+                receipt
+                    .audience
+                    .as_ref()
+                    .is_none_or(|audience| audience.contains(*member))
+            })
+            .cloned()
+            .collect(),
         ReceiptKind::Delivered => receipt
             .senders
             .iter()
-            .filter(|sender| **sender != key.user && members.contains(sender))
+            .filter(|sender| {
+                **sender != key.user && members.contains(sender) && !blocked.contains(*sender)
+            })
             .cloned()
             .collect(),
     }
@@ -209,6 +229,7 @@ fn decode(message: &jetstream::Message) -> Result<(Key, Receipt), Malformed> {
                     up_to: event.up_to,
                     device: event.device,
                     senders: event.senders.into_iter().collect(),
+                    audience: None,
                 },
             ))
         }
@@ -224,6 +245,7 @@ fn decode(message: &jetstream::Message) -> Result<(Key, Receipt), Malformed> {
                     up_to: event.up_to,
                     device: None,
                     senders: BTreeSet::new(),
+                    audience: event.audience.map(|users| users.into_iter().collect()),
                 },
             ))
         }
@@ -237,6 +259,7 @@ fn decode(message: &jetstream::Message) -> Result<(Key, Receipt), Malformed> {
 pub async fn consume_receipts(
     router: Arc<Fanout>,
     groups: GroupCache,
+    blocks: BlockCache,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
 ) {
@@ -246,13 +269,18 @@ pub async fn consume_receipts(
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tick = tokio::time::interval(TICK);
     let emit = |key: Key, batch: Batch<jetstream::Message>| {
-        let (router, groups, permits) = (router.clone(), groups.clone(), permits.clone());
+        let (router, groups, blocks, permits) = (
+            router.clone(),
+            groups.clone(),
+            blocks.clone(),
+            permits.clone(),
+        );
         async move {
             let Ok(permit) = permits.acquire_owned().await else {
                 return;
             };
             tokio::spawn(async move {
-                append(&router, &groups, key, batch).await;
+                append(&router, &groups, &blocks, key, batch).await;
                 drop(permit);
             });
         }
@@ -307,7 +335,13 @@ pub async fn consume_receipts(
 
 /// Appends one coalesced receipt to its recipients' inboxes, then acks
 /// its events; on failure they come back after [`RETRY_AFTER`].
-async fn append(router: &Fanout, groups: &GroupCache, key: Key, batch: Batch<jetstream::Message>) {
+async fn append(
+    router: &Fanout,
+    groups: &GroupCache,
+    blocks: &BlockCache,
+    key: Key,
+    batch: Batch<jetstream::Message>,
+) {
     let members: Vec<UserId> = match &key.conversation {
         ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
         ConversationId::Group(group) => match groups.members(group).await {
@@ -320,7 +354,18 @@ async fn append(router: &Fanout, groups: &GroupCache, key: Key, batch: Batch<jet
             }
         },
     };
-    let recipients = recipients(&key, &batch.receipt, &members);
+    let blocked = match key.kind {
+        ReceiptKind::Delivered => match blocks.peers(&key.user).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a receipt's blocks; retrying");
+                return settle(batch.events, false).await;
+            }
+        },
+        // A read's audience already leaves out blocks.
+        ReceiptKind::Read => Members::default(),
+    };
+    let recipients = recipients(&key, &batch.receipt, &members, &blocked);
     if recipients.is_empty() {
         return settle(batch.events, true).await;
     }
@@ -392,6 +437,7 @@ mod tests {
             up_to: MessageId(up_to),
             device: Some(DeviceId::parse(device).unwrap()),
             senders: [user(sender)].into_iter().collect(),
+            audience: None,
         }
     }
 
@@ -456,14 +502,46 @@ mod tests {
     #[test]
     fn reads_reach_every_member_and_delivered_only_the_senders() {
         let members = [user("alice"), user("bob"), user("carol")];
-        let read = recipients(&key(ReceiptKind::Read), &receipt(1, "a", "alice"), &members);
+        let none = Members::default();
+        let read = recipients(
+            &key(ReceiptKind::Read),
+            &receipt(1, "a", "alice"),
+            &members,
+            &none,
+        );
         assert_eq!(read, members.to_vec());
         let mut merged = receipt(1, "a", "alice");
         merged.merge(receipt(2, "a", "bob"));
         merged.merge(receipt(3, "a", "dave"));
-        let delivered = recipients(&key(ReceiptKind::Delivered), &merged, &members);
+        let delivered = recipients(&key(ReceiptKind::Delivered), &merged, &members, &none);
         assert_eq!(delivered, vec![user("alice")]);
-        let outsider = recipients(&key(ReceiptKind::Read), &merged, &members[..1]);
+        let outsider = recipients(&key(ReceiptKind::Read), &merged, &members[..1], &none);
         assert!(outsider.is_empty());
+    }
+
+    #[test]
+    fn blocks_and_read_audiences_narrow_who_is_told() {
+        let members = [user("alice"), user("bob"), user("carol")];
+        // bob's delivered receipt for alice's and carol's messages; alice
+        // and bob are across a block.
+        let mut delivered = receipt(1, "a", "alice");
+        delivered.merge(receipt(2, "a", "carol"));
+        let blocked: Members = Arc::new([user("alice")].into_iter().collect());
+        assert_eq!(
+            recipients(&key(ReceiptKind::Delivered), &delivered, &members, &blocked),
+            vec![user("carol")]
+        );
+        // A read told only to its audience (the persister left carol out).
+        let mut read = receipt(3, "a", "alice");
+        read.audience = Some([user("bob"), user("alice")].into_iter().collect());
+        assert_eq!(
+            recipients(
+                &key(ReceiptKind::Read),
+                &read,
+                &members,
+                &Members::default()
+            ),
+            vec![user("alice"), user("bob")]
+        );
     }
 }

@@ -59,6 +59,11 @@ pub struct ReadEvent {
     pub conversation: ConversationId,
     pub user: UserId,
     pub up_to: MessageId,
+    /// v1.1 privacy: the members who may see this receipt (no block with
+    /// the reader, read receipts on for both; the reader always). Absent:
+    /// every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<Vec<UserId>>,
 }
 
 #[cfg(test)]

@@ -261,6 +261,21 @@ pub fn parse_typing(subject: &str) -> Option<UserId> {
 /// Friendship changes (core NATS), so presence drops its cached friend lists.
 pub const FRIEND_CHANGES: &str = "chat.event.friend";
 
+/// `blocker` blocked or unblocked `blocked` (core NATS, no body): every
+/// block cache forgets both users (`crate::blocks`).
+pub fn block_event(blocker: &UserId, blocked: &UserId) -> String {
+    format!("chat.event.block.{blocker}.{blocked}")
+}
+
+/// Every block change, for the block caches.
+pub const ALL_BLOCK_EVENTS: &str = "chat.event.block.*.*";
+
+/// The two users of a [`block_event`] subject, if it is one.
+pub fn parse_block_event(subject: &str) -> Option<[UserId; 2]> {
+    let (blocker, blocked) = subject.strip_prefix("chat.event.block.")?.split_once('.')?;
+    Some([UserId::parse(blocker).ok()?, UserId::parse(blocked).ok()?])
+}
+
 /// Key of a user's presence record in [`PRESENCE_BUCKET`].
 pub fn presence_key(user: &UserId) -> String {
     format!("user.{user}")
@@ -551,6 +566,23 @@ mod tests {
         );
         assert_eq!(parse_moderation_notice("chat.mod.a.b"), None);
         assert_eq!(parse_moderation_notice("chat.deliver.a"), None);
+    }
+
+    #[test]
+    fn block_events_name_both_users_and_parse_back() {
+        let (alice, bob) = (user("alice"), user("bob"));
+        assert_eq!(block_event(&alice, &bob), "chat.event.block.alice.bob");
+        assert_eq!(
+            parse_block_event(&block_event(&alice, &bob)),
+            Some([alice, bob])
+        );
+        for bad in [
+            "chat.event.block.a",
+            "chat.event.block.a.b.c",
+            "chat.event.group.g",
+        ] {
+            assert_eq!(parse_block_event(bad), None, "{bad}");
+        }
     }
 
     #[test]

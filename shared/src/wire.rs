@@ -142,6 +142,42 @@ pub enum ClientFrame {
         platform: PushPlatform,
         token: String,
     },
+    /// v1.1: blocks `user` (see docs/protocol.md for every effect).
+    #[serde(rename = "block")]
+    Block {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "unblock")]
+    Unblock {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    /// v1.1: the users you blocked.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// v1.1: no push for `conversation` until `until` (ms since the epoch)
+    /// unless you are mentioned; `null` unmutes.
+    #[serde(rename = "mute")]
+    Mute {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        until: Option<u64>,
+    },
+    /// v1.1: changes the given privacy settings (none: reads them).
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        change: SettingsChange,
+    },
     #[serde(rename = "refresh")]
     Refresh {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +246,11 @@ impl ClientFrame {
             | Self::Friends { reference }
             | Self::PushRegister { reference, .. }
             | Self::PushUnregister { reference, .. }
+            | Self::Block { reference, .. }
+            | Self::Unblock { reference, .. }
+            | Self::Blocked { reference }
+            | Self::Mute { reference, .. }
+            | Self::Settings { reference, .. }
             | Self::Refresh { reference, .. }
             | Self::Receipts { reference, .. } => reference,
         };
@@ -238,6 +279,11 @@ impl ClientFrame {
             Self::Friends { .. } => "friends",
             Self::PushRegister { .. } => "push.register",
             Self::PushUnregister { .. } => "push.unregister",
+            Self::Block { .. } => "block",
+            Self::Unblock { .. } => "unblock",
+            Self::Blocked { .. } => "blocked",
+            Self::Mute { .. } => "mute",
+            Self::Settings { .. } => "settings",
             Self::Refresh { .. } => "refresh",
             Self::Receipts { .. } => "receipts",
         }
@@ -364,6 +410,21 @@ pub enum ServerFrame {
         conversation: ConversationId,
         members: Vec<MemberReceipts>,
     },
+    /// v1.1: the reply to `blocked`.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<UserId>,
+    },
+    /// v1.1: the reply to `settings`, every setting.
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        settings: PrivacySettings,
+    },
 }
 
 impl ServerFrame {
@@ -397,6 +458,8 @@ impl ServerFrame {
             Self::Ok { .. } => "ok",
             Self::Friends { .. } => "friends",
             Self::Receipts { .. } => "receipts",
+            Self::Blocked { .. } => "blocked",
+            Self::Settings { .. } => "settings",
         }
     }
 
@@ -484,6 +547,55 @@ pub enum FriendState {
     Pending,
     /// No relation (any more): only in `friend` frames, after a removal.
     None,
+}
+
+/// v1.1 `settings.last_seen`: who sees the user's `last_active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LastSeen {
+    #[default]
+    Everyone,
+    Friends,
+    Nobody,
+}
+
+/// v1.1 `settings.group_adds`: who may add the user to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAdds {
+    #[default]
+    Everyone,
+    Friends,
+}
+
+/// v1.1: a user's privacy settings; a user who never set any has the
+/// defaults (everything visible, anyone may add them, read receipts on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PrivacySettings {
+    pub last_seen: LastSeen,
+    pub group_adds: GroupAdds,
+    pub read_receipts: bool,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        Self {
+            last_seen: LastSeen::Everyone,
+            group_adds: GroupAdds::Everyone,
+            read_receipts: true,
+        }
+    }
+}
+
+/// The fields a `settings` request changes; the others keep their value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<LastSeen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_adds: Option<GroupAdds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_receipts: Option<bool>,
 }
 
 /// One accepted message: the MESSAGES stream event, a `history` item and the
@@ -740,6 +852,11 @@ mod tests {
             json!({"type":"push.unregister","platform":"fcm","token":"t"}),
             json!({"type":"refresh","token":"t"}),
             json!({"type":"receipts","conversation":"dm:a:b"}),
+            json!({"type":"block","user":"b"}),
+            json!({"type":"unblock","user":"b"}),
+            json!({"type":"blocked"}),
+            json!({"type":"mute","conversation":"dm:a:b","until":null}),
+            json!({"type":"settings"}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -763,6 +880,14 @@ mod tests {
                 conversation: ConversationId::parse("dm:a:b").unwrap(),
                 members: vec![],
             },
+            ServerFrame::Blocked {
+                reference: None,
+                items: vec![],
+            },
+            ServerFrame::Settings {
+                reference: None,
+                settings: PrivacySettings::default(),
+            },
         ];
         for frame in server {
             let value = serde_json::to_value(&frame).unwrap();
@@ -781,6 +906,48 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
+    }
+
+    #[test]
+    fn privacy_frames_parse_and_render_flat() {
+        let change: ClientFrame = serde_json::from_value(
+            json!({"type":"settings","ref":"r","last_seen":"nobody","read_receipts":false}),
+        )
+        .unwrap();
+        assert_eq!(
+            change,
+            ClientFrame::Settings {
+                reference: Some("r".into()),
+                change: SettingsChange {
+                    last_seen: Some(LastSeen::Nobody),
+                    group_adds: None,
+                    read_receipts: Some(false),
+                },
+            }
+        );
+        for bad in [
+            json!({"type":"settings","group_adds":"nobody"}),
+            json!({"type":"settings","read_receipts":"no"}),
+            json!({"type":"mute","until":1}),
+            json!({"type":"block"}),
+        ] {
+            assert!(
+                serde_json::from_value::<ClientFrame>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let unmute: ClientFrame =
+            serde_json::from_value(json!({"type":"mute","conversation":"dm:a:b","until":null}))
+                .unwrap();
+        assert!(matches!(unmute, ClientFrame::Mute { until: None, .. }));
+        let settings = ServerFrame::Settings {
+            reference: Some("r".into()),
+            settings: PrivacySettings::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(&settings).unwrap(),
+            json!({"type":"settings","ref":"r","last_seen":"everyone","group_adds":"everyone","read_receipts":true})
+        );
     }
 
     #[test]

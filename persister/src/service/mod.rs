@@ -4,6 +4,7 @@ mod friends;
 mod groups;
 mod outbox;
 mod pages;
+mod privacy;
 mod push_tokens;
 mod receipts;
 
@@ -162,7 +163,7 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RpcError> {
 }
 
 /// Who is asking, for the request's span: every request but the backend's
-/// `members` and `friends_of` names its user.
+/// `members` names its user.
 #[derive(serde::Deserialize)]
 struct Caller {
     user: Option<UserId>,
@@ -239,6 +240,12 @@ impl Service {
             rpc::FriendsOf => friends_of,
             rpc::PushRegister => push_register,
             rpc::PushUnregister => push_unregister,
+            rpc::Block => block,
+            rpc::Unblock => unblock,
+            rpc::BlockList => blocked,
+            rpc::BlockPeers => block_peers,
+            rpc::Mute => mute,
+            rpc::Settings => settings,
         )
     }
 
@@ -324,10 +331,19 @@ impl Service {
         // `Nats-Msg-Id`: a client that retries after `unavailable` (the
         // read stored, its event not) gets its receipt out, and JetStream
         // drops the copy otherwise.
+        // Who may see it (blocks, `read_receipts`) is decided here, where
+        // the settings are; the router tells exactly these members.
+        let members = self
+            .conversation_members(&db, &request.conversation)
+            .await?;
+        let audience = self
+            .read_receipt_audience(&db, &request.user, members)
+            .await?;
         self.publish_read(ReadEvent {
             conversation: request.conversation,
             user: request.user,
             up_to: request.up_to,
+            audience: Some(audience),
         })
         .await
     }

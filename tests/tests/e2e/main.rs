@@ -13,6 +13,7 @@ mod moderation;
 mod operators;
 mod partitions;
 mod presence;
+mod privacy;
 mod privilege;
 mod provisioning;
 mod push;

@@ -640,7 +640,7 @@ async fn push_preview_off_sends_no_text() -> Result<()> {
 }
 
 /// The presence record of `user` says `status`.
-async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
+pub(crate) async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
     let bucket = js.get_key_value(subjects::PRESENCE_BUCKET).await?;
     let key = subjects::presence_key(&UserId::parse(user)?);
     wait_until(|| {
@@ -986,5 +986,88 @@ async fn push_never_goes_to_the_sender_even_when_offline() -> Result<()> {
     );
     assert_eq!(fcm.requests().len(), 1);
     assert_eq!(pushd.metrics.sent(Platform::Fcm), 1);
+    pushd.stop().await
+}
+
+/// Jobs ever stored in PUSH (acked ones included: it is a work queue).
+async fn jobs_made(setup: &Setup) -> u64 {
+    match setup.js.get_stream(subjects::PUSH_STREAM).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    }
+}
+
+/// PROTOCOL.md v1.1 `mute`: no push for a muted conversation, which still
+/// counts unread; other conversations push as before, and unmuting
+/// restores the pushes.
+#[tokio::test]
+async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let system = &setup.system;
+    let fcm = &setup.fakes.fcm;
+    let mut bob = system.connect("bob", "phone").await?;
+    let register = json!({"type":"push.register","platform":"fcm","token":"fcm-bob"});
+    request_ok(&mut bob, register).await?;
+    let hour_from_now =
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 3_600_000;
+    let mute = json!({"type":"mute","conversation":"dm:alice:bob","until":hour_from_now});
+    request_ok(&mut bob, mute).await?;
+    let theirs = json!({"type":"mute","conversation":"dm:alice:carol","until":hour_from_now});
+    let refused = bob.request(theirs).await?;
+    ensure!(refused["code"] == "forbidden", "{refused}");
+    bob.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+
+    // The muted message's job is made and settled without a push.
+    let mut alice = system.connect("alice", "phone").await?;
+    let muted = alice
+        .send_message(json!({"to":"bob"}), "muted", "p1")
+        .await?;
+    ensure!(muted["type"] == "sent", "{muted}");
+    wait_until(|| async { jobs_made(&setup).await == 1 && setup.jobs_left().await == 0 }).await?;
+    assert_eq!(pushd.metrics.muted(), 1);
+    // Another conversation pushes; it is the only push so far.
+    let mut carol = system.connect("carol", "phone").await?;
+    let loud = carol
+        .send_message(json!({"to":"bob"}), "not muted", "p2")
+        .await?;
+    ensure!(loud["type"] == "sent", "{loud}");
+    wait_until(|| async { fcm.requests().len() == 1 }).await?;
+    let pushed = fcm.requests()[0].json()?;
+    assert_eq!(pushed["message"]["notification"]["body"], "not muted");
+
+    // Unmuted (`until: null`), the conversation pushes again.
+    let mut bob = system.connect("bob", "phone").await?;
+    request_ok(
+        &mut bob,
+        json!({"type":"mute","conversation":"dm:alice:bob","until":null}),
+    )
+    .await?;
+    bob.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+    let again = alice
+        .send_message(json!({"to":"bob"}), "unmuted", "p3")
+        .await?;
+    ensure!(again["type"] == "sent", "{again}");
+    wait_until(|| async { fcm.requests().len() == 2 }).await?;
+    let pushed = fcm.requests()[1].json()?;
+    assert_eq!(pushed["message"]["notification"]["body"], "unmuted");
+
+    // Muted or not, every message counted unread.
+    let mut bob = system.connect("bob", "phone").await?;
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    let unread = |conversation: &str| {
+        list["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["conversation"] == conversation))
+            .map(|item| item["unread"].clone())
+    };
+    assert_eq!(unread("dm:alice:bob"), Some(json!(2)), "{list}");
+    assert_eq!(unread("dm:bob:carol"), Some(json!(1)), "{list}");
+    assert_eq!(pushd.metrics.muted(), 1);
     pushd.stop().await
 }
