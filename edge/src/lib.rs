@@ -36,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chat_shared::auth::Verifier;
+use chat_shared::blocks::BlockCache;
 use chat_shared::direct::DirectReader;
 use chat_shared::discovery::Directory;
 use chat_shared::idgen::IdGenerator;
@@ -81,6 +82,8 @@ pub(crate) struct Edge {
     pub ids: IdGenerator,
     pub hub: Arc<hub::Hub>,
     pub groups: GroupCache,
+    /// Who is across a block from whom (DMs).
+    pub blocks: BlockCache,
     /// The presence bucket (snapshots, `friends`).
     pub presence: kv::Store,
     /// This edge's live devices, for presence heartbeats.
@@ -207,6 +210,7 @@ pub async fn run(
     let (stop_tx, stop) = watch::channel(false);
     let lease_task = tokio::spawn(lease.keep(node, revision, stop.clone()));
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
     let presence_store = bucket(subjects::PRESENCE_BUCKET).await;
     let edges = bucket(subjects::EDGES_BUCKET).await;
     let directory = Directory::default();
@@ -250,6 +254,7 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::EdgeMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("edge"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("edge"));
     let edge = Arc::new(Edge {
         hub,
         moderation,
@@ -272,6 +277,7 @@ pub async fn run(
         sent,
         ids,
         groups,
+        blocks,
         presence: presence_store,
         devices,
         connections: Arc::default(),

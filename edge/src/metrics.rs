@@ -158,10 +158,12 @@ mod tests {
     #[test]
     fn live_frames_are_counted_by_their_type() {
         let receipt = ServerFrame::Receipt {
+            cursor: None,
             conversation: ConversationId::parse("dm:a:b").unwrap(),
             user: UserId::parse("a").unwrap(),
             kind: ReceiptKind::Read,
             up_to: MessageId(1),
+            device: None,
         };
         assert_eq!(live_kind(&receipt.to_json()), receipt.kind());
         let stored = br#"{"type":"membership","conversation":"group:g"}"#;

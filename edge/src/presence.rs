@@ -157,6 +157,7 @@ pub async fn read(store: &kv::Store, users: Vec<UserId>) -> Result<Vec<PresenceE
                 .unwrap_or(PresenceRecord {
                     status: PresenceStatus::Offline,
                     last_active: 0,
+                    devices: None,
                 });
             Ok(PresenceEvent {
                 user,
@@ -171,12 +172,27 @@ pub async fn read(store: &kv::Store, users: Vec<UserId>) -> Result<Vec<PresenceE
         .collect()
 }
 
-/// The presence of every friend of `user`: the snapshot after `synced`.
+/// The presence of every friend of `user` with no block between them
+/// (the persister's `friends_of`), each `last_active` hidden where that
+/// friend's `last_seen` says so: the snapshot after `synced`.
 pub async fn of_friends(
     nats: &async_nats::Client,
     store: &kv::Store,
     user: UserId,
 ) -> Result<Vec<PresenceEvent>, RpcError> {
-    let friends = rpc::call::<rpc::FriendsOf>(nats, &rpc::UserRequest { user }).await?;
-    read(store, friends).await
+    let audience = rpc::call::<rpc::FriendsOf>(nats, &rpc::UserRequest { user }).await?;
+    let shows: HashMap<UserId, bool> = audience
+        .friends
+        .iter()
+        .map(|peer| (peer.user.clone(), peer.shows_last_active))
+        .collect();
+    let friends = audience.friends.into_iter().map(|peer| peer.user).collect();
+    Ok(read(store, friends)
+        .await?
+        .into_iter()
+        .map(|event| {
+            let shown = shows.get(&event.user).copied().unwrap_or(false);
+            chat_shared::presence::as_seen(event, shown)
+        })
+        .collect())
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use chat_shared::ids::{ConversationId, Cursor, MessageId, UserId};
+use chat_shared::ids::{ConversationId, Cursor, DeviceId, MessageId, UserId};
 use chat_shared::receipts::{DeliveredEvent, MessageMeta};
 
 /// Sent messages remembered while unacked; beyond this the oldest are
@@ -45,8 +45,8 @@ impl DeliveredTracker {
         }
     }
 
-    /// The receipts gathered since the last call.
-    pub fn take(&mut self, reader: &UserId) -> Vec<DeliveredEvent> {
+    /// The receipts gathered since the last call, from `reader`'s `device`.
+    pub fn take(&mut self, reader: &UserId, device: &DeviceId) -> Vec<DeliveredEvent> {
         self.pending
             .drain()
             .map(|(conversation, (up_to, senders))| DeliveredEvent {
@@ -54,6 +54,7 @@ impl DeliveredTracker {
                 user: reader.clone(),
                 up_to,
                 senders: senders.into_iter().collect(),
+                device: Some(device.clone()),
             })
             .collect()
     }
@@ -74,6 +75,7 @@ mod tests {
     #[test]
     fn acks_coalesce_per_conversation_and_skip_own_messages() {
         let bob = UserId::parse("bob").unwrap();
+        let phone = DeviceId::parse("phone").unwrap();
         let mut tracker = DeliveredTracker::default();
         tracker.sent(Cursor(1), meta("dm:alice:bob", 10, "alice"));
         tracker.sent(Cursor(2), meta("dm:alice:bob", 11, "alice"));
@@ -81,7 +83,7 @@ mod tests {
         tracker.sent(Cursor(4), meta("group:g", 6, "bob"));
         tracker.sent(Cursor(5), meta("dm:alice:bob", 12, "alice"));
         tracker.acked(Cursor(4), &bob);
-        let mut receipts = tracker.take(&bob);
+        let mut receipts = tracker.take(&bob, &phone);
         receipts.sort_by_key(|r| r.conversation.to_string());
         assert_eq!(receipts.len(), 2);
         assert_eq!(
@@ -89,8 +91,9 @@ mod tests {
             (MessageId(11), 1)
         );
         assert_eq!(receipts[1].up_to, MessageId(5));
-        assert!(tracker.take(&bob).is_empty());
+        assert_eq!(receipts[1].device, Some(phone.clone()));
+        assert!(tracker.take(&bob, &phone).is_empty());
         tracker.acked(Cursor(5), &bob);
-        assert_eq!(tracker.take(&bob)[0].up_to, MessageId(12));
+        assert_eq!(tracker.take(&bob, &phone)[0].up_to, MessageId(12));
     }
 }

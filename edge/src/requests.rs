@@ -173,14 +173,17 @@ impl Requests {
     }
 }
 
-/// `user`'s friends and open requests; presence for accepted friends only
-/// (PROTOCOL.md: presence is shared between friends only), so a request's
-/// other side shows as offline with no `last_active`.
+/// `user`'s friends and open requests; presence for accepted friends with
+/// no block between them only (PROTOCOL.md: presence is shared between
+/// friends only), so anyone else shows as offline with no `last_active`;
+/// a friend whose `last_seen` is `nobody` shows their status with
+/// `last_active: null`.
 async fn friend_views(edge: &Edge, user: UserId) -> Result<Vec<FriendView>, RpcError> {
     let entries = rpc::call::<rpc::FriendList>(&edge.nats, &rpc::UserRequest { user }).await?;
+    let shares = |entry: &rpc::FriendEntry| entry.state == FriendState::Friends && entry.presence;
     let friends = entries
         .iter()
-        .filter(|entry| entry.state == FriendState::Friends)
+        .filter(|entry| shares(entry))
         .map(|entry| entry.user.clone())
         .collect();
     let mut presence: HashMap<UserId, PresenceEvent> =
@@ -192,11 +195,11 @@ async fn friend_views(edge: &Edge, user: UserId) -> Result<Vec<FriendView>, RpcE
     Ok(entries
         .into_iter()
         .map(|entry| match presence.remove(&entry.user) {
-            Some(event) if entry.state == FriendState::Friends => FriendView {
+            Some(event) if shares(&entry) => FriendView {
+                last_active: entry.last_active.then_some(event.last_active),
                 user: entry.user,
                 state: entry.state,
                 status: event.status,
-                last_active: Some(event.last_active),
             },
             _ => FriendView {
                 user: entry.user,
@@ -336,6 +339,21 @@ async fn answer(
             .await?;
             return Ok(None);
         }
+        ClientFrame::Receipts {
+            reference,
+            conversation,
+        } => {
+            let request = rpc::ConversationRequest {
+                user,
+                conversation: conversation.clone(),
+            };
+            let members = rpc::call::<rpc::Receipts>(nats, &request).await?;
+            ServerFrame::Receipts {
+                reference,
+                conversation,
+                members,
+            }
+        }
         ClientFrame::Typing {
             conversation,
             active,
@@ -443,6 +461,42 @@ async fn answer(
             change::apply(edge, &user, request).await?;
             ServerFrame::Ok { reference }
         }
+        ClientFrame::Block {
+            reference,
+            user: other,
+        } => {
+            rpc::call::<rpc::Block>(nats, &rpc::BlockRequest { user, other }).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Unblock {
+            reference,
+            user: other,
+        } => {
+            rpc::call::<rpc::Unblock>(nats, &rpc::BlockRequest { user, other }).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Blocked { reference } => ServerFrame::Blocked {
+            reference,
+            items: rpc::call::<rpc::BlockList>(nats, &rpc::UserRequest { user }).await?,
+        },
+        ClientFrame::Mute {
+            reference,
+            conversation,
+            until,
+        } => {
+            let request = rpc::MuteRequest {
+                user,
+                conversation,
+                until,
+            };
+            rpc::call::<rpc::Mute>(nats, &request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Settings { reference, change } => ServerFrame::Settings {
+            reference,
+            settings: rpc::call::<rpc::Settings>(nats, &rpc::SettingsRequest { user, change })
+                .await?,
+        },
         // Handled by the session itself.
         ClientFrame::Hello { .. }
         | ClientFrame::Ping { .. }

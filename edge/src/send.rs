@@ -96,7 +96,11 @@ pub enum SendError {
     NotInConversation,
     #[error("you are not a member of this group")]
     NotInGroup,
-    /// The group's members could not be read (the persister's answer).
+    /// v1.1: a block stands between the two users of a DM (either way).
+    #[error("a block stands between you and this user")]
+    Blocked,
+    /// The group's members (or a DM's blocks) could not be read (the
+    /// persister's answer).
     #[error("{}", .0.message)]
     Members(RpcError),
     #[error("at most {MAX_MENTIONS} mentions")]
@@ -122,7 +126,7 @@ impl SendError {
             | Self::TooManyMentions
             | Self::Reused => ErrorCode::BadRequest,
             Self::TextTooLong => ErrorCode::TooLarge,
-            Self::NotInConversation | Self::NotInGroup => ErrorCode::Forbidden,
+            Self::NotInConversation | Self::NotInGroup | Self::Blocked => ErrorCode::Forbidden,
             Self::Members(e) => e.code,
             Self::Unavailable | Self::TimedOut => ErrorCode::Unavailable,
             Self::Quota(e) => e.code(),
@@ -243,7 +247,19 @@ async fn recipients(
     conversation: &ConversationId,
 ) -> Result<u64, SendError> {
     match conversation {
-        ConversationId::Dm { .. } if conversation.is_dm_party(user) => Ok(2),
+        ConversationId::Dm { low, high } if conversation.is_dm_party(user) => {
+            // From the block cache: no request in the steady state.
+            let other = if low == user { high } else { low };
+            if edge
+                .blocks
+                .between(user, other)
+                .await
+                .map_err(SendError::Members)?
+            {
+                return Err(SendError::Blocked);
+            }
+            Ok(2)
+        }
         ConversationId::Dm { .. } => Err(SendError::NotInConversation),
         ConversationId::Group(group) => {
             let members = edge

@@ -748,9 +748,11 @@ impl Session {
     }
 
     /// Writes the acked cursor to KV if it moved (coalesced per device) and
-    /// reports the delivered receipts gathered since the last flush.
+    /// reports the delivered receipts gathered since the last flush (to
+    /// stream RECEIPTS, which captures the subject; the router makes them
+    /// inbox items).
     async fn flush_ack(&mut self) {
-        for receipt in self.delivered.take(&self.user) {
+        for receipt in self.delivered.take(&self.user, &self.device) {
             match serde_json::to_vec(&receipt) {
                 Ok(body) => {
                     let mut headers = async_nats::HeaderMap::new();
@@ -759,6 +761,7 @@ impl Session {
                         subjects::delivered_event_id(
                             &receipt.conversation,
                             &receipt.user,
+                            &self.device,
                             receipt.up_to,
                         )
                         .as_str(),

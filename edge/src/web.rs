@@ -66,6 +66,7 @@ const JS: &str = "text/javascript; charset=utf-8";
 static ASSETS: &[Asset] = &[
     asset!("/", "index.html", "text/html; charset=utf-8"),
     asset!("/app.js", "app.js", JS),
+    asset!("/changes.js", "changes.js", JS),
     asset!("/client.js", "client.js", JS),
     asset!("/composer.js", "composer.js", JS),
     asset!("/frames.js", "frames.js", JS),
@@ -74,6 +75,7 @@ static ASSETS: &[Asset] = &[
     asset!("/messages.js", "messages.js", JS),
     asset!("/nav.js", "nav.js", JS),
     asset!("/people.js", "people.js", JS),
+    asset!("/privacy.js", "privacy.js", JS),
     asset!("/signin.js", "signin.js", JS),
     asset!("/state.js", "state.js", JS),
     asset!("/ui.js", "ui.js", JS),

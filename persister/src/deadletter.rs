@@ -31,7 +31,11 @@ fn watched(partitions: Partitions) -> Vec<(String, &'static str)> {
         .all()
         .map(|p| (p.messages_stream(), subjects::MESSAGES_STREAM))
         .collect();
-    for stream in [subjects::EVENTS_STREAM, subjects::PUSH_STREAM] {
+    for stream in [
+        subjects::EVENTS_STREAM,
+        subjects::PUSH_STREAM,
+        subjects::RECEIPTS_STREAM,
+    ] {
         watched.push((stream.to_string(), stream));
     }
     watched

@@ -6,6 +6,12 @@
 //! request/reply service `chat.rpc.*` (queue group `persister`) for history,
 //! conversations, groups and read state.
 //!
+//! It stores delivered watermarks from stream RECEIPTS (`watermarks`), and
+//! publishes a read's receipt event there once the read is stored.
+//!
+//! `unread` is the one definition of a user's unread total, shared with
+//! pushd (the badge).
+//!
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
@@ -15,6 +21,8 @@ mod error;
 mod metrics;
 mod migrations;
 mod service;
+pub mod unread;
+mod watermarks;
 mod writer;
 
 use std::sync::Arc;
@@ -41,6 +49,12 @@ pub async fn run_with(
         let stream = partition.messages_stream();
         consumers.push(consume::durable(&js, &stream, streams::persister_consumer()).await);
     }
+    let delivered = consume::durable(
+        &js,
+        subjects::RECEIPTS_STREAM,
+        streams::persister_receipts_consumer(),
+    )
+    .await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
@@ -52,20 +66,28 @@ pub async fn run_with(
             .partitions
             .all()
             .map(|p| (p.messages_stream(), subjects::PERSISTER_CONSUMER))
+            .chain([(
+                subjects::RECEIPTS_STREAM.to_string(),
+                subjects::PERSISTER_RECEIPTS_CONSUMER,
+            )])
             .collect::<Vec<_>>(),
         &stop,
     );
+    let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let service = service::Service::new(
         pool.clone(),
         nats.clone(),
         js.clone(),
-        config.max_group_members,
-        config.push_tokens.clone(),
-        service::ChangeRules {
-            edit: config.edit_window,
-            delete: config.delete_window,
-            partitions: config.partitions,
+        service::Policy {
+            max_group_members: config.max_group_members,
+            push_tokens: config.push_tokens.clone(),
+            changes: service::ChangeRules {
+                edit: config.edit_window,
+                delete: config.delete_window,
+                partitions: config.partitions,
+            },
         },
+        push_devices,
         metrics.clone(),
     );
     tracing::info!("persister running");
@@ -75,6 +97,12 @@ pub async fn run_with(
         js.clone(),
         config.partitions,
         metrics.clone(),
+        stop.clone(),
+    ));
+    let watermarks = tokio::spawn(watermarks::store_delivered(
+        pool.clone(),
+        js.clone(),
+        delivered,
         stop.clone(),
     ));
     // One writer per MESSAGES partition, each pulling its own consumer.
@@ -93,6 +121,7 @@ pub async fn run_with(
         .collect();
     let _ = rpc.await;
     let _ = mover.await;
+    let _ = watermarks.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

@@ -11,6 +11,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../migrations/0003_push_tokens.sql")),
     (4, include_str!("../migrations/0004_friendships.sql")),
     (5, include_str!("../migrations/0005_message_changes.sql")),
+    (6, include_str!("../migrations/0006_receipts.sql")),
+    (7, include_str!("../migrations/0007_privacy.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

@@ -3,7 +3,8 @@
 //! Every presence process follows the edges' reports (device events and
 //! heartbeats) into a [`tracker::Tracker`], so a standby is always warm; the
 //! one holding the leader lease ([`Leadership`]) speaks: it writes each
-//! change to the presence bucket (one KV write), publishes it on
+//! change to the presence bucket (one KV write, also when only the set of
+//! connected devices changed, which is not announced), publishes it on
 //! `chat.presence.<user>` and sends a `presence` frame to each online
 //! friend's delivery subject (one pass over the friend list). It also fans
 //! `typing` out to the other members' online devices and lapses it.
@@ -15,6 +16,7 @@ pub mod tracker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_shared::blocks::BlockCache;
 use chat_shared::lease::Leadership;
 use chat_shared::membership::GroupCache;
 use chat_shared::presence::{DeviceEvent, EdgeHeartbeat, FriendChange, TypingEvent};
@@ -75,11 +77,13 @@ pub async fn run_with(
     let mut typing = subscribe(subjects::ALL_TYPING).await?;
     let mut friend_changes = subscribe(subjects::FRIEND_CHANGES).await?;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
 
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(PresenceMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("presence"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("presence"));
     let exposition = chat_shared::metrics::expose(metrics_listener, registry, &js, &[], &stop);
     let (leading_tx, mut leading) = watch::channel(false);
     let holder = format!("presence-{:08x}", rand::random::<u32>());
@@ -94,7 +98,7 @@ pub async fn run_with(
     );
     let started = Instant::now();
     let mut tracker = Tracker::new(config.presence_timeout, config.presence_debounce);
-    let mut speaker = Speaker::new(nats.clone(), store, groups, metrics.clone());
+    let mut speaker = Speaker::new(nats.clone(), store, groups, blocks, metrics.clone());
     // A new leader compares what it knows with the bucket once it has heard
     // every edge's heartbeat (one timeout after its own start).
     let mut reconcile_at: Option<Instant> = None;
@@ -110,14 +114,16 @@ pub async fn run_with(
             Some(message) = devices.next() => {
                 if let Some(event) = decode::<DeviceEvent>(&message) {
                     let changes = tracker.device(event, Instant::now(), now_ms());
-                    if is_leader { speaker.announce(&tracker, changes).await; }
+                    let devices = tracker.take_device_changes();
+                    if is_leader { speaker.speak(&tracker, changes, devices).await; }
                 }
             }
             Some(message) = heartbeats.next() => {
                 if let Some(heartbeat) = decode::<EdgeHeartbeat>(&message) {
                     metrics.heartbeat();
                     let changes = tracker.heartbeat(heartbeat, Instant::now(), now_ms());
-                    if is_leader { speaker.announce(&tracker, changes).await; }
+                    let devices = tracker.take_device_changes();
+                    if is_leader { speaker.speak(&tracker, changes, devices).await; }
                 }
             }
             Some(message) = typing.next() => {
@@ -140,8 +146,9 @@ pub async fn run_with(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let changes = tracker.tick(now, now_ms());
+                let devices = tracker.take_device_changes();
                 if is_leader {
-                    speaker.announce(&tracker, changes).await;
+                    speaker.speak(&tracker, changes, devices).await;
                     speaker.lapse_typing(&tracker, now).await;
                     if reconcile_at.is_some_and(|at| now >= at) {
                         reconcile_at = None;

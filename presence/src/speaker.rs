@@ -1,14 +1,15 @@
 //! What the leader says: presence changes to the bucket, the public subject
 //! and online friends; typing to the other members.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use chat_shared::blocks::BlockCache;
 use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::membership::GroupCache;
-use chat_shared::presence::{FriendChange, PresenceRecord, TypingEvent};
+use chat_shared::presence::{self, FriendChange, PresenceRecord, TypingEvent};
 use chat_shared::rpc;
 use chat_shared::subjects;
 use chat_shared::wire::{PresenceEvent, PresenceStatus, ServerFrame};
@@ -29,7 +30,10 @@ pub struct Speaker {
     nats: async_nats::Client,
     store: kv::Store,
     groups: GroupCache,
-    friends: HashMap<UserId, (Arc<Vec<UserId>>, Instant)>,
+    blocks: BlockCache,
+    /// Each user's friends with no block between them, and whether the
+    /// user shows them `last_active`.
+    friends: HashMap<UserId, (Arc<rpc::PresenceAudience>, Instant)>,
     typing: HashMap<(ConversationId, UserId), Instant>,
     metrics: Arc<PresenceMetrics>,
 }
@@ -39,31 +43,64 @@ impl Speaker {
         nats: async_nats::Client,
         store: kv::Store,
         groups: GroupCache,
+        blocks: BlockCache,
         metrics: Arc<PresenceMetrics>,
     ) -> Self {
         Self {
             nats,
             store,
             groups,
+            blocks,
             friends: HashMap::new(),
             typing: HashMap::new(),
             metrics,
         }
     }
 
-    pub async fn announce(&mut self, tracker: &Tracker, changes: Vec<Change>) {
+    async fn announce(&mut self, tracker: &Tracker, changes: Vec<Change>) {
         for change in changes {
             self.announce_one(tracker, change).await;
+        }
+    }
+
+    /// Announces `changes`, then rewrites the records of the users whose
+    /// connected devices changed (`devices`, from
+    /// [`Tracker::take_device_changes`]) without telling anyone: friends
+    /// see no presence frame for a second device. A user announced now is
+    /// written once, by the announcement.
+    pub async fn speak(&mut self, tracker: &Tracker, changes: Vec<Change>, devices: Vec<Change>) {
+        let announced: HashSet<UserId> = changes.iter().map(|c| c.user.clone()).collect();
+        self.announce(tracker, changes).await;
+        for change in devices.into_iter().filter(|c| !announced.contains(&c.user)) {
+            self.store(tracker, &change).await;
+        }
+    }
+
+    /// The user's record: `change`'s status with the devices connected now.
+    async fn store(&self, tracker: &Tracker, change: &Change) {
+        let record = PresenceRecord {
+            status: change.status,
+            last_active: change.last_active,
+            devices: Some(tracker.devices_of(&change.user)),
+        };
+        match serde_json::to_vec(&record) {
+            Ok(body) => {
+                if let Err(e) = self
+                    .store
+                    .put(subjects::presence_key(&change.user), body.into())
+                    .await
+                {
+                    tracing::warn!(user = %change.user, error = %e, "cannot store presence");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode presence"),
         }
     }
 
     /// One KV write, one public event, one frame per online friend.
     #[tracing::instrument(skip_all, fields(user = %change.user))]
     async fn announce_one(&mut self, tracker: &Tracker, change: Change) {
-        let record = PresenceRecord {
-            status: change.status,
-            last_active: change.last_active,
-        };
+        self.store(tracker, &change).await;
         let event = PresenceEvent {
             user: change.user,
             status: change.status,
@@ -71,18 +108,6 @@ impl Speaker {
         };
         tracing::debug!(user = %event.user, status = ?event.status, "presence change");
         self.metrics.announced(event.status);
-        match serde_json::to_vec(&record) {
-            Ok(body) => {
-                if let Err(e) = self
-                    .store
-                    .put(subjects::presence_key(&event.user), body.into())
-                    .await
-                {
-                    tracing::warn!(user = %event.user, error = %e, "cannot store presence");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode presence"),
-        }
         if let Ok(body) = serde_json::to_vec(&event) {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
@@ -97,11 +122,17 @@ impl Speaker {
                 tracing::warn!(error = %e, "cannot publish presence");
             }
         }
-        let Some(friends) = self.friends_of(&event.user).await else {
+        let Some(audience) = self.friends_of(&event.user).await else {
             return;
         };
-        let frame = ServerFrame::Presence(event).to_json();
-        for friend in friends.iter().filter(|f| tracker.is_online(f)) {
+        let frame =
+            ServerFrame::Presence(presence::as_seen(event, audience.shows_last_active)).to_json();
+        for friend in audience
+            .friends
+            .iter()
+            .map(|peer| &peer.user)
+            .filter(|f| tracker.is_online(f))
+        {
             self.publish(subjects::deliver(friend), frame.clone().into_bytes())
                 .await;
         }
@@ -113,7 +144,7 @@ impl Speaker {
         }
     }
 
-    async fn friends_of(&mut self, user: &UserId) -> Option<Arc<Vec<UserId>>> {
+    async fn friends_of(&mut self, user: &UserId) -> Option<Arc<rpc::PresenceAudience>> {
         if let Some((friends, at)) = self.friends.get(user) {
             if at.elapsed() < FRIENDS_TTL {
                 return Some(friends.clone());
@@ -147,6 +178,7 @@ impl Speaker {
         }
         let [a, b] = &change.users;
         for (about, to) in [(a, b), (b, a)] {
+            let shows = !change.hides_last_active.contains(about);
             let record = match self.store.get(subjects::presence_key(about)).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<PresenceRecord>(&bytes).ok(),
                 Ok(None) => None,
@@ -158,12 +190,14 @@ impl Speaker {
             let record = record.unwrap_or(PresenceRecord {
                 status: PresenceStatus::Offline,
                 last_active: 0,
+                devices: None,
             });
-            let frame = ServerFrame::Presence(PresenceEvent {
+            let event = PresenceEvent {
                 user: about.clone(),
                 status: record.status,
                 last_active: record.last_active,
-            });
+            };
+            let frame = ServerFrame::Presence(presence::as_seen(event, shows));
             self.publish(subjects::deliver(to), frame.to_json().into_bytes())
                 .await;
         }
@@ -224,6 +258,14 @@ impl Speaker {
         if !members.contains(&user) {
             return;
         }
+        // Nobody sees the typing of someone across a block from them.
+        let blocked = match self.blocks.peers(&user).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "no blocks; typing dropped");
+                return;
+            }
+        };
         let frame = ServerFrame::Typing {
             conversation,
             user: user.clone(),
@@ -232,7 +274,7 @@ impl Speaker {
         .to_json();
         for member in members
             .iter()
-            .filter(|m| **m != user && tracker.is_online(m))
+            .filter(|m| **m != user && !blocked.contains(*m) && tracker.is_online(m))
         {
             self.publish(subjects::deliver(member), frame.clone().into_bytes())
                 .await;
@@ -263,8 +305,9 @@ impl Speaker {
             },
             last_active: now,
         };
-        let mut recorded = std::collections::HashSet::new();
+        let mut recorded = HashSet::new();
         let mut changes = Vec::new();
+        let mut devices = Vec::new();
         for key in keys {
             let Some(user) = subjects::parse_presence_key(&key) else {
                 continue;
@@ -278,6 +321,13 @@ impl Speaker {
             let online = tracker.is_online(&user);
             if record.is_online() != online {
                 changes.push(change(user.clone(), online));
+            } else if online && record.devices.as_ref() != Some(&tracker.devices_of(&user)) {
+                // Devices that came or went while no one led: rewritten
+                // quietly, keeping the announced `last_active`.
+                devices.push(Change {
+                    last_active: record.last_active,
+                    ..change(user.clone(), true)
+                });
             }
             recorded.insert(user);
         }
@@ -288,7 +338,11 @@ impl Speaker {
                 .filter(|user| !recorded.contains(*user))
                 .map(|user| change(user.clone(), true)),
         );
-        tracing::info!(repaired = changes.len(), "presence reconciled");
-        self.announce(tracker, changes).await;
+        tracing::info!(
+            repaired = changes.len(),
+            devices = devices.len(),
+            "presence reconciled"
+        );
+        self.speak(tracker, changes, devices).await;
     }
 }

@@ -30,6 +30,9 @@ struct UserEntry {
     devices: HashSet<(EdgeId, DeviceId)>,
     /// Announced online (an entry exists only for users online or leaving).
     online: bool,
+    /// ms since the epoch when they were announced online: the record's
+    /// `last_active` while they stay online.
+    online_since: u64,
     /// The last device left at this instant (and wall-clock ms); offline is
     /// announced once the debounce has passed without a return.
     leaving: Option<(Instant, u64)>,
@@ -38,6 +41,10 @@ struct UserEntry {
 pub struct Tracker {
     edges: HashMap<EdgeId, EdgeEntry>,
     users: HashMap<UserId, UserEntry>,
+    /// Users whose set of connected devices changed since the last
+    /// [`Tracker::take_device_changes`]: their record is rewritten (push
+    /// goes to exactly the devices not connected), without an announcement.
+    devices_changed: HashSet<UserId>,
     edge_timeout: Duration,
     debounce: Duration,
 }
@@ -52,6 +59,7 @@ impl Tracker {
         Self {
             edges: HashMap::new(),
             users: HashMap::new(),
+            devices_changed: HashSet::new(),
             edge_timeout,
             debounce,
         }
@@ -59,6 +67,37 @@ impl Tracker {
 
     pub fn is_online(&self, user: &UserId) -> bool {
         self.users.get(user).is_some_and(|entry| entry.online)
+    }
+
+    /// The devices of `user` connected now, sorted, each once (a device
+    /// moving between edges may briefly be on two).
+    pub fn devices_of(&self, user: &UserId) -> Vec<DeviceId> {
+        let mut devices: Vec<DeviceId> = self
+            .users
+            .get(user)
+            .map(|entry| entry.devices.iter().map(|(_, d)| d.clone()).collect())
+            .unwrap_or_default();
+        devices.sort();
+        devices.dedup();
+        devices
+    }
+
+    /// The users whose connected devices changed while they stayed online,
+    /// with their status and `last_active`; forgets them. A user who went
+    /// offline meanwhile is left out: the offline announcement writes them.
+    pub fn take_device_changes(&mut self) -> Vec<Change> {
+        let changed = std::mem::take(&mut self.devices_changed);
+        changed
+            .into_iter()
+            .filter_map(|user| {
+                let entry = self.users.get(&user).filter(|entry| entry.online)?;
+                Some(Change {
+                    last_active: entry.online_since,
+                    status: PresenceStatus::Online,
+                    user,
+                })
+            })
+            .collect()
     }
 
     /// Users announced online (for a new leader's reconciliation).
@@ -173,10 +212,13 @@ impl Tracker {
 
     fn arrive(&mut self, live: LiveDevice, edge: EdgeId, now_ms: u64, changes: &mut Vec<Change>) {
         let entry = self.users.entry(live.user.clone()).or_default();
-        entry.devices.insert((edge, live.device));
+        if entry.devices.insert((edge, live.device)) {
+            self.devices_changed.insert(live.user.clone());
+        }
         entry.leaving = None;
         if !entry.online {
             entry.online = true;
+            entry.online_since = now_ms;
             changes.push(Change {
                 user: live.user,
                 status: PresenceStatus::Online,
@@ -189,7 +231,9 @@ impl Tracker {
         let Some(entry) = self.users.get_mut(&live.user) else {
             return;
         };
-        entry.devices.remove(&(edge.clone(), live.device.clone()));
+        if entry.devices.remove(&(edge.clone(), live.device.clone())) {
+            self.devices_changed.insert(live.user.clone());
+        }
         if entry.devices.is_empty() && entry.leaving.is_none() {
             entry.leaving = Some((at, at_ms));
         }
@@ -314,6 +358,48 @@ mod tests {
         tracker.heartbeat(heartbeat("e1", &[]), t0 + Duration::from_secs(5), 0);
         let down = tracker.tick(t0 + Duration::from_secs(10), 0);
         assert_eq!(statuses(&down), [("erin".into(), PresenceStatus::Offline)]);
+    }
+
+    #[test]
+    fn device_changes_are_reported_apart_from_announcements() {
+        let mut tracker = Tracker::new(TIMEOUT, DEBOUNCE);
+        let t0 = Instant::now();
+        let alice = UserId::parse("alice").unwrap();
+        let device = |d: &str| DeviceId::parse(d).unwrap();
+        tracker.device(event("e1", "alice", "laptop", true), t0, 1_000);
+        // Coming online is announced; the device change adds nothing more.
+        assert!(tracker
+            .take_device_changes()
+            .iter()
+            .all(|c| c.user == alice));
+        let phone = tracker.device(event("e2", "alice", "phone", true), t0, 2_000);
+        assert!(phone.is_empty(), "a second device is no announcement");
+        assert_eq!(
+            tracker.devices_of(&alice),
+            [device("laptop"), device("phone")]
+        );
+        let changed = tracker.take_device_changes();
+        assert_eq!(
+            statuses(&changed),
+            [("alice".into(), PresenceStatus::Online)]
+        );
+        assert_eq!(
+            changed[0].last_active, 1_000,
+            "online since the first device"
+        );
+        assert!(tracker.take_device_changes().is_empty());
+        // A repeated report changes nothing.
+        tracker.heartbeat(heartbeat("e2", &[("alice", "phone")]), t0, 2_000);
+        assert!(tracker.take_device_changes().is_empty());
+        tracker.device(event("e2", "alice", "phone", false), t0, 3_000);
+        assert_eq!(tracker.devices_of(&alice), [device("laptop")]);
+        assert_eq!(tracker.take_device_changes().len(), 1);
+        // Gone offline meanwhile: the announcement writes the record.
+        tracker.device(event("e1", "alice", "laptop", false), t0, 4_000);
+        let down = tracker.tick(t0 + DEBOUNCE, 9_000);
+        assert_eq!(statuses(&down), [("alice".into(), PresenceStatus::Offline)]);
+        assert!(tracker.take_device_changes().is_empty());
+        assert!(tracker.devices_of(&alice).is_empty());
     }
 
     #[test]

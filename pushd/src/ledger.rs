@@ -7,7 +7,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chat_shared::push::PushJob;
+use chat_shared::push::PushWork;
 use tokio::time::Instant;
 
 /// How long a finished job is remembered: far longer than any redelivery
@@ -16,11 +16,20 @@ const REMEMBER: Duration = Duration::from_secs(15 * 60);
 /// At most this many finished jobs are remembered; the oldest go first.
 const MAX_REMEMBERED: usize = 100_000;
 
-/// A job's identity: one message for one user.
+/// A job's identity: one message for one user, or one retraction.
 pub type JobKey = String;
 
-pub fn key(job: &PushJob) -> JobKey {
-    format!("{}:{}:{}", job.conversation, job.id, job.user)
+pub fn key(work: &PushWork) -> JobKey {
+    match work {
+        PushWork::Message(job) => format!("{}:{}:{}", job.conversation, job.id, job.user),
+        PushWork::Retract(job) => format!(
+            "retract:{}:{}:{}:{}",
+            job.retract.as_str(),
+            job.conversation,
+            job.up_to,
+            job.user
+        ),
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -1,9 +1,12 @@
-//! pushd: push notifications for users with no device online.
+//! pushd: push notifications for users' devices that are not connected.
 //!
 //! The router publishes a [`PushJob`](chat_shared::push::PushJob) on
-//! `chat.push.<user>` (stream PUSH, a work queue) for each member a message
-//! found offline. pushd coalesces one user's jobs over a short window into
-//! one notification, sends it to every token in `push_tokens` through FCM
+//! `chat.push.<user>` (stream PUSH, a work queue) for each member with
+//! token devices a message found not connected, naming them, and a
+//! [`RetractJob`](chat_shared::push::RetractJob) after a read. pushd
+//! coalesces one user's jobs over a short window into one notification
+//! (badge: the user's unread total), sends it to the named devices' tokens
+//! in `push_tokens`, then the window's retractions, through FCM
 //! HTTP v1, APNs (HTTP/2) or a signed webhook, retries what is transient,
 //! deletes tokens the providers call invalid, and acks the jobs once each
 //! token is settled. See `README.md` in this crate for payloads, the retry
@@ -12,6 +15,7 @@
 mod error;
 mod ledger;
 mod metrics;
+mod mutes;
 mod notification;
 mod providers;
 mod retry;

@@ -1,4 +1,4 @@
-//! pushd's counters, per provider (`provider` = `fcm` | `apns` | `webhook`).
+//! pushd's counters, most per provider (`provider` = `fcm` | `apns` | `webhook`).
 //!
 //! Registered into a `Registry` the caller owns, so whoever serves
 //! `/metrics` (or a test) reads them from there; [`PushMetrics`] is also a
@@ -38,6 +38,8 @@ chat_shared::metric_set! {
         coalesced: PerProvider,
         /// Device tokens deleted because the provider called them invalid
         tokens_removed: PerProvider,
+        /// Jobs given no notification because their conversation is muted (v1.1 `mute`)
+        muted: Counter,
     }
 }
 
@@ -80,6 +82,14 @@ impl PushMetrics {
 
     pub(crate) fn count_token_removed(&self, platform: Platform) {
         self.tokens_removed.get_or_create(&label(platform)).inc();
+    }
+
+    pub fn muted(&self) -> u64 {
+        self.muted.get()
+    }
+
+    pub(crate) fn count_muted(&self, jobs: u64) {
+        self.muted.inc_by(jobs);
     }
 }
 

@@ -1,8 +1,9 @@
 //! What one user is told about a window of push jobs: one notification,
-//! whatever the number of jobs, built once and sent to each of their tokens.
+//! whatever the number of jobs, built once and sent to each of their tokens;
+//! and the retractions that withdraw one after a read or a delete.
 
 use chat_shared::ids::{ConversationId, MessageId, UserId};
-use chat_shared::push::PushJob;
+use chat_shared::push::{PushJob, RetractReason};
 
 /// A lock screen shows about two lines; FCM and APNs refuse payloads over
 /// 4 KB. Previews are cut to this many characters.
@@ -31,6 +32,46 @@ pub struct Notification {
     pub message_id: MessageId,
     /// Oldest first, one per distinct message.
     pub items: Vec<Item>,
+    /// The user's unread total when it was sent, if it could be read.
+    pub badge: Option<u64>,
+}
+
+/// A data push withdrawing the notification about `conversation`: the
+/// app removes it if the message it shows is covered (up to `up_to` for a
+/// read, exactly `up_to` for a delete), and sets the badge. Same collapse
+/// id as the notification, so a device that had not shown it yet gets
+/// this instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retraction {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub reason: RetractReason,
+    pub up_to: MessageId,
+    pub badge: Option<u64>,
+}
+
+/// What one provider call carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Push {
+    Notify(Notification),
+    Retract(Retraction),
+}
+
+impl Push {
+    pub fn user(&self) -> &UserId {
+        match self {
+            Push::Notify(n) => &n.user,
+            Push::Retract(r) => &r.user,
+        }
+    }
+
+    /// How many messages it stands for (a retraction none).
+    pub fn count(&self) -> usize {
+        match self {
+            Push::Notify(n) => n.count(),
+            Push::Retract(_) => 0,
+        }
+    }
 }
 
 impl Notification {
@@ -88,6 +129,7 @@ impl Notification {
             from: newest.from,
             message_id: newest.id,
             items,
+            badge: None,
         })
     }
 
@@ -118,6 +160,8 @@ pub(crate) mod tests {
             from: sender,
             text: text.into(),
             ts: 1_700_000_000_000 + id as i64,
+            devices: None,
+            mentioned: false,
         }
     }
 

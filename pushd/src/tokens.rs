@@ -1,7 +1,7 @@
 //! `push_tokens`: the devices to notify, and removing the ones a provider
 //! called invalid.
 
-use chat_shared::ids::UserId;
+use chat_shared::ids::{DeviceId, UserId};
 use chat_shared::push::Platform;
 use deadpool_postgres::Pool;
 
@@ -27,17 +27,25 @@ fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> TokenError
     move |source| TokenError::Query { what, source }
 }
 
-/// The `most` recently registered tokens of `user`: the persister keeps
-/// no more than that, and rows from before the cap (or a lowered cap) do
-/// not turn one message into more notifications. A platform the database
-/// knows but this build does not (its CHECK allows only ours) is skipped.
-pub async fn of_user(pool: &Pool, user: &UserId, most: usize) -> Result<Vec<Token>, TokenError> {
+/// The `most` recently registered tokens of `user` on `devices` (all
+/// their devices for `None`): the persister keeps no more than that, and
+/// rows from before the cap (or a lowered cap) do not turn one message into
+/// more notifications. A platform the database knows but this build does
+/// not (its CHECK allows only ours) is skipped.
+pub async fn of_user(
+    pool: &Pool,
+    user: &UserId,
+    devices: Option<&[DeviceId]>,
+    most: usize,
+) -> Result<Vec<Token>, TokenError> {
     let client = pool.get().await?;
+    let devices: Option<Vec<&str>> = devices.map(|d| d.iter().map(DeviceId::as_str).collect());
     let rows = client
         .query(
-            "SELECT platform, token, updated_at FROM push_tokens WHERE user_id = $1
+            "SELECT platform, token, updated_at FROM push_tokens
+             WHERE user_id = $1 AND ($3::text[] IS NULL OR device = ANY($3))
              ORDER BY updated_at DESC LIMIT $2",
-            &[&user.as_str(), &(most as i64)],
+            &[&user.as_str(), &(most as i64), &devices],
         )
         .await
         .map_err(query("reading push tokens"))?;

@@ -3,7 +3,11 @@
 //!
 //! The first job for a user opens a window of `config.push.coalesce`; jobs
 //! for that user arriving meanwhile join it. When it closes the window's
-//! jobs become one [`Notification`], sent to each of the user's tokens.
+//! message jobs become one [`Notification`], sent to the tokens of the
+//! devices the jobs name (every token of the user for a job naming none),
+//! with the user's unread total as badge. Retractions in the window go out
+//! after it, and drop the window's messages they cover, so a message read
+//! before its notification left is never shown.
 //! Jobs arriving after the close open the next window. Until their window
 //! is settled the jobs are kept alive with in-progress acks, so the
 //! consumer's `ack_wait` only runs out for a pushd that is gone.
@@ -14,8 +18,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
-use chat_shared::ids::UserId;
-use chat_shared::push::PushJob;
+use chat_shared::ids::{DeviceId, UserId};
+use chat_shared::push::{PushJob, PushWork, RetractJob, RetractReason};
 use chat_shared::telemetry::TraceId;
 use chat_shared::{shutdown, streams, subjects};
 use deadpool_postgres::Pool;
@@ -26,7 +30,8 @@ use tokio::time::{interval_at, sleep_until, Instant, Interval};
 
 use crate::ledger::{self, Claim, JobKey, Ledger};
 use crate::metrics::PushMetrics;
-use crate::notification::Notification;
+use crate::mutes;
+use crate::notification::{Notification, Push, Retraction};
 use crate::providers::{Providers, Token};
 use crate::retry::Outcome;
 use crate::tokens;
@@ -57,7 +62,7 @@ pub struct Shared {
 /// A job and the message that carries it.
 struct Held {
     message: jetstream::Message,
-    job: PushJob,
+    job: PushWork,
     key: JobKey,
 }
 
@@ -140,7 +145,7 @@ impl Dispatcher {
                 return;
             }
         };
-        span.record("user", tracing::field::display(&job.user));
+        span.record("user", tracing::field::display(job.user()));
         let key = ledger::key(&job);
         match self.shared.ledger.claim(&key) {
             Claim::New => {}
@@ -159,7 +164,7 @@ impl Dispatcher {
             }
         }
         let mut held = Held { message, job, key };
-        if let Some(window) = self.windows.get(&held.job.user) {
+        if let Some(window) = self.windows.get(held.job.user()) {
             match window.try_send(held) {
                 Ok(()) => return,
                 // Closed (it is sending now) or full: open the next window.
@@ -177,7 +182,7 @@ impl Dispatcher {
             self.windows.retain(|_, window| !window.is_closed());
         }
         let (tx, rx) = mpsc::channel(WINDOW_QUEUE);
-        self.windows.insert(held.job.user.clone(), tx);
+        self.windows.insert(held.job.user().clone(), tx);
         self.tasks
             .spawn(window(self.shared.clone(), held, rx, slot));
     }
@@ -208,10 +213,10 @@ enum DecodeError {
     WrongSubject(UserId),
 }
 
-fn decode(message: &jetstream::Message) -> Result<PushJob, DecodeError> {
-    let job: PushJob = serde_json::from_slice(&message.payload)?;
-    if message.subject.as_str() != subjects::push(&job.user) {
-        return Err(DecodeError::WrongSubject(job.user));
+fn decode(message: &jetstream::Message) -> Result<PushWork, DecodeError> {
+    let job: PushWork = serde_json::from_slice(&message.payload)?;
+    if message.subject.as_str() != subjects::push(job.user()) {
+        return Err(DecodeError::WrongSubject(job.user().clone()));
     }
     Ok(job)
 }
@@ -262,7 +267,7 @@ async fn window(
     while let Ok(job) = queue.try_recv() {
         held.push(job);
     }
-    let jobs: Vec<PushJob> = held.iter().map(|h| h.job.clone()).collect();
+    let jobs: Vec<PushWork> = held.iter().map(|h| h.job.clone()).collect();
     let send = deliver(&shared, &jobs);
     tokio::pin!(send);
     let settled = loop {
@@ -286,25 +291,126 @@ async fn window(
     }
 }
 
-/// Sends the notification for `jobs` to each of the user's tokens. `true`
-/// once every token is settled (sent, or failed for good); `false` if a
-/// stop interrupted it.
-async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
-    let Some(notification) = Notification::coalesce(jobs, shared.preview) else {
+/// Sends the window's notification, then its retractions. `true` once
+/// every token is settled (sent, or failed for good); `false` if a stop
+/// interrupted it.
+async fn deliver(shared: &Shared, work: &[PushWork]) -> bool {
+    let Some(user) = work.first().map(|w| w.user().clone()) else {
         return true;
     };
-    let Some(tokens) = user_tokens(shared, &notification.user).await else {
+    let (jobs, retractions) = split(work);
+    // Muted conversations still count in the badge, they only send nothing.
+    let badge = badge(shared, &user, &jobs).await;
+    let count = jobs.len();
+    let jobs = mutes::unmuted(&shared.pool, &user, jobs).await;
+    shared.metrics.count_muted((count - jobs.len()) as u64);
+    let mut settled = true;
+    if let Some(mut notification) = Notification::coalesce(&jobs, shared.preview) {
+        notification.badge = badge;
+        let devices = devices_of(jobs.iter().map(|j| j.devices.as_deref()));
+        settled &= send(shared, &Push::Notify(notification), devices.as_deref()).await;
+    }
+    for job in retractions {
+        let retraction = Retraction {
+            user: job.user.clone(),
+            conversation: job.conversation.clone(),
+            reason: job.retract,
+            up_to: job.up_to,
+            badge,
+        };
+        let devices = job.devices.as_deref();
+        settled &= send(shared, &Push::Retract(retraction), devices).await;
+    }
+    settled
+}
+
+/// The window's message jobs that no retraction in it covers, and its
+/// retractions, reads merged per conversation (the newest mark, every
+/// device named) and deletes once each.
+fn split(work: &[PushWork]) -> (Vec<PushJob>, Vec<RetractJob>) {
+    let mut retractions: Vec<RetractJob> = Vec::new();
+    for job in work.iter().filter_map(|w| match w {
+        PushWork::Retract(job) => Some(job),
+        PushWork::Message(_) => None,
+    }) {
+        let same = retractions.iter_mut().find(|r| {
+            r.conversation == job.conversation
+                && r.retract == job.retract
+                && (job.retract == RetractReason::Read || r.up_to == job.up_to)
+        });
+        match same {
+            Some(merged) => {
+                merged.up_to = merged.up_to.max(job.up_to);
+                let devices = [merged.devices.as_deref(), job.devices.as_deref()];
+                merged.devices = devices_of(devices.into_iter());
+            }
+            None => retractions.push(job.clone()),
+        }
+    }
+    let covered = |job: &PushJob| {
+        retractions.iter().any(|r| {
+            r.conversation == job.conversation
+                && match r.retract {
+                    RetractReason::Read => job.id <= r.up_to,
+                    RetractReason::Delete => job.id == r.up_to,
+                }
+        })
+    };
+    let jobs = work
+        .iter()
+        .filter_map(|w| match w {
+            PushWork::Message(job) if !covered(job) => Some(job.clone()),
+            _ => None,
+        })
+        .collect();
+    (jobs, retractions)
+}
+
+/// The devices several jobs name together: `None` (every token) if any
+/// names none.
+fn devices_of<'a>(named: impl Iterator<Item = Option<&'a [DeviceId]>>) -> Option<Vec<DeviceId>> {
+    let mut all = Vec::new();
+    for devices in named {
+        all.extend_from_slice(devices?);
+    }
+    all.sort();
+    all.dedup();
+    Some(all)
+}
+
+/// The user's unread total, with `jobs` not yet stored, or `None` if
+/// PostgreSQL cannot say now: a notification without a badge beats a late
+/// one.
+async fn badge(shared: &Shared, user: &UserId, jobs: &[PushJob]) -> Option<u64> {
+    let pending: Vec<_> = jobs
+        .iter()
+        .map(|j| (j.conversation.clone(), j.id))
+        .collect();
+    let total = match shared.pool.get().await {
+        Ok(db) => chat_persister::unread::total(&db, user, &pending)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    total
+        .map_err(|error| tracing::warn!(%user, %error, "no unread total; sending without a badge"))
+        .ok()
+}
+
+/// Sends `push` to the tokens of `devices` (all the user's for `None`).
+async fn send(shared: &Shared, push: &Push, devices: Option<&[DeviceId]>) -> bool {
+    let user = push.user();
+    let Some(tokens) = user_tokens(shared, user, devices).await else {
         return false;
     };
     if tokens.is_empty() {
-        tracing::debug!(user = %notification.user, "no push tokens");
+        tracing::debug!(%user, "no push tokens");
         return true;
     }
-    let notification = &notification;
     let sends = tokens.iter().map(|token| async move {
         let outcome = shared
             .providers
-            .deliver(token, notification, shared.stop.clone())
+            .deliver(token, push, shared.stop.clone())
             .await;
         (token, outcome)
     });
@@ -318,10 +424,10 @@ async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
                 continue;
             }
             Outcome::Failed(reason) => {
-                tracing::warn!(user = %notification.user, %provider, %reason, "push failed");
+                tracing::warn!(%user, %provider, %reason, "push failed");
             }
             Outcome::InvalidToken(reason) => {
-                tracing::info!(user = %notification.user, %provider, %reason, "removing an invalid push token");
+                tracing::info!(%user, %provider, %reason, "removing an invalid push token");
                 match tokens::remove(&shared.pool, token).await {
                     Ok(true) => shared.metrics.count_token_removed(provider),
                     Ok(false) => {}
@@ -330,7 +436,7 @@ async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
                 }
             }
         }
-        let folded = notification.count().saturating_sub(1) as u64;
+        let folded = push.count().saturating_sub(1) as u64;
         if folded > 0 {
             shared.metrics.count_coalesced(provider, folded);
         }
@@ -338,13 +444,18 @@ async fn deliver(shared: &Shared, jobs: &[PushJob]) -> bool {
     settled
 }
 
-/// The user's tokens, retrying while PostgreSQL is away; `None` on stop.
-async fn user_tokens(shared: &Shared, user: &UserId) -> Option<Vec<Token>> {
+/// The user's tokens on `devices` (all for `None`), retrying while
+/// PostgreSQL is away; `None` on stop.
+async fn user_tokens(
+    shared: &Shared,
+    user: &UserId,
+    devices: Option<&[DeviceId]>,
+) -> Option<Vec<Token>> {
     let mut backoff = Backoff::default();
     let stopped = shutdown::wait(shared.stop.clone());
     tokio::pin!(stopped);
     loop {
-        match tokens::of_user(&shared.pool, user, shared.max_tokens).await {
+        match tokens::of_user(&shared.pool, user, devices, shared.max_tokens).await {
             Ok(tokens) => return Some(tokens),
             Err(e) => tracing::warn!(error = %e, %user, "cannot read push tokens; retrying"),
         }
@@ -352,5 +463,69 @@ async fn user_tokens(shared: &Shared, user: &UserId) -> Option<Vec<Token>> {
             _ = backoff.wait() => {}
             _ = &mut stopped => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::tests::job;
+    use chat_shared::ids::MessageId;
+
+    fn device(name: &str) -> DeviceId {
+        DeviceId::parse(name).unwrap()
+    }
+
+    fn message(id: u64, devices: Option<&[&str]>) -> PushWork {
+        let mut job = job("alice", id, "x");
+        job.devices = devices.map(|d| d.iter().map(|n| device(n)).collect());
+        PushWork::Message(job)
+    }
+
+    fn retract(reason: RetractReason, up_to: u64, devices: &[&str]) -> PushWork {
+        let PushWork::Message(job) = message(1, None) else {
+            unreachable!()
+        };
+        PushWork::Retract(RetractJob {
+            user: job.user,
+            conversation: job.conversation,
+            retract: reason,
+            up_to: MessageId(up_to),
+            devices: Some(devices.iter().map(|n| device(n)).collect()),
+        })
+    }
+
+    #[test]
+    fn a_retraction_drops_the_messages_it_covers_and_reads_merge() {
+        let work = [
+            message(1, Some(&["phone"])),
+            message(2, Some(&["phone"])),
+            message(3, Some(&["tablet"])),
+            message(4, Some(&["phone"])),
+            retract(RetractReason::Read, 2, &["phone"]),
+            retract(RetractReason::Read, 1, &["tablet"]),
+            retract(RetractReason::Delete, 4, &["phone"]),
+        ];
+        let (jobs, retractions) = split(&work);
+        let ids: Vec<u64> = jobs.iter().map(|j| j.id.get()).collect();
+        assert_eq!(ids, [3], "read up to 2, 4 deleted");
+        assert_eq!(retractions.len(), 2);
+        assert_eq!(retractions[0].up_to, MessageId(2), "the newest read mark");
+        assert_eq!(
+            retractions[0].devices,
+            Some(vec![device("phone"), device("tablet")])
+        );
+        assert_eq!(retractions[1].retract, RetractReason::Delete);
+    }
+
+    #[test]
+    fn jobs_name_their_devices_together_unless_one_names_none() {
+        let phone: &[DeviceId] = &[device("phone")];
+        let both: &[DeviceId] = &[device("tablet"), device("phone")];
+        assert_eq!(
+            devices_of([Some(phone), Some(both)].into_iter()),
+            Some(vec![device("phone"), device("tablet")])
+        );
+        assert_eq!(devices_of([Some(phone), None].into_iter()), None);
     }
 }

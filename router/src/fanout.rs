@@ -28,6 +28,7 @@ use crate::gaps::Sequence;
 use crate::inbox::{AppendError, Appending, InboxWriter, Order};
 use crate::metrics::RouterMetrics;
 use crate::push::{PushError, PushJobs};
+use chat_shared::push::RetractReason;
 
 /// Lanes per router: conversations hash onto them, and a lane handles its
 /// events in order. A lane is a task and a queue, cheap enough to have
@@ -147,6 +148,21 @@ impl Fanout {
             push,
             metrics,
         }
+    }
+
+    /// The one inbox writer: every append goes through it, so each user's
+    /// live deliveries leave in cursor order (receipts included).
+    pub fn inbox(&self) -> &InboxWriter {
+        &self.inbox
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Push jobs and their retractions (a read in receipts.rs, a delete).
+    pub fn push(&self) -> &PushJobs {
+        &self.push
     }
 
     /// Routes an event read back after it was lost in flight (see
@@ -351,6 +367,18 @@ impl Fanout {
                     .erase(change, *sequence, &prepared.recipients)
                     .await?;
                 tracing::info!(id = %change.id, erased, "message erased");
+                // A notification already shown for it is withdrawn on every
+                // member's devices but the deleter's (who needs none).
+                for member in prepared.recipients.iter().filter(|m| **m != change.by) {
+                    self.push
+                        .retract(
+                            member,
+                            &change.conversation,
+                            change.id,
+                            RetractReason::Delete,
+                        )
+                        .await?;
+                }
                 Ok(())
             }
             Then::EraseLateEdit(change, sequence) => {

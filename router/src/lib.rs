@@ -14,15 +14,17 @@
 //! its events in order, so a conversation's messages enter every inbox in
 //! stream order.
 //!
-//! Members other than the sender who are offline (per the presence bucket)
-//! get a push job (`push`).
+//! Members other than the sender with devices that hold a push token and
+//! are not connected (per the presence and push buckets) get a push job
+//! naming those devices; a read retracts it (`push`).
 //!
 //! A change of a message (v1.1 edit, delete, reaction) on MESSAGES becomes
 //! an `update` item the same way (no push); a delete for everyone then
 //! erases every stored copy of the text (`erase`).
 //!
-//! It also turns edges' delivered-receipt reports into `receipt` frames for
-//! the messages' senders (`receipts`).
+//! It also turns receipt events (stream RECEIPTS: delivered from edges,
+//! read from the persister) into coalesced `receipt` inbox items
+//! (`receipts`).
 
 mod erase;
 mod fanout;
@@ -34,6 +36,7 @@ mod receipts;
 
 use std::sync::Arc;
 
+use chat_shared::blocks::BlockCache;
 use chat_shared::membership::GroupCache;
 use chat_shared::shutdown::{self, Shutdown};
 use chat_shared::{consume, streams, subjects, Config, StartError};
@@ -76,12 +79,21 @@ pub async fn run_with(
         streams::router_events_consumer(),
     )
     .await;
+    let receipts = consume::durable(
+        &js,
+        subjects::RECEIPTS_STREAM,
+        streams::router_receipts_consumer(),
+    )
+    .await;
     let groups = GroupCache::start(nats.clone(), &config.group_cache).await?;
+    let blocks = BlockCache::start(nats.clone(), &config.group_cache).await?;
     let presence = consume::bucket(&js, subjects::PRESENCE_BUCKET).await;
+    let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::RouterMetrics::new(&mut registry));
     groups.register_metrics(registry.sub_registry_with_prefix("router"));
+    blocks.register_metrics(registry.sub_registry_with_prefix("router"));
     let mut consumers: Vec<(String, &str)> = config
         .partitions
         .all()
@@ -91,9 +103,13 @@ pub async fn run_with(
         subjects::EVENTS_STREAM.into(),
         subjects::ROUTER_EVENTS_CONSUMER,
     ));
+    consumers.push((
+        subjects::RECEIPTS_STREAM.into(),
+        subjects::ROUTER_RECEIPTS_CONSUMER,
+    ));
     let exposition =
         chat_shared::metrics::expose(metrics_listener, registry, &js, &consumers, &stop);
-    let push = push::PushJobs::new(js.clone(), presence, metrics.clone());
+    let push = push::PushJobs::new(js.clone(), presence, push_devices, metrics.clone());
     let router = Arc::new(fanout::Fanout::new(
         nats.clone(),
         js,
@@ -117,19 +133,24 @@ pub async fn run_with(
             ))
         })
         .collect();
+    let receipt_loop = tokio::spawn(receipts::consume_receipts(
+        router.clone(),
+        groups,
+        blocks,
+        receipts,
+        stop.clone(),
+    ));
     let event_loop = tokio::spawn(fanout::consume_events(router, events, stop.clone()));
-    let nats_for_exit = nats.clone();
-    let receipts = tokio::spawn(receipts::forward_delivered(nats, groups, stop.clone()));
     let (messages, events, _, _) = tokio::join!(
         futures::future::join_all(message_loops),
         event_loop,
-        receipts,
+        receipt_loop,
         exposition.stopped()
     );
     for result in messages.into_iter().chain([events]) {
         result??;
     }
-    chat_shared::nats::flush_before_exit(&nats_for_exit, &config).await;
+    chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("router stopped");
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bin;
+pub mod blocks;
 pub mod clock;
 pub mod config;
 pub mod consume;

@@ -1,13 +1,15 @@
 //! Group membership as the edge and the router see it: asked of the
 //! persister, cached, and dropped from the cache as soon as a membership
 //! change is published (every process subscribes to the change subject on
-//! core NATS, whichever router consumes the EVENTS stream).
+//! core NATS, whichever router consumes the EVENTS stream). The same
+//! [`SetCache`] holds blocks (`crate::blocks`).
 //!
 //! Any user chooses the keys (every group they send to or ask about), so
 //! the cache is bounded by entries and by bytes (least recently used go
 //! first), and entries past their TTL are swept out, not only ignored.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -27,60 +29,78 @@ use crate::subjects;
 
 pub type Members = Arc<HashSet<UserId>>;
 
-/// What one cached group costs beyond its ids: the map slot, the LRU
-/// order entry, the `Arc` and the set's table.
+/// What one cached set costs beyond its ids: the map slot, the LRU order
+/// entry, the `Arc` and the set's table.
 const ENTRY_OVERHEAD: usize = 160;
 /// What one member costs beyond its id's bytes: a `String` and its slot in
 /// the set.
 const MEMBER_OVERHEAD: usize = 40;
 
-/// The estimated memory of one cached group, what the byte bound counts.
-fn size_of(group: &GroupId, members: &Members) -> usize {
+/// The key of a [`SetCache`]: a group (its members) or a user (the users
+/// across a block from them, `crate::blocks`).
+pub(crate) trait Key: Clone + Eq + Hash + Send + Sync + 'static {
+    fn text(&self) -> &str;
+}
+
+impl Key for GroupId {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Key for UserId {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// The estimated memory of one cached set, what the byte bound counts.
+fn size_of<K: Key>(key: &K, members: &Members) -> usize {
     let ids: usize = members
         .iter()
         .map(|m| m.as_str().len() + MEMBER_OVERHEAD)
         .sum();
-    ENTRY_OVERHEAD + group.as_str().len() + ids
+    ENTRY_OVERHEAD + key.text().len() + ids
 }
 
-struct Entries {
-    groups: Lru<GroupId, (Members, Instant)>,
+struct Entries<K: Key> {
+    sets: Lru<K, (Members, Instant)>,
     /// Bumped by every invalidation, so an answer that raced with a change
     /// is not cached.
     generation: u64,
     ttl: Duration,
 }
 
-impl Entries {
+impl<K: Key> Entries<K> {
     fn new(config: &GroupCacheConfig) -> Self {
         Self {
-            groups: Lru::new(config.entries, config.bytes),
+            sets: Lru::new(config.entries, config.bytes),
             generation: 0,
             ttl: config.ttl,
         }
     }
 
-    /// The members of `group` if cached and younger than the TTL; an older
-    /// entry is dropped.
-    fn fresh(&mut self, group: &GroupId, now: Instant) -> Option<Members> {
-        let (members, at) = self.groups.get_mut(group)?;
+    /// The set of `key` if cached and younger than the TTL; an older entry
+    /// is dropped.
+    fn fresh(&mut self, key: &K, now: Instant) -> Option<Members> {
+        let (members, at) = self.sets.get_mut(key)?;
         if now.saturating_duration_since(*at) < self.ttl {
             return Some(members.clone());
         }
-        self.groups.remove(group);
+        self.sets.remove(key);
         None
     }
 
-    /// Caches `members`; returns how many other groups were evicted.
-    fn insert(&mut self, group: GroupId, members: Members, now: Instant) -> usize {
-        let bytes = size_of(&group, &members);
-        self.groups.insert(group, (members, now), bytes)
+    /// Caches `members`; returns how many other sets were evicted.
+    fn insert(&mut self, key: K, members: Members, now: Instant) -> usize {
+        let bytes = size_of(&key, &members);
+        self.sets.insert(key, (members, now), bytes)
     }
 
     /// Drops every entry past the TTL; returns how many.
     fn sweep(&mut self, now: Instant) -> usize {
         let ttl = self.ttl;
-        self.groups
+        self.sets
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl)
     }
 }
@@ -107,20 +127,20 @@ impl CacheMetrics {
         }
     }
 
-    fn size(&self, entries: &Entries) {
+    fn size<K: Key>(&self, entries: &Entries<K>) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.entries.set(gauge(entries.groups.len()));
-        self.bytes.set(gauge(entries.groups.bytes()));
+        self.entries.set(gauge(entries.sets.len()));
+        self.bytes.set(gauge(entries.sets.bytes()));
     }
 }
 
-struct Inner {
-    entries: Mutex<Entries>,
+struct Inner<K: Key> {
+    entries: Mutex<Entries<K>>,
     metrics: CacheMetrics,
 }
 
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, Entries> {
+impl<K: Key> Inner<K> {
+    fn lock(&self) -> MutexGuard<'_, Entries<K>> {
         // Each critical section is a few map operations: a panic inside
         // cannot leave the cache inconsistent.
         self.entries
@@ -128,9 +148,9 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn forget(&self, group: &GroupId) {
+    fn forget(&self, key: &K) {
         let mut entries = self.lock();
-        entries.groups.remove(group);
+        entries.sets.remove(key);
         entries.generation += 1;
         self.metrics.size(&entries);
     }
@@ -143,10 +163,103 @@ impl Inner {
     }
 }
 
+/// Sets of users by key, asked of the persister on a miss, bounded, swept,
+/// and dropped when a change subject names their key: the one mechanism
+/// behind the group membership cache and the block cache.
+pub(crate) struct SetCache<K: Key> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K: Key> Clone for SetCache<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: Key> SetCache<K> {
+    /// A cache bounded by `config`, forgetting the keys `parse` finds in
+    /// each message on `subject` and sweeping expired entries every TTL
+    /// while any clone of it lives.
+    pub(crate) async fn start(
+        nats: &async_nats::Client,
+        config: &GroupCacheConfig,
+        subject: &'static str,
+        parse: fn(&str) -> Vec<K>,
+    ) -> Result<Self, StartError> {
+        let cache = Self {
+            inner: Arc::new(Inner {
+                entries: Mutex::new(Entries::new(config)),
+                metrics: CacheMetrics::default(),
+            }),
+        };
+        let changes = nats
+            .subscribe(subject)
+            .await
+            .map_err(|source| StartError::Subscribe { subject, source })?;
+        tokio::spawn(maintain(
+            Arc::downgrade(&cache.inner),
+            changes,
+            config.ttl,
+            parse,
+        ));
+        Ok(cache)
+    }
+
+    /// Registers `<name>_evictions` (by `reason`), `<name>_entries` and
+    /// `<name>_bytes` in `registry`; `what` names the cached sets in help.
+    pub(crate) fn register_metrics(&self, registry: &mut Registry, name: &str, what: &str) {
+        let metrics = &self.inner.metrics;
+        registry.register(
+            format!("{name}_evictions"),
+            format!("{what} dropped from the cache: `bound` to stay within its entry and byte bounds, `expired` past its TTL"),
+            metrics.evictions.clone(),
+        );
+        registry.register(
+            format!("{name}_entries"),
+            format!("{what} in the cache"),
+            metrics.entries.clone(),
+        );
+        registry.register(
+            format!("{name}_bytes"),
+            format!("Estimated bytes of the cache of {}", what.to_lowercase()),
+            metrics.bytes.clone(),
+        );
+    }
+
+    pub(crate) fn invalidate(&self, key: &K) {
+        self.inner.forget(key);
+    }
+
+    /// The set of `key`, cached or else from `fetch` (cached unless a
+    /// change arrived meanwhile).
+    pub(crate) async fn get<F>(&self, key: &K, fetch: F) -> Result<Members, RpcError>
+    where
+        F: std::future::Future<Output = Result<Vec<UserId>, RpcError>>,
+    {
+        let generation = {
+            let mut entries = self.inner.lock();
+            if let Some(members) = entries.fresh(key, Instant::now()) {
+                return Ok(members);
+            }
+            entries.generation
+        };
+        let members: Members = Arc::new(fetch.await?.into_iter().collect());
+        let mut entries = self.inner.lock();
+        if entries.generation == generation {
+            let evicted = entries.insert(key.clone(), members.clone(), Instant::now());
+            self.inner.metrics.evicted("bound", evicted);
+            self.inner.metrics.size(&entries);
+        }
+        Ok(members)
+    }
+}
+
 #[derive(Clone)]
 pub struct GroupCache {
     nats: async_nats::Client,
-    inner: Arc<Inner>,
+    cache: SetCache<GroupId>,
 }
 
 impl GroupCache {
@@ -156,81 +269,44 @@ impl GroupCache {
         nats: async_nats::Client,
         config: &GroupCacheConfig,
     ) -> Result<Self, StartError> {
-        let cache = Self {
-            nats: nats.clone(),
-            inner: Arc::new(Inner {
-                entries: Mutex::new(Entries::new(config)),
-                metrics: CacheMetrics::default(),
-            }),
-        };
-        let subject = subjects::EVENTS_SUBJECTS[0];
-        let changes = nats
-            .subscribe(subject)
-            .await
-            .map_err(|source| StartError::Subscribe { subject, source })?;
-        tokio::spawn(maintain(Arc::downgrade(&cache.inner), changes, config.ttl));
-        Ok(cache)
+        let cache = SetCache::start(&nats, config, subjects::EVENTS_SUBJECTS[0], |subject| {
+            subjects::parse_group_event(subject).into_iter().collect()
+        })
+        .await?;
+        Ok(Self { nats, cache })
     }
 
     /// Registers `group_cache_evictions` (by `reason`), `group_cache_entries`
     /// and `group_cache_bytes` in `registry` (a service's prefixed one).
     pub fn register_metrics(&self, registry: &mut Registry) {
-        let metrics = &self.inner.metrics;
-        registry.register(
-            "group_cache_evictions",
-            "Groups dropped from the membership cache: `bound` to stay within its entry and byte bounds, `expired` past its TTL",
-            metrics.evictions.clone(),
-        );
-        registry.register(
-            "group_cache_entries",
-            "Groups in the membership cache",
-            metrics.entries.clone(),
-        );
-        registry.register(
-            "group_cache_bytes",
-            "Estimated bytes of the membership cache",
-            metrics.bytes.clone(),
-        );
+        self.cache
+            .register_metrics(registry, "group_cache", "Groups");
     }
 
     /// Forgets `group` now (a process that has just seen its change).
     pub fn invalidate(&self, group: &GroupId) {
-        self.inner.forget(group);
+        self.cache.invalidate(group);
     }
 
     /// The current members of `group` (`not_found` if there is no such group).
     pub async fn members(&self, group: &GroupId) -> Result<Members, RpcError> {
-        let generation = {
-            let mut entries = self.inner.lock();
-            if let Some(members) = entries.fresh(group, Instant::now()) {
-                return Ok(members);
-            }
-            entries.generation
+        let request = rpc::MembersRequest {
+            group: group.clone(),
         };
-        let members: Members = Arc::new(
-            rpc::call::<rpc::Members>(
-                &self.nats,
-                &rpc::MembersRequest {
-                    group: group.clone(),
-                },
-            )
-            .await?
-            .into_iter()
-            .collect(),
-        );
-        let mut entries = self.inner.lock();
-        if entries.generation == generation {
-            let evicted = entries.insert(group.clone(), members.clone(), Instant::now());
-            self.inner.metrics.evicted("bound", evicted);
-            self.inner.metrics.size(&entries);
-        }
-        Ok(members)
+        self.cache
+            .get(group, rpc::call::<rpc::Members>(&self.nats, &request))
+            .await
     }
 }
 
-/// Drops changed groups as their changes are published, and sweeps expired
+/// Drops changed sets as their changes are published, and sweeps expired
 /// entries every `ttl`, until the cache is gone.
-async fn maintain(inner: Weak<Inner>, mut changes: async_nats::Subscriber, ttl: Duration) {
+async fn maintain<K: Key>(
+    inner: Weak<Inner<K>>,
+    mut changes: async_nats::Subscriber,
+    ttl: Duration,
+    parse: fn(&str) -> Vec<K>,
+) {
     let mut sweep = tokio::time::interval(ttl);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -246,8 +322,8 @@ async fn maintain(inner: Weak<Inner>, mut changes: async_nats::Subscriber, ttl: 
         };
         match change {
             Some(message) => {
-                if let Some(group) = subjects::parse_group_event(&message.subject) {
-                    inner.forget(&group);
+                for key in parse(&message.subject) {
+                    inner.forget(&key);
                 }
             }
             None => inner.sweep(),
@@ -274,7 +350,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_within_its_entry_bound() {
-        let mut entries = Entries::new(&GroupCacheConfig {
+        let mut entries = Entries::<GroupId>::new(&GroupCacheConfig {
             entries: 3,
             ..GroupCacheConfig::default()
         });
@@ -282,7 +358,7 @@ mod tests {
         let mut evicted = 0;
         for i in 0..10 {
             evicted += entries.insert(group(i), members(&["a", "b"]), now);
-            assert!(entries.groups.len() <= 3);
+            assert!(entries.sets.len() <= 3);
         }
         assert_eq!(evicted, 7);
         assert!(entries.fresh(&group(9), now).is_some());
@@ -293,7 +369,7 @@ mod tests {
     fn the_cache_keeps_within_its_byte_bound() {
         let big = members(&["alice", "bob", "carol", "dave"]);
         let one = size_of(&group(0), &big);
-        let mut entries = Entries::new(&GroupCacheConfig {
+        let mut entries = Entries::<GroupId>::new(&GroupCacheConfig {
             bytes: one * 2 + one / 2,
             ..GroupCacheConfig::default()
         });
@@ -301,15 +377,15 @@ mod tests {
         let evicted: usize = (0..5)
             .map(|i| entries.insert(group(i), big.clone(), now))
             .sum();
-        assert_eq!(entries.groups.len(), 2, "two fit in two and a half");
+        assert_eq!(entries.sets.len(), 2, "two fit in two and a half");
         assert_eq!(evicted, 3);
-        assert!(entries.groups.bytes() <= one * 2 + one / 2);
+        assert!(entries.sets.bytes() <= one * 2 + one / 2);
     }
 
     #[test]
     fn expired_entries_are_not_served_and_are_swept() {
         let ttl = Duration::from_secs(30);
-        let mut entries = Entries::new(&GroupCacheConfig {
+        let mut entries = Entries::<GroupId>::new(&GroupCacheConfig {
             ttl,
             ..GroupCacheConfig::default()
         });
@@ -318,9 +394,9 @@ mod tests {
         entries.insert(group(2), members(&["a"]), t0 + ttl / 2);
         assert_eq!(entries.sweep(t0 + ttl / 2), 0);
         assert_eq!(entries.sweep(t0 + ttl), 1, "the first is past its TTL");
-        assert_eq!(entries.groups.len(), 1);
+        assert_eq!(entries.sets.len(), 1);
         assert!(entries.fresh(&group(2), t0 + ttl).is_some());
         assert!(entries.fresh(&group(2), t0 + ttl * 2).is_none());
-        assert!(entries.groups.is_empty(), "a stale entry found is dropped");
+        assert!(entries.sets.is_empty(), "a stale entry found is dropped");
     }
 }

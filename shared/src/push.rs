@@ -1,4 +1,5 @@
-//! Push notifications: the job the router emits for an offline member, the
+//! Push notifications: the jobs the router emits for members' devices that
+//! are not connected (and the retractions after a read or a delete), the
 //! platforms a device may register, and per-platform token validation.
 
 use std::fmt;
@@ -6,10 +7,11 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
 
 /// `chat.push.<user>` (stream PUSH, work queue): `message` reached `user`'s
-/// inbox while none of their devices was online. Published with
+/// inbox while some of their devices with a push token were not connected
+/// (`devices`). Published with
 /// `Nats-Msg-Id` = `push:<message id>:<user>`, so a redelivered router
 /// batch makes no second job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -22,6 +24,82 @@ pub struct PushJob {
     /// UTF-8 cut between characters, ending in `…` when cut.
     pub text: String,
     pub ts: i64,
+    /// The devices to notify: those with a push token that were not
+    /// connected. Absent: every token of the user (jobs from routers before
+    /// per-device push, and users whose token devices are not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceId>>,
+    /// v1.1: the message names `user` in its `mentions`, so a mute does
+    /// not hold the push back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mentioned: bool,
+}
+
+/// `chat.push.<user>` (stream PUSH, same work queue as [`PushJob`]): the
+/// notification about `conversation` on `user`'s devices is out of date.
+/// pushd sends each token of `devices` a data push with the
+/// conversation as collapse id and the user's unread total as badge; the
+/// app removes the notification if it shows a message the retraction
+/// covers. Published with `Nats-Msg-Id` = [`crate::subjects::retract_dedup_id`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RetractJob {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    /// Why: `read` covers every message up to `up_to`, `delete` only the
+    /// message `up_to`.
+    pub retract: RetractReason,
+    pub up_to: MessageId,
+    /// The devices to tell: those with a token that are not connected
+    /// (a connected one learns of the read or delete from its inbox).
+    /// Absent: every token of the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceId>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RetractReason {
+    Read,
+    Delete,
+}
+
+impl RetractReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetractReason::Read => "read",
+            RetractReason::Delete => "delete",
+        }
+    }
+}
+
+/// What a PUSH message carries. Told apart by shape (a retraction has
+/// `retract`, a message job has `from`), so jobs from older routers still
+/// decode as [`PushWork::Message`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum PushWork {
+    Message(PushJob),
+    Retract(RetractJob),
+}
+
+impl PushWork {
+    pub fn user(&self) -> &UserId {
+        match self {
+            PushWork::Message(job) => &job.user,
+            PushWork::Retract(job) => &job.user,
+        }
+    }
+}
+
+/// The push bucket's record of a user (key `user.<id>`): the devices that
+/// hold a push token, written by the persister on each `push.register` and
+/// `push.unregister`, read by the router so that deciding whom to push asks
+/// no database. It may list a device whose token a provider has since
+/// invalidated (pushd then finds no token for it); it never misses a
+/// registered one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PushDevices {
+    pub devices: Vec<DeviceId>,
 }
 
 /// The most of a message's text a push job carries, in bytes of UTF-8.
@@ -134,6 +212,33 @@ mod tests {
             assert!(cut.ends_with('…'));
             assert!(text.starts_with(cut.trim_end_matches('…')));
         }
+    }
+
+    #[test]
+    fn push_work_is_told_apart_by_shape() {
+        let user = UserId::parse("bob").unwrap();
+        let conversation = ConversationId::parse("dm:alice:bob").unwrap();
+        // A job from a router before per-device push: no `devices`.
+        let old = r#"{"user":"bob","conversation":"dm:alice:bob","id":"7","from":"alice","text":"hi","ts":1}"#;
+        let PushWork::Message(job) = serde_json::from_str(old).unwrap() else {
+            panic!("a message job decoded as a retraction");
+        };
+        assert_eq!(job.devices, None);
+        let retract = PushWork::Retract(RetractJob {
+            user: user.clone(),
+            conversation,
+            retract: RetractReason::Read,
+            up_to: MessageId(7),
+            devices: None,
+        });
+        let text = serde_json::to_string(&retract).unwrap();
+        assert_eq!(
+            text,
+            r#"{"user":"bob","conversation":"dm:alice:bob","retract":"read","up_to":"7"}"#
+        );
+        assert_eq!(serde_json::from_str::<PushWork>(&text).unwrap(), retract);
+        assert_eq!(retract.user(), &user);
+        assert!(serde_json::from_str::<PushWork>(r#"{"user":"bob"}"#).is_err());
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Delivered receipts: what travels with a message so an edge can tell
-//! whom an ack concerns, and the event an edge publishes for them.
+//! Receipts: what travels with a message so an edge can tell whom an ack
+//! concerns, and the events on stream RECEIPTS (delivered from edges, read
+//! from the persister) that the router turns into inbox items.
 
 use async_nats::HeaderMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, MessageId, UserId};
 
 pub const CONVERSATION_HEADER: &str = "Chat-Conversation";
 pub const MESSAGE_ID_HEADER: &str = "Chat-Message-Id";
@@ -37,15 +38,32 @@ impl MessageMeta {
     }
 }
 
-/// `chat.receipt.delivered`: `user`'s devices have received (acked) the
-/// messages of `conversation` up to `up_to`; `senders` wrote some of them and
-/// are told with a `receipt` frame of kind `delivered`.
+/// `chat.receipt.delivered`: `user`'s device `device` has received (acked)
+/// the messages of `conversation` up to `up_to`; `senders` wrote some of
+/// them and are told with a `receipt` frame of kind `delivered`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DeliveredEvent {
     pub conversation: ConversationId,
     pub user: UserId,
     pub up_to: MessageId,
     pub senders: Vec<UserId>,
+    /// v1.1; absent from an edge of an older release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+}
+
+/// `chat.receipt.read`: `user` has read `conversation` up to `up_to`, as
+/// stored (published by the persister after the read state is committed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReadEvent {
+    pub conversation: ConversationId,
+    pub user: UserId,
+    pub up_to: MessageId,
+    /// v1.1 privacy: the members who may see this receipt (no block with
+    /// the reader, read receipts on for both; the reader always). Absent:
+    /// every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<Vec<UserId>>,
 }
 
 #[cfg(test)]

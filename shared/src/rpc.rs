@@ -11,7 +11,8 @@ use crate::push::Platform;
 use crate::subjects;
 use crate::telemetry::TraceId;
 use crate::wire::{
-    ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView, MessageEvent,
+    ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView, MemberReceipts,
+    MessageEvent, PrivacySettings, SettingsChange,
 };
 
 /// A method: its subject name and its request and response types.
@@ -181,6 +182,18 @@ method!(
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+}
+
+method!(
+    /// Every member's stored delivered and read watermarks; `forbidden`
+    /// unless `user` is a member.
+    Receipts, "receipts", ConversationRequest => Vec<MemberReceipts>
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FriendRequest {
     pub user: UserId,
     pub other: UserId,
@@ -192,6 +205,16 @@ pub struct FriendRequest {
 pub struct FriendEntry {
     pub user: UserId,
     pub state: FriendState,
+    /// v1.1: whether the asker may see this user's presence (no block
+    /// between them) and `last_active` (their `last_seen` allows it).
+    #[serde(default = "visible")]
+    pub presence: bool,
+    #[serde(default = "visible")]
+    pub last_active: bool,
+}
+
+fn visible() -> bool {
+    true
 }
 
 method!(
@@ -224,8 +247,67 @@ method!(
 );
 method!(PushUnregister, "push_unregister", PushTokenRequest => ());
 method!(
-    /// The accepted friends only: whom presence changes go to.
-    FriendsOf, "friends_of", UserRequest => Vec<UserId>
+    /// The accepted friends with no block between them and the user: whom
+    /// presence changes go to, and whose presence the user's snapshot shows.
+    FriendsOf, "friends_of", UserRequest => PresenceAudience
+);
+
+/// Who shares presence with a user, and what of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PresenceAudience {
+    /// The user's own `last_seen` lets their friends see `last_active`.
+    pub shows_last_active: bool,
+    pub friends: Vec<PresencePeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresencePeer {
+    pub user: UserId,
+    /// This friend's `last_seen` lets the user see their `last_active`.
+    pub shows_last_active: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockRequest {
+    pub user: UserId,
+    pub other: UserId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MuteRequest {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    /// ms since the epoch; `None` unmutes.
+    pub until: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SettingsRequest {
+    pub user: UserId,
+    pub change: SettingsChange,
+}
+
+method!(
+    /// Blocks `other` (idempotent); publishes the block change.
+    Block, "block", BlockRequest => ()
+);
+method!(Unblock, "unblock", BlockRequest => ());
+method!(
+    /// The users `user` blocked, oldest block first.
+    BlockList, "blocked", UserRequest => Vec<UserId>
+);
+method!(
+    /// Everyone `user` blocked or is blocked by: what block caches hold.
+    BlockPeers, "block_peers", UserRequest => Vec<UserId>
+);
+method!(
+    /// Mutes (or with `until: None` unmutes) a conversation the user is a
+    /// member of.
+    Mute, "mute", MuteRequest => ()
+);
+method!(
+    /// Applies the change (possibly none) and answers every setting.
+    Settings, "settings", SettingsRequest => PrivacySettings
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]

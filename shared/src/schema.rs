@@ -31,7 +31,16 @@ pub fn all() -> Vec<(&'static str, String)> {
             "delivered-event.json",
             render(schema_for!(crate::receipts::DeliveredEvent)),
         ),
+        (
+            "read-event.json",
+            render(schema_for!(crate::receipts::ReadEvent)),
+        ),
         ("push-job.json", render(schema_for!(crate::push::PushJob))),
+        ("push-work.json", render(schema_for!(crate::push::PushWork))),
+        (
+            "push-devices.json",
+            render(schema_for!(crate::push::PushDevices)),
+        ),
         (
             "device-event.json",
             render(schema_for!(crate::presence::DeviceEvent)),

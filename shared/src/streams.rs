@@ -130,6 +130,28 @@ pub fn events(config: &Config) -> stream::Config {
     }
 }
 
+/// How long receipt events wait for the router and the persister: both
+/// read them within seconds, so a day covers any outage worth surviving.
+const RECEIPTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Receipt events are a few hundred bytes; full, the oldest go (a later
+/// receipt carries a larger watermark anyway).
+const RECEIPTS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+
+/// Receipt events (delivered from edges, read from the persister), turned
+/// into coalesced inbox items by the router.
+pub fn receipts(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("delivered and read receipts".into()),
+        max_age: RECEIPTS_MAX_AGE,
+        max_bytes: RECEIPTS_MAX_BYTES,
+        ..base(
+            subjects::RECEIPTS_STREAM,
+            &subjects::RECEIPTS_SUBJECTS,
+            config,
+        )
+    }
+}
+
 /// Events a consumer gave up on (`chat.dead.<consumer>`): a copy of the
 /// original (payload and headers) plus why, kept until an operator deletes
 /// it. Dead letters are rare and each one is an event a client was told is
@@ -257,6 +279,13 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             Duration::ZERO,
             config,
         ),
+        // Rewritten whole on each registration; kept as long as the tokens.
+        bucket(
+            subjects::PUSH_DEVICES_BUCKET,
+            "devices with a push token per user",
+            Duration::ZERO,
+            config,
+        ),
     ]
 }
 
@@ -270,6 +299,7 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
     all.extend([
         push(config),
         events(config),
+        receipts(config),
         deadletter(config),
         audit(config),
         quotas(config),
@@ -507,6 +537,28 @@ pub fn router_events_consumer() -> consumer::pull::Config {
     }
 }
 
+/// The router's consumer on RECEIPTS, pinned likewise. An event is acked
+/// once its coalesced receipt is in the inboxes, which is at most a
+/// coalescing window (a second) after it arrives.
+pub fn router_receipts_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::ROUTER_RECEIPTS_CONSUMER.into()),
+        name: None,
+        ..router_consumer()
+    }
+}
+
+/// The persister's consumer on RECEIPTS: delivered watermarks only (read
+/// state is stored before its event is published).
+pub fn persister_receipts_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::PERSISTER_RECEIPTS_CONSUMER.into()),
+        description: Some("delivered watermarks".into()),
+        filter_subject: subjects::DELIVERED_RECEIPTS.into(),
+        ..persister_consumer()
+    }
+}
+
 /// pushd's consumer on PUSH. A job is acked once every provider accepted it
 /// or failed for good; meanwhile (coalescing, retrying) pushd sends an
 /// in-progress ack every `ack_wait / 3`. So `ack_wait` only runs out for a
@@ -554,6 +606,7 @@ mod tests {
             messages(&config, only()),
             inbox(&config, only()),
             events(&config),
+            receipts(&config),
             deadletter(&config),
         ] {
             assert!(
@@ -571,7 +624,9 @@ mod tests {
         for consumer in [
             router_consumer(),
             router_events_consumer(),
+            router_receipts_consumer(),
             persister_consumer(),
+            persister_receipts_consumer(),
             pushd_consumer(),
         ] {
             assert_eq!(consumer.max_deliver, MAX_DELIVER);

@@ -6,7 +6,7 @@
 
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MessageId, UserId};
 use crate::partitions::Partition;
-use crate::wire::PresenceStatus;
+use crate::wire::{PresenceStatus, ReceiptKind};
 
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 pub const INBOX_STREAM: &str = "INBOX";
@@ -18,6 +18,9 @@ pub const DEADLETTER_STREAM: &str = "DEADLETTER";
 pub const AUDIT_STREAM: &str = "AUDIT";
 /// Per-user quota counters (a counter stream, see [`quota`]).
 pub const QUOTAS_STREAM: &str = "QUOTAS";
+/// Receipt events on their way to the router (and the persister's
+/// delivered watermarks): [`DELIVERED_RECEIPTS`], [`READ_RECEIPTS`].
+pub const RECEIPTS_STREAM: &str = "RECEIPTS";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
@@ -29,9 +32,12 @@ pub const EVENTS_SUBJECTS: [&str; 1] = ["chat.event.group.*"];
 pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
 pub const AUDIT_SUBJECTS: [&str; 1] = ["chat.audit.>"];
 pub const QUOTAS_SUBJECTS: [&str; 1] = ["chat.quota.>"];
+pub const RECEIPTS_SUBJECTS: [&str; 1] = ["chat.receipt.*"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
+pub const ROUTER_RECEIPTS_CONSUMER: &str = "router-receipts";
+pub const PERSISTER_RECEIPTS_CONSUMER: &str = "persister-receipts";
 pub const PERSISTER_CONSUMER: &str = "persister";
 pub const PUSHD_CONSUMER: &str = "pushd";
 /// The priority group whose pinned client is the one active router.
@@ -49,6 +55,8 @@ pub const EDGES_BUCKET: &str = "chat_edges";
 pub const LEADERS_BUCKET: &str = "chat_leaders";
 /// Bans and token revocations (see [`ban_key`], [`revoke_key`]).
 pub const MODERATION_BUCKET: &str = "chat_moderation";
+/// The devices of each user that hold a push token ([`crate::push::PushDevices`]).
+pub const PUSH_DEVICES_BUCKET: &str = "chat_push_devices";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 
@@ -253,6 +261,21 @@ pub fn parse_typing(subject: &str) -> Option<UserId> {
 /// Friendship changes (core NATS), so presence drops its cached friend lists.
 pub const FRIEND_CHANGES: &str = "chat.event.friend";
 
+/// `blocker` blocked or unblocked `blocked` (core NATS, no body): every
+/// block cache forgets both users (`crate::blocks`).
+pub fn block_event(blocker: &UserId, blocked: &UserId) -> String {
+    format!("chat.event.block.{blocker}.{blocked}")
+}
+
+/// Every block change, for the block caches.
+pub const ALL_BLOCK_EVENTS: &str = "chat.event.block.*.*";
+
+/// The two users of a [`block_event`] subject, if it is one.
+pub fn parse_block_event(subject: &str) -> Option<[UserId; 2]> {
+    let (blocker, blocked) = subject.strip_prefix("chat.event.block.")?.split_once('.')?;
+    Some([UserId::parse(blocker).ok()?, UserId::parse(blocked).ok()?])
+}
+
 /// Key of a user's presence record in [`PRESENCE_BUCKET`].
 pub fn presence_key(user: &UserId) -> String {
     format!("user.{user}")
@@ -312,10 +335,12 @@ pub fn audit(action: crate::moderation::Action) -> String {
 /// Every method of the persister's service.
 pub const ALL_RPC: &str = "chat.rpc.*";
 
-/// Delivered receipts reported by edges, fanned out by the router.
+/// Delivered receipts reported by edges (stream RECEIPTS), fanned out by
+/// the router and stored as watermarks by the persister.
 pub const DELIVERED_RECEIPTS: &str = "chat.receipt.delivered";
-/// The router's queue group for receipts.
-pub const ROUTER_QUEUE: &str = "router";
+/// Read receipts published by the persister once a read is stored (stream
+/// RECEIPTS), fanned out by the router.
+pub const READ_RECEIPTS: &str = "chat.receipt.read";
 
 /// Where `consumer` puts the events it gave up on (stream DEADLETTER).
 /// Consumer names are ours (the `*_CONSUMER` constants) or an operator's,
@@ -366,9 +391,32 @@ pub fn inbox_dedup_id(event_id: &str, user: &UserId) -> String {
 pub fn delivered_event_id(
     conversation: &ConversationId,
     user: &UserId,
+    device: &DeviceId,
     up_to: MessageId,
 ) -> String {
-    format!("delivered:{conversation}:{user}:{up_to}")
+    format!("delivered:{conversation}:{user}:{device}:{up_to}")
+}
+
+/// The `Nats-Msg-Id` of a read-receipt event: a retried `read` that finds
+/// the same stored watermark publishes the same event.
+pub fn read_event_id(conversation: &ConversationId, user: &UserId, up_to: MessageId) -> String {
+    format!("read:{conversation}:{user}:{up_to}")
+}
+
+/// The event id of a coalesced receipt's inbox items (see
+/// [`inbox_dedup_id`]): a window routed again after a router restart
+/// appends nothing twice.
+pub fn receipt_item_id(
+    kind: ReceiptKind,
+    conversation: &ConversationId,
+    user: &UserId,
+    up_to: MessageId,
+) -> String {
+    let kind = match kind {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Read => "read",
+    };
+    format!("receipt:{kind}:{conversation}:{user}:{up_to}")
 }
 
 /// The `Nats-Msg-Id` of a public presence event.
@@ -383,6 +431,22 @@ pub fn presence_event_id(user: &UserId, status: PresenceStatus, last_active: u64
 /// The `Nats-Msg-Id` of the push job for `user` about message `event_id`.
 pub fn push_dedup_id(event_id: &str, user: &UserId) -> String {
     format!("push:{event_id}:{user}")
+}
+
+/// The `Nats-Msg-Id` of a retraction for `user` (a repeated read or delete
+/// of the same message makes no second one).
+pub fn retract_dedup_id(
+    reason: crate::push::RetractReason,
+    conversation: &ConversationId,
+    up_to: MessageId,
+    user: &UserId,
+) -> String {
+    format!("retract:{}:{conversation}:{up_to}:{user}", reason.as_str())
+}
+
+/// Key of a user's [`crate::push::PushDevices`] in [`PUSH_DEVICES_BUCKET`].
+pub fn push_devices_key(user: &UserId) -> String {
+    format!("user.{user}")
 }
 
 /// The counter of one user's quota `kind` (`messages`, `bytes`, …) in one
@@ -435,6 +499,11 @@ mod tests {
         assert_eq!(deliver(&alice), "chat.deliver.alice");
         assert_eq!(push(&alice), "chat.push.alice");
         assert_eq!(presence_key(&alice), "user.alice");
+        assert_eq!(push_devices_key(&alice), "user.alice");
+        assert_eq!(
+            retract_dedup_id(crate::push::RetractReason::Read, &dm, MessageId(7), &alice),
+            "retract:read:dm:alice:bob:7:alice"
+        );
         assert_eq!(
             parse_presence_key(&presence_key(&alice)),
             Some(alice.clone())
@@ -457,6 +526,22 @@ mod tests {
         assert_eq!(sent_claims(&alice), "$KV.chat_sent.alice.>");
         assert_eq!(bucket_stream(SENT_BUCKET), "KV_chat_sent");
         assert_eq!(inbox_dedup_id("42", &alice), "42:alice");
+        let phone = DeviceId::parse("phone").unwrap();
+        assert_eq!(
+            delivered_event_id(&dm, &alice, &phone, MessageId(7)),
+            "delivered:dm:alice:bob:alice:phone:7"
+        );
+        assert_eq!(
+            read_event_id(&group, &alice, MessageId(7)),
+            "read:group:team:alice:7"
+        );
+        assert_eq!(
+            receipt_item_id(ReceiptKind::Read, &group, &alice, MessageId(7)),
+            "receipt:read:group:team:alice:7"
+        );
+        assert_eq!(RECEIPTS_SUBJECTS, ["chat.receipt.*"]);
+        assert_eq!(DELIVERED_RECEIPTS, "chat.receipt.delivered");
+        assert_eq!(READ_RECEIPTS, "chat.receipt.read");
         assert_eq!(
             quota(&alice, "messages", "d20424"),
             "chat.quota.alice.messages.d20424"
@@ -500,6 +585,23 @@ mod tests {
         );
         assert_eq!(parse_moderation_notice("chat.mod.a.b"), None);
         assert_eq!(parse_moderation_notice("chat.deliver.a"), None);
+    }
+
+    #[test]
+    fn block_events_name_both_users_and_parse_back() {
+        let (alice, bob) = (user("alice"), user("bob"));
+        assert_eq!(block_event(&alice, &bob), "chat.event.block.alice.bob");
+        assert_eq!(
+            parse_block_event(&block_event(&alice, &bob)),
+            Some([alice, bob])
+        );
+        for bad in [
+            "chat.event.block.a",
+            "chat.event.block.a.b.c",
+            "chat.event.group.g",
+        ] {
+            assert_eq!(parse_block_event(bad), None, "{bad}");
+        }
     }
 
     #[test]

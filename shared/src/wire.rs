@@ -144,6 +144,42 @@ pub enum ClientFrame {
         platform: PushPlatform,
         token: String,
     },
+    /// v1.1: blocks `user` (see docs/protocol.md for every effect).
+    #[serde(rename = "block")]
+    Block {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    #[serde(rename = "unblock")]
+    Unblock {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        user: UserId,
+    },
+    /// v1.1: the users you blocked.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// v1.1: no push for `conversation` until `until` (ms since the epoch)
+    /// unless you are mentioned; `null` unmutes.
+    #[serde(rename = "mute")]
+    Mute {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        until: Option<u64>,
+    },
+    /// v1.1: changes the given privacy settings (none: reads them).
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        change: SettingsChange,
+    },
     #[serde(rename = "refresh")]
     Refresh {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
@@ -179,6 +215,13 @@ pub enum ClientFrame {
         id: MessageId,
         emoji: String,
         on: bool,
+    },
+    /// v1.1: every member's delivered and read watermarks (members only).
+    #[serde(rename = "receipts")]
+    Receipts {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
     },
 }
 
@@ -244,7 +287,13 @@ impl ClientFrame {
             | Self::Friends { reference }
             | Self::PushRegister { reference, .. }
             | Self::PushUnregister { reference, .. }
+            | Self::Block { reference, .. }
+            | Self::Unblock { reference, .. }
+            | Self::Blocked { reference }
+            | Self::Mute { reference, .. }
+            | Self::Settings { reference, .. }
             | Self::Refresh { reference, .. }
+            | Self::Receipts { reference, .. }
             | Self::Edit { reference, .. }
             | Self::Delete { reference, .. }
             | Self::React { reference, .. } => reference,
@@ -274,10 +323,16 @@ impl ClientFrame {
             Self::Friends { .. } => "friends",
             Self::PushRegister { .. } => "push.register",
             Self::PushUnregister { .. } => "push.unregister",
+            Self::Block { .. } => "block",
+            Self::Unblock { .. } => "unblock",
+            Self::Blocked { .. } => "blocked",
+            Self::Mute { .. } => "mute",
+            Self::Settings { .. } => "settings",
             Self::Refresh { .. } => "refresh",
             Self::Edit { .. } => "edit",
             Self::Delete { .. } => "delete",
             Self::React { .. } => "react",
+            Self::Receipts { .. } => "receipts",
         }
     }
 }
@@ -334,12 +389,19 @@ pub enum ServerFrame {
         users: Vec<UserId>,
         by: UserId,
     },
+    /// v1.1: an inbox item (with `cursor`, replayed on resume), coalesced
+    /// to at most one per (conversation, user, kind) per second; `device`
+    /// is the device that acked, for `delivered`.
     #[serde(rename = "receipt")]
     Receipt {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<Cursor>,
         conversation: ConversationId,
         user: UserId,
         kind: ReceiptKind,
         up_to: MessageId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceId>,
     },
     #[serde(rename = "presence")]
     Presence(PresenceEvent),
@@ -395,6 +457,29 @@ pub enum ServerFrame {
         reference: Option<String>,
         items: Vec<FriendView>,
     },
+    /// v1.1: the answer to `receipts`.
+    #[serde(rename = "receipts")]
+    Receipts {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        conversation: ConversationId,
+        members: Vec<MemberReceipts>,
+    },
+    /// v1.1: the reply to `blocked`.
+    #[serde(rename = "blocked")]
+    Blocked {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<UserId>,
+    },
+    /// v1.1: the reply to `settings`, every setting.
+    #[serde(rename = "settings")]
+    Settings {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        settings: PrivacySettings,
+    },
 }
 
 impl ServerFrame {
@@ -428,6 +513,9 @@ impl ServerFrame {
             Self::Group { .. } => "group",
             Self::Ok { .. } => "ok",
             Self::Friends { .. } => "friends",
+            Self::Receipts { .. } => "receipts",
+            Self::Blocked { .. } => "blocked",
+            Self::Settings { .. } => "settings",
         }
     }
 
@@ -491,7 +579,7 @@ pub enum MembershipChange {
     Left,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReceiptKind {
     Delivered,
@@ -515,6 +603,55 @@ pub enum FriendState {
     Pending,
     /// No relation (any more): only in `friend` frames, after a removal.
     None,
+}
+
+/// v1.1 `settings.last_seen`: who sees the user's `last_active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LastSeen {
+    #[default]
+    Everyone,
+    Friends,
+    Nobody,
+}
+
+/// v1.1 `settings.group_adds`: who may add the user to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAdds {
+    #[default]
+    Everyone,
+    Friends,
+}
+
+/// v1.1: a user's privacy settings; a user who never set any has the
+/// defaults (everything visible, anyone may add them, read receipts on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PrivacySettings {
+    pub last_seen: LastSeen,
+    pub group_adds: GroupAdds,
+    pub read_receipts: bool,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        Self {
+            last_seen: LastSeen::Everyone,
+            group_adds: GroupAdds::Everyone,
+            read_receipts: true,
+        }
+    }
+}
+
+/// The fields a `settings` request changes; the others keep their value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<LastSeen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_adds: Option<GroupAdds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_receipts: Option<bool>,
 }
 
 /// One accepted message: the MESSAGES stream event, a `history` item and the
@@ -728,6 +865,15 @@ pub struct ConversationSummary {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
     pub unread: u64,
+    pub read_up_to: Option<MessageId>,
+}
+
+/// One member's watermarks in a conversation (`null`: nothing yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemberReceipts {
+    pub user: UserId,
+    /// The newest message any of their devices acknowledged.
+    pub delivered_up_to: Option<MessageId>,
     pub read_up_to: Option<MessageId>,
 }
 
@@ -946,6 +1092,12 @@ mod tests {
             json!({"type":"edit","conversation":"dm:a:b","id":"1","text":"x"}),
             json!({"type":"delete","conversation":"dm:a:b","id":"1","for":"me"}),
             json!({"type":"react","conversation":"dm:a:b","id":"1","emoji":"x","on":true}),
+            json!({"type":"receipts","conversation":"dm:a:b"}),
+            json!({"type":"block","user":"b"}),
+            json!({"type":"unblock","user":"b"}),
+            json!({"type":"blocked"}),
+            json!({"type":"mute","conversation":"dm:a:b","until":null}),
+            json!({"type":"settings"}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -963,6 +1115,19 @@ mod tests {
             ServerFrame::Friends {
                 reference: None,
                 items: vec![],
+            },
+            ServerFrame::Receipts {
+                reference: None,
+                conversation: ConversationId::parse("dm:a:b").unwrap(),
+                members: vec![],
+            },
+            ServerFrame::Blocked {
+                reference: None,
+                items: vec![],
+            },
+            ServerFrame::Settings {
+                reference: None,
+                settings: PrivacySettings::default(),
             },
         ];
         for frame in server {
@@ -1021,6 +1186,48 @@ mod tests {
             MessagesEvent::parse(bare),
             Ok(MessagesEvent::Change(c)) if !c.is_complete()
         ));
+    }
+
+    #[test]
+    fn privacy_frames_parse_and_render_flat() {
+        let change: ClientFrame = serde_json::from_value(
+            json!({"type":"settings","ref":"r","last_seen":"nobody","read_receipts":false}),
+        )
+        .unwrap();
+        assert_eq!(
+            change,
+            ClientFrame::Settings {
+                reference: Some("r".into()),
+                change: SettingsChange {
+                    last_seen: Some(LastSeen::Nobody),
+                    group_adds: None,
+                    read_receipts: Some(false),
+                },
+            }
+        );
+        for bad in [
+            json!({"type":"settings","group_adds":"nobody"}),
+            json!({"type":"settings","read_receipts":"no"}),
+            json!({"type":"mute","until":1}),
+            json!({"type":"block"}),
+        ] {
+            assert!(
+                serde_json::from_value::<ClientFrame>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let unmute: ClientFrame =
+            serde_json::from_value(json!({"type":"mute","conversation":"dm:a:b","until":null}))
+                .unwrap();
+        assert!(matches!(unmute, ClientFrame::Mute { until: None, .. }));
+        let settings = ServerFrame::Settings {
+            reference: Some("r".into()),
+            settings: PrivacySettings::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(&settings).unwrap(),
+            json!({"type":"settings","ref":"r","last_seen":"everyone","group_adds":"everyone","read_receipts":true})
+        );
     }
 
     #[test]
@@ -1164,62 +1371,6 @@ mod tests {
                 ),
                 (reference(), any::<String>())
                     .prop_map(|(reference, token)| ClientFrame::Refresh { reference, token }),
-                (reference(), conversation(), any::<u64>(), any::<String>()).prop_map(
-                    |(reference, conversation, id, text)| ClientFrame::Edit {
-                        reference,
-                        conversation,
-                        id: MessageId(id),
-                        text,
-                    }
-                ),
-                (reference(), conversation(), any::<u64>(), any::<bool>()).prop_map(
-                    |(reference, conversation, id, everyone)| ClientFrame::Delete {
-                        reference,
-                        conversation,
-                        id: MessageId(id),
-                        scope: if everyone {
-                            DeleteScope::Everyone
-                        } else {
-                            DeleteScope::Me
-                        },
-                    }
-                ),
-                (
-                    reference(),
-                    conversation(),
-                    any::<u64>(),
-                    any::<String>(),
-                    any::<bool>()
-                )
-                    .prop_map(|(reference, conversation, id, emoji, on)| {
-                        ClientFrame::React {
-                            reference,
-                            conversation,
-                            id: MessageId(id),
-                            emoji,
-                            on,
-                        }
-                    }),
-                (
-                    reference(),
-                    conversation(),
-                    any::<u64>(),
-                    proptest::option::of(any::<u64>()),
-                    proptest::collection::vec(user(), 0..3)
-                )
-                    .prop_map(
-                        |(reference, conversation, n, reply_to, mentions)| {
-                            ClientFrame::Send(SendRequest {
-                                reference,
-                                to: None,
-                                conversation: Some(conversation),
-                                text: n.to_string(),
-                                client_msg_id: ClientMsgId::parse(n.to_string()).unwrap(),
-                                reply_to: reply_to.map(MessageId),
-                                mentions,
-                            })
-                        }
-                    ),
             ]
         }
 

@@ -10,6 +10,8 @@ import { loadHistory } from './history.js';
 import { renderHeader } from './list.js';
 import { closeConversation } from './nav.js';
 import { startChat, friendAction, renderFriends, renderInfo, createGroup, addMembers, leaveGroup } from './people.js';
+import { cancelCompose } from './changes.js';
+import { toggleBlock, toggleMute } from './privacy.js';
 
 function wire() {
   $('login-form').addEventListener('submit', signIn);
@@ -66,6 +68,9 @@ function wire() {
     $('info-dialog').showModal();
   });
   $('add-member-form').addEventListener('submit', addMembers);
+  $('compose-cancel').addEventListener('click', cancelCompose);
+  $('block-btn').addEventListener('click', toggleBlock);
+  $('mute-btn').addEventListener('click', toggleMute);
   $('leave-btn').addEventListener('click', leaveGroup);
   for (const b of document.querySelectorAll('[data-close]')) {
     b.addEventListener('click', () => b.closest('dialog').close());

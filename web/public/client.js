@@ -363,8 +363,8 @@ export class ChatClient {
     this.onOutbox();
   }
 
-  /** Queues a message; it is shown at once and sent when connected. */
-  send(conversation, text) {
+  /** Queues a message (`replyTo`: the id it answers); it is shown at once and sent when connected. */
+  send(conversation, text, replyTo = null) {
     const item = {
       client_msg_id: randomId('w', 12),
       conversation,
@@ -372,6 +372,7 @@ export class ChatClient {
       ts: Date.now(),
       state: 'pending',
     };
+    if (replyTo) item.reply_to = replyTo;
     this.outbox.push(item);
     this.#saveOutbox();
     this.#flushOutbox();
@@ -405,14 +406,16 @@ export class ChatClient {
         const item = this.outbox.find((i) => i.state === 'pending');
         if (!item || this.status !== 'online') return;
         try {
-          const sent = await this.request({
+          const request = {
             type: 'send',
             conversation: item.conversation,
             text: item.text,
             client_msg_id: item.client_msg_id,
-          });
+          };
+          if (item.reply_to) request.reply_to = item.reply_to;
+          const sent = await this.request(request);
           this.forget(item.client_msg_id);
-          this.onFrame({ ...sent, type: 'sent', client_msg_id: item.client_msg_id, text: item.text });
+          this.onFrame({ ...sent, type: 'sent', client_msg_id: item.client_msg_id, text: item.text, reply_to: item.reply_to });
         } catch (e) {
           if (e.code === 'rate_limited') {
             await new Promise((r) => setTimeout(r, e.retryAfterMs || 1000));

@@ -6,6 +6,7 @@ import { $ } from './ui.js';
 import { state, conv } from './state.js';
 import { renderMessages } from './messages.js';
 import { renderList } from './list.js';
+import { submitEdit, takeReplyTo } from './changes.js';
 
 const TYPING_REFRESH_MS = 3_000;
 
@@ -79,7 +80,12 @@ export function sendMessage(event) {
   const text = ta.value.replace(/^\s*\n|\s+$/g, '');
   if (!text || !state.open) return;
   sendTyping(false);
-  state.client.send(state.open, text);
+  if (submitEdit(text)) {
+    ta.value = '';
+    autoGrow();
+    return;
+  }
+  state.client.send(state.open, text, takeReplyTo());
   ta.value = '';
   autoGrow();
   const c = conv(state.open);

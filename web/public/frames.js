@@ -10,6 +10,8 @@ import { scheduleMessages } from './messages.js';
 import { renderList, renderHeader, renderConversation, renderTyping } from './list.js';
 import { closeConversation } from './nav.js';
 import { renderFriends, renderInfo } from './people.js';
+import { applyUpdate } from './changes.js';
+import { loadPrivacy } from './privacy.js';
 
 const TYPING_LAPSE_MS = 7_000;
 
@@ -33,9 +35,12 @@ export function onFrame(f) {
       return;
     case 'sent':
       addMessage(
-        { id: f.id, conversation: f.conversation, from: state.me, text: f.text, ts: f.ts, client_msg_id: f.client_msg_id },
+        { id: f.id, conversation: f.conversation, from: state.me, text: f.text, ts: f.ts, client_msg_id: f.client_msg_id, reply_to: f.reply_to },
         false,
       );
+      return;
+    case 'update':
+      applyUpdate(f);
       return;
     case 'membership':
       onMembership(f);
@@ -79,6 +84,7 @@ async function onSynced() {
     const [list, friends] = await Promise.all([
       client.request({ type: 'conversations' }),
       client.request({ type: 'friends' }),
+      loadPrivacy(),
     ]);
     // Groups we are no longer in (left on another device while this one
     // could not resume) go; DMs stay, they are only hidden while empty.
@@ -99,6 +105,7 @@ async function onSynced() {
       ).length;
       c.unread = item.unread + newer;
       c.readUpTo = maxId(c.readUpTo, item.read_up_to);
+      if (item.muted_until) state.muted.set(c.id, item.muted_until);
       if (item.last && (!c.last || cmpId(item.last.id, c.last.id) > 0)) c.last = item.last;
       if (c.last) c.sortTs = c.last.ts;
       if (c.group && !state.groups.has(c.group)) loadGroup(c.group);
@@ -143,6 +150,19 @@ function addMessage(m, live) {
   if (c.id === state.open) {
     scheduleMessages();
     if (live) markRead();
+  }
+}
+
+/** Every member's watermarks, from the server (they outlive this browser). */
+export async function loadReceipts(c) {
+  try {
+    const reply = await state.client.request({ type: 'receipts', conversation: c.id });
+    for (const m of reply.members) {
+      if (m.delivered_up_to) onReceipt({ conversation: c.id, user: m.user, kind: 'delivered', up_to: m.delivered_up_to });
+      if (m.read_up_to) onReceipt({ conversation: c.id, user: m.user, kind: 'read', up_to: m.read_up_to });
+    }
+  } catch {
+    // Not a member (any more), or offline: the receipts we have stay.
   }
 }
 

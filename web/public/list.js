@@ -2,9 +2,10 @@
 // status.
 
 import { $, h, avatar, when, lastSeen, coalesce } from './ui.js';
-import { state, title, presenceOf, typists, typingText } from './state.js';
+import { state, title, presenceOf, typists, typingText, shownText, isMuted } from './state.js';
 import { renderHistoryStatus } from './history.js';
 import { renderMessages } from './messages.js';
+import { renderPrivacy } from './privacy.js';
 
 export function renderStatus() {
   const client = state.client;
@@ -45,7 +46,7 @@ function renderListNow() {
     const preview = typing
       ? h('span', { class: 'typing' }, typing)
       : last
-        ? `${last.from === state.me ? 'You: ' : c.group ? `${last.from}: ` : ''}${last.text}`
+        ? `${last.from === state.me ? 'You: ' : c.group ? `${last.from}: ` : ''}${shownText(last)}`
         : c.group
           ? 'No messages yet'
           : '';
@@ -65,6 +66,7 @@ function renderListNow() {
             'span',
             { class: 'conv-bottom' },
             h('span', { class: 'preview' }, preview),
+            isMuted(c.id) ? h('span', { class: 'muted-icon', title: 'muted', 'aria-label': 'muted' }, '🔕') : null,
             c.unread ? h('span', { class: 'badge', 'aria-hidden': 'true' }, c.unread > 99 ? '99+' : c.unread) : null,
           ),
         ),
@@ -99,6 +101,7 @@ export function renderHeader() {
   fb.hidden = !c.peer || rel === 'friends' || rel === 'requested';
   fb.textContent = rel === 'pending' ? 'Accept friend' : 'Add friend';
   $('info-btn').hidden = !c.group;
+  renderPrivacy(c);
 }
 
 export function renderConversation() {

@@ -4,6 +4,7 @@
 import { cmpId } from './client.js';
 import { $, h, time, day, dayKey, coalesce } from './ui.js';
 import { state } from './state.js';
+import { menuButton, reactionChips, replyQuote } from './changes.js';
 
 function ticks(c, m) {
   if (m.pending) {
@@ -17,6 +18,22 @@ function ticks(c, m) {
   if (all('r')) return h('span', { class: 'tick read', title: 'read', 'aria-label': 'read' }, '✓✓');
   if (all('d')) return h('span', { class: 'tick delivered', title: 'delivered', 'aria-label': 'delivered' }, '✓✓');
   return h('span', { class: 'tick sent', title: 'sent', 'aria-label': 'sent' }, '✓');
+}
+
+/** In a group, who has read (or only received) my message: each member by name. */
+function seenBy(c, m) {
+  const members = (state.groups.get(c.group)?.members || []).filter((u) => u !== state.me);
+  const byUser = state.receipts.get(c.id) || {};
+  const reached = (kind) => members.filter((u) => byUser[u]?.[kind] && cmpId(byUser[u][kind], m.id) >= 0);
+  const read = reached('r');
+  const delivered = reached('d').filter((u) => !read.includes(u));
+  if (!read.length && !delivered.length) return null;
+  return h(
+    'div',
+    { class: 'seen' },
+    read.length ? h('span', { class: 'seen-read' }, `Read by ${read.join(', ')}`) : null,
+    delivered.length ? h('span', { class: 'seen-delivered' }, `Delivered to ${delivered.join(', ')}`) : null,
+  );
 }
 
 function sortedMessages(c) {
@@ -38,17 +55,27 @@ function sortedMessages(c) {
   return list;
 }
 
-function messageEl(c, m, showFrom) {
+function messageEl(c, m, showFrom, showSeen) {
   const mine = m.from === state.me;
   const el = h(
     'div',
     {
-      class: `msg ${mine ? 'mine' : 'theirs'} ${m.pending ? 'pending' : ''}`,
+      class: `msg ${mine ? 'mine' : 'theirs'} ${m.pending ? 'pending' : ''} ${m.deleted ? 'deleted' : ''}`,
       dataset: { id: m.id || '', cmid: m.client_msg_id || '' },
     },
+    menuButton(c, m),
     showFrom && !mine ? h('div', { class: 'from' }, m.from) : null,
-    h('div', { class: 'text' }, m.text),
-    h('div', { class: 'meta' }, h('time', { datetime: new Date(m.ts).toISOString() }, time(m.ts)), mine ? ticks(c, m) : null),
+    replyQuote(c, m),
+    m.deleted ? h('div', { class: 'text gone' }, 'This message was deleted') : h('div', { class: 'text' }, m.text),
+    reactionChips(c, m),
+    h(
+      'div',
+      { class: 'meta' },
+      m.edited_ts && !m.deleted ? h('span', { class: 'edited' }, 'edited') : null,
+      h('time', { datetime: new Date(m.ts).toISOString() }, time(m.ts)),
+      mine ? ticks(c, m) : null,
+    ),
+    showSeen ? seenBy(c, m) : null,
   );
   if (m.failed) {
     el.append(
@@ -87,7 +114,10 @@ export function renderMessages({ keepBottom = true } = {}) {
   };
   let lastDay = null;
   let lastFrom = null;
-  for (const m of sortedMessages(c)) {
+  const messages = sortedMessages(c);
+  // In a group, the newest of my stored messages says who read it.
+  const seenId = c.group ? messages.findLast((m) => m.from === state.me && m.id)?.id : null;
+  for (const m of messages) {
     const d = dayKey(m.ts);
     if (d !== lastDay) {
       row(`d:${d}`, day(m.ts), () => h('div', { class: 'day', role: 'separator' }, h('span', {}, day(m.ts))));
@@ -96,8 +126,14 @@ export function renderMessages({ keepBottom = true } = {}) {
     }
     const showFrom = Boolean(c.group) && m.from !== lastFrom;
     const tick = m.from === state.me ? ticks(c, m).className : '';
-    const sig = `${m.id || ''}|${m.pending ? 1 : 0}|${m.failed ? 1 : 0}|${tick}|${showFrom}`;
-    row(`m:${m.from}:${m.client_msg_id || m.id}`, sig, () => messageEl(c, m, showFrom));
+    const showSeen = m.id !== undefined && m.id === seenId;
+    const seen = showSeen ? seenBy(c, m)?.textContent || '' : '';
+    const quoted = m.reply_to ? c.messages.get(m.reply_to) : null;
+    const sig = [
+      m.id || '', m.pending ? 1 : 0, m.failed ? 1 : 0, tick, showFrom, m.text, m.edited_ts || '', m.deleted ? 1 : 0,
+      JSON.stringify(m.reactions || {}), quoted ? `${quoted.deleted ? 1 : 0}${quoted.text}` : '', seen,
+    ].join('|');
+    row(`m:${m.from}:${m.client_msg_id || m.id}`, sig, () => messageEl(c, m, showFrom, showSeen));
     lastFrom = m.from;
   }
   rowCache.rows = used;

@@ -2,7 +2,8 @@
 
 import { $ } from './ui.js';
 import { state, conv } from './state.js';
-import { loadGroup } from './frames.js';
+import { loadGroup, loadReceipts } from './frames.js';
+import { cancelCompose } from './changes.js';
 import { sendTyping, markRead } from './composer.js';
 import { loadHistory } from './history.js';
 import { renderList, renderConversation } from './list.js';
@@ -14,7 +15,10 @@ export function openFromHash() {
 }
 
 function openConversation(id) {
-  if (state.open !== id) sendTyping(false);
+  if (state.open !== id) {
+    sendTyping(false);
+    cancelCompose();
+  }
   const c = conv(id);
   state.open = id;
   $('composer-text').value = '';
@@ -24,6 +28,7 @@ function openConversation(id) {
   box.scrollTop = box.scrollHeight;
   if (!c.loaded && state.client.status === 'online') loadHistory(c);
   if (c.group && !state.groups.has(c.group) && state.client.status === 'online') loadGroup(c.group);
+  if (state.client.status === 'online') loadReceipts(c);
   markRead();
   if (matchMedia('(min-width: 761px)').matches) $('composer-text').focus();
 }

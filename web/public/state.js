@@ -14,6 +14,9 @@ export const state = {
   presence: new Map(), // user -> {status, last_active}
   receipts: new Map(), // conversation -> {user: {d, r}}
   typing: new Map(), // conversation -> Map(user -> lapse timer)
+  blocked: new Set(), // users I blocked
+  muted: new Map(), // conversation -> muted until (ms)
+  compose: null, // {mode: 'reply' | 'edit', conv, id}: what the composer's next submit does
   open: null, // open conversation id
   mode: null, // 'dev' (sign-in by name) or 'token' (pasted)
   typingSent: { conv: null, at: 0, idle: null },
@@ -92,6 +95,18 @@ export function maxId(a, b) {
 export function presenceOf(user) {
   if (state.friends.get(user) !== 'friends') return null;
   return state.presence.get(user) || { status: 'offline', last_active: null };
+}
+
+/** The message's current text for previews and quotes. */
+export function shownText(m) {
+  if (!m) return '';
+  if (m.deleted) return 'This message was deleted';
+  return m.text;
+}
+
+export function isMuted(convId) {
+  const until = state.muted.get(convId);
+  return Boolean(until && until > Date.now());
 }
 
 export function typists(convId) {

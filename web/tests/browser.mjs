@@ -110,6 +110,18 @@ async function openConversation(page, title) {
   await until(page, `conversation ${title} open`, (t) => document.querySelector('#conv-title')?.textContent === t, title);
 }
 
+/** The bubble whose own text is exactly `text` (not a reply quoting it). */
+const bubble = (page, text) =>
+  page.locator('#msg-list .msg').filter({ has: page.locator('.text', { hasText: new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`) }) });
+
+/** Opens a message's menu and picks `item` (a menu item's name, or an emoji). */
+async function messageAction(page, text, item) {
+  await bubble(page, text).locator('.msg-menu-btn').click();
+  const menu = page.locator('.msg-menu');
+  if (/^\p{Extended_Pictographic}/u.test(item)) await menu.getByRole('button', { name: `React ${item}` }).click();
+  else await menu.getByRole('menuitem', { name: item, exact: true }).click();
+}
+
 const frames = (page, type) =>
   page.sockets.flatMap((s) => s.sent.concat(s.received)).map((f) => JSON.parse(f)).filter((f) => f.type === type);
 
@@ -319,6 +331,74 @@ try {
     await alice.emulateMedia({ colorScheme: 'light' });
   });
 
+  await step('reply, edit, react, delete for everyone and for me', async () => {
+    await openConversation(alice, 'bob');
+    await openConversation(bob, 'alice');
+    await messageAction(bob, 'Lunch at 12?', 'Reply');
+    await bob.locator('#compose-bar:not([hidden])').waitFor({ timeout: WAIT });
+    await send(bob, 'Yes, 12 works');
+    const reply = bubble(alice, 'Yes, 12 works');
+    await reply.locator('.quote-text', { hasText: 'Lunch at 12?' }).waitFor({ timeout: WAIT });
+    await messageAction(alice, 'after reload 2', 'Edit');
+    if ((await alice.getByLabel('Message', { exact: true }).inputValue()) !== 'after reload 2') throw new Error('edit did not fill the composer');
+    await send(alice, 'after reload 2, edited');
+    await bubble(bob, 'after reload 2, edited').locator('.edited').waitFor({ timeout: WAIT });
+    await messageAction(bob, 'Hi bob 👋', '👍');
+    await bubble(alice, 'Hi bob 👋').locator('.reaction', { hasText: '👍 1' }).waitFor({ timeout: WAIT });
+    await messageAction(alice, 'during reload 1', 'Delete for everyone');
+    await until(bob, 'deleted for everyone', () =>
+      [...document.querySelectorAll('#msg-list .text')].every((e) => e.textContent !== 'during reload 1') &&
+      document.querySelector('#msg-list .text.gone')?.textContent === 'This message was deleted');
+    await messageAction(bob, 'during reload 2', 'Delete for me');
+    await until(bob, 'deleted for bob', () => [...document.querySelectorAll('#msg-list .text')].every((e) => e.textContent !== 'during reload 2'));
+    // Only bob's devices hide it: alice still has it.
+    if (!(await bubble(alice, 'during reload 2').count())) throw new Error("a delete for me reached alice");
+    // A reload shows the same state, from history and the resumed updates.
+    await bob.reload();
+    await online(bob, 'bob after the changes');
+    await openConversation(bob, 'alice');
+    await bubble(bob, 'after reload 2, edited').waitFor({ timeout: WAIT });
+    await bubble(bob, 'Hi bob 👋').locator('.reaction.mine', { hasText: '👍 1' }).waitFor({ timeout: WAIT });
+    if (await bubble(bob, 'during reload 1').count()) throw new Error('the deleted text came back after a reload');
+    await shot(alice, 'alice-changes');
+    await shot(bob, 'bob-changes');
+  });
+
+  await step('read ticks per member in a group', async () => {
+    await openConversation(alice, 'Weekend plans');
+    await send(alice, 'Who brings snacks?');
+    await openConversation(bob, 'Weekend plans');
+    await bob.locator('#msg-list .text', { hasText: 'Who brings snacks?' }).waitFor({ timeout: WAIT });
+    await bubble(alice, 'Who brings snacks?').locator('.seen-read', { hasText: 'Read by bob' }).waitFor({ timeout: WAIT });
+    // dave never opened it: not among the readers.
+    if ((await bubble(alice, 'Who brings snacks?').locator('.seen').textContent()).includes('Read by bob, dave')) throw new Error('dave read it?');
+    await shot(alice, 'alice-group-read-by');
+  });
+
+  await step('mute and block', async () => {
+    await openConversation(bob, 'alice');
+    await bob.getByRole('button', { name: 'Mute' }).click();
+    await bob.locator('#conv-list li[data-id="dm:alice:bob"] .muted-icon').waitFor({ timeout: WAIT });
+    await bob.getByRole('button', { name: 'Unmute' }).waitFor({ timeout: WAIT });
+    // Alice blocks carol: carol's DM is refused until alice unblocks her.
+    await alice.getByLabel('Start a chat with (user name)').fill('carol');
+    await alice.getByLabel('Start a chat with (user name)').press('Enter');
+    await until(alice, 'DM with carol open', () => document.querySelector('#conv-title')?.textContent === 'carol');
+    alice.once('dialog', (d) => d.accept());
+    await alice.getByRole('button', { name: 'Block' }).click();
+    await alice.locator('#blocked-note:not([hidden])').waitFor({ timeout: WAIT });
+    await carol.getByLabel('Start a chat with (user name)').fill('alice');
+    await carol.getByLabel('Start a chat with (user name)').press('Enter');
+    await send(carol, 'are you there?');
+    await carol.locator('#msg-list .msg.pending .tick.failed').waitFor({ timeout: WAIT });
+    await shot(carol, 'carol-blocked');
+    await shot(alice, 'alice-blocked-carol');
+    await alice.getByRole('button', { name: 'Unblock' }).click();
+    await alice.locator('#blocked-note').waitFor({ state: 'hidden', timeout: WAIT });
+    await carol.locator('#msg-list .failed-actions button', { hasText: 'Retry' }).click();
+    await alice.locator('#msg-list .text', { hasText: 'are you there?' }).waitFor({ timeout: WAIT });
+  });
+
   await step("bob's short-lived tokens were refreshed on the open connection", async () => {
     // Three refreshes on one page take longer than a token lives.
     await until(bob, 'three refreshes', () => window.chat.client.refreshes >= 3);
@@ -329,8 +409,8 @@ try {
     // The last one may still be in flight.
     if (unanswered.length > 1) throw new Error(`refreshes without ok: ${JSON.stringify(unanswered)}`);
     const after = bob.sockets.length;
-    // Two sockets: before and after the reload; none from an expiry.
-    if (after !== 2) throw new Error(`bob opened ${after} WebSockets: ${bob.sockets.map((s) => s.url)}`);
+    // Three sockets: before and after each reload; none from an expiry.
+    if (after !== 3) throw new Error(`bob opened ${after} WebSockets: ${bob.sockets.map((s) => s.url)}`);
   });
 
   await step('bob closes his page: alice sees him go offline, with last seen', async () => {

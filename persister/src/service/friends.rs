@@ -195,13 +195,13 @@ impl Service {
             return Ok(());
         }
         tx.commit().await.map_err(unavailable("commit"))?;
-        self.announce(&Change {
+        let change = Change {
             user,
             other,
             user_state: FriendState::None,
             other_state: FriendState::None,
-        })
-        .await;
+        };
+        self.announce(&change, Vec::new()).await;
         Ok(())
     }
 
@@ -214,9 +214,16 @@ impl Service {
             .query(
                 // Friends first and never more than the cap (rows from before
                 // the cap on incoming requests included), so the reply fits
-                // the transport: 5,000 entries are about 700 KB.
-                "SELECT other, state FROM friendships WHERE user_id = $1
-                 ORDER BY state = 'friends' DESC, other LIMIT $2",
+                // the transport: 5,000 entries are about 700 KB. v1.1: with
+                // what the asker may see of each one's presence.
+                "SELECT f.other, f.state,
+                        NOT EXISTS (SELECT 1 FROM blocks b
+                                    WHERE (b.user_id = $1 AND b.blocked = f.other)
+                                       OR (b.user_id = f.other AND b.blocked = $1)),
+                        COALESCE(s.last_seen, 'everyone') <> 'nobody'
+                 FROM friendships f LEFT JOIN privacy_settings s ON s.user_id = f.other
+                 WHERE f.user_id = $1
+                 ORDER BY f.state = 'friends' DESC, f.other LIMIT $2",
                 &[&request.user.as_str(), &MAX_FRIENDS],
             )
             .await
@@ -226,26 +233,54 @@ impl Service {
                 Ok(rpc::FriendEntry {
                     user: UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend"))?,
                     state: parse_state(column(row, 1)?)?,
+                    presence: column(row, 2)?,
+                    last_active: column(row, 3)?,
                 })
             })
             .collect()
     }
 
+    /// Accepted friends with no block either way (presence is shared
+    /// between them only), and whose `last_seen` shows `last_active`: with
+    /// presence going to friends only, `friends` shows it as `everyone`
+    /// does, and `nobody` hides it.
     pub(super) async fn friends_of(
         &self,
         request: rpc::UserRequest,
-    ) -> Result<Vec<UserId>, RpcError> {
+    ) -> Result<rpc::PresenceAudience, RpcError> {
         let db = self.client().await?;
+        let own = db
+            .query_one(
+                "SELECT COALESCE((SELECT last_seen FROM privacy_settings WHERE user_id = $1), 'everyone') <> 'nobody'",
+                &[&request.user.as_str()],
+            )
+            .await
+            .map_err(unavailable("read privacy_settings"))?;
         let rows = db
             .query(
-                "SELECT other FROM friendships WHERE user_id = $1 AND state = 'friends'",
+                "SELECT f.other, COALESCE(s.last_seen, 'everyone') <> 'nobody'
+                 FROM friendships f LEFT JOIN privacy_settings s ON s.user_id = f.other
+                 WHERE f.user_id = $1 AND f.state = 'friends'
+                   AND NOT EXISTS (SELECT 1 FROM blocks b
+                                   WHERE (b.user_id = $1 AND b.blocked = f.other)
+                                      OR (b.user_id = f.other AND b.blocked = $1))",
                 &[&request.user.as_str()],
             )
             .await
             .map_err(unavailable("read friendships"))?;
-        rows.iter()
-            .map(|row| UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend")))
-            .collect()
+        let friends = rows
+            .iter()
+            .map(|row| {
+                Ok(rpc::PresencePeer {
+                    user: UserId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("friend"))?,
+                    shows_last_active: column(row, 1)?,
+                })
+            })
+            .collect::<Result<_, RpcError>>()?;
+        Ok(rpc::PresenceAudience {
+            shows_last_active: column(&own, 0)?,
+            friends,
+        })
     }
 
     async fn commit_change(
@@ -257,13 +292,19 @@ impl Service {
             .await?;
         self.set_relation(&tx, &change.other, &change.user, change.other_state)
             .await?;
+        let hides_last_active = if change.user_state == FriendState::Friends {
+            self.hiding_last_active(&tx, &change.user, &change.other)
+                .await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(unavailable("commit"))?;
-        self.announce(change).await;
+        self.announce(change, hides_last_active).await;
         Ok(())
     }
 
     /// Tells both sides' devices (the actor's other devices too) and presence.
-    async fn announce(&self, change: &Change) {
+    async fn announce(&self, change: &Change, hides_last_active: Vec<UserId>) {
         let frames = [
             (&change.user, &change.other, change.user_state),
             (&change.other, &change.user, change.other_state),
@@ -284,8 +325,15 @@ impl Service {
         let event = FriendChange {
             users: [change.user.clone(), change.other.clone()],
             friends: change.user_state == FriendState::Friends,
+            hides_last_active,
         };
-        match serde_json::to_vec(&event) {
+        self.publish_friend_change(&event).await;
+    }
+
+    /// Tells presence that these users' friend lists (or what they show
+    /// on them) changed.
+    pub(super) async fn publish_friend_change(&self, event: &FriendChange) {
+        match serde_json::to_vec(event) {
             Ok(body) => {
                 if let Err(e) = self
                     .nats

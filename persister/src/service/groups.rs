@@ -103,6 +103,7 @@ impl Service {
         let now = now_ms();
         let mut db = self.client().await?;
         let tx = begin(&mut db).await?;
+        self.check_adds(&tx, &request.user, &members).await?;
         tx.execute(
             "INSERT INTO groups (id, name, owner, created_at) VALUES ($1, $2, $3, $4)",
             &[&group.as_str(), &name, &request.user.as_str(), &now],
@@ -219,6 +220,7 @@ impl Service {
                 let room = self.max_group_members.saturating_sub(before.len());
                 let new =
                     self.distinct_members(request.users.iter().cloned(), &before_set, room)?;
+                self.check_adds(&tx, &request.user, &new).await?;
                 let ids: Vec<&str> = new.iter().map(UserId::as_str).collect();
                 tx.execute(
                     "INSERT INTO group_members (group_id, user_id, joined_at) SELECT $1, u, $2 FROM UNNEST($3::text[]) AS u

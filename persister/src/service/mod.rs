@@ -5,20 +5,23 @@ mod friends;
 mod groups;
 mod outbox;
 mod pages;
+mod privacy;
 mod push_tokens;
+mod receipts;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::{timestamp_ms, EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
+use chat_shared::receipts::ReadEvent;
 use chat_shared::rpc::{self, Method, RpcError};
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ErrorCode, MessageEvent, ReceiptKind, ServerFrame};
+use chat_shared::wire::{ErrorCode, MessageEvent};
 use deadpool_postgres::{GenericClient, Pool};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -32,6 +35,9 @@ const MAX_IN_FLIGHT: usize = 64;
 const MAX_GROUP_NAME_CHARS: usize = 200;
 /// How long a group change's reply waits for its event to be published.
 const OUTBOX_WAIT: Duration = Duration::from_millis(500);
+/// How far a read's `up_to` may be ahead of this persister's clock: an id
+/// carries the clock of the edge that made it, which may run a little ahead.
+const READ_CLOCK_SKEW_MS: u64 = 2_000;
 /// How often the outbox is drained regardless: at start (a crash between
 /// COMMIT and publish) and then for events whose publish failed.
 const OUTBOX_RETRY: Duration = Duration::from_secs(5);
@@ -44,6 +50,8 @@ pub struct Service {
     max_group_members: usize,
     push_tokens: PushTokenLimits,
     rules: ChangeRules,
+    /// Which devices hold a push token, for the router (push_tokens.rs).
+    push_devices: jetstream::kv::Store,
     /// One outbox drain at a time in this process.
     outbox: Arc<tokio::sync::Mutex<()>>,
     metrics: Arc<PersisterMetrics>,
@@ -158,10 +166,17 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RpcError> {
 }
 
 /// Who is asking, for the request's span: every request but the backend's
-/// `members` and `friends_of` names its user.
+/// `members` names its user.
 #[derive(serde::Deserialize)]
 struct Caller {
     user: Option<UserId>,
+}
+
+/// The settings the requests are answered by.
+pub struct Policy {
+    pub max_group_members: usize,
+    pub push_tokens: PushTokenLimits,
+    pub changes: ChangeRules,
 }
 
 impl Service {
@@ -169,11 +184,15 @@ impl Service {
         pool: Pool,
         nats: async_nats::Client,
         js: jetstream::Context,
-        max_group_members: usize,
-        push_tokens: PushTokenLimits,
-        rules: ChangeRules,
+        policy: Policy,
+        push_devices: jetstream::kv::Store,
         metrics: Arc<PersisterMetrics>,
     ) -> Self {
+        let Policy {
+            max_group_members,
+            push_tokens,
+            changes: rules,
+        } = policy;
         Self {
             pool,
             nats,
@@ -181,6 +200,7 @@ impl Service {
             max_group_members,
             push_tokens,
             rules,
+            push_devices,
             outbox: Arc::default(),
             metrics,
         }
@@ -227,6 +247,7 @@ impl Service {
             rpc::GroupInfo => group_info,
             rpc::Members => members,
             rpc::Read => read,
+            rpc::Receipts => receipts,
             rpc::FriendAsk => friend_request,
             rpc::FriendAccept => friend_accept,
             rpc::FriendRemove => friend_remove,
@@ -235,6 +256,12 @@ impl Service {
             rpc::PushRegister => push_register,
             rpc::PushUnregister => push_unregister,
             rpc::CheckChange => change_check,
+            rpc::Block => block,
+            rpc::Unblock => unblock,
+            rpc::BlockList => blocked,
+            rpc::BlockPeers => block_peers,
+            rpc::Mute => mute,
+            rpc::Settings => settings,
         )
     }
 
@@ -276,32 +303,33 @@ impl Service {
         }
     }
 
+    /// Stores a read and publishes its receipt event (stream RECEIPTS; the
+    /// router fans it out to every member's devices, the reader's too).
     async fn read(&self, request: rpc::ReadRequest) -> Result<(), RpcError> {
-        let mut db = self.client().await?;
+        // Nobody reads past what has been sent: an `up_to` from the future
+        // would hide messages not sent yet. The bound is the clock, not the
+        // newest stored message: delivery runs ahead of this process's
+        // writer, so a device that read a message it had just received live
+        // would lose its read (and stay unread on every device).
+        if not_sent_yet(request.up_to, chat_shared::clock::now_ms()) {
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "up_to is not a message id yet",
+            ));
+        }
+        let up_to = i64::try_from(request.up_to.get())
+            .map_err(|_| RpcError::new(ErrorCode::BadRequest, "up_to is not a message id"))?;
+        let db = self.client().await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
-        let tx = begin(&mut db).await?;
-        // Nobody reads past the newest message: a larger `up_to` would hide
-        // messages not sent yet.
-        let newest: Option<i64> = tx
-            .query_opt(
-                "SELECT last_id FROM conversations WHERE conversation = $1",
-                &[&request.conversation.to_string()],
-            )
-            .await
-            .map_err(unavailable("read conversations"))?
-            .map(|row| column::<Option<i64>>(&row, 0))
-            .transpose()?
-            .flatten();
-        let Some(newest) = newest else {
-            return Ok(());
-        };
-        let up_to = (request.up_to.get().min(i64::MAX as u64) as i64).min(newest);
-        let moved = tx
-            .execute(
+        // Stored whether or not the conversation's messages are yet: they
+        // are counted against it once they are.
+        let row = db
+            .query_one(
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
-                 ON CONFLICT (user_id, conversation) DO UPDATE SET read_up_to = EXCLUDED.read_up_to
-                 WHERE read_state.read_up_to < EXCLUDED.read_up_to",
+                 ON CONFLICT (user_id, conversation)
+                 DO UPDATE SET read_up_to = GREATEST(read_state.read_up_to, EXCLUDED.read_up_to)
+                 RETURNING read_up_to",
                 &[
                     &request.user.as_str(),
                     &request.conversation.to_string(),
@@ -310,28 +338,30 @@ impl Service {
             )
             .await
             .map_err(unavailable("upsert read_state"))?;
-        let members = self
-            .conversation_members(&tx, &request.conversation)
-            .await?;
-        tx.commit().await.map_err(unavailable("commit"))?;
-        if moved == 0 {
+        let stored: i64 = column(&row, 0)?;
+        if stored != up_to {
             // Read state only moves forward; an older `read` says nothing new.
             return Ok(());
         }
-        let receipt = ServerFrame::Receipt {
+        // Published for a repeated `read` too, under the same
+        // `Nats-Msg-Id`: a client that retries after `unavailable` (the
+        // read stored, its event not) gets its receipt out, and JetStream
+        // drops the copy otherwise.
+        // Who may see it (blocks, `read_receipts`) is decided here, where
+        // the settings are; the router tells exactly these members.
+        let members = self
+            .conversation_members(&db, &request.conversation)
+            .await?;
+        let audience = self
+            .read_receipt_audience(&db, &request.user, members)
+            .await?;
+        self.publish_read(ReadEvent {
             conversation: request.conversation,
             user: request.user,
-            kind: ReceiptKind::Read,
-            up_to: MessageId(up_to as u64),
-        }
-        .to_json();
-        for member in members {
-            let _ = self
-                .nats
-                .publish(subjects::deliver(&member), receipt.clone().into())
-                .await;
-        }
-        Ok(())
+            up_to: request.up_to,
+            audience: Some(audience),
+        })
+        .await
     }
 
     async fn conversation_members(
@@ -344,6 +374,12 @@ impl Service {
             ConversationId::Group(group) => self.group_members(db, group).await,
         }
     }
+}
+
+/// Whether `id`'s time is beyond `now_ms` by more than the clock skew
+/// edges may have: no message with that id can have been sent yet.
+fn not_sent_yet(id: MessageId, now_ms: u64) -> bool {
+    timestamp_ms(id) > now_ms.saturating_add(READ_CLOCK_SKEW_MS)
 }
 
 fn message_from_row(
@@ -362,4 +398,20 @@ fn message_from_row(
         ts as u64,
         ClientMsgId::parse(client_msg_id).map_err(|_| corrupt("client_msg_id"))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_may_name_any_id_up_to_the_clock_and_its_skew() {
+        let now = EPOCH_MS + 1_000_000;
+        let id_at = |ms: u64| MessageId(((ms - EPOCH_MS) << ID_TIME_SHIFT) | 0x3f_ffff);
+        assert!(!not_sent_yet(id_at(EPOCH_MS), now));
+        assert!(!not_sent_yet(id_at(now), now));
+        assert!(!not_sent_yet(id_at(now + READ_CLOCK_SKEW_MS), now));
+        assert!(not_sent_yet(id_at(now + READ_CLOCK_SKEW_MS + 1), now));
+        assert!(not_sent_yet(MessageId(u64::MAX), now));
+    }
 }

@@ -5,8 +5,22 @@
 //! at most `CHAT_PUSH_MAX_TOKENS_PER_USER` tokens on at most
 //! `CHAT_PUSH_MAX_DEVICES_PER_USER` devices; a registration past a cap drops
 //! the least recently registered ones (see `chat_shared::config::PushTokenLimits` for why).
+//!
+//! Every change also rewrites the user's record in the push bucket (the
+//! devices that hold a token), under the same per-user lock and before the
+//! commit, so the router decides whom to push without asking PostgreSQL
+//! and two changes cannot write their records out of order. A commit that
+//! fails after the write is answered `unavailable`: a registration leaves
+//! a device listed without a token (pushd finds none and sends nothing)
+//! until the client's retry; an unregistration leaves the token unlisted,
+//! which the retry completes. Tokens registered before this record existed
+//! have none: the router then pushes the user as before, to every token
+//! while no device is connected.
 
+use chat_shared::ids::{DeviceId, UserId};
+use chat_shared::push::PushDevices;
 use chat_shared::rpc::{self, RpcError};
+use chat_shared::subjects;
 use chat_shared::wire::ErrorCode;
 use deadpool_postgres::tokio_postgres::error::SqlState;
 
@@ -35,12 +49,7 @@ impl Service {
         let tx = begin(&mut db).await?;
         // One registration of a user at a time, so two at once cannot both
         // stay under a cap.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&format!("push:{user}")],
-        )
-        .await
-        .map_err(unavailable("lock the user's push tokens"))?;
+        lock_user(&tx, &request.user).await?;
         let holder = tx
             .query_opt(
                 "SELECT user_id, device FROM push_tokens \
@@ -83,7 +92,39 @@ impl Service {
             Err(e) => return Err(unavailable("insert into push_tokens")(e)),
         }
         self.enforce_caps(&tx, &request).await?;
+        self.record_devices(&tx, &request.user).await?;
         tx.commit().await.map_err(unavailable("commit"))
+    }
+
+    /// Writes the devices that hold a token after this transaction into the
+    /// push bucket; the caller holds the user's lock.
+    async fn record_devices(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        user: &UserId,
+    ) -> Result<(), RpcError> {
+        let rows = tx
+            .query(
+                "SELECT DISTINCT device FROM push_tokens WHERE user_id = $1 ORDER BY device",
+                &[&user.as_str()],
+            )
+            .await
+            .map_err(unavailable("read push_tokens"))?;
+        let mut devices = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device: &str = column(row, 0)?;
+            // Stored through `DeviceId` only; a row that is not one is skipped.
+            if let Ok(device) = DeviceId::parse(device) {
+                devices.push(device);
+            }
+        }
+        let body = serde_json::to_vec(&PushDevices { devices })
+            .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+        self.push_devices
+            .put(subjects::push_devices_key(user), body.into())
+            .await
+            .map_err(unavailable("write the push bucket"))?;
+        Ok(())
     }
 
     /// Drops the user's least recently registered devices, then tokens,
@@ -136,17 +177,34 @@ impl Service {
         &self,
         request: rpc::PushTokenRequest,
     ) -> Result<(), RpcError> {
-        let db = self.client().await?;
-        db.execute(
-            "DELETE FROM push_tokens WHERE user_id = $1 AND platform = $2 AND token = $3",
-            &[
-                &request.user.as_str(),
-                &request.platform.as_str(),
-                &request.token,
-            ],
-        )
-        .await
-        .map_err(unavailable("delete from push_tokens"))?;
-        Ok(())
+        let mut db = self.client().await?;
+        let tx = begin(&mut db).await?;
+        lock_user(&tx, &request.user).await?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM push_tokens WHERE user_id = $1 AND platform = $2 AND token = $3",
+                &[
+                    &request.user.as_str(),
+                    &request.platform.as_str(),
+                    &request.token,
+                ],
+            )
+            .await
+            .map_err(unavailable("delete from push_tokens"))?;
+        if deleted > 0 {
+            self.record_devices(&tx, &request.user).await?;
+        }
+        tx.commit().await.map_err(unavailable("commit"))
     }
+}
+
+/// Takes the user's push-token lock for the rest of the transaction.
+async fn lock_user(tx: &deadpool_postgres::Transaction<'_>, user: &UserId) -> Result<(), RpcError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("push:{user}")],
+    )
+    .await
+    .map_err(unavailable("lock the user's push tokens"))?;
+    Ok(())
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::{send, unix_seconds, Response};
-use crate::notification::Notification;
+use crate::notification::{Notification, Push, Retraction};
 use crate::retry::Attempt;
 use crate::PushdError;
 
@@ -80,22 +80,27 @@ impl Apns {
     }
 
     /// One send to one device token.
-    pub async fn attempt(&self, token: &str, notification: &Notification) -> Attempt {
+    pub async fn attempt(&self, token: &str, push: &Push) -> Attempt {
         let jwt = match self.provider_token() {
             Ok(jwt) => jwt,
             Err(attempt) => return attempt,
         };
-        let conversation = notification.conversation.to_string();
+        // A retraction is a background push: nothing shown, the app
+        // withdraws the notification (Apple requires priority 5 for it).
+        let (conversation, push_type, priority, body) = match push {
+            Push::Notify(n) => (&n.conversation, "alert", "10", payload(n)),
+            Push::Retract(r) => (&r.conversation, "background", "5", retraction_payload(r)),
+        };
         let request = self
             .client
             .post(format!("{}/3/device/{token}", self.base))
             .header(AUTHORIZATION, format!("bearer {jwt}"))
             .header("apns-topic", &self.topic)
-            .header("apns-push-type", "alert")
-            .header("apns-priority", "10")
-            .header("apns-collapse-id", collapse_id(&conversation))
+            .header("apns-push-type", push_type)
+            .header("apns-priority", priority)
+            .header("apns-collapse-id", collapse_id(&conversation.to_string()))
             .header(CONTENT_TYPE, "application/json")
-            .body(payload(notification).to_string());
+            .body(body.to_string());
         let response = match send(request).await {
             Ok(response) => response,
             Err(attempt) => return attempt,
@@ -159,7 +164,7 @@ pub fn collapse_id(conversation: &str) -> String {
 /// The notification body: `aps` for the system, the rest for the app.
 pub fn payload(n: &Notification) -> Value {
     let conversation = n.conversation.to_string();
-    json!({
+    let mut payload = json!({
         "aps": {
             "alert": { "title": n.title, "body": n.body },
             "sound": "default",
@@ -169,6 +174,25 @@ pub fn payload(n: &Notification) -> Value {
         "message_id": n.message_id.to_string(),
         "from": n.from.to_string(),
         "count": n.count(),
+    });
+    if let Some(badge) = n.badge {
+        payload["aps"]["badge"] = json!(badge);
+    }
+    payload
+}
+
+/// A background push: `content-available` wakes the app to withdraw the
+/// notification; `badge` is set by the system.
+pub fn retraction_payload(r: &Retraction) -> Value {
+    let mut aps = json!({ "content-available": 1 });
+    if let Some(badge) = r.badge {
+        aps["badge"] = json!(badge);
+    }
+    json!({
+        "aps": aps,
+        "retract": r.reason.as_str(),
+        "conversation": r.conversation.to_string(),
+        "up_to": r.up_to.to_string(),
     })
 }
 

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{send, unix_seconds, Response};
-use crate::notification::Notification;
+use crate::notification::{Notification, Push, Retraction};
 use crate::retry::Attempt;
 use crate::PushdError;
 
@@ -103,7 +103,7 @@ impl Fcm {
     }
 
     /// One send to one registration token.
-    pub async fn attempt(&self, token: &str, notification: &Notification) -> Attempt {
+    pub async fn attempt(&self, token: &str, push: &Push) -> Attempt {
         let access = match self.access_token().await {
             Ok(access) => access,
             Err(attempt) => return attempt,
@@ -113,7 +113,13 @@ impl Fcm {
             .post(&self.send_url)
             .bearer_auth(&access)
             .header(CONTENT_TYPE, "application/json")
-            .body(payload(token, notification).to_string());
+            .body(
+                match push {
+                    Push::Notify(n) => payload(token, n),
+                    Push::Retract(r) => retraction_payload(token, r),
+                }
+                .to_string(),
+            );
         let response = match send(request).await {
             Ok(response) => response,
             Err(attempt) => return attempt,
@@ -183,7 +189,7 @@ impl Fcm {
 /// The `messages:send` body. `data` values must all be strings.
 pub fn payload(token: &str, n: &Notification) -> Value {
     let conversation = n.conversation.to_string();
-    json!({
+    let mut payload = json!({
         "message": {
             "token": token,
             "notification": { "title": n.title, "body": n.body },
@@ -202,6 +208,44 @@ pub fn payload(token: &str, n: &Notification) -> Value {
                     "apns-collapse-id": super::apns::collapse_id(&conversation),
                 },
                 "payload": { "aps": { "sound": "default", "thread-id": conversation } },
+            },
+        }
+    });
+    if let Some(badge) = n.badge {
+        let message = &mut payload["message"];
+        message["data"]["badge"] = json!(badge.to_string());
+        message["android"]["notification"] = json!({ "notification_count": badge });
+        message["apns"]["payload"]["aps"]["badge"] = json!(badge);
+    }
+    payload
+}
+
+/// A data-only message (no `notification`: nothing is shown) with the
+/// notification's collapse key, so the app withdraws it and sets the badge.
+pub fn retraction_payload(token: &str, r: &Retraction) -> Value {
+    let conversation = r.conversation.to_string();
+    let mut aps = json!({ "content-available": 1 });
+    let mut data = json!({
+        "retract": r.reason.as_str(),
+        "conversation": conversation,
+        "up_to": r.up_to.to_string(),
+    });
+    if let Some(badge) = r.badge {
+        aps["badge"] = json!(badge);
+        data["badge"] = json!(badge.to_string());
+    }
+    json!({
+        "message": {
+            "token": token,
+            "data": data,
+            "android": { "priority": "high", "collapse_key": conversation },
+            "apns": {
+                "headers": {
+                    "apns-priority": "5",
+                    "apns-push-type": "background",
+                    "apns-collapse-id": super::apns::collapse_id(&conversation),
+                },
+                "payload": { "aps": aps },
             },
         }
     })

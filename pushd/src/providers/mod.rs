@@ -18,7 +18,7 @@ use rustls_platform_verifier::BuilderVerifierExt;
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::PushMetrics;
-use crate::notification::Notification;
+use crate::notification::Push;
 use crate::retry::{Attempt, Outcome, RetryPolicy};
 use crate::PushdError;
 
@@ -74,12 +74,12 @@ impl Providers {
         })
     }
 
-    /// Sends `notification` to one token, retrying transient failures, and
-    /// counts the result.
+    /// Sends `push` to one token, retrying transient failures, and counts
+    /// the result.
     pub async fn deliver(
         &self,
         token: &Token,
-        notification: &Notification,
+        push: &Push,
         stop: watch::Receiver<bool>,
     ) -> Outcome {
         let platform = token.platform;
@@ -87,21 +87,21 @@ impl Providers {
         let outcome = match platform {
             Platform::Fcm => match &self.fcm {
                 Some(fcm) => {
-                    let call = || self.limited(fcm.attempt(&token.token, notification));
+                    let call = || self.limited(fcm.attempt(&token.token, push));
                     self.policy.run(stop, call, retried).await
                 }
                 None => Outcome::Failed("FCM is not configured".into()),
             },
             Platform::Apns => match &self.apns {
                 Some(apns) => {
-                    let call = || self.limited(apns.attempt(&token.token, notification));
+                    let call = || self.limited(apns.attempt(&token.token, push));
                     self.policy.run(stop, call, retried).await
                 }
                 None => Outcome::Failed("APNs is not configured".into()),
             },
             Platform::Webhook => match &self.webhook {
                 Some(webhook) => {
-                    let call = || self.limited(webhook.attempt(&token.token, notification));
+                    let call = || self.limited(webhook.attempt(&token.token, push));
                     self.policy.run(stop, call, retried).await
                 }
                 None => Outcome::Failed("webhooks are not configured".into()),

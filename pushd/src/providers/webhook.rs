@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use super::{send, unix_seconds};
-use crate::notification::Notification;
+use crate::notification::{Notification, Push, Retraction};
 use crate::retry::Attempt;
 use crate::PushdError;
 
@@ -50,8 +50,12 @@ impl Webhook {
         }))
     }
 
-    pub async fn attempt(&self, token: &str, notification: &Notification) -> Attempt {
-        let body = body(token, notification).to_string();
+    pub async fn attempt(&self, token: &str, push: &Push) -> Attempt {
+        let body = match push {
+            Push::Notify(n) => body(token, n),
+            Push::Retract(r) => retraction_body(token, r),
+        }
+        .to_string();
         let timestamp = unix_seconds().to_string();
         let request = self
             .client
@@ -112,6 +116,20 @@ pub fn body(token: &str, n: &Notification) -> Value {
         "title": n.title,
         "body": n.body,
         "messages": messages,
+        "badge": n.badge,
+    })
+}
+
+/// The JSON a webhook receives for a retraction: `retract` tells it apart
+/// from a notification.
+pub fn retraction_body(token: &str, r: &Retraction) -> Value {
+    json!({
+        "user": r.user.to_string(),
+        "token": token,
+        "retract": r.reason.as_str(),
+        "conversation": r.conversation.to_string(),
+        "up_to": r.up_to.to_string(),
+        "badge": r.badge,
     })
 }
 
@@ -131,6 +149,23 @@ mod tests {
         assert_ne!(
             signature(&key, "1700000000", "{}"),
             signature(&key, "1700000001", "{}")
+        );
+    }
+
+    #[test]
+    fn a_retraction_names_what_it_withdraws_and_the_badge() {
+        let job = job("alice", 1, "x");
+        let r = Retraction {
+            user: job.user,
+            conversation: job.conversation,
+            reason: chat_shared::push::RetractReason::Read,
+            up_to: chat_shared::ids::MessageId(9),
+            badge: Some(3),
+        };
+        assert_eq!(
+            retraction_body("bot-7", &r),
+            json!({"user": "bob", "token": "bot-7", "retract": "read",
+                   "conversation": "dm:alice:bob", "up_to": "9", "badge": 3})
         );
     }
 

@@ -443,7 +443,8 @@ impl DeviceConnection {
                                 *cursor = Some(c.to_string());
                             }
                         }
-                        Some("membership") => {
+                        // Receipts are inbox items too (v1.1).
+                        Some("membership") | Some("receipt") => {
                             if let Some(c) = frame["cursor"].as_str() {
                                 *cursor = Some(c.to_string());
                             }

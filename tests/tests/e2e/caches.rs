@@ -1,7 +1,7 @@
 //! The group membership cache under a flood of lookups (issue 14, item 4):
 //! one user sends to many groups, each a key in the edge's, the router's
 //! and the presence service's cache; each stays within its bound and counts
-//! what it evicted.
+//! what it evicted. And the block cache built on it (issue 17, item 3).
 
 use std::net::SocketAddr;
 
@@ -76,5 +76,68 @@ async fn a_flood_of_group_lookups_keeps_every_membership_cache_bounded() -> Resu
         .recv_matching(|f| f["type"] == "message" && f["text"] == "again")
         .await?;
     assert_eq!(message["conversation"], groups[0]);
+    Ok(())
+}
+
+/// How many `block_peers` requests the persister has answered.
+async fn block_lookups(addr: SocketAddr) -> Result<f64> {
+    Ok(scrape(addr)
+        .await?
+        .sum("persister_rpc_requests_total", &[("method", "block_peers")]))
+}
+
+/// Blocks are cached at the edge like membership (issue 17, item 3): a
+/// DM's block check asks the persister once per sender, not per send, and
+/// a block change drops the cached answer at once.
+#[tokio::test]
+async fn dm_block_checks_ask_the_persister_once_until_a_block_changes() -> Result<()> {
+    let system = System::start_with(|c| {
+        c.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await?;
+    let persister = system.metrics_addr("persister")?;
+    let mut alice = system.connect("alice", "phone").await?;
+    let mut bob = system.connect("bob", "phone").await?;
+    for i in 0..5 {
+        let sent = alice
+            .send_message(json!({"to":"bob"}), "hi", &format!("m{i}"))
+            .await?;
+        ensure!(sent["type"] == "sent", "{sent}");
+    }
+    assert_eq!(block_lookups(persister).await?, 1.0, "one lookup for alice");
+    let edge = scrape(system.edge_addr).await?;
+    assert_eq!(edge.sum("edge_block_cache_entries", &[]), 1.0);
+
+    let blocked = bob.request(json!({"type":"block","user":"alice"})).await?;
+    ensure!(blocked["type"] == "ok", "{blocked}");
+    // The change event empties the edge's entry; the next check asks again.
+    let deadline = tokio::time::Instant::now() + chat_tests::WAIT;
+    for i in 5.. {
+        let reply = alice
+            .send_message(json!({"to":"bob"}), "hi", &format!("m{i}"))
+            .await?;
+        if reply["code"] == "forbidden" {
+            break;
+        }
+        ensure!(reply["type"] == "sent", "{reply}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the block never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let asked = block_lookups(persister).await?;
+    assert_eq!(asked, 2.0, "one lookup after the change");
+    for i in 0..3 {
+        let refused = alice
+            .send_message(json!({"to":"bob"}), "hi", &format!("r{i}"))
+            .await?;
+        ensure!(refused["code"] == "forbidden", "{refused}");
+    }
+    assert_eq!(
+        block_lookups(persister).await?,
+        asked,
+        "refusals are cached too"
+    );
     Ok(())
 }

@@ -439,7 +439,9 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
 
     bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":ids[4]}))
         .await?;
-    let receipt = alice.recv_type("receipt").await?;
+    let mut receipt = alice.recv_type("receipt").await?;
+    // v1.1: receipts are inbox items.
+    assert!(receipt.as_object_mut().unwrap().remove("cursor").is_some());
     assert_eq!(
         receipt,
         json!({"type":"receipt","conversation":"dm:alice:bob","user":"bob","kind":"read","up_to":ids[4]})
@@ -452,8 +454,14 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
         .await?;
     let list = bob.request(json!({"type":"conversations"})).await?;
     assert_eq!(list["items"][0]["read_up_to"], json!(ids[4]));
-    // Nobody reads past the newest message.
-    bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":"9223372036854775807"}))
+    // Nobody reads past what has been sent: an id from the future is refused.
+    let refused = bob
+        .request(json!({"type":"read","conversation":"dm:alice:bob","up_to":"9223372036854775807"}))
+        .await?;
+    assert_eq!(refused["code"], "bad_request");
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    assert_eq!(list["items"][0]["read_up_to"], json!(ids[4]));
+    bob.send(json!({"type":"read","conversation":"dm:alice:bob","up_to":ids[6]}))
         .await?;
     assert_eq!(alice.recv_type("receipt").await?["up_to"], json!(ids[6]));
     let list = bob.request(json!({"type":"conversations"})).await?;
@@ -1091,10 +1099,12 @@ async fn acks_become_delivered_receipts_for_the_senders() -> anyhow::Result<()> 
     let got = messages(&mut bob, 3).await?;
     bob.send(json!({"type":"ack","cursor":got[1]["cursor"]}))
         .await?;
-    let receipt = alice.recv_type("receipt").await?;
+    let mut receipt = alice.recv_type("receipt").await?;
+    // v1.1: receipts are inbox items, and a delivered one names the device.
+    assert!(receipt.as_object_mut().unwrap().remove("cursor").is_some());
     assert_eq!(
         receipt,
-        json!({"type":"receipt","conversation":"dm:alice:bob","user":"bob","kind":"delivered","up_to":ids[1]})
+        json!({"type":"receipt","conversation":"dm:alice:bob","user":"bob","kind":"delivered","up_to":ids[1],"device":"d"})
     );
     bob.send(json!({"type":"ack","cursor":got[2]["cursor"]}))
         .await?;

@@ -72,6 +72,22 @@ async fn metrics_are_valid_text_and_move_as_messages_flow() -> Result<()> {
         lag(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER),
     )
     .await?;
+    scrape_until(
+        router,
+        lag(
+            subjects::RECEIPTS_STREAM,
+            subjects::ROUTER_RECEIPTS_CONSUMER,
+        ),
+    )
+    .await?;
+    scrape_until(
+        persister,
+        lag(
+            subjects::RECEIPTS_STREAM,
+            subjects::PERSISTER_RECEIPTS_CONSUMER,
+        ),
+    )
+    .await?;
 
     let edge_before = scrape(edge).await?;
     let router_before = scrape(router).await?;

@@ -8,7 +8,12 @@ use chat_tests::{Client, System};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-async fn befriend(a: &mut Client, b: &mut Client, a_id: &str, b_id: &str) -> anyhow::Result<()> {
+pub(crate) async fn befriend(
+    a: &mut Client,
+    b: &mut Client,
+    a_id: &str,
+    b_id: &str,
+) -> anyhow::Result<()> {
     let asked = a
         .request(json!({"type":"friend.request","user":b_id}))
         .await?;
@@ -26,7 +31,11 @@ async fn befriend(a: &mut Client, b: &mut Client, a_id: &str, b_id: &str) -> any
     Ok(())
 }
 
-async fn presence_of(client: &mut Client, user: &str, status: &str) -> anyhow::Result<Value> {
+pub(crate) async fn presence_of(
+    client: &mut Client,
+    user: &str,
+    status: &str,
+) -> anyhow::Result<Value> {
     client
         .recv_matching(|f| f["type"] == "presence" && f["user"] == user && f["status"] == status)
         .await

@@ -23,14 +23,14 @@ use tokio::task::JoinHandle;
 const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
 /// One pushd, run in-process like the harness runs the other services.
-struct Pushd {
+pub(crate) struct Pushd {
     metrics: PushMetrics,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), PushdError>>,
 }
 
 impl Pushd {
-    fn start(config: Config) -> Self {
+    pub(crate) fn start(config: Config) -> Self {
         let metrics = PushMetrics::new(&mut Registry::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = Box::pin(async move {
@@ -45,7 +45,7 @@ impl Pushd {
     }
 
     /// A graceful stop, as on SIGTERM.
-    async fn stop(mut self) -> Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -59,15 +59,15 @@ impl Pushd {
     }
 }
 
-struct Setup {
-    system: System,
-    fakes: Fakes,
-    js: jetstream::Context,
+pub(crate) struct Setup {
+    pub(crate) system: System,
+    pub(crate) fakes: Fakes,
+    pub(crate) js: jetstream::Context,
     db: tokio_postgres::Client,
 }
 
 impl Setup {
-    async fn start() -> Result<Self> {
+    pub(crate) async fn start() -> Result<Self> {
         let system = System::start().await?;
         let fakes = Fakes::start().await?;
         let js = jetstream::new(system.admin().await?);
@@ -81,7 +81,7 @@ impl Setup {
     }
 
     /// pushd's configuration, pointed at the fakes.
-    fn config(&self, coalesce: Duration, preview: bool) -> Config {
+    pub(crate) fn config(&self, coalesce: Duration, preview: bool) -> Config {
         let mut config = self.system.config_for("pushd");
         self.fakes.configure(&mut config);
         config.push.coalesce = coalesce;
@@ -142,7 +142,7 @@ impl Setup {
     }
 
     /// Jobs not yet acked (PUSH is a work queue: an acked job is removed).
-    async fn jobs_left(&self) -> u64 {
+    pub(crate) async fn jobs_left(&self) -> u64 {
         match self.js.get_stream(subjects::PUSH_STREAM).await {
             Ok(mut stream) => match stream.info().await {
                 Ok(info) => info.state.messages,
@@ -166,6 +166,8 @@ fn job(user: &str, from: &str, id: u64, text: &str) -> PushJob {
         from,
         text: text.into(),
         ts,
+        devices: None,
+        mentioned: false,
     }
 }
 
@@ -211,11 +213,12 @@ async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> 
         json!({"message": {
             "token": "fcm-bob-phone",
             "notification": {"title": "alice", "body": "lunch?"},
-            "data": {"conversation": "dm:alice:bob", "message_id": "101", "from": "alice", "count": "1"},
-            "android": {"priority": "high", "collapse_key": "dm:alice:bob"},
+            // The badge: bob's unread total, this message not stored yet.
+            "data": {"conversation": "dm:alice:bob", "message_id": "101", "from": "alice", "count": "1", "badge": "1"},
+            "android": {"priority": "high", "collapse_key": "dm:alice:bob", "notification": {"notification_count": 1}},
             "apns": {
                 "headers": {"apns-priority": "10", "apns-collapse-id": "dm:alice:bob"},
-                "payload": {"aps": {"sound": "default", "thread-id": "dm:alice:bob"}}
+                "payload": {"aps": {"sound": "default", "thread-id": "dm:alice:bob", "badge": 1}}
             }
         }})
     );
@@ -242,7 +245,7 @@ async fn push_one_job_reaches_fcm_and_apns_once_with_their_auth() -> Result<()> 
     assert_eq!(
         pushed.json()?,
         json!({
-            "aps": {"alert": {"title": "alice", "body": "lunch?"}, "sound": "default", "thread-id": "dm:alice:bob"},
+            "aps": {"alert": {"title": "alice", "body": "lunch?"}, "sound": "default", "thread-id": "dm:alice:bob", "badge": 1},
             "conversation": "dm:alice:bob",
             "message_id": "101",
             "from": "alice",
@@ -589,7 +592,8 @@ async fn push_webhook_signature_verifies() -> Result<()> {
             "message_ids": ["701"],
             "title": "alice",
             "body": "ship it",
-            "messages": [{"id": "701", "conversation": "dm:alice:bob", "from": "alice", "ts": ts, "text": "ship it"}]
+            "messages": [{"id": "701", "conversation": "dm:alice:bob", "from": "alice", "ts": ts, "text": "ship it"}],
+            "badge": 1
         })
     );
     assert_eq!(pushd.metrics.sent(Platform::Webhook), 1);
@@ -637,7 +641,7 @@ async fn push_preview_off_sends_no_text() -> Result<()> {
 }
 
 /// The presence record of `user` says `status`.
-async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
+pub(crate) async fn wait_presence(js: &jetstream::Context, user: &str, status: &str) -> Result<()> {
     let bucket = js.get_key_value(subjects::PRESENCE_BUCKET).await?;
     let key = subjects::presence_key(&UserId::parse(user)?);
     wait_until(|| {
@@ -722,7 +726,7 @@ async fn push_whole_path_offline_member_gets_one_per_token_online_gets_none() ->
     Ok(())
 }
 
-async fn request_ok(client: &mut chat_tests::Client, frame: Value) -> Result<()> {
+pub(crate) async fn request_ok(client: &mut chat_tests::Client, frame: Value) -> Result<()> {
     let reply = client.request(frame.clone()).await?;
     ensure!(reply["type"] == "ok", "{frame} answered {reply}");
     Ok(())
@@ -983,5 +987,88 @@ async fn push_never_goes_to_the_sender_even_when_offline() -> Result<()> {
     );
     assert_eq!(fcm.requests().len(), 1);
     assert_eq!(pushd.metrics.sent(Platform::Fcm), 1);
+    pushd.stop().await
+}
+
+/// Jobs ever stored in PUSH (acked ones included: it is a work queue).
+async fn jobs_made(setup: &Setup) -> u64 {
+    match setup.js.get_stream(subjects::PUSH_STREAM).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    }
+}
+
+/// PROTOCOL.md v1.1 `mute`: no push for a muted conversation, which still
+/// counts unread; other conversations push as before, and unmuting
+/// restores the pushes.
+#[tokio::test]
+async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(300), true));
+    let system = &setup.system;
+    let fcm = &setup.fakes.fcm;
+    let mut bob = system.connect("bob", "phone").await?;
+    let register = json!({"type":"push.register","platform":"fcm","token":"fcm-bob"});
+    request_ok(&mut bob, register).await?;
+    let hour_from_now =
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 3_600_000;
+    let mute = json!({"type":"mute","conversation":"dm:alice:bob","until":hour_from_now});
+    request_ok(&mut bob, mute).await?;
+    let theirs = json!({"type":"mute","conversation":"dm:alice:carol","until":hour_from_now});
+    let refused = bob.request(theirs).await?;
+    ensure!(refused["code"] == "forbidden", "{refused}");
+    bob.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+
+    // The muted message's job is made and settled without a push.
+    let mut alice = system.connect("alice", "phone").await?;
+    let muted = alice
+        .send_message(json!({"to":"bob"}), "muted", "p1")
+        .await?;
+    ensure!(muted["type"] == "sent", "{muted}");
+    wait_until(|| async { jobs_made(&setup).await == 1 && setup.jobs_left().await == 0 }).await?;
+    assert_eq!(pushd.metrics.muted(), 1);
+    // Another conversation pushes; it is the only push so far.
+    let mut carol = system.connect("carol", "phone").await?;
+    let loud = carol
+        .send_message(json!({"to":"bob"}), "not muted", "p2")
+        .await?;
+    ensure!(loud["type"] == "sent", "{loud}");
+    wait_until(|| async { fcm.requests().len() == 1 }).await?;
+    let pushed = fcm.requests()[0].json()?;
+    assert_eq!(pushed["message"]["notification"]["body"], "not muted");
+
+    // Unmuted (`until: null`), the conversation pushes again.
+    let mut bob = system.connect("bob", "phone").await?;
+    request_ok(
+        &mut bob,
+        json!({"type":"mute","conversation":"dm:alice:bob","until":null}),
+    )
+    .await?;
+    bob.close().await?;
+    wait_presence(&setup.js, "bob", "offline").await?;
+    let again = alice
+        .send_message(json!({"to":"bob"}), "unmuted", "p3")
+        .await?;
+    ensure!(again["type"] == "sent", "{again}");
+    wait_until(|| async { fcm.requests().len() == 2 }).await?;
+    let pushed = fcm.requests()[1].json()?;
+    assert_eq!(pushed["message"]["notification"]["body"], "unmuted");
+
+    // Muted or not, every message counted unread.
+    let mut bob = system.connect("bob", "phone").await?;
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    let unread = |conversation: &str| {
+        list["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["conversation"] == conversation))
+            .map(|item| item["unread"].clone())
+    };
+    assert_eq!(unread("dm:alice:bob"), Some(json!(2)), "{list}");
+    assert_eq!(unread("dm:bob:carol"), Some(json!(1)), "{list}");
+    assert_eq!(pushd.metrics.muted(), 1);
     pushd.stop().await
 }

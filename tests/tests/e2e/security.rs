@@ -670,6 +670,7 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
         "chat.event.friend",
         // Keys nobody else writes during the test.
         "$KV.chat_presence.mallory",
+        "$KV.chat_push_devices.mallory",
         "$KV.chat_leaders.forged",
     ];
     let mut watchers = Vec::new();

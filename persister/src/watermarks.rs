@@ -1,0 +1,142 @@
+//! RECEIPTS (delivered only) -> `delivered_state`: the newest message of a
+//! conversation any device of a user acknowledged, for `receipts`. Batched,
+//! acked after COMMIT; a watermark only moves forward, so a redelivery or a
+//! second persister on the same consumer changes nothing.
+
+use std::collections::HashMap;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chat_shared::consume::{self, Backoff};
+use chat_shared::receipts::DeliveredEvent;
+use chat_shared::shutdown;
+use deadpool_postgres::Pool;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+
+/// The most events stored in one statement.
+const MAX_BATCH: usize = 1000;
+
+pub async fn store_delivered(
+    pool: Pool,
+    js: jetstream::Context,
+    consumer: PullConsumer,
+    stop: watch::Receiver<bool>,
+) {
+    let stopped = shutdown::wait(stop);
+    tokio::pin!(stopped);
+    loop {
+        let Some(mut stream) = consume::open_pull(&consumer, MAX_BATCH, None, &mut stopped).await
+        else {
+            return;
+        };
+        loop {
+            let first = tokio::select! {
+                _ = &mut stopped => {
+                    consume::release_buffered(&mut stream).await;
+                    return;
+                }
+                next = stream.next() => next,
+            };
+            let first = match first {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull stream error");
+                    break;
+                }
+                None => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(message))) => batch.push(message),
+                    _ => break,
+                }
+            }
+            store_batch(&pool, &js, batch).await;
+        }
+    }
+}
+
+/// The batch's highest watermark per (user, conversation): one statement
+/// may not update a row twice.
+#[derive(Default)]
+struct Watermarks(HashMap<(String, String), i64>);
+
+impl Watermarks {
+    fn add(&mut self, event: &DeliveredEvent) -> Result<(), &'static str> {
+        let up_to = i64::try_from(event.up_to.get()).map_err(|_| "up_to out of range")?;
+        let entry = self
+            .0
+            .entry((event.user.to_string(), event.conversation.to_string()))
+            .or_insert(up_to);
+        *entry = (*entry).max(up_to);
+        Ok(())
+    }
+
+    fn columns(&self) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
+        for ((user, conversation), up_to) in &self.0 {
+            columns.0.push(user.as_str());
+            columns.1.push(conversation.as_str());
+            columns.2.push(*up_to);
+        }
+        columns
+    }
+}
+
+async fn store_batch(pool: &Pool, js: &jetstream::Context, batch: Vec<jetstream::Message>) {
+    let mut watermarks = Watermarks::default();
+    let mut good = Vec::with_capacity(batch.len());
+    for message in batch {
+        let added = serde_json::from_slice::<DeliveredEvent>(&message.payload)
+            .map_err(|_| "malformed delivered event")
+            .and_then(|event| watermarks.add(&event));
+        match added {
+            Ok(()) => good.push(message),
+            Err(reason) => {
+                tracing::error!(%reason, "dead-lettering a delivered receipt");
+                consume::dead_letter(js, &message, reason).await;
+            }
+        }
+    }
+    if good.is_empty() {
+        return;
+    }
+    let mut backoff = Backoff::default();
+    while let Err(e) = upsert(pool, &watermarks).await {
+        tracing::warn!(error = %e, "storing delivered watermarks failed; retrying");
+        for message in &good {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+        backoff.wait().await;
+    }
+    for message in good {
+        if let Err(e) = message.ack().await {
+            tracing::warn!(error = %e, "ack failed; the receipt will be redelivered");
+        }
+    }
+}
+
+/// Why a batch was not stored; retried.
+#[derive(Debug, thiserror::Error)]
+enum UpsertError {
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+}
+
+async fn upsert(pool: &Pool, watermarks: &Watermarks) -> Result<(), UpsertError> {
+    let (users, conversations, up_to) = watermarks.columns();
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO delivered_state (user_id, conversation, delivered_up_to)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
+             ON CONFLICT (user_id, conversation) DO UPDATE
+               SET delivered_up_to = GREATEST(delivered_state.delivered_up_to, EXCLUDED.delivered_up_to)",
+            &[&users, &conversations, &up_to],
+        )
+        .await?;
+    Ok(())
+}
