@@ -10,6 +10,21 @@
 //! in `messages` yet. The caller names such messages (`pending`); those not
 //! stored yet and not covered by the user's read mark are added.
 
+/// Whether message `u` of conversation `p` is unread for user `$1` given
+/// their read state `r` (the one definition, spliced into both queries):
+/// another member's message after the read mark and after `p.joined`,
+/// neither deleted for everyone nor deleted by `$1` for themselves.
+macro_rules! is_unread {
+    () => {
+        "u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
+         AND u.sender <> $1
+         AND NOT u.deleted
+         AND NOT EXISTS (SELECT 1 FROM hidden_messages h
+                          WHERE h.user_id = $1 AND h.conversation = u.conversation AND h.id = u.id)"
+    };
+}
+pub(crate) use is_unread;
+
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::MAX_REACHABLE_CONVERSATIONS;
@@ -32,7 +47,8 @@ pub async fn total(
         .collect();
     let row = db
         .query_one(
-            "WITH mine AS (
+            concat!(
+                "WITH mine AS (
                  SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
                  UNION ALL
                  SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
@@ -46,8 +62,9 @@ pub async fn total(
                  (SELECT count(*) FROM (
                      SELECT 1 FROM messages u
                       WHERE u.conversation = p.conversation
-                        AND u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
-                        AND u.sender <> $1
+                        AND ",
+                is_unread!(),
+                "
                       LIMIT $5) unread)), 0)::bigint
              FROM reachable p
              LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation)
@@ -56,7 +73,8 @@ pub async fn total(
                                     WHERE m.conversation = q.conversation AND m.id = q.id)
                    AND q.id > COALESCE((SELECT read_up_to FROM read_state r
                                          WHERE r.user_id = $1
-                                           AND r.conversation = q.conversation), 0))",
+                                           AND r.conversation = q.conversation), 0))"
+            ),
             &[
                 &user.as_str(),
                 &(EPOCH_MS as i64),

@@ -187,7 +187,8 @@ impl Service {
         // are listed, and a page token only moves within them.
         let rows = db
             .query(
-                "WITH mine AS (
+                concat!(
+                    "WITH mine AS (
                      SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
                      UNION ALL
                      -- What was said before a member joined is not unread for them.
@@ -206,14 +207,16 @@ impl Service {
                  SELECT p.conversation, r.read_up_to,
                         (SELECT count(*) FROM messages u
                           WHERE u.conversation = p.conversation
-                            AND u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
-                            AND u.sender <> $1) AS unread,
+                            AND ",
+                    crate::unread::is_unread!(),
+                    ") AS unread,
                         m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
                         char_length(m.body) > $8 AS truncated, p.activity, m.deleted
                  FROM page p
                  LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
                  LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
-                 ORDER BY p.activity DESC, p.conversation DESC",
+                 ORDER BY p.activity DESC, p.conversation DESC"
+                ),
                 &[
                     &request.user.as_str(),
                     &(EPOCH_MS as i64),

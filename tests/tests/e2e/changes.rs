@@ -534,6 +534,13 @@ async fn a_delete_for_me_reaches_only_the_callers_devices() -> anyhow::Result<()
     history_when(&mut phone, dm, |page| by_id(page, &id).is_err()).await?;
     let theirs = history(&mut bob, dm).await?;
     ensure!(by_id(&theirs, &id)?["text"] == "hide me");
+    // A message she hid is not unread for alice (she never read it).
+    let list = phone.request(json!({"type":"conversations"})).await?;
+    let item = list["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["conversation"] == dm))
+        .ok_or_else(|| anyhow::anyhow!("no {dm} in {list}"))?;
+    ensure!(item["unread"] == 0, "a hidden message counts as unread: {item}");
     // Again: `ok`, nothing new.
     ok(
         &mut laptop,
