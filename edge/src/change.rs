@@ -64,6 +64,16 @@ pub struct Request {
     pub change: Change,
 }
 
+impl Request {
+    pub fn of(conversation: ConversationId, id: MessageId, change: Change) -> Self {
+        Self {
+            conversation,
+            id,
+            change,
+        }
+    }
+}
+
 /// Checks, publishes and answers one change.
 #[tracing::instrument(skip_all, fields(conversation = %request.conversation, id = %request.id))]
 pub async fn apply(edge: &Edge, user: &UserId, request: Request) -> Result<(), ChangeError> {

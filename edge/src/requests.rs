@@ -422,12 +422,7 @@ async fn answer(
             text,
         } => {
             let change = rpc::Change::Edit { text };
-            let request = change::Request {
-                conversation,
-                id,
-                change,
-            };
-            change::apply(edge, &user, request).await?;
+            change::apply(edge, &user, change::Request::of(conversation, id, change)).await?;
             ServerFrame::Ok { reference }
         }
         ClientFrame::Delete {
@@ -437,12 +432,7 @@ async fn answer(
             scope,
         } => {
             let change = rpc::Change::Delete { scope };
-            let request = change::Request {
-                conversation,
-                id,
-                change,
-            };
-            change::apply(edge, &user, request).await?;
+            change::apply(edge, &user, change::Request::of(conversation, id, change)).await?;
             ServerFrame::Ok { reference }
         }
         ClientFrame::React {
@@ -453,12 +443,7 @@ async fn answer(
             on,
         } => {
             let change = rpc::Change::Reaction { emoji, on };
-            let request = change::Request {
-                conversation,
-                id,
-                change,
-            };
-            change::apply(edge, &user, request).await?;
+            change::apply(edge, &user, change::Request::of(conversation, id, change)).await?;
             ServerFrame::Ok { reference }
         }
         ClientFrame::Block {

@@ -540,7 +540,10 @@ async fn a_delete_for_me_reaches_only_the_callers_devices() -> anyhow::Result<()
         .as_array()
         .and_then(|items| items.iter().find(|i| i["conversation"] == dm))
         .ok_or_else(|| anyhow::anyhow!("no {dm} in {list}"))?;
-    ensure!(item["unread"] == 0, "a hidden message counts as unread: {item}");
+    ensure!(
+        item["unread"] == 0,
+        "a hidden message counts as unread: {item}"
+    );
     // Again: `ok`, nothing new.
     ok(
         &mut laptop,
