@@ -131,13 +131,16 @@ fn check_broker(broker: &BrokerCost, inboxes: f64, batches: f64) -> Result<()> {
         (broker.writes_per_message - sum).abs() < 1e-9 && sum >= 1.0 + inboxes,
         "{broker:?}"
     );
-    // The monitor counts at least the publish and the appends going in,
-    // and as many PubAcks coming out.
+    // The monitor counts at least each send's publish going in and its
+    // PubAck coming out. Not more exactly: its counters are per client
+    // connection (added after each read), and in runs on a busy box the
+    // appends of a window were seen below the stream sequences they wrote
+    // (6.9 writes but 4.2 messages in per message).
     let (into, out) = broker
         .in_msgs_per_message
         .zip(broker.out_msgs_per_message)
         .context("no message counts from the monitor")?;
-    anyhow::ensure!(into >= 1.0 + inboxes && out >= 1.0 + inboxes, "{broker:?}");
+    anyhow::ensure!(into >= 1.0 && out >= 1.0, "{broker:?}");
     Ok(())
 }
 
