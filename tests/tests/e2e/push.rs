@@ -1002,8 +1002,8 @@ async fn jobs_made(setup: &Setup) -> u64 {
 }
 
 /// PROTOCOL.md v1.1 `mute`: no push for a muted conversation, which still
-/// counts unread; other conversations push as before, and unmuting
-/// restores the pushes.
+/// counts unread, unless the message mentions the user; other
+/// conversations push as before, and unmuting restores the pushes.
 #[tokio::test]
 async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()> {
     let setup = Setup::start().await?;
@@ -1040,6 +1040,16 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
     wait_until(|| async { fcm.requests().len() == 1 }).await?;
     let pushed = fcm.requests()[0].json()?;
     assert_eq!(pushed["message"]["notification"]["body"], "not muted");
+    // A message that mentions bob pushes through the mute.
+    let mention = alice
+        .request(json!({
+            "type":"send","to":"bob","text":"hey @bob","client_msg_id":"p1m","mentions":["bob"]
+        }))
+        .await?;
+    ensure!(mention["type"] == "sent", "{mention}");
+    wait_until(|| async { fcm.requests().len() == 2 }).await?;
+    let pushed = fcm.requests()[1].json()?;
+    assert_eq!(pushed["message"]["notification"]["body"], "hey @bob");
 
     // Unmuted (`until: null`), the conversation pushes again.
     let mut bob = system.connect("bob", "phone").await?;
@@ -1054,8 +1064,8 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
         .send_message(json!({"to":"bob"}), "unmuted", "p3")
         .await?;
     ensure!(again["type"] == "sent", "{again}");
-    wait_until(|| async { fcm.requests().len() == 2 }).await?;
-    let pushed = fcm.requests()[1].json()?;
+    wait_until(|| async { fcm.requests().len() == 3 }).await?;
+    let pushed = fcm.requests()[2].json()?;
     assert_eq!(pushed["message"]["notification"]["body"], "unmuted");
 
     // Muted or not, every message counted unread.
@@ -1067,7 +1077,7 @@ async fn push_muted_conversation_counts_unread_but_sends_no_push() -> Result<()>
             .and_then(|items| items.iter().find(|i| i["conversation"] == conversation))
             .map(|item| item["unread"].clone())
     };
-    assert_eq!(unread("dm:alice:bob"), Some(json!(2)), "{list}");
+    assert_eq!(unread("dm:alice:bob"), Some(json!(3)), "{list}");
     assert_eq!(unread("dm:bob:carol"), Some(json!(1)), "{list}");
     assert_eq!(pushd.metrics.muted(), 1);
     pushd.stop().await

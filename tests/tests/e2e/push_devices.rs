@@ -267,3 +267,50 @@ async fn push_per_device_unregistered_device_is_not_pushed() -> Result<()> {
     assert!(setup.fakes.all_requests().is_empty());
     Ok(())
 }
+
+/// A delete for everyone withdraws the notification the message made on
+/// the devices that got it (PROTOCOL.md v1.1: a delete retracts).
+#[tokio::test]
+async fn push_per_device_a_delete_for_everyone_retracts_the_notification() -> Result<()> {
+    let setup = Setup::start().await?;
+    let pushd = Pushd::start(setup.config(Duration::from_millis(200), true));
+    let system = &setup.system;
+    let fcm = &setup.fakes.fcm;
+    let mut phone = system.connect("bob", "phone").await?;
+    request_ok(
+        &mut phone,
+        json!({"type":"push.register","platform":"fcm","token":"fcm-bob-phone"}),
+    )
+    .await?;
+    let mut laptop = system.connect("bob", "laptop").await?;
+    let mut alice = system.connect("alice", "phone").await?;
+    phone.close().await?;
+    wait_devices(&setup.js, "bob", &["laptop"]).await?;
+
+    let message = alice
+        .send_message(json!({"to":"bob"}), "wrong chat, sorry", "x1")
+        .await?;
+    ensure!(message["type"] == "sent", "{message}");
+    wait_until(|| async { fcm.requests().len() == 1 }).await?;
+    let push = fcm_message(&fcm.requests()[0])?;
+    assert_eq!(push["notification"]["body"], "wrong chat, sorry");
+
+    let delete = json!({
+        "type":"delete","conversation":"dm:alice:bob","id":message["id"],"for":"everyone"
+    });
+    request_ok(&mut alice, delete).await?;
+    laptop
+        .recv_matching(|f| f["type"] == "update" && f["kind"] == "delete")
+        .await?;
+    wait_until(|| async { fcm.requests().len() == 2 }).await?;
+    let retraction = fcm_message(&fcm.requests()[1])?;
+    assert_eq!(retraction["token"], "fcm-bob-phone", "{retraction}");
+    assert!(retraction.get("notification").is_none(), "{retraction}");
+    assert_eq!(retraction["data"]["retract"], "delete", "{retraction}");
+    assert_eq!(retraction["data"]["up_to"], message["id"], "{retraction}");
+    assert_eq!(retraction["android"]["collapse_key"], "dm:alice:bob");
+    // The deleter's own devices get nothing.
+    router_settled(&setup).await?;
+    assert_eq!(fcm.requests().len(), 2, "one push, one retraction");
+    pushd.stop().await
+}
