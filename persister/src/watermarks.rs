@@ -10,7 +10,6 @@ use chat_shared::consume::{self, Backoff};
 use chat_shared::receipts::DeliveredEvent;
 use chat_shared::shutdown;
 use deadpool_postgres::Pool;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 /// The most events stored in one statement.
@@ -24,37 +23,11 @@ pub async fn store_delivered(
 ) {
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
-    loop {
-        let Some(mut stream) = consume::open_pull(&consumer, MAX_BATCH, None, &mut stopped).await
-        else {
-            return;
-        };
-        loop {
-            let first = tokio::select! {
-                _ = &mut stopped => {
-                    consume::release_buffered(&mut stream).await;
-                    return;
-                }
-                next = stream.next() => next,
-            };
-            let first = match first {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull stream error");
-                    break;
-                }
-                None => break,
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.push(message),
-                    _ => break,
-                }
-            }
-            store_batch(&pool, &js, batch).await;
-        }
-    }
+    consume::batches(&consumer, MAX_BATCH, &mut stopped, |batch| {
+        let (pool, js) = (&pool, &js);
+        async move { store_batch(pool, js, batch).await }
+    })
+    .await;
 }
 
 /// The batch's highest watermark per (user, conversation): one statement

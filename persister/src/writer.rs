@@ -20,7 +20,6 @@ use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ChangeEvent, ChangeKind, DeleteScope, MessageEvent, MessagesEvent};
 use deadpool_postgres::Pool;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::metrics::PersisterMetrics;
@@ -38,38 +37,12 @@ pub async fn write_messages(
 ) -> Result<(), PersisterError> {
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
-    loop {
-        let Some(mut stream) = consume::open_pull(&consumer, MAX_BATCH, None, &mut stopped).await
-        else {
-            return Ok(());
-        };
-        loop {
-            let first = tokio::select! {
-                _ = &mut stopped => {
-                    consume::release_buffered(&mut stream).await;
-                    return Ok(());
-                }
-                next = stream.next() => next,
-            };
-            let first = match first {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull stream error");
-                    break;
-                }
-                None => break,
-            };
-            // Whatever else is already here joins the batch; nothing waits for more.
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.push(message),
-                    _ => break,
-                }
-            }
-            store_batch(&pool, &js, batch, &metrics).await;
-        }
-    }
+    consume::batches(&consumer, MAX_BATCH, &mut stopped, |batch| {
+        let (pool, js, metrics) = (&pool, &js, &metrics);
+        async move { store_batch(pool, js, batch, metrics).await }
+    })
+    .await;
+    Ok(())
 }
 
 /// Events as the columns of one multi-row insert, built once per batch.

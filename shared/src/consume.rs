@@ -143,6 +143,54 @@ where
     }
 }
 
+/// Pulls `consumer` (no priority group) until `stopped`, handing `store`
+/// one batch at a time: a message waited for and whatever else has already
+/// arrived, up to `max` (nothing waits for more, so a quiet stream stores
+/// each event at once and a busy one in large batches). A pull that ends or
+/// fails is opened again; at the stop what is buffered is handed back.
+pub async fn batches<S, F, Fut>(
+    consumer: &consumer::PullConsumer,
+    max: usize,
+    stopped: &mut S,
+    mut store: F,
+) where
+    S: Future<Output = ()> + Unpin,
+    F: FnMut(Vec<jetstream::Message>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures::{FutureExt, StreamExt};
+    loop {
+        let Some(mut stream) = open_pull(consumer, max, None, stopped).await else {
+            return;
+        };
+        loop {
+            let first = tokio::select! {
+                _ = &mut *stopped => {
+                    release_buffered(&mut stream).await;
+                    return;
+                }
+                next = stream.next() => next,
+            };
+            let first = match first {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull stream error");
+                    break;
+                }
+                None => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < max {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(message))) => batch.push(message),
+                    _ => break,
+                }
+            }
+            store(batch).await;
+        }
+    }
+}
+
 /// Hands back what a pull stream has received but nobody handled (at
 /// shutdown), so another consumer gets it in a moment instead of after the
 /// ack wait.
