@@ -52,7 +52,10 @@ fn check_avatar(avatar: &str) -> Result<(), ProfileError> {
 }
 
 impl Service {
-    pub(super) async fn profile_set(&self, request: rpc::ProfileSetRequest) -> Result<(), RpcError> {
+    pub(super) async fn profile_set(
+        &self,
+        request: rpc::ProfileSetRequest,
+    ) -> Result<(), RpcError> {
         check_name(&request.name)?;
         if let Some(avatar) = &request.avatar {
             check_avatar(avatar)?;

@@ -51,7 +51,12 @@ async fn search_when(client: &mut Client, query: &str, count: usize) -> anyhow::
     }
 }
 
-async fn sent_id(client: &mut Client, target: Value, text: &str, id: &str) -> anyhow::Result<String> {
+async fn sent_id(
+    client: &mut Client,
+    target: Value,
+    text: &str,
+    id: &str,
+) -> anyhow::Result<String> {
     let sent = client.send_message(target, text, id).await?;
     ensure!(sent["type"] == "sent", "send {text}: {sent}");
     string(&sent, "id")
@@ -77,20 +82,49 @@ async fn ok(client: &mut Client, frame: Value) -> anyhow::Result<()> {
 /// a message deleted for everyone and one the caller hid are not, nor a
 /// group's once the caller is removed from it.
 #[tokio::test]
-async fn search_finds_words_in_any_language_only_where_the_caller_may_read(
-) -> anyhow::Result<()> {
+async fn search_finds_words_in_any_language_only_where_the_caller_may_read() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut alice = system.connect("alice", "phone").await?;
     let mut bob = system.connect("bob", "phone").await?;
     let mut carol = system.connect("carol", "phone").await?;
     let to_bob = json!({"to":"bob"});
-    sent_id(&mut alice, to_bob.clone(), "Встретимся завтра у метро", "c1").await?;
-    sent_id(&mut alice, to_bob.clone(), "The quarterly report is ready", "c2").await?;
-    sent_id(&mut alice, to_bob.clone(), "明日は東京で会議があります", "c3").await?;
+    sent_id(
+        &mut alice,
+        to_bob.clone(),
+        "Встретимся завтра у метро",
+        "c1",
+    )
+    .await?;
+    sent_id(
+        &mut alice,
+        to_bob.clone(),
+        "The quarterly report is ready",
+        "c2",
+    )
+    .await?;
+    sent_id(
+        &mut alice,
+        to_bob.clone(),
+        "明日は東京で会議があります",
+        "c3",
+    )
+    .await?;
     let erased = sent_id(&mut alice, to_bob.clone(), "pineapple for everyone", "c4").await?;
-    let hidden = sent_id(&mut bob, json!({"to":"alice"}), "pineapple hidden by alice", "c5").await?;
+    let hidden = sent_id(
+        &mut bob,
+        json!({"to":"alice"}),
+        "pineapple hidden by alice",
+        "c5",
+    )
+    .await?;
     // Carol's DM with bob is not alice's to search.
-    sent_id(&mut carol, to_bob.clone(), "the quarterly numbers from carol", "c6").await?;
+    sent_id(
+        &mut carol,
+        to_bob.clone(),
+        "the quarterly numbers from carol",
+        "c6",
+    )
+    .await?;
     let dm = "dm:alice:bob";
     ok(
         &mut alice,
@@ -131,10 +165,17 @@ async fn search_finds_words_in_any_language_only_where_the_caller_may_read(
     let page = search(&mut alice, json!({"query":"everyone"})).await?;
     ensure!(texts(&page).is_empty(), "the erased text was found: {page}");
     // `conversation` narrows; another's conversation yields nothing.
-    let page = search(&mut bob, json!({"query":"quarterly","conversation":"dm:bob:carol"})).await?;
+    let page = search(
+        &mut bob,
+        json!({"query":"quarterly","conversation":"dm:bob:carol"}),
+    )
+    .await?;
     assert_eq!(texts(&page), ["the quarterly numbers from carol"]);
-    let page =
-        search(&mut alice, json!({"query":"quarterly","conversation":"dm:bob:carol"})).await?;
+    let page = search(
+        &mut alice,
+        json!({"query":"quarterly","conversation":"dm:bob:carol"}),
+    )
+    .await?;
     ensure!(texts(&page).is_empty(), "alice searched carol's DM: {page}");
 
     // Membership is checked when the search runs.
@@ -143,7 +184,13 @@ async fn search_finds_words_in_any_language_only_where_the_caller_may_read(
         .await?;
     let group_id = string(&group["group"], "id")?;
     let conversation = format!("group:{group_id}");
-    sent_id(&mut alice, json!({"conversation":conversation}), "zebra crossing", "c7").await?;
+    sent_id(
+        &mut alice,
+        json!({"conversation":conversation}),
+        "zebra crossing",
+        "c7",
+    )
+    .await?;
     search_when(&mut bob, "zebra", 1).await?;
     let removed = alice
         .request(json!({"type":"group.remove","group":group_id,"users":["bob"]}))
@@ -168,10 +215,18 @@ async fn search_pages_with_before_and_limit_and_refuses_bad_input() -> anyhow::R
     let first = search(&mut alice, json!({"query":"needle","limit":2})).await?;
     assert_eq!(texts(&first), ["needle number 4", "needle number 3"]);
     ensure!(first["more"] == true, "{first}");
-    let second = search(&mut alice, json!({"query":"needle","limit":2,"before":ids[3]})).await?;
+    let second = search(
+        &mut alice,
+        json!({"query":"needle","limit":2,"before":ids[3]}),
+    )
+    .await?;
     assert_eq!(texts(&second), ["needle number 2", "needle number 1"]);
     ensure!(second["more"] == true, "{second}");
-    let last = search(&mut alice, json!({"query":"needle","limit":2,"before":ids[1]})).await?;
+    let last = search(
+        &mut alice,
+        json!({"query":"needle","limit":2,"before":ids[1]}),
+    )
+    .await?;
     assert_eq!(texts(&last), ["needle number 0"]);
     ensure!(last["more"] == false, "{last}");
 
@@ -223,7 +278,10 @@ async fn profiles_round_trip_and_bad_names_are_refused() -> anyhow::Result<()> {
     let reply = bob
         .request(json!({"type":"profiles","users":["alice"]}))
         .await?;
-    assert_eq!(reply["items"], json!([{"user":"alice","name":"Alice","avatar":null}]));
+    assert_eq!(
+        reply["items"],
+        json!([{"user":"alice","name":"Alice","avatar":null}])
+    );
 
     for bad in [
         json!({"type":"profile.set","name":""}),
