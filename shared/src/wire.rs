@@ -1137,6 +1137,40 @@ mod tests {
     }
 
     #[test]
+    fn search_and_profile_frames_parse_per_protocol() {
+        let search: ClientFrame = serde_json::from_value(
+            json!({"type":"search","ref":"r","query":"東京","conversation":"dm:a:b","before":"9","limit":5}),
+        )
+        .unwrap();
+        assert_eq!(
+            search,
+            ClientFrame::Search {
+                reference: Some("r".into()),
+                query: "東京".into(),
+                conversation: Some(ConversationId::parse("dm:a:b").unwrap()),
+                before: Some(MessageId(9)),
+                limit: Some(5),
+            }
+        );
+        // An absent avatar is `null`: no avatar.
+        let set: ClientFrame =
+            serde_json::from_value(json!({"type":"profile.set","name":"n"})).unwrap();
+        assert!(matches!(set, ClientFrame::ProfileSet { avatar: None, .. }));
+        let profiles = ServerFrame::Profiles {
+            reference: Some("r".into()),
+            items: vec![Profile {
+                user: UserId::parse("a").unwrap(),
+                name: "A".into(),
+                avatar: None,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&profiles).unwrap(),
+            json!({"type":"profiles","ref":"r","items":[{"user":"a","name":"A","avatar":null}]})
+        );
+    }
+
+    #[test]
     fn kinds_are_the_serialized_types() {
         let client = [
             json!({"type":"hello","token":"t","device":"d"}),
@@ -1168,6 +1202,9 @@ mod tests {
             json!({"type":"blocked"}),
             json!({"type":"mute","conversation":"dm:a:b","until":null}),
             json!({"type":"settings"}),
+            json!({"type":"search","query":"q"}),
+            json!({"type":"profile.set","name":"n"}),
+            json!({"type":"profiles","users":["b"]}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -1198,6 +1235,15 @@ mod tests {
             ServerFrame::Settings {
                 reference: None,
                 settings: PrivacySettings::default(),
+            },
+            ServerFrame::Search {
+                reference: None,
+                items: vec![],
+                more: false,
+            },
+            ServerFrame::Profiles {
+                reference: None,
+                items: vec![],
             },
         ];
         for frame in server {
