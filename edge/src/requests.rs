@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chat_shared::ids::{DeviceId, UserId};
+use chat_shared::ids::{ConversationId, DeviceId, MessageId, UserId};
 use chat_shared::rpc::{self, RpcError};
 use std::collections::HashMap;
 
@@ -34,6 +34,9 @@ const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const DEFAULT_CONVERSATIONS_LIMIT: u32 = 100;
 /// The largest `limit` of `history` and `conversations`.
 const MAX_PAGE_LIMIT: u32 = 200;
+const DEFAULT_SEARCH_LIMIT: u32 = 20;
+const MAX_SEARCH_LIMIT: u32 = 100;
+const MAX_QUERY_CHARS: usize = 200;
 
 /// Why a request is answered with an error. [`RequestError::frame`] is the
 /// one place it becomes what the client reads.
@@ -41,6 +44,10 @@ const MAX_PAGE_LIMIT: u32 = 200;
 enum RequestError {
     #[error("limit must be 1..={MAX_PAGE_LIMIT}")]
     Limit,
+    #[error("limit must be 1..={MAX_SEARCH_LIMIT}")]
+    SearchLimit,
+    #[error("query must be 1..={MAX_QUERY_CHARS} characters")]
+    Query,
     /// The persister's (or the presence bucket's) answer, meant for clients.
     #[error(transparent)]
     Rpc(#[from] RpcError),
@@ -60,7 +67,9 @@ enum RequestError {
 impl RequestError {
     fn frame(&self, reference: Option<&str>) -> ServerFrame {
         match self {
-            Self::Limit => ServerFrame::error(reference, ErrorCode::BadRequest, self.to_string()),
+            Self::Limit | Self::SearchLimit | Self::Query => {
+                ServerFrame::error(reference, ErrorCode::BadRequest, self.to_string())
+            }
             Self::Rpc(e) => ServerFrame::error(reference, e.code, e.message.clone()),
             Self::Send(e) => e.frame(reference),
             Self::Quota(e) => e.frame(reference),
@@ -81,6 +90,32 @@ fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, RequestError> {
     } else {
         Err(RequestError::Limit)
     }
+}
+
+/// A `search` request for the persister, if its `query` and `limit` are in
+/// bounds.
+fn search_request(
+    user: UserId,
+    query: String,
+    conversation: Option<ConversationId>,
+    before: Option<MessageId>,
+    limit: Option<u32>,
+) -> Result<rpc::SearchRequest, RequestError> {
+    let limit = limit.unwrap_or(DEFAULT_SEARCH_LIMIT);
+    if !(1..=MAX_SEARCH_LIMIT).contains(&limit) {
+        return Err(RequestError::SearchLimit);
+    }
+    let chars = query.chars().count();
+    if chars == 0 || chars > MAX_QUERY_CHARS || query.trim().is_empty() {
+        return Err(RequestError::Query);
+    }
+    Ok(rpc::SearchRequest {
+        user,
+        query,
+        conversation,
+        before,
+        limit,
+    })
 }
 
 pub struct Requests {
@@ -481,6 +516,34 @@ async fn answer(
             reference,
             settings: rpc::call::<rpc::Settings>(nats, &rpc::SettingsRequest { user, change })
                 .await?,
+        },
+        ClientFrame::Search {
+            reference,
+            query,
+            conversation,
+            before,
+            limit,
+        } => {
+            let request = search_request(user, query, conversation, before, limit)?;
+            let page = rpc::call::<rpc::Search>(nats, &request).await?;
+            ServerFrame::Search {
+                reference,
+                items: page.items,
+                more: page.more,
+            }
+        }
+        ClientFrame::ProfileSet {
+            reference,
+            name,
+            avatar,
+        } => {
+            let request = rpc::ProfileSetRequest { user, name, avatar };
+            rpc::call::<rpc::ProfileSet>(nats, &request).await?;
+            ServerFrame::Ok { reference }
+        }
+        ClientFrame::Profiles { reference, users } => ServerFrame::Profiles {
+            reference,
+            items: rpc::call::<rpc::Profiles>(nats, &rpc::ProfilesRequest { user, users }).await?,
         },
         // Handled by the session itself.
         ClientFrame::Hello { .. }

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../migrations/0005_message_changes.sql")),
     (6, include_str!("../migrations/0006_receipts.sql")),
     (7, include_str!("../migrations/0007_privacy.sql")),
+    (8, include_str!("../migrations/0008_search_profiles.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

@@ -12,7 +12,7 @@ use crate::subjects;
 use crate::telemetry::TraceId;
 use crate::wire::{
     ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView, MemberReceipts,
-    MessageEvent, PrivacySettings, SettingsChange,
+    MessageEvent, PrivacySettings, Profile, SettingsChange,
 };
 
 /// A method: its subject name and its request and response types.
@@ -308,6 +308,52 @@ method!(
 method!(
     /// Applies the change (possibly none) and answers every setting.
     Settings, "settings", SettingsRequest => PrivacySettings
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchRequest {
+    pub user: UserId,
+    /// 1..=200 characters (the edge checks).
+    pub query: String,
+    pub conversation: Option<ConversationId>,
+    pub before: Option<MessageId>,
+    /// 1..=100 (the edge checks; the persister clamps).
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchPage {
+    /// Newest first, at most [`REPLY_ITEMS_BUDGET`] bytes of them.
+    pub items: Vec<MessageEvent>,
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileSetRequest {
+    pub user: UserId,
+    pub name: String,
+    pub avatar: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfilesRequest {
+    pub user: UserId,
+    pub users: Vec<UserId>,
+}
+
+method!(
+    /// Messages matching a query in the conversations `user` is a member
+    /// of at the time of the query; never deleted or hidden ones.
+    Search, "search", SearchRequest => SearchPage
+);
+method!(
+    /// Stores `user`'s profile; `bad_request` for a name or avatar of the
+    /// wrong shape.
+    ProfileSet, "profile_set", ProfileSetRequest => ()
+);
+method!(
+    /// The stored profiles of `users` (those without one are left out).
+    Profiles, "profiles", ProfilesRequest => Vec<Profile>
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]

@@ -223,7 +223,44 @@ pub enum ClientFrame {
         reference: Option<String>,
         conversation: ConversationId,
     },
+    /// v1.1: messages whose text matches `query`, newest first, from the
+    /// caller's conversations (or only `conversation`), before `before`.
+    #[serde(rename = "search")]
+    Search {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        /// 1..=200 characters.
+        query: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation: Option<ConversationId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<MessageId>,
+        /// 1..=100, default 20.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// v1.1: sets the caller's name and avatar.
+    #[serde(rename = "profile.set")]
+    ProfileSet {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        /// 1..=64 characters, no control characters, not only spaces.
+        name: String,
+        /// A media id (from `POST /v1/media` once media lands) or `null`.
+        #[serde(default)]
+        avatar: Option<String>,
+    },
+    /// v1.1: the profiles of up to [`MAX_PROFILE_USERS`] users.
+    #[serde(rename = "profiles")]
+    Profiles {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        users: Vec<UserId>,
+    },
 }
+
+/// The most users one `profiles` request may name.
+pub const MAX_PROFILE_USERS: usize = 100;
 
 /// A `group` field: the bare group id, or the `group:<id>` conversation form.
 fn group_ref<'de, D: Deserializer<'de>>(d: D) -> Result<GroupId, D::Error> {
@@ -294,6 +331,9 @@ impl ClientFrame {
             | Self::Settings { reference, .. }
             | Self::Refresh { reference, .. }
             | Self::Receipts { reference, .. }
+            | Self::Search { reference, .. }
+            | Self::ProfileSet { reference, .. }
+            | Self::Profiles { reference, .. }
             | Self::Edit { reference, .. }
             | Self::Delete { reference, .. }
             | Self::React { reference, .. } => reference,
@@ -333,6 +373,9 @@ impl ClientFrame {
             Self::Delete { .. } => "delete",
             Self::React { .. } => "react",
             Self::Receipts { .. } => "receipts",
+            Self::Search { .. } => "search",
+            Self::ProfileSet { .. } => "profile.set",
+            Self::Profiles { .. } => "profiles",
         }
     }
 }
@@ -480,6 +523,31 @@ pub enum ServerFrame {
         #[serde(flatten)]
         settings: PrivacySettings,
     },
+    /// v1.1: the reply to `search`: matching messages in their current
+    /// state, newest first; `more` when older matches follow.
+    #[serde(rename = "search")]
+    Search {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<MessageEvent>,
+        more: bool,
+    },
+    /// v1.1: the reply to `profiles`; users without a profile are left out.
+    #[serde(rename = "profiles")]
+    Profiles {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        items: Vec<Profile>,
+    },
+}
+
+/// v1.1: a user's name and avatar, as they set them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Profile {
+    pub user: UserId,
+    pub name: String,
+    /// A media id, or `null`.
+    pub avatar: Option<String>,
 }
 
 impl ServerFrame {
@@ -516,6 +584,8 @@ impl ServerFrame {
             Self::Receipts { .. } => "receipts",
             Self::Blocked { .. } => "blocked",
             Self::Settings { .. } => "settings",
+            Self::Search { .. } => "search",
+            Self::Profiles { .. } => "profiles",
         }
     }
 
@@ -1067,6 +1137,40 @@ mod tests {
     }
 
     #[test]
+    fn search_and_profile_frames_parse_per_protocol() {
+        let search: ClientFrame = serde_json::from_value(
+            json!({"type":"search","ref":"r","query":"東京","conversation":"dm:a:b","before":"9","limit":5}),
+        )
+        .unwrap();
+        assert_eq!(
+            search,
+            ClientFrame::Search {
+                reference: Some("r".into()),
+                query: "東京".into(),
+                conversation: Some(ConversationId::parse("dm:a:b").unwrap()),
+                before: Some(MessageId(9)),
+                limit: Some(5),
+            }
+        );
+        // An absent avatar is `null`: no avatar.
+        let set: ClientFrame =
+            serde_json::from_value(json!({"type":"profile.set","name":"n"})).unwrap();
+        assert!(matches!(set, ClientFrame::ProfileSet { avatar: None, .. }));
+        let profiles = ServerFrame::Profiles {
+            reference: Some("r".into()),
+            items: vec![Profile {
+                user: UserId::parse("a").unwrap(),
+                name: "A".into(),
+                avatar: None,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&profiles).unwrap(),
+            json!({"type":"profiles","ref":"r","items":[{"user":"a","name":"A","avatar":null}]})
+        );
+    }
+
+    #[test]
     fn kinds_are_the_serialized_types() {
         let client = [
             json!({"type":"hello","token":"t","device":"d"}),
@@ -1098,6 +1202,9 @@ mod tests {
             json!({"type":"blocked"}),
             json!({"type":"mute","conversation":"dm:a:b","until":null}),
             json!({"type":"settings"}),
+            json!({"type":"search","query":"q"}),
+            json!({"type":"profile.set","name":"n"}),
+            json!({"type":"profiles","users":["b"]}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -1128,6 +1235,15 @@ mod tests {
             ServerFrame::Settings {
                 reference: None,
                 settings: PrivacySettings::default(),
+            },
+            ServerFrame::Search {
+                reference: None,
+                items: vec![],
+                more: false,
+            },
+            ServerFrame::Profiles {
+                reference: None,
+                items: vec![],
             },
         ];
         for frame in server {

@@ -6,8 +6,10 @@ mod groups;
 mod outbox;
 mod pages;
 mod privacy;
+mod profiles;
 mod push_tokens;
 mod receipts;
+mod search;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,6 +264,9 @@ impl Service {
             rpc::BlockPeers => block_peers,
             rpc::Mute => mute,
             rpc::Settings => settings,
+            rpc::Search => search,
+            rpc::ProfileSet => profile_set,
+            rpc::Profiles => profiles,
         )
     }
 

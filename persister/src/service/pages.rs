@@ -74,6 +74,39 @@ impl PageToken {
     }
 }
 
+/// The columns every message page selects first, in this order (for
+/// `concat!`); read back by [`stored_message`].
+macro_rules! message_columns {
+    () => {
+        "id, sender, body, ts, client_msg_id, reply_to, mentions, edited_ts, deleted"
+    };
+}
+pub(super) use message_columns;
+
+/// A message in its current state from a row that starts with
+/// [`message_columns!`] (`history` and `search` items).
+pub(super) fn stored_message(
+    conversation: ConversationId,
+    row: &tokio_postgres::Row,
+) -> Result<MessageEvent, RpcError> {
+    let mut message = message_from_row(
+        conversation,
+        column(row, 0)?,
+        column(row, 1)?,
+        column(row, 2)?,
+        column(row, 3)?,
+        column(row, 4)?,
+    )?;
+    message.reply_to = column::<Option<i64>>(row, 5)?.map(|r| MessageId(r as u64));
+    message.mentions = column::<Vec<String>>(row, 6)?
+        .into_iter()
+        .map(|user| UserId::parse(user).map_err(|_| corrupt("mention")))
+        .collect::<Result<_, _>>()?;
+    message.edited_ts = column::<Option<i64>>(row, 7)?.map(|t| t as u64);
+    message.deleted = column(row, 8)?;
+    Ok(message)
+}
+
 impl Service {
     pub(super) async fn history(
         &self,
@@ -89,8 +122,11 @@ impl Service {
         // budget, not `limit` texts of 100,000 characters.
         let rows = db
             .query(
-                "WITH newest AS (
-                     SELECT id, sender, body, ts, client_msg_id, reply_to, mentions, edited_ts, deleted
+                concat!(
+                    "WITH newest AS (
+                     SELECT ",
+                    message_columns!(),
+                    "
                      FROM messages m
                      WHERE conversation = $1 AND ($2::bigint IS NULL OR id < $2)
                        -- v1.1: deleted for me by the reader.
@@ -102,9 +138,11 @@ impl Service {
                             sum(octet_length(body)) OVER (ORDER BY id DESC) - octet_length(body)
                               AS bytes_before
                      FROM newest)
-                 SELECT id, sender, body, ts, client_msg_id, found,
-                        reply_to, mentions, edited_ts, deleted FROM sized
-                 WHERE bytes_before <= $4 ORDER BY id DESC",
+                 SELECT ",
+                    message_columns!(),
+                    ", found FROM sized
+                 WHERE bytes_before <= $4 ORDER BY id DESC"
+                ),
                 &[
                     &request.conversation.to_string(),
                     &before,
@@ -115,60 +153,63 @@ impl Service {
             )
             .await
             .map_err(unavailable("read a history page"))?;
-        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 5))?;
-        let mut messages = rows
+        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 9))?;
+        let messages = rows
             .iter()
             .take(limit as usize)
-            .map(|row| {
-                let mut message = message_from_row(
-                    request.conversation.clone(),
-                    column(row, 0)?,
-                    column(row, 1)?,
-                    column(row, 2)?,
-                    column(row, 3)?,
-                    column(row, 4)?,
-                )?;
-                message.reply_to = column::<Option<i64>>(row, 6)?.map(|r| MessageId(r as u64));
-                message.mentions = column::<Vec<String>>(row, 7)?
-                    .into_iter()
-                    .map(|user| UserId::parse(user).map_err(|_| corrupt("mention")))
-                    .collect::<Result<_, _>>()?;
-                message.edited_ts = column::<Option<i64>>(row, 8)?.map(|t| t as u64);
-                message.deleted = column(row, 9)?;
-                Ok(message)
-            })
+            .map(|row| stored_message(request.conversation.clone(), row))
             .collect::<Result<Vec<_>, RpcError>>()?;
-        self.add_reactions(&db, &request.conversation, &mut messages)
-            .await?;
-        let (messages, cut) = fit(messages, REPLY_ITEMS_BUDGET);
-        let more = cut || (messages.len() as i64) < found;
+        let (messages, more) = self.finish_page(&db, messages, found).await?;
         Ok(rpc::HistoryPage { messages, more })
     }
 
-    /// Fills in each message's `reactions` (one query for the page).
+    /// A page of messages as sent: their reactions filled in, cut to the
+    /// budget, and whether more follow (`found` rows were read for it).
+    pub(super) async fn finish_page(
+        &self,
+        db: &deadpool_postgres::Object,
+        mut messages: Vec<MessageEvent>,
+        found: i64,
+    ) -> Result<(Vec<MessageEvent>, bool), RpcError> {
+        self.add_reactions(db, &mut messages).await?;
+        let (messages, cut) = fit(messages, REPLY_ITEMS_BUDGET);
+        let more = cut || (messages.len() as i64) < found;
+        Ok((messages, more))
+    }
+
+    /// Fills in each message's `reactions` (one query for the page, whose
+    /// messages may be of several conversations).
     async fn add_reactions(
         &self,
         db: &deadpool_postgres::Object,
-        conversation: &ConversationId,
         messages: &mut [MessageEvent],
     ) -> Result<(), RpcError> {
+        let conversations: Vec<String> = messages
+            .iter()
+            .map(|m| m.conversation.to_string())
+            .collect();
         let ids: Vec<i64> = messages.iter().map(|m| m.id.get() as i64).collect();
         let rows = db
             .query(
-                "SELECT id, emoji, user_id FROM reactions
-                 WHERE conversation = $1 AND id = ANY($2)
-                 ORDER BY id, emoji, ts, user_id",
-                &[&conversation.to_string(), &ids],
+                "SELECT r.conversation, r.id, r.emoji, r.user_id
+                 FROM unnest($1::text[], $2::bigint[]) AS page (conversation, id)
+                 JOIN reactions r ON r.conversation = page.conversation AND r.id = page.id
+                 ORDER BY r.conversation, r.id, r.emoji, r.ts, r.user_id",
+                &[&conversations, &ids],
             )
             .await
             .map_err(unavailable("read reactions"))?;
         for row in &rows {
-            let id = MessageId(column::<i64>(row, 0)? as u64);
-            let user = UserId::parse(column::<String>(row, 2)?).map_err(|_| corrupt("reaction"))?;
-            if let Some(message) = messages.iter_mut().find(|m| m.id == id) {
+            let conversation: &str = column(row, 0)?;
+            let id = MessageId(column::<i64>(row, 1)? as u64);
+            let user = UserId::parse(column::<String>(row, 3)?).map_err(|_| corrupt("reaction"))?;
+            let found = messages
+                .iter_mut()
+                .find(|m| m.id == id && m.conversation.to_string() == conversation);
+            if let Some(message) = found {
                 message
                     .reactions
-                    .entry(column(row, 1)?)
+                    .entry(column(row, 2)?)
                     .or_default()
                     .push(user);
             }

@@ -23,5 +23,6 @@ mod receipts;
 mod replies;
 mod resume;
 mod retries;
+mod search;
 mod security;
 mod web;
