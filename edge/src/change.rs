@@ -15,7 +15,7 @@ use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ChangeEvent, ChangeKind, ErrorCode, ServerFrame};
 use sha2::{Digest, Sha256};
 
-use crate::quota::{json_bytes, Kind, QuotaError};
+use crate::quota::{json_bytes, QuotaError};
 use crate::send::{validate_text, SendError};
 use crate::Edge;
 
@@ -91,19 +91,9 @@ pub async fn apply(edge: &Edge, user: &UserId, request: Request) -> Result<(), C
         }
         Change::Delete { .. } => 0,
     };
-    crate::send::check_may_write(edge, user, &request.conversation).await?;
-    // Metered like a send, before anything is stored.
-    edge.quotas
-        .spend(
-            user,
-            &[
-                (Kind::MessagesPerMinute, 1),
-                (Kind::MessagesPerDay, 1),
-                (Kind::BytesPerMinute, bytes),
-                (Kind::BytesPerDay, bytes),
-            ],
-        )
-        .await?;
+    // Admitted and metered like a send (its update reaches the same
+    // inboxes), before anything is stored.
+    crate::send::admit(edge, user, &request.conversation, bytes).await?;
     let verdict = rpc::call::<rpc::CheckChange>(
         &edge.nats,
         &rpc::ChangeCheckRequest {

@@ -178,24 +178,11 @@ async fn accept(
     if request.mentions.len() > MAX_MENTIONS {
         return Err(SendError::TooManyMentions);
     }
-    let recipients = recipients(edge, user, &conversation).await?;
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
         return Err(SendError::Unavailable);
     }
     // Before anything is stored: a refused send leaves no trace.
-    let bytes = json_bytes(&request.text);
-    edge.quotas
-        .spend(
-            user,
-            &[
-                (Kind::MessagesPerMinute, 1),
-                (Kind::MessagesPerDay, 1),
-                (Kind::BytesPerMinute, bytes),
-                (Kind::BytesPerDay, bytes),
-                (Kind::FanoutBytesPerMinute, bytes.saturating_mul(recipients)),
-            ],
-        )
-        .await?;
+    admit(edge, user, &conversation, json_bytes(&request.text)).await?;
     let id = edge.ids.next_id().map_err(|e| {
         tracing::error!(error = %e, "cannot assign a message id");
         SendError::Unavailable
@@ -231,12 +218,39 @@ async fn accept(
     }
 }
 
+/// Whether `user` may write into `conversation` (typing): a member, and no
+/// block across a DM.
 pub(crate) async fn check_may_write(
     edge: &Edge,
     user: &UserId,
     conversation: &ConversationId,
 ) -> Result<(), SendError> {
     recipients(edge, user, conversation).await.map(|_| ())
+}
+
+/// Whether `user` may write `bytes` into `conversation` now (a message, or
+/// a change of one, which reaches the same inboxes): a member, no block
+/// across a DM, and within the quotas, which it spends.
+pub(crate) async fn admit(
+    edge: &Edge,
+    user: &UserId,
+    conversation: &ConversationId,
+    bytes: u64,
+) -> Result<(), SendError> {
+    let recipients = recipients(edge, user, conversation).await?;
+    edge.quotas
+        .spend(
+            user,
+            &[
+                (Kind::MessagesPerMinute, 1),
+                (Kind::MessagesPerDay, 1),
+                (Kind::BytesPerMinute, bytes),
+                (Kind::BytesPerDay, bytes),
+                (Kind::FanoutBytesPerMinute, bytes.saturating_mul(recipients)),
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 /// How many inboxes a message of `user` in `conversation` lands in, if

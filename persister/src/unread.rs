@@ -25,6 +25,27 @@ macro_rules! is_unread {
 }
 pub(crate) use is_unread;
 
+/// The CTE `reachable`: user `$1`'s conversations, the `$4` most active
+/// (the cap of `conversations` and of the badge), each with `joined`, the
+/// first message id they may count (what was said in a group before they
+/// joined is not unread for them: `$2` is the id epoch, `$3` the id's time
+/// shift), `activity` and `last_id`.
+macro_rules! reachable {
+    () => {
+        "WITH mine AS (
+             SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
+             UNION ALL
+             SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
+               FROM group_members WHERE user_id = $1),
+         reachable AS (
+             SELECT mine.conversation, mine.joined, c.activity, c.last_id
+             FROM mine JOIN conversations c ON c.conversation = mine.conversation
+             ORDER BY c.activity DESC, c.conversation DESC
+             LIMIT $4)"
+    };
+}
+pub(crate) use reachable;
+
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::MAX_REACHABLE_CONVERSATIONS;
@@ -48,16 +69,8 @@ pub async fn total(
     let row = db
         .query_one(
             concat!(
-                "WITH mine AS (
-                 SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
-                 UNION ALL
-                 SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
-                   FROM group_members WHERE user_id = $1),
-             reachable AS (
-                 SELECT mine.conversation, mine.joined
-                 FROM mine JOIN conversations c ON c.conversation = mine.conversation
-                 ORDER BY c.activity DESC, c.conversation DESC
-                 LIMIT $4)
+                reachable!(),
+                "
              SELECT (SELECT COALESCE(sum(
                  (SELECT count(*) FROM (
                      SELECT 1 FROM messages u

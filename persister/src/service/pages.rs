@@ -229,17 +229,8 @@ impl Service {
         let rows = db
             .query(
                 concat!(
-                    "WITH mine AS (
-                     SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
-                     UNION ALL
-                     -- What was said before a member joined is not unread for them.
-                     SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
-                       FROM group_members WHERE user_id = $1),
-                 reachable AS (
-                     SELECT mine.conversation, mine.joined, c.activity, c.last_id
-                     FROM mine JOIN conversations c ON c.conversation = mine.conversation
-                     ORDER BY c.activity DESC, c.conversation DESC
-                     LIMIT $4),
+                    crate::unread::reachable!(),
+                    ",
                  page AS (
                      SELECT * FROM reachable
                      WHERE $5::bigint IS NULL OR (activity, conversation) < ($5, $6::text)
