@@ -16,7 +16,7 @@ use chat_shared::presence::TypingEvent;
 use chat_shared::subjects;
 use chat_shared::wire::{
     ClientFrame, ErrorCode, ErrorFrame, FriendState, FriendView, PresenceEvent, PresenceStatus,
-    ServerFrame,
+    ServerFrame, DEFAULT_SEARCH_LIMIT, MAX_QUERY_CHARS, MAX_SEARCH_LIMIT,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -34,9 +34,6 @@ const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const DEFAULT_CONVERSATIONS_LIMIT: u32 = 100;
 /// The largest `limit` of `history` and `conversations`.
 const MAX_PAGE_LIMIT: u32 = 200;
-const DEFAULT_SEARCH_LIMIT: u32 = 20;
-const MAX_SEARCH_LIMIT: u32 = 100;
-const MAX_QUERY_CHARS: usize = 200;
 
 /// Why a request is answered with an error. [`RequestError::frame`] is the
 /// one place it becomes what the client reads.

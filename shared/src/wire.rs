@@ -262,6 +262,12 @@ pub enum ClientFrame {
 /// The most users one `profiles` request may name.
 pub const MAX_PROFILE_USERS: usize = 100;
 
+/// `search`'s `limit` when the request names none, and the largest served.
+pub const DEFAULT_SEARCH_LIMIT: u32 = 20;
+pub const MAX_SEARCH_LIMIT: u32 = 100;
+/// The longest `search` query, in characters.
+pub const MAX_QUERY_CHARS: usize = 200;
+
 /// A `group` field: the bare group id, or the `group:<id>` conversation form.
 fn group_ref<'de, D: Deserializer<'de>>(d: D) -> Result<GroupId, D::Error> {
     let raw = String::deserialize(d)?;

@@ -164,16 +164,13 @@ impl Service {
             .await
             .map_err(unavailable("read the MESSAGES stream"))?;
         let last = handle.cached_info().state.last_sequence;
-        let mut consumer = handle
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                subjects::PERSISTER_CONSUMER,
-            )
-            .await
-            .map_err(unavailable("read the persister consumer"))?;
         let deadline = Instant::now() + CATCH_UP;
+        // Usually caught up at the first look; a lagging writer is asked
+        // again less and less often, not hammered while NATS is busy.
+        let mut pause = CATCH_UP_POLL;
         loop {
-            let floor = consumer
-                .info()
+            let floor = handle
+                .consumer_info(subjects::PERSISTER_CONSUMER)
                 .await
                 .map_err(unavailable("read the persister consumer"))?
                 .ack_floor
@@ -185,7 +182,8 @@ impl Service {
                 tracing::warn!(stream, floor, last, "writer behind; change refused for now");
                 return Err(behind());
             }
-            tokio::time::sleep(CATCH_UP_POLL).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(CATCH_UP / 8);
         }
     }
 }

@@ -199,14 +199,17 @@ impl Service {
             )
             .await
             .map_err(unavailable("read reactions"))?;
+        // Where each message of the page is: ids are unique across
+        // conversations, so the id alone finds it.
+        let at: std::collections::HashMap<MessageId, usize> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, i))
+            .collect();
         for row in &rows {
-            let conversation: &str = column(row, 0)?;
             let id = MessageId(column::<i64>(row, 1)? as u64);
             let user = UserId::parse(column::<String>(row, 3)?).map_err(|_| corrupt("reaction"))?;
-            let found = messages
-                .iter_mut()
-                .find(|m| m.id == id && m.conversation.to_string() == conversation);
-            if let Some(message) = found {
+            if let Some(message) = at.get(&id).map(|i| &mut messages[*i]) {
                 message
                     .reactions
                     .entry(column(row, 2)?)

@@ -11,11 +11,10 @@ use chat_shared::ids::ConversationId;
 use chat_shared::rpc::{self, RpcError, REPLY_ITEMS_BUDGET};
 use chat_shared::wire::ErrorCode;
 
+use chat_shared::wire::MAX_SEARCH_LIMIT;
+
 use super::pages::{message_columns, stored_message};
 use super::{column, corrupt, unavailable, Service};
-
-/// The largest `limit` the persister serves (the edge refuses more).
-const MAX_SEARCH_LIMIT: u32 = 100;
 
 /// `query` as an ILIKE pattern matching it anywhere: its own `%`, `_` and
 /// `\` are literal.
