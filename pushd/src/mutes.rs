@@ -3,8 +3,8 @@
 //! the user is mentioned.
 //!
 //! The check lives here, not in the router: pushd already reads
-//! PostgreSQL once per window (the tokens), so a mute costs one more query
-//! per window instead of a request to the persister per push job, and a
+//! PostgreSQL for each window (tokens, the badge), so a mute costs one more
+//! query per window instead of a request to the persister per push job, and a
 //! mute set while a job waits in PUSH is honoured when it is sent.
 
 use std::collections::HashSet;

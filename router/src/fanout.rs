@@ -369,16 +369,22 @@ impl Fanout {
                 tracing::info!(id = %change.id, erased, "message erased");
                 // A notification already shown for it is withdrawn on every
                 // member's devices but the deleter's (who needs none).
-                for member in prepared.recipients.iter().filter(|m| **m != change.by) {
-                    self.push
-                        .retract(
-                            member,
-                            &change.conversation,
-                            change.id,
-                            RetractReason::Delete,
-                        )
-                        .await?;
-                }
+                // All at once: one member's lookup and PubAck does not wait
+                // for the last (at most a group's worth in flight).
+                let retractions =
+                    prepared
+                        .recipients
+                        .iter()
+                        .filter(|m| **m != change.by)
+                        .map(|member| {
+                            self.push.retract(
+                                member,
+                                &change.conversation,
+                                change.id,
+                                RetractReason::Delete,
+                            )
+                        });
+                futures::future::try_join_all(retractions).await?;
                 Ok(())
             }
             Then::EraseLateEdit(change, sequence) => {

@@ -53,7 +53,9 @@ pub enum PushError {
 
 pub struct PushJobs {
     js: jetstream::Context,
-    lookup: Lookup,
+    /// Shared by the lookups of one message's recipients: a clone per
+    /// recipient is a pointer, not two KV handles with their stream info.
+    lookup: Arc<Lookup>,
     metrics: Arc<RouterMetrics>,
 }
 
@@ -68,7 +70,7 @@ struct Lookup {
 }
 
 impl Lookup {
-    async fn target(self, user: UserId) -> (UserId, Target) {
+    async fn target(self: Arc<Self>, user: UserId) -> (UserId, Target) {
         let (record, devices) = futures::join!(
             read(
                 &self.presence,
@@ -130,12 +132,12 @@ impl PushJobs {
         tokens: kv::Store,
         metrics: Arc<RouterMetrics>,
     ) -> Self {
-        let lookup = Lookup {
+        let lookup = Arc::new(Lookup {
             presence,
             online: Cache::new(PRESENCE_CACHE),
             tokens,
             token_devices: Cache::new(TOKENS_CACHE),
-        };
+        });
         Self {
             js,
             lookup,
