@@ -243,15 +243,12 @@ impl Speaker {
         user: UserId,
         active: bool,
     ) {
-        let members: Vec<UserId> = match &conversation {
-            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
-            ConversationId::Group(group) => match self.groups.members(group).await {
-                Ok(members) => members.iter().cloned().collect(),
-                Err(e) => {
-                    tracing::warn!(%group, error = %e, "no members; typing dropped");
-                    return;
-                }
-            },
+        let members = match self.groups.of_conversation(&conversation).await {
+            Ok(members) => members,
+            Err(e) => {
+                tracing::warn!(%conversation, error = %e, "no members; typing dropped");
+                return;
+            }
         };
         // The edge checked membership when the frame came in; a member
         // removed since then types to nobody.

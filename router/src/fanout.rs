@@ -499,16 +499,14 @@ impl Fanout {
 
     /// A conversation's members: a DM's two users, a group's members.
     async fn members(&self, conversation: &ConversationId) -> Result<Vec<UserId>, RouteError> {
-        Ok(match conversation {
-            ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
-            ConversationId::Group(group) => match self.groups.members(group).await {
-                Ok(members) => members.iter().cloned().collect(),
-                Err(e) if e.code == ErrorCode::NotFound => {
-                    return Err(RouteError::UnknownGroup(group.clone()))
-                }
-                Err(e) => return Err(RouteError::Members(e)),
+        match self.groups.of_conversation(conversation).await {
+            Ok(members) => Ok(members),
+            Err(e) if e.code == ErrorCode::NotFound => match conversation {
+                ConversationId::Group(group) => Err(RouteError::UnknownGroup(group.clone())),
+                ConversationId::Dm { .. } => Err(RouteError::Members(e)),
             },
-        })
+            Err(e) => Err(RouteError::Members(e)),
+        }
     }
 
     async fn route_group_event(&self, payload: &[u8]) -> Result<(), RouteError> {

@@ -342,17 +342,14 @@ async fn append(
     key: Key,
     batch: Batch<jetstream::Message>,
 ) {
-    let members: Vec<UserId> = match &key.conversation {
-        ConversationId::Dm { low, high } => vec![low.clone(), high.clone()],
-        ConversationId::Group(group) => match groups.members(group).await {
-            Ok(members) => members.iter().cloned().collect(),
-            // A group that is gone has nobody to tell.
-            Err(e) if e.code == ErrorCode::NotFound => Vec::new(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read a receipt's group; retrying");
-                return settle(batch.events, false).await;
-            }
-        },
+    let members = match groups.of_conversation(&key.conversation).await {
+        Ok(members) => members,
+        // A group that is gone has nobody to tell.
+        Err(e) if e.code == ErrorCode::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a receipt's group; retrying");
+            return settle(batch.events, false).await;
+        }
     };
     let blocked = match key.kind {
         ReceiptKind::Delivered => match blocks.peers(&key.user).await {

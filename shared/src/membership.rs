@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::GroupCacheConfig;
 use crate::error::StartError;
-use crate::ids::{GroupId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::lru::Lru;
 use crate::rpc::{self, RpcError};
 use crate::subjects;
@@ -296,6 +296,20 @@ impl GroupCache {
         self.cache
             .get(group, rpc::call::<rpc::Members>(&self.nats, &request))
             .await
+    }
+
+    /// Everyone in `conversation`: a DM's two users, a group's current
+    /// members (`not_found` if there is no such group).
+    pub async fn of_conversation(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<UserId>, RpcError> {
+        match conversation {
+            ConversationId::Dm { low, high } => Ok(vec![low.clone(), high.clone()]),
+            ConversationId::Group(group) => {
+                Ok(self.members(group).await?.iter().cloned().collect())
+            }
+        }
     }
 }
 
