@@ -325,7 +325,8 @@ impl Service {
         let up_to = i64::try_from(request.up_to.get())
             .map_err(|_| RpcError::new(ErrorCode::BadRequest, "up_to is not a message id"))?;
         let db = self.client().await?;
-        self.check_access(&db, &request.user, &request.conversation)
+        let members = self
+            .members_with(&db, &request.user, &request.conversation)
             .await?;
         // Stored whether or not the conversation's messages are yet: they
         // are counted against it once they are.
@@ -348,15 +349,12 @@ impl Service {
             // Read state only moves forward; an older `read` says nothing new.
             return Ok(());
         }
+        // Who may see it (blocks, `read_receipts`) is decided here, where
+        // the settings are; the router tells exactly these members.
         // Published for a repeated `read` too, under the same
         // `Nats-Msg-Id`: a client that retries after `unavailable` (the
         // read stored, its event not) gets its receipt out, and JetStream
         // drops the copy otherwise.
-        // Who may see it (blocks, `read_receipts`) is decided here, where
-        // the settings are; the router tells exactly these members.
-        let members = self
-            .conversation_members(&db, &request.conversation)
-            .await?;
         let audience = self
             .read_receipt_audience(&db, &request.user, members)
             .await?;
@@ -377,6 +375,27 @@ impl Service {
         match conversation {
             ConversationId::Dm { low, high } => Ok(vec![low.clone(), high.clone()]),
             ConversationId::Group(group) => self.group_members(db, group).await,
+        }
+    }
+
+    /// The members of `conversation`, if `user` is one (else `forbidden`,
+    /// as [`Service::check_access`]): one read for the check and the list.
+    async fn members_with(
+        &self,
+        db: &impl GenericClient,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) -> Result<Vec<UserId>, RpcError> {
+        let members = self.conversation_members(db, conversation).await?;
+        match conversation {
+            _ if members.contains(user) => Ok(members),
+            ConversationId::Dm { .. } => {
+                Err(RpcError::new(ErrorCode::Forbidden, "not your conversation"))
+            }
+            ConversationId::Group(_) => Err(RpcError::new(
+                ErrorCode::Forbidden,
+                "not a member of this group",
+            )),
         }
     }
 }

@@ -43,10 +43,8 @@ impl Service {
         request: rpc::ConversationRequest,
     ) -> Result<Vec<MemberReceipts>, RpcError> {
         let db = self.client().await?;
-        self.check_access(&db, &request.user, &request.conversation)
-            .await?;
         let members: Vec<String> = self
-            .conversation_members(&db, &request.conversation)
+            .members_with(&db, &request.user, &request.conversation)
             .await?
             .iter()
             .map(|m| m.as_str().to_string())
