@@ -298,12 +298,15 @@ async fn deliver(shared: &Shared, work: &[PushWork]) -> bool {
     let Some(user) = work.first().map(|w| w.user().clone()) else {
         return true;
     };
-    let (jobs, retractions) = split(work);
+    let (all, retractions) = split(work);
+    let jobs = mutes::unmuted(&shared.pool, &user, all.clone()).await;
+    shared.metrics.count_muted((all.len() - jobs.len()) as u64);
+    if jobs.is_empty() && retractions.is_empty() {
+        // Everything muted: nothing to send, so no badge to count.
+        return true;
+    }
     // Muted conversations still count in the badge, they only send nothing.
-    let badge = badge(shared, &user, &jobs).await;
-    let count = jobs.len();
-    let jobs = mutes::unmuted(&shared.pool, &user, jobs).await;
-    shared.metrics.count_muted((count - jobs.len()) as u64);
+    let badge = badge(shared, &user, &all).await;
     let mut settled = true;
     if let Some(mut notification) = Notification::coalesce(&jobs, shared.preview) {
         notification.badge = badge;
