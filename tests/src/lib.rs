@@ -721,6 +721,7 @@ pub const QUOTA_OFF_SCALE: chat_shared::config::QuotaConfig = chat_shared::confi
     bytes_per_day: 1 << 50,
     fanout_bytes_per_minute: 1 << 50,
     groups_per_day: 1 << 40,
+    media_bytes_per_day: 1 << 50,
     lease_messages: 10,
 };
 
