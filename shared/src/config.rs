@@ -1263,6 +1263,33 @@ mod tests {
     }
 
     #[test]
+    fn media_settings_are_read_and_checked() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.media.max_bytes, 100 * MIB as u64);
+        assert_eq!(config.media.url_ttl, Duration::from_secs(300));
+        assert_eq!(config.quota.media_bytes_per_day, GIB as u64);
+        let config = from(&[
+            ("CHAT_MEDIA_MAX_BYTES", "1000"),
+            ("CHAT_MEDIA_URL_KEY", &"k".repeat(32)),
+            ("CHAT_MEDIA_STORE_MAX_BYTES", "67108864"),
+            ("CHAT_QUOTA_MEDIA_BYTES_PER_DAY", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(config.media.max_bytes, 1000);
+        assert_eq!(config.media.url_key.as_deref(), Some(&*"k".repeat(32)));
+        assert_eq!(config.bounds.media, 64 * MIB);
+        assert_eq!(config.quota.media_bytes_per_day, 5000);
+        let err = from(&[
+            ("CHAT_MEDIA_MAX_BYTES", "0"),
+            ("CHAT_MEDIA_URL_KEY", "short"),
+            ("CHAT_MEDIA_URL_TTL_SECS", "1"),
+            ("CHAT_MEDIA_MAX_PIXELS", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
     fn the_group_cache_is_bounded_by_settings() {
         let cache = from(&[]).unwrap().group_cache;
         assert_eq!(

@@ -690,6 +690,13 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             ..Default::default()
         },
         quota: QUOTA_OFF_SCALE,
+        // JetStream reserves every stream's byte bound on disk at creation:
+        // the media store's default (4 GiB) would make each test server ask
+        // for 4 GiB more than the tests ever write.
+        bounds: chat_shared::config::StoreBounds {
+            media: 256 * 1024 * 1024,
+            ..Default::default()
+        },
         partitions: partitions_under_test(),
         ..Config::default()
     }

@@ -250,7 +250,8 @@ impl Service {
                     crate::unread::is_unread!(),
                     ") AS unread,
                         m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
-                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted
+                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted,
+                        m.attachments::text
                  FROM page p
                  LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
                  LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
@@ -289,6 +290,11 @@ impl Service {
                     )?;
                     // v1.1: the newest message may be deleted for everyone.
                     last.deleted = column::<Option<bool>>(row, 10)?.unwrap_or(false);
+                    // v1.1: a picture without text shows as one.
+                    if let Some(attachments) = column::<Option<String>>(row, 11)? {
+                        last.attachments = serde_json::from_str(&attachments)
+                            .map_err(|_| corrupt("attachments"))?;
+                    }
                     Some(last)
                 }
                 None => None,

@@ -586,6 +586,13 @@ async fn an_image_reaches_an_offline_device_and_gets_a_thumbnail() -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The conversation list's newest message shows its attachment.
+    let list = bob.request(json!({"type":"conversations"})).await?;
+    assert_eq!(
+        list["items"][0]["last"]["attachments"][0]["name"], "bomb.png",
+        "{list}"
+    );
+
     // The thumbnail, made by the worker: a picture of at most 320 px.
     let thumb_path = format!("/v1/media/{media}/thumb");
     let deadline = tokio::time::Instant::now() + chat_tests::WAIT;
