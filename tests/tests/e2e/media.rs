@@ -51,6 +51,17 @@ pub async fn upload(
     .await
 }
 
+/// The body of a `201` to an upload.
+fn created(reply: &Response) -> anyhow::Result<Value> {
+    ensure!(
+        reply.status == 201,
+        "upload: {} {:?}",
+        reply.status,
+        reply.json()
+    );
+    reply.json()
+}
+
 /// The id of a stored upload of `bytes` by `user`.
 pub async fn uploaded(
     system: &System,
@@ -58,14 +69,7 @@ pub async fn uploaded(
     content_type: &str,
     bytes: &[u8],
 ) -> anyhow::Result<String> {
-    let reply = upload(system, user, content_type, bytes).await?;
-    ensure!(
-        reply.status == 201,
-        "upload: {} {:?}",
-        reply.status,
-        reply.json()
-    );
-    let body = reply.json()?;
+    let body = created(&upload(system, user, content_type, bytes).await?)?;
     body["media"]
         .as_str()
         .map(str::to_string)
@@ -169,13 +173,7 @@ async fn a_large_upload_streams_and_a_resumed_download_is_identical() -> anyhow:
     )
     .await?;
     let after = peak_rss(pid)?;
-    ensure!(
-        reply.status == 201,
-        "upload: {} {:?}",
-        reply.status,
-        reply.json()
-    );
-    let body = reply.json()?;
+    let body = created(&reply)?;
     assert_eq!(body["media"], expected, "the id is the SHA-256");
     assert_eq!(body["sha256"], expected);
     assert_eq!(body["size"], SIZE);
