@@ -202,7 +202,9 @@ impl Default for StoreBounds {
             audit: 256 * MIB,
             sent: GIB,
             buckets: 256 * MIB,
-            media: 4 * GIB,
+            // JetStream reserves a stream's bound on disk when it is made:
+            // the other bounds already take ~23 GiB, so media starts small.
+            media: GIB,
         }
     }
 }

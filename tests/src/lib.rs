@@ -691,8 +691,8 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
         },
         quota: QUOTA_OFF_SCALE,
         // JetStream reserves every stream's byte bound on disk at creation:
-        // the media store's default (4 GiB) would make each test server ask
-        // for 4 GiB more than the tests ever write.
+        // the media store's default (1 GiB) would make each test server ask
+        // for more than the tests ever write, on a disk shared by many.
         bounds: chat_shared::config::StoreBounds {
             media: 256 * 1024 * 1024,
             ..Default::default()
