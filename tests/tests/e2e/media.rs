@@ -179,6 +179,11 @@ async fn a_large_upload_streams_and_a_resumed_download_is_identical() -> anyhow:
     assert_eq!(body["size"], SIZE);
     assert_eq!(body["content_type"], "application/octet-stream");
     let growth = after.saturating_sub(before);
+    eprintln!(
+        "edge peak RSS {} KiB -> {} KiB over a 50 MiB upload",
+        before / 1024,
+        after / 1024
+    );
     ensure!(
         growth < 8 * MIB,
         "the edge's peak RSS grew by {} KiB for a {} MiB upload",
