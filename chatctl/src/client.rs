@@ -141,6 +141,7 @@ pub async fn send(
         client_msg_id: ClientMsgId::parse(format!("chatctl-{:016x}", unique_u64()))?,
         reply_to: None,
         mentions: Vec::new(),
+        attachments: Vec::new(),
     };
     send_frame(&mut socket, &ClientFrame::Send(request)).await?;
     while let Some(message) = socket.next().await {

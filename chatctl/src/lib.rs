@@ -3,7 +3,8 @@
 //! the log of record ([`replay`]), load ([`bench`], what every scenario shares in
 //! [`bench::common`], what a run cost the broker in [`bench::broker`] and
 //! in CPU in [`bench::cpu`], and one module per further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
-//! [`resume_bench`], [`connect_bench`]) and a tiny WebSocket client ([`client`]), the
+//! [`resume_bench`], [`connect_bench`], [`media_bench`] over the small
+//! HTTP client [`http`]) and a tiny WebSocket client ([`client`]), the
 //! discovery view and drain requests ([`edges`]), operators' bans, kicks
 //! and token revocations ([`moderation`]). The command line is in
 //! `main.rs`. For comparison, the same `dm` and `group` loads against an
@@ -16,6 +17,8 @@ pub mod connect_bench;
 pub mod edges;
 pub mod ejabberd;
 pub mod group_bench;
+pub mod http;
+pub mod media_bench;
 pub mod memory;
 pub mod moderation;
 pub mod peer_bench;

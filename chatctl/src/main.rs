@@ -121,6 +121,8 @@ enum BenchScenario {
     },
     /// An offline user accumulates a backlog, then resumes; hello -> synced.
     Resume(chatctl::resume_bench::ResumeOptions),
+    /// Uploads and downloads of media (`POST`/`GET /v1/media`); MB/s.
+    Media(chatctl::media_bench::MediaOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -439,6 +441,10 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
         BenchScenario::Resume(options) => {
             let report = chatctl::resume_bench::resume(config, options).await?;
             show(&report, json, chatctl::resume_bench::print)?;
+        }
+        BenchScenario::Media(options) => {
+            let report = chatctl::media_bench::media(config, options).await?;
+            show(&report, json, chatctl::media_bench::print)?;
         }
         BenchScenario::Connect {
             connections,

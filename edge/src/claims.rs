@@ -75,6 +75,11 @@ impl Claim {
         hash.update(event.conversation.to_string().as_bytes());
         hash.update([0]);
         hash.update(event.text.as_bytes());
+        // Without attachments the digest is what it was before they existed.
+        for attachment in &event.attachments {
+            hash.update([0]);
+            hash.update(attachment.media.as_str().as_bytes());
+        }
         hash.finalize()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))

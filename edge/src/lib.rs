@@ -15,6 +15,7 @@ mod http;
 mod hub;
 mod limits;
 mod livelink;
+mod media;
 mod metrics;
 mod moderation;
 mod outbox;
@@ -99,6 +100,8 @@ pub(crate) struct Edge {
     pub moderation: Arc<moderation::Moderation>,
     /// Per-user quotas shared with the other edges (stream QUOTAS).
     pub quotas: quota::Quotas,
+    /// The media object store and the signer of media URLs.
+    pub media: media::Media,
     pub metrics: Arc<metrics::EdgeMetrics>,
     /// What `GET /metrics` serves.
     pub registry: prometheus_client::registry::Registry,
@@ -184,6 +187,16 @@ pub async fn run(
             messages: stream(partition.messages_stream()).await?,
         });
     }
+    let media = media::Media {
+        store: js
+            .get_object_store(subjects::MEDIA_BUCKET)
+            .await
+            .map_err(|source| StartError::ObjectStore {
+                name: subjects::MEDIA_BUCKET,
+                source,
+            })?,
+        signer: media::Signer::new(config.media.url_key.as_deref()),
+    };
     let cursors = bucket(subjects::CURSORS_BUCKET).await;
     let claims = bucket(subjects::SENT_BUCKET).await;
     let sent = DirectReader::new(
@@ -264,6 +277,7 @@ pub async fn run(
             metrics.ip_table_evictions(),
         ),
         quotas: quota::Quotas::new(js.clone(), config.quota.clone()),
+        media,
         metrics,
         registry,
         config,
@@ -298,6 +312,7 @@ pub async fn run(
         .route("/v1/ws", get(upgrade))
         .route("/v1/edges", get(list_edges))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(media::routes())
         .merge(web)
         .route("/metrics", get(serve_metrics))
         .route("/readyz", get(ready))

@@ -46,9 +46,11 @@ pub enum Kind {
     BytesPerDay,
     FanoutBytesPerMinute,
     GroupsPerDay,
+    /// Bytes uploaded (`POST /v1/media`).
+    MediaBytesPerDay,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 impl Kind {
     fn index(self) -> usize {
@@ -62,6 +64,7 @@ impl Kind {
             Self::BytesPerMinute | Self::BytesPerDay => "bytes",
             Self::FanoutBytesPerMinute => "fanout",
             Self::GroupsPerDay => "groups",
+            Self::MediaBytesPerDay => "media",
         }
     }
 
@@ -70,7 +73,10 @@ impl Kind {
             Self::MessagesPerMinute | Self::BytesPerMinute | Self::FanoutBytesPerMinute => {
                 MINUTE_MS
             }
-            Self::MessagesPerDay | Self::BytesPerDay | Self::GroupsPerDay => DAY_MS,
+            Self::MessagesPerDay
+            | Self::BytesPerDay
+            | Self::GroupsPerDay
+            | Self::MediaBytesPerDay => DAY_MS,
         }
     }
 
@@ -92,6 +98,7 @@ impl Kind {
             Self::BytesPerDay => config.bytes_per_day,
             Self::FanoutBytesPerMinute => config.fanout_bytes_per_minute,
             Self::GroupsPerDay => config.groups_per_day,
+            Self::MediaBytesPerDay => config.media_bytes_per_day,
         }
     }
 
@@ -103,6 +110,7 @@ impl Kind {
             Self::BytesPerDay => "bytes per day",
             Self::FanoutBytesPerMinute => "fan-out bytes (bytes x recipients) per minute",
             Self::GroupsPerDay => "groups created per day",
+            Self::MediaBytesPerDay => "bytes uploaded per day",
         }
     }
 }

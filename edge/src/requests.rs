@@ -538,6 +538,9 @@ async fn answer(
             rpc::call::<rpc::ProfileSet>(nats, &request).await?;
             ServerFrame::Ok { reference }
         }
+        ClientFrame::MediaUrl { reference, media } => {
+            crate::media::signed_url(edge, &user, reference, media).await?
+        }
         ClientFrame::Profiles { reference, users } => ServerFrame::Profiles {
             reference,
             items: rpc::call::<rpc::Profiles>(nats, &rpc::ProfilesRequest { user, users }).await?,

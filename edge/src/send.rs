@@ -23,7 +23,10 @@ use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
-use chat_shared::wire::{ErrorCode, MessageEvent, SendRequest, ServerFrame, MAX_MENTIONS};
+use chat_shared::wire::{
+    Attachment, ErrorCode, MessageEvent, SendRequest, ServerFrame, MAX_ATTACHMENTS,
+    MAX_ATTACHMENT_NAME_CHARS, MAX_MENTIONS,
+};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -105,6 +108,17 @@ pub enum SendError {
     Members(RpcError),
     #[error("at most {MAX_MENTIONS} mentions")]
     TooManyMentions,
+    #[error("at most {MAX_ATTACHMENTS} attachments")]
+    TooManyAttachments,
+    #[error("an attachment name must be 1..={MAX_ATTACHMENT_NAME_CHARS} characters without control characters")]
+    AttachmentName,
+    /// Not the sender's upload nor one they can see in a conversation
+    /// (or no such media: which, is not told).
+    #[error("no such media: {0}")]
+    UnknownMedia(chat_shared::ids::MediaId),
+    /// The persister could not say who may use the media.
+    #[error("{}", .0.message)]
+    Media(RpcError),
     #[error("client_msg_id was already used for another message; use a new one")]
     Reused,
     #[error("message store unavailable, retry later; nothing was accepted")]
@@ -124,7 +138,11 @@ impl SendError {
             | Self::Addressing
             | Self::DmToSelf
             | Self::TooManyMentions
+            | Self::TooManyAttachments
+            | Self::AttachmentName
             | Self::Reused => ErrorCode::BadRequest,
+            Self::UnknownMedia(_) => ErrorCode::NotFound,
+            Self::Media(e) => e.code,
             Self::TextTooLong => ErrorCode::TooLarge,
             Self::NotInConversation | Self::NotInGroup | Self::Blocked => ErrorCode::Forbidden,
             Self::Members(e) => e.code,
@@ -143,8 +161,29 @@ impl SendError {
     }
 }
 
-/// Checks a text before its send is queued, so a text that can never be
-/// accepted costs no place in the queue.
+/// Checks a send before it is queued, so one that can never be accepted
+/// costs no place in the queue: its text (which may be empty when it
+/// carries attachments), its mentions and its attachments' shape.
+pub fn validate_send(request: &SendRequest) -> Result<(), SendError> {
+    if request.mentions.len() > MAX_MENTIONS {
+        return Err(SendError::TooManyMentions);
+    }
+    if request.attachments.len() > MAX_ATTACHMENTS {
+        return Err(SendError::TooManyAttachments);
+    }
+    for name in request.attachments.iter().filter_map(|a| a.name.as_deref()) {
+        let chars = name.chars().count();
+        if chars == 0 || chars > MAX_ATTACHMENT_NAME_CHARS || name.chars().any(char::is_control) {
+            return Err(SendError::AttachmentName);
+        }
+    }
+    if request.text.is_empty() && !request.attachments.is_empty() {
+        return Ok(());
+    }
+    validate_text(&request.text)
+}
+
+/// Checks a text (of a send or an edit).
 pub fn validate_text(text: &str) -> Result<(), SendError> {
     let chars = text.chars().count();
     if chars == 0 {
@@ -165,6 +204,9 @@ async fn accept(
     user: &UserId,
     request: SendRequest,
 ) -> Result<ServerFrame, SendError> {
+    // The session checked it before queueing; a send that reaches the
+    // worker some other way must not skip it.
+    validate_send(&request)?;
     let conversation = match (request.to, request.conversation) {
         (Some(to), None) => {
             ConversationId::dm(user.clone(), to).map_err(|_| SendError::DmToSelf)?
@@ -172,17 +214,18 @@ async fn accept(
         (None, Some(conversation)) => conversation,
         _ => return Err(SendError::Addressing),
     };
-    // The session checked it before queueing; a send that reaches the
-    // worker some other way must not skip it.
-    validate_text(&request.text)?;
-    if request.mentions.len() > MAX_MENTIONS {
-        return Err(SendError::TooManyMentions);
-    }
     if edge.nats.connection_state() != async_nats::connection::State::Connected {
         return Err(SendError::Unavailable);
     }
+    let attachments = attachments(edge, user, request.attachments).await?;
+    // What the message weighs: its text and its attachments' metadata.
+    let bytes = json_bytes(&request.text)
+        + attachments
+            .iter()
+            .map(|a| serde_json::to_vec(a).map_or(0, |json| json.len() as u64))
+            .sum::<u64>();
     // Before anything is stored: a refused send leaves no trace.
-    admit(edge, user, &conversation, json_bytes(&request.text)).await?;
+    admit(edge, user, &conversation, bytes).await?;
     let id = edge.ids.next_id().map_err(|e| {
         tracing::error!(error = %e, "cannot assign a message id");
         SendError::Unavailable
@@ -197,6 +240,7 @@ async fn accept(
     );
     event.reply_to = request.reply_to;
     event.mentions = request.mentions;
+    event.attachments = attachments;
     let trace = TraceId::random();
     let publish = publish(edge, claims, event, trace)
         .instrument(tracing::info_span!("send", trace_id = %trace));
@@ -216,6 +260,30 @@ async fn accept(
         // attempt stays in `claims` as one whose outcome is unknown.
         Err(_) => Err(SendError::TimedOut),
     }
+}
+
+/// The attachments of a send, filled in from the media's metadata; each
+/// media must be one `user` may see (their upload, or one in a
+/// conversation they are in), asked of the persister now.
+async fn attachments(
+    edge: &Edge,
+    user: &UserId,
+    wanted: Vec<chat_shared::wire::AttachmentRef>,
+) -> Result<Vec<Attachment>, SendError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = wanted.iter().map(|a| a.media.clone()).collect();
+    let visible = crate::media::visible(edge, user, ids)
+        .await
+        .map_err(SendError::Media)?;
+    wanted
+        .into_iter()
+        .map(|a| match visible.iter().find(|v| v.media == a.media) {
+            Some(info) => Ok(info.attachment(a.name)),
+            None => Err(SendError::UnknownMedia(a.media)),
+        })
+        .collect()
 }
 
 /// Whether `user` may write into `conversation` (typing): a member, and no

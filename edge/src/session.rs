@@ -100,7 +100,10 @@ struct Sends {
     worker: tokio::task::JoinHandle<()>,
 }
 
-/// What one read from the socket means for the session.
+/// What one read from the socket means for the session. One lives at a
+/// time per connection, on the stack, for one read: boxing the frame would
+/// cost an allocation per frame to save bytes nobody holds.
+#[allow(clippy::large_enum_variant)]
 enum Inbound {
     Frame(ClientFrame),
     /// Answered already (bad frame, control frame); keep going.
@@ -579,8 +582,8 @@ impl Session {
                                 if !Box::pin(self.refuse(request.reference.as_deref(), wait, "sending too fast")).await {
                                     break;
                                 }
-                            } else if let Err(refusal) = crate::send::validate_text(&request.text) {
-                                // Refused at once: a text that can never be
+                            } else if let Err(refusal) = crate::send::validate_send(&request) {
+                                // Refused at once: a send that can never be
                                 // accepted takes no place in the send queue.
                                 self.out.frame(&refusal.frame(request.reference.as_deref())).await;
                             } else {

@@ -12,6 +12,9 @@
 //! `unread` is the one definition of a user's unread total, shared with
 //! pushd (the badge).
 //!
+//! It makes the thumbnails of uploaded images (`thumbs`, its own task on
+//! stream MEDIA_JOBS) and answers who may see a media.
+//!
 //! It also keeps the dead letters (`deadletter`): an event any backend
 //! consumer reached max deliveries on is copied to `chat.dead.<consumer>`.
 
@@ -21,6 +24,7 @@ mod error;
 mod metrics;
 mod migrations;
 mod service;
+mod thumbs;
 pub mod unread;
 mod watermarks;
 mod writer;
@@ -55,6 +59,19 @@ pub async fn run_with(
         streams::persister_receipts_consumer(),
     )
     .await;
+    let thumbnailer = consume::durable(
+        &js,
+        subjects::MEDIA_JOBS_STREAM,
+        streams::thumbnailer_consumer(),
+    )
+    .await;
+    let media = js
+        .get_object_store(subjects::MEDIA_BUCKET)
+        .await
+        .map_err(|source| chat_shared::StartError::ObjectStore {
+            name: subjects::MEDIA_BUCKET,
+            source,
+        })?;
     let stop = shutdown::fan_out(shutdown);
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::PersisterMetrics::new(&mut registry));
@@ -105,6 +122,13 @@ pub async fn run_with(
         delivered,
         stop.clone(),
     ));
+    let thumbs = tokio::spawn(thumbs::make_thumbnails(
+        pool.clone(),
+        media,
+        thumbnailer,
+        config.media.max_pixels,
+        stop.clone(),
+    ));
     // One writer per MESSAGES partition, each pulling its own consumer.
     let writers = consumers.into_iter().map(|consumer| {
         writer::write_messages(
@@ -122,6 +146,7 @@ pub async fn run_with(
     let _ = rpc.await;
     let _ = mover.await;
     let _ = watermarks.await;
+    let _ = thumbs.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_receipts.sql")),
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
+    (9, include_str!("../migrations/0009_media.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

@@ -58,6 +58,14 @@ struct Batch {
     /// Each message's mentions as a JSON array (PostgreSQL cannot unnest
     /// ragged arrays).
     mentions: Vec<String>,
+    /// Each message's attachments as a JSON array, as the event has them.
+    attachments: Vec<String>,
+    /// One row per attachment, for `message_attachments` (who may see a
+    /// media).
+    attached_conversations: Vec<String>,
+    attached_ids: Vec<i64>,
+    attached_positions: Vec<i16>,
+    attached_media: Vec<String>,
     /// Changes, in stream order, applied after the messages.
     changes: Vec<ChangeEvent>,
     /// One (user, conversation) pair per DM party, for `dm_members`.
@@ -112,6 +120,14 @@ impl Batch {
             .transpose()?;
         self.reply_to.push(reply_to);
         self.mentions.push(serde_json::to_string(&event.mentions)?);
+        self.attachments
+            .push(serde_json::to_string(&event.attachments)?);
+        for (position, attachment) in (0_i16..).zip(&event.attachments) {
+            self.attached_conversations.push(conversation.to_string());
+            self.attached_ids.push(id);
+            self.attached_positions.push(position);
+            self.attached_media.push(attachment.media.to_string());
+        }
         Ok(())
     }
 
@@ -320,16 +336,36 @@ async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
     let tx = client.transaction().await?;
     let inserted = tx
         .query(
-            "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to, mentions)
-             SELECT c, i, s, b, t, m, r, ARRAY(SELECT jsonb_array_elements_text(n::jsonb))
+            "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to, mentions,
+                                   attachments)
+             SELECT c, i, s, b, t, m, r, ARRAY(SELECT jsonb_array_elements_text(n::jsonb)), a::jsonb
              FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                         $7::bigint[], $8::text[]) AS u(c, i, s, b, t, m, r, n)
+                         $7::bigint[], $8::text[], $9::text[]) AS u(c, i, s, b, t, m, r, n, a)
              ON CONFLICT DO NOTHING
              RETURNING conversation, id",
             &[&rows.conversations, &rows.ids, &rows.senders, &rows.bodies, &rows.stamps, &rows.client_ids,
-              &rows.reply_to, &rows.mentions],
+              &rows.reply_to, &rows.mentions, &rows.attachments],
         )
         .await?;
+    if !rows.attached_ids.is_empty() {
+        // Only for messages stored now: a redelivered message whose delete
+        // came first (a tombstone) must not give its media back.
+        tx.execute(
+            "INSERT INTO message_attachments (conversation, message_id, position, media)
+             SELECT c, i, p, m
+             FROM UNNEST($1::text[], $2::bigint[], $3::smallint[], $4::text[]) AS u(c, i, p, m)
+             JOIN messages ON messages.conversation = u.c AND messages.id = u.i
+                          AND NOT messages.deleted
+             ON CONFLICT DO NOTHING",
+            &[
+                &rows.attached_conversations,
+                &rows.attached_ids,
+                &rows.attached_positions,
+                &rows.attached_media,
+            ],
+        )
+        .await?;
+    }
     if !inserted.is_empty() {
         let mut newest: HashMap<String, i64> = HashMap::new();
         for row in &inserted {
@@ -405,13 +441,19 @@ async fn apply(
                  VALUES ($1, $2, $3, '', $4, $5, true, 1)
                  ON CONFLICT (conversation, id) DO UPDATE
                    SET body = '', deleted = true, edited_ts = NULL, mentions = '{}',
-                       version = messages.version + 1
+                       attachments = '[]', version = messages.version + 1
                    WHERE NOT messages.deleted",
                 &[&conversation, &id, &by, &tombstone_ts, &tombstone_id],
             )
             .await?;
             tx.execute(
                 "DELETE FROM reactions WHERE conversation = $1 AND id = $2",
+                &[&conversation, &id],
+            )
+            .await?;
+            // Its media are no longer shown to the members through it.
+            tx.execute(
+                "DELETE FROM message_attachments WHERE conversation = $1 AND message_id = $2",
                 &[&conversation, &id],
             )
             .await?;

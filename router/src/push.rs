@@ -184,8 +184,9 @@ impl PushJobs {
             targets.extend(read);
         }
         let event_id = event.id.to_string();
-        // One preview for every job: a job never carries the whole text.
-        let text = preview(&event.text);
+        // One preview for every job: a job never carries the whole text
+        // ("📷 Photo" for a picture without text).
+        let text = preview(&event.summary());
         let mut acks = Vec::with_capacity(targets.len());
         for (user, target) in targets {
             let devices = match target {

@@ -139,6 +139,8 @@ pub struct Config {
     pub bounds: StoreBounds,
     /// Per-user quotas over all edges (edge).
     pub quota: QuotaConfig,
+    /// Uploads, downloads and thumbnails (edge, persister).
+    pub media: MediaConfig,
     /// `CHAT_SHUTDOWN_GRACE_MS`: how long a stopping router waits for the
     /// events its lanes have in flight; what is not done by then comes back
     /// by redelivery.
@@ -181,6 +183,9 @@ pub struct StoreBounds {
     /// `CHAT_BUCKET_MAX_BYTES`: each other KV bucket (cursors, presence,
     /// leases, edges); full, writes to it fail.
     pub buckets: i64,
+    /// `CHAT_MEDIA_STORE_MAX_BYTES`: the media object store; full, uploads
+    /// are refused (`503`) and nothing stored is dropped.
+    pub media: i64,
 }
 
 impl Default for StoreBounds {
@@ -197,6 +202,9 @@ impl Default for StoreBounds {
             audit: 256 * MIB,
             sent: GIB,
             buckets: 256 * MIB,
+            // JetStream reserves a stream's bound on disk when it is made:
+            // the other bounds already take ~23 GiB, so media starts small.
+            media: GIB,
         }
     }
 }
@@ -216,6 +224,8 @@ pub struct QuotaConfig {
     pub fanout_bytes_per_minute: u64,
     /// `CHAT_QUOTA_GROUPS_PER_DAY`: groups created.
     pub groups_per_day: u64,
+    /// `CHAT_QUOTA_MEDIA_BYTES_PER_DAY`: bytes uploaded (`POST /v1/media`).
+    pub media_bytes_per_day: u64,
     /// `CHAT_QUOTA_LEASE_MESSAGES`: an edge takes this many sends' worth
     /// of a quota at a time (never more than a twentieth of it), so most
     /// sends cost no broker round trip.
@@ -231,7 +241,39 @@ impl Default for QuotaConfig {
             bytes_per_day: 64 * MIB as u64,
             fanout_bytes_per_minute: 32 * MIB as u64,
             groups_per_day: 50,
+            media_bytes_per_day: GIB as u64,
             lease_messages: 10,
+        }
+    }
+}
+
+/// Media: uploads (edge), signed URLs (edge) and thumbnails (persister).
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// `CHAT_MEDIA_MAX_BYTES`: the largest upload (`413` beyond it).
+    pub max_bytes: u64,
+    /// `CHAT_MEDIA_URL_KEY`: the HMAC key of signed media URLs, the same on
+    /// every edge. Unset, each edge makes a random one at start (its URLs
+    /// then work only on that edge, until it restarts).
+    pub url_key: Option<String>,
+    /// `CHAT_MEDIA_URL_TTL_SECS`: how long a signed URL works.
+    pub url_ttl: Duration,
+    /// `CHAT_MEDIA_CACHE_SECS`: `Cache-Control: private, max-age` of a
+    /// download (the bytes of an id never change).
+    pub cache_max_age: Duration,
+    /// `CHAT_MEDIA_MAX_PIXELS`: the largest image (width x height) the
+    /// thumbnailer decodes; a larger one gets no thumbnail.
+    pub max_pixels: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 100 * MIB as u64,
+            url_key: None,
+            url_ttl: Duration::from_secs(300),
+            cache_max_age: Duration::from_secs(3600),
+            max_pixels: 40_000_000,
         }
     }
 }
@@ -490,6 +532,7 @@ impl Default for Config {
             push_tokens: PushTokenLimits::default(),
             bounds: StoreBounds::default(),
             quota: QuotaConfig::default(),
+            media: MediaConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -639,6 +682,11 @@ impl Config {
         config.push_tokens.read(&mut reader);
         reader.store_bounds(&mut config.bounds);
         reader.quotas(&mut config.quota);
+        reader.parse("CHAT_MEDIA_MAX_BYTES", &mut config.media.max_bytes);
+        config.media.url_key = reader.optional("CHAT_MEDIA_URL_KEY");
+        reader.seconds("CHAT_MEDIA_URL_TTL_SECS", &mut config.media.url_ttl);
+        reader.seconds("CHAT_MEDIA_CACHE_SECS", &mut config.media.cache_max_age);
+        reader.parse("CHAT_MEDIA_MAX_PIXELS", &mut config.media.max_pixels);
         let mut problems = reader.problems;
         problems.extend(config.check());
         if problems.is_empty() {
@@ -796,6 +844,7 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.group_cache.ttl) {
             problems.push("CHAT_GROUP_CACHE_TTL_MS: between 1000 and 3600000".into());
         }
+        problems.extend(self.media.check());
         problems
     }
 
@@ -826,6 +875,7 @@ impl StoreBounds {
             ("CHAT_AUDIT_MAX_BYTES", self.audit),
             ("CHAT_SENT_MAX_BYTES", self.sent),
             ("CHAT_BUCKET_MAX_BYTES", self.buckets),
+            ("CHAT_MEDIA_STORE_MAX_BYTES", self.media),
         ] {
             if value < 4 * MIB {
                 problems.push(format!("{name}: at least {} (4 MiB)", 4 * MIB));
@@ -833,6 +883,28 @@ impl StoreBounds {
         }
         if self.inbox_items_per_user < 100 {
             problems.push("CHAT_INBOX_MAX_ITEMS_PER_USER: at least 100".into());
+        }
+        problems
+    }
+}
+
+impl MediaConfig {
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.max_bytes == 0 {
+            problems.push("CHAT_MEDIA_MAX_BYTES: must be positive".into());
+        }
+        if self.url_key.as_ref().is_some_and(|key| key.len() < 32) {
+            problems.push("CHAT_MEDIA_URL_KEY: at least 32 bytes".into());
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(24 * 3600)).contains(&self.url_ttl) {
+            problems.push("CHAT_MEDIA_URL_TTL_SECS: between 10 and 86400".into());
+        }
+        if self.cache_max_age > Duration::from_secs(365 * 24 * 3600) {
+            problems.push("CHAT_MEDIA_CACHE_SECS: at most a year".into());
+        }
+        if !(1..=1 << 32).contains(&self.max_pixels) {
+            problems.push("CHAT_MEDIA_MAX_PIXELS: between 1 and 2^32".into());
         }
         problems
     }
@@ -851,6 +923,7 @@ impl QuotaConfig {
                 self.fanout_bytes_per_minute,
             ),
             ("CHAT_QUOTA_GROUPS_PER_DAY", self.groups_per_day),
+            ("CHAT_QUOTA_MEDIA_BYTES_PER_DAY", self.media_bytes_per_day),
             ("CHAT_QUOTA_LEASE_MESSAGES", self.lease_messages),
         ] {
             // Past 2^53 a counter's total no longer fits JSON numbers exactly.
@@ -919,6 +992,7 @@ impl Reader<'_> {
         self.parse("CHAT_AUDIT_MAX_BYTES", &mut bounds.audit);
         self.parse("CHAT_SENT_MAX_BYTES", &mut bounds.sent);
         self.parse("CHAT_BUCKET_MAX_BYTES", &mut bounds.buckets);
+        self.parse("CHAT_MEDIA_STORE_MAX_BYTES", &mut bounds.media);
     }
 
     fn quotas(&mut self, quota: &mut QuotaConfig) {
@@ -934,6 +1008,10 @@ impl Reader<'_> {
             &mut quota.fanout_bytes_per_minute,
         );
         self.parse("CHAT_QUOTA_GROUPS_PER_DAY", &mut quota.groups_per_day);
+        self.parse(
+            "CHAT_QUOTA_MEDIA_BYTES_PER_DAY",
+            &mut quota.media_bytes_per_day,
+        );
         self.parse("CHAT_QUOTA_LEASE_MESSAGES", &mut quota.lease_messages);
     }
 
@@ -1181,6 +1259,33 @@ mod tests {
             ("CHAT_INBOX_MAX_ITEMS_PER_USER", "5"),
             ("CHAT_QUOTA_MESSAGES_PER_MIN", "0"),
             ("CHAT_QUOTA_LEASE_MESSAGES", "x"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn media_settings_are_read_and_checked() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.media.max_bytes, 100 * MIB as u64);
+        assert_eq!(config.media.url_ttl, Duration::from_secs(300));
+        assert_eq!(config.quota.media_bytes_per_day, GIB as u64);
+        let config = from(&[
+            ("CHAT_MEDIA_MAX_BYTES", "1000"),
+            ("CHAT_MEDIA_URL_KEY", &"k".repeat(32)),
+            ("CHAT_MEDIA_STORE_MAX_BYTES", "67108864"),
+            ("CHAT_QUOTA_MEDIA_BYTES_PER_DAY", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(config.media.max_bytes, 1000);
+        assert_eq!(config.media.url_key.as_deref(), Some(&*"k".repeat(32)));
+        assert_eq!(config.bounds.media, 64 * MIB);
+        assert_eq!(config.quota.media_bytes_per_day, 5000);
+        let err = from(&[
+            ("CHAT_MEDIA_MAX_BYTES", "0"),
+            ("CHAT_MEDIA_URL_KEY", "short"),
+            ("CHAT_MEDIA_URL_TTL_SECS", "1"),
+            ("CHAT_MEDIA_MAX_PIXELS", "0"),
         ])
         .unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");

@@ -17,6 +17,11 @@ pub enum StartError {
         name: String,
         source: async_nats::jetstream::context::GetStreamError,
     },
+    #[error("object store {name}: {source}")]
+    ObjectStore {
+        name: &'static str,
+        source: async_nats::jetstream::context::ObjectStoreError,
+    },
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,

@@ -355,8 +355,97 @@ impl JsonSchema for ClientMsgId {
     }
 }
 
+/// A media object's id: the SHA-256 of its bytes as 64 lowercase hex
+/// digits, so the same bytes uploaded twice are one object (and the id is
+/// the download's `ETag`). Hex has no `.`, `*` or `>`: it is safe in an
+/// object name and a subject.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MediaId(String);
+
+/// Hex digits in a [`MediaId`].
+const MEDIA_ID_LEN: usize = 64;
+
+impl MediaId {
+    pub fn parse(value: impl Into<String>) -> Result<Self, InvalidId> {
+        let value = value.into();
+        if value.len() != MEDIA_ID_LEN
+            || !value
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(InvalidId {
+                kind: "media id",
+                reason: "expected 64 lowercase hex digits (a SHA-256)",
+            });
+        }
+        Ok(Self(value))
+    }
+
+    /// The id of the bytes whose SHA-256 is `digest`.
+    pub fn of_digest(digest: &[u8; 32]) -> Self {
+        use std::fmt::Write;
+        let mut hex = String::with_capacity(MEDIA_ID_LEN);
+        for byte in digest {
+            // Writing into a String cannot fail.
+            let _ = write!(hex, "{byte:02x}");
+        }
+        Self(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MediaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for MediaId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MediaId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for MediaId {
+    fn schema_name() -> Cow<'static, str> {
+        "MediaId".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "type": "string", "pattern": "^[0-9a-f]{64}$" })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn media_ids_are_sha256_hex() {
+        let id = MediaId::of_digest(&[0xab; 32]);
+        assert_eq!(id.as_str(), "ab".repeat(32));
+        assert_eq!(
+            MediaId::parse(id.as_str()).map(|m| m.0),
+            Ok("ab".repeat(32))
+        );
+        for bad in [
+            "",
+            "AB",
+            &"AB".repeat(32),
+            &"a".repeat(63),
+            &"g".repeat(64),
+            "../x",
+        ] {
+            assert!(MediaId::parse(bad).is_err(), "{bad}");
+        }
+    }
     use super::*;
     use proptest::prelude::*;
 

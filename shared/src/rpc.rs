@@ -6,13 +6,13 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, DeviceId, GroupId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, MediaId, MessageId, UserId};
 use crate::push::Platform;
 use crate::subjects;
 use crate::telemetry::TraceId;
 use crate::wire::{
-    ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView, MemberReceipts,
-    MessageEvent, PrivacySettings, Profile, SettingsChange,
+    Attachment, ConversationSummary, DeleteScope, ErrorCode, FriendState, GroupView,
+    MemberReceipts, MessageEvent, PrivacySettings, Profile, SettingsChange,
 };
 
 /// A method: its subject name and its request and response types.
@@ -354,6 +354,66 @@ method!(
 method!(
     /// The stored profiles of `users` (those without one are left out).
     Profiles, "profiles", ProfilesRequest => Vec<Profile>
+);
+
+/// A stored media's metadata (table `media`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaInfo {
+    /// The bytes' SHA-256, hex.
+    pub media: MediaId,
+    pub size: u64,
+    pub content_type: String,
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+}
+
+impl MediaInfo {
+    /// Whether the thumbnailer should make a thumbnail: a type it decodes.
+    pub fn is_image(&self) -> bool {
+        self.content_type.starts_with("image/")
+    }
+
+    /// The attachment a message carries of it.
+    pub fn attachment(&self, name: Option<String>) -> Attachment {
+        Attachment {
+            media: self.media.clone(),
+            name,
+            size: self.size,
+            sha256: self.media.to_string(),
+            content_type: self.content_type.clone(),
+            width: self.width,
+            height: self.height,
+        }
+    }
+}
+
+/// An upload an edge stored in the object store, by `uploader`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MediaStoredRequest {
+    pub user: UserId,
+    pub media: MediaInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MediaAccessRequest {
+    pub user: UserId,
+    /// At most [`crate::wire::MAX_ATTACHMENTS`].
+    pub media: Vec<MediaId>,
+}
+
+method!(
+    /// Records an upload (idempotent): the media's metadata and its
+    /// uploader; an image gets a thumbnail job. Answered once both are
+    /// durable, so the `201` of an upload means the media can be used.
+    MediaStored, "media_stored", MediaStoredRequest => MediaInfo
+);
+method!(
+    /// The metadata of those of `media` that `user` may see: their
+    /// uploader, or a current member of a conversation in which a message
+    /// (not deleted) carries them. Checked at the time of the request.
+    MediaAccess, "media_access", MediaAccessRequest => Vec<MediaInfo>
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]

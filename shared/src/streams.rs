@@ -206,6 +206,51 @@ pub fn quotas(config: &Config) -> stream::Config {
     }
 }
 
+/// The media object store (JetStream Object Store `chat_media`): the
+/// stream async-nats' `create_object_store` would make, defined here so it
+/// is provisioned, bounded and kept in step like every other stream.
+/// Full, an upload is refused: stored media is never dropped. Chunks of
+/// an upload go in before its metadata, so a crash leaves no visible
+/// partial object (only chunks nothing names).
+pub fn media(config: &Config) -> stream::Config {
+    let bucket = subjects::MEDIA_BUCKET;
+    stream::Config {
+        description: Some("uploaded media and thumbnails (object store)".into()),
+        max_age: Duration::ZERO,
+        max_bytes: config.bounds.media,
+        discard: stream::DiscardPolicy::New,
+        // Object metadata replaces itself (`Nats-Rollup: sub`).
+        allow_rollup: true,
+        // Chunks are published without an id: nothing to de-duplicate.
+        duplicate_window: Duration::ZERO,
+        ..base(
+            &subjects::object_store_stream(bucket),
+            &[&format!("$O.{bucket}.C.>"), &format!("$O.{bucket}.M.>")],
+            config,
+        )
+    }
+}
+
+/// Thumbnail jobs are a few hundred bytes each.
+const MEDIA_JOBS_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Thumbnail jobs (`chat.media.thumb.<media>`), each taken once by a
+/// persister's thumbnailer. Full, the oldest jobs go (an image without a
+/// thumbnail is served without one).
+pub fn media_jobs(config: &Config) -> stream::Config {
+    stream::Config {
+        description: Some("thumbnail jobs, one per stored image".into()),
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_bytes: MEDIA_JOBS_MAX_BYTES,
+        ..base(
+            subjects::MEDIA_JOBS_STREAM,
+            &subjects::MEDIA_JOBS_SUBJECTS,
+            config,
+        )
+    }
+}
+
 /// Longer than the longest quota window (a day).
 pub const QUOTA_WINDOW_MAX_AGE: Duration = Duration::from_secs(25 * 3600);
 
@@ -303,6 +348,8 @@ pub fn all_streams(config: &Config) -> Vec<stream::Config> {
         deadletter(config),
         audit(config),
         quotas(config),
+        media(config),
+        media_jobs(config),
     ]);
     all
 }
@@ -585,6 +632,21 @@ pub fn persister_consumer() -> consumer::pull::Config {
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         max_deliver: MAX_DELIVER,
+        ..Default::default()
+    }
+}
+
+/// The persister's thumbnailer on MEDIA_JOBS. A job that fails
+/// (an undecodable or too large image) is acked, not retried: the few
+/// deliveries allow for a worker that died mid-job, never for a bomb.
+pub fn thumbnailer_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::THUMBNAILER_CONSUMER.into()),
+        description: Some("thumbnails of stored images".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: 64,
+        max_deliver: 3,
         ..Default::default()
     }
 }

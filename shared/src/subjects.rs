@@ -4,7 +4,9 @@
 //! Each family has its own second token (`msg`, `inbox`, `deliver`, …), so a
 //! user and a conversation or an edge with the same id can never collide.
 
-use crate::ids::{ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MessageId, UserId};
+use crate::ids::{
+    ClientMsgId, ConversationId, DeviceId, EdgeId, GroupId, MediaId, MessageId, UserId,
+};
 use crate::partitions::Partition;
 use crate::wire::{PresenceStatus, ReceiptKind};
 
@@ -21,6 +23,9 @@ pub const QUOTAS_STREAM: &str = "QUOTAS";
 /// Receipt events on their way to the router (and the persister's
 /// delivered watermarks): [`DELIVERED_RECEIPTS`], [`READ_RECEIPTS`].
 pub const RECEIPTS_STREAM: &str = "RECEIPTS";
+/// Thumbnail jobs, one per stored image (see [`thumb_job`]): a work queue
+/// the persister's thumbnailer pulls.
+pub const MEDIA_JOBS_STREAM: &str = "MEDIA_JOBS";
 
 /// Subjects captured by the MESSAGES stream (PROTOCOL.md "Backend services").
 pub const MESSAGES_SUBJECTS: [&str; 2] = ["chat.msg.dm.*.*", "chat.msg.group.*"];
@@ -33,6 +38,7 @@ pub const DEADLETTER_SUBJECTS: [&str; 1] = ["chat.dead.>"];
 pub const AUDIT_SUBJECTS: [&str; 1] = ["chat.audit.>"];
 pub const QUOTAS_SUBJECTS: [&str; 1] = ["chat.quota.>"];
 pub const RECEIPTS_SUBJECTS: [&str; 1] = ["chat.receipt.*"];
+pub const MEDIA_JOBS_SUBJECTS: [&str; 1] = ["chat.media.thumb.*"];
 
 pub const ROUTER_CONSUMER: &str = "router";
 pub const ROUTER_EVENTS_CONSUMER: &str = "router-events";
@@ -40,6 +46,9 @@ pub const ROUTER_RECEIPTS_CONSUMER: &str = "router-receipts";
 pub const PERSISTER_RECEIPTS_CONSUMER: &str = "persister-receipts";
 pub const PERSISTER_CONSUMER: &str = "persister";
 pub const PUSHD_CONSUMER: &str = "pushd";
+/// The persister's consumer on [`MEDIA_JOBS_STREAM`]: every persister
+/// process pulls from it, so the jobs are shared out like a queue group.
+pub const THUMBNAILER_CONSUMER: &str = "thumbnailer";
 /// The priority group whose pinned client is the one active router.
 pub const ROUTER_PRIORITY_GROUP: &str = "router";
 
@@ -57,6 +66,10 @@ pub const LEADERS_BUCKET: &str = "chat_leaders";
 pub const MODERATION_BUCKET: &str = "chat_moderation";
 /// The devices of each user that hold a push token ([`crate::push::PushDevices`]).
 pub const PUSH_DEVICES_BUCKET: &str = "chat_push_devices";
+/// The object store of uploaded media (JetStream Object Store, stream
+/// [`object_store_stream`]): each object named [`media_object`],
+/// [`thumb_object`] or, while it is being written, [`upload_object`].
+pub const MEDIA_BUCKET: &str = "chat_media";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 
@@ -74,6 +87,40 @@ pub const DIRECT_PENDING_HEADER: &str = "Nats-Num-Pending";
 pub const DIRECT_SUBJECT_HEADER: &str = "Nats-Subject";
 /// On a KV entry that is a deletion (`DEL`) or purge (`PURGE`) marker.
 pub const KV_OPERATION_HEADER: &str = "KV-Operation";
+/// The stream behind an object store bucket.
+pub fn object_store_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// The object holding a media's bytes: its id (the bytes' SHA-256).
+pub fn media_object(media: &MediaId) -> String {
+    media.to_string()
+}
+
+/// The object holding an image's thumbnail.
+pub fn thumb_object(media: &MediaId) -> String {
+    format!("{media}.thumb")
+}
+
+/// The temporary object an upload is written to before its SHA-256 (and so
+/// its name) is known; never a media id, so never served.
+pub fn upload_object(nonce: u64) -> String {
+    format!("upload.{nonce:016x}")
+}
+
+/// The object store metadata key holding a media object's content type.
+pub const MEDIA_CONTENT_TYPE_KEY: &str = "content-type";
+
+/// The thumbnail job of an image (stream [`MEDIA_JOBS_STREAM`]).
+pub fn thumb_job(media: &MediaId) -> String {
+    format!("chat.media.thumb.{media}")
+}
+
+/// The media of a thumbnail job's subject, if it is one.
+pub fn parse_thumb_job(subject: &str) -> Option<MediaId> {
+    MediaId::parse(subject.strip_prefix("chat.media.thumb.")?).ok()
+}
+
 /// The stream behind a KV bucket.
 pub fn bucket_stream(bucket: &str) -> String {
     format!("KV_{bucket}")

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::ids::{ClientMsgId, ConversationId, Cursor, DeviceId, GroupId, MessageId, UserId};
+use crate::ids::{
+    ClientMsgId, ConversationId, Cursor, DeviceId, GroupId, MediaId, MessageId, UserId,
+};
 
 /// Frames a client sends. Unknown fields are ignored; an unknown `type` or a
 /// missing field is a `bad_request`.
@@ -257,6 +259,14 @@ pub enum ClientFrame {
         reference: Option<String>,
         users: Vec<UserId>,
     },
+    /// v1.1: a short-lived signed URL of a media the caller may see, for
+    /// `<img>` tags and downloads without the `Authorization` header.
+    #[serde(rename = "media.url")]
+    MediaUrl {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        media: MediaId,
+    },
 }
 
 /// The most users one `profiles` request may name.
@@ -292,10 +302,54 @@ pub struct SendRequest {
     /// v1.1: up to [`MAX_MENTIONS`] users named in the text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mentions: Vec<UserId>,
+    /// v1.1: up to [`MAX_ATTACHMENTS`] uploaded media (`POST /v1/media`);
+    /// with one, `text` may be empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentRef>,
 }
 
 /// The most users one message may mention.
 pub const MAX_MENTIONS: usize = 50;
+/// The most attachments one message may carry.
+pub const MAX_ATTACHMENTS: usize = 10;
+/// The longest attachment `name`, in characters.
+pub const MAX_ATTACHMENT_NAME_CHARS: usize = 255;
+
+/// v1.1: what `send` names of an attachment: the media (the sender's
+/// upload, or one they can see in a conversation) and a file name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AttachmentRef {
+    pub media: MediaId,
+    /// 1..=255 characters, no control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// v1.1: an attachment as a message carries it, filled in by the edge from
+/// the media's stored metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Attachment {
+    pub media: MediaId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the bytes (equal to the media id).
+    pub sha256: String,
+    pub content_type: String,
+    /// Pixels, for images whose size is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+}
+
+impl Attachment {
+    /// Whether it is a picture (shown inline, previewed as a photo).
+    pub fn is_image(&self) -> bool {
+        self.content_type.starts_with("image/")
+    }
+}
 
 /// The platform of a push token (one type for the wire and for pushd).
 pub use crate::push::Platform as PushPlatform;
@@ -340,6 +394,7 @@ impl ClientFrame {
             | Self::Search { reference, .. }
             | Self::ProfileSet { reference, .. }
             | Self::Profiles { reference, .. }
+            | Self::MediaUrl { reference, .. }
             | Self::Edit { reference, .. }
             | Self::Delete { reference, .. }
             | Self::React { reference, .. } => reference,
@@ -382,6 +437,7 @@ impl ClientFrame {
             Self::Search { .. } => "search",
             Self::ProfileSet { .. } => "profile.set",
             Self::Profiles { .. } => "profiles",
+            Self::MediaUrl { .. } => "media.url",
         }
     }
 }
@@ -545,6 +601,20 @@ pub enum ServerFrame {
         reference: Option<String>,
         items: Vec<Profile>,
     },
+    /// v1.1: the reply to `media.url`: paths on this edge (with the
+    /// signature in the query) that work without a token until `expires`.
+    #[serde(rename = "media.url")]
+    MediaUrl {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        /// `/v1/media/<id>?exp=…&sig=…`
+        url: String,
+        /// The same for the thumbnail (`/v1/media/<id>/thumb?…`; 404 until
+        /// it is made, and for anything but an image).
+        thumb: String,
+        /// ms since the Unix epoch.
+        expires: u64,
+    },
 }
 
 /// v1.1: a user's name and avatar, as they set them.
@@ -592,6 +662,7 @@ impl ServerFrame {
             Self::Settings { .. } => "settings",
             Self::Search { .. } => "search",
             Self::Profiles { .. } => "profiles",
+            Self::MediaUrl { .. } => "media.url",
         }
     }
 
@@ -760,6 +831,9 @@ pub struct MessageEvent {
     /// Who reacted with what, by emoji.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reactions: BTreeMap<String, Vec<UserId>>,
+    /// v1.1: files and pictures, in the order sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
 }
 
 impl MessageEvent {
@@ -784,6 +858,20 @@ impl MessageEvent {
             edited_ts: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            attachments: Vec::new(),
+        }
+    }
+
+    /// What a notification shows of it: the text, or for a message of
+    /// attachments only "📷 Photo" (a picture first) or "📎 <name>".
+    pub fn summary(&self) -> std::borrow::Cow<'_, str> {
+        match self.attachments.first() {
+            Some(first) if self.text.is_empty() => match (&first.name, first.is_image()) {
+                (_, true) => "📷 Photo".into(),
+                (Some(name), false) => format!("📎 {name}").into(),
+                (None, false) => "📎 File".into(),
+            },
+            _ => self.text.as_str().into(),
         }
     }
 }
@@ -1211,6 +1299,7 @@ mod tests {
             json!({"type":"search","query":"q"}),
             json!({"type":"profile.set","name":"n"}),
             json!({"type":"profiles","users":["b"]}),
+            json!({"type":"media.url","media":"0".repeat(64)}),
         ];
         for value in client {
             let frame: ClientFrame = serde_json::from_value(value.clone()).unwrap();
@@ -1250,6 +1339,12 @@ mod tests {
             ServerFrame::Profiles {
                 reference: None,
                 items: vec![],
+            },
+            ServerFrame::MediaUrl {
+                reference: None,
+                url: "/v1/media/x".into(),
+                thumb: "/v1/media/x/thumb".into(),
+                expires: 1,
             },
         ];
         for frame in server {
@@ -1424,6 +1519,7 @@ mod tests {
                             client_msg_id: ClientMsgId::parse(cmid).unwrap(),
                             reply_to: None,
                             mentions: Vec::new(),
+                            attachments: Vec::new(),
                         })
                     }),
                 (reference(), conversation(), any::<u64>()).prop_map(

@@ -690,6 +690,13 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             ..Default::default()
         },
         quota: QUOTA_OFF_SCALE,
+        // JetStream reserves every stream's byte bound on disk at creation:
+        // the media store's default (1 GiB) would make each test server ask
+        // for more than the tests ever write, on a disk shared by many.
+        bounds: chat_shared::config::StoreBounds {
+            media: 256 * 1024 * 1024,
+            ..Default::default()
+        },
         partitions: partitions_under_test(),
         ..Config::default()
     }
@@ -721,6 +728,7 @@ pub const QUOTA_OFF_SCALE: chat_shared::config::QuotaConfig = chat_shared::confi
     bytes_per_day: 1 << 50,
     fanout_bytes_per_minute: 1 << 50,
     groups_per_day: 1 << 40,
+    media_bytes_per_day: 1 << 50,
     lease_messages: 10,
 };
 

@@ -96,6 +96,7 @@ impl Edge {
             client_msg_id,
             reply_to: None,
             mentions: Vec::new(),
+            attachments: Vec::new(),
         }))
         .await?;
         let reply = async {

@@ -3,6 +3,7 @@
 mod changes;
 mod friends;
 mod groups;
+mod media;
 mod outbox;
 mod pages;
 mod privacy;
@@ -267,6 +268,8 @@ impl Service {
             rpc::Search => search,
             rpc::ProfileSet => profile_set,
             rpc::Profiles => profiles,
+            rpc::MediaStored => media_stored,
+            rpc::MediaAccess => media_access,
         )
     }
 

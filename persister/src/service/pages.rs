@@ -78,7 +78,8 @@ impl PageToken {
 /// `concat!`); read back by [`stored_message`].
 macro_rules! message_columns {
     () => {
-        "id, sender, body, ts, client_msg_id, reply_to, mentions, edited_ts, deleted"
+        "id, sender, body, ts, client_msg_id, reply_to, mentions, edited_ts, deleted, \
+         attachments::text"
     };
 }
 pub(super) use message_columns;
@@ -104,6 +105,8 @@ pub(super) fn stored_message(
         .collect::<Result<_, _>>()?;
     message.edited_ts = column::<Option<i64>>(row, 7)?.map(|t| t as u64);
     message.deleted = column(row, 8)?;
+    message.attachments =
+        serde_json::from_str(&column::<String>(row, 9)?).map_err(|_| corrupt("attachments"))?;
     Ok(message)
 }
 
@@ -135,7 +138,8 @@ impl Service {
                      ORDER BY id DESC LIMIT $3),
                  sized AS (
                      SELECT *, count(*) OVER () AS found,
-                            sum(octet_length(body)) OVER (ORDER BY id DESC) - octet_length(body)
+                            sum(octet_length(body) + octet_length(attachments)) OVER (ORDER BY id DESC)
+                              - octet_length(body) - octet_length(attachments)
                               AS bytes_before
                      FROM newest)
                  SELECT ",
@@ -153,7 +157,7 @@ impl Service {
             )
             .await
             .map_err(unavailable("read a history page"))?;
-        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 9))?;
+        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))?;
         let messages = rows
             .iter()
             .take(limit as usize)
@@ -246,7 +250,8 @@ impl Service {
                     crate::unread::is_unread!(),
                     ") AS unread,
                         m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
-                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted
+                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted,
+                        m.attachments::text
                  FROM page p
                  LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
                  LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
@@ -285,6 +290,11 @@ impl Service {
                     )?;
                     // v1.1: the newest message may be deleted for everyone.
                     last.deleted = column::<Option<bool>>(row, 10)?.unwrap_or(false);
+                    // v1.1: a picture without text shows as one.
+                    if let Some(attachments) = column::<Option<String>>(row, 11)? {
+                        last.attachments = serde_json::from_str(&attachments)
+                            .map_err(|_| corrupt("attachments"))?;
+                    }
                     Some(last)
                 }
                 None => None,

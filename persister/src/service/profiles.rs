@@ -1,15 +1,13 @@
 //! `profile.set` and `profiles`: a user's display name and avatar. The
-//! avatar is a media id; media is not built yet, so only its shape is
-//! checked (a media id from `POST /v1/media` once media lands).
+//! avatar is a media id: an image the user uploaded (`POST /v1/media`).
 
 use chat_shared::rpc::{self, RpcError};
 use chat_shared::wire::{ErrorCode, Profile, MAX_PROFILE_USERS};
 
 use super::{column, corrupt, now_ms, unavailable, Service};
-use chat_shared::ids::UserId;
+use chat_shared::ids::{MediaId, UserId};
 
 const MAX_NAME_CHARS: usize = 64;
-const MAX_AVATAR_CHARS: usize = 64;
 
 /// Why a profile is refused; each is `bad_request`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,8 +16,10 @@ enum ProfileError {
     NameLength,
     #[error("name must not contain control characters")]
     NameControl,
-    #[error("avatar must be a media id: 1..={MAX_AVATAR_CHARS} of A-Z a-z 0-9 - _")]
+    #[error("avatar must be a media id (64 lowercase hex digits)")]
     Avatar,
+    #[error("avatar must be an image you uploaded")]
+    NotYourImage,
     #[error("at most {MAX_PROFILE_USERS} users")]
     TooManyUsers,
 }
@@ -43,12 +43,8 @@ fn check_name(name: &str) -> Result<(), ProfileError> {
 
 /// A media id's shape: what can sit in a URL path and an HTML attribute
 /// as it is.
-fn check_avatar(avatar: &str) -> Result<(), ProfileError> {
-    let safe = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
-    if avatar.is_empty() || avatar.len() > MAX_AVATAR_CHARS || !avatar.chars().all(safe) {
-        return Err(ProfileError::Avatar);
-    }
-    Ok(())
+fn check_avatar(avatar: &str) -> Result<MediaId, ProfileError> {
+    MediaId::parse(avatar).map_err(|_| ProfileError::Avatar)
 }
 
 impl Service {
@@ -57,10 +53,13 @@ impl Service {
         request: rpc::ProfileSetRequest,
     ) -> Result<(), RpcError> {
         check_name(&request.name)?;
-        if let Some(avatar) = &request.avatar {
-            check_avatar(avatar)?;
-        }
+        let avatar = request.avatar.as_deref().map(check_avatar).transpose()?;
         let db = self.client().await?;
+        if let Some(avatar) = avatar {
+            if !self.uploaded_image(&db, &request.user, &avatar).await? {
+                return Err(ProfileError::NotYourImage.into());
+            }
+        }
         db.execute(
             "INSERT INTO profiles (user_id, name, avatar, updated_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (user_id)
@@ -127,8 +126,8 @@ mod tests {
         assert_eq!(check_name(""), Err(ProfileError::NameLength));
         assert_eq!(check_name("   "), Err(ProfileError::NameLength));
         assert_eq!(check_name("a\nb"), Err(ProfileError::NameControl));
-        assert_eq!(check_avatar("m_01HZX-abc"), Ok(()));
-        for bad in ["", "../x", "a b", "<img>", &"a".repeat(65)] {
+        assert!(check_avatar(&"0a".repeat(32)).is_ok());
+        for bad in ["", "../x", "a b", "<img>", "m_01HZX-abc", &"a".repeat(65)] {
             assert_eq!(check_avatar(bad), Err(ProfileError::Avatar), "{bad}");
         }
     }

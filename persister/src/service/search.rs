@@ -69,8 +69,9 @@ impl Service {
                      ORDER BY m.id DESC, m.conversation DESC LIMIT $6),
                  sized AS (
                      SELECT *, count(*) OVER () AS found,
-                            sum(octet_length(body)) OVER (ORDER BY id DESC, conversation DESC)
-                              - octet_length(body) AS bytes_before
+                            sum(octet_length(body) + octet_length(attachments))
+                              OVER (ORDER BY id DESC, conversation DESC)
+                              - octet_length(body) - octet_length(attachments) AS bytes_before
                      FROM matches)
                  SELECT ",
                     message_columns!(),
@@ -89,12 +90,12 @@ impl Service {
             )
             .await
             .map_err(unavailable("search messages"))?;
-        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 9))?;
+        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))?;
         let items = rows
             .iter()
             .take(limit as usize)
             .map(|row| {
-                let conversation = ConversationId::parse(column::<&str>(row, 10)?)
+                let conversation = ConversationId::parse(column::<&str>(row, 11)?)
                     .map_err(|_| corrupt("conversation"))?;
                 stored_message(conversation, row)
             })

@@ -14,6 +14,7 @@ use chatctl::bench::{self, DmOptions};
 use chatctl::connect_bench::{self, ConnectOptions};
 use chatctl::ejabberd::{Archive, Ejabberd};
 use chatctl::group_bench::{self, GroupOptions};
+use chatctl::media_bench::{self, MediaOptions};
 use chatctl::peer_bench;
 use chatctl::presence_bench::{self, PresenceOptions};
 use chatctl::raw_bench::{self, RawOptions};
@@ -181,6 +182,24 @@ async fn bench_resume_gets_the_whole_backlog_before_synced() -> Result<()> {
     assert_eq!(seen.created, 1, "{seen:?}");
     assert_eq!(seen.after, seen.before + 1, "{seen:?}");
     drop(consumer);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_media_uploads_and_downloads_every_round() -> Result<()> {
+    let system = System::start().await?;
+    let report = media_bench::media(
+        &system.config_for("admin"),
+        MediaOptions {
+            edge: system.ws_url(),
+            size_mib: 2,
+            rounds: 2,
+        },
+    )
+    .await?;
+    // Every round's download had the upload's SHA-256 (else an error).
+    assert_eq!((report.rounds, report.size_bytes), (2, 2 * 1024 * 1024));
+    assert!(report.upload_mb_per_second > 0.0 && report.download_mb_per_second > 0.0);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ mod deadletter;
 mod discovery;
 mod edges;
 mod handshake;
+mod media;
 mod messaging;
 mod metrics;
 mod moderation;

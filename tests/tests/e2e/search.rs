@@ -256,9 +256,13 @@ async fn profiles_round_trip_and_bad_names_are_refused() -> anyhow::Result<()> {
         json!({"type":"profile.set","name":"Алиса 🌸","avatar":null}),
     )
     .await?;
+    // An avatar is an image its user uploaded.
+    let avatar =
+        crate::media::uploaded(&system, "bob", "image/png", &crate::media::png(8, 8)).await?;
+    let document = crate::media::uploaded(&system, "alice", "text/plain", b"not a picture").await?;
     ok(
         &mut bob,
-        json!({"type":"profile.set","name":"Bob","avatar":"m_01HZX-abc"}),
+        json!({"type":"profile.set","name":"Bob","avatar":avatar}),
     )
     .await?;
     let reply = bob
@@ -269,7 +273,7 @@ async fn profiles_round_trip_and_bad_names_are_refused() -> anyhow::Result<()> {
         reply["items"],
         json!([
             {"user":"alice","name":"Алиса 🌸","avatar":null},
-            {"user":"bob","name":"Bob","avatar":"m_01HZX-abc"},
+            {"user":"bob","name":"Bob","avatar":avatar},
         ]),
         "carol set no profile and is left out"
     );
@@ -290,6 +294,10 @@ async fn profiles_round_trip_and_bad_names_are_refused() -> anyhow::Result<()> {
         json!({"type":"profile.set","name":"a\u{7}b"}),
         json!({"type":"profile.set","name":"ok","avatar":"../etc/passwd"}),
         json!({"type":"profile.set","name":"ok","avatar":""}),
+        json!({"type":"profile.set","name":"ok","avatar":"m_01HZX-abc"}),
+        // Bob's picture is not her upload; her text is no picture.
+        json!({"type":"profile.set","name":"ok","avatar":avatar}),
+        json!({"type":"profile.set","name":"ok","avatar":document}),
         json!({"type":"profile.set"}),
     ] {
         refused(&mut alice, bad, "bad_request").await?;
