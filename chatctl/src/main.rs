@@ -121,6 +121,9 @@ enum BenchScenario {
     },
     /// An offline user accumulates a backlog, then resumes; hello -> synced.
     Resume(chatctl::resume_bench::ResumeOptions),
+    /// `search` latency over a big history (1 M messages by default),
+    /// written straight into PostgreSQL (CHAT_DATABASE_URL) with COPY.
+    Search(chatctl::search_bench::SearchOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -439,6 +442,10 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
         BenchScenario::Resume(options) => {
             let report = chatctl::resume_bench::resume(config, options).await?;
             show(&report, json, chatctl::resume_bench::print)?;
+        }
+        BenchScenario::Search(options) => {
+            let report = chatctl::search_bench::search(config, options).await?;
+            show(&report, json, chatctl::search_bench::print)?;
         }
         BenchScenario::Connect {
             connections,

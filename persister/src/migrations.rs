@@ -14,6 +14,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_receipts.sql")),
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
+    // 9 and 10 are taken by work on other branches (media, shards).
+    (11, include_str!("../migrations/0011_search_any_script.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

@@ -18,6 +18,8 @@ use chatctl::peer_bench;
 use chatctl::presence_bench::{self, PresenceOptions};
 use chatctl::raw_bench::{self, RawOptions};
 use chatctl::resume_bench::{self, ResumeOptions};
+use chatctl::search_bench::{self, SearchOptions};
+use serde_json::json;
 
 #[tokio::test]
 async fn bench_dm_counts_every_message() -> Result<()> {
@@ -181,6 +183,56 @@ async fn bench_resume_gets_the_whole_backlog_before_synced() -> Result<()> {
     assert_eq!(seen.created, 1, "{seen:?}");
     assert_eq!(seen.after, seen.before + 1, "{seen:?}");
     drop(consumer);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_search_finds_exactly_what_it_planted() -> Result<()> {
+    let system = System::start().await?;
+    let report = search_bench::search(
+        &system.config,
+        SearchOptions {
+            edge: system.ws_url(),
+            messages: 20_000,
+            conversations: 10,
+            foreign: 2_000,
+            rounds: 2,
+            limit: 20,
+        },
+    )
+    .await?;
+    // Each page is exactly as big as the planted hits allow, from the
+    // searcher's conversations only, every item holding the query.
+    assert_eq!(report.wrong, 0, "{report:#?}");
+    assert_eq!(report.failed, 0, "{report:#?}");
+    assert_eq!(report.queries.len(), 12, "six queries, in all and in one");
+    let frequent = report
+        .queries
+        .iter()
+        .find(|q| q.query == "東京" && !q.scoped)
+        .context("the Japanese query")?;
+    assert!(
+        frequent.planted > 20 && frequent.items == 20 && frequent.more,
+        "{frequent:?}"
+    );
+    assert!(
+        report.queries.iter().any(|q| q.scoped && q.items > 0),
+        "{report:#?}"
+    );
+    // The rows are the persister's: the searcher's list and `history`
+    // read them back.
+    let mut searcher = system.connect(&report.searcher, "d").await?;
+    let listed = searcher.request(json!({"type":"conversations"})).await?;
+    let listed = listed["items"].as_array().context("conversations")?;
+    assert_eq!(listed.len(), 10, "{listed:?}");
+    let page = searcher
+        .request(json!({"type":"history","conversation":report.busiest,"limit":5}))
+        .await?;
+    let items = page["messages"].as_array().context("history")?;
+    assert_eq!(items.len(), 5, "{page}");
+    assert!(items
+        .iter()
+        .all(|m| m["conversation"] == report.busiest.as_str()));
     Ok(())
 }
 
