@@ -1,0 +1,133 @@
+// Media (PROTOCOL.md v1.1 "Media"): uploads with the session's token, and
+// short-lived signed URLs (`media.url`) for pictures and download links,
+// since an <img> or a link cannot send a Bearer header. URLs are kept until
+// shortly before they expire; a thumbnail is `GET /v1/media/<id>/thumb`,
+// signed the same way (the signed URL's path with `/thumb` added).
+
+import { state } from './state.js';
+
+// A URL this close to its expiry is asked for again.
+const EXPIRY_MARGIN_MS = 30_000;
+// A thumbnail is made by a worker after the upload: a picture shown at once
+// may have to wait for it.
+const THUMB_RETRIES = 10;
+const THUMB_RETRY_MS = 700;
+
+export class MediaError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+const REFUSED = {
+  401: 'Your session has expired; try again in a moment.',
+  404: 'This server does not take files.',
+  413: 'That file is too big.',
+  415: 'That file is not what its type says.',
+  422: 'That file is not what its type says.',
+  429: 'Too many uploads today; try again later.',
+};
+
+/** Uploads a File or Blob; resolves with the server's description of it. */
+export async function upload(file) {
+  const res = await fetch('/v1/media', {
+    method: 'POST',
+    headers: {
+      Authorization: `Bearer ${state.client.token}`,
+      'Content-Type': file.type || 'application/octet-stream',
+    },
+    body: file,
+  });
+  if (res.status !== 201) throw new MediaError(res.status, REFUSED[res.status] || `Upload failed (${res.status}).`);
+  return res.json();
+}
+
+export const isImage = (a) => /^image\//.test(a.content_type || '');
+
+/** "2.4 MB" */
+export function size(bytes) {
+  if (!Number.isFinite(bytes)) return '';
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let v = bytes;
+  let u = -1;
+  do {
+    v /= 1024;
+    u += 1;
+  } while (v >= 1024 && u < units.length - 1);
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[u]}`;
+}
+
+// media id -> {url, expires (ms)} once known, or {waiting: Promise}.
+const signed = new Map();
+
+/** `expires` as ms since the epoch, whether the server sent seconds, ms or a date. */
+function expiryMs(expires) {
+  if (typeof expires === 'number') return expires < 1e12 ? expires * 1000 : expires;
+  const at = Date.parse(expires);
+  return Number.isNaN(at) ? Date.now() + 60_000 : at;
+}
+
+/** A signed URL for the media, from the cache or asked for. */
+export async function signedUrl(id) {
+  const known = signed.get(id);
+  if (known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now()) return known.url;
+  if (known?.waiting) return known.waiting;
+  const waiting = state.client
+    .request({ type: 'media.url', media: id })
+    .then((reply) => {
+      signed.set(id, { url: reply.url, expires: expiryMs(reply.expires) });
+      return reply.url;
+    })
+    .catch((e) => {
+      signed.delete(id);
+      throw e;
+    });
+  signed.set(id, { waiting });
+  return waiting;
+}
+
+/** The thumbnail's URL for a media URL (same signature, `/thumb` path). */
+export function thumbOf(url) {
+  const u = new URL(url, location.href);
+  u.pathname = `${u.pathname.replace(/\/$/, '')}/thumb`;
+  return u.origin === location.origin ? u.pathname + u.search : u.href;
+}
+
+/**
+ * Points `img` at the media (its thumbnail with `thumb`) once a signed URL
+ * is at hand; a thumbnail not made yet is asked for again a few times.
+ */
+export function showPicture(img, id, { thumb = false } = {}) {
+  let tries = 0;
+  img.addEventListener('error', () => {
+    if (!thumb || tries >= THUMB_RETRIES || !img.isConnected) return;
+    tries += 1;
+    setTimeout(() => load(), THUMB_RETRY_MS);
+  });
+  const load = () =>
+    signedUrl(id).then(
+      (url) => {
+        img.src = thumb ? thumbOf(url) : url;
+      },
+      () => {},
+    );
+  load();
+}
+
+/** Sets `a`'s href to a signed URL of the media, fresh again when it is used. */
+export function linkTo(a, id) {
+  const set = () => signedUrl(id).then((url) => a.setAttribute('href', url), () => {});
+  set();
+  a.addEventListener('click', (e) => {
+    const known = signed.get(id);
+    if (known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now()) return;
+    // Expired or never known: get one, then follow it.
+    e.preventDefault();
+    signedUrl(id).then((url) => {
+      a.setAttribute('href', url);
+      a.click();
+    }, () => {});
+  });
+}
