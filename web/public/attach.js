@@ -10,6 +10,7 @@ import { upload, size } from './media.js';
 const MAX_ATTACHMENTS = 10;
 
 let files = []; // File objects waiting in the tray
+let uploading = false;
 
 function add(list) {
   if (!state.open) return;
@@ -63,6 +64,9 @@ export const hasAttachments = () => files.length > 0;
  */
 export async function uploadAttachments() {
   if (!files.length) return [];
+  // A second Enter while the files go up sends nothing twice.
+  if (uploading) return null;
+  uploading = true;
   const taking = files;
   renderTray(true);
   try {
@@ -78,6 +82,8 @@ export async function uploadAttachments() {
     renderTray();
     toast(`Could not upload: ${e.message}`);
     return null;
+  } finally {
+    uploading = false;
   }
 }
 

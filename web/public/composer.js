@@ -89,11 +89,14 @@ export async function sendMessage(event) {
   }
   // Files go up first; the message (which names them) then waits in the
   // outbox like any other. A failed upload keeps the text and the files.
-  const sending = $('send-btn');
-  sending.disabled = true;
-  const attachments = await uploadAttachments();
-  sending.disabled = false;
-  if (attachments === null) return;
+  let attachments = [];
+  if (hasAttachments()) {
+    const sending = $('send-btn');
+    sending.disabled = true;
+    attachments = await uploadAttachments();
+    sending.disabled = false;
+    if (attachments === null) return;
+  }
   if (ta.value.replace(/^\s*\n|\s+$/g, '') === text) ta.value = '';
   state.client.send(conversation, text, takeReplyTo(), attachments);
   autoGrow();

@@ -111,6 +111,9 @@ function attachmentsEl(m) {
         const width = Math.min(240, a.width || 240);
         const height = a.width && a.height ? Math.round((a.height * width) / a.width) : 160;
         const img = h('img', { class: 'thumb', alt: a.name || 'picture', width, height });
+        // Its box holds its place while it loads (CSSOM: the CSP allows no style attribute).
+        img.style.width = `${width}px`;
+        img.style.height = `${height}px`;
         showPicture(img, a.media, { thumb: true });
         const link = h('a', { class: 'att-image', target: '_blank', rel: 'noopener', title: a.name || 'picture', dataset: { media: a.media } }, img);
         linkTo(link, a.media);
