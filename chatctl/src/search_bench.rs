@@ -2,10 +2,11 @@
 //! million messages through the system would take most of an hour on a
 //! small box, so the history is written straight into PostgreSQL with COPY,
 //! row for row as the persister writes them (`messages`, `conversations`,
-//! `dm_members`, `groups`, `group_members`), then ANALYZEd. The searches go
-//! through a real WebSocket client and the real edge and persister: rare and
-//! frequent words in English and Russian and Japanese substrings, over all
-//! the searcher's conversations and within one. Every answer is checked: the
+//! `dm_members`, `groups`, `group_members`), spread over 90 days, then
+//! ANALYZEd. The searches go through a real WebSocket client and the real
+//! edge and persister: rare and frequent words in English and Russian and
+//! Japanese substrings, over all the searcher's conversations and within
+//! one. Every answer is checked: the
 //! number of hits the seeding planted, nothing from a conversation the
 //! searcher is not in.
 
@@ -317,6 +318,9 @@ struct Planted {
     busiest: [u64; QUERIES.len()],
 }
 
+/// How far back the history goes.
+const HISTORY_MS: u64 = 90 * 86_400_000;
+
 /// COPY chunks of about this many bytes.
 const COPY_CHUNK: usize = 1 << 22;
 
@@ -332,9 +336,11 @@ async fn seed(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    // One message a second up to now, ids as the generator makes them (the
-    // highest node id, which no service leases in a small system).
-    let first_ms = now.saturating_sub(total as u64 * 1000).max(EPOCH_MS);
+    // Spread evenly over the last 90 days (a search reads the newest day
+    // first, then the month, then all), ids as the generator makes them
+    // (the highest node id, which no service leases in a small system).
+    let step_ms = (HISTORY_MS / total as u64).max(1);
+    let first_ms = now.saturating_sub(total as u64 * step_ms).max(EPOCH_MS);
     let node = (1u64 << NODE_BITS) - 1;
     let mut planted = Planted {
         all: [0; QUERIES.len()],
@@ -374,7 +380,7 @@ async fn seed(
                 }
             }
         }
-        let ts = first_ms + index as u64 * 1000;
+        let ts = first_ms + index as u64 * step_ms;
         let id = ((ts - EPOCH_MS) << (NODE_BITS + SEQUENCE_BITS))
             | (node << SEQUENCE_BITS)
             | (index as u64 & ((1 << SEQUENCE_BITS) - 1));

@@ -13,6 +13,7 @@
 //! and those the caller hid are never found; items are in their current
 //! state, as `history` gives them.
 
+use chat_shared::idgen::EPOCH_MS;
 use chat_shared::ids::ConversationId;
 use chat_shared::rpc::{self, RpcError, REPLY_ITEMS_BUDGET};
 use chat_shared::wire::ErrorCode;
@@ -20,7 +21,7 @@ use chat_shared::wire::ErrorCode;
 use chat_shared::wire::MAX_SEARCH_LIMIT;
 
 use super::pages::{message_columns, stored_message};
-use super::{column, corrupt, unavailable, Service};
+use super::{activity_of, column, corrupt, now_ms, unavailable, Service, ID_TIME_SHIFT};
 
 /// How a query matches, by the text it holds. Each form is its own SQL text
 /// (not a parameter the plan would have to allow for), so the planner picks
@@ -49,17 +50,17 @@ impl Matching {
     }
 
     /// The condition on `m.body`, with the query as `$4` and, unless
-    /// [`Matching::Words`], its ILIKE pattern as `$7` (the same expressions
+    /// [`Matching::Words`], its ILIKE pattern as `$8` (the same expressions
     /// as the indexes, word for word).
     fn condition(self) -> &'static str {
         match self {
             Self::Substring => {
                 "to_tsvector('simple', search_text(m.body)) @@ plainto_tsquery('simple', search_text($4))
-                 AND m.body ILIKE $7"
+                 AND m.body ILIKE $8"
             }
             Self::WordsOrSubstring => {
                 "(to_tsvector('simple', search_text(m.body)) @@ plainto_tsquery('simple', $4)
-                  OR m.body ILIKE $7)"
+                  OR m.body ILIKE $8)"
             }
             Self::Words => {
                 "to_tsvector('simple', search_text(m.body)) @@ plainto_tsquery('simple', $4)"
@@ -95,6 +96,14 @@ fn substring_pattern(query: &str) -> String {
     pattern
 }
 
+/// The windows of recent history (ms before the newest message a page may
+/// hold) a search tries in turn, the last one all of it. A word in tens of
+/// thousands of messages fills a page from the last day alone: PostgreSQL
+/// then reads that day's matches (the text index ANDed with `messages_id`)
+/// rather than all of them; a rare word costs a query or two more, each
+/// cheap because its matches are few.
+const SEARCH_WINDOWS_MS: [Option<i64>; 3] = [Some(86_400_000), Some(30 * 86_400_000), None];
+
 impl Service {
     pub(super) async fn search(
         &self,
@@ -128,6 +137,7 @@ impl Service {
                  WHERE m.conversation IN (SELECT conversation FROM mine)
                    AND ($2::text IS NULL OR m.conversation = $2)
                    AND ($3::bigint IS NULL OR m.id < $3)
+                   AND ($7::bigint IS NULL OR m.id >= $7)
                    AND NOT m.deleted
                    AND {condition}
                    AND NOT EXISTS (SELECT 1 FROM hidden_messages h
@@ -164,10 +174,23 @@ impl Service {
         if matching != Matching::Words {
             params.push(&pattern);
         }
-        let rows = db
-            .query(sql.as_str(), &params)
-            .await
-            .map_err(unavailable("search messages"))?;
+        // The newest day before `before` (or now) first, then the newest
+        // month, then everything, until a window holds more than a page.
+        let newest_ms = before.map_or_else(now_ms, |id| (id >> ID_TIME_SHIFT) + EPOCH_MS as i64);
+        let mut rows = Vec::new();
+        for window in SEARCH_WINDOWS_MS {
+            let since = window.map(|ms| activity_of(newest_ms - ms));
+            let mut windowed = params.clone();
+            windowed.insert(6, &since);
+            rows = db
+                .query(sql.as_str(), &windowed)
+                .await
+                .map_err(unavailable("search messages"))?;
+            let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 9))?;
+            if found > limit {
+                break;
+            }
+        }
         let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 9))?;
         let items = rows
             .iter()
