@@ -13,13 +13,6 @@ const EXPIRY_MARGIN_MS = 30_000;
 const THUMB_RETRIES = 10;
 const THUMB_RETRY_MS = 700;
 
-export class MediaError extends Error {
-  constructor(status, message) {
-    super(message);
-    this.status = status;
-  }
-}
-
 const REFUSED = {
   401: 'Your session has expired; try again in a moment.',
   404: 'This server does not take files.',
@@ -39,7 +32,7 @@ export async function upload(file) {
     },
     body: file,
   });
-  if (res.status !== 201) throw new MediaError(res.status, REFUSED[res.status] || `Upload failed (${res.status}).`);
+  if (res.status !== 201) throw new Error(REFUSED[res.status] || `Upload failed (${res.status}).`);
   return res.json();
 }
 
@@ -70,7 +63,7 @@ function expiryMs(expires) {
 }
 
 /** A signed URL for the media, from the cache or asked for. */
-export async function signedUrl(id) {
+async function signedUrl(id) {
   const known = signed.get(id);
   if (known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now()) return known.url;
   if (known?.waiting) return known.waiting;
@@ -89,7 +82,7 @@ export async function signedUrl(id) {
 }
 
 /** The thumbnail's URL for a media URL (same signature, `/thumb` path). */
-export function thumbOf(url) {
+function thumbOf(url) {
   const u = new URL(url, location.href);
   u.pathname = `${u.pathname.replace(/\/$/, '')}/thumb`;
   return u.origin === location.origin ? u.pathname + u.search : u.href;

@@ -80,7 +80,7 @@ export function renderMe() {
 
 let chosen = null; // the picture file picked in the dialog, or 'remove'
 
-export function openProfile() {
+function openProfile() {
   const mine = state.profiles.get(state.me);
   chosen = null;
   $('profile-name').value = mine?.name || state.me;

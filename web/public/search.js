@@ -16,7 +16,7 @@ const HIGHLIGHT_MS = 2_500;
 let current = { query: '', conversation: null, items: [], more: false, busy: false };
 
 /** The search form: a new search, in every conversation or the open one. */
-export async function search(event) {
+async function search(event) {
   event?.preventDefault();
   const query = $('search-input').value.trim();
   if (!query) return;
@@ -95,7 +95,7 @@ function renderResults() {
 }
 
 /** Opens `convId` and shows message `id`, loading older pages until it is there. */
-export async function jumpTo(convId, id) {
+async function jumpTo(convId, id) {
   $('search-dialog').close();
   // No hashchange (it would come later and scroll to the bottom again).
   history.pushState(null, '', `#${encodeURIComponent(convId)}`);
