@@ -1,8 +1,7 @@
 // Media (PROTOCOL.md v1.1 "Media"): uploads with the session's token, and
-// short-lived signed URLs (`media.url`) for pictures and download links,
-// since an <img> or a link cannot send a Bearer header. URLs are kept until
-// shortly before they expire; a thumbnail is `GET /v1/media/<id>/thumb`,
-// signed the same way (the signed URL's path with `/thumb` added).
+// short-lived signed URLs (`media.url`: the media's and its thumbnail's) for
+// pictures and download links, since an <img> or a link cannot send a
+// Bearer header. URLs are kept until shortly before they expire.
 
 import { state } from './state.js';
 
@@ -52,7 +51,7 @@ export function size(bytes) {
   return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[u]}`;
 }
 
-// media id -> {url, expires (ms)} once known, or {waiting: Promise}.
+// media id -> {url, thumb, expires (ms)} once known, or {waiting: Promise}.
 const signed = new Map();
 
 /** `expires` as ms since the epoch, whether the server sent seconds, ms or a date. */
@@ -62,16 +61,19 @@ function expiryMs(expires) {
   return Number.isNaN(at) ? Date.now() + 60_000 : at;
 }
 
-/** A signed URL for the media, from the cache or asked for. */
-async function signedUrl(id) {
+const fresh = (known) => known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now();
+
+/** The signed URLs of a media ({url, thumb}), from the cache or asked for. */
+async function signedUrls(id) {
   const known = signed.get(id);
-  if (known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now()) return known.url;
+  if (fresh(known)) return known;
   if (known?.waiting) return known.waiting;
   const waiting = state.client
     .request({ type: 'media.url', media: id })
     .then((reply) => {
-      signed.set(id, { url: reply.url, expires: expiryMs(reply.expires) });
-      return reply.url;
+      const urls = { url: reply.url, thumb: reply.thumb || thumbOf(reply.url), expires: expiryMs(reply.expires) };
+      signed.set(id, urls);
+      return urls;
     })
     .catch((e) => {
       signed.delete(id);
@@ -81,7 +83,7 @@ async function signedUrl(id) {
   return waiting;
 }
 
-/** The thumbnail's URL for a media URL (same signature, `/thumb` path). */
+/** A thumbnail's URL when the server names none: the media URL's path with `/thumb`. */
 function thumbOf(url) {
   const u = new URL(url, location.href);
   u.pathname = `${u.pathname.replace(/\/$/, '')}/thumb`;
@@ -100,9 +102,9 @@ export function showPicture(img, id, { thumb = false } = {}) {
     setTimeout(() => load(), THUMB_RETRY_MS);
   });
   const load = () =>
-    signedUrl(id).then(
-      (url) => {
-        img.src = thumb ? thumbOf(url) : url;
+    signedUrls(id).then(
+      (urls) => {
+        img.src = thumb ? urls.thumb : urls.url;
       },
       () => {},
     );
@@ -111,15 +113,13 @@ export function showPicture(img, id, { thumb = false } = {}) {
 
 /** Sets `a`'s href to a signed URL of the media, fresh again when it is used. */
 export function linkTo(a, id) {
-  const set = () => signedUrl(id).then((url) => a.setAttribute('href', url), () => {});
-  set();
+  signedUrls(id).then((urls) => a.setAttribute('href', urls.url), () => {});
   a.addEventListener('click', (e) => {
-    const known = signed.get(id);
-    if (known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now()) return;
+    if (fresh(signed.get(id))) return;
     // Expired or never known: get one, then follow it.
     e.preventDefault();
-    signedUrl(id).then((url) => {
-      a.setAttribute('href', url);
+    signedUrls(id).then((urls) => {
+      a.setAttribute('href', urls.url);
       a.click();
     }, () => {});
   });
