@@ -67,7 +67,8 @@ export async function uploadAttachments() {
   // A second Enter while the files go up sends nothing twice.
   if (uploading) return null;
   uploading = true;
-  const taking = files;
+  // A copy: files dropped or pasted meanwhile wait for the next message.
+  const taking = [...files];
   renderTray(true);
   try {
     const done = [];

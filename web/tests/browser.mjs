@@ -538,6 +538,8 @@ try {
       await alice.locator('#attach-tray .att-name', { hasText: 'sunset.png' }).waitFor({ timeout: WAIT });
       await shot(alice, 'alice-attach-tray');
       await send(alice, 'a picture');
+      const uploaded = () => document.querySelector('#attach-tray').hidden;
+      await until(alice, 'the picture uploaded', uploaded);
       // Dropped on the conversation, sent without text.
       await alice.evaluate((text) => {
         const dt = new DataTransfer();
@@ -548,6 +550,7 @@ try {
       }, notes.toString());
       await alice.locator('#attach-tray .att-name', { hasText: 'notes.txt' }).waitFor({ timeout: WAIT });
       await alice.getByLabel('Message', { exact: true }).press('Enter');
+      await until(alice, 'the file uploaded', uploaded);
       // Pasted into the composer.
       await alice.evaluate((b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
