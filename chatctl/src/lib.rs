@@ -3,7 +3,7 @@
 //! the log of record ([`replay`]), load ([`bench`], what every scenario shares in
 //! [`bench::common`], what a run cost the broker in [`bench::broker`] and
 //! in CPU in [`bench::cpu`], and one module per further scenario: [`presence_bench`], [`raw_bench`], [`group_bench`],
-//! [`resume_bench`], [`connect_bench`], [`media_bench`] over the small
+//! [`resume_bench`], [`connect_bench`], [`search_bench`], [`media_bench`] over the small
 //! HTTP client [`http`]) and a tiny WebSocket client ([`client`]), the
 //! discovery view and drain requests ([`edges`]), operators' bans, kicks
 //! and token revocations ([`moderation`]). The command line is in
@@ -26,5 +26,6 @@ pub mod presence_bench;
 pub mod raw_bench;
 pub mod replay;
 pub mod resume_bench;
+pub mod search_bench;
 pub mod status;
 pub mod xmpp;

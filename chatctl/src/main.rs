@@ -123,6 +123,9 @@ enum BenchScenario {
     Resume(chatctl::resume_bench::ResumeOptions),
     /// Uploads and downloads of media (`POST`/`GET /v1/media`); MB/s.
     Media(chatctl::media_bench::MediaOptions),
+    /// `search` latency over a big history (1 M messages by default),
+    /// written straight into PostgreSQL (CHAT_DATABASE_URL) with COPY.
+    Search(chatctl::search_bench::SearchOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -445,6 +448,10 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
         BenchScenario::Media(options) => {
             let report = chatctl::media_bench::media(config, options).await?;
             show(&report, json, chatctl::media_bench::print)?;
+        }
+        BenchScenario::Search(options) => {
+            let report = chatctl::search_bench::search(config, options).await?;
+            show(&report, json, chatctl::search_bench::print)?;
         }
         BenchScenario::Connect {
             connections,

@@ -15,6 +15,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
     (9, include_str!("../migrations/0009_media.sql")),
+    // 10 is taken by work on another branch (shards).
+    (11, include_str!("../migrations/0011_search_any_script.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

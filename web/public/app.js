@@ -12,6 +12,9 @@ import { closeConversation } from './nav.js';
 import { startChat, friendAction, renderFriends, renderInfo, createGroup, addMembers, leaveGroup } from './people.js';
 import { cancelCompose } from './changes.js';
 import { toggleBlock, toggleMute } from './privacy.js';
+import { wireSearch } from './search.js';
+import { wireProfiles } from './profiles.js';
+import { wireAttachments } from './attach.js';
 
 function wire() {
   $('login-form').addEventListener('submit', signIn);
@@ -72,6 +75,9 @@ function wire() {
   $('block-btn').addEventListener('click', toggleBlock);
   $('mute-btn').addEventListener('click', toggleMute);
   $('leave-btn').addEventListener('click', leaveGroup);
+  wireSearch();
+  wireProfiles();
+  wireAttachments();
   for (const b of document.querySelectorAll('[data-close]')) {
     b.addEventListener('click', () => b.closest('dialog').close());
   }

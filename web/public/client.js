@@ -363,8 +363,12 @@ export class ChatClient {
     this.onOutbox();
   }
 
-  /** Queues a message (`replyTo`: the id it answers); it is shown at once and sent when connected. */
-  send(conversation, text, replyTo = null) {
+  /**
+   * Queues a message (`replyTo`: the id it answers; `attachments`: uploaded
+   * media as `POST /v1/media` described them); it is shown at once and sent
+   * when connected.
+   */
+  send(conversation, text, replyTo = null, attachments = []) {
     const item = {
       client_msg_id: randomId('w', 12),
       conversation,
@@ -373,6 +377,7 @@ export class ChatClient {
       state: 'pending',
     };
     if (replyTo) item.reply_to = replyTo;
+    if (attachments.length) item.attachments = attachments;
     this.outbox.push(item);
     this.#saveOutbox();
     this.#flushOutbox();
@@ -413,9 +418,13 @@ export class ChatClient {
             client_msg_id: item.client_msg_id,
           };
           if (item.reply_to) request.reply_to = item.reply_to;
+          if (item.attachments) request.attachments = item.attachments.map(({ media, name }) => ({ media, name }));
           const sent = await this.request(request);
           this.forget(item.client_msg_id);
-          this.onFrame({ ...sent, type: 'sent', client_msg_id: item.client_msg_id, text: item.text, reply_to: item.reply_to });
+          this.onFrame({
+            ...sent, type: 'sent', client_msg_id: item.client_msg_id, text: item.text, reply_to: item.reply_to,
+            attachments: item.attachments,
+          });
         } catch (e) {
           if (e.code === 'rate_limited') {
             await new Promise((r) => setTimeout(r, e.retryAfterMs || 1000));

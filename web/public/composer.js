@@ -7,6 +7,7 @@ import { state, conv } from './state.js';
 import { renderMessages } from './messages.js';
 import { renderList } from './list.js';
 import { submitEdit, takeReplyTo } from './changes.js';
+import { hasAttachments, uploadAttachments } from './attach.js';
 
 const TYPING_REFRESH_MS = 3_000;
 
@@ -74,21 +75,33 @@ export function markRead() {
   }, 150);
 }
 
-export function sendMessage(event) {
+export async function sendMessage(event) {
   event?.preventDefault();
   const ta = $('composer-text');
   const text = ta.value.replace(/^\s*\n|\s+$/g, '');
-  if (!text || !state.open) return;
+  const conversation = state.open;
+  if ((!text && !hasAttachments()) || !conversation) return;
   sendTyping(false);
-  if (submitEdit(text)) {
+  if (text && submitEdit(text)) {
     ta.value = '';
     autoGrow();
     return;
   }
-  state.client.send(state.open, text, takeReplyTo());
-  ta.value = '';
+  // Files go up first; the message (which names them) then waits in the
+  // outbox like any other. A failed upload keeps the text and the files.
+  let attachments = [];
+  if (hasAttachments()) {
+    const sending = $('send-btn');
+    sending.disabled = true;
+    attachments = await uploadAttachments();
+    sending.disabled = false;
+    if (attachments === null) return;
+  }
+  if (ta.value.replace(/^\s*\n|\s+$/g, '') === text) ta.value = '';
+  state.client.send(conversation, text, takeReplyTo(), attachments);
   autoGrow();
-  const c = conv(state.open);
+  if (state.open !== conversation) return;
+  const c = conv(conversation);
   c.sortTs = Date.now();
   renderMessages({ keepBottom: false });
   const box = $('messages');

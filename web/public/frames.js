@@ -2,7 +2,7 @@
 
 import { cmpId } from './client.js';
 import { toast, announce } from './ui.js';
-import { state, groupIdOf, conv, title, saveJson, saveGroups, maxId } from './state.js';
+import { state, groupIdOf, conv, title, displayName, shownText, saveJson, saveGroups, maxId } from './state.js';
 import { backToLogin } from './signin.js';
 import { markRead } from './composer.js';
 import { loadHistory } from './history.js';
@@ -12,6 +12,7 @@ import { closeConversation } from './nav.js';
 import { renderFriends, renderInfo } from './people.js';
 import { applyUpdate } from './changes.js';
 import { loadPrivacy } from './privacy.js';
+import { refreshProfiles } from './profiles.js';
 
 const TYPING_LAPSE_MS = 7_000;
 
@@ -35,7 +36,10 @@ export function onFrame(f) {
       return;
     case 'sent':
       addMessage(
-        { id: f.id, conversation: f.conversation, from: state.me, text: f.text, ts: f.ts, client_msg_id: f.client_msg_id, reply_to: f.reply_to },
+        {
+          id: f.id, conversation: f.conversation, from: state.me, text: f.text, ts: f.ts,
+          client_msg_id: f.client_msg_id, reply_to: f.reply_to, attachments: f.attachments,
+        },
         false,
       );
       return;
@@ -122,6 +126,7 @@ async function onSynced() {
   }
   renderList();
   renderFriends();
+  refreshProfiles();
   if (state.open) {
     const c = conv(state.open);
     if (!c.loaded) loadHistory(c);
@@ -144,7 +149,7 @@ function addMessage(m, live) {
     stopTyping(c.id, m.from);
     const readHere = c.id === state.open && document.visibilityState === 'visible';
     if (!readHere && (!c.readUpTo || cmpId(m.id, c.readUpTo) > 0)) c.unread += 1;
-    if (state.client.status === 'online') announce(`${m.from}${c.group ? ` in ${title(c)}` : ''}: ${m.text}`);
+    if (state.client.status === 'online') announce(`${displayName(m.from)}${c.group ? ` in ${title(c)}` : ''}: ${shownText(m)}`);
   }
   renderList();
   if (c.id === state.open) {

@@ -2,10 +2,11 @@
 // status.
 
 import { $, h, avatar, when, lastSeen, coalesce } from './ui.js';
-import { state, title, presenceOf, typists, typingText, shownText, isMuted } from './state.js';
+import { state, title, displayName, presenceOf, typists, typingText, shownText, isMuted } from './state.js';
 import { renderHistoryStatus } from './history.js';
 import { renderMessages } from './messages.js';
 import { renderPrivacy } from './privacy.js';
+import { avatarFor } from './profiles.js';
 
 export function renderStatus() {
   const client = state.client;
@@ -46,7 +47,7 @@ function renderListNow() {
     const preview = typing
       ? h('span', { class: 'typing' }, typing)
       : last
-        ? `${last.from === state.me ? 'You: ' : c.group ? `${last.from}: ` : ''}${shownText(last)}`
+        ? `${last.from === state.me ? 'You: ' : c.group ? `${displayName(last.from)}: ` : ''}${shownText(last)}`
         : c.group
           ? 'No messages yet'
           : '';
@@ -57,7 +58,9 @@ function renderListNow() {
       h(
         'a',
         { href: `#${encodeURIComponent(c.id)}`, class: 'conv', 'aria-label': label, 'aria-current': c.id === state.open ? 'page' : false },
-        avatar(title(c), { group: Boolean(c.group), online: p ? p.status === 'online' : null }),
+        c.peer
+          ? avatarFor(c.peer, { online: p ? p.status === 'online' : null })
+          : avatar(title(c), { group: true }),
         h(
           'span',
           { class: 'conv-body' },
@@ -83,13 +86,17 @@ export function renderHeader() {
   const c = state.open && state.convs.get(state.open);
   if (!c) return;
   const p = c.peer ? presenceOf(c.peer) : null;
-  $('conv-avatar').replaceChildren(avatar(title(c), { group: Boolean(c.group), online: p ? p.status === 'online' : null, size: 'small' }));
+  $('conv-avatar').replaceChildren(
+    c.peer
+      ? avatarFor(c.peer, { online: p ? p.status === 'online' : null, size: 'small' })
+      : avatar(title(c), { group: true, size: 'small' }),
+  );
   $('conv-title').textContent = title(c);
   const sub = $('conv-sub');
   const typing = typingText(c.id);
   sub.classList.toggle('typing', Boolean(typing));
   if (typing) sub.textContent = typing;
-  else if (c.group) sub.textContent = (state.groups.get(c.group)?.members || []).join(', ');
+  else if (c.group) sub.textContent = (state.groups.get(c.group)?.members || []).map(displayName).join(', ');
   else if (p) sub.textContent = p.status === 'online' ? 'online' : lastSeen(p.last_active);
   else {
     const rel = state.friends.get(c.peer);
@@ -124,7 +131,7 @@ export function renderTyping(convId) {
     const who = typists(convId);
     line.replaceChildren(
       ...(who.length
-        ? [h('span', { class: 'dots' }, h('i'), h('i'), h('i')), convId.startsWith('group:') ? ` ${who.join(', ')}` : '']
+        ? [h('span', { class: 'dots' }, h('i'), h('i'), h('i')), convId.startsWith('group:') ? ` ${who.map(displayName).join(', ')}` : '']
         : []),
     );
   }

@@ -3,8 +3,10 @@
 
 import { cmpId } from './client.js';
 import { $, h, time, day, dayKey, coalesce } from './ui.js';
-import { state } from './state.js';
+import { state, displayName } from './state.js';
 import { menuButton, reactionChips, replyQuote } from './changes.js';
+import { avatarFor } from './profiles.js';
+import { isImage, size, showPicture, linkTo } from './media.js';
 
 function ticks(c, m) {
   if (m.pending) {
@@ -31,8 +33,8 @@ function seenBy(c, m) {
   return h(
     'div',
     { class: 'seen' },
-    read.length ? h('span', { class: 'seen-read' }, `Read by ${read.join(', ')}`) : null,
-    delivered.length ? h('span', { class: 'seen-delivered' }, `Delivered to ${delivered.join(', ')}`) : null,
+    read.length ? h('span', { class: 'seen-read' }, `Read by ${read.map(displayName).join(', ')}`) : null,
+    delivered.length ? h('span', { class: 'seen-delivered' }, `Delivered to ${delivered.map(displayName).join(', ')}`) : null,
   );
 }
 
@@ -48,6 +50,7 @@ function sortedMessages(c) {
       client_msg_id: item.client_msg_id,
       from: state.me,
       text: item.text,
+      attachments: item.attachments,
       ts: item.ts,
       conversation: c.id,
     });
@@ -64,9 +67,14 @@ function messageEl(c, m, showFrom, showSeen) {
       dataset: { id: m.id || '', cmid: m.client_msg_id || '' },
     },
     menuButton(c, m),
-    showFrom && !mine ? h('div', { class: 'from' }, m.from) : null,
+    showFrom && !mine ? h('div', { class: 'from' }, avatarFor(m.from, { size: 'tiny' }), displayName(m.from)) : null,
     replyQuote(c, m),
-    m.deleted ? h('div', { class: 'text gone' }, 'This message was deleted') : h('div', { class: 'text' }, m.text),
+    m.deleted ? null : attachmentsEl(m),
+    m.deleted
+      ? h('div', { class: 'text gone' }, 'This message was deleted')
+      : m.text || !m.attachments?.length
+        ? h('div', { class: 'text' }, m.text)
+        : null,
     reactionChips(c, m),
     h(
       'div',
@@ -88,6 +96,40 @@ function messageEl(c, m, showFrom, showSeen) {
     );
   }
   return el;
+}
+
+/** A message's pictures (thumbnails, opening the picture) and files (download links). */
+function attachmentsEl(m) {
+  if (!m.attachments?.length) return null;
+  return h(
+    'div',
+    { class: 'attachments' },
+    ...m.attachments.map((a) => {
+      if (m.pending) return h('span', { class: 'att-file uploading' }, `${isImage(a) ? '📷' : '📎'} ${a.name || 'file'}`);
+      if (isImage(a)) {
+        // The picture's own proportions, at most 240 px wide, before it loads.
+        const width = Math.min(240, a.width || 240);
+        const height = a.width && a.height ? Math.round((a.height * width) / a.width) : 160;
+        const img = h('img', { class: 'thumb', alt: a.name || 'picture', width, height });
+        // Its box holds its place while it loads (CSSOM: the CSP allows no style attribute).
+        img.style.width = `${width}px`;
+        img.style.height = `${height}px`;
+        showPicture(img, a.media, { thumb: true });
+        const link = h('a', { class: 'att-image', target: '_blank', rel: 'noopener', title: a.name || 'picture', dataset: { media: a.media } }, img);
+        linkTo(link, a.media);
+        return link;
+      }
+      const link = h(
+        'a',
+        { class: 'att-file', download: a.name || 'file', dataset: { media: a.media } },
+        h('span', { class: 'att-icon', 'aria-hidden': 'true' }, '📄'),
+        h('span', { class: 'att-name' }, a.name || 'file'),
+        h('span', { class: 'att-size' }, size(a.size)),
+      );
+      linkTo(link, a.media);
+      return link;
+    }),
+  );
 }
 
 // Rendered rows by key, so a re-render keeps unchanged elements in place
@@ -131,6 +173,7 @@ export function renderMessages({ keepBottom = true } = {}) {
     const quoted = m.reply_to ? c.messages.get(m.reply_to) : null;
     const sig = [
       m.id || '', m.pending ? 1 : 0, m.failed ? 1 : 0, tick, showFrom, m.text, m.edited_ts || '', m.deleted ? 1 : 0,
+      (m.attachments || []).map((a) => a.media).join(','), showFrom ? `${displayName(m.from)}${state.profiles.get(m.from)?.avatar || ''}` : '',
       JSON.stringify(m.reactions || {}), quoted ? `${quoted.deleted ? 1 : 0}${quoted.text}` : '', seen,
     ].join('|');
     row(`m:${m.from}:${m.client_msg_id || m.id}`, sig, () => messageEl(c, m, showFrom, showSeen));

@@ -4,6 +4,7 @@ import { $ } from './ui.js';
 import { state, conv } from './state.js';
 import { loadGroup, loadReceipts } from './frames.js';
 import { cancelCompose } from './changes.js';
+import { clearAttachments } from './attach.js';
 import { sendTyping, markRead } from './composer.js';
 import { loadHistory } from './history.js';
 import { renderList, renderConversation } from './list.js';
@@ -18,6 +19,7 @@ function openConversation(id) {
   if (state.open !== id) {
     sendTyping(false);
     cancelCompose();
+    clearAttachments();
   }
   const c = conv(id);
   state.open = id;

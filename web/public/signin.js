@@ -2,12 +2,13 @@
 // client once signed in.
 
 import { ChatClient, randomId, tokenExpiry } from './client.js';
-import { $, avatar } from './ui.js';
+import { $ } from './ui.js';
 import { USER_RE, state, loadJson } from './state.js';
 import { onFrame } from './frames.js';
 import { scheduleMessages } from './messages.js';
 import { renderStatus, renderList } from './list.js';
 import { openFromHash } from './nav.js';
+import { renderMe } from './profiles.js';
 
 const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/ws`;
 
@@ -111,8 +112,7 @@ export function start(user, mode, token) {
   for (const [id, g] of Object.entries(loadJson('groups', {}))) state.groups.set(id, g);
   $('login').hidden = true;
   $('app').hidden = false;
-  $('me-avatar').replaceChildren(avatar(user));
-  $('me-name').textContent = user;
+  renderMe();
   document.title = `${user} · Chat`;
   state.client = new ChatClient({
     user,

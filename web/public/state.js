@@ -16,6 +16,8 @@ export const state = {
   typing: new Map(), // conversation -> Map(user -> lapse timer)
   blocked: new Set(), // users I blocked
   muted: new Map(), // conversation -> muted until (ms)
+  profiles: new Map(), // user -> {name, avatar, at}: `profiles` answers, kept a while (profiles.js)
+  wantProfile: () => {}, // asks for a user's profile when it is missing or old (profiles.js)
   compose: null, // {mode: 'reply' | 'edit', conv, id}: what the composer's next submit does
   open: null, // open conversation id
   mode: null, // 'dev' (sign-in by name) or 'token' (pasted)
@@ -58,8 +60,15 @@ export function conv(id) {
   return c;
 }
 
+/** The name a user chose (`profile.set`), else the user id. */
+export function displayName(user) {
+  const p = state.profiles.get(user);
+  state.wantProfile(user, p);
+  return p?.name || user;
+}
+
 export function title(c) {
-  if (c.peer) return c.peer;
+  if (c.peer) return displayName(c.peer);
   return state.groups.get(c.group)?.name || 'Group';
 }
 
@@ -101,7 +110,10 @@ export function presenceOf(user) {
 export function shownText(m) {
   if (!m) return '';
   if (m.deleted) return 'This message was deleted';
-  return m.text;
+  if (m.text || !m.attachments?.length) return m.text || '';
+  const a = m.attachments[0];
+  const more = m.attachments.length > 1 ? ` +${m.attachments.length - 1}` : '';
+  return `${/^image\//.test(a.content_type || '') ? '📷 Photo' : `📎 ${a.name || 'File'}`}${more}`;
 }
 
 export function isMuted(convId) {
@@ -117,6 +129,7 @@ export function typingText(convId) {
   const who = typists(convId);
   if (!who.length) return '';
   if (convId.startsWith('dm:')) return 'typing…';
-  if (who.length === 1) return `${who[0]} is typing…`;
-  return `${who.slice(0, -1).join(', ')} and ${who.at(-1)} are typing…`;
+  const names = who.map(displayName);
+  if (names.length === 1) return `${names[0]} is typing…`;
+  return `${names.slice(0, -1).join(', ')} and ${names.at(-1)} are typing…`;
 }

@@ -9,6 +9,7 @@
 // By hand against ./scripts/dev:  CHAT_WEB_URL=http://127.0.0.1:8080/ node web/tests/browser.mjs
 // (presence waits are generous: scripts/dev announces offline after 5 s).
 
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -77,6 +78,8 @@ async function signIn(browser, user, { viewport = { width: 1100, height: 720 }, 
   });
   page.on('console', (m) => {
     if (m.type() !== 'error') return;
+    // A thumbnail asked for before the worker made it: the page retries it.
+    if (m.text().startsWith('Failed to load resource') && m.location().url.includes('/thumb')) return;
     console.log(`  [${user}] console: ${m.text()}`);
     problems.push(`${user}: ${m.text()}`);
   });
@@ -121,6 +124,54 @@ async function messageAction(page, text, item) {
   if (/^\p{Extended_Pictographic}/u.test(item)) await menu.getByRole('button', { name: `React ${item}` }).click();
   else await menu.getByRole('menuitem', { name: item, exact: true }).click();
 }
+
+/**
+ * Searches until `expected` is among the results (the persister stores a
+ * message a moment after it is delivered); returns that result's button,
+ * with the results dialog open.
+ */
+async function searchFor(page, query, expected) {
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    const open = await page.locator('#search-dialog[open]').count();
+    if (open) await page.locator('#search-dialog [data-close]').click();
+    await page.getByLabel('Search messages').fill(query);
+    await page.getByLabel('Search messages').press('Enter');
+    await until(page, `search for ${query} answered`, () => {
+      const s = document.querySelector('#search-summary')?.textContent || '';
+      return s && !s.startsWith('Searching');
+    });
+    const result = page.locator('#search-results .result').filter({ has: page.locator('.result-text', { hasText: new RegExp(`: ${expected.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`) }) });
+    if (await result.count()) return result.first();
+    if (Date.now() > deadline) throw new Error(`search for ${query} never found ${expected}: ${await page.locator('#search-dialog').textContent()}`);
+    await page.waitForTimeout(300);
+  }
+}
+
+/** A PNG of a gradient with a label, drawn by the page's canvas. */
+async function png(page, width, height, label) {
+  const b64 = await page.evaluate(
+    ([w, h, text]) => {
+      const canvas = document.createElement('canvas');
+      canvas.width = w;
+      canvas.height = h;
+      const g = canvas.getContext('2d');
+      const fill = g.createLinearGradient(0, 0, w, h);
+      fill.addColorStop(0, '#f6a04d');
+      fill.addColorStop(1, '#6a3093');
+      g.fillStyle = fill;
+      g.fillRect(0, 0, w, h);
+      g.fillStyle = '#fff';
+      g.font = `${Math.round(h / 5)}px sans-serif`;
+      g.fillText(text, w / 10, h / 2);
+      return canvas.toDataURL('image/png').split(',')[1];
+    },
+    [width, height, label],
+  );
+  return Buffer.from(b64, 'base64');
+}
+
+const sha256 = (bytes) => crypto.createHash('sha256').update(bytes).digest('hex');
 
 const frames = (page, type) =>
   page.sockets.flatMap((s) => s.sent.concat(s.received)).map((f) => JSON.parse(f)).filter((f) => f.type === type);
@@ -412,6 +463,157 @@ try {
     // Three sockets: before and after each reload; none from an expiry.
     if (after !== 3) throw new Error(`bob opened ${after} WebSockets: ${bob.sockets.map((s) => s.url)}`);
   });
+
+  await step('search: a Russian and an English word, a Japanese substring; a result opens at its message', async () => {
+    await openConversation(alice, 'bob');
+    await send(alice, 'Встретимся у метро завтра');
+    await send(alice, '明日は東京駅で会いましょう');
+    await bob.locator('#msg-list .text', { hasText: '明日は東京駅で会いましょう' }).waitFor({ timeout: WAIT });
+    const found = await searchFor(alice, '東京', '明日は東京駅で会いましょう');
+    const marked = await found.locator('mark').allTextContents();
+    if (!marked.includes('東京')) throw new Error(`the match is not marked: ${marked}`);
+    await shot(alice, 'alice-search-japanese');
+    await alice.locator('#search-dialog [data-close]').click();
+    await searchFor(alice, 'метро', 'Встретимся у метро завтра');
+    await alice.locator('#search-dialog [data-close]').click();
+    // After a reload nothing is loaded: the oldest message of the long group
+    // is two history pages back.
+    await alice.reload();
+    await online(alice, 'alice after reload');
+    const hiking = await searchFor(alice, 'hiking', 'Hiking on Saturday?');
+    await hiking.click();
+    await until(alice, 'the group open at the message', () => {
+      const el = document.querySelector('#msg-list .msg.found');
+      if (document.querySelector('#conv-title')?.textContent !== 'Weekend plans' || !el) return false;
+      const box = document.querySelector('#messages').getBoundingClientRect();
+      const at = el.getBoundingClientRect();
+      return el.querySelector('.text')?.textContent === 'Hiking on Saturday?' && at.top >= box.top && at.bottom <= box.bottom;
+    });
+    const loaded = await alice.locator('#msg-list .msg').count();
+    if (loaded <= 50) throw new Error(`only ${loaded} messages: older pages were not loaded`);
+    await shot(alice, 'alice-search-jump');
+    // Only in the open conversation.
+    await alice.locator('#search-here').check();
+    const here = await searchFor(alice, 'bulk 7', 'bulk 7');
+    const where = await alice.locator('#search-results .result').evaluateAll((els) => [...new Set(els.map((e) => e.dataset.conversation))]);
+    const group = await alice.evaluate(() => window.chat.open);
+    if (where.length !== 1 || where[0] !== group) throw new Error(`results from ${where}, not only ${group}`);
+    await here.click();
+    await alice.locator('#msg-list .msg.found .text', { hasText: /^bulk 7$/ }).waitFor({ timeout: WAIT });
+    await alice.locator('#search-here').uncheck();
+  });
+
+  await step('profiles: alice names herself; others see the name', async () => {
+    await alice.getByRole('button', { name: 'Your profile' }).click();
+    await alice.getByLabel('Display name (what others see)').fill('Alice Liddell');
+    await shot(alice, 'alice-profile-dialog');
+    await alice.getByRole('button', { name: 'Save' }).click();
+    await until(alice, 'her name shown', () => document.querySelector('#me-name')?.textContent === 'Alice Liddell');
+    // Carol's cache is refreshed on each `synced`: a reload shows the name,
+    // in the conversation list and the DM's header.
+    await carol.reload();
+    await online(carol, 'carol after reload');
+    // (On carol's phone-sized screen the list is hidden while a conversation is open.)
+    await carol.locator('#conv-list li[data-id="dm:alice:carol"] .conv-title', { hasText: 'Alice Liddell' }).waitFor({ state: 'attached', timeout: WAIT });
+    await carol.evaluate(() => {
+      location.hash = `#${encodeURIComponent('dm:alice:carol')}`;
+    });
+    await until(carol, "the DM's header names her", () => document.querySelector('#conv-title')?.textContent === 'Alice Liddell');
+    await shot(carol, 'carol-sees-alice-name');
+    const asked = frames(carol, 'profiles').filter((f) => f.ref && Array.isArray(f.users));
+    if (!asked.some((f) => f.users.includes('alice'))) throw new Error('carol never asked for profiles');
+  });
+
+  const media = await fetch(new URL('v1/media', base), { method: 'POST', body: 'probe' });
+  if (media.status !== 401) {
+    console.log(`# media steps skipped: POST /v1/media without a token answered ${media.status}, not 401 (this server has no media support)`);
+  } else {
+    await step('media: a picture picked, a file dropped, a picture pasted; thumbnails and a download', async () => {
+      const sunset = await png(alice, 640, 400, 'sunset');
+      const pasted = await png(alice, 300, 500, 'pasted');
+      const notes = Buffer.from(`notes for carol\n${'0123456789'.repeat(5000)}\n`);
+      await openConversation(alice, 'carol');
+      // Picked with the file chooser (the paperclip's input).
+      await alice.locator('#attach-input').setInputFiles({ name: 'sunset.png', mimeType: 'image/png', buffer: sunset });
+      await alice.locator('#attach-tray .att-name', { hasText: 'sunset.png' }).waitFor({ timeout: WAIT });
+      await shot(alice, 'alice-attach-tray');
+      await send(alice, 'a picture');
+      const uploaded = () => document.querySelector('#attach-tray').hidden;
+      await until(alice, 'the picture uploaded', uploaded);
+      // Dropped on the conversation, sent without text.
+      await alice.evaluate((text) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([text], 'notes.txt', { type: 'text/plain' }));
+        const pane = document.querySelector('#pane-main');
+        pane.dispatchEvent(new DragEvent('dragover', { dataTransfer: dt, bubbles: true, cancelable: true }));
+        pane.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+      }, notes.toString());
+      await alice.locator('#attach-tray .att-name', { hasText: 'notes.txt' }).waitFor({ timeout: WAIT });
+      await alice.getByLabel('Message', { exact: true }).press('Enter');
+      await until(alice, 'the file uploaded', uploaded);
+      // Pasted into the composer.
+      await alice.evaluate((b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'pasted.png', { type: 'image/png' }));
+        document.querySelector('#composer-text').dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+      }, pasted.toString('base64'));
+      await alice.locator('#attach-tray .att-name', { hasText: 'pasted.png' }).waitFor({ timeout: WAIT });
+      await send(alice, 'and a pasted one');
+      await until(alice, 'all three stored', () => document.querySelectorAll('#msg-list .msg:not(.pending) .attachments').length >= 3);
+      // Carol sees both pictures as thumbnails (made by the server, at most 320 px).
+      await until(carol, 'two thumbnails loaded', () => {
+        const imgs = [...document.querySelectorAll('#msg-list .att-image img.thumb')];
+        return imgs.length === 2 && imgs.every((i) => i.complete && i.naturalWidth > 0 && new URL(i.src).pathname.endsWith('/thumb'));
+      });
+      const sizes = await carol.locator('#msg-list .att-image img.thumb').evaluateAll((els) => els.map((i) => [i.naturalWidth, i.naturalHeight]));
+      if (sizes.some(([w, h]) => w > 320 || h > 320)) throw new Error(`thumbnails larger than 320 px: ${JSON.stringify(sizes)}`);
+      await shot(carol, 'carol-sees-pictures');
+      // The file downloads as the same bytes.
+      const link = carol.locator('#msg-list a.att-file[href]', { hasText: 'notes.txt' });
+      await link.waitFor({ timeout: WAIT });
+      const [download] = await Promise.all([carol.waitForEvent('download', { timeout: WAIT }), link.click()]);
+      const got = fs.readFileSync(await download.path());
+      if (sha256(got) !== sha256(notes)) throw new Error(`downloaded ${got.length} bytes, not the ${notes.length} sent`);
+      if (download.suggestedFilename() !== 'notes.txt') throw new Error(`saved as ${download.suggestedFilename()}`);
+      // The list says what came without text.
+      await carol.locator('#conv-list li[data-id="dm:alice:carol"] .preview', { hasText: '📷 Photo' }).waitFor({ timeout: WAIT });
+    });
+
+    await step('media: alice uploads an avatar; carol sees it', async () => {
+      await alice.getByRole('button', { name: 'Your profile' }).click();
+      await alice.locator('#profile-avatar-file').setInputFiles({ name: 'me.png', mimeType: 'image/png', buffer: await png(alice, 400, 400, 'A') });
+      await alice.getByRole('button', { name: 'Save' }).click();
+      const loaded = () => {
+        const img = document.querySelector('#me-avatar img.avatar-img');
+        return img && img.complete && img.naturalWidth > 0;
+      };
+      await until(alice, 'her avatar shown', loaded);
+      await shot(alice, 'alice-avatar');
+      const avatar = await alice.evaluate(() => window.chat.profiles.get('alice')?.avatar);
+      await carol.reload();
+      await online(carol, 'carol after reload');
+      // Carol asks for a signed URL of alice's avatar. Profiles are public;
+      // whether their pictures are is the server's media access rule: a
+      // refusal is logged as the gap it is, anything else must show.
+      const socket = carol.sockets.at(-1);
+      let answer;
+      for (const deadline = Date.now() + WAIT; !answer && Date.now() < deadline; await carol.waitForTimeout(100)) {
+        const asked = socket.sent.map((f) => JSON.parse(f)).filter((f) => f.type === 'media.url' && f.media === avatar).map((f) => f.ref);
+        answer = socket.received.map((f) => JSON.parse(f)).find((f) => asked.includes(f.ref));
+      }
+      if (!answer) throw new Error("carol never asked for alice's avatar");
+      if (answer.type === 'error' && answer.code === 'not_found') {
+        console.log("# gap: media.url answers not_found for another user's avatar (media access covers uploaders and conversations, not profiles); carol sees initials");
+      } else {
+        await until(carol, "alice's avatar in the list", () => {
+          const img = document.querySelector('#conv-list li[data-id="dm:alice:carol"] img.avatar-img');
+          return img && img.complete && img.naturalWidth > 0;
+        });
+        await shot(carol, 'carol-sees-alice-avatar');
+      }
+    });
+  }
 
   await step('bob closes his page: alice sees him go offline, with last seen', async () => {
     await openConversation(alice, 'bob');

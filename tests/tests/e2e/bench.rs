@@ -19,6 +19,8 @@ use chatctl::peer_bench;
 use chatctl::presence_bench::{self, PresenceOptions};
 use chatctl::raw_bench::{self, RawOptions};
 use chatctl::resume_bench::{self, ResumeOptions};
+use chatctl::search_bench::{self, SearchOptions};
+use serde_json::json;
 
 #[tokio::test]
 async fn bench_dm_counts_every_message() -> Result<()> {
@@ -200,6 +202,56 @@ async fn bench_media_uploads_and_downloads_every_round() -> Result<()> {
     // Every round's download had the upload's SHA-256 (else an error).
     assert_eq!((report.rounds, report.size_bytes), (2, 2 * 1024 * 1024));
     assert!(report.upload_mb_per_second > 0.0 && report.download_mb_per_second > 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bench_search_finds_exactly_what_it_planted() -> Result<()> {
+    let system = System::start().await?;
+    let report = search_bench::search(
+        &system.config,
+        SearchOptions {
+            edge: system.ws_url(),
+            messages: 20_000,
+            conversations: 10,
+            foreign: 2_000,
+            rounds: 2,
+            limit: 20,
+        },
+    )
+    .await?;
+    // Each page is exactly as big as the planted hits allow, from the
+    // searcher's conversations only, every item holding the query.
+    assert_eq!(report.wrong, 0, "{report:#?}");
+    assert_eq!(report.failed, 0, "{report:#?}");
+    assert_eq!(report.queries.len(), 12, "six queries, in all and in one");
+    let frequent = report
+        .queries
+        .iter()
+        .find(|q| q.query == "東京" && !q.scoped)
+        .context("the Japanese query")?;
+    assert!(
+        frequent.planted > 20 && frequent.items == 20 && frequent.more,
+        "{frequent:?}"
+    );
+    assert!(
+        report.queries.iter().any(|q| q.scoped && q.items > 0),
+        "{report:#?}"
+    );
+    // The rows are the persister's: the searcher's list and `history`
+    // read them back.
+    let mut searcher = system.connect(&report.searcher, "d").await?;
+    let listed = searcher.request(json!({"type":"conversations"})).await?;
+    let listed = listed["items"].as_array().context("conversations")?;
+    assert_eq!(listed.len(), 10, "{listed:?}");
+    let page = searcher
+        .request(json!({"type":"history","conversation":report.busiest,"limit":5}))
+        .await?;
+    let items = page["messages"].as_array().context("history")?;
+    assert_eq!(items.len(), 5, "{page}");
+    assert!(items
+        .iter()
+        .all(|m| m["conversation"] == report.busiest.as_str()));
     Ok(())
 }
 

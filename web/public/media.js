@@ -1,0 +1,126 @@
+// Media (PROTOCOL.md v1.1 "Media"): uploads with the session's token, and
+// short-lived signed URLs (`media.url`: the media's and its thumbnail's) for
+// pictures and download links, since an <img> or a link cannot send a
+// Bearer header. URLs are kept until shortly before they expire.
+
+import { state } from './state.js';
+
+// A URL this close to its expiry is asked for again.
+const EXPIRY_MARGIN_MS = 30_000;
+// A thumbnail is made by a worker after the upload: a picture shown at once
+// may have to wait for it.
+const THUMB_RETRIES = 10;
+const THUMB_RETRY_MS = 700;
+
+const REFUSED = {
+  401: 'Your session has expired; try again in a moment.',
+  404: 'This server does not take files.',
+  413: 'That file is too big.',
+  415: 'That file is not what its type says.',
+  422: 'That file is not what its type says.',
+  429: 'Too many uploads today; try again later.',
+};
+
+/** Uploads a File or Blob; resolves with the server's description of it. */
+export async function upload(file) {
+  const res = await fetch('/v1/media', {
+    method: 'POST',
+    headers: {
+      Authorization: `Bearer ${state.client.token}`,
+      'Content-Type': file.type || 'application/octet-stream',
+    },
+    body: file,
+  });
+  if (res.status !== 201) throw new Error(REFUSED[res.status] || `Upload failed (${res.status}).`);
+  return res.json();
+}
+
+export const isImage = (a) => /^image\//.test(a.content_type || '');
+
+/** "2.4 MB" */
+export function size(bytes) {
+  if (!Number.isFinite(bytes)) return '';
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let v = bytes;
+  let u = -1;
+  do {
+    v /= 1024;
+    u += 1;
+  } while (v >= 1024 && u < units.length - 1);
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[u]}`;
+}
+
+// media id -> {url, thumb, expires (ms)} once known, or {waiting: Promise}.
+const signed = new Map();
+
+/** `expires` as ms since the epoch, whether the server sent seconds, ms or a date. */
+function expiryMs(expires) {
+  if (typeof expires === 'number') return expires < 1e12 ? expires * 1000 : expires;
+  const at = Date.parse(expires);
+  return Number.isNaN(at) ? Date.now() + 60_000 : at;
+}
+
+const fresh = (known) => known?.url && known.expires - EXPIRY_MARGIN_MS > Date.now();
+
+/** The signed URLs of a media ({url, thumb}), from the cache or asked for. */
+async function signedUrls(id) {
+  const known = signed.get(id);
+  if (fresh(known)) return known;
+  if (known?.waiting) return known.waiting;
+  const waiting = state.client
+    .request({ type: 'media.url', media: id })
+    .then((reply) => {
+      const urls = { url: reply.url, thumb: reply.thumb || thumbOf(reply.url), expires: expiryMs(reply.expires) };
+      signed.set(id, urls);
+      return urls;
+    })
+    .catch((e) => {
+      signed.delete(id);
+      throw e;
+    });
+  signed.set(id, { waiting });
+  return waiting;
+}
+
+/** A thumbnail's URL when the server names none: the media URL's path with `/thumb`. */
+function thumbOf(url) {
+  const u = new URL(url, location.href);
+  u.pathname = `${u.pathname.replace(/\/$/, '')}/thumb`;
+  return u.origin === location.origin ? u.pathname + u.search : u.href;
+}
+
+/**
+ * Points `img` at the media (its thumbnail with `thumb`) once a signed URL
+ * is at hand; a thumbnail not made yet is asked for again a few times.
+ */
+export function showPicture(img, id, { thumb = false } = {}) {
+  let tries = 0;
+  img.addEventListener('error', () => {
+    if (!thumb || tries >= THUMB_RETRIES || !img.isConnected) return;
+    tries += 1;
+    setTimeout(() => load(), THUMB_RETRY_MS);
+  });
+  const load = () =>
+    signedUrls(id).then(
+      (urls) => {
+        img.src = thumb ? urls.thumb : urls.url;
+      },
+      () => {},
+    );
+  load();
+}
+
+/** Sets `a`'s href to a signed URL of the media, fresh again when it is used. */
+export function linkTo(a, id) {
+  signedUrls(id).then((urls) => a.setAttribute('href', urls.url), () => {});
+  a.addEventListener('click', (e) => {
+    if (fresh(signed.get(id))) return;
+    // Expired or never known: get one, then follow it.
+    e.preventDefault();
+    signedUrls(id).then((urls) => {
+      a.setAttribute('href', urls.url);
+      a.click();
+    }, () => {});
+  });
+}
