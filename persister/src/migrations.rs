@@ -17,6 +17,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (9, include_str!("../migrations/0009_media.sql")),
     // 10 is taken by work on another branch (shards).
     (11, include_str!("../migrations/0011_search_any_script.sql")),
+    // 12 is taken by work on another branch (shards) too.
+    (13, include_str!("../migrations/0013_public_avatars.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;

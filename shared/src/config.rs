@@ -862,10 +862,10 @@ impl Config {
 }
 
 impl StoreBounds {
-    fn check(&self) -> Vec<String> {
-        // A stream must hold a few of its largest messages (1 MiB each).
-        let mut problems = Vec::new();
-        for (name, value) in [
+    /// Every byte bound with the setting that gives it (a service started
+    /// with these variables gets these bounds).
+    pub fn settings(&self) -> [(&'static str, i64); 10] {
+        [
             ("CHAT_MESSAGES_MAX_BYTES", self.messages),
             ("CHAT_INBOX_MAX_BYTES", self.inbox),
             ("CHAT_PUSH_MAX_BYTES", self.push),
@@ -876,7 +876,13 @@ impl StoreBounds {
             ("CHAT_SENT_MAX_BYTES", self.sent),
             ("CHAT_BUCKET_MAX_BYTES", self.buckets),
             ("CHAT_MEDIA_STORE_MAX_BYTES", self.media),
-        ] {
+        ]
+    }
+
+    fn check(&self) -> Vec<String> {
+        // A stream must hold a few of its largest messages (1 MiB each).
+        let mut problems = Vec::new();
+        for (name, value) in self.settings() {
             if value < 4 * MIB {
                 problems.push(format!("{name}: at least {} (4 MiB)", 4 * MIB));
             }

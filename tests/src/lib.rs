@@ -690,13 +690,7 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
             ..Default::default()
         },
         quota: QUOTA_OFF_SCALE,
-        // JetStream reserves every stream's byte bound on disk at creation:
-        // the media store's default (1 GiB) would make each test server ask
-        // for more than the tests ever write, on a disk shared by many.
-        bounds: chat_shared::config::StoreBounds {
-            media: 256 * 1024 * 1024,
-            ..Default::default()
-        },
+        bounds: TEST_BOUNDS,
         partitions: partitions_under_test(),
         ..Config::default()
     }
@@ -719,6 +713,30 @@ pub fn partitions_under_test() -> Partitions {
         Err(_) => Partitions::default(),
     }
 }
+
+/// The streams' and buckets' byte bounds in test systems. nats-server
+/// reserves every bound on disk when a stream is made and, without a
+/// `max_file_store`, allows 75 % of the disk that is free when it starts:
+/// the defaults (about 23 GiB, sized for one real box) made every test
+/// server of a parallel run refuse its streams ("insufficient storage
+/// resources") once the disk had less than ~31 GB free. These hold far
+/// more than any test writes (the abuse tests set their own, smaller ones).
+pub const TEST_BOUNDS: chat_shared::config::StoreBounds = chat_shared::config::StoreBounds {
+    messages: GIB,
+    inbox: GIB,
+    inbox_items_per_user: 10_000,
+    push: 128 * MIB,
+    events: 128 * MIB,
+    deadletter: 128 * MIB,
+    quotas: 64 * MIB,
+    audit: 64 * MIB,
+    sent: 128 * MIB,
+    buckets: 64 * MIB,
+    // A test uploads at most 50 MiB.
+    media: 256 * MIB,
+};
+const MIB: i64 = 1024 * 1024;
+const GIB: i64 = 1024 * MIB;
 
 /// Quotas no test reaches unless it lowers them (the abuse tests do).
 pub const QUOTA_OFF_SCALE: chat_shared::config::QuotaConfig = chat_shared::config::QuotaConfig {

@@ -37,7 +37,11 @@ impl Service {
 fn environment(config: &Config) -> Vec<(&'static str, String)> {
     let millis = |d: Duration| d.as_millis().to_string();
     let secs = |d: Duration| d.as_secs().to_string();
-    vec![
+    let bounds = config
+        .bounds
+        .settings()
+        .map(|(name, bytes)| (name, bytes.to_string()));
+    let mut environment = vec![
         ("CHAT_NATS_URL", config.nats_url.clone()),
         (
             "CHAT_NATS_USER",
@@ -91,7 +95,9 @@ fn environment(config: &Config) -> Vec<(&'static str, String)> {
             config.edge_net.discovery_per_ip.to_string(),
         ),
         ("RUST_LOG", "warn".into()),
-    ]
+    ];
+    environment.extend(bounds);
+    environment
 }
 
 /// A service in its own process; dropping it kills the process.

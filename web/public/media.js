@@ -8,9 +8,11 @@ import { state } from './state.js';
 // A URL this close to its expiry is asked for again.
 const EXPIRY_MARGIN_MS = 30_000;
 // A thumbnail is made by a worker after the upload: a picture shown at once
-// may have to wait for it.
+// may have to wait for it, the longer the busier the worker, so the waits
+// grow (0.7 s, then half as long again each time: about a minute in all).
 const THUMB_RETRIES = 10;
 const THUMB_RETRY_MS = 700;
+const THUMB_RETRY_GROWTH = 1.5;
 
 const REFUSED = {
   401: 'Your session has expired; try again in a moment.',
@@ -98,8 +100,8 @@ export function showPicture(img, id, { thumb = false } = {}) {
   let tries = 0;
   img.addEventListener('error', () => {
     if (!thumb || tries >= THUMB_RETRIES || !img.isConnected) return;
+    setTimeout(() => load(), THUMB_RETRY_MS * THUMB_RETRY_GROWTH ** tries);
     tries += 1;
-    setTimeout(() => load(), THUMB_RETRY_MS);
   });
   const load = () =>
     signedUrls(id).then(

@@ -135,8 +135,9 @@ impl Service {
 }
 
 /// The metadata of those of `media` that `user` may see, in the order
-/// asked: their uploader, or a current member of a conversation in which
-/// a message that is not deleted carries them.
+/// asked: their uploader, a current member of a conversation in which a
+/// message that is not deleted carries them, or anyone for a media that is
+/// someone's current avatar (profiles are public, and so is their picture).
 async fn visible_media(
     db: &impl GenericClient,
     user: &UserId,
@@ -151,6 +152,7 @@ async fn visible_media(
                  JOIN media m ON m.media = asked.media
                  WHERE EXISTS (SELECT 1 FROM media_uploaders u
                                WHERE u.media = m.media AND u.user_id = $2)
+                    OR EXISTS (SELECT 1 FROM profiles p WHERE p.avatar = m.media)
                     OR EXISTS (SELECT 1 FROM message_attachments a
                                JOIN messages msg ON msg.conversation = a.conversation
                                                 AND msg.id = a.message_id AND NOT msg.deleted

@@ -173,7 +173,7 @@ async fn a_flood_into_a_group_keeps_streams_bounded_and_others_delivered() -> an
         messages: 64 << 20,
         inbox: 8 << 20,
         inbox_items_per_user: 100,
-        ..StoreBounds::default()
+        ..chat_tests::TEST_BOUNDS
     };
     let admin = jetstream::new(system.admin().await?);
     let mut small = system.config.clone();

@@ -488,6 +488,39 @@ async fn only_the_uploader_and_members_see_a_media() -> anyhow::Result<()> {
         404,
         "removed"
     );
+    // Profiles are public, and so is the picture one names: a stranger
+    // sees alice's avatar while it is her avatar, and no longer after.
+    let carol = "carol";
+    let avatar = uploaded(&system, "alice", "image/png", &png(20, 20)).await?;
+    let avatar_path = format!("/v1/media/{avatar}");
+    assert_eq!(
+        get_as(&system, Some(carol), &avatar_path, &[])
+            .await?
+            .status,
+        404
+    );
+    let set = alice
+        .request(json!({"type":"profile.set","name":"Alice","avatar":avatar}))
+        .await?;
+    ensure!(set["type"] == "ok", "{set}");
+    assert_eq!(
+        get_as(&system, Some(carol), &avatar_path, &[])
+            .await?
+            .status,
+        200,
+        "a profile's picture"
+    );
+    let unset = alice
+        .request(json!({"type":"profile.set","name":"Alice","avatar":null}))
+        .await?;
+    ensure!(unset["type"] == "ok", "{unset}");
+    assert_eq!(
+        get_as(&system, Some(carol), &avatar_path, &[])
+            .await?
+            .status,
+        404,
+        "no longer her avatar"
+    );
     Ok(())
 }
 
