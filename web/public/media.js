@@ -94,22 +94,24 @@ function thumbOf(url) {
 
 /**
  * Points `img` at the media (its thumbnail with `thumb`) once a signed URL
- * is at hand; a thumbnail not made yet is asked for again a few times.
+ * is at hand. Both may take a moment, so each is asked for again a few
+ * times: a thumbnail is made after the upload, and a message is delivered
+ * before it is stored, while `media.url` answers `not_found` until it is.
  */
 export function showPicture(img, id, { thumb = false } = {}) {
   let tries = 0;
-  img.addEventListener('error', () => {
-    if (!thumb || tries >= THUMB_RETRIES || !img.isConnected) return;
+  const again = () => {
+    if (tries >= THUMB_RETRIES || !img.isConnected) return;
     setTimeout(() => load(), THUMB_RETRY_MS * THUMB_RETRY_GROWTH ** tries);
     tries += 1;
+  };
+  img.addEventListener('error', () => {
+    if (thumb) again();
   });
   const load = () =>
-    signedUrls(id).then(
-      (urls) => {
-        img.src = thumb ? urls.thumb : urls.url;
-      },
-      () => {},
-    );
+    signedUrls(id).then((urls) => {
+      img.src = thumb ? urls.thumb : urls.url;
+    }, again);
   load();
 }
 
