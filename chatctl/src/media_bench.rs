@@ -85,7 +85,7 @@ pub async fn media(config: &Config, options: MediaOptions) -> anyhow::Result<Med
         )
         .await?;
         let took = started.elapsed();
-        let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let digest = chat_shared::hex::encode(hash.finalize());
         if response.status != 200 || received != size || digest != media {
             bail!(
                 "download: status {}, {received} bytes, sha256 {digest}",

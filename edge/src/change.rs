@@ -10,9 +10,9 @@
 use async_nats::HeaderMap;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, Change, RpcError};
-use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ChangeEvent, ChangeKind, ErrorCode, ServerFrame};
+use chat_shared::{hex, subjects};
 use sha2::{Digest, Sha256};
 
 use crate::quota::{json_bytes, QuotaError};
@@ -137,10 +137,7 @@ fn event_of(user: &UserId, request: Request) -> (ChangeEvent, String) {
     };
     let detail = match request.change {
         Change::Edit { text } => {
-            let digest: String = Sha256::digest(text.as_bytes())[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let digest = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
             event.text = Some(text);
             digest
         }
@@ -151,17 +148,13 @@ fn event_of(user: &UserId, request: Request) -> (ChangeEvent, String) {
         }
         Change::Reaction { emoji, on } => {
             event.kind = ChangeKind::Reaction;
-            let detail = format!("{}:{on}", hex(&emoji));
+            let detail = format!("{}:{on}", hex::encode(&emoji));
             event.emoji = Some(emoji);
             event.on = Some(on);
             detail
         }
     };
     (event, detail)
-}
-
-fn hex(text: &str) -> String {
-    text.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn publish(edge: &Edge, event: &ChangeEvent, dedup: &str) -> Result<(), ChangeError> {

@@ -80,10 +80,7 @@ impl Claim {
             hash.update([0]);
             hash.update(attachment.media.as_str().as_bytes());
         }
-        hash.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        chat_shared::hex::encode(&hash.finalize()[..16])
     }
 
     /// Whether a request with `digest` may be the one this claim is for (a

@@ -318,13 +318,7 @@ impl ClientMsgId {
 
     /// A form of the id made only of `[0-9a-f]`, fit for a KV key.
     pub fn hex(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::with_capacity(self.0.len() * 2);
-        for byte in self.0.bytes() {
-            // Writing into a String cannot fail.
-            let _ = write!(out, "{byte:02x}");
-        }
-        out
+        crate::hex::encode(&self.0)
     }
 }
 
@@ -383,13 +377,7 @@ impl MediaId {
 
     /// The id of the bytes whose SHA-256 is `digest`.
     pub fn of_digest(digest: &[u8; 32]) -> Self {
-        use std::fmt::Write;
-        let mut hex = String::with_capacity(MEDIA_ID_LEN);
-        for byte in digest {
-            // Writing into a String cannot fail.
-            let _ = write!(hex, "{byte:02x}");
-        }
-        Self(hex)
+        Self(crate::hex::encode(digest))
     }
 
     pub fn as_str(&self) -> &str {

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod direct;
 pub mod discovery;
 pub mod error;
+pub mod hex;
 pub mod idgen;
 pub mod ids;
 pub mod lease;

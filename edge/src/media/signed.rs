@@ -46,12 +46,7 @@ impl Signer {
 
     /// The signature (hex) of `media` until `expires_ms`.
     pub fn sign(&self, media: &MediaId, expires_ms: u64) -> String {
-        self.mac(media, expires_ms)
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        chat_shared::hex::encode(self.mac(media, expires_ms).finalize().into_bytes())
     }
 
     /// Whether `signature` is ours for `media` and `expires_ms` is not past

@@ -154,10 +154,7 @@ pub fn collapse_id(conversation: &str) -> String {
     if conversation.len() <= MAX_COLLAPSE_ID {
         conversation.to_string()
     } else {
-        Sha256::digest(conversation.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        chat_shared::hex::encode(Sha256::digest(conversation.as_bytes()))
     }
 }
 

@@ -84,7 +84,7 @@ pub fn signature(key: &Hmac<Sha256>, timestamp: &str, body: &str) -> String {
     mac.update(b".");
     mac.update(body.as_bytes());
     let digest = mac.finalize().into_bytes();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = chat_shared::hex::encode(digest);
     format!("sha256={hex}")
 }
 

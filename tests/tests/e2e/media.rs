@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context};
+use chat_shared::hex;
 use chat_tests::{Client, System};
 use chatctl::http::{self, Noise, Response};
 use serde_json::{json, Value};
@@ -17,10 +18,6 @@ use sha2::{Digest, Sha256};
 const MIB: u64 = 1024 * 1024;
 /// The key signed URLs are made with in these tests.
 const URL_KEY: &str = "media-url-key-for-the-e2e-tests-0123";
-
-fn hex(digest: impl AsRef<[u8]>) -> String {
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A `width` x `height` PNG of a gradient.
 pub fn png(width: u32, height: u32) -> Vec<u8> {
@@ -162,7 +159,7 @@ async fn a_large_upload_streams_and_a_resumed_download_is_identical() -> anyhow:
         }
         expected.update(&buffer[..read]);
     }
-    let expected = hex(expected.finalize());
+    let expected = hex::encode(expected.finalize());
     let mut noise = Noise::new(19, SIZE);
     let reply = http::upload(
         edge.addr,
@@ -212,7 +209,11 @@ async fn a_large_upload_streams_and_a_resumed_download_is_identical() -> anyhow:
     )
     .await?;
     assert_eq!((status, rest), (206, SIZE - half));
-    assert_eq!(hex(hash.finalize()), expected, "the resumed download");
+    assert_eq!(
+        hex::encode(hash.finalize()),
+        expected,
+        "the resumed download"
+    );
     // Past the end: 416 with the size.
     let past = get_as(
         &system,
@@ -239,7 +240,7 @@ async fn the_same_bytes_are_one_media_stored_once() -> anyhow::Result<()> {
     let first = uploaded(&system, "alice", "application/pdf", &bytes).await?;
     let second = uploaded(&system, "bob", "application/pdf", &bytes).await?;
     assert_eq!(first, second);
-    assert_eq!(first, hex(Sha256::digest(&bytes)));
+    assert_eq!(first, hex::encode(Sha256::digest(&bytes)));
     let lie = upload(&system, "bob", "image/png", b"not a png").await?;
     assert_eq!(lie.status, 415);
 
@@ -733,7 +734,7 @@ async fn signed_urls_work_without_a_token_until_tampered_or_expired() -> anyhow:
             &mut mac,
             format!("chat media url\n{media}\n{expires}").as_bytes(),
         );
-        let signature = hex(hmac::Mac::finalize(mac).into_bytes());
+        let signature = hex::encode(hmac::Mac::finalize(mac).into_bytes());
         Ok(format!("/v1/media/{media}?exp={expires}&sig={signature}"))
     };
     assert_eq!(

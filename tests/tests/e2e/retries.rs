@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use async_nats::jetstream;
+use chat_shared::hex;
 use chat_tests::{Client, System};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -45,10 +46,6 @@ async fn claim_lines(system: &System, user: &str) -> anyhow::Result<Vec<String>>
         lines.extend(String::from_utf8(value.to_vec())?.lines().map(String::from));
     }
     Ok(lines)
-}
-
-fn hex(client_msg_id: &str) -> String {
-    client_msg_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn send(client: &mut Client, text: &str, client_msg_id: &str) -> anyhow::Result<Value> {
@@ -138,7 +135,7 @@ async fn only_sends_answered_shortly_before_their_connection_ended_are_claimed(
 
     let claimed = format!(
         "{} {}:",
-        hex("closed-at-once"),
+        hex::encode("closed-at-once"),
         unread["id"].as_str().unwrap_or("?")
     );
     chat_tests::wait_until(|| async {
