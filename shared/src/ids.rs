@@ -48,6 +48,36 @@ fn check_name(kind: &'static str, value: &str) -> Result<(), InvalidId> {
     Ok(())
 }
 
+/// What every id made of one checked string has: `as_str`, `Display`, and
+/// serde through its `parse` (a bad id is refused while deserializing).
+macro_rules! string_id {
+    ($name:ident) => {
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 /// Defines a `[A-Za-z0-9_-]{1,64}` id newtype with parsing, serde and schema.
 macro_rules! name_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
@@ -61,34 +91,13 @@ macro_rules! name_id {
                 check_name($kind, &value)?;
                 Ok(Self(value))
             }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
+        string_id!($name);
 
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let raw = String::deserialize(d)?;
-                Self::parse(raw).map_err(serde::de::Error::custom)
             }
         }
 
@@ -312,33 +321,13 @@ impl ClientMsgId {
         Ok(Self(value))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// A form of the id made only of `[0-9a-f]`, fit for a KV key.
     pub fn hex(&self) -> String {
         crate::hex::encode(&self.0)
     }
 }
 
-impl fmt::Display for ClientMsgId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl Serialize for ClientMsgId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ClientMsgId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
+string_id!(ClientMsgId);
 
 impl JsonSchema for ClientMsgId {
     fn schema_name() -> Cow<'static, str> {
@@ -379,29 +368,9 @@ impl MediaId {
     pub fn of_digest(digest: &[u8; 32]) -> Self {
         Self(crate::hex::encode(digest))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl fmt::Display for MediaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl Serialize for MediaId {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for MediaId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
+string_id!(MediaId);
 
 impl JsonSchema for MediaId {
     fn schema_name() -> Cow<'static, str> {
