@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::Cursor;
 
-use async_nats::jetstream::object_store::{InfoErrorKind, ObjectMetadata, ObjectStore};
+use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume;
 use chat_shared::ids::MediaId;
@@ -114,12 +114,9 @@ async fn thumbnail(
         move |e: String| ThumbError::Transient(format!("{what}: {e}"))
     };
     let name = subjects::media_object(media);
-    let info = match store.info(&name).await {
-        Ok(info) if !info.deleted => info,
-        Ok(_) => return Err(ThumbError::Refused("deleted".into())),
-        Err(e) if e.kind() == InfoErrorKind::NotFound => {
-            return Err(ThumbError::Refused("no such object".into()))
-        }
+    let info = match chat_shared::objects::live(store, &name).await {
+        Ok(Some(info)) => info,
+        Ok(None) => return Err(ThumbError::Refused("no such object".into())),
         Err(e) => return Err(transient("reading the object info")(e.to_string())),
     };
     if info.size > MAX_SOURCE_BYTES {

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod moderation;
 pub mod nats;
 pub mod netaddr;
+pub mod objects;
 pub mod partitions;
 pub mod presence;
 pub mod push;

@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::object_store::InfoErrorKind;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -82,10 +81,9 @@ async fn serve(
         Variant::Thumb => (subjects::thumb_object(&media), format!("\"{media}.thumb\"")),
     };
     let store = &edge.media.store;
-    let info = match store.info(&name).await {
-        Ok(info) if !info.deleted => info,
-        Ok(_) => return Err(MediaError::NotFound),
-        Err(e) if e.kind() == InfoErrorKind::NotFound => return Err(MediaError::NotFound),
+    let info = match chat_shared::objects::live(store, &name).await {
+        Ok(Some(info)) => info,
+        Ok(None) => return Err(MediaError::NotFound),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read a media object");
             return Err(MediaError::Unavailable);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_nats::jetstream::object_store::{
-    InfoErrorKind, ObjectMetadata, UpdateMetadata, UpdateMetadataErrorKind,
+    ObjectMetadata, UpdateMetadata, UpdateMetadataErrorKind,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -124,28 +124,16 @@ async fn store(edge: &Edge, headers: &HeaderMap, body: Body) -> Result<MediaInfo
 
 /// Renames the temporary object to `media`, or drops it when `media` is
 /// stored already (also when another upload of the same bytes renames
-/// its own first).
+/// its own first). The rename looks the new name up itself and refuses a
+/// taken one, so no lookup of ours goes before it.
 async fn name_it(edge: &Edge, temporary: &str, media: &MediaId) -> Result<(), MediaError> {
-    let store = &edge.media.store;
-    let name = subjects::media_object(media);
-    match store.info(&name).await {
-        Ok(info) if !info.deleted => {
-            discard(edge, temporary).await;
-            return Ok(());
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == InfoErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read a media object");
-            discard(edge, temporary).await;
-            return Err(MediaError::Unavailable);
-        }
-    }
-    let renamed = store
+    let renamed = edge
+        .media
+        .store
         .update_metadata(
             temporary,
             UpdateMetadata {
-                name,
+                name: subjects::media_object(media),
                 ..Default::default()
             },
         )
