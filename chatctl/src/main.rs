@@ -405,7 +405,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                         report,
                         &options,
                         mam,
-                        &config.database_url,
+                        config.home_database_url(),
                     )
                     .await?;
                     show(&comparison, json, chatctl::peer_bench::print_dm)?;
@@ -429,7 +429,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                         report,
                         &options,
                         mam,
-                        &config.database_url,
+                        config.home_database_url(),
                     )
                     .await?;
                     show(&comparison, json, chatctl::peer_bench::print_group)?;

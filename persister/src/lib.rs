@@ -1,13 +1,17 @@
 //! The persister: the only process that touches PostgreSQL.
 //!
 //! It writes every MESSAGES event into `messages` in batches (one multi-row
-//! `INSERT … ON CONFLICT DO NOTHING` per batch, acked after COMMIT, so a
-//! redelivery or a restart writes nothing twice), and answers the
+//! `INSERT … ON CONFLICT DO NOTHING` per shard per batch, acked after every
+//! shard committed, so a redelivery or a restart writes nothing twice),
+//! keeps each member's unread counter (`user_index`) and answers the
 //! request/reply service `chat.rpc.*` (queue group `persister`) for history,
 //! conversations, groups and read state.
 //!
 //! It stores delivered watermarks from stream RECEIPTS (`watermarks`), and
 //! publishes a read's receipt event there once the read is stored.
+//!
+//! PostgreSQL is split into shards (`shards`): a conversation's rows on
+//! one, a user's on one, by the shard map in KV.
 //!
 //! `unread` is the one definition of a user's unread total, shared with
 //! pushd (the badge).
@@ -21,7 +25,9 @@ mod error;
 mod metrics;
 mod migrations;
 mod service;
+pub mod shards;
 pub mod unread;
+mod user_index;
 mod watermarks;
 mod writer;
 
@@ -41,9 +47,9 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), PersisterError> {
-    let pool = db::connect_pool(&config)?;
-    migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
+    let shards = shards::Shards::connect(&config, &js, true).await?;
+    migrations::run_all(&shards).await?;
     let mut consumers = Vec::new();
     for partition in config.partitions.all() {
         let stream = partition.messages_stream();
@@ -75,7 +81,7 @@ pub async fn run_with(
     );
     let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let service = service::Service::new(
-        pool.clone(),
+        shards.clone(),
         nats.clone(),
         js.clone(),
         service::Policy {
@@ -100,7 +106,7 @@ pub async fn run_with(
         stop.clone(),
     ));
     let watermarks = tokio::spawn(watermarks::store_delivered(
-        pool.clone(),
+        shards.clone(),
         js.clone(),
         delivered,
         stop.clone(),
@@ -108,7 +114,7 @@ pub async fn run_with(
     // One writer per MESSAGES partition, each pulling its own consumer.
     let writers = consumers.into_iter().map(|consumer| {
         writer::write_messages(
-            pool.clone(),
+            shards.clone(),
             js.clone(),
             consumer,
             metrics.clone(),

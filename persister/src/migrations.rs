@@ -14,11 +14,20 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_receipts.sql")),
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
+    (10, include_str!("../migrations/0010_shard_ready.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;
 
-pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
+/// Applies every migration to each shard: all shards have every table.
+pub async fn run_all(shards: &crate::shards::Shards) -> Result<(), PersisterError> {
+    for (_, pool) in shards.all() {
+        run(pool).await?;
+    }
+    Ok(())
+}
+
+async fn run(pool: &Pool) -> Result<(), PersisterError> {
     let db = |what| move |source| PersisterError::Database { what, source };
     let mut client = pool.get().await?;
     let tx = client.transaction().await.map_err(db("begin migrations"))?;
@@ -55,4 +64,25 @@ pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
         }
     }
     tx.commit().await.map_err(db("commit migrations"))
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+
+    /// 0010 turns a join time into an id floor with the id layout's
+    /// constants written out.
+    #[test]
+    fn the_shard_migration_uses_the_id_layout() {
+        let sql = super::MIGRATIONS
+            .iter()
+            .find(|(version, _)| *version == 10)
+            .map(|(_, sql)| *sql)
+            .unwrap_or_default();
+        let floor = format!(
+            "GREATEST(joined_at - {EPOCH_MS}, 0) << {}",
+            NODE_BITS + SEQUENCE_BITS
+        );
+        assert!(sql.contains(&floor), "0010 lacks {floor}");
+    }
 }

@@ -286,6 +286,14 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             Duration::ZERO,
             config,
         ),
+        // Written once by the first persister; changed only by
+        // `chatctl shards` (kept forever).
+        bucket(
+            subjects::SHARDS_BUCKET,
+            "which PostgreSQL shard holds each hash bucket",
+            Duration::ZERO,
+            config,
+        ),
     ]
 }
 

@@ -57,6 +57,8 @@ pub const LEADERS_BUCKET: &str = "chat_leaders";
 pub const MODERATION_BUCKET: &str = "chat_moderation";
 /// The devices of each user that hold a push token ([`crate::push::PushDevices`]).
 pub const PUSH_DEVICES_BUCKET: &str = "chat_push_devices";
+/// The PostgreSQL shard map (`crate::shards`), one key.
+pub const SHARDS_BUCKET: &str = "chat_shards";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 

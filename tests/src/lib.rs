@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use process::{Service, ServiceProcess};
-pub use servers::{fresh_database, nats_password, NatsServer};
+pub use servers::{fresh_database, fresh_database_on, nats_password, NatsServer, PgCluster};
 
 pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret-e2e";
 /// How long a test waits for any one expected frame.
@@ -139,6 +139,9 @@ impl System {
         let nats = NatsServer::start().await?;
         let database_url = fresh_database().await?;
         let mut config = test_config(nats.url(), database_url);
+        for _ in 1..pg_shards_under_test() {
+            config.database_urls.push(fresh_database().await?);
+        }
         adjust(&mut config);
         let mut system = Self {
             nats,
@@ -424,12 +427,29 @@ impl System {
         }
     }
 
-    /// A direct PostgreSQL connection to this system's database.
+    /// A direct PostgreSQL connection to this system's database (its
+    /// home shard, shard 0, when it has several).
     pub async fn database(&self) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
+        connect_database(self.config.home_database_url()).await
+    }
+
+    /// A connection to each of this system's shards, shard 0 first.
+    pub async fn databases(&self) -> Result<Vec<tokio_postgres::Client>> {
+        let mut all = Vec::new();
+        for url in &self.config.database_urls {
+            all.push(connect_database(url).await?);
+        }
+        Ok(all)
+    }
+
+    /// The sum over every shard of `sql`, a query of one `bigint` (a
+    /// `count(*)`): what a test that counts rows sees whatever the shards.
+    pub async fn count_everywhere(&self, sql: &str) -> Result<i64> {
+        let mut total = 0;
+        for db in self.databases().await? {
+            total += db.query_one(sql, &[]).await?.get::<_, i64>(0);
+        }
+        Ok(total)
     }
 
     /// A NATS connection with the admin user.
@@ -670,7 +690,7 @@ fn rand_ref() -> u64 {
 pub fn test_config(nats_url: String, database_url: String) -> Config {
     Config {
         nats_url,
-        database_url,
+        database_urls: vec![database_url],
         jwt_secret: Some(JWT_SECRET.into()),
         // The dev NATS passwords of nats/users.conf are accepted only so.
         dev: true,
@@ -711,6 +731,31 @@ pub fn partitions_under_test() -> Partitions {
             .unwrap_or_else(|| panic!("CHAT_PARTITIONS={count:?} is not a partition count")),
         Err(_) => Partitions::default(),
     }
+}
+
+/// How many PostgreSQL shards each test system has:
+/// `CHAT_TEST_PG_SHARDS` (`scripts/test` runs the persister's tests a
+/// second time with 2), else one. The shards are databases of the test
+/// cluster; `shards::*` also runs them as separate clusters.
+///
+/// # Panics
+/// If `CHAT_TEST_PG_SHARDS` is set to anything but 1 to 8.
+pub fn pg_shards_under_test() -> usize {
+    match std::env::var("CHAT_TEST_PG_SHARDS") {
+        Ok(count) => count
+            .parse()
+            .ok()
+            .filter(|n| (1..=8).contains(n))
+            .unwrap_or_else(|| panic!("CHAT_TEST_PG_SHARDS={count:?} is not 1 to 8")),
+        Err(_) => 1,
+    }
+}
+
+/// A client of one database, its connection driven on this runtime.
+pub async fn connect_database(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// Quotas no test reaches unless it lowers them (the abuse tests do).

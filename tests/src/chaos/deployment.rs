@@ -333,10 +333,7 @@ impl Deployment {
 
     /// A direct PostgreSQL connection to this deployment's database.
     pub async fn database(&self) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
+        crate::connect_database(self.config.home_database_url()).await
     }
 
     /// Every event the DEADLETTER stream holds.

@@ -258,7 +258,7 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
 async fn bench_against_ejabberd_archiving_in_postgres() -> Result<()> {
     let system = System::start().await?;
     let server = Ejabberd::start(Archive::Sql {
-        server: system.config.database_url.clone(),
+        server: system.config.home_database_url().to_string(),
     })
     .await?;
     let archive = server.archive_database().context("no archive database")?;
