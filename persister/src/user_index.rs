@@ -99,7 +99,7 @@ impl Pair {
         self.recount || self.counted.is_none()
     }
 
-    fn from_seq(&self) -> i64 {
+    fn counted_after(&self) -> i64 {
         if self.replaces() {
             0
         } else {
@@ -278,7 +278,7 @@ async fn count(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
             .map(|&i| pairs[i].conversation.to_string())
             .collect();
         let users: Vec<&str> = at.iter().map(|&i| pairs[i].user.as_str()).collect();
-        let from: Vec<i64> = at.iter().map(|&i| pairs[i].from_seq()).collect();
+        let from: Vec<i64> = at.iter().map(|&i| pairs[i].counted_after()).collect();
         let to: Vec<i64> = at.iter().map(|&i| pairs[i].seq).collect();
         let floors: Vec<i64> = at.iter().map(|&i| pairs[i].floor()).collect();
         let rows = shards
