@@ -452,6 +452,24 @@ impl System {
         Ok(total)
     }
 
+    /// The rows `sql` finds on every shard, shard 0's first.
+    pub async fn rows_everywhere(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+        let mut rows = Vec::new();
+        for db in self.databases().await? {
+            rows.extend(db.query(sql, &[]).await?);
+        }
+        Ok(rows)
+    }
+
+    /// A connection to the shard that holds `conversation`'s rows (by the
+    /// even map the first persister writes for this system's shards).
+    pub async fn database_of(&self, conversation: &str) -> Result<tokio_postgres::Client> {
+        let conversation = chat_shared::ids::ConversationId::parse(conversation)?;
+        let shard = chat_shared::shards::ShardMap::even(self.config.database_urls.len())
+            .of_conversation(&conversation);
+        connect_database(&self.config.database_urls[shard]).await
+    }
+
     /// A NATS connection with the admin user.
     pub async fn admin(&self) -> Result<async_nats::Client> {
         Ok(chat_shared::nats::connect(&self.config_for("admin"), "test-admin").await?)

@@ -57,11 +57,9 @@ async fn bench_dm_counts_every_message() -> Result<()> {
     let persisted = report.persisted_seconds.context("no persisted time")?;
     assert!(persisted >= report.seconds, "{report:?}");
     let stored = system
-        .database()
-        .await?
-        .query_one("SELECT count(*) FROM messages", &[])
+        .count_everywhere("SELECT count(*) FROM messages")
         .await?;
-    assert_eq!(stored.get::<_, i64>(0), 50);
+    assert_eq!(stored, 50);
     // Every watched process is in the CPU report, the load generator as
     // part of "system" (the same process, not counted twice), and the
     // split adds up to the total.
@@ -342,10 +340,8 @@ async fn postmaster_pid() -> Result<u32> {
 /// Waits until PostgreSQL holds `count` messages: the bench's messages
 /// went all the way to the history store.
 async fn wait_stored(system: &System, count: i64) -> Result<()> {
-    let db = system.database().await?;
-    let rows = || db.query_one("SELECT count(*) FROM messages", &[]);
-    chat_tests::wait_until(|| async { rows().await.is_ok_and(|r| r.get::<_, i64>(0) == count) })
-        .await
+    let rows = || system.count_everywhere("SELECT count(*) FROM messages");
+    chat_tests::wait_until(|| async { rows().await.is_ok_and(|n| n == count) }).await
 }
 
 /// The edge's `edge_connections` gauge.

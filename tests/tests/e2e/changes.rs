@@ -298,7 +298,7 @@ async fn an_offline_device_resumes_changes_in_order_and_a_deleted_text_is_erased
         "{listed}"
     );
 
-    let db = system.database().await?;
+    let db = system.database_of("dm:alice:bob").await?;
     let pattern = format!("%{SECRET}%");
     let rows = db
         .query_one(
