@@ -24,6 +24,7 @@ mod deadletter;
 mod error;
 mod metrics;
 mod migrations;
+mod months;
 mod service;
 pub mod shards;
 pub mod unread;
@@ -50,6 +51,7 @@ pub async fn run_with(
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let shards = shards::Shards::connect(&config, &js, true).await?;
     migrations::run_all(&shards).await?;
+    months::ensure(&shards).await?;
     let mut consumers = Vec::new();
     for partition in config.partitions.all() {
         let stream = partition.messages_stream();
@@ -105,6 +107,7 @@ pub async fn run_with(
         metrics.clone(),
         stop.clone(),
     ));
+    let months = tokio::spawn(months::keep_ahead(shards.clone(), stop.clone()));
     let watermarks = tokio::spawn(watermarks::store_delivered(
         shards.clone(),
         js.clone(),
@@ -128,6 +131,7 @@ pub async fn run_with(
     let _ = rpc.await;
     let _ = mover.await;
     let _ = watermarks.await;
+    let _ = months.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

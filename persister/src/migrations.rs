@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
     (10, include_str!("../migrations/0010_shard_ready.sql")),
+    (12, include_str!("../migrations/0012_message_months.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;
@@ -70,19 +71,23 @@ async fn run(pool: &Pool) -> Result<(), PersisterError> {
 mod tests {
     use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 
-    /// 0010 turns a join time into an id floor with the id layout's
-    /// constants written out.
-    #[test]
-    fn the_shard_migration_uses_the_id_layout() {
-        let sql = super::MIGRATIONS
+    fn migration(version: i32) -> &'static str {
+        super::MIGRATIONS
             .iter()
-            .find(|(version, _)| *version == 10)
+            .find(|(v, _)| *v == version)
             .map(|(_, sql)| *sql)
-            .unwrap_or_default();
-        let floor = format!(
-            "GREATEST(joined_at - {EPOCH_MS}, 0) << {}",
-            NODE_BITS + SEQUENCE_BITS
-        );
-        assert!(sql.contains(&floor), "0010 lacks {floor}");
+            .unwrap_or_default()
+    }
+
+    /// 0010 turns a join time into an id floor, and 0012 the oldest id into
+    /// its month, with the id layout's constants written out.
+    #[test]
+    fn migrations_use_the_id_layout() {
+        let shift = NODE_BITS + SEQUENCE_BITS;
+        let floor = format!("GREATEST(joined_at - {EPOCH_MS}, 0) << {shift}");
+        assert!(migration(10).contains(&floor), "0010 lacks {floor}");
+        let oldest = format!("(min(id) >> {shift}) + {EPOCH_MS}");
+        assert!(migration(12).contains(&oldest), "0012 lacks {oldest}");
+        assert!(migration(12).contains(&format!("{EPOCH_MS}, {shift});")));
     }
 }

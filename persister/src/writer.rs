@@ -401,14 +401,26 @@ async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError>
         let ids: Vec<i64> = rows.messages.iter().map(|r| r.id).collect();
         let stamps: Vec<i64> = rows.messages.iter().map(|r| r.ts).collect();
         let reply_to: Vec<Option<i64>> = rows.messages.iter().map(|r| r.reply_to).collect();
+        // A message is stored only with its key (`message_keys`, the last
+        // net for idempotent sends: `messages` is partitioned by month and
+        // can have no unique index without the id); one already stored, or
+        // a retry of a send stored under another id, claims nothing.
         let new = tx
             .query(
-                "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to,
+                "WITH batch AS (
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[],
+                                          $5::bigint[], $6::text[], $7::bigint[], $8::text[],
+                                          $9::bigint[]) AS u(c, i, s, b, t, m, r, n, q)),
+                 claimed AS (
+                     INSERT INTO message_keys (conversation, sender, client_msg_id, id)
+                     SELECT c, s, m, i FROM batch
+                     ON CONFLICT DO NOTHING
+                     RETURNING conversation, id)
+                 INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to,
                                        mentions, seq)
-                 SELECT c, i, s, b, t, m, r, ARRAY(SELECT jsonb_array_elements_text(n::jsonb)), q
-                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
-                             $6::text[], $7::bigint[], $8::text[], $9::bigint[])
-                      AS u(c, i, s, b, t, m, r, n, q)
+                 SELECT b.c, b.i, b.s, b.b, b.t, b.m, b.r,
+                        ARRAY(SELECT jsonb_array_elements_text(b.n::jsonb)), b.q
+                 FROM batch b JOIN claimed k ON k.conversation = b.c AND k.id = b.i
                  ON CONFLICT DO NOTHING
                  RETURNING conversation, id",
                 &[

@@ -259,3 +259,63 @@ async fn two_thousand_conversations_land_where_the_map_says_and_read_as_one_shar
     assert_eq!(sharded["r7 conversations"].len(), 2, "a DM and the group");
     Ok(())
 }
+
+/// `messages` is split by month of its ids (migration 0012): this month
+/// and the next two exist before anything is sent, a message lands in its
+/// month (not the default partition), and a month detaches as a table of
+/// its own, taking its messages out of history.
+#[tokio::test]
+async fn messages_land_in_their_month_which_detaches_whole() -> Result<()> {
+    let system = System::start().await?;
+    let mut alice = system.connect("alice", "d").await?;
+    let sent = alice
+        .send_message(json!({"to":"bob"}), "this month", "m1")
+        .await?;
+    ensure!(sent["type"] == "sent", "{sent}");
+    let db = system.database_of("dm:alice:bob").await?;
+    wait_until(|| async {
+        db.query_one("SELECT count(*) FROM messages", &[])
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    let month: String = db
+        .query_one("SELECT tableoid::regclass::text FROM messages", &[])
+        .await?
+        .get(0);
+    let now: String = db
+        .query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY_MM')", &[])
+        .await?
+        .get(0);
+    assert_eq!(month, format!("messages_{now}"));
+    let ahead: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'messages'::regclass
+               AND c.relname IN (
+                   'messages_' || to_char(now() AT TIME ZONE 'UTC', 'YYYY_MM'),
+                   'messages_' || to_char((now() + interval '1 month') AT TIME ZONE 'UTC', 'YYYY_MM'),
+                   'messages_' || to_char((now() + interval '2 months') AT TIME ZONE 'UTC', 'YYYY_MM'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(ahead, 3, "this month and the next two exist");
+    let history = alice
+        .request(json!({"type":"history","conversation":"dm:alice:bob"}))
+        .await?;
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(1));
+
+    db.batch_execute(&format!("ALTER TABLE messages DETACH PARTITION {month}"))
+        .await?;
+    let kept: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {month}"), &[])
+        .await?
+        .get(0);
+    assert_eq!(kept, 1, "the detached month keeps its rows");
+    let history = alice
+        .request(json!({"type":"history","conversation":"dm:alice:bob"}))
+        .await?;
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
