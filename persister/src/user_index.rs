@@ -225,6 +225,18 @@ async fn members(shards: &Shards, touched: &Touched) -> Result<Vec<Pair>, IndexE
     Ok(pairs)
 }
 
+/// The key columns of `pairs[at]`: each pair's index, user and
+/// conversation.
+fn keys<'a>(pairs: &'a [Pair], at: &[usize]) -> (Vec<i32>, Vec<&'a str>, Vec<String>) {
+    (
+        at.iter().map(|&i| i as i32).collect(),
+        at.iter().map(|&i| pairs[i].user.as_str()).collect(),
+        at.iter()
+            .map(|&i| pairs[i].conversation.to_string())
+            .collect(),
+    )
+}
+
 /// Indexes of `pairs` by the shard `shard_of` names.
 fn by_shard(pairs: &[Pair], shard_of: impl Fn(&Pair) -> usize) -> HashMap<usize, Vec<usize>> {
     let mut out: HashMap<usize, Vec<usize>> = HashMap::new();
@@ -237,12 +249,7 @@ fn by_shard(pairs: &[Pair], shard_of: impl Fn(&Pair) -> usize) -> HashMap<usize,
 /// Each pair's `counted_seq` and read mark, from the users' shards.
 async fn read_marks(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
     for (shard, at) in by_shard(pairs, |p| shards.of_user(&p.user)) {
-        let index: Vec<i32> = at.iter().map(|&i| i as i32).collect();
-        let users: Vec<&str> = at.iter().map(|&i| pairs[i].user.as_str()).collect();
-        let conversations: Vec<String> = at
-            .iter()
-            .map(|&i| pairs[i].conversation.to_string())
-            .collect();
+        let (index, users, conversations) = keys(pairs, &at);
         let rows = shards
             .pool(shard)
             .get()
@@ -272,12 +279,7 @@ async fn read_marks(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexErro
 /// Each pair's unread messages in its range, on the conversations' shards.
 async fn count(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
     for (shard, at) in by_shard(pairs, |p| shards.of_conversation(&p.conversation)) {
-        let index: Vec<i32> = at.iter().map(|&i| i as i32).collect();
-        let conversations: Vec<String> = at
-            .iter()
-            .map(|&i| pairs[i].conversation.to_string())
-            .collect();
-        let users: Vec<&str> = at.iter().map(|&i| pairs[i].user.as_str()).collect();
+        let (index, users, conversations) = keys(pairs, &at);
         let from: Vec<i64> = at.iter().map(|&i| pairs[i].counted_after()).collect();
         let to: Vec<i64> = at.iter().map(|&i| pairs[i].seq).collect();
         let floors: Vec<i64> = at.iter().map(|&i| pairs[i].floor()).collect();
@@ -318,12 +320,7 @@ async fn write(shards: &Shards, pairs: Vec<Pair>) -> Result<Vec<Pair>, IndexErro
         };
         if !existing.is_empty() {
             let at = &existing;
-            let index: Vec<i32> = at.iter().map(|&i| i as i32).collect();
-            let users: Vec<&str> = at.iter().map(|&i| pairs[i].user.as_str()).collect();
-            let conversations: Vec<String> = at
-                .iter()
-                .map(|&i| pairs[i].conversation.to_string())
-                .collect();
+            let (index, users, conversations) = keys(&pairs, at);
             let adds: Vec<bool> = at.iter().map(|&i| !pairs[i].replaces()).collect();
             let last: Vec<Option<i64>> = at.iter().map(|&i| pairs[i].last_id).collect();
             let rows = db
@@ -364,11 +361,7 @@ async fn write(shards: &Shards, pairs: Vec<Pair>) -> Result<Vec<Pair>, IndexErro
         }
         if !missing.is_empty() {
             let at = &missing;
-            let users: Vec<&str> = at.iter().map(|&i| pairs[i].user.as_str()).collect();
-            let conversations: Vec<String> = at
-                .iter()
-                .map(|&i| pairs[i].conversation.to_string())
-                .collect();
+            let (_, users, conversations) = keys(&pairs, at);
             let last: Vec<Option<i64>> = at.iter().map(|&i| pairs[i].last_id).collect();
             let rows = db
                 .query(

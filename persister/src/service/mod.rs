@@ -351,11 +351,7 @@ impl Service {
         let up_to = i64::try_from(request.up_to.get())
             .map_err(|_| RpcError::new(ErrorCode::BadRequest, "up_to is not a message id"))?;
         let members = self
-            .members_with(
-                &self.conversation_db(&request.conversation).await?,
-                &request.user,
-                &request.conversation,
-            )
+            .members_of(&request.user, &request.conversation)
             .await?;
         // Stored whether or not the conversation's messages are yet: they
         // are counted against it once they are.
@@ -412,6 +408,16 @@ impl Service {
             ConversationId::Dm { low, high } => Ok(vec![low.clone(), high.clone()]),
             ConversationId::Group(group) => self.group_members(db, group).await,
         }
+    }
+
+    /// [`Service::members_with`] on the conversation's shard.
+    async fn members_of(
+        &self,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) -> Result<Vec<UserId>, RpcError> {
+        let db = self.conversation_db(conversation).await?;
+        self.members_with(&db, user, conversation).await
     }
 
     /// The members of `conversation`, if `user` is one (else `forbidden`,

@@ -45,11 +45,7 @@ impl Service {
         request: rpc::ConversationRequest,
     ) -> Result<Vec<MemberReceipts>, RpcError> {
         let members = self
-            .members_with(
-                &self.conversation_db(&request.conversation).await?,
-                &request.user,
-                &request.conversation,
-            )
+            .members_of(&request.user, &request.conversation)
             .await?;
         // Each member's watermarks are on their own shard.
         let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
