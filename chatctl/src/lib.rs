@@ -23,5 +23,6 @@ pub mod presence_bench;
 pub mod raw_bench;
 pub mod replay;
 pub mod resume_bench;
+pub mod shards;
 pub mod status;
 pub mod xmpp;

@@ -48,6 +48,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The PostgreSQL shard map: which shard holds each run of hash
+    /// buckets, or where one conversation's or user's rows live.
+    Shards {
+        /// A conversation (dm:a:b, group:id) or a user to locate.
+        key: Option<String>,
+        /// Print the map as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drain EDGE as SIGTERM would: its clients are told to reconnect
     /// elsewhere, then it exits.
     Drain { edge: String },
@@ -323,6 +332,16 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&edges)?);
             } else {
                 print!("{}", chatctl::edges::render(&edges));
+            }
+        }
+        Command::Shards { key, json } => {
+            let client = chat_shared::nats::connect(&config, "chatctl").await?;
+            let js = chat_shared::nats::jetstream(client, &config);
+            let map = chatctl::shards::map(&js).await?;
+            match key {
+                Some(key) => println!("{}", chatctl::shards::locate(&map, &key)?),
+                None if json => println!("{}", serde_json::to_string_pretty(&map)?),
+                None => print!("{}", chatctl::shards::render(&map)),
             }
         }
         Command::Drain { edge } => {

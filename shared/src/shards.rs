@@ -106,6 +106,19 @@ impl ShardMap {
         self.shard(of_conversation(conversation))
     }
 
+    /// The map as runs of neighbouring buckets on one shard:
+    /// `(first, last, shard)`, in bucket order.
+    pub fn runs(&self) -> Vec<(Bucket, Bucket, usize)> {
+        let mut runs: Vec<(Bucket, Bucket, usize)> = Vec::new();
+        for (bucket, &shard) in self.shards.iter().enumerate() {
+            match runs.last_mut() {
+                Some((_, last, on)) if *on == shard => *last = bucket,
+                _ => runs.push((bucket, bucket, shard)),
+            }
+        }
+        runs
+    }
+
     pub fn of_user(&self, user: &UserId) -> usize {
         self.shard(of_user(user))
     }
@@ -139,6 +152,7 @@ mod tests {
                 configured: 1
             })
         );
+        assert_eq!(two.runs(), [(0, 511, 0), (512, 1023, 1)]);
         assert_eq!(ShardMap::decode(&two.encode()), Ok(two));
         assert!(ShardMap::decode(b"{").is_err());
         assert_eq!(

@@ -452,6 +452,36 @@ impl System {
         Ok(total)
     }
 
+    /// Whether every stored message is counted in its members' rows of
+    /// `user_conversations`: the writer commits a batch's messages first
+    /// and the counters after (on the users' shards), so a test that reads
+    /// `conversations` after counting stored messages waits for this too.
+    pub async fn counters_settled(&self) -> Result<bool> {
+        let stored = self
+            .rows_everywhere(
+                "SELECT c.conversation, c.seq,
+                        CASE WHEN c.conversation LIKE 'group:%'
+                             THEN (SELECT count(*) FROM group_members g
+                                    WHERE 'group:' || g.group_id = c.conversation)
+                             ELSE 2 END
+                 FROM conversations c WHERE c.seq > 0",
+            )
+            .await?;
+        let counted = self
+            .rows_everywhere("SELECT conversation, counted_seq FROM user_conversations")
+            .await?;
+        let mut at: HashMap<String, Vec<i64>> = HashMap::new();
+        for row in &counted {
+            at.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(stored.iter().all(|row| {
+            let (conversation, seq, members): (String, i64, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            let counters = at.get(&conversation).map_or(&[][..], Vec::as_slice);
+            counters.iter().filter(|&&c| c >= seq).count() as i64 == members
+        }))
+    }
+
     /// The rows `sql` finds on every shard, shard 0's first.
     pub async fn rows_everywhere(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
         let mut rows = Vec::new();

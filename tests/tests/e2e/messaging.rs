@@ -394,7 +394,7 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
         .map(|sent| sent["id"].as_str().unwrap().to_string())
         .collect();
     // The persister writes asynchronously; wait until it has all seven.
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == 7) }).await?;
+    wait_until(|| listable(&system, 7)).await?;
     let page = bob
         .request(json!({"type":"history","conversation":"dm:alice:bob","limit":3}))
         .await?;
@@ -484,6 +484,13 @@ async fn stored(system: &System) -> anyhow::Result<i64> {
         .await
 }
 
+/// Whether `count` messages are stored and counted for their members (what
+/// `conversations` answers from).
+async fn listable(system: &System, count: i64) -> bool {
+    stored(system).await.is_ok_and(|n| n == count)
+        && system.counters_settled().await.unwrap_or(false)
+}
+
 /// The conversations `client`'s user is in, newest activity first, as
 /// (conversation, last message's text).
 async fn listed(client: &mut Client) -> anyhow::Result<Vec<(String, String)>> {
@@ -529,7 +536,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
         anyhow::ensure!(reply["type"] == "sent", "{reply}");
         sent += 1;
     }
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     assert_eq!(
         listed(&mut bob).await?,
         pairs(&[
@@ -544,7 +551,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
     let reply = carol.send_message(json!({"to":"bob"}), "c2", "c2").await?;
     anyhow::ensure!(reply["type"] == "sent", "{reply}");
     sent += 1;
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     assert_eq!(
         listed(&mut bob).await?,
         pairs(&[
@@ -556,7 +563,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
     let reply = bob.send_message(json!({"to":"alice"}), "b1", "b1").await?;
     anyhow::ensure!(reply["type"] == "sent", "{reply}");
     sent += 1;
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     let expected = pairs(&[
         ("dm:alice:bob", "b1"),
         ("dm:bob:carol", "c2"),

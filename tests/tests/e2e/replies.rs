@@ -81,7 +81,11 @@ async fn huge_messages_leave_conversations_and_history_answered_in_pages() -> Re
             .await?;
         ensure!(reply["type"] == "sent", "{reply}");
     }
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == 7) }).await?;
+    wait_until(|| async {
+        stored(&system).await.is_ok_and(|n| n == 7)
+            && system.counters_settled().await.unwrap_or(false)
+    })
+    .await?;
 
     let mut victim = system.connect("victim", "d").await?;
     let (size, list) = raw_request(&mut victim, json!({"type":"conversations"}), "c").await?;
@@ -168,20 +172,11 @@ async fn conversations_page_through_everything_up_to_the_cap() -> Result<()> {
             .await?;
         ensure!(reply["type"] == "sent", "{reply}");
     }
-    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == 7) }).await?;
-    // Bob's list (his shard) follows the messages (theirs) by a moment.
-    let deadline = std::time::Instant::now() + chat_tests::WAIT;
-    while bob.request(json!({"type":"conversations"})).await?["items"]
-        .as_array()
-        .map(Vec::len)
-        != Some(7)
-    {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "bob's list never had 7"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(|| async {
+        stored(&system).await.is_ok_and(|n| n == 7)
+            && system.counters_settled().await.unwrap_or(false)
+    })
+    .await?;
     let newest_first: Vec<String> = (0..7).rev().map(|i| format!("dm:bob:u{i}")).collect();
     let (listed, sizes) = page_all(&mut bob, 3).await?;
     assert_eq!(listed, newest_first);

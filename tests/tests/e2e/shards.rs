@@ -204,6 +204,22 @@ async fn two_thousand_conversations_land_where_the_map_says_and_read_as_one_shar
 
     let map = stored_map(&two).await?;
     assert_eq!(map, ShardMap::even(2));
+    // What `chatctl shards` shows operators is that map.
+    let js = jetstream::new(two.admin().await?);
+    assert_eq!(chatctl::shards::map(&js).await?, map);
+    assert_eq!(
+        chatctl::shards::render(&map),
+        "BUCKETS       COUNT SHARD\n0-511           512     0\n512-1023        512     1\n"
+    );
+    let r0 = UserId::parse("r0")?;
+    assert_eq!(
+        chatctl::shards::locate(&map, "r0")?,
+        format!(
+            "user r0: bucket {}, shard {}",
+            chat_shared::shards::of_user(&r0),
+            map.of_user(&r0)
+        )
+    );
     let mut seen = HashSet::new();
     for (shard, db) in two.databases().await?.iter().enumerate() {
         let rows = db
