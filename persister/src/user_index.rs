@@ -43,16 +43,34 @@ pub struct Touched {
     conversations: HashMap<ConversationId, Recount>,
 }
 
+/// Whose counters a conversation's change touches.
 #[derive(Debug, Default)]
 struct Recount {
+    /// New messages: every member's counter moves.
+    stored: bool,
+    /// Every member counts again.
     everyone: bool,
+    /// These members count again.
     users: HashSet<UserId>,
+}
+
+impl Recount {
+    fn touches(&self, user: &UserId) -> bool {
+        self.stored || self.everyone || self.users.contains(user)
+    }
+
+    fn counts_again(&self, user: &UserId) -> bool {
+        self.everyone || self.users.contains(user)
+    }
 }
 
 impl Touched {
     /// New messages (count them for every member).
     pub fn stored(&mut self, conversation: &ConversationId) {
-        self.conversations.entry(conversation.clone()).or_default();
+        self.conversations
+            .entry(conversation.clone())
+            .or_default()
+            .stored = true;
     }
 
     /// Something every member's count may have lost (a delete for
@@ -206,9 +224,10 @@ async fn members(shards: &Shards, touched: &Touched) -> Result<Vec<Pair>, IndexE
                 }
             };
             let recount = &touched.conversations[conversation];
-            for (user, joined) in members {
+            // A read in a group of thousands settles one counter, not all.
+            for (user, joined) in members.into_iter().filter(|(u, _)| recount.touches(u)) {
                 pairs.push(Pair {
-                    recount: recount.everyone || recount.users.contains(&user),
+                    recount: recount.counts_again(&user),
                     user,
                     conversation: conversation.clone(),
                     joined,
