@@ -435,11 +435,7 @@ impl System {
 
     /// A connection to each of this system's shards, shard 0 first.
     pub async fn databases(&self) -> Result<Vec<tokio_postgres::Client>> {
-        let mut all = Vec::new();
-        for url in &self.config.database_urls {
-            all.push(connect_database(url).await?);
-        }
-        Ok(all)
+        databases(&self.config).await
     }
 
     /// The sum over every shard of `sql`, a query of one `bigint` (a
@@ -484,11 +480,7 @@ impl System {
 
     /// The rows `sql` finds on every shard, shard 0's first.
     pub async fn rows_everywhere(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
-        let mut rows = Vec::new();
-        for db in self.databases().await? {
-            rows.extend(db.query(sql, &[]).await?);
-        }
-        Ok(rows)
+        rows_everywhere(&self.config, sql).await
     }
 
     /// A connection to the shard that holds `conversation`'s rows (by the
@@ -797,6 +789,24 @@ pub fn pg_shards_under_test() -> usize {
             .unwrap_or_else(|| panic!("CHAT_TEST_PG_SHARDS={count:?} is not 1 to 8")),
         Err(_) => 1,
     }
+}
+
+/// A connection to each shard of `config`, shard 0 first.
+pub async fn databases(config: &Config) -> Result<Vec<tokio_postgres::Client>> {
+    let mut all = Vec::new();
+    for url in &config.database_urls {
+        all.push(connect_database(url).await?);
+    }
+    Ok(all)
+}
+
+/// The rows `sql` finds on every shard of `config`, shard 0's first.
+pub async fn rows_everywhere(config: &Config, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+    let mut rows = Vec::new();
+    for db in databases(config).await? {
+        rows.extend(db.query(sql, &[]).await?);
+    }
+    Ok(rows)
 }
 
 /// A client of one database, its connection driven on this runtime.
