@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod client;
 pub mod connect_bench;
+pub mod conversations_bench;
 pub mod edges;
 pub mod ejabberd;
 pub mod group_bench;

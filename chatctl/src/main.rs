@@ -130,6 +130,9 @@ enum BenchScenario {
     },
     /// An offline user accumulates a backlog, then resumes; hello -> synced.
     Resume(chatctl::resume_bench::ResumeOptions),
+    /// A user in many conversations asks for their first page, again and
+    /// again; the latency of `conversations`.
+    Conversations(chatctl::conversations_bench::ConversationsOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -454,6 +457,10 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                     show(&comparison, json, chatctl::peer_bench::print_group)?;
                 }
             }
+        }
+        BenchScenario::Conversations(options) => {
+            let report = chatctl::conversations_bench::conversations(config, options).await?;
+            show(&report, json, chatctl::conversations_bench::print)?;
         }
         BenchScenario::Resume(options) => {
             let report = chatctl::resume_bench::resume(config, options).await?;

@@ -12,6 +12,7 @@ use chatctl::bench::broker::{BrokerCost, ConsumerWatch};
 use chatctl::bench::cpu::Watched;
 use chatctl::bench::{self, DmOptions};
 use chatctl::connect_bench::{self, ConnectOptions};
+use chatctl::conversations_bench::{self, ConversationsOptions};
 use chatctl::ejabberd::{Archive, Ejabberd};
 use chatctl::group_bench::{self, GroupOptions};
 use chatctl::peer_bench;
@@ -349,4 +350,26 @@ async fn edge_connections(system: &System) -> Result<f64> {
     let (status, body) = chat_tests::http_get(system.edge_addr, "/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
     Ok(chat_tests::metrics::Scrape::parse(&body)?.sum("edge_connections", &[]))
+}
+
+/// `bench conversations` makes a user a member of N conversations with one
+/// unread each and times their first page: every page it timed is full.
+#[tokio::test]
+async fn bench_conversations_times_a_full_first_page() -> Result<()> {
+    let system = System::start().await?;
+    let report = conversations_bench::conversations(
+        &system.config_for("admin"),
+        ConversationsOptions {
+            edge: system.ws_url(),
+            conversations: 30,
+            requests: 20,
+            limit: 25,
+        },
+    )
+    .await?;
+    assert_eq!(report.items, 25);
+    assert_eq!(report.unread, 25);
+    assert_eq!(report.requests, 20);
+    assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 <= report.latency_ms.max);
+    Ok(())
 }
