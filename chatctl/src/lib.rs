@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod client;
 pub mod connect_bench;
+pub mod conversations_bench;
 pub mod edges;
 pub mod ejabberd;
 pub mod group_bench;
@@ -27,5 +28,6 @@ pub mod raw_bench;
 pub mod replay;
 pub mod resume_bench;
 pub mod search_bench;
+pub mod shards;
 pub mod status;
 pub mod xmpp;

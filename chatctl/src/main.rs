@@ -48,6 +48,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The PostgreSQL shard map: which shard holds each run of hash
+    /// buckets, or where one conversation's or user's rows live.
+    Shards {
+        /// A conversation (dm:a:b, group:id) or a user to locate.
+        key: Option<String>,
+        /// Print the map as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drain EDGE as SIGTERM would: its clients are told to reconnect
     /// elsewhere, then it exits.
     Drain { edge: String },
@@ -126,6 +135,9 @@ enum BenchScenario {
     /// `search` latency over a big history (1 M messages by default),
     /// written straight into PostgreSQL (CHAT_DATABASE_URL) with COPY.
     Search(chatctl::search_bench::SearchOptions),
+    /// A user in many conversations asks for their first page, again and
+    /// again; the latency of `conversations`.
+    Conversations(chatctl::conversations_bench::ConversationsOptions),
     /// N authenticated idle connections opened at a given rate; connects
     /// per second and the edge's memory per connection.
     Connect {
@@ -330,6 +342,16 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", chatctl::edges::render(&edges));
             }
         }
+        Command::Shards { key, json } => {
+            let client = chat_shared::nats::connect(&config, "chatctl").await?;
+            let js = chat_shared::nats::jetstream(client, &config);
+            let map = chatctl::shards::map(&js).await?;
+            match key {
+                Some(key) => println!("{}", chatctl::shards::locate(&map, &key)?),
+                None if json => println!("{}", serde_json::to_string_pretty(&map)?),
+                None => print!("{}", chatctl::shards::render(&map)),
+            }
+        }
         Command::Drain { edge } => {
             let client = chat_shared::nats::connect(&config, "chatctl").await?;
             let js = chat_shared::nats::jetstream(client.clone(), &config);
@@ -410,7 +432,7 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                         report,
                         &options,
                         mam,
-                        &config.database_url,
+                        config.home_database_url(),
                     )
                     .await?;
                     show(&comparison, json, chatctl::peer_bench::print_dm)?;
@@ -434,12 +456,16 @@ async fn bench(config: &Config, scenario: BenchScenario, json: bool) -> anyhow::
                         report,
                         &options,
                         mam,
-                        &config.database_url,
+                        config.home_database_url(),
                     )
                     .await?;
                     show(&comparison, json, chatctl::peer_bench::print_group)?;
                 }
             }
+        }
+        BenchScenario::Conversations(options) => {
+            let report = chatctl::conversations_bench::conversations(config, options).await?;
+            show(&report, json, chatctl::conversations_bench::print)?;
         }
         BenchScenario::Resume(options) => {
             let report = chatctl::resume_bench::resume(config, options).await?;

@@ -1,9 +1,11 @@
 //! `chatctl bench search`: `search` latency over a big history. Sending a
 //! million messages through the system would take most of an hour on a
 //! small box, so the history is written straight into PostgreSQL with COPY,
-//! row for row as the persister writes them (`messages`, `conversations`,
-//! `dm_members`, `groups`, `group_members`), spread over 90 days, then
-//! ANALYZEd. The searches go through a real WebSocket client and the real
+//! row for row as the persister writes them (`messages` with their `seq`,
+//! `conversations`, `groups`, `group_members` on each conversation's shard,
+//! `user_conversations` on each member's, as the shard map in KV says; not
+//! `message_keys`, the idempotency net search never reads), spread over
+//! 90 days, then ANALYZEd. The searches go through a real WebSocket client and the real
 //! edge and persister: rare and frequent words in English and Russian and
 //! Japanese substrings, over all the searcher's conversations and within
 //! one. Every answer is checked: the
@@ -17,6 +19,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ConversationId, UserId};
+use chat_shared::shards::ShardMap;
 use chat_shared::Config;
 use futures::SinkExt;
 use serde_json::{json, Value};
@@ -260,6 +263,10 @@ struct Layout {
 
 struct Conversation {
     id: String,
+    /// The PostgreSQL shard of its rows.
+    shard: usize,
+    /// Messages written to it so far: the last one's `seq`.
+    seq: i64,
     /// Who may send in it (the searcher first, when it is theirs).
     members: Vec<String>,
     /// The group id, for a group.
@@ -280,6 +287,8 @@ impl Layout {
                     members: vec![searcher.clone(), peer],
                     group: None,
                     last_id: None,
+                    shard: 0,
+                    seq: 0,
                 });
             } else {
                 let group = format!("bench{run}g{index}");
@@ -288,6 +297,8 @@ impl Layout {
                     members: vec![searcher.clone(), peer, format!("bench{run}q{index}")],
                     group: Some(group),
                     last_id: None,
+                    shard: 0,
+                    seq: 0,
                 });
             }
         }
@@ -300,6 +311,8 @@ impl Layout {
                     members: vec![a, b],
                     group: None,
                     last_id: None,
+                    shard: 0,
+                    seq: 0,
                 })
             })
             .collect::<anyhow::Result<_>>()?;
@@ -308,6 +321,14 @@ impl Layout {
             mine,
             foreign,
         })
+    }
+
+    /// Places each conversation on the shard `map` names.
+    fn place(&mut self, map: &ShardMap) -> anyhow::Result<()> {
+        for conversation in self.mine.iter_mut().chain(&mut self.foreign) {
+            conversation.shard = map.of_conversation(&ConversationId::parse(&conversation.id)?);
+        }
+        Ok(())
     }
 }
 
@@ -324,9 +345,11 @@ const HISTORY_MS: u64 = 90 * 86_400_000;
 /// COPY chunks of about this many bytes.
 const COPY_CHUNK: usize = 1 << 22;
 
-/// Writes the history; returns what was planted where.
+/// Writes the history, each conversation's on its shard (`dbs`, in shard
+/// order); returns what was planted where.
 async fn seed(
-    db: &tokio_postgres::Client,
+    dbs: &[tokio_postgres::Client],
+    map: &ShardMap,
     layout: &mut Layout,
     options: &SearchOptions,
     run: u64,
@@ -347,12 +370,16 @@ async fn seed(
         busiest: [0; QUERIES.len()],
     };
     let mut random = Random(run);
-    let sink = db
-        .copy_in("COPY messages (conversation, id, sender, body, ts, client_msg_id) FROM STDIN")
-        .await
-        .context("COPY messages")?;
-    futures::pin_mut!(sink);
-    let mut chunk = String::with_capacity(COPY_CHUNK + 1024);
+    let mut sinks = Vec::with_capacity(dbs.len());
+    for db in dbs {
+        let sink = db
+            .copy_in(
+                "COPY messages (conversation, id, sender, body, ts, client_msg_id, seq) FROM STDIN",
+            )
+            .await
+            .context("COPY messages")?;
+        sinks.push((Box::pin(sink), String::with_capacity(COPY_CHUNK + 1024)));
+    }
     for index in 0..total {
         // Exactly `foreign` of the `total` are foreign, evenly spread.
         let foreign = (index + 1) * options.foreign / total > index * options.foreign / total;
@@ -388,30 +415,37 @@ async fn seed(
         let sender =
             &conversation.members[random.below(conversation.members.len() as u64) as usize];
         conversation.last_id = Some(conversation.last_id.map_or(id, |last| last.max(id)));
+        conversation.seq += 1;
+        let (sink, chunk) = &mut sinks[conversation.shard];
         // COPY's text format: the bodies hold no tab, newline or backslash.
         chunk.push_str(&format!(
-            "{}\t{id}\t{sender}\t{text}\t{ts}\tbench{run}-{index}\n",
-            conversation.id
+            "{}\t{id}\t{sender}\t{text}\t{ts}\tbench{run}-{index}\t{}\n",
+            conversation.id, conversation.seq
         ));
         if chunk.len() >= COPY_CHUNK {
-            sink.send(Bytes::from(std::mem::take(&mut chunk))).await?;
+            sink.send(Bytes::from(std::mem::take(chunk))).await?;
             if index % 100_000 < 10_000 {
                 eprintln!("  {index} of {total} messages written");
             }
         }
     }
-    if !chunk.is_empty() {
-        sink.send(Bytes::from(chunk)).await?;
+    for (mut sink, chunk) in sinks {
+        if !chunk.is_empty() {
+            sink.send(Bytes::from(chunk)).await?;
+        }
+        sink.as_mut().finish().await.context("COPY messages")?;
     }
-    sink.finish().await.context("COPY messages")?;
-    write_conversations(db, layout, first_ms).await?;
+    write_conversations(dbs, map, layout, first_ms).await?;
     Ok(planted)
 }
 
-/// The rows besides the messages: conversations (newest message and
-/// activity), DM members, groups and their members.
+/// The rows besides the messages: conversations (newest message, activity
+/// and seq) and groups with their members on the conversation's shard,
+/// each member's list entry (everything counted, nothing unread) on the
+/// member's.
 async fn write_conversations(
-    db: &tokio_postgres::Client,
+    dbs: &[tokio_postgres::Client],
+    map: &ShardMap,
     layout: &Layout,
     created_ms: u64,
 ) -> anyhow::Result<()> {
@@ -420,21 +454,23 @@ async fn write_conversations(
         let Some(last) = conversation.last_id else {
             continue;
         };
+        let db = &dbs[conversation.shard];
         db.execute(
-            "INSERT INTO conversations (conversation, last_id, activity) VALUES ($1, $2, $2)",
-            &[&conversation.id, &last],
+            "INSERT INTO conversations (conversation, last_id, activity, seq) VALUES ($1, $2, $2, $3)",
+            &[&conversation.id, &last, &conversation.seq],
         )
         .await?;
+        for user in &conversation.members {
+            dbs[map.of_user(&UserId::parse(user)?)]
+                .execute(
+                    "INSERT INTO user_conversations (user_id, conversation, activity, last_id, counted_seq)
+                     VALUES ($1, $2, $3, $3, $4)",
+                    &[user, &conversation.id, &last, &conversation.seq],
+                )
+                .await?;
+        }
         match &conversation.group {
-            None => {
-                for user in &conversation.members {
-                    db.execute(
-                        "INSERT INTO dm_members (user_id, conversation) VALUES ($1, $2)",
-                        &[user, &conversation.id],
-                    )
-                    .await?;
-                }
-            }
+            None => {}
             Some(group) => {
                 db.execute(
                     "INSERT INTO groups (id, name, owner, created_at) VALUES ($1, $2, $3, $4)",
@@ -464,24 +500,39 @@ pub async fn search(config: &Config, options: SearchOptions) -> anyhow::Result<S
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (db, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL (CHAT_DATABASE_URL)")?;
-    let connection = tokio::spawn(connection);
+    let client = chat_shared::nats::connect(config, "chatctl").await?;
+    let map = crate::shards::map(&chat_shared::nats::jetstream(client, config)).await?;
+    let mut dbs = Vec::with_capacity(config.database_urls.len());
+    let mut connections = Vec::with_capacity(config.database_urls.len());
+    for url in &config.database_urls {
+        let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .context("connecting to PostgreSQL (CHAT_DATABASE_URLS)")?;
+        dbs.push(db);
+        connections.push(tokio::spawn(connection));
+    }
+    map.check(dbs.len())?;
     let mut layout = Layout::new(run, options.conversations)?;
+    layout.place(&map)?;
     eprintln!(
         "writing {} messages in {} conversations of {} and {} elsewhere (COPY)",
         options.messages, options.conversations, layout.searcher, options.foreign
     );
     let seeding = Instant::now();
-    let planted = seed(&db, &mut layout, &options, run).await?;
+    let planted = seed(&dbs, &map, &mut layout, &options, run).await?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
     let analyzing = Instant::now();
-    db.batch_execute("ANALYZE messages, conversations, dm_members, groups, group_members")
+    for db in &dbs {
+        db.batch_execute(
+            "ANALYZE messages, conversations, user_conversations, groups, group_members",
+        )
         .await?;
+    }
     let analyze_seconds = analyzing.elapsed().as_secs_f64();
-    drop(db);
-    let _ = connection.await;
+    drop(dbs);
+    for connection in connections {
+        let _ = connection.await;
+    }
     eprintln!("written in {seed_seconds:.1} s, analyzed in {analyze_seconds:.1} s; searching");
 
     let (mut socket, _) = connect(config, &options.edge, &layout.searcher, "bench", None).await?;

@@ -1,4 +1,4 @@
-//! The PostgreSQL pool of the services that own tables (persister, pushd).
+//! A PostgreSQL pool (one per shard, `shards`) of the services that own tables (persister, pushd).
 //! It lives in the persister's library, not in `chat-shared`, so the crate
 //! graph keeps the database driver out of every edge, router and presence
 //! build: they reach PostgreSQL only through the persister's request/reply
@@ -13,9 +13,9 @@ pub use deadpool_postgres::{CreatePoolError, Pool};
 /// A lazily connecting pool: it opens connections on demand and replaces
 /// broken ones, so a database restart needs no service restart. Every wait
 /// is bounded, so an outage surfaces as an error instead of a hang.
-pub fn connect_pool(config: &Config) -> Result<Pool, CreatePoolError> {
+pub fn connect_pool(config: &Config, url: &str) -> Result<Pool, CreatePoolError> {
     let mut pg = deadpool_postgres::Config::new();
-    pg.url = Some(config.database_url.clone());
+    pg.url = Some(url.to_string());
     pg.pool = Some(deadpool_postgres::PoolConfig {
         max_size: config.database_pool_size,
         timeouts: deadpool_postgres::Timeouts {

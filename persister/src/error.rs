@@ -3,8 +3,8 @@
 pub enum PersisterError {
     #[error(transparent)]
     Start(#[from] chat_shared::StartError),
-    #[error("PostgreSQL pool: {0}")]
-    Pool(#[from] deadpool_postgres::CreatePoolError),
+    #[error("PostgreSQL shards: {0}")]
+    Shards(#[from] crate::shards::ShardsError),
     #[error("no PostgreSQL connection: {0}")]
     Connection(#[from] deadpool_postgres::PoolError),
     #[error("PostgreSQL, {what}: {source}")]

@@ -1,13 +1,17 @@
 //! The persister: the only process that touches PostgreSQL.
 //!
 //! It writes every MESSAGES event into `messages` in batches (one multi-row
-//! `INSERT … ON CONFLICT DO NOTHING` per batch, acked after COMMIT, so a
-//! redelivery or a restart writes nothing twice), and answers the
+//! `INSERT … ON CONFLICT DO NOTHING` per shard per batch, acked after every
+//! shard committed, so a redelivery or a restart writes nothing twice),
+//! keeps each member's unread counter (`user_index`) and answers the
 //! request/reply service `chat.rpc.*` (queue group `persister`) for history,
 //! conversations, groups and read state.
 //!
 //! It stores delivered watermarks from stream RECEIPTS (`watermarks`), and
 //! publishes a read's receipt event there once the read is stored.
+//!
+//! PostgreSQL is split into shards (`shards`): a conversation's rows on
+//! one, a user's on one, by the shard map in KV.
 //!
 //! `unread` is the one definition of a user's unread total, shared with
 //! pushd (the badge).
@@ -23,9 +27,12 @@ mod deadletter;
 mod error;
 mod metrics;
 mod migrations;
+mod months;
 mod service;
+pub mod shards;
 mod thumbs;
 pub mod unread;
+mod user_index;
 mod watermarks;
 mod writer;
 
@@ -45,9 +52,10 @@ pub async fn run_with(
     metrics_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), PersisterError> {
-    let pool = db::connect_pool(&config)?;
-    migrations::run(&pool).await?;
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
+    let shards = shards::Shards::connect(&config, &js, true).await?;
+    migrations::run_all(&shards).await?;
+    months::ensure(&shards).await?;
     let mut consumers = Vec::new();
     for partition in config.partitions.all() {
         let stream = partition.messages_stream();
@@ -92,7 +100,7 @@ pub async fn run_with(
     );
     let push_devices = consume::bucket(&js, subjects::PUSH_DEVICES_BUCKET).await;
     let service = service::Service::new(
-        pool.clone(),
+        shards.clone(),
         nats.clone(),
         js.clone(),
         service::Policy {
@@ -116,14 +124,16 @@ pub async fn run_with(
         metrics.clone(),
         stop.clone(),
     ));
+    let months = tokio::spawn(months::keep_ahead(shards.clone(), stop.clone()));
     let watermarks = tokio::spawn(watermarks::store_delivered(
-        pool.clone(),
+        shards.clone(),
         js.clone(),
         delivered,
         stop.clone(),
     ));
+    // The media's rows are on the home shard.
     let thumbs = tokio::spawn(thumbs::make_thumbnails(
-        pool.clone(),
+        shards.home().clone(),
         media,
         thumbnailer,
         config.media.max_pixels,
@@ -132,7 +142,7 @@ pub async fn run_with(
     // One writer per MESSAGES partition, each pulling its own consumer.
     let writers = consumers.into_iter().map(|consumer| {
         writer::write_messages(
-            pool.clone(),
+            shards.clone(),
             js.clone(),
             consumer,
             metrics.clone(),
@@ -147,6 +157,7 @@ pub async fn run_with(
     let _ = mover.await;
     let _ = watermarks.await;
     let _ = thumbs.await;
+    let _ = months.await;
     exposition.stopped().await;
     chat_shared::nats::flush_before_exit(&nats, &config).await;
     tracing::info!("persister stopped");

@@ -15,15 +15,25 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../migrations/0007_privacy.sql")),
     (8, include_str!("../migrations/0008_search_profiles.sql")),
     (9, include_str!("../migrations/0009_media.sql")),
-    // 10 is taken by work on another branch (shards).
+    // 10 and 12 were never used (numbers held for a branch that landed as
+    // 14 and 15, after 11 and 13, so every database applies one order).
     (11, include_str!("../migrations/0011_search_any_script.sql")),
-    // 12 is taken by work on another branch (shards) too.
     (13, include_str!("../migrations/0013_public_avatars.sql")),
+    (14, include_str!("../migrations/0014_shard_ready.sql")),
+    (15, include_str!("../migrations/0015_message_months.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;
 
-pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
+/// Applies every migration to each shard: all shards have every table.
+pub async fn run_all(shards: &crate::shards::Shards) -> Result<(), PersisterError> {
+    for (_, pool) in shards.all() {
+        run(pool).await?;
+    }
+    Ok(())
+}
+
+async fn run(pool: &Pool) -> Result<(), PersisterError> {
     let db = |what| move |source| PersisterError::Database { what, source };
     let mut client = pool.get().await?;
     let tx = client.transaction().await.map_err(db("begin migrations"))?;
@@ -60,4 +70,29 @@ pub async fn run(pool: &Pool) -> Result<(), PersisterError> {
         }
     }
     tx.commit().await.map_err(db("commit migrations"))
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+
+    fn migration(version: i32) -> &'static str {
+        super::MIGRATIONS
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, sql)| *sql)
+            .unwrap_or_default()
+    }
+
+    /// 0014 turns a join time into an id floor, and 0015 the oldest id into
+    /// its month, with the id layout's constants written out.
+    #[test]
+    fn migrations_use_the_id_layout() {
+        let shift = NODE_BITS + SEQUENCE_BITS;
+        let floor = format!("GREATEST(joined_at - {EPOCH_MS}, 0) << {shift}");
+        assert!(migration(14).contains(&floor), "0014 lacks {floor}");
+        let oldest = format!("(min(id) >> {shift}) + {EPOCH_MS}");
+        assert!(migration(15).contains(&oldest), "0015 lacks {oldest}");
+        assert!(migration(15).contains(&format!("{EPOCH_MS}, {shift});")));
+    }
 }

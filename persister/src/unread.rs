@@ -1,52 +1,16 @@
 //! A user's unread total over their conversations: the badge pushd puts on
-//! every notification and retraction. The same definition as each
-//! conversation's `unread` in the `conversations` answer
-//! (service/pages.rs): messages of others after the user's read mark and
-//! after they joined, over the first [`MAX_REACHABLE_CONVERSATIONS`] by
-//! activity. Each conversation counts at most [`PER_CONVERSATION`], so one
-//! huge unread group costs a bounded scan (a badge shows "99+" long before).
+//! every notification and retraction. The sum of the counters of
+//! `user_conversations` (`user_index`), the same as each conversation's
+//! `unread` in the `conversations` answer, over the first
+//! [`MAX_REACHABLE_CONVERSATIONS`] by activity, one read of the user's
+//! shard. Each conversation adds at most [`PER_CONVERSATION`] (a badge
+//! shows "99+" long before).
 //!
-//! Delivery runs ahead of this writer: a message being notified may not be
-//! in `messages` yet. The caller names such messages (`pending`); those not
-//! stored yet and not covered by the user's read mark are added.
+//! Delivery runs ahead of the writer: a message being notified may not be
+//! counted yet. The caller names such messages (`pending`); those newer
+//! than what the user's counter has seen (`last_id`) and than their read
+//! mark are added.
 
-/// Whether message `u` of conversation `p` is unread for user `$1` given
-/// their read state `r` (the one definition, spliced into both queries):
-/// another member's message after the read mark and after `p.joined`,
-/// neither deleted for everyone nor deleted by `$1` for themselves.
-macro_rules! is_unread {
-    () => {
-        "u.id > GREATEST(COALESCE(r.read_up_to, 0), p.joined)
-         AND u.sender <> $1
-         AND NOT u.deleted
-         AND NOT EXISTS (SELECT 1 FROM hidden_messages h
-                          WHERE h.user_id = $1 AND h.conversation = u.conversation AND h.id = u.id)"
-    };
-}
-pub(crate) use is_unread;
-
-/// The CTE `reachable`: user `$1`'s conversations, the `$4` most active
-/// (the cap of `conversations` and of the badge), each with `joined`, the
-/// first message id they may count (what was said in a group before they
-/// joined is not unread for them: `$2` is the id epoch, `$3` the id's time
-/// shift), `activity` and `last_id`.
-macro_rules! reachable {
-    () => {
-        "WITH mine AS (
-             SELECT conversation, 0::bigint AS joined FROM dm_members WHERE user_id = $1
-             UNION ALL
-             SELECT 'group:' || group_id, (GREATEST(joined_at - $2, 0)) << $3
-               FROM group_members WHERE user_id = $1),
-         reachable AS (
-             SELECT mine.conversation, mine.joined, c.activity, c.last_id
-             FROM mine JOIN conversations c ON c.conversation = mine.conversation
-             ORDER BY c.activity DESC, c.conversation DESC
-             LIMIT $4)"
-    };
-}
-pub(crate) use reachable;
-
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::MAX_REACHABLE_CONVERSATIONS;
 use deadpool_postgres::GenericClient;
@@ -55,7 +19,7 @@ use deadpool_postgres::GenericClient;
 pub const PER_CONVERSATION: i64 = 1000;
 
 /// `user`'s unread total, counting `pending` messages (of others, to
-/// `user`) that are not stored yet.
+/// `user`) that are not counted yet. `db` is the user's shard.
 pub async fn total(
     db: &impl GenericClient,
     user: &UserId,
@@ -68,30 +32,18 @@ pub async fn total(
         .collect();
     let row = db
         .query_one(
-            concat!(
-                reachable!(),
-                "
-             SELECT (SELECT COALESCE(sum(
-                 (SELECT count(*) FROM (
-                     SELECT 1 FROM messages u
-                      WHERE u.conversation = p.conversation
-                        AND ",
-                is_unread!(),
-                "
-                      LIMIT $5) unread)), 0)::bigint
-             FROM reachable p
-             LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation)
-             + (SELECT count(*) FROM unnest($6::text[], $7::bigint[]) AS q(conversation, id)
-                 WHERE NOT EXISTS (SELECT 1 FROM messages m
-                                    WHERE m.conversation = q.conversation AND m.id = q.id)
-                   AND q.id > COALESCE((SELECT read_up_to FROM read_state r
-                                         WHERE r.user_id = $1
-                                           AND r.conversation = q.conversation), 0))"
-            ),
+            "SELECT (SELECT COALESCE(sum(LEAST(unread, $3)), 0)::bigint FROM (
+                         SELECT unread FROM user_conversations WHERE user_id = $1
+                         ORDER BY activity DESC, conversation DESC LIMIT $2) reachable)
+                  + (SELECT count(*) FROM unnest($4::text[], $5::bigint[]) AS q(conversation, id)
+                      WHERE q.id > COALESCE((SELECT last_id FROM user_conversations uc
+                                              WHERE uc.user_id = $1
+                                                AND uc.conversation = q.conversation), 0)
+                        AND q.id > COALESCE((SELECT read_up_to FROM read_state r
+                                              WHERE r.user_id = $1
+                                                AND r.conversation = q.conversation), 0))",
             &[
                 &user.as_str(),
-                &(EPOCH_MS as i64),
-                &((NODE_BITS + SEQUENCE_BITS) as i32),
                 &MAX_REACHABLE_CONVERSATIONS,
                 &PER_CONVERSATION,
                 &conversations,

@@ -1,22 +1,22 @@
-//! RECEIPTS (delivered only) -> `delivered_state`: the newest message of a
+//! RECEIPTS (delivered only) -> `delivered_state` (on each user's shard): the newest message of a
 //! conversation any device of a user acknowledged, for `receipts`. Batched,
 //! acked after COMMIT; a watermark only moves forward, so a redelivery or a
 //! second persister on the same consumer changes nothing.
 
 use std::collections::HashMap;
 
+use crate::shards::Shards;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::receipts::DeliveredEvent;
 use chat_shared::shutdown;
-use deadpool_postgres::Pool;
 use tokio::sync::watch;
 
 /// The most events stored in one statement.
 const MAX_BATCH: usize = 1000;
 
 pub async fn store_delivered(
-    pool: Pool,
+    shards: Shards,
     js: jetstream::Context,
     consumer: PullConsumer,
     stop: watch::Receiver<bool>,
@@ -24,46 +24,49 @@ pub async fn store_delivered(
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
     consume::batches(&consumer, MAX_BATCH, &mut stopped, |batch| {
-        let (pool, js) = (&pool, &js);
-        async move { store_batch(pool, js, batch).await }
+        let (shards, js) = (&shards, &js);
+        async move { store_batch(shards, js, batch).await }
     })
     .await;
 }
 
-/// The batch's highest watermark per (user, conversation): one statement
-/// may not update a row twice.
+/// The batch's highest watermark per (user, conversation), by the user's
+/// shard: one statement may not update a row twice.
 #[derive(Default)]
-struct Watermarks(HashMap<(String, String), i64>);
+struct Watermarks(HashMap<usize, HashMap<(String, String), i64>>);
 
 impl Watermarks {
-    fn add(&mut self, event: &DeliveredEvent) -> Result<(), &'static str> {
+    fn add(&mut self, shard: usize, event: &DeliveredEvent) -> Result<(), &'static str> {
         let up_to = i64::try_from(event.up_to.get()).map_err(|_| "up_to out of range")?;
         let entry = self
             .0
+            .entry(shard)
+            .or_default()
             .entry((event.user.to_string(), event.conversation.to_string()))
             .or_insert(up_to);
         *entry = (*entry).max(up_to);
         Ok(())
     }
-
-    fn columns(&self) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
-        let mut columns = (Vec::new(), Vec::new(), Vec::new());
-        for ((user, conversation), up_to) in &self.0 {
-            columns.0.push(user.as_str());
-            columns.1.push(conversation.as_str());
-            columns.2.push(*up_to);
-        }
-        columns
-    }
 }
 
-async fn store_batch(pool: &Pool, js: &jetstream::Context, batch: Vec<jetstream::Message>) {
+/// One shard's watermarks as the columns of one statement.
+fn columns(marks: &HashMap<(String, String), i64>) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for ((user, conversation), up_to) in marks {
+        columns.0.push(user.as_str());
+        columns.1.push(conversation.as_str());
+        columns.2.push(*up_to);
+    }
+    columns
+}
+
+async fn store_batch(shards: &Shards, js: &jetstream::Context, batch: Vec<jetstream::Message>) {
     let mut watermarks = Watermarks::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
         let added = serde_json::from_slice::<DeliveredEvent>(&message.payload)
             .map_err(|_| "malformed delivered event")
-            .and_then(|event| watermarks.add(&event));
+            .and_then(|event| watermarks.add(shards.of_user(&event.user), &event));
         match added {
             Ok(()) => good.push(message),
             Err(reason) => {
@@ -76,7 +79,7 @@ async fn store_batch(pool: &Pool, js: &jetstream::Context, batch: Vec<jetstream:
         return;
     }
     let mut backoff = Backoff::default();
-    while let Err(e) = upsert(pool, &watermarks).await {
+    while let Err(e) = upsert_all(shards, &watermarks).await {
         tracing::warn!(error = %e, "storing delivered watermarks failed; retrying");
         for message in &good {
             let _ = message.ack_with(AckKind::Progress).await;
@@ -99,8 +102,20 @@ enum UpsertError {
     Database(#[from] tokio_postgres::Error),
 }
 
-async fn upsert(pool: &Pool, watermarks: &Watermarks) -> Result<(), UpsertError> {
-    let (users, conversations, up_to) = watermarks.columns();
+/// Each shard's watermarks; all again after a failure (a watermark only
+/// moves forward, so what was stored already stays).
+async fn upsert_all(shards: &Shards, watermarks: &Watermarks) -> Result<(), UpsertError> {
+    for (&shard, marks) in &watermarks.0 {
+        upsert(shards.pool(shard), marks).await?;
+    }
+    Ok(())
+}
+
+async fn upsert(
+    pool: &deadpool_postgres::Pool,
+    marks: &HashMap<(String, String), i64>,
+) -> Result<(), UpsertError> {
+    let (users, conversations, up_to) = columns(marks);
     pool.get()
         .await?
         .execute(

@@ -1,12 +1,15 @@
 //! MESSAGES -> `messages`, in batches, idempotently, acked after COMMIT.
 //!
-//! A batch's messages are inserted first, then its changes (v1.1 edits,
-//! deletes, reactions) are applied one by one in stream order, in the same
-//! transaction: a change always follows the message it changes on the
+//! A batch is split by the shard of each event's conversation: one
+//! transaction per shard, then the unread counters of the members (on the
+//! users' shards, `user_index`), and the events are acked only once all of
+//! it committed. Within a shard, a batch's messages are inserted first,
+//! then its changes (v1.1 edits, deletes, reactions) are applied one by
+//! one in stream order, in the same transaction: a change always follows the message it changes on the
 //! stream, so the message is stored by then (or a delete leaves a
 //! tombstone that a late copy of the message cannot overwrite).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,13 +26,15 @@ use deadpool_postgres::Pool;
 use tokio::sync::watch;
 
 use crate::metrics::PersisterMetrics;
+use crate::shards::Shards;
+use crate::user_index::{self, Touched};
 use crate::PersisterError;
 
 /// The most events written in one transaction.
 const MAX_BATCH: usize = 1000;
 
 pub async fn write_messages(
-    pool: Pool,
+    shards: Shards,
     js: jetstream::Context,
     consumer: PullConsumer,
     metrics: Arc<PersisterMetrics>,
@@ -38,101 +43,111 @@ pub async fn write_messages(
     let stopped = shutdown::wait(stop);
     tokio::pin!(stopped);
     consume::batches(&consumer, MAX_BATCH, &mut stopped, |batch| {
-        let (pool, js, metrics) = (&pool, &js, &metrics);
-        async move { store_batch(pool, js, batch, metrics).await }
+        let (shards, js, metrics) = (&shards, &js, &metrics);
+        async move { store_batch(shards, js, batch, metrics).await }
     })
     .await;
     Ok(())
 }
 
-/// Events as the columns of one multi-row insert, built once per batch.
+/// A batch's events by the shard of their conversation: each shard's are
+/// written in one transaction.
 #[derive(Default)]
 struct Batch {
-    conversations: Vec<String>,
-    ids: Vec<i64>,
-    senders: Vec<String>,
-    bodies: Vec<String>,
-    stamps: Vec<i64>,
-    client_ids: Vec<String>,
-    reply_to: Vec<Option<i64>>,
-    /// Each message's mentions as a JSON array (PostgreSQL cannot unnest
-    /// ragged arrays).
-    mentions: Vec<String>,
-    /// Each message's attachments as a JSON array, as the event has them.
-    attachments: Vec<String>,
-    /// One row per attachment, for `message_attachments` (who may see a
-    /// media).
-    attached_conversations: Vec<String>,
-    attached_ids: Vec<i64>,
-    attached_positions: Vec<i16>,
-    attached_media: Vec<String>,
-    /// Changes, in stream order, applied after the messages.
+    shards: BTreeMap<usize, ShardRows>,
+    /// What the events change in unread counters.
+    touched: Touched,
+}
+
+/// One shard's messages and changes (in stream order, applied after the
+/// messages).
+#[derive(Default)]
+struct ShardRows {
+    messages: Vec<Row>,
     changes: Vec<ChangeEvent>,
-    /// One (user, conversation) pair per DM party, for `dm_members`.
-    dm_users: Vec<String>,
-    dm_conversations: Vec<String>,
+}
+
+/// A message as the columns of its row.
+struct Row {
+    conversation: String,
+    id: i64,
+    sender: String,
+    body: String,
+    ts: i64,
+    client_msg_id: String,
+    reply_to: Option<i64>,
+    /// As a JSON array (PostgreSQL cannot unnest ragged arrays).
+    mentions: String,
+    /// As a JSON array, as the event has them.
+    attachments: String,
+    /// The media, in order, for `message_attachments` (who may see a
+    /// media).
+    media: Vec<String>,
 }
 
 impl Batch {
     fn push(
         &mut self,
+        shard: usize,
         conversation: &ConversationId,
         event: MessagesEvent,
     ) -> Result<(), Unwritable> {
         match event {
-            MessagesEvent::Message(message) => self.push_message(conversation, message),
+            MessagesEvent::Message(message) => {
+                let row = Row::of(conversation, message)?;
+                self.shards.entry(shard).or_default().messages.push(row);
+                self.touched.stored(conversation);
+                Ok(())
+            }
             MessagesEvent::Change(change) => {
                 if !change.is_complete() {
                     return Err(Unwritable::Incomplete);
                 }
                 i64::try_from(change.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?;
                 i64::try_from(change.ts).map_err(|_| Unwritable::OutOfRange("ts"))?;
-                self.changes.push(change);
+                match (change.kind, change.scope) {
+                    (ChangeKind::Delete, Some(DeleteScope::Me)) => {
+                        self.touched.recount(&change.conversation, &change.by)
+                    }
+                    (ChangeKind::Delete, _) => self.touched.recount_all(&change.conversation),
+                    _ => {}
+                }
+                self.shards.entry(shard).or_default().changes.push(change);
                 Ok(())
             }
         }
     }
 
-    fn push_message(
-        &mut self,
-        conversation: &ConversationId,
-        event: MessageEvent,
-    ) -> Result<(), Unwritable> {
-        let id = i64::try_from(event.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?;
-        let ts = i64::try_from(event.ts).map_err(|_| Unwritable::OutOfRange("ts"))?;
-        let name = conversation.to_string();
-        if let ConversationId::Dm { low, high } = conversation {
-            for party in [low, high] {
-                self.dm_users.push(party.to_string());
-                self.dm_conversations.push(name.clone());
-            }
-        }
-        self.conversations.push(name);
-        self.ids.push(id);
-        self.senders.push(event.from.to_string());
-        self.bodies.push(event.text);
-        self.stamps.push(ts);
-        self.client_ids
-            .push(event.client_msg_id.as_str().to_string());
+    fn len(&self) -> usize {
+        self.shards
+            .values()
+            .map(|s| s.messages.len() + s.changes.len())
+            .sum()
+    }
+}
+
+impl Row {
+    fn of(conversation: &ConversationId, event: MessageEvent) -> Result<Self, Unwritable> {
         let reply_to = event
             .reply_to
             .map(|r| i64::try_from(r.get()).map_err(|_| Unwritable::OutOfRange("reply_to")))
             .transpose()?;
-        self.reply_to.push(reply_to);
-        self.mentions.push(serde_json::to_string(&event.mentions)?);
-        self.attachments
-            .push(serde_json::to_string(&event.attachments)?);
-        for (position, attachment) in (0_i16..).zip(&event.attachments) {
-            self.attached_conversations.push(conversation.to_string());
-            self.attached_ids.push(id);
-            self.attached_positions.push(position);
-            self.attached_media.push(attachment.media.to_string());
-        }
-        Ok(())
-    }
-
-    fn len(&self) -> usize {
-        self.ids.len() + self.changes.len()
+        Ok(Self {
+            conversation: conversation.to_string(),
+            id: i64::try_from(event.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?,
+            sender: event.from.to_string(),
+            ts: i64::try_from(event.ts).map_err(|_| Unwritable::OutOfRange("ts"))?,
+            client_msg_id: event.client_msg_id.as_str().to_string(),
+            reply_to,
+            mentions: serde_json::to_string(&event.mentions)?,
+            attachments: serde_json::to_string(&event.attachments)?,
+            media: event
+                .attachments
+                .iter()
+                .map(|a| a.media.to_string())
+                .collect(),
+            body: event.text,
+        })
     }
 }
 
@@ -174,6 +189,9 @@ enum InsertError {
     Transient(tokio_postgres::Error),
     #[error(transparent)]
     Permanent(tokio_postgres::Error),
+    /// Counters are our own arithmetic over stored rows: always retried.
+    #[error("unread counters: {0}")]
+    Counters(user_index::IndexError),
 }
 
 impl From<tokio_postgres::Error> for InsertError {
@@ -209,19 +227,19 @@ impl fmt::Display for TraceIds<'_> {
 /// never take (malformed, or refused as data) is copied to the dead letters
 /// and terminated, so it cannot stall every event behind it.
 async fn store_batch(
-    pool: &Pool,
+    shards: &Shards,
     js: &jetstream::Context,
     batch: Vec<jetstream::Message>,
     metrics: &PersisterMetrics,
 ) {
     let started = Instant::now();
     let events = batch.len();
-    store_events(pool, js, batch, metrics).await;
+    store_events(shards, js, batch, metrics).await;
     metrics.batch_stored(events, started.elapsed());
 }
 
 async fn store_events(
-    pool: &Pool,
+    shards: &Shards,
     js: &jetstream::Context,
     batch: Vec<jetstream::Message>,
     metrics: &PersisterMetrics,
@@ -229,8 +247,9 @@ async fn store_events(
     let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
-        let pushed =
-            decode(&message).and_then(|(conversation, event)| rows.push(&conversation, event));
+        let pushed = decode(&message).and_then(|(conversation, event)| {
+            rows.push(shards.of_conversation(&conversation), &conversation, event)
+        });
         match pushed {
             Ok(()) => good.push(message),
             Err(reason) => terminate(js, &message, &reason, metrics).await,
@@ -239,7 +258,7 @@ async fn store_events(
     if good.is_empty() {
         return;
     }
-    match insert_until_settled(pool, &rows, &good).await {
+    match insert_until_settled(shards, &rows, &good).await {
         Ok(written) => {
             metrics.rows_written(written);
             tracing::debug!(
@@ -258,10 +277,11 @@ async fn store_events(
                     continue;
                 };
                 let mut single = Batch::default();
-                if single.push(&conversation, event).is_err() {
+                let shard = shards.of_conversation(&conversation);
+                if single.push(shard, &conversation, event).is_err() {
                     continue;
                 }
-                match insert_until_settled(pool, &single, std::slice::from_ref(&message)).await {
+                match insert_until_settled(shards, &single, std::slice::from_ref(&message)).await {
                     Ok(written) => {
                         metrics.rows_written(written);
                         ack_all(vec![message]).await
@@ -276,13 +296,13 @@ async fn store_events(
 /// Retries transient failures (keeping the events ours meanwhile); returns
 /// the rows inserted, or a permanent failure.
 async fn insert_until_settled(
-    pool: &Pool,
+    shards: &Shards,
     rows: &Batch,
     messages: &[jetstream::Message],
 ) -> Result<u64, Unwritable> {
     let mut backoff = Backoff::default();
     loop {
-        match insert(pool, rows).await {
+        match insert(shards, rows).await {
             Ok(written) => return Ok(written),
             Err(InsertError::Permanent(e)) => return Err(Unwritable::Refused(e)),
             Err(reason) => {
@@ -330,74 +350,165 @@ async fn ack_all(messages: Vec<jetstream::Message>) {
     }
 }
 
-/// Inserts the rows in one transaction; returns how many were new.
-async fn insert(pool: &Pool, rows: &Batch) -> Result<u64, InsertError> {
+/// Writes each shard's rows in one transaction per shard, then settles the
+/// unread counters of what they touched (on the members' shards, in their
+/// own transactions); returns how many messages were new. Everything is
+/// idempotent, so a failure anywhere retries the whole batch: the events
+/// are acked only once every shard they touched has committed.
+async fn insert(shards: &Shards, batch: &Batch) -> Result<u64, InsertError> {
+    let mut inserted = 0;
+    for (&shard, rows) in &batch.shards {
+        inserted += insert_shard(shards.pool(shard), rows).await?;
+    }
+    user_index::settle(shards, &batch.touched)
+        .await
+        .map_err(InsertError::Counters)?;
+    Ok(inserted)
+}
+
+/// One shard's messages and changes, in one transaction.
+async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let inserted = tx
-        .query(
-            "INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to, mentions,
-                                   attachments)
-             SELECT c, i, s, b, t, m, r, ARRAY(SELECT jsonb_array_elements_text(n::jsonb)), a::jsonb
-             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                         $7::bigint[], $8::text[], $9::text[]) AS u(c, i, s, b, t, m, r, n, a)
-             ON CONFLICT DO NOTHING
-             RETURNING conversation, id",
-            &[&rows.conversations, &rows.ids, &rows.senders, &rows.bodies, &rows.stamps, &rows.client_ids,
-              &rows.reply_to, &rows.mentions, &rows.attachments],
-        )
-        .await?;
-    if !rows.attached_ids.is_empty() {
-        // Only for messages stored now: a redelivered message whose delete
-        // came first (a tombstone) must not give its media back.
+    let mut inserted = 0;
+    if !rows.messages.is_empty() {
+        // Each new message takes the next `seq` of its conversation (the
+        // order unread counters count in): the conversation's row is
+        // created if missing and locked (in name order: two batches never
+        // wait on each other in a circle), so two writers never hand out
+        // one seq twice. A message stored already wastes its number.
+        let mut names: Vec<&str> = rows
+            .messages
+            .iter()
+            .map(|r| r.conversation.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
         tx.execute(
-            "INSERT INTO message_attachments (conversation, message_id, position, media)
-             SELECT c, i, p, m
-             FROM UNNEST($1::text[], $2::bigint[], $3::smallint[], $4::text[]) AS u(c, i, p, m)
-             JOIN messages ON messages.conversation = u.c AND messages.id = u.i
-                          AND NOT messages.deleted
+            "INSERT INTO conversations (conversation, last_id, activity)
+             SELECT c, NULL, 0 FROM UNNEST($1::text[]) AS c
              ON CONFLICT DO NOTHING",
-            &[
-                &rows.attached_conversations,
-                &rows.attached_ids,
-                &rows.attached_positions,
-                &rows.attached_media,
-            ],
+            &[&names],
         )
         .await?;
-    }
-    if !inserted.is_empty() {
+        let locked = tx
+            .query(
+                "SELECT conversation, seq FROM conversations
+                 WHERE conversation = ANY($1::text[]) ORDER BY conversation FOR UPDATE",
+                &[&names],
+            )
+            .await?;
+        let mut next: HashMap<String, i64> = HashMap::new();
+        for row in &locked {
+            next.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+        let mut seqs = Vec::with_capacity(rows.messages.len());
+        for row in &rows.messages {
+            let seq = next.entry(row.conversation.clone()).or_insert(0);
+            *seq += 1;
+            seqs.push(*seq);
+        }
+        let column = |f: fn(&Row) -> &str| -> Vec<&str> { rows.messages.iter().map(f).collect() };
+        let ids: Vec<i64> = rows.messages.iter().map(|r| r.id).collect();
+        let stamps: Vec<i64> = rows.messages.iter().map(|r| r.ts).collect();
+        let reply_to: Vec<Option<i64>> = rows.messages.iter().map(|r| r.reply_to).collect();
+        // A message is stored only with its key (`message_keys`, the last
+        // net for idempotent sends: `messages` is partitioned by month and
+        // can have no unique index without the id); one already stored, or
+        // a retry of a send stored under another id, claims nothing.
+        let new = tx
+            .query(
+                "WITH batch AS (
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[],
+                                          $5::bigint[], $6::text[], $7::bigint[], $8::text[],
+                                          $9::bigint[], $10::text[]) AS u(c, i, s, b, t, m, r, n, q, a)),
+                 claimed AS (
+                     INSERT INTO message_keys (conversation, sender, client_msg_id, id)
+                     SELECT c, s, m, i FROM batch
+                     ON CONFLICT DO NOTHING
+                     RETURNING conversation, id)
+                 INSERT INTO messages (conversation, id, sender, body, ts, client_msg_id, reply_to,
+                                       mentions, seq, attachments)
+                 SELECT b.c, b.i, b.s, b.b, b.t, b.m, b.r,
+                        ARRAY(SELECT jsonb_array_elements_text(b.n::jsonb)), b.q, b.a::jsonb
+                 FROM batch b JOIN claimed k ON k.conversation = b.c AND k.id = b.i
+                 ON CONFLICT DO NOTHING
+                 RETURNING conversation, id",
+                &[
+                    &column(|r| &r.conversation),
+                    &ids,
+                    &column(|r| &r.sender),
+                    &column(|r| &r.body),
+                    &stamps,
+                    &column(|r| &r.client_msg_id),
+                    &reply_to,
+                    &column(|r| &r.mentions),
+                    &seqs,
+                    &column(|r| &r.attachments),
+                ],
+            )
+            .await?;
+        inserted = new.len() as u64;
+        attach(&tx, &rows.messages).await?;
         let mut newest: HashMap<String, i64> = HashMap::new();
-        for row in &inserted {
+        for row in &new {
             let (conversation, id): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
             let entry = newest.entry(conversation).or_insert(id);
             *entry = (*entry).max(id);
         }
-        let (names, last): (Vec<String>, Vec<i64>) = newest.into_iter().unzip();
+        let (names, seqs): (Vec<String>, Vec<i64>) = next.into_iter().unzip();
+        let last: Vec<Option<i64>> = names.iter().map(|n| newest.get(n).copied()).collect();
         tx.execute(
-            "INSERT INTO conversations (conversation, last_id, activity)
-             SELECT c, m, m FROM UNNEST($1::text[], $2::bigint[]) AS t(c, m)
-             ON CONFLICT (conversation) DO UPDATE
-               SET last_id = GREATEST(conversations.last_id, EXCLUDED.last_id),
-                   activity = GREATEST(conversations.activity, EXCLUDED.activity)",
-            &[&names, &last],
+            "UPDATE conversations c
+             SET seq = GREATEST(c.seq, t.s),
+                 last_id = GREATEST(c.last_id, t.m),
+                 activity = GREATEST(c.activity, t.m)
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS t(n, s, m)
+             WHERE c.conversation = t.n",
+            &[&names, &seqs, &last],
         )
         .await?;
-        if !rows.dm_users.is_empty() {
-            tx.execute(
-                "INSERT INTO dm_members (user_id, conversation)
-                 SELECT DISTINCT u, c FROM UNNEST($1::text[], $2::text[]) AS t(u, c)
-                 ON CONFLICT DO NOTHING",
-                &[&rows.dm_users, &rows.dm_conversations],
-            )
-            .await?;
-        }
     }
     for change in &rows.changes {
         apply(&tx, change).await?;
     }
     tx.commit().await?;
-    Ok(inserted.len() as u64)
+    Ok(inserted)
+}
+
+/// Records the media the batch's messages carry (who may see a media), for
+/// the messages stored now only: a redelivered message whose delete came
+/// first (a tombstone) must not give its media back.
+async fn attach(
+    tx: &deadpool_postgres::Transaction<'_>,
+    messages: &[Row],
+) -> Result<(), tokio_postgres::Error> {
+    let mut conversations = Vec::new();
+    let mut ids = Vec::new();
+    let mut positions = Vec::new();
+    let mut media = Vec::new();
+    for row in messages {
+        for (position, one) in (0_i16..).zip(&row.media) {
+            conversations.push(row.conversation.as_str());
+            ids.push(row.id);
+            positions.push(position);
+            media.push(one.as_str());
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO message_attachments (conversation, message_id, position, media)
+         SELECT c, i, p, m
+         FROM UNNEST($1::text[], $2::bigint[], $3::smallint[], $4::text[]) AS u(c, i, p, m)
+         JOIN messages ON messages.conversation = u.c AND messages.id = u.i
+                      AND NOT messages.deleted
+         ON CONFLICT DO NOTHING",
+        &[&conversations, &ids, &positions, &media],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Applies one change; applying it again (a redelivery) changes nothing

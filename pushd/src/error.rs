@@ -3,8 +3,8 @@
 pub enum PushdError {
     #[error(transparent)]
     Start(#[from] chat_shared::StartError),
-    #[error("PostgreSQL pool: {0}")]
-    Database(#[from] deadpool_postgres::CreatePoolError),
+    #[error("PostgreSQL shards: {0}")]
+    Database(#[from] chat_persister::shards::ShardsError),
     /// A provider's settings or key files are unusable.
     #[error("{provider}: {reason}")]
     Provider {

@@ -64,8 +64,8 @@ async fn run_exposed(
     shutdown: Shutdown,
 ) -> Result<(), PushdError> {
     let providers = providers::Providers::from_config(&config.push, metrics.clone())?;
-    let pool = chat_persister::db::connect_pool(&config)?;
     let (nats, js) = consume::connect_and_provision(&config, "pushd").await?;
+    let shards = chat_persister::shards::Shards::connect(&config, &js, false).await?;
     let consumer = consume::durable(&js, subjects::PUSH_STREAM, streams::pushd_consumer()).await;
     let stop = shutdown::fan_out(shutdown);
     let exposition = chat_shared::metrics::expose(
@@ -76,7 +76,7 @@ async fn run_exposed(
         &stop,
     );
     let shared = Arc::new(worker::Shared {
-        pool,
+        shards,
         js,
         providers,
         metrics,

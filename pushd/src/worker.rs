@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chat_persister::shards::Shards;
 use chat_shared::consume::{self, Backoff};
 use chat_shared::ids::{DeviceId, UserId};
 use chat_shared::push::{PushJob, PushWork, RetractJob, RetractReason};
 use chat_shared::telemetry::TraceId;
 use chat_shared::{shutdown, streams, subjects};
-use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -46,7 +46,8 @@ const WINDOW_QUEUE: usize = 256;
 
 /// What every window needs.
 pub struct Shared {
-    pub pool: Pool,
+    /// Mutes and tokens on the home shard, the badge on the user's.
+    pub shards: Shards,
     /// For dead letters.
     pub js: jetstream::Context,
     pub providers: Providers,
@@ -299,7 +300,7 @@ async fn deliver(shared: &Shared, work: &[PushWork]) -> bool {
         return true;
     };
     let (all, retractions) = split(work);
-    let jobs = mutes::unmuted(&shared.pool, &user, all.clone()).await;
+    let jobs = mutes::unmuted(shared.shards.home(), &user, all.clone()).await;
     shared.metrics.count_muted((all.len() - jobs.len()) as u64);
     if jobs.is_empty() && retractions.is_empty() {
         // Everything muted: nothing to send, so no badge to count.
@@ -389,7 +390,7 @@ async fn badge(shared: &Shared, user: &UserId, jobs: &[PushJob]) -> Option<u64> 
         .iter()
         .map(|j| (j.conversation.clone(), j.id))
         .collect();
-    let total = match shared.pool.get().await {
+    let total = match shared.shards.user(user).get().await {
         Ok(db) => chat_persister::unread::total(&db, user, &pending)
             .await
             .map_err(|e| e.to_string()),
@@ -431,7 +432,7 @@ async fn send(shared: &Shared, push: &Push, devices: Option<&[DeviceId]>) -> boo
             }
             Outcome::InvalidToken(reason) => {
                 tracing::info!(%user, %provider, %reason, "removing an invalid push token");
-                match tokens::remove(&shared.pool, token).await {
+                match tokens::remove(shared.shards.home(), token).await {
                     Ok(true) => shared.metrics.count_token_removed(provider),
                     Ok(false) => {}
                     // It stays; the next notification finds it invalid again.
@@ -458,7 +459,7 @@ async fn user_tokens(
     let stopped = shutdown::wait(shared.stop.clone());
     tokio::pin!(stopped);
     loop {
-        match tokens::of_user(&shared.pool, user, devices, shared.max_tokens).await {
+        match tokens::of_user(shared.shards.home(), user, devices, shared.max_tokens).await {
             Ok(tokens) => return Some(tokens),
             Err(e) => tracing::warn!(error = %e, %user, "cannot read push tokens; retrying"),
         }

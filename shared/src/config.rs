@@ -19,8 +19,14 @@ pub struct Config {
     /// `CHAT_NATS_USER` / `CHAT_NATS_PASSWORD`: this service's NATS identity.
     pub nats_user: Option<String>,
     pub nats_password: Option<String>,
-    /// `CHAT_DATABASE_URL` (persister, pushd)
-    pub database_url: String,
+    /// The PostgreSQL shards (persister, pushd): `CHAT_DATABASE_URLS`, a
+    /// comma-separated list (shard 0 first), or `CHAT_DATABASE_URL`, one
+    /// shard. Which shard holds which rows is the shard map in the KV
+    /// bucket `chat_shards` (`crate::shards`), written by the first
+    /// persister as an even split over these URLs; shard 0 also holds the
+    /// social tables (friendships, blocks, settings, profiles, push tokens,
+    /// mutes), which are not split yet (docs/scaling.md).
+    pub database_urls: Vec<String>,
     /// `CHAT_DATABASE_POOL` connections
     pub database_pool_size: usize,
     /// `CHAT_EDGE_ADDR`: where the edge listens.
@@ -487,7 +493,7 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_user: None,
             nats_password: None,
-            database_url: "postgres://chat@127.0.0.1:5433/chat".into(),
+            database_urls: vec!["postgres://chat@127.0.0.1:5433/chat".into()],
             database_pool_size: 8,
             edge_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             edge_id: None,
@@ -561,7 +567,17 @@ impl Config {
         reader.string("CHAT_NATS_URL", &mut config.nats_url);
         config.nats_user = reader.optional("CHAT_NATS_USER");
         config.nats_password = reader.optional("CHAT_NATS_PASSWORD");
-        reader.string("CHAT_DATABASE_URL", &mut config.database_url);
+        if let Some(url) = reader.optional("CHAT_DATABASE_URL") {
+            config.database_urls = vec![url];
+        }
+        if let Some(urls) = reader.optional("CHAT_DATABASE_URLS") {
+            config.database_urls = urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(String::from)
+                .collect();
+        }
         reader.parse("CHAT_DATABASE_POOL", &mut config.database_pool_size);
         reader.parse("CHAT_EDGE_ADDR", &mut config.edge_addr);
         config.edge_id = reader.optional("CHAT_EDGE_ID");
@@ -815,6 +831,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=crate::shards::MAX_SHARDS).contains(&self.database_urls.len()) {
+            problems.push(format!(
+                "CHAT_DATABASE_URLS: 1 to {} URLs",
+                crate::shards::MAX_SHARDS
+            ));
+        }
         if self.database_pool_size == 0 {
             problems.push("CHAT_DATABASE_POOL: must be positive".into());
         }
@@ -853,6 +875,12 @@ impl Config {
         self.edge_public_url
             .clone()
             .unwrap_or_else(|| format!("ws://{}/v1/ws", self.edge_addr))
+    }
+
+    /// Shard 0, the home shard: the social tables, and the one database of
+    /// tools that need one (`chatctl bench --peer`'s archive).
+    pub fn home_database_url(&self) -> &str {
+        self.database_urls.first().map_or("", String::as_str)
     }
 
     /// The silence after which a connection is closed with 4003.
@@ -1082,6 +1110,19 @@ mod tests {
         assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
         assert_eq!(config.heartbeat, Duration::from_secs(5));
         assert_eq!(config.request_timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn database_urls_is_a_list_and_database_url_one_shard() {
+        let one = from(&[("CHAT_DATABASE_URL", "postgres://a/x")]).unwrap();
+        assert_eq!(one.database_urls, ["postgres://a/x"]);
+        let two = from(&[
+            ("CHAT_DATABASE_URL", "postgres://a/x"),
+            ("CHAT_DATABASE_URLS", "postgres://a/x, postgres://b/y"),
+        ])
+        .unwrap();
+        assert_eq!(two.database_urls, ["postgres://a/x", "postgres://b/y"]);
+        assert!(from(&[("CHAT_DATABASE_URLS", ",")]).is_err());
     }
 
     #[test]

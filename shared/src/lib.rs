@@ -29,6 +29,7 @@ pub mod push;
 pub mod receipts;
 pub mod rpc;
 pub mod schema;
+pub mod shards;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

@@ -269,6 +269,9 @@ fn bucket(name: &str, description: &str, max_age: Duration, config: &Config) -> 
     }
 }
 
+/// The shard map bucket's bound: 1,024 buckets as JSON are ~3 KB.
+const SHARDS_BUCKET_MAX_BYTES: i64 = 1 << 20;
+
 /// A leader that stops refreshing its lease loses it after this long.
 pub const LEADER_LEASE_TTL: Duration = Duration::from_secs(6);
 
@@ -331,6 +334,17 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             Duration::ZERO,
             config,
         ),
+        // Written once by the first persister (kept forever): one map of a
+        // few KB, so it reserves 1 MiB, not a bucket's share of the disk.
+        kv::Config {
+            max_bytes: SHARDS_BUCKET_MAX_BYTES,
+            ..bucket(
+                subjects::SHARDS_BUCKET,
+                "which PostgreSQL shard holds each hash bucket",
+                Duration::ZERO,
+                config,
+            )
+        },
     ]
 }
 

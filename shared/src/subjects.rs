@@ -70,6 +70,9 @@ pub const PUSH_DEVICES_BUCKET: &str = "chat_push_devices";
 /// [`object_store_stream`]): each object named [`media_object`],
 /// [`thumb_object`] or, while it is being written, [`upload_object`].
 pub const MEDIA_BUCKET: &str = "chat_media";
+
+/// The PostgreSQL shard map (`crate::shards`), one key.
+pub const SHARDS_BUCKET: &str = "chat_shards";
 /// The presence leader's key in [`LEADERS_BUCKET`].
 pub const PRESENCE_LEADER_KEY: &str = "presence";
 

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use process::{Service, ServiceProcess};
-pub use servers::{fresh_database, nats_password, NatsServer};
+pub use servers::{fresh_database, fresh_database_on, nats_password, NatsServer, PgCluster};
 
 pub const JWT_SECRET: &str = "e2e-test-secret-e2e-test-secret-e2e";
 /// How long a test waits for any one expected frame.
@@ -139,6 +139,9 @@ impl System {
         let nats = NatsServer::start().await?;
         let database_url = fresh_database().await?;
         let mut config = test_config(nats.url(), database_url);
+        for _ in 1..pg_shards_under_test() {
+            config.database_urls.push(fresh_database().await?);
+        }
         adjust(&mut config);
         let mut system = Self {
             nats,
@@ -424,12 +427,69 @@ impl System {
         }
     }
 
-    /// A direct PostgreSQL connection to this system's database.
+    /// A direct PostgreSQL connection to this system's database (its
+    /// home shard, shard 0, when it has several).
     pub async fn database(&self) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
+        connect_database(self.config.home_database_url()).await
+    }
+
+    /// A connection to each of this system's shards, shard 0 first.
+    pub async fn databases(&self) -> Result<Vec<tokio_postgres::Client>> {
+        databases(&self.config).await
+    }
+
+    /// The sum over every shard of `sql`, a query of one `bigint` (a
+    /// `count(*)`): what a test that counts rows sees whatever the shards.
+    pub async fn count_everywhere(&self, sql: &str) -> Result<i64> {
+        let mut total = 0;
+        for db in self.databases().await? {
+            total += db.query_one(sql, &[]).await?.get::<_, i64>(0);
+        }
+        Ok(total)
+    }
+
+    /// Whether every stored message is counted in its members' rows of
+    /// `user_conversations`: the writer commits a batch's messages first
+    /// and the counters after (on the users' shards), so a test that reads
+    /// `conversations` after counting stored messages waits for this too.
+    pub async fn counters_settled(&self) -> Result<bool> {
+        let stored = self
+            .rows_everywhere(
+                "SELECT c.conversation, c.seq,
+                        CASE WHEN c.conversation LIKE 'group:%'
+                             THEN (SELECT count(*) FROM group_members g
+                                    WHERE 'group:' || g.group_id = c.conversation)
+                             ELSE 2 END
+                 FROM conversations c WHERE c.seq > 0",
+            )
+            .await?;
+        let counted = self
+            .rows_everywhere("SELECT conversation, counted_seq FROM user_conversations")
+            .await?;
+        let mut at: HashMap<String, Vec<i64>> = HashMap::new();
+        for row in &counted {
+            at.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(stored.iter().all(|row| {
+            let (conversation, seq, members): (String, i64, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            let counters = at.get(&conversation).map_or(&[][..], Vec::as_slice);
+            counters.iter().filter(|&&c| c >= seq).count() as i64 == members
+        }))
+    }
+
+    /// The rows `sql` finds on every shard, shard 0's first.
+    pub async fn rows_everywhere(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+        rows_everywhere(&self.config, sql).await
+    }
+
+    /// A connection to the shard that holds `conversation`'s rows (by the
+    /// even map the first persister writes for this system's shards).
+    pub async fn database_of(&self, conversation: &str) -> Result<tokio_postgres::Client> {
+        let conversation = chat_shared::ids::ConversationId::parse(conversation)?;
+        let shard = chat_shared::shards::ShardMap::even(self.config.database_urls.len())
+            .of_conversation(&conversation);
+        connect_database(&self.config.database_urls[shard]).await
     }
 
     /// A NATS connection with the admin user.
@@ -670,7 +730,7 @@ fn rand_ref() -> u64 {
 pub fn test_config(nats_url: String, database_url: String) -> Config {
     Config {
         nats_url,
-        database_url,
+        database_urls: vec![database_url],
         jwt_secret: Some(JWT_SECRET.into()),
         // The dev NATS passwords of nats/users.conf are accepted only so.
         dev: true,
@@ -737,6 +797,49 @@ pub const TEST_BOUNDS: chat_shared::config::StoreBounds = chat_shared::config::S
 };
 const MIB: i64 = 1024 * 1024;
 const GIB: i64 = 1024 * MIB;
+
+/// How many PostgreSQL shards each test system has:
+/// `CHAT_TEST_PG_SHARDS` (`scripts/test` runs the persister's tests a
+/// second time with 2), else one. The shards are databases of the test
+/// cluster; `shards::*` also runs them as separate clusters.
+///
+/// # Panics
+/// If `CHAT_TEST_PG_SHARDS` is set to anything but 1 to 8.
+pub fn pg_shards_under_test() -> usize {
+    match std::env::var("CHAT_TEST_PG_SHARDS") {
+        Ok(count) => count
+            .parse()
+            .ok()
+            .filter(|n| (1..=8).contains(n))
+            .unwrap_or_else(|| panic!("CHAT_TEST_PG_SHARDS={count:?} is not 1 to 8")),
+        Err(_) => 1,
+    }
+}
+
+/// A connection to each shard of `config`, shard 0 first.
+pub async fn databases(config: &Config) -> Result<Vec<tokio_postgres::Client>> {
+    let mut all = Vec::new();
+    for url in &config.database_urls {
+        all.push(connect_database(url).await?);
+    }
+    Ok(all)
+}
+
+/// The rows `sql` finds on every shard of `config`, shard 0's first.
+pub async fn rows_everywhere(config: &Config, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+    let mut rows = Vec::new();
+    for db in databases(config).await? {
+        rows.extend(db.query(sql, &[]).await?);
+    }
+    Ok(rows)
+}
+
+/// A client of one database, its connection driven on this runtime.
+pub async fn connect_database(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
 
 /// Quotas no test reaches unless it lowers them (the abuse tests do).
 pub const QUOTA_OFF_SCALE: chat_shared::config::QuotaConfig = chat_shared::config::QuotaConfig {

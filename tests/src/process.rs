@@ -52,7 +52,7 @@ fn environment(config: &Config) -> Vec<(&'static str, String)> {
             config.nats_password.clone().unwrap_or_default(),
         ),
         ("CHAT_DEV", config.dev.to_string()),
-        ("CHAT_DATABASE_URL", config.database_url.clone()),
+        ("CHAT_DATABASE_URLS", config.database_urls.join(",")),
         ("CHAT_DATABASE_POOL", config.database_pool_size.to_string()),
         ("CHAT_JWT_SECRET", JWT_SECRET.into()),
         ("CHAT_EDGE_ADDR", "127.0.0.1:0".into()),

@@ -54,7 +54,7 @@ impl Service {
         request: rpc::ChangeCheckRequest,
     ) -> Result<rpc::ChangeVerdict, RpcError> {
         self.caught_up(&request.conversation).await?;
-        let db = self.client().await?;
+        let db = self.conversation_db(&request.conversation).await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
         let conversation = request.conversation.to_string();
@@ -97,7 +97,7 @@ impl Service {
                 let hidden = db
                     .query_opt(
                         "SELECT 1 FROM hidden_messages
-                         WHERE user_id = $1 AND conversation = $2 AND id = $3",
+                         WHERE conversation = $2 AND id = $3 AND user_id = $1",
                         &[&request.user.as_str(), &conversation, &id],
                     )
                     .await

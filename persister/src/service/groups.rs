@@ -1,6 +1,7 @@
-//! Groups: create, add, remove, leave, info and members. Every change
-//! writes its membership event into the outbox in the same transaction
-//! (see `outbox`).
+//! Groups: create, add, remove, leave, info and members, on the group's
+//! shard. Every change writes its membership event into the outbox in the
+//! same transaction (see `outbox`); the members' `user_conversations` rows
+//! (on their shards) follow from the event after COMMIT.
 
 use std::collections::HashSet;
 
@@ -52,11 +53,17 @@ impl Service {
         Ok((column(&row, 0)?, owner))
     }
 
+    /// A connection to `group`'s shard.
+    async fn group_db(&self, group: &GroupId) -> Result<deadpool_postgres::Object, RpcError> {
+        self.conversation_db(&ConversationId::Group(group.clone()))
+            .await
+    }
+
     pub(super) async fn members(
         &self,
         request: rpc::MembersRequest,
     ) -> Result<Vec<UserId>, RpcError> {
-        let db = self.client().await?;
+        let db = self.group_db(&request.group).await?;
         self.group_row(&db, &request.group, false).await?;
         self.group_members(&db, &request.group).await
     }
@@ -65,7 +72,7 @@ impl Service {
         &self,
         request: rpc::GroupRequest,
     ) -> Result<GroupView, RpcError> {
-        let db = self.client().await?;
+        let db = self.group_db(&request.group).await?;
         let (name, owner) = self.group_row(&db, &request.group, false).await?;
         let members = self.group_members(&db, &request.group).await?;
         if !members.contains(&request.user) {
@@ -101,9 +108,11 @@ impl Service {
         let group = GroupId::parse(format!("g{:016x}", rand::random::<u64>()))
             .map_err(|_| corrupt("group id"))?;
         let now = now_ms();
-        let mut db = self.client().await?;
+        // Privacy settings are on the home shard, the group on its own.
+        self.check_adds(&self.client().await?, &request.user, &members)
+            .await?;
+        let mut db = self.group_db(&group).await?;
         let tx = begin(&mut db).await?;
-        self.check_adds(&tx, &request.user, &members).await?;
         tx.execute(
             "INSERT INTO groups (id, name, owner, created_at) VALUES ($1, $2, $3, $4)",
             &[&group.as_str(), &name, &request.user.as_str(), &now],
@@ -126,16 +135,18 @@ impl Service {
         )
         .await
         .map_err(unavailable("insert into conversations"))?;
-        self.record_event(
-            &tx,
-            &group,
-            MembershipChange::Created,
-            members.clone(),
-            &request.user,
-            members.clone(),
-        )
-        .await?;
+        let event = self
+            .record_event(
+                &tx,
+                &group,
+                MembershipChange::Created,
+                members.clone(),
+                &request.user,
+                members.clone(),
+            )
+            .await?;
         tx.commit().await.map_err(unavailable("commit"))?;
+        self.index_event(&event).await;
         self.publish_outbox_after_change().await;
         Ok(GroupView {
             id: group,
@@ -198,7 +209,9 @@ impl Service {
                 "users must not be empty",
             ));
         }
-        let mut db = self.client().await?;
+        // Privacy settings are on the home shard, the group on its own.
+        let home = self.client().await?;
+        let mut db = self.group_db(&request.group).await?;
         let tx = begin(&mut db).await?;
         let (name, owner) = self.group_row(&tx, &request.group, true).await?;
         let before = self.group_members(&tx, &request.group).await?;
@@ -220,7 +233,7 @@ impl Service {
                 let room = self.max_group_members.saturating_sub(before.len());
                 let new =
                     self.distinct_members(request.users.iter().cloned(), &before_set, room)?;
-                self.check_adds(&tx, &request.user, &new).await?;
+                self.check_adds(&home, &request.user, &new).await?;
                 let ids: Vec<&str> = new.iter().map(UserId::as_str).collect();
                 tx.execute(
                     "INSERT INTO group_members (group_id, user_id, joined_at) SELECT $1, u, $2 FROM UNNEST($3::text[]) AS u
@@ -255,20 +268,24 @@ impl Service {
             }
         };
         let after = self.group_members(&tx, &request.group).await?;
-        let changed = !affected.is_empty();
-        if changed {
-            self.record_event(
-                &tx,
-                &request.group,
-                change,
-                affected,
-                &request.user,
-                after.clone(),
+        let event = if affected.is_empty() {
+            None
+        } else {
+            Some(
+                self.record_event(
+                    &tx,
+                    &request.group,
+                    change,
+                    affected,
+                    &request.user,
+                    after.clone(),
+                )
+                .await?,
             )
-            .await?;
-        }
+        };
         tx.commit().await.map_err(unavailable("commit"))?;
-        if changed {
+        if let Some(event) = event {
+            self.index_event(&event).await;
             self.publish_outbox_after_change().await;
         }
         Ok(GroupView {
@@ -280,7 +297,7 @@ impl Service {
     }
 
     pub(super) async fn group_leave(&self, request: rpc::GroupRequest) -> Result<(), RpcError> {
-        let mut db = self.client().await?;
+        let mut db = self.group_db(&request.group).await?;
         let tx = begin(&mut db).await?;
         let (_, owner) = self.group_row(&tx, &request.group, true).await?;
         let removed = tx
@@ -308,16 +325,18 @@ impl Service {
                 .map_err(unavailable("update groups"))?;
             }
         }
-        self.record_event(
-            &tx,
-            &request.group,
-            MembershipChange::Left,
-            vec![request.user.clone()],
-            &request.user,
-            after,
-        )
-        .await?;
+        let event = self
+            .record_event(
+                &tx,
+                &request.group,
+                MembershipChange::Left,
+                vec![request.user.clone()],
+                &request.user,
+                after,
+            )
+            .await?;
         tx.commit().await.map_err(unavailable("commit"))?;
+        self.index_event(&event).await;
         self.publish_outbox_after_change().await;
         Ok(())
     }

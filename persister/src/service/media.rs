@@ -110,8 +110,7 @@ impl Service {
                 format!("at most {MAX_ATTACHMENTS} media"),
             ));
         }
-        let db = self.client().await?;
-        visible_media(&db, &request.user, &request.media).await
+        visible_media(&self.shards, &request.user, &request.media).await
     }
 
     /// Whether `avatar` is an image `user` uploaded (`profile.set`).
@@ -135,47 +134,79 @@ impl Service {
 }
 
 /// The metadata of those of `media` that `user` may see, in the order
-/// asked: their uploader, a current member of a conversation in which a
-/// message that is not deleted carries them, or anyone for a media that is
-/// someone's current avatar (profiles are public, and so is their picture).
+/// asked: their uploader, anyone for a media that is someone's current
+/// avatar (profiles are public, and so is their picture), both read on the
+/// home shard with the media's own row; else a current member of a
+/// conversation in which a message that is not deleted carries them, asked
+/// of every shard until each media is settled (the attachment is on its
+/// conversation's shard, with the group's members; a DM's members are in
+/// its id).
 async fn visible_media(
-    db: &impl GenericClient,
+    shards: &crate::shards::Shards,
     user: &UserId,
     media: &[MediaId],
 ) -> Result<Vec<MediaInfo>, RpcError> {
     let ids: Vec<&str> = media.iter().map(MediaId::as_str).collect();
-    let rows = db
+    let rows = super::connect(shards.home())
+        .await?
         .query(
             &format!(
-                "SELECT {MEDIA_COLUMNS}
+                "SELECT {MEDIA_COLUMNS},
+                        EXISTS (SELECT 1 FROM media_uploaders u
+                                WHERE u.media = m.media AND u.user_id = $2)
+                        OR EXISTS (SELECT 1 FROM profiles p WHERE p.avatar = m.media)
                  FROM unnest($1::text[]) WITH ORDINALITY AS asked (media, n)
                  JOIN media m ON m.media = asked.media
-                 WHERE EXISTS (SELECT 1 FROM media_uploaders u
-                               WHERE u.media = m.media AND u.user_id = $2)
-                    OR EXISTS (SELECT 1 FROM profiles p WHERE p.avatar = m.media)
-                    OR EXISTS (SELECT 1 FROM message_attachments a
-                               JOIN messages msg ON msg.conversation = a.conversation
-                                                AND msg.id = a.message_id AND NOT msg.deleted
-                               WHERE a.media = m.media
-                                 AND (EXISTS (SELECT 1 FROM dm_members d
-                                              WHERE d.conversation = a.conversation
-                                                AND d.user_id = $2)
-                                      OR EXISTS (SELECT 1 FROM group_members g
-                                                 WHERE g.user_id = $2
-                                                   AND 'group:' || g.group_id = a.conversation)))
                  ORDER BY asked.n"
             ),
             &[&ids, &user.as_str()],
         )
         .await
         .map_err(unavailable("read media access"))?;
-    let mut visible: Vec<MediaInfo> = Vec::with_capacity(rows.len());
+    let mut known: Vec<(MediaInfo, bool)> = Vec::with_capacity(rows.len());
     for row in &rows {
         let info = media_info(row)?;
         // A media named twice is answered once.
-        if !visible.iter().any(|v| v.media == info.media) {
-            visible.push(info);
+        if !known.iter().any(|(k, _)| k.media == info.media) {
+            known.push((info, column(row, 5)?));
         }
     }
-    Ok(visible)
+    for (_, pool) in shards.all() {
+        let unsettled: Vec<&str> = known
+            .iter()
+            .filter(|(_, allowed)| !allowed)
+            .map(|(info, _)| info.media.as_str())
+            .collect();
+        if unsettled.is_empty() {
+            break;
+        }
+        let attached = super::connect(pool)
+            .await?
+            .query(
+                "SELECT DISTINCT a.media FROM message_attachments a
+                 JOIN messages msg ON msg.conversation = a.conversation
+                                  AND msg.id = a.message_id AND NOT msg.deleted
+                 WHERE a.media = ANY($1::text[])
+                   AND CASE split_part(a.conversation, ':', 1)
+                         WHEN 'dm' THEN $2 IN (split_part(a.conversation, ':', 2),
+                                               split_part(a.conversation, ':', 3))
+                         ELSE EXISTS (SELECT 1 FROM group_members g
+                                      WHERE g.group_id = substr(a.conversation, 7)
+                                        AND g.user_id = $2)
+                       END",
+                &[&unsettled, &user.as_str()],
+            )
+            .await
+            .map_err(unavailable("read media access"))?;
+        for row in &attached {
+            let id: &str = column(row, 0)?;
+            for (info, allowed) in known.iter_mut() {
+                *allowed |= info.media.as_str() == id;
+            }
+        }
+    }
+    Ok(known
+        .into_iter()
+        .filter_map(|(info, allowed)| allowed.then_some(info))
+        .collect())
 }

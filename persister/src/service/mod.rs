@@ -26,6 +26,9 @@ use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent};
 use deadpool_postgres::{GenericClient, Pool};
+
+use crate::shards::Shards;
+use crate::user_index::{self, Touched};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Semaphore};
@@ -47,7 +50,7 @@ const OUTBOX_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Service {
-    pool: Pool,
+    shards: Shards,
     nats: async_nats::Client,
     js: jetstream::Context,
     max_group_members: usize,
@@ -104,6 +107,10 @@ async fn begin(
     db.transaction()
         .await
         .map_err(unavailable("begin a transaction"))
+}
+
+async fn connect(pool: &Pool) -> Result<deadpool_postgres::Object, RpcError> {
+    pool.get().await.map_err(unavailable("get a connection"))
 }
 
 fn corrupt(what: &str) -> RpcError {
@@ -184,7 +191,7 @@ pub struct Policy {
 
 impl Service {
     pub fn new(
-        pool: Pool,
+        shards: Shards,
         nats: async_nats::Client,
         js: jetstream::Context,
         policy: Policy,
@@ -197,7 +204,7 @@ impl Service {
             changes: rules,
         } = policy;
         Self {
-            pool,
+            shards,
             nats,
             js,
             max_group_members,
@@ -273,11 +280,30 @@ impl Service {
         )
     }
 
+    /// A connection to the home shard (shard 0): the social tables.
     async fn client(&self) -> Result<deadpool_postgres::Object, RpcError> {
-        self.pool
-            .get()
+        connect(self.shards.home()).await
+    }
+
+    /// A connection to the shard of `conversation`'s rows.
+    async fn conversation_db(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<deadpool_postgres::Object, RpcError> {
+        connect(self.shards.conversation(conversation)).await
+    }
+
+    /// A connection to the shard of `user`'s rows.
+    async fn user_db(&self, user: &UserId) -> Result<deadpool_postgres::Object, RpcError> {
+        connect(self.shards.user(user)).await
+    }
+
+    /// Brings unread counters up to date after a change; `unavailable` if
+    /// PostgreSQL is away (the change stays; a retry settles it).
+    async fn settle(&self, touched: &Touched) -> Result<(), RpcError> {
+        user_index::settle(&self.shards, touched)
             .await
-            .map_err(unavailable("get a connection"))
+            .map_err(unavailable("settle unread counters"))
     }
 
     /// Members only: a DM's two users, a group's current members.
@@ -327,13 +353,14 @@ impl Service {
         }
         let up_to = i64::try_from(request.up_to.get())
             .map_err(|_| RpcError::new(ErrorCode::BadRequest, "up_to is not a message id"))?;
-        let db = self.client().await?;
         let members = self
-            .members_with(&db, &request.user, &request.conversation)
+            .members_of(&request.user, &request.conversation)
             .await?;
         // Stored whether or not the conversation's messages are yet: they
         // are counted against it once they are.
-        let row = db
+        let row = self
+            .user_db(&request.user)
+            .await?
             .query_one(
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
                  ON CONFLICT (user_id, conversation)
@@ -352,6 +379,11 @@ impl Service {
             // Read state only moves forward; an older `read` says nothing new.
             return Ok(());
         }
+        // The unread counter is counted again from the new mark (also for a
+        // repeated `read`: one that failed here settles now).
+        let mut touched = Touched::default();
+        touched.recount(&request.conversation, &request.user);
+        self.settle(&touched).await?;
         // Who may see it (blocks, `read_receipts`) is decided here, where
         // the settings are; the router tells exactly these members.
         // Published for a repeated `read` too, under the same
@@ -359,7 +391,7 @@ impl Service {
         // read stored, its event not) gets its receipt out, and JetStream
         // drops the copy otherwise.
         let audience = self
-            .read_receipt_audience(&db, &request.user, members)
+            .read_receipt_audience(&self.client().await?, &request.user, members)
             .await?;
         self.publish_read(ReadEvent {
             conversation: request.conversation,
@@ -379,6 +411,16 @@ impl Service {
             ConversationId::Dm { low, high } => Ok(vec![low.clone(), high.clone()]),
             ConversationId::Group(group) => self.group_members(db, group).await,
         }
+    }
+
+    /// [`Service::members_with`] on the conversation's shard.
+    async fn members_of(
+        &self,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) -> Result<Vec<UserId>, RpcError> {
+        let db = self.conversation_db(conversation).await?;
+        self.members_with(&db, user, conversation).await
     }
 
     /// The members of `conversation`, if `user` is one (else `forbidden`,

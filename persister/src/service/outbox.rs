@@ -1,15 +1,18 @@
 //! The transactional outbox of membership events: a group change writes
-//! its event into `group_event_outbox` before COMMIT, and it is published
-//! to EVENTS (then deleted) after, so no change goes unannounced and no
-//! event announces a change that was rolled back.
+//! its event into `group_event_outbox` (on the group's shard) before
+//! COMMIT, and after it the event is applied to the members' rows of
+//! `user_conversations`, published to EVENTS and deleted, so no change
+//! goes unannounced or unindexed and no event announces a change that was
+//! rolled back.
 
 use async_nats::HeaderMap;
-use chat_shared::ids::{GroupId, UserId};
+use chat_shared::ids::{ConversationId, GroupId, UserId};
 use chat_shared::rpc::RpcError;
 use chat_shared::subjects;
 use chat_shared::wire::{GroupEvent, MembershipChange};
 
 use super::{column, corrupt, now_ms, unavailable, Service, OUTBOX_WAIT};
+use crate::user_index::{self, Touched};
 
 impl Service {
     /// Writes a membership event into the outbox inside the change's
@@ -22,7 +25,7 @@ impl Service {
         users: Vec<UserId>,
         by: &UserId,
         members: Vec<UserId>,
-    ) -> Result<(), RpcError> {
+    ) -> Result<GroupEvent, RpcError> {
         let row = tx
             .query_one(
                 "UPDATE groups SET version = version + 1 WHERE id = $1 RETURNING version",
@@ -42,12 +45,41 @@ impl Service {
         };
         let body = serde_json::to_vec(&event).map_err(|_| corrupt("event"))?;
         tx.execute(
-            "INSERT INTO group_event_outbox (id, body) VALUES ($1, $2)",
-            &[&event.id, &body],
+            "INSERT INTO group_event_outbox (group_id, id, body) VALUES ($1, $2, $3)",
+            &[&group.as_str(), &event.id, &body],
         )
         .await
         .map_err(unavailable("insert into group_event_outbox"))?;
-        Ok(())
+        Ok(event)
+    }
+
+    /// Applies a committed membership event to its users' rows of
+    /// `user_conversations`: a member added (or the group created) gets a
+    /// row counted from when they joined, one who left or was removed
+    /// loses it. Run after COMMIT and again when the event is published
+    /// from the outbox (so a crash in between is repaired), both harmless
+    /// twice. A failure is logged; the outbox drain applies it again.
+    pub(super) async fn index_event(&self, event: &GroupEvent) -> bool {
+        let conversation = ConversationId::Group(event.group.clone());
+        let applied = match event.event {
+            MembershipChange::Created | MembershipChange::Added => {
+                let mut touched = Touched::default();
+                for user in &event.users {
+                    touched.recount(&conversation, user);
+                }
+                user_index::settle(&self.shards, &touched).await
+            }
+            MembershipChange::Removed | MembershipChange::Left => {
+                user_index::forget(&self.shards, &event.group, &event.users).await
+            }
+        };
+        match applied {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, id = %event.id, "membership not in user_conversations yet");
+                false
+            }
+        }
     }
 
     pub(super) async fn publish_raw(&self, id: &str, group: &GroupId, body: Vec<u8>) -> bool {
@@ -93,18 +125,28 @@ impl Service {
         let _ = self.drain_outbox().await;
     }
 
+    /// Each shard's outbox in commit order (a group's events are all on
+    /// its shard, so they stay in order).
     async fn drain_outbox(&self) -> Result<(), RpcError> {
-        let db = self.client().await?;
+        for (_, pool) in self.shards.all() {
+            self.drain_shard(pool).await?;
+        }
+        Ok(())
+    }
+
+    async fn drain_shard(&self, pool: &deadpool_postgres::Pool) -> Result<(), RpcError> {
+        let db = super::connect(pool).await?;
         let rows = db
             .query("SELECT id, body FROM group_event_outbox ORDER BY seq", &[])
             .await
             .map_err(unavailable("read group_event_outbox"))?;
         for row in rows {
             let (id, body): (String, Vec<u8>) = (column(&row, 0)?, column(&row, 1)?);
-            match id.split_once('/').and_then(|(g, _)| GroupId::parse(g).ok()) {
-                Some(group) if !self.publish_raw(&id, &group, body).await => return Ok(()),
-                Some(_) => {}
-                None => tracing::error!(%id, "dropping an outbox event with a malformed id"),
+            match serde_json::from_slice::<GroupEvent>(&body) {
+                Ok(event) if !self.index_event(&event).await => return Ok(()),
+                Ok(event) if !self.publish_raw(&id, &event.group, body).await => return Ok(()),
+                Ok(_) => {}
+                Err(e) => tracing::error!(%id, error = %e, "dropping a malformed outbox event"),
             }
             db.execute("DELETE FROM group_event_outbox WHERE id = $1", &[&id])
                 .await

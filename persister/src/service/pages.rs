@@ -5,15 +5,15 @@
 //! `conversations` carries only a [`PREVIEW_CHARS`] preview of each newest
 //! message and pages with an opaque `next` token.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-use chat_shared::idgen::EPOCH_MS;
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, RpcError, MAX_REACHABLE_CONVERSATIONS, REPLY_ITEMS_BUDGET};
 use chat_shared::wire::{ConversationSummary, ErrorCode, MessageEvent, PREVIEW_CHARS};
 use serde::Serialize;
 
-use super::{column, corrupt, message_from_row, unavailable, Service, ID_TIME_SHIFT};
+use super::{column, corrupt, message_from_row, unavailable, Service};
 
 /// Counts what a value serializes to without keeping it.
 struct ByteCount(usize);
@@ -115,7 +115,7 @@ impl Service {
         &self,
         request: rpc::HistoryRequest,
     ) -> Result<rpc::HistoryPage, RpcError> {
-        let db = self.client().await?;
+        let db = self.conversation_db(&request.conversation).await?;
         self.check_access(&db, &request.user, &request.conversation)
             .await?;
         let before = request.before.map(|b| b.get().min(i64::MAX as u64) as i64);
@@ -134,7 +134,7 @@ impl Service {
                      WHERE conversation = $1 AND ($2::bigint IS NULL OR id < $2)
                        -- v1.1: deleted for me by the reader.
                        AND NOT EXISTS (SELECT 1 FROM hidden_messages h
-                                       WHERE h.user_id = $5 AND h.conversation = $1 AND h.id = m.id)
+                                       WHERE h.conversation = $1 AND h.id = m.id AND h.user_id = $5)
                      ORDER BY id DESC LIMIT $3),
                  sized AS (
                      SELECT *, count(*) OVER () AS found,
@@ -163,7 +163,7 @@ impl Service {
             .take(limit as usize)
             .map(|row| stored_message(request.conversation.clone(), row))
             .collect::<Result<Vec<_>, RpcError>>()?;
-        let (messages, more) = self.finish_page(&db, messages, found).await?;
+        let (messages, more) = self.finish_page(messages, found).await?;
         Ok(rpc::HistoryPage { messages, more })
     }
 
@@ -171,38 +171,42 @@ impl Service {
     /// budget, and whether more follow (`found` rows were read for it).
     pub(super) async fn finish_page(
         &self,
-        db: &deadpool_postgres::Object,
         mut messages: Vec<MessageEvent>,
         found: i64,
     ) -> Result<(Vec<MessageEvent>, bool), RpcError> {
-        self.add_reactions(db, &mut messages).await?;
+        self.add_reactions(&mut messages).await?;
         let (messages, cut) = fit(messages, REPLY_ITEMS_BUDGET);
         let more = cut || (messages.len() as i64) < found;
         Ok((messages, more))
     }
 
-    /// Fills in each message's `reactions` (one query for the page, whose
-    /// messages may be of several conversations).
-    async fn add_reactions(
-        &self,
-        db: &deadpool_postgres::Object,
-        messages: &mut [MessageEvent],
-    ) -> Result<(), RpcError> {
-        let conversations: Vec<String> = messages
-            .iter()
-            .map(|m| m.conversation.to_string())
-            .collect();
-        let ids: Vec<i64> = messages.iter().map(|m| m.id.get() as i64).collect();
-        let rows = db
-            .query(
-                "SELECT r.conversation, r.id, r.emoji, r.user_id
-                 FROM unnest($1::text[], $2::bigint[]) AS page (conversation, id)
-                 JOIN reactions r ON r.conversation = page.conversation AND r.id = page.id
-                 ORDER BY r.conversation, r.id, r.emoji, r.ts, r.user_id",
-                &[&conversations, &ids],
-            )
-            .await
-            .map_err(unavailable("read reactions"))?;
+    /// Fills in each message's `reactions` (one query per shard of the
+    /// page, whose messages may be of several conversations).
+    async fn add_reactions(&self, messages: &mut [MessageEvent]) -> Result<(), RpcError> {
+        let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
+        for message in messages.iter() {
+            let page = by_shard
+                .entry(self.shards.of_conversation(&message.conversation))
+                .or_default();
+            page.0.push(message.conversation.to_string());
+            page.1.push(message.id.get() as i64);
+        }
+        let mut rows = Vec::new();
+        for (shard, (conversations, ids)) in by_shard {
+            rows.extend(
+                super::connect(self.shards.pool(shard))
+                    .await?
+                    .query(
+                        "SELECT r.conversation, r.id, r.emoji, r.user_id
+                         FROM unnest($1::text[], $2::bigint[]) AS page (conversation, id)
+                         JOIN reactions r ON r.conversation = page.conversation AND r.id = page.id
+                         ORDER BY r.conversation, r.id, r.emoji, r.ts, r.user_id",
+                        &[&conversations, &ids],
+                    )
+                    .await
+                    .map_err(unavailable("read reactions"))?,
+            );
+        }
         // Where each message of the page is: ids are unique across
         // conversations, so the id alone finds it.
         let at: std::collections::HashMap<MessageId, usize> = messages
@@ -230,83 +234,63 @@ impl Service {
     ) -> Result<rpc::ConversationsPage, RpcError> {
         let after = request.next.as_deref().map(PageToken::decode).transpose()?;
         let limit = i64::from(request.limit.clamp(1, 200));
-        let db = self.client().await?;
+        // The user's shard lists them (with their counters), each
+        // conversation's shard gives its newest message.
         // `reachable` is the cap: only a user's most active conversations
         // are listed, and a page token only moves within them.
-        let rows = db
+        let rows = self
+            .user_db(&request.user)
+            .await?
             .query(
-                concat!(
-                    crate::unread::reachable!(),
-                    ",
+                "WITH reachable AS (
+                     SELECT conversation, activity, last_id, unread FROM user_conversations
+                     WHERE user_id = $1
+                     ORDER BY activity DESC, conversation DESC
+                     LIMIT $2),
                  page AS (
                      SELECT * FROM reachable
-                     WHERE $5::bigint IS NULL OR (activity, conversation) < ($5, $6::text)
+                     WHERE $3::bigint IS NULL OR (activity, conversation) < ($3, $4::text)
                      ORDER BY activity DESC, conversation DESC
-                     LIMIT $7)
-                 SELECT p.conversation, r.read_up_to,
-                        (SELECT count(*) FROM messages u
-                          WHERE u.conversation = p.conversation
-                            AND ",
-                    crate::unread::is_unread!(),
-                    ") AS unread,
-                        m.id, m.sender, left(m.body, $8), m.ts, m.client_msg_id,
-                        char_length(m.body) > $8 AS truncated, p.activity, m.deleted,
-                        m.attachments::text
+                     LIMIT $5)
+                 SELECT p.conversation, r.read_up_to, p.unread, p.last_id, p.activity
                  FROM page p
                  LEFT JOIN read_state r ON r.user_id = $1 AND r.conversation = p.conversation
-                 LEFT JOIN messages m ON m.conversation = p.conversation AND m.id = p.last_id
-                 ORDER BY p.activity DESC, p.conversation DESC"
-                ),
+                 ORDER BY p.activity DESC, p.conversation DESC",
                 &[
                     &request.user.as_str(),
-                    &(EPOCH_MS as i64),
-                    &(ID_TIME_SHIFT as i32),
                     &MAX_REACHABLE_CONVERSATIONS,
                     &after.as_ref().map(|a| a.activity),
                     &after.as_ref().map(|a| a.conversation.as_str()),
                     &(limit + 1),
-                    &(PREVIEW_CHARS as i32),
                 ],
             )
             .await
             .map_err(unavailable("read a conversations page"))?;
-        let mut items = Vec::with_capacity(rows.len());
-        let mut tokens = Vec::with_capacity(rows.len());
+        let mut listed = Vec::with_capacity(rows.len());
         for row in rows.iter().take(limit as usize) {
             let conversation = ConversationId::parse(column::<&str>(row, 0)?)
                 .map_err(|_| corrupt("conversation"))?;
+            let last_id: Option<i64> = column(row, 3)?;
+            listed.push((conversation, last_id));
+        }
+        let mut previews = self.previews(&listed).await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut tokens = Vec::with_capacity(rows.len());
+        for (row, (conversation, last_id)) in rows.iter().zip(listed) {
             let read_up_to: Option<i64> = column(row, 1)?;
             let unread: i64 = column(row, 2)?;
-            let last_id: Option<i64> = column(row, 3)?;
-            let last = match last_id {
-                Some(id) => {
-                    let mut last = message_from_row(
-                        conversation.clone(),
-                        id,
-                        column(row, 4)?,
-                        column(row, 5)?,
-                        column(row, 6)?,
-                        column(row, 7)?,
-                    )?;
-                    // v1.1: the newest message may be deleted for everyone.
-                    last.deleted = column::<Option<bool>>(row, 10)?.unwrap_or(false);
-                    // v1.1: a picture without text shows as one.
-                    if let Some(attachments) = column::<Option<String>>(row, 11)? {
-                        last.attachments = serde_json::from_str(&attachments)
-                            .map_err(|_| corrupt("attachments"))?;
-                    }
-                    Some(last)
-                }
-                None => None,
+            let (last, truncated) = match last_id.and_then(|id| previews.remove(&id)) {
+                Some((last, truncated)) => (Some(last), truncated),
+                None => (None, false),
             };
             tokens.push(PageToken {
-                activity: column(row, 9)?,
+                activity: column(row, 4)?,
                 conversation: conversation.to_string(),
             });
             items.push(ConversationSummary {
                 conversation,
                 last,
-                truncated: row.get::<_, Option<bool>>(8).unwrap_or(false),
+                truncated,
                 unread: unread.max(0) as u64,
                 read_up_to: read_up_to.map(|r| MessageId(r as u64)),
             });
@@ -318,6 +302,59 @@ impl Service {
             _ => None,
         };
         Ok(rpc::ConversationsPage { items, more, next })
+    }
+
+    /// The newest message of each listed conversation, as a preview of
+    /// [`PREVIEW_CHARS`] and whether it was cut, by message id (unique
+    /// across conversations): one query per shard.
+    async fn previews(
+        &self,
+        listed: &[(ConversationId, Option<i64>)],
+    ) -> Result<HashMap<i64, (MessageEvent, bool)>, RpcError> {
+        let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
+        for (conversation, last_id) in listed {
+            if let Some(id) = last_id {
+                let page = by_shard
+                    .entry(self.shards.of_conversation(conversation))
+                    .or_default();
+                page.0.push(conversation.to_string());
+                page.1.push(*id);
+            }
+        }
+        let mut out = HashMap::new();
+        for (shard, (conversations, ids)) in by_shard {
+            let rows = super::connect(self.shards.pool(shard))
+                .await?
+                .query(
+                    "SELECT m.conversation, m.id, m.sender, left(m.body, $3), m.ts, m.client_msg_id,
+                            char_length(m.body) > $3, m.deleted, m.attachments::text
+                     FROM unnest($1::text[], $2::bigint[]) AS page (conversation, id)
+                     JOIN messages m ON m.conversation = page.conversation AND m.id = page.id",
+                    &[&conversations, &ids, &(PREVIEW_CHARS as i32)],
+                )
+                .await
+                .map_err(unavailable("read previews"))?;
+            for row in &rows {
+                let conversation = ConversationId::parse(column::<&str>(row, 0)?)
+                    .map_err(|_| corrupt("conversation"))?;
+                let id: i64 = column(row, 1)?;
+                let mut last = message_from_row(
+                    conversation,
+                    id,
+                    column(row, 2)?,
+                    column(row, 3)?,
+                    column(row, 4)?,
+                    column(row, 5)?,
+                )?;
+                // v1.1: the newest message may be deleted for everyone.
+                last.deleted = column(row, 7)?;
+                // v1.1: a picture without text shows as one.
+                last.attachments = serde_json::from_str(&column::<String>(row, 8)?)
+                    .map_err(|_| corrupt("attachments"))?;
+                out.insert(id, (last, column(row, 6)?));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Receipts: read events published once a read is stored, and `receipts`,
 //! every member's stored watermarks.
 
+use std::collections::BTreeMap;
+
 use async_nats::HeaderMap;
 use chat_shared::ids::{MessageId, UserId};
 use chat_shared::receipts::ReadEvent;
@@ -42,26 +44,37 @@ impl Service {
         &self,
         request: rpc::ConversationRequest,
     ) -> Result<Vec<MemberReceipts>, RpcError> {
-        let db = self.client().await?;
-        let members: Vec<String> = self
-            .members_with(&db, &request.user, &request.conversation)
-            .await?
-            .iter()
-            .map(|m| m.as_str().to_string())
-            .collect();
-        let rows = db
-            .query(
-                "SELECT m.user_id, d.delivered_up_to, r.read_up_to
-                 FROM UNNEST($2::text[]) AS m(user_id)
-                 LEFT JOIN delivered_state d ON d.user_id = m.user_id AND d.conversation = $1
-                 LEFT JOIN read_state r ON r.user_id = m.user_id AND r.conversation = $1
-                 ORDER BY m.user_id",
-                &[&request.conversation.to_string(), &members],
-            )
-            .await
-            .map_err(unavailable("read watermarks"))?;
+        let members = self
+            .members_of(&request.user, &request.conversation)
+            .await?;
+        // Each member's watermarks are on their own shard.
+        let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+        for member in &members {
+            by_shard
+                .entry(self.shards.of_user(member))
+                .or_default()
+                .push(member.as_str());
+        }
+        let mut rows = Vec::with_capacity(members.len());
+        for (shard, members) in by_shard {
+            rows.extend(
+                super::connect(self.shards.pool(shard))
+                    .await?
+                    .query(
+                        "SELECT m.user_id, d.delivered_up_to, r.read_up_to
+                         FROM UNNEST($2::text[]) AS m(user_id)
+                         LEFT JOIN delivered_state d
+                           ON d.user_id = m.user_id AND d.conversation = $1
+                         LEFT JOIN read_state r ON r.user_id = m.user_id AND r.conversation = $1",
+                        &[&request.conversation.to_string(), &members],
+                    )
+                    .await
+                    .map_err(unavailable("read watermarks"))?,
+            );
+        }
         let watermark = |value: Option<i64>| value.map(|id| MessageId(id as u64));
-        rows.iter()
+        let mut receipts = rows
+            .iter()
             .map(|row| {
                 Ok(MemberReceipts {
                     user: UserId::parse(column::<String>(row, 0)?)
@@ -70,6 +83,8 @@ impl Service {
                     read_up_to: watermark(column(row, 2)?),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, RpcError>>()?;
+        receipts.sort_by(|a, b| a.user.as_str().cmp(b.user.as_str()));
+        Ok(receipts)
     }
 }

@@ -1,6 +1,8 @@
 //! `search`: messages whose text matches a query, from the conversations
-//! the caller is a member of when the query runs (membership is part of the
-//! query itself, so a removed member finds nothing more). Words match with
+//! the caller is a member of when the query runs (their rows of
+//! `user_conversations`, so a removed member finds nothing more), each
+//! shard of those conversations searched for its own and the hits merged.
+//! Words match with
 //! PostgreSQL full-text search in the `simple` configuration (any language,
 //! no stemming) over `search_text(body)` (migration 0011), which makes each
 //! character of the scripts written without spaces (Japanese, Chinese, Thai)
@@ -12,6 +14,8 @@
 //! a query takes is [`Matching::of`]. Deleted messages (blank, `deleted`)
 //! and those the caller hid are never found; items are in their current
 //! state, as `history` gives them.
+
+use std::collections::BTreeMap;
 
 use chat_shared::idgen::EPOCH_MS;
 use chat_shared::ids::ConversationId;
@@ -114,7 +118,6 @@ impl Service {
         }
         let before = request.before.map(|b| b.get().min(i64::MAX as u64) as i64);
         let limit = i64::from(request.limit.clamp(1, MAX_SEARCH_LIMIT));
-        let db = self.client().await?;
         // Every match first, through the text index (MATERIALIZED: no
         // LIMIT reaches into it), then the newest page of them. Left to
         // itself, the planner would walk a big conversation's messages
@@ -127,22 +130,17 @@ impl Service {
         // order total).
         let matching = Matching::of(&request.query);
         let sql = format!(
-            "WITH mine AS (
-                 SELECT conversation FROM dm_members WHERE user_id = $1
-                 UNION ALL
-                 SELECT 'group:' || group_id FROM group_members WHERE user_id = $1),
-             hits AS MATERIALIZED (
+            "WITH hits AS MATERIALIZED (
                  SELECT m.conversation, m.id
                  FROM messages m
-                 WHERE m.conversation IN (SELECT conversation FROM mine)
-                   AND ($2::text IS NULL OR m.conversation = $2)
+                 WHERE m.conversation = ANY($2::text[])
                    AND ($3::bigint IS NULL OR m.id < $3)
                    AND ($7::bigint IS NULL OR m.id >= $7)
                    AND NOT m.deleted
                    AND {condition}
                    AND NOT EXISTS (SELECT 1 FROM hidden_messages h
-                                   WHERE h.user_id = $1 AND h.conversation = m.conversation
-                                     AND h.id = m.id)),
+                                   WHERE h.conversation = m.conversation AND h.id = m.id
+                                     AND h.user_id = $1)),
              matches AS (
                  SELECT conversation, {columns}
                  FROM messages
@@ -159,50 +157,87 @@ impl Service {
             columns = message_columns!(),
             condition = matching.condition(),
         );
-        let conversation = request.conversation.as_ref().map(ToString::to_string);
+        // The caller's conversations (their shard), then each shard of
+        // those conversations searched for its own, merged newest first.
+        let mut by_shard: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for conversation in self.searchable(&request).await? {
+            by_shard
+                .entry(self.shards.of_conversation(&conversation))
+                .or_default()
+                .push(conversation.to_string());
+        }
         let user = request.user.as_str();
         let pattern = substring_pattern(&request.query);
         let (fetch, budget) = (limit + 1, REPLY_ITEMS_BUDGET as i64);
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-            &user,
-            &conversation,
-            &before,
-            &request.query,
-            &fetch,
-            &budget,
-        ];
-        if matching != Matching::Words {
-            params.push(&pattern);
-        }
         // The newest day before `before` (or now) first, then the newest
         // month, then everything, until a window holds more than a page.
         let newest_ms = before.map_or_else(now_ms, |id| (id >> ID_TIME_SHIFT) + EPOCH_MS as i64);
-        let mut rows = Vec::new();
-        for window in SEARCH_WINDOWS_MS {
-            let since = window.map(|ms| activity_of(newest_ms - ms));
-            let mut windowed = params.clone();
-            windowed.insert(6, &since);
-            rows = db
-                .query(sql.as_str(), &windowed)
-                .await
-                .map_err(unavailable("search messages"))?;
-            let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))?;
-            if found > limit {
-                break;
+        let mut found = 0;
+        let mut hits = Vec::new();
+        for (shard, conversations) in by_shard {
+            let db = super::connect(self.shards.pool(shard)).await?;
+            let mut rows = Vec::new();
+            for window in SEARCH_WINDOWS_MS {
+                let since = window.map(|ms| activity_of(newest_ms - ms));
+                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+                    &user,
+                    &conversations,
+                    &before,
+                    &request.query,
+                    &fetch,
+                    &budget,
+                    &since,
+                ];
+                if matching != Matching::Words {
+                    params.push(&pattern);
+                }
+                rows = db
+                    .query(sql.as_str(), &params)
+                    .await
+                    .map_err(unavailable("search messages"))?;
+                if rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))? > limit {
+                    break;
+                }
             }
-        }
-        let found = rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))?;
-        let items = rows
-            .iter()
-            .take(limit as usize)
-            .map(|row| {
+            found += rows.first().map_or(Ok(0), |row| column::<i64>(row, 10))?;
+            for row in &rows {
                 let conversation = ConversationId::parse(column::<&str>(row, 11)?)
                     .map_err(|_| corrupt("conversation"))?;
-                stored_message(conversation, row)
-            })
-            .collect::<Result<Vec<_>, RpcError>>()?;
-        let (items, more) = self.finish_page(&db, items, found).await?;
+                hits.push(stored_message(conversation, row)?);
+            }
+        }
+        // Ids of several conversations never collide: the id alone orders.
+        hits.sort_by_key(|m| std::cmp::Reverse(m.id));
+        hits.truncate(limit as usize);
+        let (items, more) = self.finish_page(hits, found).await?;
         Ok(rpc::SearchPage { items, more })
+    }
+
+    /// The conversations `request` searches: the one it names if the
+    /// caller is in it, else all of the caller's (membership read when the
+    /// query runs, so a removed member finds nothing more).
+    async fn searchable(
+        &self,
+        request: &rpc::SearchRequest,
+    ) -> Result<Vec<ConversationId>, RpcError> {
+        let rows = self
+            .user_db(&request.user)
+            .await?
+            .query(
+                "SELECT conversation FROM user_conversations
+                 WHERE user_id = $1 AND ($2::text IS NULL OR conversation = $2)",
+                &[
+                    &request.user.as_str(),
+                    &request.conversation.as_ref().map(ToString::to_string),
+                ],
+            )
+            .await
+            .map_err(unavailable("read user_conversations"))?;
+        rows.iter()
+            .map(|row| {
+                ConversationId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("conversation"))
+            })
+            .collect()
     }
 }
 

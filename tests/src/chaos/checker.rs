@@ -239,16 +239,11 @@ pub async fn stored_messages(deployment: &Deployment, history: &History) -> Resu
     let acked: HashSet<u64> = history.acked().map(|(_, id)| id).collect();
     let deadline = tokio::time::Instant::now() + SETTLE;
     loop {
-        let rows = match deployment.database().await {
-            Ok(db) => db
-                .query(
-                    "SELECT id, sender, client_msg_id FROM messages WHERE sender LIKE 'chaos-%'",
-                    &[],
-                )
-                .await
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e),
-        };
+        let rows = deployment
+            .rows_everywhere(
+                "SELECT id, sender, client_msg_id FROM messages WHERE sender LIKE 'chaos-%'",
+            )
+            .await;
         if let Ok(rows) = &rows {
             let stored: Vec<Stored> = rows
                 .iter()

@@ -98,11 +98,14 @@ impl Deployment {
                 Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default(),
             ),
         };
-        let config = Config {
+        let mut config = Config {
             stream_replicas,
             partitions,
             ..crate::test_config(nats.url(), database_url)
         };
+        for _ in 1..crate::pg_shards_under_test() {
+            config.database_urls.push(fresh_database().await?);
+        }
         let mut deployment = Self {
             nats,
             config,
@@ -331,14 +334,6 @@ impl Deployment {
         )?)
     }
 
-    /// A direct PostgreSQL connection to this deployment's database.
-    pub async fn database(&self) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
-    }
-
     /// Every event the DEADLETTER stream holds.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
         use chat_shared::subjects;
@@ -375,19 +370,22 @@ impl Deployment {
     }
 
     /// `(sender, client_msg_id)` pairs stored more than once, counted by
-    /// PostgreSQL itself. The unique index on the pair makes this
-    /// structurally 0; the query guards against the index going away.
+    /// PostgreSQL itself on each shard (a conversation's rows are on one).
+    /// `message_keys` makes this structurally 0; the query guards against
+    /// the claim going away.
     pub async fn duplicated_in_database(&self) -> Result<usize> {
-        let rows = self
-            .database()
-            .await?
-            .query(
-                "SELECT sender, client_msg_id FROM messages WHERE sender LIKE 'chaos-%' \
-                 GROUP BY 1, 2 HAVING count(*) > 1",
-                &[],
-            )
-            .await?;
+        let rows = crate::rows_everywhere(
+            &self.config,
+            "SELECT sender, client_msg_id FROM messages WHERE sender LIKE 'chaos-%' \
+             GROUP BY 1, 2 HAVING count(*) > 1",
+        )
+        .await?;
         Ok(rows.len())
+    }
+
+    /// The rows `sql` finds on every shard of this deployment.
+    pub async fn rows_everywhere(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+        crate::rows_everywhere(&self.config, sql).await
     }
 
     /// The process-wide PostgreSQL server, to stop and start it.

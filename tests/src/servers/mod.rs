@@ -33,7 +33,7 @@ mod nats;
 mod postgres;
 
 pub use nats::{nats_password, NatsCluster, NatsServer};
-pub use postgres::{fresh_database, PgCluster};
+pub use postgres::{fresh_database, fresh_database_on, PgCluster};
 
 const POLL: Duration = Duration::from_millis(20);
 

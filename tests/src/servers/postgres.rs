@@ -25,16 +25,29 @@ pub struct PgCluster {
 }
 
 static PG_CLUSTER: OnceLock<std::result::Result<PgCluster, String>> = OnceLock::new();
+/// A second cluster, for tests whose shards must be separate servers.
+static PG_SECOND: OnceLock<std::result::Result<PgCluster, String>> = OnceLock::new();
 static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl PgCluster {
     /// The process-wide cluster, started on first use.
     pub async fn shared() -> Result<&'static PgCluster> {
-        tokio::task::spawn_blocking(|| {
-            PG_CLUSTER
-                .get_or_init(|| PgCluster::start().map_err(|e| format!("{e:#}")))
+        Self::started(&PG_CLUSTER).await
+    }
+
+    /// A second process-wide cluster (another server, port and data
+    /// directory), started on first use: a shard that is really elsewhere.
+    pub async fn second() -> Result<&'static PgCluster> {
+        Self::started(&PG_SECOND).await
+    }
+
+    async fn started(
+        cell: &'static OnceLock<std::result::Result<PgCluster, String>>,
+    ) -> Result<&'static PgCluster> {
+        tokio::task::spawn_blocking(move || {
+            cell.get_or_init(|| PgCluster::start().map_err(|e| format!("{e:#}")))
                 .as_ref()
-                .map_err(|e| anyhow!("starting the test PostgreSQL cluster failed: {e}"))
+                .map_err(|e| anyhow!("starting a test PostgreSQL cluster failed: {e}"))
         })
         .await
         .context("PostgreSQL start task")?
@@ -195,6 +208,15 @@ pub async fn fresh_database() -> Result<String> {
         Ok(url) if !url.trim().is_empty() => url,
         _ => PgCluster::shared().await?.admin_url(),
     };
+    database_in(&admin_url).await
+}
+
+/// A new empty database in `cluster`.
+pub async fn fresh_database_on(cluster: &PgCluster) -> Result<String> {
+    database_in(&cluster.admin_url()).await
+}
+
+async fn database_in(admin_url: &str) -> Result<String> {
     let name = format!(
         "t_{}_{}_{}",
         std::process::id(),
@@ -204,12 +226,12 @@ pub async fn fresh_database() -> Result<String> {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0)
     );
-    let client = connect_with_retry(&admin_url).await?;
+    let client = connect_with_retry(admin_url).await?;
     client
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await
         .with_context(|| format!("CREATE DATABASE {name}"))?;
-    with_database(&admin_url, &name)
+    with_database(admin_url, &name)
 }
 
 /// Connects (polling while the server is still coming up, for at most 10 s).

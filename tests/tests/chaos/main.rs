@@ -112,15 +112,10 @@ async fn kill_edges() -> Result<()> {
 }
 
 async fn chaos_rows(d: &Deployment) -> Result<i64> {
-    let row = d
-        .database()
-        .await?
-        .query_one(
-            "SELECT count(*) FROM messages WHERE sender LIKE 'chaos-%'",
-            &[],
-        )
+    let rows = d
+        .rows_everywhere("SELECT count(*) FROM messages WHERE sender LIKE 'chaos-%'")
         .await?;
-    Ok(row.get(0))
+    Ok(rows.iter().map(|row| row.get::<_, i64>(0)).sum())
 }
 
 /// kill -9 of the router and of the persister while messages flow, each

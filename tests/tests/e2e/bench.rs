@@ -12,6 +12,7 @@ use chatctl::bench::broker::{BrokerCost, ConsumerWatch};
 use chatctl::bench::cpu::Watched;
 use chatctl::bench::{self, DmOptions};
 use chatctl::connect_bench::{self, ConnectOptions};
+use chatctl::conversations_bench::{self, ConversationsOptions};
 use chatctl::ejabberd::{Archive, Ejabberd};
 use chatctl::group_bench::{self, GroupOptions};
 use chatctl::media_bench::{self, MediaOptions};
@@ -60,11 +61,9 @@ async fn bench_dm_counts_every_message() -> Result<()> {
     let persisted = report.persisted_seconds.context("no persisted time")?;
     assert!(persisted >= report.seconds, "{report:?}");
     let stored = system
-        .database()
-        .await?
-        .query_one("SELECT count(*) FROM messages", &[])
+        .count_everywhere("SELECT count(*) FROM messages")
         .await?;
-    assert_eq!(stored.get::<_, i64>(0), 50);
+    assert_eq!(stored, 50);
     // Every watched process is in the CPU report, the load generator as
     // part of "system" (the same process, not counted twice), and the
     // split adds up to the total.
@@ -208,8 +207,9 @@ async fn bench_media_uploads_and_downloads_every_round() -> Result<()> {
 #[tokio::test]
 async fn bench_search_finds_exactly_what_it_planted() -> Result<()> {
     let system = System::start().await?;
+    // It reads the shard map from KV: an operator's NATS user.
     let report = search_bench::search(
-        &system.config,
+        &system.config_for("admin"),
         SearchOptions {
             edge: system.ws_url(),
             messages: 20_000,
@@ -329,7 +329,7 @@ async fn bench_connect_opens_every_connection() -> Result<()> {
 async fn bench_against_ejabberd_archiving_in_postgres() -> Result<()> {
     let system = System::start().await?;
     let server = Ejabberd::start(Archive::Sql {
-        server: system.config.database_url.clone(),
+        server: system.config.home_database_url().to_string(),
     })
     .await?;
     let archive = server.archive_database().context("no archive database")?;
@@ -413,10 +413,8 @@ async fn postmaster_pid() -> Result<u32> {
 /// Waits until PostgreSQL holds `count` messages: the bench's messages
 /// went all the way to the history store.
 async fn wait_stored(system: &System, count: i64) -> Result<()> {
-    let db = system.database().await?;
-    let rows = || db.query_one("SELECT count(*) FROM messages", &[]);
-    chat_tests::wait_until(|| async { rows().await.is_ok_and(|r| r.get::<_, i64>(0) == count) })
-        .await
+    let rows = || system.count_everywhere("SELECT count(*) FROM messages");
+    chat_tests::wait_until(|| async { rows().await.is_ok_and(|n| n == count) }).await
 }
 
 /// The edge's `edge_connections` gauge.
@@ -424,4 +422,26 @@ async fn edge_connections(system: &System) -> Result<f64> {
     let (status, body) = chat_tests::http_get(system.edge_addr, "/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
     Ok(chat_tests::metrics::Scrape::parse(&body)?.sum("edge_connections", &[]))
+}
+
+/// `bench conversations` makes a user a member of N conversations with one
+/// unread each and times their first page: every page it timed is full.
+#[tokio::test]
+async fn bench_conversations_times_a_full_first_page() -> Result<()> {
+    let system = System::start().await?;
+    let report = conversations_bench::conversations(
+        &system.config_for("admin"),
+        ConversationsOptions {
+            edge: system.ws_url(),
+            conversations: 30,
+            requests: 20,
+            limit: 25,
+        },
+    )
+    .await?;
+    assert_eq!(report.items, 25);
+    assert_eq!(report.unread, 25);
+    assert_eq!(report.requests, 20);
+    assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 <= report.latency_ms.max);
+    Ok(())
 }

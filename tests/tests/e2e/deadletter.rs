@@ -63,7 +63,7 @@ async fn texts_until(client: &mut Client, text: &str) -> Result<Vec<String>> {
 }
 
 async fn stored_texts(system: &System) -> Result<Vec<String>> {
-    let db = system.database().await?;
+    let db = system.database_of("dm:alice:bob").await?;
     let rows = db
         .query(
             "SELECT body FROM messages WHERE conversation = 'dm:alice:bob' ORDER BY id",

@@ -26,4 +26,5 @@ mod resume;
 mod retries;
 mod search;
 mod security;
+mod shards;
 mod web;

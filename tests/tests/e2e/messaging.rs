@@ -394,14 +394,7 @@ async fn history_conversations_and_read_state() -> anyhow::Result<()> {
         .map(|sent| sent["id"].as_str().unwrap().to_string())
         .collect();
     // The persister writes asynchronously; wait until it has all seven.
-    let db = system.database().await?;
-    wait_until(|| async {
-        db.query_one("SELECT count(*) FROM messages", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0) == 7)
-            .unwrap_or(false)
-    })
-    .await?;
+    wait_until(|| listable(&system, 7)).await?;
     let page = bob
         .request(json!({"type":"history","conversation":"dm:alice:bob","limit":3}))
         .await?;
@@ -485,11 +478,17 @@ async fn sent_ids(
     Ok(ids)
 }
 
-async fn stored(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
-    Ok(db
-        .query_one("SELECT count(*) FROM messages", &[])
-        .await?
-        .get(0))
+async fn stored(system: &System) -> anyhow::Result<i64> {
+    system
+        .count_everywhere("SELECT count(*) FROM messages")
+        .await
+}
+
+/// Whether `count` messages are stored and counted for their members (what
+/// `conversations` answers from).
+async fn listable(system: &System, count: i64) -> bool {
+    stored(system).await.is_ok_and(|n| n == count)
+        && system.counters_settled().await.unwrap_or(false)
 }
 
 /// The conversations `client`'s user is in, newest activity first, as
@@ -519,7 +518,6 @@ async fn listed(client: &mut Client) -> anyhow::Result<Vec<(String, String)>> {
 async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut bob = system.connect("bob", "d").await?;
-    let db = system.database().await?;
     let mut others = HashMap::new();
     for user in ["alice", "carol", "dave"] {
         others.insert(user, system.connect(user, "d").await?);
@@ -538,7 +536,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
         anyhow::ensure!(reply["type"] == "sent", "{reply}");
         sent += 1;
     }
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     assert_eq!(
         listed(&mut bob).await?,
         pairs(&[
@@ -553,7 +551,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
     let reply = carol.send_message(json!({"to":"bob"}), "c2", "c2").await?;
     anyhow::ensure!(reply["type"] == "sent", "{reply}");
     sent += 1;
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     assert_eq!(
         listed(&mut bob).await?,
         pairs(&[
@@ -565,7 +563,7 @@ async fn conversations_are_listed_newest_activity_first() -> anyhow::Result<()> 
     let reply = bob.send_message(json!({"to":"alice"}), "b1", "b1").await?;
     anyhow::ensure!(reply["type"] == "sent", "{reply}");
     sent += 1;
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == sent) }).await?;
+    wait_until(|| listable(&system, sent)).await?;
     let expected = pairs(&[
         ("dm:alice:bob", "b1"),
         ("dm:bob:carol", "c2"),
@@ -587,7 +585,6 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
     // The only persister (it also runs the migrations).
     let first = system.start_persister_task();
     system.wait_rpc_ready().await?;
-    let db = system.database().await?;
     let mut alice = system.connect("alice", "d").await?;
     let mut carol = system.connect("carol", "d").await?;
     let mut ids = Vec::new();
@@ -595,14 +592,14 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
     // Messages flow from two senders while the persister is stopped.
     send_pipelined(&mut alice, json!({"to":"bob"}), "alice", 0..100).await?;
     send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 0..100).await?;
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n > 0) }).await?;
+    wait_until(|| async { stored(&system).await.is_ok_and(|n| n > 0) }).await?;
     first.stop().await?;
     ids.extend(sent_ids(&mut alice, 0..100).await?);
     ids.extend(sent_ids(&mut carol, 0..100).await?);
 
     // No persister at all now: sends are still accepted (they are durable
     // in JetStream), nothing is written, requests are unavailable.
-    let stopped_at = stored(&db).await?;
+    let stopped_at = stored(&system).await?;
     send_pipelined(&mut alice, json!({"to":"bob"}), "alice", 100..150).await?;
     send_pipelined(&mut carol, json!({"to":"bob"}), "carol", 100..150).await?;
     ids.extend(sent_ids(&mut alice, 100..150).await?);
@@ -612,7 +609,7 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
         .await?;
     assert_eq!(history["code"], "unavailable", "{history}");
     assert_eq!(
-        stored(&db).await?,
+        stored(&system).await?,
         stopped_at,
         "nothing writes while stopped"
     );
@@ -629,23 +626,21 @@ async fn every_message_is_stored_once_across_a_persister_restart() -> anyhow::Re
     // ack wait (30 s): allow for that redelivery.
     let catch_up = Duration::from_secs(30) + chat_tests::WAIT * 2;
     let caught_up = wait_until_within(catch_up, || async {
-        stored(&db).await.is_ok_and(|n| n >= 400)
+        stored(&system).await.is_ok_and(|n| n >= 400)
     })
     .await;
     if let Err(e) = caught_up {
-        anyhow::bail!("{e}: {} of 400 stored", stored(&db).await?);
+        anyhow::bail!("{e}: {} of 400 stored", stored(&system).await?);
     }
     // Give a duplicate write a moment to show before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored(&db).await?, 400);
-    let dupes = db
-        .query(
-            "SELECT sender, client_msg_id FROM messages GROUP BY 1, 2 HAVING count(*) > 1",
-            &[],
-        )
+    assert_eq!(stored(&system).await?, 400);
+    // Every shard's rows together: a copy on another shard is a duplicate.
+    let rows = system
+        .rows_everywhere("SELECT id, body, sender, client_msg_id FROM messages")
         .await?;
-    assert!(dupes.is_empty());
-    let rows = db.query("SELECT id, body FROM messages", &[]).await?;
+    let sends: HashSet<(String, String)> = rows.iter().map(|r| (r.get(2), r.get(3))).collect();
+    assert_eq!(sends.len(), rows.len(), "a send stored twice");
     let stored_ids: HashSet<String> = rows
         .iter()
         .map(|r| r.get::<_, i64>(0).to_string())
@@ -966,8 +961,8 @@ async fn an_event_the_database_refuses_does_not_stall_history() -> anyhow::Resul
         .iter()
         .map(|sent| sent["id"].as_str().unwrap_or_default().to_string())
         .collect();
-    let db = system.database().await?;
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == 5) }).await?;
+    let db = system.database_of("dm:alice:bob").await?;
+    wait_until(|| async { stored(&system).await.is_ok_and(|n| n == 5) }).await?;
 
     // Refused: the persister copied it to its dead letters, then
     // terminated it (nothing of MESSAGES is left pending or unacked).

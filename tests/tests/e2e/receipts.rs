@@ -57,7 +57,7 @@ async fn a_read_while_the_writer_is_held_back_is_not_lost() -> anyhow::Result<()
     let mut phone = system.connect("bob", "phone").await?;
     let mut laptop = system.connect("bob", "laptop").await?;
 
-    let mut holder = system.database().await?;
+    let mut holder = system.database_of("dm:alice:bob").await?;
     let held = holder.transaction().await?;
     held.batch_execute("LOCK TABLE messages, conversations IN EXCLUSIVE MODE")
         .await?;
@@ -83,7 +83,7 @@ async fn a_read_while_the_writer_is_held_back_is_not_lost() -> anyhow::Result<()
         "{receipt}"
     );
     cursor_of(&receipt)?;
-    let observer = system.database().await?;
+    let observer = system.database_of("dm:alice:bob").await?;
     let stored: i64 = observer
         .query_one("SELECT count(*) FROM messages", &[])
         .await?

@@ -40,17 +40,15 @@ fn swollen(tag: &str, chars: usize) -> String {
     text
 }
 
-async fn stored(db: &tokio_postgres::Client) -> Result<i64> {
-    Ok(db
-        .query_one("SELECT count(*) FROM messages", &[])
-        .await?
-        .get(0))
+async fn stored(system: &System) -> Result<i64> {
+    system
+        .count_everywhere("SELECT count(*) FROM messages")
+        .await
 }
 
 #[tokio::test]
 async fn huge_messages_leave_conversations_and_history_answered_in_pages() -> Result<()> {
     let system = System::start().await?;
-    let db = system.database().await?;
     let mut mallory = system.connect("mallory", "d").await?;
     // Four texts of 100,000 characters to the victim in a DM (~600 KB each
     // on the wire: before, a default `history` page was 2.4 MB, over
@@ -83,7 +81,11 @@ async fn huge_messages_leave_conversations_and_history_answered_in_pages() -> Re
             .await?;
         ensure!(reply["type"] == "sent", "{reply}");
     }
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == 7) }).await?;
+    wait_until(|| async {
+        stored(&system).await.is_ok_and(|n| n == 7)
+            && system.counters_settled().await.unwrap_or(false)
+    })
+    .await?;
 
     let mut victim = system.connect("victim", "d").await?;
     let (size, list) = raw_request(&mut victim, json!({"type":"conversations"}), "c").await?;
@@ -163,7 +165,6 @@ async fn page_all(client: &mut Client, limit: u32) -> Result<(Vec<String>, Vec<u
 #[tokio::test]
 async fn conversations_page_through_everything_up_to_the_cap() -> Result<()> {
     let system = System::start().await?;
-    let db = system.database().await?;
     let mut bob = system.connect("bob", "d").await?;
     for i in 0..7 {
         let reply = bob
@@ -171,7 +172,11 @@ async fn conversations_page_through_everything_up_to_the_cap() -> Result<()> {
             .await?;
         ensure!(reply["type"] == "sent", "{reply}");
     }
-    wait_until(|| async { stored(&db).await.is_ok_and(|n| n == 7) }).await?;
+    wait_until(|| async {
+        stored(&system).await.is_ok_and(|n| n == 7)
+            && system.counters_settled().await.unwrap_or(false)
+    })
+    .await?;
     let newest_first: Vec<String> = (0..7).rev().map(|i| format!("dm:bob:u{i}")).collect();
     let (listed, sizes) = page_all(&mut bob, 3).await?;
     assert_eq!(listed, newest_first);
@@ -191,19 +196,16 @@ async fn conversations_page_through_everything_up_to_the_cap() -> Result<()> {
     }
 
     // Bob in 600 more (older) conversations: he pages through his first
-    // 500 and no further.
-    db.execute(
-        "INSERT INTO conversations (conversation, last_id, activity)
-         SELECT 'dm:bob:z' || lpad(i::text, 4, '0'), NULL, i FROM generate_series(1, 600) i",
-        &[],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO dm_members (user_id, conversation)
-         SELECT 'bob', 'dm:bob:z' || lpad(i::text, 4, '0') FROM generate_series(1, 600) i",
-        &[],
-    )
-    .await?;
+    // 500 and no further. His list is his rows of `user_conversations`,
+    // on his shard (written on every shard here: only his is read).
+    for db in system.databases().await? {
+        db.execute(
+            "INSERT INTO user_conversations (user_id, conversation, activity)
+             SELECT 'bob', 'dm:bob:z' || lpad(i::text, 4, '0'), i FROM generate_series(1, 600) i",
+            &[],
+        )
+        .await?;
+    }
     let (listed, sizes) = page_all(&mut bob, 200).await?;
     assert_eq!(listed.len() as i64, MAX_REACHABLE_CONVERSATIONS);
     assert_eq!(sizes, [200, 200, 100]);

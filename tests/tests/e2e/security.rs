@@ -485,7 +485,7 @@ async fn hostile_ids_are_bad_requests_and_the_connection_stays_usable() -> anyho
         );
     }
     // Nothing of that reached the store or anyone's inbox.
-    let database = system.database().await?;
+    let database = system.database_of("dm:alice:bob").await?;
     let rows = database
         .query_one("SELECT count(*) FROM messages", &[])
         .await?;
@@ -814,7 +814,7 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
     assert_eq!(sent["type"], "sent");
     let echoed = alice.recv_matching(|f| f["text"] == "after").await?;
     assert_eq!(echoed["type"], "message");
-    let database = system.database().await?;
+    let database = system.database_of("dm:alice:bob").await?;
     chat_tests::wait_until(|| {
         let database = &database;
         async move {
