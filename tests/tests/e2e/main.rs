@@ -27,4 +27,5 @@ mod retries;
 mod search;
 mod security;
 mod shards;
+mod upgrade;
 mod web;
