@@ -49,8 +49,12 @@ enum Command {
         json: bool,
     },
     /// The PostgreSQL shard map: which shard holds each run of hash
-    /// buckets, or where one conversation's or user's rows live.
+    /// buckets, or where one conversation's or user's rows live; `move`
+    /// moves buckets to another shard while everything runs.
+    #[command(args_conflicts_with_subcommands = true)]
     Shards {
+        #[command(subcommand)]
+        action: Option<ShardsAction>,
         /// A conversation (dm:a:b, group:id) or a user to locate.
         key: Option<String>,
         /// Print the map as JSON.
@@ -249,6 +253,24 @@ struct Why {
 }
 
 #[derive(Subcommand)]
+enum ShardsAction {
+    /// Moves BUCKETS (`17`, `256-511`) to shard TO while writes continue:
+    /// fence, copy, flip the map, clean (persister/src/moves.rs). Run it
+    /// again to finish a move that stopped half-way.
+    Move {
+        buckets: String,
+        to: usize,
+        /// How long the old copies stay after the flip, for every service
+        /// to follow the new map first.
+        #[arg(long, default_value_t = 5000)]
+        grace_ms: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum StreamsAction {
     /// Every stream (messages, bytes, first/last sequence and time) and
     /// every consumer on it (delivered, ack floor, pending = lag, ...).
@@ -342,7 +364,25 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", chatctl::edges::render(&edges));
             }
         }
-        Command::Shards { key, json } => {
+        Command::Shards {
+            action:
+                Some(ShardsAction::Move {
+                    buckets,
+                    to,
+                    grace_ms,
+                    json,
+                }),
+            ..
+        } => {
+            let client = chat_shared::nats::connect(&config, "chatctl").await?;
+            let js = chat_shared::nats::jetstream(client, &config);
+            let buckets = chatctl::shards::parse_buckets(&buckets)?;
+            let grace = std::time::Duration::from_millis(grace_ms);
+            let report =
+                chat_persister::moves::move_buckets(&config, &js, buckets, to, grace).await?;
+            show(&report, json, chatctl::shards::render_move)?;
+        }
+        Command::Shards { key, json, .. } => {
             let client = chat_shared::nats::connect(&config, "chatctl").await?;
             let js = chat_shared::nats::jetstream(client, &config);
             let map = chatctl::shards::map(&js).await?;

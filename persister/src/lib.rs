@@ -28,6 +28,7 @@ mod error;
 mod metrics;
 mod migrations;
 mod months;
+pub mod moves;
 mod service;
 pub mod shards;
 mod thumbs;
@@ -55,6 +56,7 @@ pub async fn run_with(
     let (nats, js) = consume::connect_and_provision(&config, "persister").await?;
     let shards = shards::Shards::connect(&config, &js, true).await?;
     migrations::run_all(&shards).await?;
+    shards::own_from_map(&shards).await?;
     months::ensure(&shards).await?;
     let mut consumers = Vec::new();
     for partition in config.partitions.all() {

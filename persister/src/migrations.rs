@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (13, include_str!("../migrations/0013_public_avatars.sql")),
     (14, include_str!("../migrations/0014_shard_ready.sql")),
     (15, include_str!("../migrations/0015_message_months.sql")),
+    (16, include_str!("../migrations/0016_bucket_moves.sql")),
 ];
 /// Any constant shared by all persisters; it names the advisory lock.
 const LOCK_KEY: i64 = 0x6368_6174;
@@ -94,5 +95,12 @@ mod tests {
         let oldest = format!("(min(id) >> {shift}) + {EPOCH_MS}");
         assert!(migration(15).contains(&oldest), "0015 lacks {oldest}");
         assert!(migration(15).contains(&format!("{EPOCH_MS}, {shift});")));
+    }
+
+    /// The fence's shared lock is the one a move takes exclusively.
+    #[test]
+    fn the_fence_and_the_move_take_one_lock() {
+        let shared = format!("pg_advisory_xact_lock_shared({})", crate::moves::MOVE_LOCK);
+        assert!(migration(16).contains(&shared), "0016 lacks {shared}");
     }
 }

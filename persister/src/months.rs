@@ -21,14 +21,8 @@ const EVERY: Duration = Duration::from_secs(6 * 3600);
 pub async fn ensure(shards: &Shards) -> Result<(), PersisterError> {
     let now = chat_shared::clock::now_ms() as i64;
     let until = now + AHEAD.as_millis() as i64;
-    let shift = (NODE_BITS + SEQUENCE_BITS) as i32;
     for (_, pool) in shards.all() {
-        pool.get()
-            .await?
-            .execute(
-                "SELECT chat_message_months($1, $2, $3, $4)",
-                &[&now, &until, &(EPOCH_MS as i64), &shift],
-            )
+        create(&**pool.get().await?, now, until)
             .await
             .map_err(|source| PersisterError::Database {
                 what: "create the months of messages",
@@ -36,6 +30,22 @@ pub async fn ensure(shards: &Shards) -> Result<(), PersisterError> {
             })?;
     }
     Ok(())
+}
+
+/// Creates the missing months from the one holding `from_ms` to the one
+/// holding `to_ms` (ms since 1970) on one shard.
+pub(crate) async fn create(
+    db: &tokio_postgres::Client,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let shift = (NODE_BITS + SEQUENCE_BITS) as i32;
+    db.execute(
+        "SELECT chat_message_months($1, $2, $3, $4)",
+        &[&from_ms, &to_ms, &(EPOCH_MS as i64), &shift],
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Keeps the months ahead until `stop`; a failure is retried at the next

@@ -1,17 +1,24 @@
 //! The PostgreSQL shards: a pool per `CHAT_DATABASE_URLS` entry and the
 //! shard map (`chat_shared::shards`) from the KV bucket `chat_shards`,
 //! written there by the first persister to start and read by everyone
-//! else. A conversation's rows live on `conversation(..)`, a user's on
-//! `user(..)`; the social tables not split yet live on `home()` (shard 0).
+//! else, and followed from then on (a KV watch: `chatctl shards move`
+//! changes it while everything runs). A conversation's rows live on
+//! `conversation(..)`, a user's on `user(..)`; the social tables not split
+//! yet live on `home()` (shard 0). Every transaction that writes a
+//! bucket's rows calls [`fence`] first: the map routes, each shard's
+//! `shard_buckets` (migration 0016) says what it owns.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
+use chat_shared::consume::Backoff;
 use chat_shared::ids::{ConversationId, UserId};
-use chat_shared::shards::{MapError, ShardMap, MAP_KEY};
+use chat_shared::shards::{Bucket, MapError, ShardMap, BUCKETS, MAP_KEY};
 use chat_shared::{consume, subjects, Config};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
+use futures::StreamExt;
+use tokio::sync::watch;
 
 use crate::db;
 
@@ -21,17 +28,22 @@ const MAP_POLL: Duration = Duration::from_millis(250);
 #[derive(Clone)]
 pub struct Shards {
     pools: Arc<Vec<Pool>>,
-    map: Arc<ShardMap>,
+    /// The current map, replaced when the stored one changes.
+    map: watch::Receiver<Arc<ShardMap>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardsError {
     #[error("PostgreSQL pool: {0}")]
-    Pool(#[from] deadpool_postgres::CreatePoolError),
+    CreatePool(#[from] deadpool_postgres::CreatePoolError),
     #[error(transparent)]
     Map(#[from] MapError),
     #[error("the shard map in KV: {0}")]
     Kv(String),
+    #[error("PostgreSQL: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] tokio_postgres::Error),
 }
 
 impl Shards {
@@ -51,9 +63,11 @@ impl Shards {
         let bucket = consume::bucket(js, subjects::SHARDS_BUCKET).await;
         let map = load_map(&bucket, pools.len(), writes_map).await?;
         map.check(pools.len())?;
+        let (sender, receiver) = watch::channel(Arc::new(map));
+        tokio::spawn(follow(bucket, pools.len(), sender));
         Ok(Self {
             pools: Arc::new(pools),
-            map: Arc::new(map),
+            map: receiver,
         })
     }
 
@@ -61,8 +75,9 @@ impl Shards {
         self.pools.len()
     }
 
-    pub fn map(&self) -> &ShardMap {
-        &self.map
+    /// The map as it is now.
+    pub fn map(&self) -> Arc<ShardMap> {
+        self.map.borrow().clone()
     }
 
     /// Shard `index` (checked against the map at start).
@@ -77,11 +92,11 @@ impl Shards {
     }
 
     pub fn of_conversation(&self, conversation: &ConversationId) -> usize {
-        self.map.of_conversation(conversation)
+        self.map.borrow().of_conversation(conversation)
     }
 
     pub fn of_user(&self, user: &UserId) -> usize {
-        self.map.of_user(user)
+        self.map.borrow().of_user(user)
     }
 
     pub fn conversation(&self, conversation: &ConversationId) -> &Pool {
@@ -128,4 +143,96 @@ async fn load_map(
             None => Err(kv(&"the shard map is neither there nor writable")),
         },
     }
+}
+
+/// Follows the stored map: the newest first, then every change, for as long
+/// as anyone holds these shards. A map this process cannot use (naming a
+/// shard it has no URL for) is refused loudly and the old one kept: the
+/// fence keeps writes where the data is meanwhile.
+async fn follow(bucket: kv::Store, count: usize, sender: watch::Sender<Arc<ShardMap>>) {
+    let mut backoff = Backoff::default();
+    while !sender.is_closed() {
+        let mut updates = match bucket.watch_with_history(MAP_KEY).await {
+            Ok(updates) => updates,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the shard map; again");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                update = updates.next() => match update {
+                    Some(Ok(entry)) if entry.operation == kv::Operation::Put => entry,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the shard map watch failed; again");
+                        break;
+                    }
+                    None => break,
+                },
+                // Nobody follows any more (the process's shards dropped).
+                () = sender.closed() => return,
+            };
+            backoff = Backoff::default();
+            match ShardMap::decode(&entry.value).and_then(|map| {
+                map.check(count)?;
+                Ok(map)
+            }) {
+                Ok(map) => {
+                    if **sender.borrow() != map {
+                        tracing::info!(revision = entry.revision, "shard map changed");
+                    }
+                    if sender.send(Arc::new(map)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    revision = entry.revision,
+                    "a shard map this process cannot follow (CHAT_DATABASE_URLS too short?); \
+                     keeping the one it has"
+                ),
+            }
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Writes each shard's `shard_buckets` from the map where it has none yet
+/// (a first start, or a shard just added, which owns nothing): later rows
+/// are a move's to change, never a start's. After the migrations.
+pub async fn own_from_map(shards: &Shards) -> Result<(), ShardsError> {
+    let map = shards.map();
+    for (shard, pool) in shards.all() {
+        let buckets: Vec<i32> = (0..BUCKETS as i32).collect();
+        let owned: Vec<bool> = (0..BUCKETS).map(|b| map.shard(b) == shard).collect();
+        pool.get()
+            .await?
+            .execute(
+                "INSERT INTO shard_buckets (bucket, owned)
+                 SELECT * FROM unnest($1::int[], $2::bool[])
+                 ON CONFLICT DO NOTHING",
+                &[&buckets, &owned],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Called first in a transaction that writes the rows of `buckets` on one
+/// shard: holds the fence's shared lock to the transaction's end and fails
+/// (SQLSTATE `CHMOV`, a transient error to every caller: retried, or
+/// `unavailable`) unless the shard owns them all, so no write lands on a
+/// shard a bucket has left or is leaving (persister/src/moves.rs).
+pub async fn fence(
+    tx: &impl GenericClient,
+    buckets: impl IntoIterator<Item = Bucket>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut buckets: Vec<i32> = buckets.into_iter().map(|b| b as i32).collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    tx.execute("SELECT chat_fence($1::int[])", &[&buckets])
+        .await
+        .map(|_| ())
 }

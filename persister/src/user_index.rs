@@ -20,7 +20,9 @@ use std::collections::{HashMap, HashSet};
 use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
 use chat_shared::ids::{ConversationId, GroupId, UserId};
 
-use crate::shards::Shards;
+use chat_shared::shards::of_user;
+
+use crate::shards::{fence, Shards};
 
 /// Rounds of "count, then write if nothing moved" before giving up (the
 /// caller retries later; every round that lost a race lost it to a writer
@@ -331,7 +333,9 @@ async fn count(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
 async fn write(shards: &Shards, pairs: Vec<Pair>) -> Result<Vec<Pair>, IndexError> {
     let mut written = vec![false; pairs.len()];
     for (shard, at) in by_shard(&pairs, |p| shards.of_user(&p.user)) {
-        let db = shards.pool(shard).get().await?;
+        let mut client = shards.pool(shard).get().await?;
+        let db = client.transaction().await?;
+        fence(&db, at.iter().map(|&i| of_user(&pairs[i].user))).await?;
         let (existing, missing): (Vec<usize>, Vec<usize>) =
             at.into_iter().partition(|&i| pairs[i].counted.is_some());
         let column = |at: &[usize], f: &dyn Fn(&Pair) -> i64| -> Vec<i64> {
@@ -418,6 +422,7 @@ async fn write(shards: &Shards, pairs: Vec<Pair>) -> Result<Vec<Pair>, IndexErro
                 written[i] = inserted.contains(&key);
             }
         }
+        db.commit().await?;
     }
     Ok(pairs
         .into_iter()
@@ -445,15 +450,15 @@ pub async fn forget(shards: &Shards, group: &GroupId, users: &[UserId]) -> Resul
         .collect::<Result<_, _>>()?;
     let name = conversation.to_string();
     for user in users.iter().filter(|u| !still.contains(u.as_str())) {
-        shards
-            .user(user)
-            .get()
-            .await?
-            .execute(
-                "DELETE FROM user_conversations WHERE user_id = $1 AND conversation = $2",
-                &[&user.as_str(), &name],
-            )
-            .await?;
+        let mut client = shards.user(user).get().await?;
+        let tx = client.transaction().await?;
+        fence(&tx, [of_user(user)]).await?;
+        tx.execute(
+            "DELETE FROM user_conversations WHERE user_id = $1 AND conversation = $2",
+            &[&user.as_str(), &name],
+        )
+        .await?;
+        tx.commit().await?;
     }
     Ok(())
 }

@@ -30,18 +30,16 @@ pub async fn store_delivered(
     .await;
 }
 
-/// The batch's highest watermark per (user, conversation), by the user's
-/// shard: one statement may not update a row twice.
+/// The batch's highest watermark per (user, conversation): one statement
+/// may not update a row twice.
 #[derive(Default)]
-struct Watermarks(HashMap<usize, HashMap<(String, String), i64>>);
+struct Watermarks(HashMap<(String, String), i64>);
 
 impl Watermarks {
-    fn add(&mut self, shard: usize, event: &DeliveredEvent) -> Result<(), &'static str> {
+    fn add(&mut self, event: &DeliveredEvent) -> Result<(), &'static str> {
         let up_to = i64::try_from(event.up_to.get()).map_err(|_| "up_to out of range")?;
         let entry = self
             .0
-            .entry(shard)
-            .or_default()
             .entry((event.user.to_string(), event.conversation.to_string()))
             .or_insert(up_to);
         *entry = (*entry).max(up_to);
@@ -50,14 +48,11 @@ impl Watermarks {
 }
 
 /// One shard's watermarks as the columns of one statement.
-fn columns(marks: &HashMap<(String, String), i64>) -> (Vec<&str>, Vec<&str>, Vec<i64>) {
-    let mut columns = (Vec::new(), Vec::new(), Vec::new());
-    for ((user, conversation), up_to) in marks {
-        columns.0.push(user.as_str());
-        columns.1.push(conversation.as_str());
-        columns.2.push(*up_to);
-    }
-    columns
+#[derive(Default)]
+struct Columns<'a> {
+    users: Vec<&'a str>,
+    conversations: Vec<&'a str>,
+    up_to: Vec<i64>,
 }
 
 async fn store_batch(shards: &Shards, js: &jetstream::Context, batch: Vec<jetstream::Message>) {
@@ -66,7 +61,7 @@ async fn store_batch(shards: &Shards, js: &jetstream::Context, batch: Vec<jetstr
     for message in batch {
         let added = serde_json::from_slice::<DeliveredEvent>(&message.payload)
             .map_err(|_| "malformed delivered event")
-            .and_then(|event| watermarks.add(shards.of_user(&event.user), &event));
+            .and_then(|event| watermarks.add(&event));
         match added {
             Ok(()) => good.push(message),
             Err(reason) => {
@@ -102,23 +97,40 @@ enum UpsertError {
     Database(#[from] tokio_postgres::Error),
 }
 
-/// Each shard's watermarks; all again after a failure (a watermark only
-/// moves forward, so what was stored already stays).
+/// Each shard's watermarks, by the map as it is now (a bucket move may
+/// have changed it since a failed try); all again after a failure (a
+/// watermark only moves forward, so what was stored already stays).
 async fn upsert_all(shards: &Shards, watermarks: &Watermarks) -> Result<(), UpsertError> {
-    for (&shard, marks) in &watermarks.0 {
-        upsert(shards.pool(shard), marks).await?;
+    let map = shards.map();
+    let mut by_shard: HashMap<usize, Columns> = HashMap::new();
+    for ((user, conversation), up_to) in &watermarks.0 {
+        let columns = by_shard
+            .entry(map.shard(chat_shared::shards::bucket(user)))
+            .or_default();
+        columns.users.push(user);
+        columns.conversations.push(conversation);
+        columns.up_to.push(*up_to);
+    }
+    for (shard, columns) in &by_shard {
+        upsert(shards.pool(*shard), columns).await?;
     }
     Ok(())
 }
 
-async fn upsert(
-    pool: &deadpool_postgres::Pool,
-    marks: &HashMap<(String, String), i64>,
-) -> Result<(), UpsertError> {
-    let (users, conversations, up_to) = columns(marks);
-    pool.get()
-        .await?
-        .execute(
+async fn upsert(pool: &deadpool_postgres::Pool, marks: &Columns<'_>) -> Result<(), UpsertError> {
+    let Columns {
+        users,
+        conversations,
+        up_to,
+    } = marks;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::shards::fence(
+        &tx,
+        users.iter().map(|user| chat_shared::shards::bucket(user)),
+    )
+    .await?;
+    tx.execute(
             "INSERT INTO delivered_state (user_id, conversation, delivered_up_to)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
              ON CONFLICT (user_id, conversation) DO UPDATE
@@ -126,5 +138,6 @@ async fn upsert(
             &[&users, &conversations, &up_to],
         )
         .await?;
+    tx.commit().await?;
     Ok(())
 }

@@ -18,6 +18,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::ConversationId;
+use chat_shared::shards::ShardMap;
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
@@ -50,21 +51,22 @@ pub async fn write_messages(
     Ok(())
 }
 
-/// A batch's events by the shard of their conversation: each shard's are
-/// written in one transaction.
+/// A batch's messages and changes (in stream order, applied after the
+/// messages). They are split by the shard of their conversation at each
+/// try, by the map as it is then: a bucket move may flip it between two.
 #[derive(Default)]
 struct Batch {
-    shards: BTreeMap<usize, ShardRows>,
+    messages: Vec<Row>,
+    changes: Vec<ChangeEvent>,
     /// What the events change in unread counters.
     touched: Touched,
 }
 
-/// One shard's messages and changes (in stream order, applied after the
-/// messages).
+/// One shard's part of a batch: written in one transaction.
 #[derive(Default)]
-struct ShardRows {
-    messages: Vec<Row>,
-    changes: Vec<ChangeEvent>,
+struct ShardRows<'a> {
+    messages: Vec<&'a Row>,
+    changes: Vec<&'a ChangeEvent>,
 }
 
 /// A message as the columns of its row.
@@ -88,14 +90,12 @@ struct Row {
 impl Batch {
     fn push(
         &mut self,
-        shard: usize,
         conversation: &ConversationId,
         event: MessagesEvent,
     ) -> Result<(), Unwritable> {
         match event {
             MessagesEvent::Message(message) => {
-                let row = Row::of(conversation, message)?;
-                self.shards.entry(shard).or_default().messages.push(row);
+                self.messages.push(Row::of(conversation, message)?);
                 self.touched.stored(conversation);
                 Ok(())
             }
@@ -112,17 +112,28 @@ impl Batch {
                     (ChangeKind::Delete, _) => self.touched.recount_all(&change.conversation),
                     _ => {}
                 }
-                self.shards.entry(shard).or_default().changes.push(change);
+                self.changes.push(change);
                 Ok(())
             }
         }
     }
 
     fn len(&self) -> usize {
-        self.shards
-            .values()
-            .map(|s| s.messages.len() + s.changes.len())
-            .sum()
+        self.messages.len() + self.changes.len()
+    }
+
+    /// The batch split by shard, by `map`.
+    fn by_shard(&self, map: &ShardMap) -> BTreeMap<usize, ShardRows<'_>> {
+        let mut split: BTreeMap<usize, ShardRows<'_>> = BTreeMap::new();
+        for row in &self.messages {
+            let shard = map.shard(chat_shared::shards::bucket(&row.conversation));
+            split.entry(shard).or_default().messages.push(row);
+        }
+        for change in &self.changes {
+            let shard = map.of_conversation(&change.conversation);
+            split.entry(shard).or_default().changes.push(change);
+        }
+        split
     }
 }
 
@@ -247,9 +258,8 @@ async fn store_events(
     let mut rows = Batch::default();
     let mut good = Vec::with_capacity(batch.len());
     for message in batch {
-        let pushed = decode(&message).and_then(|(conversation, event)| {
-            rows.push(shards.of_conversation(&conversation), &conversation, event)
-        });
+        let pushed =
+            decode(&message).and_then(|(conversation, event)| rows.push(&conversation, event));
         match pushed {
             Ok(()) => good.push(message),
             Err(reason) => terminate(js, &message, &reason, metrics).await,
@@ -277,8 +287,7 @@ async fn store_events(
                     continue;
                 };
                 let mut single = Batch::default();
-                let shard = shards.of_conversation(&conversation);
-                if single.push(shard, &conversation, event).is_err() {
+                if single.push(&conversation, event).is_err() {
                     continue;
                 }
                 match insert_until_settled(shards, &single, std::slice::from_ref(&message)).await {
@@ -357,8 +366,8 @@ async fn ack_all(messages: Vec<jetstream::Message>) {
 /// are acked only once every shard they touched has committed.
 async fn insert(shards: &Shards, batch: &Batch) -> Result<u64, InsertError> {
     let mut inserted = 0;
-    for (&shard, rows) in &batch.shards {
-        inserted += insert_shard(shards.pool(shard), rows).await?;
+    for (shard, rows) in batch.by_shard(&shards.map()) {
+        inserted += insert_shard(shards.pool(shard), &rows).await?;
     }
     user_index::settle(shards, &batch.touched)
         .await
@@ -367,9 +376,19 @@ async fn insert(shards: &Shards, batch: &Batch) -> Result<u64, InsertError> {
 }
 
 /// One shard's messages and changes, in one transaction.
-async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError> {
+async fn insert_shard(pool: &Pool, rows: &ShardRows<'_>) -> Result<u64, InsertError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    let buckets = rows
+        .messages
+        .iter()
+        .map(|r| chat_shared::shards::bucket(&r.conversation))
+        .chain(
+            rows.changes
+                .iter()
+                .map(|c| chat_shared::shards::of_conversation(&c.conversation)),
+        );
+    crate::shards::fence(&tx, buckets).await?;
     let mut inserted = 0;
     if !rows.messages.is_empty() {
         // Each new message takes the next `seq` of its conversation (the
@@ -408,7 +427,8 @@ async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError>
             *seq += 1;
             seqs.push(*seq);
         }
-        let column = |f: fn(&Row) -> &str| -> Vec<&str> { rows.messages.iter().map(f).collect() };
+        let column =
+            |f: fn(&Row) -> &str| -> Vec<&str> { rows.messages.iter().map(|r| f(r)).collect() };
         let ids: Vec<i64> = rows.messages.iter().map(|r| r.id).collect();
         let stamps: Vec<i64> = rows.messages.iter().map(|r| r.ts).collect();
         let reply_to: Vec<Option<i64>> = rows.messages.iter().map(|r| r.reply_to).collect();
@@ -469,7 +489,7 @@ async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError>
         )
         .await?;
     }
-    for change in &rows.changes {
+    for &change in &rows.changes {
         apply(&tx, change).await?;
     }
     tx.commit().await?;
@@ -481,7 +501,7 @@ async fn insert_shard(pool: &Pool, rows: &ShardRows) -> Result<u64, InsertError>
 /// first (a tombstone) must not give its media back.
 async fn attach(
     tx: &deadpool_postgres::Transaction<'_>,
-    messages: &[Row],
+    messages: &[&Row],
 ) -> Result<(), tokio_postgres::Error> {
     let mut conversations = Vec::new();
     let mut ids = Vec::new();

@@ -112,7 +112,7 @@ impl Service {
         self.check_adds(&self.client().await?, &request.user, &members)
             .await?;
         let mut db = self.group_db(&group).await?;
-        let tx = begin(&mut db).await?;
+        let tx = begin_writing(&mut db, &group).await?;
         tx.execute(
             "INSERT INTO groups (id, name, owner, created_at) VALUES ($1, $2, $3, $4)",
             &[&group.as_str(), &name, &request.user.as_str(), &now],
@@ -212,7 +212,7 @@ impl Service {
         // Privacy settings are on the home shard, the group on its own.
         let home = self.client().await?;
         let mut db = self.group_db(&request.group).await?;
-        let tx = begin(&mut db).await?;
+        let tx = begin_writing(&mut db, &request.group).await?;
         let (name, owner) = self.group_row(&tx, &request.group, true).await?;
         let before = self.group_members(&tx, &request.group).await?;
         let before_set: HashSet<&UserId> = before.iter().collect();
@@ -298,7 +298,7 @@ impl Service {
 
     pub(super) async fn group_leave(&self, request: rpc::GroupRequest) -> Result<(), RpcError> {
         let mut db = self.group_db(&request.group).await?;
-        let tx = begin(&mut db).await?;
+        let tx = begin_writing(&mut db, &request.group).await?;
         let (_, owner) = self.group_row(&tx, &request.group, true).await?;
         let removed = tx
             .execute(
@@ -340,4 +340,18 @@ impl Service {
         self.publish_outbox_after_change().await;
         Ok(())
     }
+}
+
+/// A transaction that writes `group`'s rows, fenced (a move of its bucket
+/// refuses it: `unavailable`, and the client's retry follows the new map).
+async fn begin_writing<'a>(
+    db: &'a mut deadpool_postgres::Object,
+    group: &GroupId,
+) -> Result<deadpool_postgres::Transaction<'a>, RpcError> {
+    let tx = begin(db).await?;
+    let bucket = chat_shared::shards::of_conversation(&ConversationId::Group(group.clone()));
+    crate::shards::fence(&tx, [bucket])
+        .await
+        .map_err(unavailable("fence a group's rows"))?;
+    Ok(tx)
 }

@@ -358,9 +358,12 @@ impl Service {
             .await?;
         // Stored whether or not the conversation's messages are yet: they
         // are counted against it once they are.
-        let row = self
-            .user_db(&request.user)
-            .await?
+        let mut db = self.user_db(&request.user).await?;
+        let tx = begin(&mut db).await?;
+        crate::shards::fence(&tx, [chat_shared::shards::of_user(&request.user)])
+            .await
+            .map_err(unavailable("fence read_state"))?;
+        let row = tx
             .query_one(
                 "INSERT INTO read_state (user_id, conversation, read_up_to) VALUES ($1, $2, $3)
                  ON CONFLICT (user_id, conversation)
@@ -374,6 +377,9 @@ impl Service {
             )
             .await
             .map_err(unavailable("upsert read_state"))?;
+        tx.commit()
+            .await
+            .map_err(unavailable("commit read_state"))?;
         let stored: i64 = column(&row, 0)?;
         if stored != up_to {
             // Read state only moves forward; an older `read` says nothing new.

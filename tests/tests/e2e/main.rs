@@ -12,6 +12,7 @@ mod media;
 mod messaging;
 mod metrics;
 mod moderation;
+mod moves;
 mod operators;
 mod partitions;
 mod presence;
