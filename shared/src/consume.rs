@@ -143,6 +143,11 @@ where
     }
 }
 
+/// A batch at least this big shows a busy stream, which [`batches`] lets
+/// fill for up to [`BUSY_LINGER`].
+const BUSY: usize = 16;
+const BUSY_LINGER: Duration = Duration::from_millis(5);
+
 /// Pulls `consumer` (no priority group) until `stopped`, handing `store`
 /// one batch at a time: a message waited for and whatever else has already
 /// arrived, up to `max` (nothing waits for more, so a quiet stream stores
@@ -180,9 +185,20 @@ pub async fn batches<S, F, Fut>(
                 None => break,
             };
             let mut batch = vec![first];
+            let linger = tokio::time::Instant::now() + BUSY_LINGER;
             while batch.len() < max {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(message))) => batch.push(message),
+                    // Nothing arrived yet. A stream this busy has more in
+                    // flight: wait a moment for it rather than store a small
+                    // batch (each costs the same round trips whatever its
+                    // size); a quiet one's event is stored at once.
+                    None if batch.len() >= BUSY => {
+                        match tokio::time::timeout_at(linger, stream.next()).await {
+                            Ok(Some(Ok(message))) => batch.push(message),
+                            _ => break,
+                        }
+                    }
                     _ => break,
                 }
             }
