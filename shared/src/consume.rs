@@ -150,9 +150,11 @@ const BUSY_LINGER: Duration = Duration::from_millis(5);
 
 /// Pulls `consumer` (no priority group) until `stopped`, handing `store`
 /// one batch at a time: a message waited for and whatever else has already
-/// arrived, up to `max` (nothing waits for more, so a quiet stream stores
-/// each event at once and a busy one in large batches). A pull that ends or
-/// fails is opened again; at the stop what is buffered is handed back.
+/// arrived, up to `max`; a batch that already shows a busy stream waits up
+/// to [`BUSY_LINGER`] for more (a quiet stream's event is stored at once, a
+/// busy one's in large batches: 63 events a batch without the wait, 400 to
+/// 560 with it, flat out; docs/scaling.md). A pull that ends or fails is
+/// opened again; at the stop what is buffered is handed back.
 pub async fn batches<S, F, Fut>(
     consumer: &consumer::PullConsumer,
     max: usize,
