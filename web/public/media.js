@@ -7,12 +7,13 @@ import { state } from './state.js';
 
 // A URL this close to its expiry is asked for again.
 const EXPIRY_MARGIN_MS = 30_000;
-// A thumbnail is made by a worker after the upload: a picture shown at once
-// may have to wait for it, the longer the busier the worker, so the waits
-// grow (0.7 s, then half as long again each time: about a minute in all).
-const THUMB_RETRIES = 10;
-const THUMB_RETRY_MS = 700;
-const THUMB_RETRY_GROWTH = 1.5;
+// A thumbnail is made by a worker after the upload, and a message is stored
+// a moment after it is delivered: a picture or a link shown at once may
+// have to wait, the longer the busier the server, so the waits grow (0.7 s,
+// then half as long again each time: about a minute in all).
+const RETRIES = 10;
+const RETRY_MS = 700;
+const RETRY_GROWTH = 1.5;
 
 const REFUSED = {
   401: 'Your session has expired; try again in a moment.',
@@ -101,8 +102,8 @@ function thumbOf(url) {
 export function showPicture(img, id, { thumb = false } = {}) {
   let tries = 0;
   const again = () => {
-    if (tries >= THUMB_RETRIES || !img.isConnected) return;
-    setTimeout(() => load(), THUMB_RETRY_MS * THUMB_RETRY_GROWTH ** tries);
+    if (tries >= RETRIES || !img.isConnected) return;
+    setTimeout(() => load(), RETRY_MS * RETRY_GROWTH ** tries);
     tries += 1;
   };
   img.addEventListener('error', () => {
@@ -115,9 +116,25 @@ export function showPicture(img, id, { thumb = false } = {}) {
   load();
 }
 
-/** Sets `a`'s href to a signed URL of the media, fresh again when it is used. */
+/**
+ * Sets `a`'s href to a signed URL of the media, fresh again when it is used.
+ * Asked for again a few times, as a picture's is: a message is delivered
+ * before it is stored, and `media.url` answers `not_found` until it is.
+ */
 export function linkTo(a, id) {
-  signedUrls(id).then((urls) => a.setAttribute('href', urls.url), () => {});
+  let tries = 0;
+  const load = () =>
+    signedUrls(id).then(
+      (urls) => a.setAttribute('href', urls.url),
+      () => {
+        if (tries >= RETRIES) return;
+        setTimeout(() => {
+          if (a.isConnected) load();
+        }, RETRY_MS * RETRY_GROWTH ** tries);
+        tries += 1;
+      },
+    );
+  load();
   a.addEventListener('click', (e) => {
     if (fresh(signed.get(id))) return;
     // Expired or never known: get one, then follow it.
