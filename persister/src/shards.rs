@@ -38,8 +38,6 @@ pub enum ShardsError {
     CreatePool(#[from] deadpool_postgres::CreatePoolError),
     #[error(transparent)]
     Map(#[from] MapError),
-    #[error("the shard map in KV: {0}")]
-    Kv(String),
     #[error("PostgreSQL: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("PostgreSQL: {0}")]
@@ -120,28 +118,26 @@ async fn load_map(
     count: usize,
     writes_map: bool,
 ) -> Result<ShardMap, ShardsError> {
-    let kv = |e: &dyn std::fmt::Display| ShardsError::Kv(e.to_string());
+    let mut backoff = Backoff::default();
     loop {
-        if let Some(stored) = bucket.get(MAP_KEY).await.map_err(|e| kv(&e))? {
-            return Ok(ShardMap::decode(&stored)?);
+        match bucket.get(MAP_KEY).await {
+            Ok(Some(stored)) => return Ok(ShardMap::decode(&stored)?),
+            Ok(None) if writes_map => {
+                let even = ShardMap::even(count);
+                // A `create`: of two persisters starting at once one writes,
+                // and the other reads that map on its next turn.
+                if bucket.create(MAP_KEY, even.encode().into()).await.is_ok() {
+                    tracing::info!(shards = count, "shard map written");
+                    return Ok(even);
+                }
+            }
+            Ok(None) => tracing::info!("waiting for a persister to write the shard map"),
+            // A JetStream cluster still electing the bucket's leader, a node
+            // away: wait, never exit (a service starts whatever the broker's
+            // state and serves once it can).
+            Err(e) => tracing::warn!(error = %e, "the shard map is not readable yet; retrying"),
         }
-        if writes_map {
-            break;
-        }
-        tracing::info!("waiting for a persister to write the shard map");
-        tokio::time::sleep(MAP_POLL).await;
-    }
-    let even = ShardMap::even(count);
-    match bucket.create(MAP_KEY, even.encode().into()).await {
-        Ok(_) => {
-            tracing::info!(shards = count, "shard map written");
-            Ok(even)
-        }
-        // Someone else wrote it first: theirs is the map.
-        Err(_) => match bucket.get(MAP_KEY).await.map_err(|e| kv(&e))? {
-            Some(stored) => Ok(ShardMap::decode(&stored)?),
-            None => Err(kv(&"the shard map is neither there nor writable")),
-        },
+        tokio::time::sleep(backoff.next_delay().max(MAP_POLL)).await;
     }
 }
 
