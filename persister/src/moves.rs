@@ -26,7 +26,8 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::timestamp_ms;
+use chat_shared::ids::MessageId;
 use chat_shared::shards::{Bucket, MapError, ShardMap, BUCKETS, MAP_KEY};
 use chat_shared::{subjects, Config};
 use deadpool_postgres::Pool;
@@ -254,7 +255,7 @@ async fn prepare(
             .await?
             .try_get(0)?;
         if let Some(id) = oldest {
-            let from_ms = (id >> (NODE_BITS + SEQUENCE_BITS)) + EPOCH_MS as i64;
+            let from_ms = timestamp_ms(MessageId(id as u64)) as i64;
             let now = chat_shared::clock::now_ms() as i64;
             crate::months::create(&target, from_ms, now).await?;
         }

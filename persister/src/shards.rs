@@ -8,6 +8,7 @@
 //! bucket's rows calls [`fence`] first: the map routes, each shard's
 //! `shard_buckets` (migration 0016) says what it owns.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,25 @@ impl Shards {
 
     pub fn user(&self, user: &UserId) -> &Pool {
         self.pool(self.of_user(user))
+    }
+
+    /// `items` by the shard holding each one's `bucket`, in shard order,
+    /// all by the map as it is now: one query per shard for a page, a
+    /// batch or a member list.
+    pub fn split<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        bucket: impl Fn(&T) -> Bucket,
+    ) -> BTreeMap<usize, Vec<T>> {
+        let map = self.map.borrow();
+        let mut split: BTreeMap<usize, Vec<T>> = BTreeMap::new();
+        for item in items {
+            split
+                .entry(map.shard(bucket(&item)))
+                .or_default()
+                .push(item);
+        }
+        split
     }
 
     pub fn all(&self) -> impl Iterator<Item = (usize, &Pool)> {

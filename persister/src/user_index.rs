@@ -15,12 +15,12 @@
 //! redelivered batch, two persisters at once, or a read racing a write
 //! leave the counter exact, and settling twice changes nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::first_id_at;
 use chat_shared::ids::{ConversationId, GroupId, UserId};
 
-use chat_shared::shards::of_user;
+use chat_shared::shards::{of_conversation, of_user, Bucket};
 
 use crate::shards::{fence, Shards};
 
@@ -134,7 +134,7 @@ impl Pair {
 
 /// A join time in message-id space: what was said before is not unread.
 fn joined_floor(joined_at_ms: i64) -> i64 {
-    (joined_at_ms - EPOCH_MS as i64).max(0) << (NODE_BITS + SEQUENCE_BITS)
+    first_id_at(joined_at_ms.max(0) as u64).get() as i64
 }
 
 /// Brings the counters of every member of the touched conversations up to
@@ -161,15 +161,9 @@ pub async fn settle(shards: &Shards, touched: &Touched) -> Result<(), IndexError
 /// Every member of each touched conversation with the conversation's
 /// state, from the conversations' shards.
 async fn members(shards: &Shards, touched: &Touched) -> Result<Vec<Pair>, IndexError> {
-    let mut by_shard: HashMap<usize, Vec<&ConversationId>> = HashMap::new();
-    for conversation in touched.conversations.keys() {
-        by_shard
-            .entry(shards.of_conversation(conversation))
-            .or_default()
-            .push(conversation);
-    }
     let mut pairs = Vec::new();
-    for (shard, conversations) in by_shard {
+    for (shard, conversations) in shards.split(touched.conversations.keys(), |c| of_conversation(c))
+    {
         let db = shards.pool(shard).get().await?;
         let names: Vec<String> = conversations.iter().map(ToString::to_string).collect();
         let groups: Vec<&str> = conversations
@@ -213,10 +207,9 @@ async fn members(shards: &Shards, touched: &Touched) -> Result<Vec<Pair>, IndexE
                 }
             }
         }
-        for conversation in conversations {
-            let name = conversation.to_string();
+        for (conversation, name) in conversations.into_iter().zip(&names) {
             // No row: no message and no group (yet); nothing to count.
-            let Some(&(seq, last_id, activity)) = state.get(&name) else {
+            let Some(&(seq, last_id, activity)) = state.get(name) else {
                 continue;
             };
             let members = match conversation {
@@ -258,18 +251,18 @@ fn keys<'a>(pairs: &'a [Pair], at: &[usize]) -> (Vec<i32>, Vec<&'a str>, Vec<Str
     )
 }
 
-/// Indexes of `pairs` by the shard `shard_of` names.
-fn by_shard(pairs: &[Pair], shard_of: impl Fn(&Pair) -> usize) -> HashMap<usize, Vec<usize>> {
-    let mut out: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, pair) in pairs.iter().enumerate() {
-        out.entry(shard_of(pair)).or_default().push(i);
-    }
-    out
+/// Indexes of `pairs` by the shard of the bucket `bucket_of` names.
+fn by_shard(
+    shards: &Shards,
+    pairs: &[Pair],
+    bucket_of: impl Fn(&Pair) -> Bucket,
+) -> BTreeMap<usize, Vec<usize>> {
+    shards.split(0..pairs.len(), |&i| bucket_of(&pairs[i]))
 }
 
 /// Each pair's `counted_seq` and read mark, from the users' shards.
 async fn read_marks(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
-    for (shard, at) in by_shard(pairs, |p| shards.of_user(&p.user)) {
+    for (shard, at) in by_shard(shards, pairs, |p| of_user(&p.user)) {
         let (index, users, conversations) = keys(pairs, &at);
         let rows = shards
             .pool(shard)
@@ -299,7 +292,7 @@ async fn read_marks(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexErro
 
 /// Each pair's unread messages in its range, on the conversations' shards.
 async fn count(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
-    for (shard, at) in by_shard(pairs, |p| shards.of_conversation(&p.conversation)) {
+    for (shard, at) in by_shard(shards, pairs, |p| of_conversation(&p.conversation)) {
         let (index, users, conversations) = keys(pairs, &at);
         let from: Vec<i64> = at.iter().map(|&i| pairs[i].counted_after()).collect();
         let to: Vec<i64> = at.iter().map(|&i| pairs[i].seq).collect();
@@ -332,7 +325,7 @@ async fn count(shards: &Shards, pairs: &mut [Pair]) -> Result<(), IndexError> {
 /// returns the pairs that moved meanwhile (to count again).
 async fn write(shards: &Shards, pairs: Vec<Pair>) -> Result<Vec<Pair>, IndexError> {
     let mut written = vec![false; pairs.len()];
-    for (shard, at) in by_shard(&pairs, |p| shards.of_user(&p.user)) {
+    for (shard, at) in by_shard(shards, &pairs, |p| of_user(&p.user)) {
         let mut client = shards.pool(shard).get().await?;
         let db = client.transaction().await?;
         fence(&db, at.iter().map(|&i| of_user(&pairs[i].user))).await?;

@@ -9,6 +9,7 @@ use crate::shards::Shards;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::receipts::DeliveredEvent;
+use chat_shared::shards::bucket;
 use chat_shared::shutdown;
 use tokio::sync::watch;
 
@@ -101,18 +102,14 @@ enum UpsertError {
 /// have changed it since a failed try); all again after a failure (a
 /// watermark only moves forward, so what was stored already stays).
 async fn upsert_all(shards: &Shards, watermarks: &Watermarks) -> Result<(), UpsertError> {
-    let map = shards.map();
-    let mut by_shard: HashMap<usize, Columns> = HashMap::new();
-    for ((user, conversation), up_to) in &watermarks.0 {
-        let columns = by_shard
-            .entry(map.shard(chat_shared::shards::bucket(user)))
-            .or_default();
-        columns.users.push(user);
-        columns.conversations.push(conversation);
-        columns.up_to.push(*up_to);
-    }
-    for (shard, columns) in &by_shard {
-        upsert(shards.pool(*shard), columns).await?;
+    for (shard, marks) in shards.split(&watermarks.0, |((user, _), _)| bucket(user)) {
+        let mut columns = Columns::default();
+        for ((user, conversation), up_to) in marks {
+            columns.users.push(user);
+            columns.conversations.push(conversation);
+            columns.up_to.push(*up_to);
+        }
+        upsert(shards.pool(shard), &columns).await?;
     }
     Ok(())
 }
@@ -125,19 +122,15 @@ async fn upsert(pool: &deadpool_postgres::Pool, marks: &Columns<'_>) -> Result<(
     } = marks;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    crate::shards::fence(
-        &tx,
-        users.iter().map(|user| chat_shared::shards::bucket(user)),
+    crate::shards::fence(&tx, users.iter().map(|user| bucket(user))).await?;
+    tx.execute(
+        "INSERT INTO delivered_state (user_id, conversation, delivered_up_to)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
+         ON CONFLICT (user_id, conversation) DO UPDATE
+           SET delivered_up_to = GREATEST(delivered_state.delivered_up_to, EXCLUDED.delivered_up_to)",
+        &[&users, &conversations, &up_to],
     )
     .await?;
-    tx.execute(
-            "INSERT INTO delivered_state (user_id, conversation, delivered_up_to)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
-             ON CONFLICT (user_id, conversation) DO UPDATE
-               SET delivered_up_to = GREATEST(delivered_state.delivered_up_to, EXCLUDED.delivered_up_to)",
-            &[&users, &conversations, &up_to],
-        )
-        .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use chat_shared::consume::{self, Backoff};
 use chat_shared::idgen::timestamp_ms;
 use chat_shared::ids::ConversationId;
-use chat_shared::shards::ShardMap;
+use chat_shared::shards::{of_conversation, Bucket, ShardMap};
 use chat_shared::shutdown;
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
@@ -67,11 +67,15 @@ struct Batch {
 struct ShardRows<'a> {
     messages: Vec<&'a Row>,
     changes: Vec<&'a ChangeEvent>,
+    /// The buckets of their conversations, which the shard must own.
+    buckets: Vec<Bucket>,
 }
 
 /// A message as the columns of its row.
 struct Row {
     conversation: String,
+    /// Its conversation's bucket.
+    bucket: Bucket,
     id: i64,
     sender: String,
     body: String,
@@ -126,12 +130,15 @@ impl Batch {
     fn by_shard(&self, map: &ShardMap) -> BTreeMap<usize, ShardRows<'_>> {
         let mut split: BTreeMap<usize, ShardRows<'_>> = BTreeMap::new();
         for row in &self.messages {
-            let shard = map.shard(chat_shared::shards::bucket(&row.conversation));
-            split.entry(shard).or_default().messages.push(row);
+            let part = split.entry(map.shard(row.bucket)).or_default();
+            part.messages.push(row);
+            part.buckets.push(row.bucket);
         }
         for change in &self.changes {
-            let shard = map.of_conversation(&change.conversation);
-            split.entry(shard).or_default().changes.push(change);
+            let bucket = of_conversation(&change.conversation);
+            let part = split.entry(map.shard(bucket)).or_default();
+            part.changes.push(change);
+            part.buckets.push(bucket);
         }
         split
     }
@@ -145,6 +152,7 @@ impl Row {
             .transpose()?;
         Ok(Self {
             conversation: conversation.to_string(),
+            bucket: of_conversation(conversation),
             id: i64::try_from(event.id.get()).map_err(|_| Unwritable::OutOfRange("id"))?,
             sender: event.from.to_string(),
             ts: i64::try_from(event.ts).map_err(|_| Unwritable::OutOfRange("ts"))?,
@@ -379,16 +387,7 @@ async fn insert(shards: &Shards, batch: &Batch) -> Result<u64, InsertError> {
 async fn insert_shard(pool: &Pool, rows: &ShardRows<'_>) -> Result<u64, InsertError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let buckets = rows
-        .messages
-        .iter()
-        .map(|r| chat_shared::shards::bucket(&r.conversation))
-        .chain(
-            rows.changes
-                .iter()
-                .map(|c| chat_shared::shards::of_conversation(&c.conversation)),
-        );
-    crate::shards::fence(&tx, buckets).await?;
+    crate::shards::fence(&tx, rows.buckets.iter().copied()).await?;
     let mut inserted = 0;
     if !rows.messages.is_empty() {
         // Each new message takes the next `seq` of its conversation (the

@@ -154,6 +154,13 @@ pub fn timestamp_ms(id: MessageId) -> u64 {
     (id.0 >> (NODE_BITS + SEQUENCE_BITS)) + EPOCH_MS
 }
 
+/// The smallest id of millisecond `ms` (since the Unix epoch; 0 for any
+/// time before the id epoch): every id made at `ms` or later is at least
+/// this, every one made earlier below it.
+pub fn first_id_at(ms: u64) -> MessageId {
+    MessageId(ms.saturating_sub(EPOCH_MS) << (NODE_BITS + SEQUENCE_BITS))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,8 @@
 //! once in the KV bucket [`crate::subjects::SHARDS_BUCKET`] so every
 //! persister and pushd reads the same one.
 
+use std::fmt::{self, Write as _};
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, UserId};
@@ -26,20 +28,50 @@ pub type Bucket = usize;
 /// way in any language (a tool or a later Citus migration script), and
 /// spread well enough over ids.
 pub fn bucket(key: &str) -> Bucket {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(PRIME);
+    let mut hash = Fnv1a::default();
+    hash.add(key);
+    hash.bucket()
+}
+
+/// FNV-1a (64 bits) over text written into it piece by piece.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    (hash % BUCKETS as u64) as Bucket
+}
+
+impl Fnv1a {
+    fn add(&mut self, text: &str) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        for byte in text.bytes() {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(PRIME);
+        }
+    }
+
+    fn bucket(&self) -> Bucket {
+        (self.0 % BUCKETS as u64) as Bucket
+    }
+}
+
+impl fmt::Write for Fnv1a {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        self.add(text);
+        Ok(())
+    }
 }
 
 /// A conversation's bucket, by its canonical name (`dm:<low>:<high>`,
-/// `group:<id>`), so both sides of a DM land on one shard.
+/// `group:<id>`), so both sides of a DM land on one shard. Hashed as it is
+/// written out, without building the name (this runs for every event the
+/// persister stores).
 pub fn of_conversation(conversation: &ConversationId) -> Bucket {
-    bucket(&conversation.to_string())
+    let mut hash = Fnv1a::default();
+    // Writing into the hash cannot fail.
+    let _ = write!(hash, "{conversation}");
+    hash.bucket()
 }
 
 pub fn of_user(user: &UserId) -> Bucket {
@@ -133,6 +165,14 @@ mod tests {
         // FNV-1a 64 of "" is the offset basis; of "a" is 0xaf63dc4c8601ec8c.
         assert_eq!(bucket(""), (0xcbf2_9ce4_8422_2325u64 % 1024) as usize);
         assert_eq!(bucket("a"), (0xaf63_dc4c_8601_ec8cu64 % 1024) as usize);
+    }
+
+    #[test]
+    fn a_conversation_hashes_as_its_name() {
+        for name in ["dm:alice:bob", "dm:a-1:b_2", "group:g0123456789abcdef"] {
+            let conversation = ConversationId::parse(name).map_err(|e| e.to_string());
+            assert_eq!(conversation.map(|c| of_conversation(&c)), Ok(bucket(name)));
+        }
     }
 
     #[test]

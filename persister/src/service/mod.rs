@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chat_shared::config::PushTokenLimits;
-use chat_shared::idgen::{timestamp_ms, EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::{first_id_at, timestamp_ms};
 use chat_shared::ids::{ClientMsgId, ConversationId, MessageId, UserId};
 use chat_shared::receipts::ReadEvent;
 use chat_shared::rpc::{self, Method, RpcError};
@@ -26,14 +26,13 @@ use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_shared::wire::{ErrorCode, MessageEvent};
 use deadpool_postgres::{GenericClient, Pool};
-
-use crate::shards::Shards;
-use crate::user_index::{self, Touched};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::{PersisterMetrics, UNKNOWN_METHOD};
+use crate::shards::Shards;
+use crate::user_index::{self, Touched};
 pub use changes::ChangeRules;
 
 /// Requests handled at once by one persister.
@@ -70,11 +69,8 @@ fn now_ms() -> i64 {
 /// A wall-clock time in message-id space, to order groups without messages
 /// among conversations by their newest message id.
 fn activity_of(ms: i64) -> i64 {
-    (ms - EPOCH_MS as i64).max(0) << ID_TIME_SHIFT
+    first_id_at(ms.max(0) as u64).get() as i64
 }
-
-/// Where the timestamp sits in a message id.
-const ID_TIME_SHIFT: u32 = NODE_BITS + SEQUENCE_BITS;
 
 /// Maps a PostgreSQL failure to `unavailable`, logging `what` failed; the
 /// client learns only that the store is away.
@@ -478,11 +474,12 @@ fn message_from_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chat_shared::idgen::EPOCH_MS;
 
     #[test]
     fn a_read_may_name_any_id_up_to_the_clock_and_its_skew() {
         let now = EPOCH_MS + 1_000_000;
-        let id_at = |ms: u64| MessageId(((ms - EPOCH_MS) << ID_TIME_SHIFT) | 0x3f_ffff);
+        let id_at = |ms: u64| MessageId(first_id_at(ms).get() | 0x3f_ffff);
         assert!(!not_sent_yet(id_at(EPOCH_MS), now));
         assert!(!not_sent_yet(id_at(now), now));
         assert!(!not_sent_yet(id_at(now + READ_CLOCK_SKEW_MS), now));

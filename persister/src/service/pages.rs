@@ -10,6 +10,7 @@ use std::io;
 
 use chat_shared::ids::{ConversationId, MessageId, UserId};
 use chat_shared::rpc::{self, RpcError, MAX_REACHABLE_CONVERSATIONS, REPLY_ITEMS_BUDGET};
+use chat_shared::shards::of_conversation;
 use chat_shared::wire::{ConversationSummary, ErrorCode, MessageEvent, PREVIEW_CHARS};
 use serde::Serialize;
 
@@ -183,16 +184,11 @@ impl Service {
     /// Fills in each message's `reactions` (one query per shard of the
     /// page, whose messages may be of several conversations).
     async fn add_reactions(&self, messages: &mut [MessageEvent]) -> Result<(), RpcError> {
-        let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
-        for message in messages.iter() {
-            let page = by_shard
-                .entry(self.shards.of_conversation(&message.conversation))
-                .or_default();
-            page.0.push(message.conversation.to_string());
-            page.1.push(message.id.get() as i64);
-        }
+        let keys = messages
+            .iter()
+            .map(|m| (&m.conversation, m.id.get() as i64));
         let mut rows = Vec::new();
-        for (shard, (conversations, ids)) in by_shard {
+        for (shard, (conversations, ids)) in self.keys_by_shard(keys) {
             rows.extend(
                 super::connect(self.shards.pool(shard))
                     .await?
@@ -304,6 +300,25 @@ impl Service {
         Ok(rpc::ConversationsPage { items, more, next })
     }
 
+    /// Messages' keys (conversation, id) by shard, as the columns of one
+    /// query per shard.
+    fn keys_by_shard<'a>(
+        &self,
+        keys: impl Iterator<Item = (&'a ConversationId, i64)>,
+    ) -> BTreeMap<usize, (Vec<String>, Vec<i64>)> {
+        self.shards
+            .split(keys, |(conversation, _)| of_conversation(conversation))
+            .into_iter()
+            .map(|(shard, keys)| {
+                let columns = keys
+                    .into_iter()
+                    .map(|(conversation, id)| (conversation.to_string(), id))
+                    .unzip();
+                (shard, columns)
+            })
+            .collect()
+    }
+
     /// The newest message of each listed conversation, as a preview of
     /// [`PREVIEW_CHARS`] and whether it was cut, by message id (unique
     /// across conversations): one query per shard.
@@ -311,18 +326,11 @@ impl Service {
         &self,
         listed: &[(ConversationId, Option<i64>)],
     ) -> Result<HashMap<i64, (MessageEvent, bool)>, RpcError> {
-        let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
-        for (conversation, last_id) in listed {
-            if let Some(id) = last_id {
-                let page = by_shard
-                    .entry(self.shards.of_conversation(conversation))
-                    .or_default();
-                page.0.push(conversation.to_string());
-                page.1.push(*id);
-            }
-        }
+        let keys = listed
+            .iter()
+            .filter_map(|(conversation, last_id)| last_id.map(|id| (conversation, id)));
         let mut out = HashMap::new();
-        for (shard, (conversations, ids)) in by_shard {
+        for (shard, (conversations, ids)) in self.keys_by_shard(keys) {
             let rows = super::connect(self.shards.pool(shard))
                 .await?
                 .query(

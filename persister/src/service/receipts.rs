@@ -1,12 +1,11 @@
 //! Receipts: read events published once a read is stored, and `receipts`,
 //! every member's stored watermarks.
 
-use std::collections::BTreeMap;
-
 use async_nats::HeaderMap;
 use chat_shared::ids::{MessageId, UserId};
 use chat_shared::receipts::ReadEvent;
 use chat_shared::rpc::{self, RpcError};
+use chat_shared::shards::bucket;
 use chat_shared::subjects;
 use chat_shared::wire::{ErrorCode, MemberReceipts};
 
@@ -48,15 +47,11 @@ impl Service {
             .members_of(&request.user, &request.conversation)
             .await?;
         // Each member's watermarks are on their own shard.
-        let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
-        for member in &members {
-            by_shard
-                .entry(self.shards.of_user(member))
-                .or_default()
-                .push(member.as_str());
-        }
         let mut rows = Vec::with_capacity(members.len());
-        for (shard, members) in by_shard {
+        for (shard, members) in self
+            .shards
+            .split(members.iter().map(UserId::as_str), |m| bucket(m))
+        {
             rows.extend(
                 super::connect(self.shards.pool(shard))
                     .await?

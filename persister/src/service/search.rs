@@ -15,17 +15,16 @@
 //! and those the caller hid are never found; items are in their current
 //! state, as `history` gives them.
 
-use std::collections::BTreeMap;
-
-use chat_shared::idgen::EPOCH_MS;
-use chat_shared::ids::ConversationId;
+use chat_shared::idgen::timestamp_ms;
+use chat_shared::ids::{ConversationId, MessageId};
 use chat_shared::rpc::{self, RpcError, REPLY_ITEMS_BUDGET};
+use chat_shared::shards::bucket;
 use chat_shared::wire::ErrorCode;
 
 use chat_shared::wire::MAX_SEARCH_LIMIT;
 
 use super::pages::{message_columns, stored_message};
-use super::{activity_of, column, corrupt, now_ms, unavailable, Service, ID_TIME_SHIFT};
+use super::{activity_of, column, corrupt, now_ms, unavailable, Service};
 
 /// How a query matches, by the text it holds. Each form is its own SQL text
 /// (not a parameter the plan would have to allow for), so the planner picks
@@ -159,19 +158,15 @@ impl Service {
         );
         // The caller's conversations (their shard), then each shard of
         // those conversations searched for its own, merged newest first.
-        let mut by_shard: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-        for conversation in self.searchable(&request).await? {
-            by_shard
-                .entry(self.shards.of_conversation(&conversation))
-                .or_default()
-                .push(conversation.to_string());
-        }
+        let by_shard = self
+            .shards
+            .split(self.searchable(&request).await?, |name| bucket(name));
         let user = request.user.as_str();
         let pattern = substring_pattern(&request.query);
         let (fetch, budget) = (limit + 1, REPLY_ITEMS_BUDGET as i64);
         // The newest day before `before` (or now) first, then the newest
         // month, then everything, until a window holds more than a page.
-        let newest_ms = before.map_or_else(now_ms, |id| (id >> ID_TIME_SHIFT) + EPOCH_MS as i64);
+        let newest_ms = before.map_or_else(now_ms, |id| timestamp_ms(MessageId(id as u64)) as i64);
         let mut found = 0;
         let mut hits = Vec::new();
         for (shard, conversations) in by_shard {
@@ -213,13 +208,10 @@ impl Service {
         Ok(rpc::SearchPage { items, more })
     }
 
-    /// The conversations `request` searches: the one it names if the
-    /// caller is in it, else all of the caller's (membership read when the
-    /// query runs, so a removed member finds nothing more).
-    async fn searchable(
-        &self,
-        request: &rpc::SearchRequest,
-    ) -> Result<Vec<ConversationId>, RpcError> {
+    /// The conversations `request` searches, by name: the one it names if
+    /// the caller is in it, else all of the caller's (membership read when
+    /// the query runs, so a removed member finds nothing more).
+    async fn searchable(&self, request: &rpc::SearchRequest) -> Result<Vec<String>, RpcError> {
         let rows = self
             .user_db(&request.user)
             .await?
@@ -233,11 +225,7 @@ impl Service {
             )
             .await
             .map_err(unavailable("read user_conversations"))?;
-        rows.iter()
-            .map(|row| {
-                ConversationId::parse(column::<&str>(row, 0)?).map_err(|_| corrupt("conversation"))
-            })
-            .collect()
+        rows.iter().map(|row| column(row, 0)).collect()
     }
 }
 

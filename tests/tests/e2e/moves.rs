@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _, Result};
 use async_nats::jetstream;
 use chat_shared::ids::{ConversationId, UserId};
-use chat_shared::shards::{self, ShardMap, MAP_KEY};
-use chat_shared::subjects;
+use chat_shared::shards::{self, ShardMap};
 use chat_tests::{fresh_database_on, wait_until_within, Client, PgCluster, System};
 use serde_json::json;
 
@@ -123,11 +122,10 @@ async fn read_load(
     Ok(())
 }
 
+/// The map in KV, as `chatctl shards` reads it (tested against the bucket
+/// itself in `shards::`).
 async fn stored_map(system: &System) -> Result<ShardMap> {
-    let js = jetstream::new(system.admin().await?);
-    let bucket = js.get_key_value(subjects::SHARDS_BUCKET).await?;
-    let map = bucket.get(MAP_KEY).await?.context("no shard map")?;
-    Ok(ShardMap::decode(&map)?)
+    chatctl::shards::map(&jetstream::new(system.admin().await?)).await
 }
 
 /// A group whose conversation is in the moving buckets (group ids are
@@ -348,8 +346,9 @@ async fn the_fence_refuses_what_the_shard_does_not_own_and_sql_hashes_as_rust() 
         512
     };
     assert_eq!(owned, expected, "shard 0 owns its share of the even map");
+    let map = stored_map(&system).await?;
     let mine = (0..shards::BUCKETS as i32)
-        .find(|&b| stored_map_shard(&system, b) == 0)
+        .find(|&b| map.shard(b as usize) == 0)
         .context("a bucket of shard 0")?;
     db.execute("SELECT chat_fence($1)", &[&vec![mine]]).await?;
     db.execute(
@@ -364,9 +363,4 @@ async fn the_fence_refuses_what_the_shard_does_not_own_and_sql_hashes_as_rust() 
         .context("the fence let a write through")?;
     assert_eq!(refused.code().map(|c| c.code()), Some("CHMOV"), "{refused}");
     Ok(())
-}
-
-/// The shard of `bucket` in the even map test systems start with.
-fn stored_map_shard(system: &System, bucket: i32) -> usize {
-    ShardMap::even(system.config.database_urls.len()).shard(bucket as usize)
 }

@@ -6,7 +6,8 @@
 //! net for idempotent sends.
 
 use anyhow::{ensure, Context, Result};
-use chat_shared::idgen::{EPOCH_MS, NODE_BITS, SEQUENCE_BITS};
+use chat_shared::idgen::{first_id_at, timestamp_ms};
+use chat_shared::ids::MessageId;
 use chat_tests::{connect_database, fresh_database, System};
 use serde_json::{json, Value};
 
@@ -61,13 +62,12 @@ const BEFORE: [(i32, &str); 11] = [
 
 /// A message id `minutes_ago` minutes old (the generator's layout).
 fn id_at(minutes_ago: u64, sequence: u64) -> i64 {
-    let now = chat_shared::clock::now_ms();
-    let ms = now - minutes_ago * 60_000 - EPOCH_MS;
-    ((ms << (NODE_BITS + SEQUENCE_BITS)) | sequence) as i64
+    let ms = chat_shared::clock::now_ms() - minutes_ago * 60_000;
+    (first_id_at(ms).get() | sequence) as i64
 }
 
 fn ms_of(id: i64) -> i64 {
-    (id >> (NODE_BITS + SEQUENCE_BITS)) + EPOCH_MS as i64
+    timestamp_ms(MessageId(id as u64)) as i64
 }
 
 /// The old schema with a DM and a group written into it, as the old
