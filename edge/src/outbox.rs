@@ -2,15 +2,21 @@
 //! and the one task that writes it.
 //!
 //! One task owns the socket's writer; everything else reaches it through a
-//! bounded channel, so a client that does not read cannot grow our memory.
+//! bounded queue, so a client that does not read cannot grow our memory.
+//! The queue is not a tokio channel: a channel allocates its first block of
+//! slots (1.5 KiB here) when it is made, and every idle connection would
+//! carry it. This one holds nothing while empty and gives back what a burst
+//! made it grow.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use chat_shared::wire::{ErrorCode, ServerFrame};
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::metrics::{live_kind, EdgeMetrics};
 
@@ -19,31 +25,100 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
-/// Sends frames to the writer task, counting them in the edge's metrics.
-#[derive(Clone)]
-pub struct Outbox(mpsc::Sender<Outbound>, Arc<EdgeMetrics>);
+/// Past this many slots an emptied queue is shrunk.
+const IDLE_QUEUE_SLOTS: usize = 8;
+
+/// What the outboxes of one connection and its writer share.
+struct Queue {
+    items: Mutex<VecDeque<Outbound>>,
+    /// One permit per free slot; closed when the writer is gone.
+    room: Semaphore,
+    /// Wakes the writer: an item queued, or the last outbox dropped.
+    ready: Notify,
+    outboxes: AtomicUsize,
+}
+
+impl Queue {
+    fn items(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
+        // A panic while holding the lock cannot leave the deque inconsistent
+        // (each critical section is one push or pop), so poisoning is ignored.
+        self.items
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A connection's queue of at most `capacity` frames: the outbox that
+/// sessions and workers queue to, and the writer's end.
+pub fn queue(capacity: usize, metrics: Arc<EdgeMetrics>) -> (Outbox, Writer) {
+    let queue = Arc::new(Queue {
+        items: Mutex::new(VecDeque::new()),
+        room: Semaphore::new(capacity.max(1)),
+        ready: Notify::new(),
+        outboxes: AtomicUsize::new(1),
+    });
+    (
+        Outbox {
+            queue: queue.clone(),
+            metrics,
+        },
+        Writer(queue),
+    )
+}
+
+/// Queues frames for the writer task, counting them in the edge's metrics.
+/// A send waits for room; it fails once the writer has ended.
+pub struct Outbox {
+    queue: Arc<Queue>,
+    metrics: Arc<EdgeMetrics>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.queue.outboxes.fetch_add(1, Ordering::Relaxed);
+        Self {
+            queue: self.queue.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.queue.outboxes.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The writer sends what is queued, then ends.
+            self.queue.ready.notify_one();
+        }
+    }
+}
 
 impl Outbox {
-    pub fn new(queue: mpsc::Sender<Outbound>, metrics: Arc<EdgeMetrics>) -> Self {
-        Self(queue, metrics)
+    async fn send(&self, item: Outbound) -> bool {
+        match self.queue.room.acquire().await {
+            Ok(permit) => {
+                // The writer gives the slot back when it takes the item.
+                permit.forget();
+                self.queue.items().push_back(item);
+                self.queue.ready.notify_one();
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     pub async fn frame(&self, frame: &ServerFrame) -> bool {
-        self.1.frame_out(frame.kind());
-        self.0
-            .send(Outbound::Frame(frame.to_json().into()))
-            .await
-            .is_ok()
+        self.metrics.frame_out(frame.kind());
+        self.send(Outbound::Frame(frame.to_json().into())).await
     }
 
     /// A frame serialized by another service (a live delivery or an inbox item).
     pub async fn raw(&self, frame: Utf8Bytes) -> bool {
-        self.1.frame_out(live_kind(&frame));
-        self.0.send(Outbound::Frame(frame)).await.is_ok()
+        self.metrics.frame_out(live_kind(&frame));
+        self.send(Outbound::Frame(frame)).await
     }
 
     pub fn metrics(&self) -> &EdgeMetrics {
-        &self.1
+        &self.metrics
     }
 
     pub async fn error(
@@ -57,8 +132,48 @@ impl Outbox {
     }
 
     pub async fn close(&self, code: u16, reason: &'static str) {
-        self.1.session_closed(code);
-        let _ = self.0.send(Outbound::Close(code, reason)).await;
+        self.metrics.session_closed(code);
+        self.send(Outbound::Close(code, reason)).await;
+    }
+}
+
+/// The writer task's end of the queue. Dropping it fails every send,
+/// waiting or to come.
+pub struct Writer(Arc<Queue>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.0.room.close();
+    }
+}
+
+impl Writer {
+    /// The next item, waiting for one; `None` once every outbox is dropped
+    /// and the queue is empty.
+    async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            if let Some(item) = self.try_recv() {
+                return Some(item);
+            }
+            if self.0.outboxes.load(Ordering::Acquire) == 0 {
+                // An item queued before the last outbox went is taken first.
+                return self.try_recv();
+            }
+            self.0.ready.notified().await;
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Outbound> {
+        let item = {
+            let mut items = self.0.items();
+            let item = items.pop_front()?;
+            if items.is_empty() && items.capacity() > IDLE_QUEUE_SLOTS {
+                *items = VecDeque::new();
+            }
+            item
+        };
+        self.0.room.add_permits(1);
+        Some(item)
     }
 }
 
@@ -70,7 +185,7 @@ const WRITE_BATCH: usize = 64;
 /// Writes frames until the session ends. A client that takes nothing for
 /// `stall` (it stopped reading; its TCP window is full) is dropped: the
 /// queues in front of the writer are bounded, and this bounds the time.
-pub async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outbound>, stall: Duration)
+pub async fn write_loop<S>(mut sink: S, mut rx: Writer, stall: Duration)
 where
     S: Sink<Message> + Unpin,
 {
@@ -85,7 +200,7 @@ where
                     }
                     fed += 1;
                     if fed < WRITE_BATCH {
-                        next = rx.try_recv().ok();
+                        next = rx.try_recv();
                     }
                 }
                 Outbound::Close(code, reason) => {
@@ -131,6 +246,11 @@ mod tests {
 
     const STALL: Duration = Duration::from_secs(30);
 
+    fn outbox(capacity: usize) -> (Outbox, Writer) {
+        let metrics = EdgeMetrics::new(&mut prometheus_client::registry::Registry::default());
+        queue(capacity, Arc::new(metrics))
+    }
+
     fn text(message: &Message) -> String {
         match message {
             Message::Text(text) => text.to_string(),
@@ -142,40 +262,81 @@ mod tests {
     #[tokio::test]
     async fn frames_are_written_in_order_and_nothing_after_a_close() {
         let (socket, written) = sink::unbounded();
-        let (queue, rx) = mpsc::channel(8);
+        let (queue, rx) = outbox(8);
         for frame in ["a", "b"] {
-            let _ = queue.send(Outbound::Frame(frame.into())).await;
+            assert!(queue.raw(frame.into()).await);
         }
-        let _ = queue.send(Outbound::Close(1013, "unavailable")).await;
-        let _ = queue.send(Outbound::Frame("late".into())).await;
+        queue.close(1013, "unavailable").await;
+        assert!(queue.raw("late".into()).await);
         write_loop(socket, rx, STALL).await;
         let written: Vec<String> = written.map(|m| text(&m)).collect().await;
         assert_eq!(written, ["a", "b", "close 1013 unavailable"]);
+        assert!(!queue.raw("after the writer".into()).await);
     }
 
     #[tokio::test]
     async fn the_writer_ends_with_its_queue() {
         let (socket, written) = sink::unbounded();
-        let (queue, rx) = mpsc::channel(8);
-        let _ = queue.send(Outbound::Frame("a".into())).await;
+        let (queue, rx) = outbox(8);
+        let copy = queue.clone();
+        assert!(queue.raw("a".into()).await);
         drop(queue);
+        assert!(copy.raw("b".into()).await);
+        drop(copy);
         write_loop(socket, rx, STALL).await;
         let written: Vec<String> = written.map(|m| text(&m)).collect().await;
-        assert_eq!(written, ["a"]);
+        assert_eq!(written, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_the_sender_wait_for_the_writer() {
+        let (queue, mut rx) = outbox(2);
+        assert!(queue.raw("a".into()).await);
+        assert!(queue.raw("b".into()).await);
+        let third = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.raw("c".into()).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "a third frame waits for room");
+        assert!(matches!(rx.recv().await, Some(Outbound::Frame(f)) if f.as_str() == "a"));
+        assert!(matches!(third.await, Ok(true)));
+        // The queue is full again (b, c): a sender still waiting when the
+        // writer goes is answered false.
+        let fourth = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.raw("e".into()).await }
+        });
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert!(matches!(fourth.await, Ok(false)));
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_gives_its_memory_back() {
+        let (queue, mut rx) = outbox(64);
+        for _ in 0..40 {
+            assert!(queue.raw("x".into()).await);
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(rx.0.items().capacity(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_is_dropped_after_the_stall() {
         // Room for one message, and nobody reads it: the next write waits.
         let (socket, _unread) = sink::channel::<Message>(0);
-        let (queue, rx) = mpsc::channel(8);
+        let (queue, rx) = outbox(8);
         for frame in ["a", "b", "c"] {
-            let _ = queue.send(Outbound::Frame(frame.into())).await;
+            assert!(queue.raw(frame.into()).await);
         }
         let started = tokio::time::Instant::now();
         // It ends although its queue is still open, after the stall.
         write_loop(socket, rx, STALL).await;
         assert!(started.elapsed() >= STALL);
-        assert!(queue.is_closed(), "the writer let go of its queue");
+        assert!(
+            !queue.raw("d".into()).await,
+            "the writer let go of its queue"
+        );
     }
 }

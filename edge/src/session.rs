@@ -82,13 +82,13 @@ pub async fn serve(socket: WebSocket, edge: Arc<Edge>, ticket: Ticket) {
     let _open = edge.metrics.connection_opened();
     // Frames queued for the writer (CHAT_LIMIT_OUTBOUND_QUEUE). Replies wait
     // for room; live frames go through the hub's own bounded queue first.
-    let (tx, rx) = mpsc::channel(edge.config.limits.outbound_queue.max(1));
+    let (out, rx) = crate::outbox::queue(edge.config.limits.outbound_queue, edge.metrics.clone());
     let writer = tokio::spawn(crate::outbox::write_loop(
         sink,
         rx,
         edge.config.idle_timeout(),
     ));
-    run_session(stream, Outbox::new(tx, edge.metrics.clone()), edge, ticket).await;
+    run_session(stream, out, edge, ticket).await;
     // The outbox is dropped here; the writer sends what is queued, then ends.
     let _ = writer.await;
 }
