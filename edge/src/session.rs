@@ -415,12 +415,6 @@ struct Session {
     slot: UserSlot,
 }
 
-/// When the session loop must wake next with nothing else happening.
-fn first_of(heartbeat: Instant, token: Instant, retry: Option<Instant>, flush: Instant) -> Instant {
-    let first = heartbeat.min(token).min(flush);
-    retry.map_or(first, |retry| first.min(retry))
-}
-
 /// The instant a token valid until `valid_until` (seconds since the epoch)
 /// stops being valid.
 fn deadline_of(valid_until: u64) -> Instant {
@@ -525,7 +519,8 @@ impl Session {
     {
         let idle = self.edge.config.idle_timeout();
         let mut deadline = Instant::now() + idle;
-        let mut next_flush = Instant::now() + CURSOR_FLUSH;
+        let mut flush = tokio::time::interval(CURSOR_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stopped = chat_shared::shutdown::wait(self.edge.stop.clone());
         tokio::pin!(stopped);
         // The send worker starts with the first send: most connections are
@@ -560,29 +555,14 @@ impl Session {
                     self.out.close(close::GOING_AWAY, "server shutting down").await;
                     break;
                 }
-                // One timer for the heartbeat, the token, a refill's retry
-                // and the ack flush: each timer is state every idle
-                // session carries.
-                _ = sleep_until(first_of(deadline, self.valid_until, refill.retry, next_flush)) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
-                        break;
-                    }
-                    if now >= self.valid_until {
-                        self.out.error(None, ErrorCode::TokenExpired, "token expired; refresh before it does").await;
-                        self.out.close(close::UNAUTHORIZED, "token expired").await;
-                        break;
-                    }
-                    if refill.retry.is_some_and(|at| now >= at) {
-                        refill.retry = None;
-                        let result = Box::pin(self.replay_backlog()).await;
-                        refill.settle(result, "again");
-                    }
-                    if now >= next_flush {
-                        next_flush = now + CURSOR_FLUSH;
-                        Box::pin(self.flush_ack()).await;
-                    }
+                _ = sleep_until(deadline) => {
+                    self.out.close(close::HEARTBEAT_MISSED, "heartbeat missed").await;
+                    break;
+                }
+                _ = sleep_until(self.valid_until) => {
+                    self.out.error(None, ErrorCode::TokenExpired, "token expired; refresh before it does").await;
+                    self.out.close(close::UNAUTHORIZED, "token expired").await;
+                    break;
                 }
                 edges = &mut ticket.reconnect => {
                     if let Ok(edges) = edges {
@@ -691,6 +671,12 @@ impl Session {
                         break;
                     }
                 },
+                _ = sleep_until(refill.retry.unwrap_or(deadline)), if refill.retry.is_some() => {
+                    refill.retry = None;
+                    let result = Box::pin(self.replay_backlog()).await;
+                    refill.settle(result, "again");
+                }
+                _ = flush.tick() => Box::pin(self.flush_ack()).await,
             }
         }
         if let Some(Sends { requests, worker }) = sends {
@@ -804,20 +790,5 @@ impl Session {
             Ok(_) => self.acked_flushed = Some(acked),
             Err(e) => tracing::warn!(error = %e, "cannot store the acked cursor"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_loop_wakes_for_the_earliest_of_its_timers() {
-        let now = Instant::now();
-        let at = |ms| now + Duration::from_millis(ms);
-        assert_eq!(first_of(at(30), at(20), None, at(40)), at(20));
-        assert_eq!(first_of(at(30), at(20), Some(at(5)), at(40)), at(5));
-        assert_eq!(first_of(at(30), at(90), Some(at(50)), at(40)), at(30));
-        assert_eq!(first_of(at(30), at(90), Some(at(50)), at(10)), at(10));
     }
 }
