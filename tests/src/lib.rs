@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod process;
 pub mod providers;
 pub mod servers;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -75,8 +75,20 @@ pub struct DeadLetter {
     pub payload: String,
 }
 
-/// How many partitions MESSAGES and INBOX have on the cluster.
+/// How many partitions MESSAGES and INBOX have on the cluster unless
+/// `CHAT_PARTITIONS` says otherwise.
 pub const CLUSTER_PARTITIONS: u32 = 3;
+
+/// The cluster's partitions: `CHAT_PARTITIONS` if set (`CHAT_PARTITIONS=1
+/// scripts/chaos -E 'test(cluster)'` runs the cluster unsplit), else
+/// [`CLUSTER_PARTITIONS`].
+fn cluster_partitions() -> Partitions {
+    if std::env::var_os("CHAT_PARTITIONS").is_some() {
+        crate::partitions_under_test()
+    } else {
+        Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default()
+    }
+}
 
 /// The mark a fault schedule sets once its fault is in full effect, and
 /// the one it sets just before it starts to heal it: [`scenario`] reports
@@ -89,14 +101,11 @@ impl Deployment {
     /// `env!("CARGO_BIN_EXE_service-under-test")`.
     pub async fn start(binary: &str, nats: Nats) -> Result<Self> {
         let database_url = fresh_database().await?;
-        // The cluster is where partitions matter: its scenarios always run
-        // with MESSAGES and INBOX split in CLUSTER_PARTITIONS.
+        // The cluster is where partitions matter: its scenarios run with
+        // MESSAGES and INBOX split unless told otherwise.
         let (stream_replicas, partitions) = match &nats {
             Nats::Single(_) => (1, crate::partitions_under_test()),
-            Nats::Cluster(cluster) => (
-                cluster.len(),
-                Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default(),
-            ),
+            Nats::Cluster(cluster) => (cluster.len(), cluster_partitions()),
         };
         let mut config = Config {
             stream_replicas,

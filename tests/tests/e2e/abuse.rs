@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use async_nats::jetstream;
 use chat_shared::config::{QuotaConfig, StoreBounds};
+use chat_shared::ids::UserId;
 use chat_shared::push::{PushJob, PREVIEW_BYTES};
 use chat_shared::subjects;
-use chat_tests::{Client, System, QUOTA_OFF_SCALE, WAIT};
+use chat_tests::{streams, Client, System, QUOTA_OFF_SCALE, WAIT};
 use serde_json::{json, Value};
 
 fn is_refused(reply: &Value, code: &str) -> bool {
@@ -259,21 +260,41 @@ async fn a_flood_into_a_group_keeps_streams_bounded_and_others_delivered() -> an
         ensure!(got.contains(id), "alice's {id} never reached bob");
     }
 
-    for (name, bound) in [
-        (subjects::INBOX_STREAM, bounds.inbox),
-        (subjects::MESSAGES_STREAM, bounds.messages),
+    // Split into partitions, each stream holds its share of the bound and
+    // all of them together no more than the bound.
+    let partitions = system.config.partitions;
+    let bob_inbox = partitions.of_user(&UserId::parse("bob")?).inbox_stream();
+    for (names, bound, inbox) in [
+        (streams::inbox_streams(partitions), bounds.inbox, true),
+        (
+            streams::messages_streams(partitions),
+            bounds.messages,
+            false,
+        ),
     ] {
-        let info = admin.get_stream(name).await?.info().await?.clone();
-        ensure!(
-            info.state.bytes <= bound as u64,
-            "{name} holds {} bytes over its bound {bound}",
-            info.state.bytes
-        );
-        if name == subjects::INBOX_STREAM {
-            // The flood wrote far more than the bound: the oldest went.
-            ensure!(info.state.first_sequence > 1, "{:?}", info.state);
-            ensure!(info.config.max_messages_per_subject == 100);
+        let mut total = 0;
+        for name in names {
+            let info = admin.get_stream(&name).await?.info().await?.clone();
+            ensure!(
+                info.state.bytes <= info.config.max_bytes as u64,
+                "{name} holds {} bytes over its bound {}",
+                info.state.bytes,
+                info.config.max_bytes
+            );
+            total += info.state.bytes;
+            if inbox {
+                ensure!(info.config.max_messages_per_subject == 100, "{name}");
+            }
+            if name == bob_inbox {
+                // The flood wrote far more than the bound into the inbox of
+                // every member, bob's among them: the oldest went.
+                ensure!(info.state.first_sequence > 1, "{name}: {:?}", info.state);
+            }
         }
+        ensure!(
+            total <= bound as u64,
+            "{total} bytes held over the bound {bound}"
+        );
     }
     Ok(())
 }

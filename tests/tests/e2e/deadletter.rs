@@ -79,15 +79,20 @@ async fn a_poison_event_is_dead_lettered_and_traffic_flows_around_it() -> Result
     let mut alice = system.connect("alice", "phone").await?;
     let mut bob = system.connect("bob", "phone").await?;
     let js = admin_js(&system).await?;
+    let dm = alice_bob()?;
+    // MESSAGES, or the DM's partition of it.
+    let partition = system.config.partitions.of_conversation(&dm);
+    let stream_name = partition.messages_stream();
 
     let before = alice
         .send_message(json!({"to":"bob"}), "before", "c-before")
         .await?;
     ensure!(before["type"] == "sent", "{before}");
-    // A real conversation's subject, a payload nobody can decode.
-    let conversation = subjects::message(&alice_bob()?);
+    // A real conversation's subject, a payload nobody can decode: published
+    // where the edge publishes the DM's events, stored under `conversation`.
+    let conversation = subjects::message(&dm);
     let poison = js
-        .publish(conversation.clone(), POISON.into())
+        .publish(subjects::message_in(&dm, partition), POISON.into())
         .await?
         .await?;
     let after = alice
@@ -115,8 +120,8 @@ async fn a_poison_event_is_dead_lettered_and_traffic_flows_around_it() -> Result
             "{consumer}: {reason}"
         );
         assert_eq!(
-            header(&dead, subjects::DEAD_STREAM_HEADER).as_deref(),
-            Some(subjects::MESSAGES_STREAM)
+            header(&dead, subjects::DEAD_STREAM_HEADER),
+            Some(stream_name.clone())
         );
         assert_eq!(
             header(&dead, subjects::DEAD_SEQ_HEADER),
@@ -133,7 +138,7 @@ async fn a_poison_event_is_dead_lettered_and_traffic_flows_around_it() -> Result
     }
 
     // Both consumers are past the poison event: nothing waits for an ack.
-    let messages = js.get_stream(subjects::MESSAGES_STREAM).await?;
+    let messages = js.get_stream(&stream_name).await?;
     for consumer in [subjects::PERSISTER_CONSUMER, subjects::ROUTER_CONSUMER] {
         wait_until(|| async {
             let messages = messages.clone();
@@ -162,9 +167,15 @@ async fn an_event_past_max_deliveries_is_moved_to_the_dead_letters() -> Result<(
         .await?;
     ensure!(sent["type"] == "sent", "{sent}");
 
-    // A consumer of our own that refuses the event until JetStream gives up.
+    // A consumer of our own that refuses the event until JetStream gives up,
+    // on MESSAGES or the DM's partition of it.
     const NAME: &str = "deadletter-test";
-    let stream = js.get_stream(subjects::MESSAGES_STREAM).await?;
+    let stream_name = system
+        .config
+        .partitions
+        .of_conversation(&alice_bob()?)
+        .messages_stream();
+    let stream = js.get_stream(&stream_name).await?;
     let test_consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(NAME.into()),
@@ -227,8 +238,8 @@ async fn an_event_past_max_deliveries_is_moved_to_the_dead_letters() -> Result<(
         Some(refused[0].to_string())
     );
     assert_eq!(
-        header(subjects::DEAD_STREAM_HEADER).as_deref(),
-        Some(subjects::MESSAGES_STREAM)
+        header(subjects::DEAD_STREAM_HEADER),
+        Some(stream_name.clone())
     );
     assert_eq!(
         header(subjects::DEAD_SUBJECT_HEADER),
@@ -247,14 +258,10 @@ async fn an_event_past_max_deliveries_is_moved_to_the_dead_letters() -> Result<(
     );
     assert_eq!(
         header(subjects::MSG_ID_HEADER),
-        Some(subjects::dead_letter_id(
-            subjects::MESSAGES_STREAM,
-            NAME,
-            refused[0]
-        ))
+        Some(subjects::dead_letter_id(&stream_name, NAME, refused[0]))
     );
 
-    // Counted by the persister.
+    // Counted by the persister, under the family of every partition.
     let persister = system.metrics_addr("persister")?;
     wait_until(|| async {
         scrape(persister).await.is_ok_and(|s| {

@@ -215,14 +215,11 @@ async fn draining_an_edge_under_load_loses_and_repeats_nothing() -> anyhow::Resu
         // Drain mid-flow: once a third of the messages are in.
         let admin = system.admin().await?;
         let js = async_nats::jetstream::new(admin.clone());
-        chat_tests::wait_until(|| {
-            let js = js.clone();
-            async move {
-                match js.get_stream("MESSAGES").await {
-                    Ok(stream) => stream.cached_info().state.messages as usize >= EACH * 2 / 3,
-                    Err(_) => false,
-                }
-            }
+        let messages = chat_tests::streams::messages_streams(system.config.partitions);
+        chat_tests::wait_until(|| async {
+            chat_tests::streams::stored(&js, &messages)
+                .await
+                .is_ok_and(|stored| stored as usize >= EACH * 2 / 3)
         })
         .await?;
         let listed = chatctl::edges::list(&js, system.config.edge_ttl).await?;

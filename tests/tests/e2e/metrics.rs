@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 
 use anyhow::{ensure, Context, Result};
+use chat_shared::ids::{ConversationId, UserId};
 use chat_shared::subjects;
 use chat_shared::telemetry::TraceId;
 use chat_tests::metrics::Scrape;
-use chat_tests::{scrape, wait_until, Client, Ending, System};
+use chat_tests::{scrape, streams, wait_until, Client, Ending, System};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -46,30 +47,26 @@ async fn metrics_are_valid_text_and_move_as_messages_flow() -> Result<()> {
     let router = system.metrics_addr("router")?;
     let persister = system.metrics_addr("persister")?;
     let presence = system.metrics_addr("presence")?;
-    let lag = |stream: &'static str, consumer: &'static str| {
+    let lag = |stream: &str, consumer: &'static str| {
+        let stream = stream.to_string();
         move |s: &Scrape| {
             s.has(
                 "jetstream_consumer_pending",
-                &[("stream", stream), ("consumer", consumer)],
+                &[("stream", &stream), ("consumer", consumer)],
             ) && s.has(
                 "jetstream_consumer_ack_floor_stream_sequence",
-                &[("stream", stream), ("consumer", consumer)],
+                &[("stream", &stream), ("consumer", consumer)],
             )
         }
     };
-    scrape_until(
-        router,
-        lag(subjects::MESSAGES_STREAM, subjects::ROUTER_CONSUMER),
-    )
-    .await?;
+    // Each partition's consumers when MESSAGES is split.
+    for stream in streams::messages_streams(system.config.partitions) {
+        scrape_until(router, lag(&stream, subjects::ROUTER_CONSUMER)).await?;
+        scrape_until(persister, lag(&stream, subjects::PERSISTER_CONSUMER)).await?;
+    }
     scrape_until(
         router,
         lag(subjects::EVENTS_STREAM, subjects::ROUTER_EVENTS_CONSUMER),
-    )
-    .await?;
-    scrape_until(
-        persister,
-        lag(subjects::MESSAGES_STREAM, subjects::PERSISTER_CONSUMER),
     )
     .await?;
     scrape_until(
@@ -275,17 +272,23 @@ async fn metrics_trace_id_follows_a_message_into_the_inbox_and_live_delivery() -
         ensure!(TraceId::parse(&raw).is_some(), "not a trace id: {raw:?}");
         Ok(raw)
     };
-    let event = js
-        .get_stream(subjects::MESSAGES_STREAM)
-        .await?
-        .get_last_raw_message_by_subject("chat.msg.dm.alice.bob")
+    // MESSAGES and INBOX, or the DM's and each user's partition of them.
+    let partitions = system.config.partitions;
+    let (alice_id, bob_id) = (UserId::parse("alice")?, UserId::parse("bob")?);
+    let dm = ConversationId::dm(alice_id.clone(), bob_id.clone())?;
+    let messages = js
+        .get_stream(partitions.of_conversation(&dm).messages_stream())
+        .await?;
+    let event = messages
+        .get_last_raw_message_by_subject(&subjects::message(&dm))
         .await?;
     let trace = trace_of(Some(&event.headers))?;
 
-    let inbox = js.get_stream(subjects::INBOX_STREAM).await?;
-    for user in ["alice", "bob"] {
-        let item = inbox
-            .get_last_raw_message_by_subject(&format!("chat.inbox.{user}"))
+    for user in [&alice_id, &bob_id] {
+        let item = js
+            .get_stream(partitions.of_user(user).inbox_stream())
+            .await?
+            .get_last_raw_message_by_subject(&subjects::inbox(user))
             .await?;
         assert_eq!(trace_of(Some(&item.headers))?, trace, "{user}'s inbox item");
     }
@@ -306,10 +309,8 @@ async fn metrics_trace_id_follows_a_message_into_the_inbox_and_live_delivery() -
     alice
         .send_message(json!({"to":"bob"}), "again", "t2")
         .await?;
-    let second = js
-        .get_stream(subjects::MESSAGES_STREAM)
-        .await?
-        .get_last_raw_message_by_subject("chat.msg.dm.alice.bob")
+    let second = messages
+        .get_last_raw_message_by_subject(&subjects::message(&dm))
         .await?;
     assert_ne!(trace_of(Some(&second.headers))?, trace);
     Ok(())

@@ -4,9 +4,10 @@
 use anyhow::{bail, ensure, Context};
 use async_nats::jetstream::{self, consumer};
 use chat_shared::ids::ConversationId;
+use chat_shared::partitions::Partition;
 use chat_shared::subjects;
 use chat_shared::wire::MessageEvent;
-use chat_tests::{wait_until, Client, System};
+use chat_tests::{streams, wait_until, Client, System};
 use chatctl::replay::{
     Entry, OffsetDateTime, Replay, ReplayName, ReplayOptions, Replayed, Republisher, Start,
 };
@@ -149,9 +150,19 @@ async fn operators_replay_reproduces_the_sent_messages_in_order() -> anyhow::Res
     let (group, sent) = two_conversations(&system, 6).await?;
     let js = admin_jetstream(&system).await?;
 
+    let partitions = system.config.partitions;
+    // Every conversation: in the order sent (merged by id across the
+    // partitions when MESSAGES is split), each stream in its own order.
     let all = replay(&js, options(None, Start::Oldest)?).await?;
     assert_eq!(accepted(&all), sent);
-    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    for stream in streams::messages_streams(partitions) {
+        let seqs: Vec<u64> = all
+            .iter()
+            .filter(|item| item.stream == stream)
+            .map(|item| item.seq)
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{stream}: {seqs:?}");
+    }
     for item in &all {
         let conversation = &item.event.conversation;
         assert_eq!(item.subject, subjects::message(conversation));
@@ -159,6 +170,7 @@ async fn operators_replay_reproduces_the_sent_messages_in_order() -> anyhow::Res
         assert_eq!(item.msg_id(), Some(expected_id.as_str()));
     }
 
+    let mut dm = Vec::new();
     for conversation in ["dm:alice:bob", group.as_str()] {
         let only = replay(&js, options(Some(conversation), Start::Oldest)?).await?;
         let expected: Vec<_> = sent
@@ -168,31 +180,38 @@ async fn operators_replay_reproduces_the_sent_messages_in_order() -> anyhow::Res
             .collect();
         assert_eq!(expected.len(), 6);
         assert_eq!(accepted(&only), expected, "{conversation}");
+        if conversation == "dm:alice:bob" {
+            dm = only;
+        }
     }
 
-    // A sequence range, inclusive at both ends.
-    let by_seq = replay(
-        &js,
-        ReplayOptions {
-            to_seq: Some(all[7].seq),
-            ..options(None, Start::Sequence(all[3].seq))?
-        },
-    )
-    .await?;
-    assert_eq!(accepted(&by_seq), sent[3..=7]);
+    // A sequence range, inclusive at both ends: of the one stream, or, split,
+    // refused without a conversation (each partition has its own sequences).
+    let range = |from: u64, to: u64, conversation: Option<&str>| -> anyhow::Result<_> {
+        Ok(ReplayOptions {
+            to_seq: Some(to),
+            ..options(conversation, Start::Sequence(from))?
+        })
+    };
+    let bare = range(all[3].seq, all[7].seq, None)?;
+    if partitions.count() == 1 {
+        let by_seq = replay(&js, bare).await?;
+        assert_eq!(accepted(&by_seq), sent[3..=7]);
+    } else {
+        assert!(
+            Replay::open(&js, &bare, partitions).await.is_err(),
+            "a sequence range of which partition?"
+        );
+    }
 
-    // The same range within one conversation.
-    let dm_by_seq = replay(
-        &js,
-        ReplayOptions {
-            to_seq: Some(all[7].seq),
-            ..options(Some("dm:alice:bob"), Start::Sequence(all[3].seq))?
-        },
-    )
-    .await?;
-    let expected: Vec<_> = sent[3..=7]
+    // A range within one conversation, by the sequences of its stream: the
+    // DM's 2nd to 4th message (with the group's in between unless split).
+    let dm_by_seq = replay(&js, range(dm[1].seq, dm[3].seq, Some("dm:alice:bob"))?).await?;
+    let expected: Vec<_> = sent
         .iter()
         .filter(|m| m.conversation == "dm:alice:bob")
+        .skip(1)
+        .take(3)
         .cloned()
         .collect();
     assert_eq!(accepted(&dm_by_seq), expected);
@@ -211,21 +230,20 @@ async fn operators_replay_reproduces_the_sent_messages_in_order() -> anyhow::Res
     // Nothing to replay ends at once.
     let nobody = replay(&js, options(Some("dm:carol:dave"), Start::Oldest)?).await?;
     assert!(nobody.is_empty());
-    let after_the_end = replay(&js, options(None, Start::Sequence(all[11].seq + 1))?).await?;
+    let last = all.last().context("nothing replayed")?;
+    let conversation = last.event.conversation.to_string();
+    let after_the_end = replay(
+        &js,
+        options(Some(&conversation), Start::Sequence(last.seq + 1))?,
+    )
+    .await?;
     assert!(after_the_end.is_empty());
     let future = OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600);
     assert!(replay(&js, options(None, Start::Time(future))?)
         .await?
         .is_empty());
-    let backwards = ReplayOptions {
-        to_seq: Some(1),
-        ..options(None, Start::Sequence(2))?
-    };
-    assert!(
-        Replay::open(&js, &backwards, chat_tests::partitions_under_test())
-            .await
-            .is_err()
-    );
+    let backwards = range(2, 1, Some("dm:alice:bob"))?;
+    assert!(Replay::open(&js, &backwards, partitions).await.is_err());
 
     // One JSON line per event: its sequence, time, subject and the event.
     let line = serde_json::to_value(&all[0])?;
@@ -291,22 +309,35 @@ fn consumer<'a>(streams: &'a [StreamState], stream: &str, name: &str) -> Option<
 async fn operators_streams_show_consumers_and_their_lag() -> anyhow::Result<()> {
     let system = System::start().await?;
     let js = admin_jetstream(&system).await?;
-    // A durable consumer that never pulls: its lag is every message.
-    js.get_stream(subjects::MESSAGES_STREAM)
-        .await?
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("operators-audit".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
+    let partitions = system.config.partitions;
+    // A durable consumer that never pulls, on MESSAGES or on each of its
+    // partitions: its lag is every message.
+    for name in streams::messages_streams(partitions) {
+        js.get_stream(name)
+            .await?
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("operators-audit".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+    }
     let (_, sent) = two_conversations(&system, 3).await?;
-    let total = sent.len() as u64;
+    // What each MESSAGES stream holds: the messages of the conversations in
+    // its partition (all of them when there is one).
+    let mut held = vec![0u64; partitions.count() as usize];
+    for message in &sent {
+        let conversation = ConversationId::parse(&message.conversation)?;
+        held[partitions.of_conversation(&conversation).index() as usize] += 1;
+    }
+    let held: Vec<(Partition, u64)> = partitions.all().zip(held).collect();
 
     // The router and the persister catch up: nothing pending, all acked.
     let caught_up = |streams: &[StreamState], name: &str| {
-        consumer(streams, subjects::MESSAGES_STREAM, name).is_some_and(|c| {
-            c.num_pending == 0 && c.num_ack_pending == 0 && c.ack_floor_seq == total
+        held.iter().all(|(partition, total)| {
+            consumer(streams, &partition.messages_stream(), name).is_some_and(|c| {
+                c.num_pending == 0 && c.num_ack_pending == 0 && c.ack_floor_seq == *total
+            })
         })
     };
     wait_until(|| async {
@@ -317,28 +348,56 @@ async fn operators_streams_show_consumers_and_their_lag() -> anyhow::Result<()> 
     })
     .await?;
 
+    let mut inbox_and_push = streams::inbox_streams(partitions);
+    inbox_and_push.push(subjects::PUSH_STREAM.to_string());
     let streams = status::collect(&js).await?;
-    let messages = streams
-        .iter()
-        .find(|s| s.name == subjects::MESSAGES_STREAM)
-        .context("no MESSAGES")?;
-    assert_eq!(
-        (messages.messages, messages.first_seq, messages.last_seq),
-        (total, 1, total)
-    );
-    assert!(messages.first_time.is_some() && messages.last_time <= Some(OffsetDateTime::now_utc()));
-    assert_eq!(
-        messages.subjects,
-        subjects::MESSAGES_SUBJECTS.map(String::from)
-    );
-    for name in [subjects::ROUTER_CONSUMER, subjects::PERSISTER_CONSUMER] {
-        let state = consumer(&streams, subjects::MESSAGES_STREAM, name).context(name)?;
-        assert!(state.durable, "{name}");
-        assert_eq!(state.delivered_seq, total, "{name}");
+    for (partition, total) in held.iter().copied() {
+        let name = partition.messages_stream();
+        let messages = streams
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no {name}"))?;
+        assert_eq!(
+            (messages.messages, messages.last_seq),
+            (total, total),
+            "{name}"
+        );
+        if total > 0 {
+            assert_eq!(messages.first_seq, 1, "{name}");
+            assert!(
+                messages.first_time.is_some()
+                    && messages.last_time <= Some(OffsetDateTime::now_utc()),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            messages.subjects,
+            subjects::messages_partition(partition).0,
+            "{name}"
+        );
+        for consumer_name in [subjects::ROUTER_CONSUMER, subjects::PERSISTER_CONSUMER] {
+            let state = consumer(&streams, &name, consumer_name)
+                .with_context(|| format!("{name} {consumer_name}"))?;
+            assert!(state.durable, "{name} {consumer_name}");
+            assert_eq!(state.delivered_seq, total, "{name} {consumer_name}");
+        }
+        let audit = consumer(&streams, &name, "operators-audit")
+            .with_context(|| format!("no audit consumer on {name}"))?;
+        assert_eq!(
+            (audit.num_pending, audit.delivered_seq),
+            (total, 0),
+            "{name}"
+        );
+
+        let table = status::render(std::slice::from_ref(messages));
+        let audit_row = table
+            .lines()
+            .find(|line| line.trim_start().starts_with("operators-audit"))
+            .with_context(|| format!("no audit row for {name}"))?;
+        let cells: Vec<&str> = audit_row.split_whitespace().collect();
+        // CONSUMER DELIVERED "ACK FLOOR" PENDING ...
+        assert_eq!(cells[1..4], ["0", "0", &total.to_string()], "{name}");
     }
-    let audit = consumer(&streams, subjects::MESSAGES_STREAM, "operators-audit")
-        .context("no audit consumer")?;
-    assert_eq!((audit.num_pending, audit.delivered_seq), (total, 0));
     // The group's creation went through EVENTS and the router's consumer there.
     let events = consumer(
         &streams,
@@ -347,18 +406,11 @@ async fn operators_streams_show_consumers_and_their_lag() -> anyhow::Result<()> 
     )
     .context("no router-events consumer")?;
     assert_eq!(events.num_pending, 0);
-    for stream in [subjects::INBOX_STREAM, subjects::PUSH_STREAM] {
+    for stream in inbox_and_push {
         assert!(streams.iter().any(|s| s.name == stream), "{stream}");
     }
 
     let table = status::render(&streams);
-    let audit_row = table
-        .lines()
-        .find(|line| line.trim_start().starts_with("operators-audit"))
-        .context("no audit row")?;
-    let cells: Vec<&str> = audit_row.split_whitespace().collect();
-    // CONSUMER DELIVERED "ACK FLOOR" PENDING ...
-    assert_eq!(cells[1..4], ["0", "0", &total.to_string()]);
     assert!(table.contains("router"));
     assert!(table.contains("persister"));
     Ok(())

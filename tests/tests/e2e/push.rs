@@ -916,7 +916,14 @@ async fn push_tokens_are_capped_per_user_and_per_device() -> Result<()> {
 /// A message enters MESSAGES from a backend service (as an operator's
 /// replay or a bot on NATS would publish it), so its sender has no device
 /// online and presence cannot be what keeps her from being notified.
-async fn publish_as_backend(setup: &Setup, from: &str, to: &str, text: &str) -> Result<u64> {
+/// Returns where it was stored: the stream (MESSAGES or the conversation's
+/// partition of it) and its sequence there.
+async fn publish_as_backend(
+    setup: &Setup,
+    from: &str,
+    to: &str,
+    text: &str,
+) -> Result<(String, u64)> {
     let (from, to) = (UserId::parse(from)?, UserId::parse(to)?);
     let ids = IdGenerator::new(NodeSlot::fixed(1000));
     let id = ids.next_id()?;
@@ -933,16 +940,21 @@ async fn publish_as_backend(setup: &Setup, from: &str, to: &str, text: &str) -> 
         subjects::MSG_ID_HEADER,
         subjects::send_dedup_id(&event.from, &event.client_msg_id).as_str(),
     );
+    let partition = setup
+        .system
+        .config
+        .partitions
+        .of_conversation(&event.conversation);
     let ack = setup
         .js
         .publish_with_headers(
-            subjects::message(&event.conversation),
+            subjects::message_in(&event.conversation, partition),
             headers,
             serde_json::to_vec(&event)?.into(),
         )
         .await?
         .await?;
-    Ok(ack.sequence)
+    Ok((ack.stream, ack.sequence))
 }
 
 #[tokio::test]
@@ -957,12 +969,12 @@ async fn push_never_goes_to_the_sender_even_when_offline() -> Result<()> {
     setup
         .register("bob", "phone", Platform::Fcm, "fcm-bob-phone")
         .await?;
-    let sequence = publish_as_backend(&setup, "alice", "bob", "from the backend").await?;
+    let (stream, sequence) = publish_as_backend(&setup, "alice", "bob", "from the backend").await?;
 
     // The router acks the event only after every push job it emitted for
     // it is in PUSH; pushd acks a job only after its provider answered. So
     // once both are done, a job for alice would have reached FCM.
-    let messages = setup.js.get_stream(subjects::MESSAGES_STREAM).await?;
+    let messages = setup.js.get_stream(&stream).await?;
     wait_until(|| async {
         let routed = match messages
             .clone()

@@ -7,15 +7,15 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use async_nats::jetstream;
 use chat_shared::hex;
-use chat_tests::{Client, System};
+use chat_tests::{streams, Client, System};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-/// Messages MESSAGES holds.
+/// Messages MESSAGES (every partition of it) holds.
 async fn stored_events(system: &System) -> anyhow::Result<u64> {
     let js = jetstream::new(system.admin().await?);
-    let mut stream = js.get_stream("MESSAGES").await?;
-    Ok(stream.info().await?.state.messages)
+    let messages = streams::messages_streams(system.config.partitions);
+    streams::stored(&js, &messages).await
 }
 
 /// The `chat_sent` keys of `user` (claims of either form).

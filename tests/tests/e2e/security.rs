@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chat_shared::auth::{self, Claims};
+use chat_shared::ids::UserId;
+use chat_shared::subjects;
 use chat_tests::providers::{APNS_PRIVATE_KEY, FCM_PRIVATE_KEY, FCM_PUBLIC_KEY};
-use chat_tests::{Client, Ending, System};
+use chat_tests::{streams, Client, Ending, System};
 use futures::StreamExt;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -636,31 +638,39 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
     assert_eq!(sent["type"], "sent");
     let admin = system.admin().await?;
     let js = async_nats::jetstream::new(admin.clone());
-    let counts = |js: async_nats::jetstream::Context| async move {
-        let mut counts = Vec::new();
-        for name in ["MESSAGES", "INBOX", "PUSH"] {
-            let mut stream = js.get_stream(name).await?;
-            counts.push((name, stream.info().await?.state.messages));
-        }
-        anyhow::Ok(counts)
-    };
+    // Every partition of MESSAGES and INBOX when they are split.
+    let partitions = system.config.partitions;
+    let messages_streams = streams::messages_streams(partitions);
+    let inbox_streams = streams::inbox_streams(partitions);
+    let watched: Vec<String> = messages_streams
+        .iter()
+        .chain(&inbox_streams)
+        .cloned()
+        .chain([subjects::PUSH_STREAM.to_string()])
+        .collect();
     // The message reached MESSAGES and both inboxes.
-    chat_tests::wait_until(|| {
-        let js = js.clone();
-        async move { counts(js).await.is_ok_and(|c| c[0].1 >= 1 && c[1].1 >= 2) }
+    chat_tests::wait_until(|| async {
+        let (Ok(events), Ok(items)) = (
+            streams::stored(&js, &messages_streams).await,
+            streams::stored(&js, &inbox_streams).await,
+        ) else {
+            return false;
+        };
+        events >= 1 && items >= 2
     })
     .await?;
-    let before = counts(js.clone()).await?;
-    let max_messages = js
-        .get_stream("MESSAGES")
-        .await?
-        .info()
-        .await?
-        .config
-        .max_messages;
+    let before = stream_counts(&js, &watched).await?;
+    let mut max_messages = Vec::new();
+    for name in &messages_streams {
+        max_messages.push(js.get_stream(name).await?.info().await?.config.max_messages);
+    }
 
     let edge = chat_shared::nats::connect(&system.config_for("edge"), "test-edge-creds").await?;
-    let forbidden = [
+    let bob = UserId::parse("bob")?;
+    // An inbox item is published on its partition's subject when INBOX is
+    // split (`chat.inbox.<k>.bob`), else on its own.
+    let bob_inbox = subjects::inbox_in(&bob, partitions.of_user(&bob));
+    let mut forbidden = vec![
         "chat.inbox.bob",
         "chat.deliver.bob",
         "chat.presence.bob",
@@ -673,9 +683,12 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
         "$KV.chat_push_devices.mallory",
         "$KV.chat_leaders.forged",
     ];
+    if !forbidden.contains(&bob_inbox.as_str()) {
+        forbidden.push(&bob_inbox);
+    }
     let mut watchers = Vec::new();
-    for subject in forbidden {
-        watchers.push((subject, admin.subscribe(subject).await?));
+    for subject in &forbidden {
+        watchers.push((subject, admin.subscribe(subject.to_string()).await?));
     }
     // A control: an allowed subject does get through after the forged
     // publishes (one publisher's messages arrive in order), so silence
@@ -686,8 +699,9 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
     admin.flush().await?;
     let arrived = async {
         loop {
-            for subject in forbidden {
-                edge.publish(subject, "{\"forged\":true}".into()).await?;
+            for subject in &forbidden {
+                edge.publish(subject.to_string(), "{\"forged\":true}".into())
+                    .await?;
             }
             edge.publish("chat.typing.probe", "{}".into()).await?;
             edge.flush().await?;
@@ -706,39 +720,48 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
 
     // JetStream admin API: no answer (the server drops the request), and no
     // effect. Asked all at once: each refusal costs a timeout.
-    let attempts = [
-        ("$JS.API.STREAM.PURGE.INBOX", String::new()),
-        ("$JS.API.STREAM.PURGE.MESSAGES", String::new()),
-        ("$JS.API.STREAM.DELETE.MESSAGES", String::new()),
-        ("$JS.API.STREAM.DELETE.INBOX", String::new()),
+    let mut attempts = vec![
         (
-            "$JS.API.STREAM.UPDATE.MESSAGES",
-            json!({"name":"MESSAGES","subjects":["chat.msg.>"],"max_msgs":1}).to_string(),
-        ),
-        (
-            "$JS.API.STREAM.MSG.DELETE.MESSAGES",
-            json!({"seq":1}).to_string(),
-        ),
-        (
-            "$JS.API.STREAM.CREATE.EVIL",
+            "$JS.API.STREAM.CREATE.EVIL".to_string(),
             json!({"name":"EVIL","subjects":["evil.>"]}).to_string(),
         ),
-        ("$JS.API.CONSUMER.CREATE.PUSH", String::new()),
-        // Resume reads INBOX by direct gets: the edge needs no consumer there.
-        (
-            "$JS.API.CONSUMER.CREATE.INBOX",
-            json!({"stream_name":"INBOX","config":{"filter_subject":"chat.inbox.bob"}}).to_string(),
-        ),
+        ("$JS.API.CONSUMER.CREATE.PUSH".to_string(), String::new()),
     ];
+    for name in &messages_streams {
+        attempts.extend([
+            (format!("$JS.API.STREAM.PURGE.{name}"), String::new()),
+            (format!("$JS.API.STREAM.DELETE.{name}"), String::new()),
+            (
+                format!("$JS.API.STREAM.UPDATE.{name}"),
+                json!({"name":name,"subjects":["chat.msg.>"],"max_msgs":1}).to_string(),
+            ),
+            (
+                format!("$JS.API.STREAM.MSG.DELETE.{name}"),
+                json!({"seq":1}).to_string(),
+            ),
+        ]);
+    }
+    for name in &inbox_streams {
+        attempts.extend([
+            (format!("$JS.API.STREAM.PURGE.{name}"), String::new()),
+            (format!("$JS.API.STREAM.DELETE.{name}"), String::new()),
+            // Resume reads INBOX by direct gets: the edge needs no consumer there.
+            (
+                format!("$JS.API.CONSUMER.CREATE.{name}"),
+                json!({"stream_name":name,"config":{"filter_subject":subjects::inbox(&bob)}})
+                    .to_string(),
+            ),
+        ]);
+    }
     let answers = futures::future::join_all(attempts.iter().map(|(subject, body)| {
         let edge = edge.clone();
         async move {
             let answer = tokio::time::timeout(
                 Duration::from_secs(3),
-                edge.request(*subject, body.clone().into()),
+                edge.request(subject.clone(), body.clone().into()),
             )
             .await;
-            (*subject, answer)
+            (subject, answer)
         }
     }))
     .await;
@@ -750,18 +773,19 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
             );
         }
     }
-    let after = counts(js.clone()).await?;
+    let after = stream_counts(&js, &watched).await?;
     assert_eq!(before, after, "a stream changed");
     assert!(
         js.get_stream("EVIL").await.is_err(),
         "the edge created a stream"
     );
-    let mut messages = js.get_stream("MESSAGES").await?;
-    assert_eq!(
-        messages.info().await?.config.max_messages,
-        max_messages,
-        "the edge changed the MESSAGES stream"
-    );
+    for (name, max_messages) in messages_streams.iter().zip(max_messages) {
+        assert_eq!(
+            js.get_stream(name).await?.info().await?.config.max_messages,
+            max_messages,
+            "the edge changed {name}"
+        );
+    }
 
     // The durable consumers of the router and the persister: the edge may
     // neither delete them nor pull (and ack) from them, which would keep
@@ -769,22 +793,28 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
     let stolen_inbox = edge.new_inbox();
     let mut stolen = edge.subscribe(stolen_inbox.clone()).await?;
     let pull = json!({"batch":10,"expires":10_000_000_000u64}).to_string();
-    for durable in ["persister", "router"] {
+    let durables: Vec<(&String, &str)> = messages_streams
+        .iter()
+        .flat_map(|name| {
+            [subjects::PERSISTER_CONSUMER, subjects::ROUTER_CONSUMER].map(|durable| (name, durable))
+        })
+        .collect();
+    for (name, durable) in &durables {
         edge.publish_with_reply(
-            format!("$JS.API.CONSUMER.MSG.NEXT.MESSAGES.{durable}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{name}.{durable}"),
             stolen_inbox.clone(),
             pull.clone().into(),
         )
         .await?;
     }
     edge.flush().await?;
-    let deletes = futures::future::join_all(["persister", "router"].map(|durable| {
+    let deletes = futures::future::join_all(durables.iter().map(|(name, durable)| {
         let edge = edge.clone();
         async move {
             tokio::time::timeout(
                 Duration::from_secs(3),
                 edge.request(
-                    format!("$JS.API.CONSUMER.DELETE.MESSAGES.{durable}"),
+                    format!("$JS.API.CONSUMER.DELETE.{name}.{durable}"),
                     "".into(),
                 ),
             )
@@ -800,10 +830,14 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
             );
         }
     }
-    for durable in ["persister", "router"] {
+    for (name, durable) in &durables {
         assert!(
-            messages.consumer_info(durable).await.is_ok(),
-            "the edge deleted the {durable} consumer"
+            js.get_stream(*name)
+                .await?
+                .consumer_info(*durable)
+                .await
+                .is_ok(),
+            "the edge deleted the {durable} consumer of {name}"
         );
     }
     // A message sent now is routed back to its sender and stored at once,
@@ -828,4 +862,17 @@ async fn the_edge_nats_user_cannot_reach_internal_subjects_or_admin_apis() -> an
     let leaked = tokio::time::timeout(Duration::from_millis(300), stolen.next()).await;
     assert!(leaked.is_err(), "the edge pulled from a durable consumer");
     Ok(())
+}
+
+/// How many messages each of `names` holds, by name.
+async fn stream_counts(
+    js: &async_nats::jetstream::Context,
+    names: &[String],
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut counts = Vec::new();
+    for name in names {
+        let stored = streams::stored(js, std::slice::from_ref(name)).await?;
+        counts.push((name.clone(), stored));
+    }
+    Ok(counts)
 }
