@@ -170,8 +170,12 @@ async fn a_flood_into_a_group_keeps_streams_bounded_and_others_delivered() -> an
     let system = System::start().await?;
     // Shrink the bounds of the running system, as an operator would apply
     // a changed configuration to an existing deployment.
+    let partitions = system.config.partitions;
+    // MESSAGES keeps history and refuses sends once full; the flood (one
+    // conversation, one partition) is not meant to fill it. A bound is
+    // divided among the partitions, so each gets room for the whole flood.
     let bounds = StoreBounds {
-        messages: 64 << 20,
+        messages: (64 << 20) * i64::from(partitions.count()),
         inbox: 8 << 20,
         inbox_items_per_user: 100,
         ..chat_tests::TEST_BOUNDS
@@ -262,7 +266,6 @@ async fn a_flood_into_a_group_keeps_streams_bounded_and_others_delivered() -> an
 
     // Split into partitions, each stream holds its share of the bound and
     // all of them together no more than the bound.
-    let partitions = system.config.partitions;
     let bob_inbox = partitions.of_user(&UserId::parse("bob")?).inbox_stream();
     for (names, bound, inbox) in [
         (streams::inbox_streams(partitions), bounds.inbox, true),
