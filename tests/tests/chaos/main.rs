@@ -216,18 +216,21 @@ const REFUSER: &str = "chaos-refuser";
 /// 0-1 and 2-3; the router and persister dead-letter it at once as well),
 /// has [`REFUSER`] nak it until JetStream gives up and the persister's
 /// mover copies it to `chat.dead.chaos-refuser` from the max-deliveries
-/// advisory; returns its sequence.
-async fn refuse_until_moved(d: &mut Deployment) -> Result<u64> {
+/// advisory; returns its stream (MESSAGES or the DM's partition of it) and
+/// sequence.
+async fn refuse_until_moved(d: &mut Deployment) -> Result<(String, u64)> {
     use async_nats::jetstream::{consumer, AckKind};
     use futures::StreamExt;
     let unused = ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-2")?)?;
+    let partition = d.config.partitions.of_conversation(&unused);
+    let stream_name = partition.messages_stream();
     let js = d.admin_js().await?;
     let ack = js
-        .publish(subjects::message(&unused), POISON.into())
+        .publish(subjects::message_in(&unused, partition), POISON.into())
         .await?
         .await?;
-    d.expect_dead_letter(subjects::MESSAGES_STREAM, ack.sequence);
-    let stream = js.get_stream(subjects::MESSAGES_STREAM).await?;
+    d.expect_dead_letter(&stream_name, ack.sequence);
+    let stream = js.get_stream(&stream_name).await?;
     let refuser: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(REFUSER.into()),
@@ -268,7 +271,7 @@ async fn refuse_until_moved(d: &mut Deployment) -> Result<u64> {
     .await;
     stream.delete_consumer(REFUSER).await?;
     moved.context("the refused event was not moved to the dead letters")??;
-    Ok(ack.sequence)
+    Ok((stream_name, ack.sequence))
 }
 
 /// A poison event (a real conversation's subject, a payload nobody can
@@ -281,23 +284,33 @@ async fn poison_message() -> Result<()> {
     let poisoned = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let (seq, refused_seq) = (poisoned.clone(), refused.clone());
+    // MESSAGES, or the partition of it that holds the poisoned DM.
+    let conversation = ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-1")?)?;
+    let partition = deployment.config.partitions.of_conversation(&conversation);
+    let poison_stream = partition.messages_stream();
+    let refused_stream = Arc::new(std::sync::Mutex::new(String::new()));
+    let (stream_name, refused_in) = (poison_stream.clone(), refused_stream.clone());
     let outcome = chaos::scenario_outcome("poison-message", &mut deployment, &workload(12), |d| {
         Box::pin(async move {
             pause(4.0).await;
-            let conversation =
-                ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-1")?)?;
             let js = d.admin_js().await?;
             let ack = js
-                .publish(subjects::message(&conversation), POISON.into())
+                .publish(
+                    subjects::message_in(&conversation, partition),
+                    POISON.into(),
+                )
                 .await?
                 .await?;
             d.mark("poison");
-            d.expect_dead_letter(subjects::MESSAGES_STREAM, ack.sequence);
+            d.expect_dead_letter(&stream_name, ack.sequence);
             seq.store(ack.sequence, Ordering::SeqCst);
             // And one that a consumer keeps refusing until JetStream gives
             // up (max deliveries, an advisory), on a DM nobody else uses.
-            let sequence = refuse_until_moved(d).await?;
+            let (stream, sequence) = refuse_until_moved(d).await?;
             refused_seq.store(sequence, Ordering::SeqCst);
+            *refused_in
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned lock"))? = stream;
             d.mark("refused poison moved");
             Ok(())
         })
@@ -307,11 +320,11 @@ async fn poison_message() -> Result<()> {
     let seq = poisoned.load(Ordering::SeqCst);
 
     // One dead letter per consumer of MESSAGES, each the poison itself.
-    let dead_for = |seq: u64| {
+    let dead_for = |stream: &str, seq: u64| {
         let mut found: Vec<(&str, &str)> = outcome
             .dead_letters
             .iter()
-            .filter(|dead| dead.stream == subjects::MESSAGES_STREAM && dead.seq == seq)
+            .filter(|dead| dead.stream == stream && dead.seq == seq)
             .map(|dead| {
                 assert_eq!(dead.payload.as_bytes(), POISON, "{dead:?}");
                 assert!(!dead.reason.is_empty(), "{dead:?}");
@@ -321,7 +334,7 @@ async fn poison_message() -> Result<()> {
         found.sort_unstable();
         found
     };
-    let in_process = dead_for(seq);
+    let in_process = dead_for(&poison_stream, seq);
     let consumers: Vec<&str> = in_process.iter().map(|(subject, _)| *subject).collect();
     assert_eq!(
         consumers,
@@ -334,7 +347,11 @@ async fn poison_message() -> Result<()> {
     );
     // The refused one: also moved from the advisory, after 2 deliveries.
     let refused_seq = refused.load(Ordering::SeqCst);
-    let moved = dead_for(refused_seq);
+    let refused_stream = refused_stream
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned lock"))?
+        .clone();
+    let moved = dead_for(&refused_stream, refused_seq);
     let refuser = subjects::dead_letter(REFUSER);
     assert!(
         moved
@@ -376,7 +393,7 @@ async fn poison_message() -> Result<()> {
     let messages = deployment
         .admin_js()
         .await?
-        .get_stream(subjects::MESSAGES_STREAM)
+        .get_stream(&poison_stream)
         .await?;
     for consumer in [subjects::ROUTER_CONSUMER, subjects::PERSISTER_CONSUMER] {
         let info = messages.consumer_info(consumer).await?;
