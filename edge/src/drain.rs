@@ -9,22 +9,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
 use chat_shared::clock::now_ms;
 use chat_shared::discovery::EdgeEntry;
 use chat_shared::ids::EdgeId;
+use chat_shared::sync::lock;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::Edge;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Single insert/remove critical sections: poisoning cannot matter.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The edge's open connections, each with a way to be told to reconnect.
 #[derive(Default)]

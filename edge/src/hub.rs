@@ -4,7 +4,7 @@
 //! [`Hub::dispatch`] by subscription id.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -15,6 +15,7 @@ use chat_shared::ids::{Cursor, UserId};
 use chat_shared::nats::Link;
 use chat_shared::receipts::MessageMeta;
 use chat_shared::subjects;
+use chat_shared::sync::lock;
 use tokio::sync::{watch, Notify, OnceCell};
 
 use crate::livelink::{Dispatch, LiveLink};
@@ -74,9 +75,6 @@ pub enum Live {
     CutLoose,
 }
 
-/// Past this many slots an emptied queue is shrunk.
-const IDLE_QUEUE_SLOTS: usize = 8;
-
 impl SessionQueue {
     /// Queues `delivery` unless the session is too far behind (`frames`
     /// queued, or `budget` bytes), in which case it is cut loose: false.
@@ -124,11 +122,8 @@ impl SessionQueue {
                 if queued.kicked.is_some() {
                     return Live::Kicked;
                 }
-                if let Some(delivery) = queued.frames.pop_front() {
+                if let Some(delivery) = crate::deque::pop_front(&mut queued.frames) {
                     queued.bytes -= delivery.frame.len();
-                    if queued.frames.is_empty() && queued.frames.capacity() > IDLE_QUEUE_SLOTS {
-                        queued.frames = VecDeque::new();
-                    }
                     drop(queued);
                     return Live::Delivery(Arc::unwrap_or_clone(delivery));
                 }
@@ -186,14 +181,6 @@ impl Registration {
     pub fn kicked(&self) -> Option<&'static str> {
         lock(&self.live.items).kicked
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave them inconsistent (each
-    // critical section is a single push/retain), so poisoning is ignored.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {

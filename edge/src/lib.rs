@@ -8,6 +8,7 @@
 mod access;
 mod change;
 mod claims;
+mod deque;
 mod drain;
 mod error;
 mod forwarded;

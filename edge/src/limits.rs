@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_shared::config::{EdgeNetConfig, LimitsConfig};
 use chat_shared::ids::UserId;
 use chat_shared::lru::Lru;
+use chat_shared::sync::lock;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
@@ -128,14 +129,6 @@ pub struct Limits {
     discovery: Mutex<IpTable>,
     /// Addresses forgotten because a table was full.
     ip_evictions: Counter,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section is a map lookup and a few arithmetic updates: a
-    // panic inside cannot leave them inconsistent.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A user's admission on this edge; dropping it frees the slot.

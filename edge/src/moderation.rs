@@ -10,7 +10,7 @@
 //! closes the user's sessions on this edge with 4001, through the hub.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Operation};
@@ -20,6 +20,7 @@ use chat_shared::ids::UserId;
 use chat_shared::moderation::{Ban, Notice, Revocation};
 use chat_shared::nats::Link;
 use chat_shared::subjects::{self, ModerationKey};
+use chat_shared::sync::lock;
 use chat_shared::StartError;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -98,14 +99,6 @@ enum Change {
 #[derive(Default)]
 pub struct Moderation {
     users: Mutex<HashMap<UserId, Standing>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section is one lookup or one assignment; a panic cannot
-    // leave the map half-changed.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Moderation {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use chat_shared::sync::lock;
 use chat_shared::wire::{ErrorCode, ServerFrame};
 use futures::{Sink, SinkExt};
 use tokio::sync::{Notify, Semaphore};
@@ -24,9 +25,6 @@ pub enum Outbound {
     Frame(Utf8Bytes),
     Close(u16, &'static str),
 }
-
-/// Past this many slots an emptied queue is shrunk.
-const IDLE_QUEUE_SLOTS: usize = 8;
 
 /// What the outboxes of one connection and its writer share.
 struct Queue {
@@ -40,11 +38,8 @@ struct Queue {
 
 impl Queue {
     fn items(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
-        // A panic while holding the lock cannot leave the deque inconsistent
-        // (each critical section is one push or pop), so poisoning is ignored.
-        self.items
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        // Each critical section is one push or pop.
+        lock(&self.items)
     }
 }
 
@@ -164,14 +159,7 @@ impl Writer {
     }
 
     fn try_recv(&mut self) -> Option<Outbound> {
-        let item = {
-            let mut items = self.0.items();
-            let item = items.pop_front()?;
-            if items.is_empty() && items.capacity() > IDLE_QUEUE_SLOTS {
-                *items = VecDeque::new();
-            }
-            item
-        };
+        let item = crate::deque::pop_front(&mut self.0.items())?;
         self.0.room.add_permits(1);
         Some(item)
     }

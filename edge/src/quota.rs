@@ -197,10 +197,7 @@ impl Quotas {
 
     fn ledger(&self, user: &UserId) -> Arc<tokio::sync::Mutex<Ledger>> {
         // A map lookup: a panic inside cannot leave it inconsistent.
-        let mut ledgers = self
-            .ledgers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ledgers = chat_shared::sync::lock(&self.ledgers);
         if ledgers.len() >= MAX_LEDGERS && !ledgers.contains_key(user) {
             ledgers.retain(|_, ledger| Arc::strong_count(ledger) > 1);
         }

@@ -33,6 +33,7 @@ pub mod shards;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;
+pub mod sync;
 pub mod telemetry;
 pub mod wire;
 

@@ -143,9 +143,7 @@ impl<K: Key> Inner<K> {
     fn lock(&self) -> MutexGuard<'_, Entries<K>> {
         // Each critical section is a few map operations: a panic inside
         // cannot leave the cache inconsistent.
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.entries)
     }
 
     fn forget(&self, key: &K) {
