@@ -760,19 +760,24 @@ pub fn test_config(nats_url: String, database_url: String) -> Config {
 /// How many partitions MESSAGES and INBOX have in the systems tests start:
 /// `CHAT_PARTITIONS` of the test process (`CHAT_PARTITIONS=3 cargo nextest
 /// run …` runs the suites split), else one.
+pub fn partitions_under_test() -> Partitions {
+    partitions_from_env().unwrap_or_default()
+}
+
+/// `CHAT_PARTITIONS` of the test process, if set.
 ///
 /// # Panics
-/// If `CHAT_PARTITIONS` is set to anything but a valid count: a typo must
-/// not quietly test the unsplit system.
-pub fn partitions_under_test() -> Partitions {
-    match std::env::var("CHAT_PARTITIONS") {
-        Ok(count) => count
+/// If it is set to anything but a valid count: a typo must not quietly
+/// test the unsplit system.
+pub fn partitions_from_env() -> Option<Partitions> {
+    let count = std::env::var("CHAT_PARTITIONS").ok()?;
+    Some(
+        count
             .parse()
             .ok()
             .and_then(Partitions::new)
             .unwrap_or_else(|| panic!("CHAT_PARTITIONS={count:?} is not a partition count")),
-        Err(_) => Partitions::default(),
-    }
+    )
 }
 
 /// The streams' and buckets' byte bounds in test systems. nats-server

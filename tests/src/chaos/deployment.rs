@@ -83,11 +83,8 @@ pub const CLUSTER_PARTITIONS: u32 = 3;
 /// scripts/chaos -E 'test(cluster)'` runs the cluster unsplit), else
 /// [`CLUSTER_PARTITIONS`].
 fn cluster_partitions() -> Partitions {
-    if std::env::var_os("CHAT_PARTITIONS").is_some() {
-        crate::partitions_under_test()
-    } else {
-        Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default()
-    }
+    crate::partitions_from_env()
+        .unwrap_or_else(|| Partitions::new(CLUSTER_PARTITIONS).unwrap_or_default())
 }
 
 /// The mark a fault schedule sets once its fault is in full effect, and

@@ -216,12 +216,11 @@ const REFUSER: &str = "chaos-refuser";
 /// 0-1 and 2-3; the router and persister dead-letter it at once as well),
 /// has [`REFUSER`] nak it until JetStream gives up and the persister's
 /// mover copies it to `chat.dead.chaos-refuser` from the max-deliveries
-/// advisory; returns its stream (MESSAGES or the DM's partition of it) and
-/// sequence.
-async fn refuse_until_moved(d: &mut Deployment) -> Result<(String, u64)> {
+/// advisory; returns its sequence.
+async fn refuse_until_moved(d: &mut Deployment) -> Result<u64> {
     use async_nats::jetstream::{consumer, AckKind};
     use futures::StreamExt;
-    let unused = ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-2")?)?;
+    let unused = dm("chaos-0", "chaos-2")?;
     let partition = d.config.partitions.of_conversation(&unused);
     let stream_name = partition.messages_stream();
     let js = d.admin_js().await?;
@@ -271,7 +270,12 @@ async fn refuse_until_moved(d: &mut Deployment) -> Result<(String, u64)> {
     .await;
     stream.delete_consumer(REFUSER).await?;
     moved.context("the refused event was not moved to the dead letters")??;
-    Ok((stream_name, ack.sequence))
+    Ok(ack.sequence)
+}
+
+/// The DM between two of the workload's users.
+fn dm(a: &str, b: &str) -> Result<ConversationId> {
+    Ok(ConversationId::dm(UserId::parse(a)?, UserId::parse(b)?)?)
 }
 
 /// A poison event (a real conversation's subject, a payload nobody can
@@ -284,12 +288,16 @@ async fn poison_message() -> Result<()> {
     let poisoned = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let (seq, refused_seq) = (poisoned.clone(), refused.clone());
-    // MESSAGES, or the partition of it that holds the poisoned DM.
-    let conversation = ConversationId::dm(UserId::parse("chaos-0")?, UserId::parse("chaos-1")?)?;
-    let partition = deployment.config.partitions.of_conversation(&conversation);
+    // MESSAGES, or the partitions of it that hold the poisoned DM and the
+    // refused one's.
+    let partitions = deployment.config.partitions;
+    let conversation = dm("chaos-0", "chaos-1")?;
+    let partition = partitions.of_conversation(&conversation);
     let poison_stream = partition.messages_stream();
-    let refused_stream = Arc::new(std::sync::Mutex::new(String::new()));
-    let (stream_name, refused_in) = (poison_stream.clone(), refused_stream.clone());
+    let refused_stream = partitions
+        .of_conversation(&dm("chaos-0", "chaos-2")?)
+        .messages_stream();
+    let stream_name = poison_stream.clone();
     let outcome = chaos::scenario_outcome("poison-message", &mut deployment, &workload(12), |d| {
         Box::pin(async move {
             pause(4.0).await;
@@ -306,11 +314,8 @@ async fn poison_message() -> Result<()> {
             seq.store(ack.sequence, Ordering::SeqCst);
             // And one that a consumer keeps refusing until JetStream gives
             // up (max deliveries, an advisory), on a DM nobody else uses.
-            let (stream, sequence) = refuse_until_moved(d).await?;
+            let sequence = refuse_until_moved(d).await?;
             refused_seq.store(sequence, Ordering::SeqCst);
-            *refused_in
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned lock"))? = stream;
             d.mark("refused poison moved");
             Ok(())
         })
@@ -347,10 +352,6 @@ async fn poison_message() -> Result<()> {
     );
     // The refused one: also moved from the advisory, after 2 deliveries.
     let refused_seq = refused.load(Ordering::SeqCst);
-    let refused_stream = refused_stream
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned lock"))?
-        .clone();
     let moved = dead_for(&refused_stream, refused_seq);
     let refuser = subjects::dead_letter(REFUSER);
     assert!(
